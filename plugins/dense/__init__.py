@@ -1,0 +1,35 @@
+"""The ``dense`` method: no pruning. The baseline every method is compared with."""
+
+from __future__ import annotations
+
+from prunekit import hookimpl
+from prunekit.components import Method, MethodSettings, PruneOutcome
+
+
+class Dense(Method):
+    """No pruning: the model as loaded (the baseline of every comparison)."""
+
+    name = "dense"
+    dynamic = False
+    slots: dict[str, str] = {}
+
+    @classmethod
+    def check_settings(cls, settings: MethodSettings, num_layers: int | None) -> list[str]:
+        if settings.ratio:
+            return [f"method.ratio: dense prunes nothing, so ratio must be 0 (got {settings.ratio})"]
+        return []
+
+    def prune(self, ctx) -> PruneOutcome:
+        model = ctx.model
+        params = sum(p.numel() for p in model.parameters())
+
+        def save(path: str) -> None:
+            ctx.save_hf_model(model, path)
+
+        return PruneOutcome(model=model, dynamic=False, structure=ctx.dense_structure(),
+                            params_kept=params, save=save)  # fmt: skip
+
+
+@hookimpl
+def prunekit_register_methods(register):
+    register("dense", Dense, description="no pruning (the baseline)")

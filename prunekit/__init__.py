@@ -1,0 +1,33 @@
+"""prunekit: structured pruning of decoder LLMs as composable plugins.
+
+Public API (imported lazily so that ``import prunekit`` stays cheap)::
+
+    import prunekit
+    result = prunekit.apply("recipes/pp_smollm2.yaml")             # recipe -> results dict
+    outcome = prunekit.prune(model, tokenizer, method="wanda-sp", ratio=0.4)
+    model = prunekit.load_pruned("runs/wanda-sp/model")
+
+Plugin authors use :data:`hookimpl` (see :mod:`prunekit.hookspecs`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prunekit.errors import PrunekitError
+from prunekit.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = ["PrunekitError", "__version__", "apply", "hookimpl", "load_pruned", "prune"]
+
+if TYPE_CHECKING:
+    from prunekit.runner import apply, load_pruned, prune
+
+
+def __getattr__(name: str):
+    if name in ("apply", "prune", "load_pruned"):
+        from prunekit import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")

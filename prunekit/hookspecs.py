@@ -1,0 +1,168 @@
+"""The prunekit hook specifications: the public contract for plugin authors.
+
+A plugin is a module (or object) with functions marked ``@prunekit.hookimpl`` whose names are
+the hooks below, exposed under the ``prunekit`` entry-point group::
+
+    # pyproject.toml of a third-party package
+    [project.entry-points.prunekit]
+    my_plugin = "my_package.prunekit_plugin"
+
+Registration hooks follow the register-callback pattern: the engine passes a ``register``
+callable and the plugin calls it once per component. Plugins never touch the registry, so
+validation, provenance (which plugin registered what) and name collisions are handled in one
+place. Every registration hook is called **once**, when the registry is built; no hook is ever
+called per batch: components are resolved once per run and the hot loop calls plain objects.
+
+Compatibility: hooks may gain arguments in later versions, never lose or rename them; an
+implementation may accept fewer arguments than the spec (pluggy passes only the ones it names).
+
+The component protocols a factory must produce are documented in :mod:`prunekit.components`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    RegisterFn = Callable[..., None]
+
+PROJECT = "prunekit"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+# --------------------------------------------------------------------------------------------
+# Registration hooks: one per component kind
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def prunekit_register_adapters(register: RegisterFn) -> None:
+    """Register model adapters.
+
+    :param register: call ``register(name, adapter_class, description=None)``. The class must
+        implement :class:`prunekit.components.ModelAdapter`; its ``supports(model)`` classmethod
+        decides whether it handles a loaded model. The first registered adapter that supports a
+        model is used.
+
+    Called once, when the registry is built.
+    """
+
+
+@hookspec
+def prunekit_register_statistics(register: RegisterFn) -> None:
+    """Register calibration statistics.
+
+    :param register: call ``register(name, factory, description=None)``; ``factory(**options)``
+        returns a :class:`prunekit.components.CalibrationStatistic`.
+
+    Called once, when the registry is built.
+    """
+
+
+@hookspec
+def prunekit_register_probes(register: RegisterFn) -> None:
+    """Register probe selectors (which rows and positions of a batch form the probe).
+
+    :param register: call ``register(name, factory, description=None)``; ``factory(**options)``
+        returns a :class:`prunekit.components.ProbeSelector`.
+
+    Called once, when the registry is built.
+    """
+
+
+@hookspec
+def prunekit_register_fusions(register: RegisterFn) -> None:
+    """Register fusion policies (how probe statistics combine with history).
+
+    :param register: call ``register(name, factory, description=None)``; ``factory(**options)``
+        returns a :class:`prunekit.components.FusionPolicy`.
+
+    Called once, when the registry is built.
+    """
+
+
+@hookspec
+def prunekit_register_histories(register: RegisterFn) -> None:
+    """Register history policies (how the history evolves after each batch).
+
+    :param register: call ``register(name, factory, description=None)``; ``factory(**options)``
+        returns a :class:`prunekit.components.HistoryPolicy`.
+
+    Called once, when the registry is built.
+    """
+
+
+@hookspec
+def prunekit_register_metrics(register: RegisterFn) -> None:
+    """Register importance metrics (scores for attention heads and MLP channels).
+
+    :param register: call ``register(name, factory, description=None)``; ``factory(**options)``
+        returns a :class:`prunekit.components.ImportanceMetric`.
+
+    Called once, when the registry is built.
+    """
+
+
+@hookspec
+def prunekit_register_allocators(register: RegisterFn) -> None:
+    """Register allocators (scores and a ratio -> kept heads and channels per layer).
+
+    :param register: call ``register(name, factory, description=None)``; ``factory(**options)``
+        returns a :class:`prunekit.components.Allocator`.
+
+    Called once, when the registry is built.
+    """
+
+
+@hookspec
+def prunekit_register_compensators(register: RegisterFn) -> None:
+    """Register compensators (what replaces the output of removed channels, e.g. a bias).
+
+    :param register: call ``register(name, factory, description=None)``; ``factory(**options)``
+        returns a :class:`prunekit.components.Compensator`.
+
+    Called once, when the registry is built.
+    """
+
+
+@hookspec
+def prunekit_register_methods(register: RegisterFn) -> None:
+    """Register pruning methods.
+
+    :param register: call ``register(name, method_class, description=None)``. The class
+        subclasses :class:`prunekit.components.Method`: it declares its component slots with
+        default component names, and turns a loaded model into a pruned one.
+
+    Called once, when the registry is built.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Run observers
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def prunekit_run_started(recipe: Any, output_dir: str) -> None:
+    """Observe the start of a run.
+
+    :param recipe: the validated :class:`prunekit.recipe.Recipe` of the run.
+    :param output_dir: the directory the run writes into.
+
+    Called once per ``apply``, after validation and before the model is loaded.
+    """
+
+
+@hookspec
+def prunekit_result_ready(result: dict, output_dir: str) -> None:
+    """Observe a finished run's results.
+
+    :param result: the content of ``results.json`` (a JSON-serialisable dict).
+    :param output_dir: the directory holding ``results.json`` and the other outputs.
+
+    Called once per ``apply``, after every output has been written.
+    """

@@ -1,0 +1,188 @@
+"""Named components, filled by the registration hooks and resolved once per run.
+
+Each entry records the plugin that registered it. Two components of the same kind and name are
+an error that names both plugins (no silent renaming).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prunekit.components import KINDS
+from prunekit.errors import PluginError, RecipeError, did_you_mean
+
+#: component kind -> the registration hook that fills it
+HOOKS: dict[str, str] = {
+    "adapter": "prunekit_register_adapters",
+    "statistic": "prunekit_register_statistics",
+    "probe": "prunekit_register_probes",
+    "fusion": "prunekit_register_fusions",
+    "history": "prunekit_register_histories",
+    "metric": "prunekit_register_metrics",
+    "allocator": "prunekit_register_allocators",
+    "compensator": "prunekit_register_compensators",
+    "method": "prunekit_register_methods",
+}
+assert set(HOOKS) == set(KINDS)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered component."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    description: str = ""
+
+    def options(self) -> dict[str, Any]:
+        """Keyword options the factory accepts, with their defaults (``...`` = required)."""
+        return factory_options(self.factory)
+
+    def as_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "plugin": self.plugin,
+            "description": self.description,
+            "options": {k: (None if v is ... else v) for k, v in self.options().items()},
+        }
+
+
+def factory_options(factory: Callable[..., Any]) -> dict[str, Any]:
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out: dict[str, Any] = {}
+    for p in params:
+        if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        out[p.name] = ... if p.default is p.empty else p.default
+    return out
+
+
+def _accepts_any_keyword(factory: Callable[..., Any]) -> bool:
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return True
+
+
+class Registry:
+    """All components, by kind and name."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], Entry] = {}
+
+    def add(self, entry: Entry) -> None:
+        if entry.kind not in KINDS:
+            raise PluginError(
+                f"plugin {entry.plugin!r} registered a component of unknown kind {entry.kind!r}; "
+                f"kinds are: {', '.join(KINDS)}"
+            )
+        if not isinstance(entry.name, str) or not entry.name:
+            raise PluginError(f"plugin {entry.plugin!r} registered a {entry.kind} without a name")
+        key = (entry.kind, entry.name)
+        if key in self._entries:
+            first = self._entries[key]
+            raise PluginError(
+                f"{entry.kind} {entry.name!r} is registered twice: by plugin {first.plugin!r} and "
+                f"by plugin {entry.plugin!r}. Rename one of them, or disable a plugin with "
+                f"PRUNEKIT_DISABLE_PLUGINS={entry.plugin}."
+            )
+        self._entries[key] = entry
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(sorted(self._entries.values(), key=lambda e: (KINDS.index(e.kind), e.name)))
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(name for k, name in self._entries if k == kind)
+
+    def get(self, kind: str, name: str, where: str = "") -> Entry:
+        """The entry ``(kind, name)``, or a :class:`RecipeError` listing what is available."""
+        try:
+            return self._entries[(kind, name)]
+        except KeyError:
+            available = self.names(kind)
+            at = f"{where}: " if where else ""
+            raise RecipeError(
+                f"{at}unknown {kind} {name!r}{did_you_mean(name, available)}; registered "
+                f"{kind}s: {', '.join(available) or '(none: is a plugin missing?)'}"
+            ) from None
+
+    def check_options(self, kind: str, name: str, options: dict[str, Any], where: str = "") -> None:
+        """Raise :class:`RecipeError` if ``options`` has a key the component does not accept."""
+        entry = self.get(kind, name, where)
+        if _accepts_any_keyword(entry.factory):
+            return
+        accepted = entry.options()
+        at = f"{where}: " if where else ""
+        for key in options:
+            if key not in accepted:
+                raise RecipeError(
+                    f"{at}unknown option {key!r} for {kind} {name!r}{did_you_mean(key, accepted)};"
+                    f" options: {', '.join(accepted) or '(none)'}"
+                )
+
+    def create(self, kind: str, name: str, options: dict[str, Any] | None = None, where: str = ""):
+        """Instantiate a component, turning bad options into a :class:`RecipeError`."""
+        options = dict(options or {})
+        self.check_options(kind, name, options, where)
+        entry = self.get(kind, name, where)
+        try:
+            return entry.factory(**options)
+        except (ValueError, TypeError) as exc:
+            at = f"{where}: " if where else ""
+            raise RecipeError(f"{at}{kind} {name!r} rejected its options: {exc}") from exc
+
+
+def build_registry(pm) -> Registry:
+    """Call every registration hook once and collect the components, with their plugins."""
+    registry = Registry()
+    for kind, hook_name in HOOKS.items():
+        hook = getattr(pm.hook, hook_name)
+        for impl in reversed(hook.get_hookimpls()):  # registration order, not LIFO call order
+
+            def register(name, factory, description=None, _kind=kind, _by=impl.plugin_name):
+                registry.add(Entry(_kind, name, factory, _by, description or _doc(factory)))
+
+            kwargs = {"register": register}
+            try:
+                impl.function(**{a: kwargs[a] for a in impl.argnames if a in kwargs})
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc}"
+                ) from exc
+    return registry
+
+
+def _doc(obj: Any) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def get_registry(pm=None) -> Registry:
+    """The registry of ``pm`` (default: the process-wide plugin manager), built once.
+
+    The registry is cached on the manager and dropped whenever a plugin is (un)registered.
+    """
+    from prunekit.plugins import get_plugin_manager
+
+    pm = pm or get_plugin_manager()
+    registry = getattr(pm, "_prunekit_registry", None)
+    if registry is None:
+        registry = build_registry(pm)
+        pm._prunekit_registry = registry
+    return registry
