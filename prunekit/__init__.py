@@ -5,7 +5,6 @@ Public API (imported lazily so that ``import prunekit`` stays cheap)::
     import prunekit
     result = prunekit.apply("recipes/pp_smollm2.yaml")             # recipe -> results dict
     outcome = prunekit.prune(model, tokenizer, method="wanda-sp", ratio=0.4)
-    model = prunekit.load_pruned("runs/wanda-sp/model")
 
 Plugin authors use :data:`hookimpl` (see :mod:`prunekit.hookspecs`).
 """
@@ -19,14 +18,14 @@ from prunekit.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = ["PrunekitError", "__version__", "apply", "hookimpl", "load_pruned", "prune"]
+__all__ = ["PrunekitError", "__version__", "apply", "hookimpl", "prune", "validate"]
 
 if TYPE_CHECKING:
-    from prunekit.runner import apply, load_pruned, prune
+    from prunekit.runner import apply, prune, validate
 
 
 def __getattr__(name: str):
-    if name in ("apply", "prune", "load_pruned"):
+    if name in ("apply", "prune", "validate"):
         from prunekit import runner
 
         return getattr(runner, name)

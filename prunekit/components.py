@@ -241,14 +241,20 @@ class Method(ABC):
     dynamic: ClassVar[bool] = False
     slots: ClassVar[dict[str, str]] = {}
     option_defaults: ClassVar[dict[str, Any]] = {}
+    #: whether the method reads calibration data (the runner then checks the data exists)
+    uses_calibration: ClassVar[bool] = True
 
     def __init__(self, settings: MethodSettings, components: dict[str, Any]) -> None:
         self.settings = settings
         self.components = components
 
     @classmethod
-    def check_settings(cls, settings: MethodSettings, num_layers: int | None) -> list[str]:
-        """Problems with ``settings`` that are known before running (key path: message)."""
+    def check_recipe(cls, recipe: Any, num_layers: int | None) -> list[str]:
+        """Problems known before running, as ``"key.path: message"`` strings.
+
+        :param recipe: the validated :class:`prunekit.recipe.Recipe`.
+        :param num_layers: the model's decoder layer count, or None when unknown offline.
+        """
         return []
 
     def statistics(self) -> list[CalibrationStatistic]:

@@ -40,7 +40,12 @@ class Entry:
     description: str = ""
 
     def options(self) -> dict[str, Any]:
-        """Keyword options the factory accepts, with their defaults (``...`` = required)."""
+        """Keyword options the factory accepts, with their defaults (``...`` = required).
+
+        Only slot components take recipe options; adapters and methods report none.
+        """
+        if self.kind in ("adapter", "method"):
+            return {}
         return factory_options(self.factory)
 
     def as_dict(self) -> dict:

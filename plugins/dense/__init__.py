@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prunekit import hookimpl
-from prunekit.components import Method, MethodSettings, PruneOutcome
+from prunekit.components import Method, PruneOutcome
 
 
 class Dense(Method):
@@ -12,11 +12,13 @@ class Dense(Method):
     name = "dense"
     dynamic = False
     slots: dict[str, str] = {}
+    uses_calibration = False
 
     @classmethod
-    def check_settings(cls, settings: MethodSettings, num_layers: int | None) -> list[str]:
-        if settings.ratio:
-            return [f"method.ratio: dense prunes nothing, so ratio must be 0 (got {settings.ratio})"]
+    def check_recipe(cls, recipe, num_layers: int | None) -> list[str]:
+        ratio = recipe.method.ratio
+        if ratio:
+            return [f"method.ratio: dense prunes nothing, so the ratio must be 0 (got {ratio})"]
         return []
 
     def prune(self, ctx) -> PruneOutcome:

@@ -1,0 +1,173 @@
+"""Streaming calibration statistics at the inputs of the output projections.
+
+The dense model runs over the calibration windows once; a forward pre-hook on every
+``o_proj``/``down_proj`` (via the adapter's roles) folds each batch into every requested
+statistic. Memory is O(positions x channels) per projection, independent of the number of
+samples. Accumulation is fp32 whatever the model dtype.
+
+Results are cached on disk by content: model fingerprint, calibration data (file hash, split,
+window settings, seed), statistic name and options, and the prunekit version. Every method and
+run needing the same statistic shares one cache file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.components import ATTN, MLP, CalibrationStatistic, ModelAdapter
+from prunekit.hookspecs import hookimpl
+from prunekit.progress import track
+
+#: statistics keyed by (layer index, group) -> name -> tensor
+LayerStats = dict[tuple[int, str], dict[str, torch.Tensor]]
+
+
+class SquaredMean:
+    """Per-position mean of x² over calibration samples: ``H[t, j] = mean_n x_n[t, j]²``.
+
+    The history PP starts from and the activation norm of Wanda-sp (``C_j = Σ_t H[t, j]``).
+    Pad tokens (mask False) are not counted; the count is kept per position.
+    """
+
+    name = "sq_mean"
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def init(self, channels: int, positions: int) -> dict[str, torch.Tensor]:
+        return {
+            "sum": torch.zeros(positions, channels, dtype=torch.float64),
+            "count": torch.zeros(positions, dtype=torch.float64),
+        }
+
+    def update(self, state, x, mask) -> None:
+        m = mask.to(x.dtype).unsqueeze(-1)
+        state["sum"][: x.shape[1]] += (x.square() * m).sum(0).double().cpu()
+        state["count"][: x.shape[1]] += mask.sum(0).double().cpu()
+
+    def finalize(self, state) -> dict[str, torch.Tensor]:
+        count = state["count"].clamp(min=1).unsqueeze(-1)
+        return {"sq_mean": (state["sum"] / count).float()}
+
+
+def _stream(model, adapter: ModelAdapter, windows: torch.Tensor, batch_size: int,
+            statistics: list[CalibrationStatistic], device) -> dict[str, LayerStats]:  # fmt: skip
+    positions = windows.shape[1]
+    states: dict[str, dict[tuple[int, str], dict]] = {s.name: {} for s in statistics}
+    current_mask: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(key: tuple[int, str]) -> Callable:
+        def hook(module, args):
+            x = args[0].detach().float()
+            for stat in statistics:
+                if key not in states[stat.name]:
+                    states[stat.name][key] = stat.init(x.shape[-1], positions)
+                stat.update(states[stat.name][key], x, current_mask["mask"].to(x.device))
+
+        return hook
+
+    for layer in adapter.layers():
+        for group in (ATTN, MLP):
+            proj = layer.output_projection(group)
+            handles.append(proj.register_forward_pre_hook(make_hook((layer.index, group))))
+    try:
+        with torch.no_grad():
+            batches = list(torch.split(windows, batch_size))
+            for batch in track(batches, "calibration", total=len(batches)):
+                current_mask["mask"] = torch.ones(batch.shape, dtype=torch.bool)
+                model(input_ids=batch.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {
+        stat.name: {key: stat.finalize(st) for key, st in states[stat.name].items()}
+        for stat in statistics
+    }
+
+
+def _cache_file(key: dict) -> Path:
+    from prunekit.models.loading import cache_root
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_root() / "calibration" / f"{key['statistic']}-{digest}.safetensors"
+
+
+def _save(path: Path, stats: LayerStats, key: dict) -> None:
+    from safetensors.torch import save_file
+
+    flat = {f"{layer}.{group}.{name}": t.contiguous()
+            for (layer, group), d in stats.items() for name, t in d.items()}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(flat, tmp, metadata={"key": json.dumps(key, sort_keys=True)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> LayerStats:
+    from safetensors.torch import load_file
+
+    out: LayerStats = {}
+    for flat, tensor in load_file(str(path)).items():
+        layer, group, name = flat.split(".", 2)
+        out.setdefault((int(layer), group), {})[name] = tensor
+    return out
+
+
+def collect_statistics(
+    model,
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    statistics: list[CalibrationStatistic],
+    batch_size: int = 8,
+    cache_key: dict | None = None,
+    device=None,
+) -> dict[str, LayerStats]:
+    """Statistics of the dense model over ``windows``, from the cache where possible.
+
+    :param cache_key: what identifies the data and model (fingerprint, data hash, window
+        settings); ``None`` disables the cache. The statistic's name and options and the
+        prunekit version are added to it.
+    :returns: ``{statistic name: {(layer, group): {tensor name: tensor}}}``
+    """
+    from prunekit import __version__
+
+    device = device or next(model.parameters()).device
+    results: dict[str, LayerStats] = {}
+    missing = []
+    for stat in statistics:
+        if cache_key is not None:
+            key = {**cache_key, "statistic": stat.name, "options": stat.options(),
+                   "prunekit": __version__}  # fmt: skip
+            path = _cache_file(key)
+            if path.is_file():
+                results[stat.name] = _load(path)
+                continue
+        missing.append(stat)
+    if missing:
+        fresh = _stream(model, adapter, windows, batch_size, missing, device)
+        for stat in missing:
+            results[stat.name] = fresh[stat.name]
+            if cache_key is not None:
+                key = {**cache_key, "statistic": stat.name, "options": stat.options(),
+                       "prunekit": __version__}  # fmt: skip
+                _save(_cache_file(key), fresh[stat.name], key)
+    return results
+
+
+@hookimpl
+def prunekit_register_statistics(register):
+    register("sq_mean", SquaredMean, description="per-position mean of x² (PP history, Wanda-sp)")

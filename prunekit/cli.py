@@ -1,0 +1,189 @@
+"""The ``prunekit`` command line: a thin layer over :mod:`prunekit.runner`.
+
+User errors (:class:`prunekit.errors.PrunekitError`) print one clear message, no traceback,
+and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prunekit.errors import PrunekitError
+
+app = typer.Typer(
+    name="prunekit",
+    help="Structured pruning of decoder LLMs: Probe Pruning, Wanda-sp, FLAP, LLM-Pruner.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a recipe key: --set method.ratio=0.4 (repeatable)."),
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+@app.callback()
+def main_options(
+    strict: Annotated[
+        bool, typer.Option("--strict", help="A plugin that fails to load is an error.")
+    ] = False,
+    disable_plugin: Annotated[
+        list[str] | None,
+        typer.Option("--disable-plugin", help="Do not load this plugin (repeatable)."),
+    ] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """prunekit: prune, evaluate and save decoder LLMs from a recipe."""
+    if strict:
+        os.environ["PRUNEKIT_STRICT"] = "1"
+    if disable_plugin:
+        current = [p for p in os.environ.get("PRUNEKIT_DISABLE_PLUGINS", "").split(",") if p]
+        os.environ["PRUNEKIT_DISABLE_PLUGINS"] = ",".join([*current, *disable_plugin])
+    if quiet:
+        _quiet(True)
+
+
+def _quiet(quiet: bool) -> None:
+    if quiet:
+        from prunekit.progress import set_quiet
+
+        set_quiet(True)
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+
+
+@app.command()
+def apply(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: SetOption = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output directory (overrides output.dir).")
+    ] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Prune, evaluate and save as the recipe says; writes results.json."""
+    from prunekit.runner import apply as run_apply
+
+    _quiet(quiet)
+    result = run_apply(recipe, set_ or (), output=output)
+    out_dir = output or result.get("output_dir")
+    lines = [f"{result['method']} (ratio {result['ratio']:g}) on {result['model']['name']}"]
+    for label, metric in result["metrics"].items():
+        lines.append(f"  {label} perplexity: {metric['ppl']:.4f} ({metric['tokens']} tokens)")
+    runtime = result.get("runtime") or {}
+    if runtime.get("speedup"):
+        lines.append(f"  speedup vs dense: {runtime['speedup']:.2f}x")
+    typer.echo("\n".join(lines))
+    if out_dir:
+        typer.echo(f"  results: {Path(out_dir) / 'results.json'}")
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: SetOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Check a recipe (keys, types, method, components, model, data files) without running."""
+    from prunekit.runner import validate as run_validate
+
+    _quiet(quiet)
+    plan = run_validate(recipe, set_ or ())
+    r = plan.recipe
+    parts = [f"{recipe}: valid", f"method {r.method.name} (ratio {r.method.ratio:g})"]
+    if plan.component_info:
+        parts.append(
+            "components " + ", ".join(f"{k}={v['name']}" for k, v in plan.component_info.items())
+        )
+    typer.echo("; ".join(parts))
+
+
+@app.command()
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the plugins, their versions, what they register, and load errors."""
+    from prunekit.plugins import get_plugin_manager
+    from prunekit.registry import get_registry
+
+    pm = get_plugin_manager()
+    registry = get_registry(pm)
+    rows = []
+    for name, plugin_info in sorted(pm.infos.items()):
+        row = plugin_info.as_dict()
+        row["components"] = [f"{e.kind}:{e.name}" for e in registry if e.plugin == name]
+        rows.append(row)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        tag = " [built-in]" if row["builtin"] else ""
+        version = f" {row['version']}" if row["version"] else ""
+        typer.echo(f"{row['name']}{tag} ({row['distribution'] or row['module']}{version})")
+        if row["error"]:
+            typer.echo(f"    FAILED TO LOAD: {row['error']}")
+        for comp in row["components"]:
+            typer.echo(f"    {comp}")
+
+
+@app.command()
+def components(
+    kind: Annotated[str | None, typer.Argument(help="Only this kind (method, metric, ...).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the registered components (with their plugin and options)."""
+    from prunekit.components import KINDS
+    from prunekit.errors import RecipeError, did_you_mean
+    from prunekit.registry import get_registry
+
+    if kind is not None and kind not in KINDS:
+        raise RecipeError(f"unknown kind {kind!r}{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}")
+    entries = [e for e in get_registry() if kind is None or e.kind == kind]
+    if as_json:
+        typer.echo(json.dumps([e.as_dict() for e in entries], indent=2, default=str))
+        return
+    for e in entries:
+        opts = ", ".join(f"{k}={v!r}" for k, v in e.as_dict()["options"].items())
+        typer.echo(f"{e.kind:<12} {e.name:<18} [{e.plugin}] {e.description}"
+                   + (f"\n{'':<32}options: {opts}" if opts else ""))  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: runs the app, turning user errors into exit status 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except PrunekitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return 2
+        raise
+    return 0
+
+
+def _console() -> None:  # pragma: no cover
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _console()

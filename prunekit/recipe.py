@@ -1,0 +1,342 @@
+"""Recipes: YAML validated by a pydantic schema, ``--set a.b=c`` overrides, clear errors.
+
+A recipe is the whole description of a run. Unknown keys are rejected (with the close match),
+and every error names the file, the line and the key path. See ``docs/recipes.md`` for the
+reference of every key.
+
+Relative paths in a recipe (data files, ``data_dir``, ``output.dir``, ``method.state.load``)
+are relative to the current working directory, like paths on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from prunekit.components import SLOTS
+from prunekit.errors import RecipeError, did_you_mean
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    id: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    attn_implementation: str | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        ok = v in ("cpu", "cuda", "auto", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
+        if not ok:
+            raise ValueError("choose 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
+        return v
+
+
+class CalibrationConfig(_Strict):
+    dataset: str | None = "c4"
+    split: str | None = None
+    path: str | None = None
+    text_field: str = "text"
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=2)
+    batch_size: int = Field(8, ge=1)
+
+
+class SlotConfig(BaseModel):
+    """``method.<slot>``: ``name`` of the component, every other key is one of its options."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class StateConfig(_Strict):
+    load: str | None = None
+
+
+class MethodConfig(BaseModel):
+    """``method``: fixed keys below, the slots, and method-specific options (e.g. ``mode``)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = "dense"
+    ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    skip_layers: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    round_to: int = Field(64, ge=1)
+    state: StateConfig = Field(default_factory=StateConfig)
+    statistic: SlotConfig | None = None
+    probe: SlotConfig | None = None
+    fusion: SlotConfig | None = None
+    history: SlotConfig | None = None
+    metric: SlotConfig | None = None
+    allocator: SlotConfig | None = None
+    compensator: SlotConfig | None = None
+
+    @field_validator("skip_layers")
+    @classmethod
+    def _skip(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v):
+            raise ValueError("layer indices must be >= 0")
+        return sorted(set(v))
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Method-specific options (keys that are not fixed keys or slots)."""
+        return dict(self.model_extra or {})
+
+    def slot(self, name: str) -> SlotConfig | None:
+        return getattr(self, name)
+
+
+class PerplexityConfig(_Strict):
+    dataset: str | None = "wikitext2"
+    split: str | None = None
+    path: str | None = None
+    text_field: str = "text"
+    seq_len: int = Field(512, ge=2)
+    windows: int | Literal["all"] = "all"
+    batch_size: int = Field(8, ge=1)
+    sampling: Literal["sequential", "random"] = "sequential"
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("windows must be a positive integer or 'all'")
+        return v
+
+    @property
+    def label(self) -> str:
+        """The key of this dataset in ``results.json`` ``metrics``."""
+        if self.path:
+            return Path(self.path).stem.split(".")[0]
+        return self.dataset if not self.split else f"{self.dataset}-{self.split}"
+
+
+class EvaluationConfig(_Strict):
+    perplexity: list[PerplexityConfig] = Field(default_factory=lambda: [PerplexityConfig()])
+
+
+class OutputConfig(_Strict):
+    dir: str | None = None
+    save_model: bool = False
+
+
+class Recipe(_Strict):
+    """A validated recipe (see docs/recipes.md)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    seed: int = 0
+    data_dir: str | None = None
+
+    def output_dir(self) -> Path:
+        if self.output.dir:
+            return Path(self.output.dir)
+        return Path("runs") / f"{self.method.name}-r{self.method.ratio:g}"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, line numbers and overrides
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedRecipe:
+    """A recipe with where each key came from (file line or ``--set``), for error messages."""
+
+    recipe: Recipe
+    path: Path | None = None
+    lines: dict[tuple, int] = field(default_factory=dict)
+    overrides: dict[tuple, str] = field(default_factory=dict)
+    raw: dict = field(default_factory=dict)
+
+    def where(self, key_path: tuple | str) -> str:
+        """``file:line: a.b.c`` (or ``--set a.b=c``) for ``key_path``."""
+        if isinstance(key_path, str):
+            key_path = tuple(int(p) if p.isdigit() else p for p in key_path.split("."))
+        dotted = ".".join(str(p) for p in key_path)
+        plain = {tuple(p for p in k if not isinstance(p, int)): v for k, v in self.overrides.items()}
+        for n in range(len(key_path), 0, -1):
+            prefix = tuple(key_path[:n])
+            if prefix in self.overrides:
+                return f"--set {self.overrides[prefix]}: {dotted}"
+            if tuple(p for p in prefix if not isinstance(p, int)) in plain:
+                return f"--set {plain[tuple(p for p in prefix if not isinstance(p, int))]}: {dotted}"
+            if prefix in self.lines and self.path is not None:
+                return f"{self.path}:{self.lines[prefix]}: {dotted}"
+        return f"{self.path}: {dotted}" if self.path is not None else dotted
+
+    def error(self, key_path: tuple | str, message: str) -> RecipeError:
+        return RecipeError(f"{self.where(key_path)}: {message}")
+
+
+def _line_map(node, prefix: tuple = ()) -> dict[tuple, int]:
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, key_node.value)
+            lines[path] = key_node.start_mark.line + 1
+            lines.update(_line_map(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            path = (*prefix, i)
+            lines[path] = item.start_mark.line + 1
+            lines.update(_line_map(item, path))
+    return lines
+
+
+def parse_override(expr: str) -> tuple[tuple, Any]:
+    """``"a.b=c"`` -> (("a", "b"), value), the value parsed as YAML (``0.4``, ``[1,2]``, ``true``)."""
+    if "=" not in expr:
+        raise RecipeError(f"--set {expr}: expected KEY=VALUE, e.g. --set method.ratio=0.4")
+    key, _, text = expr.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {expr}: the key {key!r} is not a dotted key path like a.b.c")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    path = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+    return path, value
+
+
+def _set_path(data: dict, path: tuple, value: Any, expr: str) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise RecipeError(f"--set {expr}: no list item {part} at {'.'.join(map(str, path[:i]))}")
+            node = node[part]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {expr}: {'.'.join(map(str, path[:i]))} is not a mapping")
+        if node.get(part) is None:
+            if part == "perplexity":
+                node[part] = [{}]
+            else:
+                node[part] = {}
+        node = node[part]
+    last = path[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise RecipeError(f"--set {expr}: no list item {last}")
+        node[last] = value
+    elif isinstance(node, list):
+        # `--set evaluation.perplexity.windows=8` applies to every entry of the list
+        for item in node:
+            item[last] = value
+    else:
+        node[last] = value
+
+
+def _schema_keys(model_cls: type[BaseModel], path: tuple) -> list[str]:
+    """The allowed keys at ``path`` of the schema (for suggestions)."""
+    cls: Any = model_cls
+    for part in path:
+        if isinstance(part, int):
+            continue
+        f = getattr(cls, "model_fields", {}).get(part)
+        if f is None:
+            return []
+        ann = f.annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)]
+        for a in inner:
+            if getattr(a, "__args__", None):
+                inner.extend(x for x in a.__args__ if isinstance(x, type))
+        nxt = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            args = getattr(ann, "__args__", ())
+            nxt = next((a for x in args for a in getattr(x, "__args__", (x,))
+                        if isinstance(a, type) and issubclass(a, BaseModel)), None)  # fmt: skip
+        if nxt is None:
+            return []
+        cls = nxt
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _format_validation(exc: ValidationError, loaded: LoadedRecipe) -> RecipeError:
+    messages = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        # pydantic adds the union member name to the location of union errors
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p in ("int", "str", "literal['all']")))
+        where = loaded.where(loc)
+        if err["type"] == "extra_forbidden":
+            allowed = _schema_keys(Recipe, loc[:-1])
+            hint = did_you_mean(loc[-1], allowed)
+            messages.append(
+                f"{where}: unknown key {loc[-1]!r}{hint}; allowed keys here: {', '.join(allowed)}"
+            )
+        else:
+            got = err.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            messages.append(f"{where}: {err['msg']}{shown}")
+    return RecipeError("invalid recipe:\n  " + "\n  ".join(messages))
+
+
+def load_recipe(
+    source: str | os.PathLike | dict | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> LoadedRecipe:
+    """Read and validate a recipe from a YAML file (or a dict), applying ``--set`` overrides."""
+    path: Path | None = None
+    lines: dict[tuple, int] = {}
+    if source is None:
+        data: Any = {}
+    elif isinstance(source, dict):
+        data = yaml.safe_load(yaml.safe_dump(source))  # deep copy, YAML types only
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"recipe {path} not found: check the path (recipes live in recipes/)")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text)
+            node = yaml.compose(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise RecipeError(f"{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        lines = _line_map(node) if node is not None else {}
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path or 'recipe'}: the top level must be a mapping of keys")
+    loaded = LoadedRecipe(recipe=Recipe(), path=path, lines=lines)
+    for expr in overrides:
+        key_path, value = parse_override(expr)
+        _set_path(data, key_path, value, expr)
+        loaded.overrides[key_path] = expr
+    loaded.raw = data
+    try:
+        loaded.recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _format_validation(exc, loaded) from None
+    for slot in SLOTS:
+        cfg = loaded.recipe.method.slot(slot)
+        if cfg is not None and not cfg.name:
+            raise loaded.error(("method", slot, "name"), f"give the component name of slot {slot!r}")
+    return loaded
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (every default spelled out)."""
+    data = recipe.model_dump(mode="json", exclude_none=False)
+    return yaml.safe_dump(data, sort_keys=False)

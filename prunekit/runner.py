@@ -1,0 +1,497 @@
+"""``apply(recipe) -> result``: load, calibrate, prune, evaluate, save.
+
+The runner knows no method by name: it resolves the recipe's method and components from the
+registry once, hands them a :class:`PruneContext`, and evaluates whatever model comes back.
+Everything the CLI does is a thin layer over :func:`apply`, :func:`validate` and :func:`prune`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.components import SLOTS, Allocation, Method, MethodSettings, ModelAdapter, PruneOutcome
+from prunekit.errors import DataError, ModelError, PrunekitError, RecipeError, did_you_mean
+from prunekit.progress import info
+from prunekit.recipe import LoadedRecipe, Recipe, dump_recipe, load_recipe
+
+SCHEMA_VERSION = 1
+FIXED_METHOD_KEYS = ("name", "ratio", "skip_layers", "round_to", "state", *SLOTS)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: everything that can be checked without loading weights
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """A validated run: the method class, its components (built once) and the data sources."""
+
+    loaded: LoadedRecipe
+    method_cls: type[Method]
+    components: dict[str, Any]
+    component_info: dict[str, dict]
+    settings: MethodSettings
+    num_layers: int | None
+    calibration_source: Any = None
+    perplexity_sources: list = field(default_factory=list)
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.loaded.recipe
+
+
+def per_layer_ratio(ratio: float, num_layers: int, skip_layers: list[int]) -> float:
+    """The reference's inflated per-layer ratio ``round(L / (L - skipped) * r, 2)``.
+
+    Pruning only the non-skipped layers at this ratio keeps the average over all layers close
+    to the nominal ``ratio`` (pp-spec section 2).
+    """
+    skipped = len([i for i in set(skip_layers) if 0 <= i < num_layers])
+    if skipped >= num_layers:
+        raise ValueError("every layer is skipped")
+    return round(num_layers / (num_layers - skipped) * ratio, 2)
+
+
+def _num_layers(model_id: str) -> int | None:
+    """Decoder layer count, read from a config without loading weights (None if unknown)."""
+    from prunekit.models import loading
+
+    location = loading.locate_model(model_id)
+    known = location.get("num_layers")
+    if known:
+        return int(known)
+    config_path = Path(location.get("path") or "") / "config.json"
+    if config_path.is_file():
+        try:
+            return int(json.loads(config_path.read_text())["num_hidden_layers"])
+        except (KeyError, ValueError, TypeError):
+            return None
+    try:
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(model_id, local_files_only=True).num_hidden_layers)
+    except Exception:
+        return None
+
+
+def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), registry=None,
+             check_files: bool = True) -> Plan:  # fmt: skip
+    """Check a recipe against the registry, the method, the model and the data files."""
+    from prunekit.data import locate_corpus
+    from prunekit.registry import get_registry
+
+    if not isinstance(loaded, LoadedRecipe):
+        loaded = load_recipe(loaded, overrides)
+    recipe = loaded.recipe
+    registry = registry or get_registry()
+    m = recipe.method
+    entry = registry.get("method", m.name, where=loaded.where(("method", "name")))
+    method_cls: type[Method] = entry.factory
+
+    # method-specific options and slots
+    allowed_options = dict(method_cls.option_defaults)
+    for key in m.options:
+        if key not in allowed_options:
+            candidates = [*FIXED_METHOD_KEYS, *allowed_options]
+            raise loaded.error(("method", key),
+                               f"unknown key {key!r} for method {m.name!r}{did_you_mean(key, candidates)};"
+                               f" allowed keys: {', '.join(candidates)}")  # fmt: skip
+    components: dict[str, Any] = {}
+    component_info: dict[str, dict] = {}
+    for slot in SLOTS:
+        cfg = m.slot(slot)
+        if cfg is not None and slot not in method_cls.slots:
+            raise loaded.error(("method", slot),
+                               f"method {m.name!r} has no slot {slot!r}; its slots: "
+                               f"{', '.join(method_cls.slots) or '(none)'}")  # fmt: skip
+        if slot not in method_cls.slots:
+            continue
+        name = cfg.name if cfg is not None else method_cls.slots[slot]
+        options = cfg.options if cfg is not None else {}
+        where = loaded.where(("method", slot, "name") if cfg is not None else ("method", "name"))
+        components[slot] = registry.create(slot, name, options, where=where)
+        comp_entry = registry.get(slot, name)
+        component_info[slot] = {"name": name, "plugin": comp_entry.plugin, "options": options}
+
+    settings = MethodSettings(
+        name=m.name,
+        ratio=m.ratio,
+        skip_layers=list(m.skip_layers),
+        round_to=m.round_to,
+        options={**allowed_options, **m.options},
+    )
+
+    # the model, and what depends on its depth
+    try:
+        num_layers = _num_layers(recipe.model.id)
+    except ModelError as exc:
+        raise loaded.error(("model", "id"), str(exc)) from None
+    if num_layers is not None:
+        bad = [i for i in m.skip_layers if i >= num_layers]
+        if bad:
+            raise loaded.error(("method", "skip_layers"),
+                               f"layers {bad} do not exist: the model has {num_layers} layers "
+                               f"(0..{num_layers - 1})")  # fmt: skip
+        if m.ratio > 0:
+            try:
+                r = per_layer_ratio(m.ratio, num_layers, m.skip_layers)
+            except ValueError:
+                raise loaded.error(("method", "skip_layers"),
+                                   "every layer is skipped, so nothing can be pruned") from None
+            if r >= 1:
+                raise loaded.error(("method", "ratio"),
+                                   f"ratio {m.ratio} becomes {r} per pruned layer once the "
+                                   f"{len(m.skip_layers)} skipped layers are compensated "
+                                   f"(L/(L-skipped)·r with L={num_layers}); lower the ratio or "
+                                   f"skip fewer layers")  # fmt: skip
+    for problem in method_cls.check_recipe(recipe, num_layers):
+        key, _, message = problem.partition(": ")
+        raise loaded.error(key, message)
+
+    # data
+    data_dir = recipe.data_dir
+    if data_dir and not Path(data_dir).is_dir():
+        raise loaded.error(("data_dir",), f"directory {data_dir!r} does not exist")
+    plan = Plan(loaded, method_cls, components, component_info, settings, num_layers)
+    if check_files:
+        c = recipe.calibration
+        if method_cls.uses_calibration:
+            try:
+                plan.calibration_source = locate_corpus(c.dataset, c.split, c.path, c.text_field,
+                                                        data_dir=data_dir)  # fmt: skip
+            except DataError as exc:
+                key = ("calibration", "path" if c.path else "dataset")
+                raise loaded.error(key, str(exc)) from None
+        for i, p in enumerate(recipe.evaluation.perplexity):
+            try:
+                plan.perplexity_sources.append(
+                    locate_corpus(p.dataset, p.split, p.path, p.text_field, data_dir=data_dir)
+                )
+            except DataError as exc:
+                key = ("evaluation", "perplexity", i, "path" if p.path else "dataset")
+                raise loaded.error(key, str(exc)) from None
+        if m.state.load and not Path(m.state.load).exists():
+            raise loaded.error(("method", "state", "load"),
+                               f"saved state {m.state.load!r} not found: give the directory "
+                               f"written by a run with output.save_model: true")  # fmt: skip
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# The context a method prunes in
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PruneContext:
+    """Everything a method may use: the model, its adapter, settings, calibration data."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    adapter: ModelAdapter
+    settings: MethodSettings
+    recipe: Recipe
+    model_info: dict = field(default_factory=dict)
+    calibration_source: Any = None
+    calibration_windows_override: torch.Tensor | None = None
+    timings: dict = field(default_factory=dict)
+    use_cache: bool = True
+    _windows: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+    def calibration_windows(self) -> torch.Tensor:
+        """The calibration token windows ([samples, seq_len]), drawn once per run."""
+        if self.calibration_windows_override is not None:
+            return self.calibration_windows_override
+        if self._windows is None:
+            from prunekit.data import calibration_windows, locate_corpus
+
+            c = self.recipe.calibration
+            source = self.calibration_source or locate_corpus(
+                c.dataset, c.split, c.path, c.text_field, data_dir=self.recipe.data_dir
+            )
+            self.calibration_source = source
+            self._windows = calibration_windows(self.tokenizer, source, c.samples, c.seq_len,
+                                                seed=self.recipe.seed)  # fmt: skip
+        return self._windows
+
+    def calibration_key(self) -> dict | None:
+        """What identifies the calibration data and model, for the statistics cache."""
+        if not self.use_cache or not self.model_info.get("fingerprint"):
+            return None
+        from prunekit.data import source_sha256
+
+        c = self.recipe.calibration
+        windows = self.calibration_windows()
+        if self.calibration_windows_override is not None:
+            import hashlib
+
+            data = {"windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
+        else:
+            data = {"source": self.calibration_source.location,
+                    "split": self.calibration_source.split,
+                    "sha256": source_sha256(self.calibration_source),
+                    "samples": c.samples, "seq_len": c.seq_len, "seed": self.recipe.seed}  # fmt: skip
+        return {"model": self.model_info["fingerprint"], "data": data,
+                "tokenizer": getattr(self.tokenizer, "name_or_path", "")}  # fmt: skip
+
+    def statistics(self, stats=None) -> dict:
+        """Calibration statistics (default: the method's), collected once and cached on disk."""
+        from prunekit.calibration import collect_statistics
+
+        stats = list(stats or [])
+        start = time.perf_counter()
+        out = collect_statistics(self.model, self.adapter, self.calibration_windows(), stats,
+                                 batch_size=self.recipe.calibration.batch_size,
+                                 cache_key=self.calibration_key())  # fmt: skip
+        self.timings["calibration_s"] = self.timings.get("calibration_s", 0.0) + (
+            time.perf_counter() - start
+        )
+        return out
+
+    def dense_structure(self) -> list[dict]:
+        return Allocation().structure(self.adapter)
+
+    def save_hf_model(self, model, path: str) -> None:
+        """Save a Hugging Face model and the tokenizer into ``path``."""
+        model.save_pretrained(path, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+
+
+def resolve_adapter(model, registry=None) -> ModelAdapter:
+    """The first registered adapter that supports ``model``."""
+    from prunekit.registry import get_registry
+
+    registry = registry or get_registry()
+    names = registry.names("adapter")
+    for name in names:
+        cls = registry.get("adapter", name).factory
+        if cls.supports(model):
+            return cls(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    raise ModelError(
+        f"no model adapter supports model type {model_type!r}; registered adapters: "
+        f"{', '.join(names) or '(none)'}. Install a plugin that registers one "
+        f"(prunekit_register_adapters), or see docs/plugins.md to write it."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("prunekit", "torch", "transformers", "pluggy", "datasets", "torch-pruning"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def run_plan(plan: Plan, output_dir: Path, pm=None) -> dict:
+    """Execute a validated plan, writing every output into ``output_dir`` atomically."""
+    from prunekit.data import eval_windows, source_sha256
+    from prunekit.evaluation.perplexity import perplexity
+    from prunekit.models.loading import load_model
+    from prunekit.plugins import get_plugin_manager
+
+    pm = pm or get_plugin_manager()
+    recipe = plan.recipe
+    _seed_everything(recipe.seed)
+    pm.hook.prunekit_run_started(recipe=recipe, output_dir=str(output_dir))
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        info(f"loading {recipe.model.id} ({recipe.model.dtype}, {recipe.model.device})")
+        loaded_model = load_model(recipe.model.id, dtype=recipe.model.dtype,
+                                  device=recipe.model.device,
+                                  attn_implementation=recipe.model.attn_implementation)  # fmt: skip
+        timings["load_s"] = time.perf_counter() - t0
+        model, tokenizer = loaded_model.model, loaded_model.tokenizer
+        adapter = resolve_adapter(model)
+        params = sum(p.numel() for p in model.parameters())
+
+        ctx = PruneContext(model=model, tokenizer=tokenizer, adapter=adapter,
+                           settings=plan.settings, recipe=recipe, model_info=loaded_model.info,
+                           calibration_source=plan.calibration_source, timings=timings)  # fmt: skip
+        method = plan.method_cls(plan.settings, plan.components)
+        t1 = time.perf_counter()
+        info(f"pruning with {plan.settings.name} at ratio {plan.settings.ratio:g}")
+        outcome: PruneOutcome = method.prune(ctx)
+        timings["pruning_s"] = time.perf_counter() - t1 - timings.get("calibration_s", 0.0)
+        timings.setdefault("calibration_s", 0.0)
+
+        metrics: dict[str, dict] = {}
+        data_hashes: dict[str, str | None] = {}
+        t2 = time.perf_counter()
+        for cfg, source in zip(recipe.evaluation.perplexity, plan.perplexity_sources, strict=True):
+            windows = eval_windows(tokenizer, source, cfg.seq_len, cfg.windows, cfg.sampling,
+                                   seed=recipe.seed,
+                                   batch_size=cfg.batch_size if cfg.sampling == "random" else None)  # fmt: skip
+            result = perplexity(outcome.model, windows, cfg.batch_size,
+                                description=f"perplexity {cfg.label}")  # fmt: skip
+            metrics[cfg.label] = {**result, "dataset": source.dataset, "split": source.split,
+                                  "sampling": cfg.sampling}  # fmt: skip
+            data_hashes[cfg.label] = source_sha256(source)
+            info(f"{cfg.label}: perplexity {result['ppl']:.3f} over {result['tokens']} tokens")
+        timings["evaluation_s"] = time.perf_counter() - t2
+        timings["total_s"] = time.perf_counter() - t0
+
+        params_kept = outcome.params_kept if outcome.params_kept is not None else params
+        result = {
+            "schema_version": SCHEMA_VERSION,
+            "method": plan.settings.name,
+            "ratio": plan.settings.ratio,
+            "dynamic": outcome.dynamic,
+            "seed": recipe.seed,
+            "model": {
+                "id": recipe.model.id,
+                "name": loaded_model.info.get("name", recipe.model.id),
+                "dtype": recipe.model.dtype,
+                "device": str(ctx.device),
+                "params": params,
+                "params_kept": params_kept,
+                "params_kept_fraction": params_kept / params,
+            },
+            "components": plan.component_info,
+            "structure": outcome.structure,
+            "metrics": metrics,
+            "timings": timings,
+            "output_dir": str(output_dir),
+            **outcome.extra,
+        }
+        if plan.calibration_source is not None and timings["calibration_s"] > 0:
+            data_hashes["calibration"] = source_sha256(plan.calibration_source)
+        provenance = {
+            "versions": _versions(),
+            "model": loaded_model.info,
+            "data_sha256": data_hashes,
+            "seed": recipe.seed,
+            "device": str(ctx.device),
+            "dtype": recipe.model.dtype,
+            "platform": platform.platform(),
+            "recipe_file": str(plan.loaded.path) if plan.loaded.path else None,
+            "overrides": list(plan.loaded.overrides.values()),
+        }
+        if recipe.output.save_model and outcome.save is not None:
+            outcome.save(str(staging / "model"))
+            result["saved_model"] = str(output_dir / "model")
+        _write_json(staging / "results.json", result)
+        _write_json(staging / "provenance.json", provenance)
+        (staging / "recipe.yaml").write_text(dump_recipe(recipe))
+        _publish(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    pm.hook.prunekit_result_ready(result=result, output_dir=str(output_dir))
+    return result
+
+
+def _publish(staging: Path, output_dir: Path) -> None:
+    """Move a finished staging directory into place (replacing an older run's outputs)."""
+    if output_dir.exists():
+        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        os.replace(output_dir, old)
+        os.replace(staging, output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, output_dir)
+
+
+def apply(recipe: str | os.PathLike | dict | Recipe | LoadedRecipe, overrides=(),
+          output: str | os.PathLike | None = None) -> dict:  # fmt: skip
+    """Run a recipe end to end and return the content of ``results.json``.
+
+    :param recipe: a YAML path, a dict, a :class:`Recipe` or a :class:`LoadedRecipe`.
+    :param overrides: ``["a.b=c", ...]`` applied on top (like ``--set``).
+    :param output: output directory (overrides ``output.dir``).
+    """
+    if isinstance(recipe, Recipe):
+        recipe = recipe.model_dump(mode="json")
+    loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, overrides)
+    if output is not None:
+        loaded.recipe.output.dir = str(output)
+    plan = validate(loaded)
+    return run_plan(plan, loaded.recipe.output_dir())
+
+
+def prune(model, tokenizer=None, method: str = "dense", ratio: float = 0.0,
+          calibration: dict | torch.Tensor | None = None, seed: int = 0,
+          **method_keys) -> PruneOutcome:  # fmt: skip
+    """Prune an in-memory Hugging Face causal LM without a recipe file.
+
+    :param method: a registered method name; ``method_keys`` are further ``method.*`` recipe
+        keys (``skip_layers=[...]``, ``probe={"name": "random"}``, ``mode="sync"``...).
+    :param calibration: ``calibration.*`` recipe keys as a dict, or a ``[N, T]`` tensor of
+        token windows to calibrate on directly.
+    :returns: a :class:`PruneOutcome` whose ``model`` answers like a Hugging Face causal LM.
+    """
+    data: dict[str, Any] = {"method": {"name": method, "ratio": ratio, **method_keys},
+                            "seed": seed, "evaluation": {"perplexity": []}}  # fmt: skip
+    if isinstance(calibration, dict):
+        data["calibration"] = calibration
+    loaded = load_recipe(data)
+    plan = validate(loaded, check_files=not isinstance(calibration, torch.Tensor))
+    if isinstance(calibration, torch.Tensor):
+        plan.calibration_source = None
+    _seed_everything(seed)
+    ctx = PruneContext(model=model, tokenizer=tokenizer, adapter=resolve_adapter(model),
+                       settings=plan.settings, recipe=loaded.recipe,
+                       calibration_source=plan.calibration_source,
+                       calibration_windows_override=calibration
+                       if isinstance(calibration, torch.Tensor) else None,
+                       use_cache=False)  # fmt: skip
+    if tokenizer is None and method_needs_tokenizer(plan, calibration):
+        raise RecipeError("prune(): give a tokenizer, or calibration windows as a tensor")
+    return plan.method_cls(plan.settings, plan.components).prune(ctx)
+
+
+def method_needs_tokenizer(plan: Plan, calibration) -> bool:
+    return plan.method_cls.uses_calibration and not isinstance(calibration, torch.Tensor)
+
+
+__all__ = ["Plan", "PruneContext", "PrunekitError", "apply", "per_layer_ratio", "prune",
+           "resolve_adapter", "run_plan", "validate"]  # fmt: skip
