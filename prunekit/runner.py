@@ -68,9 +68,8 @@ def _num_layers(model_id: str) -> int | None:
     from prunekit.models import loading
 
     location = loading.locate_model(model_id)
-    known = location.get("num_layers")
-    if known:
-        return int(known)
+    if location.get("source") == "alias" and str(location.get("path", "")).endswith(".gguf"):
+        return _gguf_block_count(location["path"])
     config_path = Path(location.get("path") or "") / "config.json"
     if config_path.is_file():
         try:
@@ -81,6 +80,20 @@ def _num_layers(model_id: str) -> int | None:
         from transformers import AutoConfig
 
         return int(AutoConfig.from_pretrained(model_id, local_files_only=True).num_hidden_layers)
+    except Exception:
+        return None
+
+
+def _gguf_block_count(path: str) -> int | None:
+    """Layer count from a GGUF file's metadata (memory-mapped; no tensor is read)."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+        arch_field = fields["general.architecture"]
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+        count = fields[f"{arch}.block_count"]
+        return int(count.parts[count.data[0]][0])
     except Exception:
         return None
 

@@ -14,13 +14,6 @@ class Dense(Method):
     slots: dict[str, str] = {}
     uses_calibration = False
 
-    @classmethod
-    def check_recipe(cls, recipe, num_layers: int | None) -> list[str]:
-        ratio = recipe.method.ratio
-        if ratio:
-            return [f"method.ratio: dense prunes nothing, so the ratio must be 0 (got {ratio})"]
-        return []
-
     def prune(self, ctx) -> PruneOutcome:
         model = ctx.model
         params = sum(p.numel() for p in model.parameters())
@@ -28,8 +21,10 @@ class Dense(Method):
         def save(path: str) -> None:
             ctx.save_hf_model(model, path)
 
+        # The ratio is accepted (so `--set method.name=dense` works on any recipe) and ignored.
+        extra = {"note": "dense prunes nothing; method.ratio is ignored"} if ctx.settings.ratio else {}
         return PruneOutcome(model=model, dynamic=False, structure=ctx.dense_structure(),
-                            params_kept=params, save=save)  # fmt: skip
+                            params_kept=params, save=save, extra=extra)  # fmt: skip
 
 
 @hookimpl
