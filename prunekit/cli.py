@@ -60,6 +60,7 @@ def _quiet(quiet: bool) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
 
 
 @app.command()
@@ -138,7 +139,9 @@ def plugins(
 
 @app.command()
 def components(
-    kind: Annotated[str | None, typer.Argument(help="Only this kind (method, metric, ...).")] = None,
+    kind: Annotated[
+        str | None, typer.Argument(help="Only this kind (method, metric, ...).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the registered components (with their plugin and options)."""
@@ -147,7 +150,9 @@ def components(
     from prunekit.registry import get_registry
 
     if kind is not None and kind not in KINDS:
-        raise RecipeError(f"unknown kind {kind!r}{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}")
+        raise RecipeError(
+            f"unknown kind {kind!r}{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}"
+        )
     entries = [e for e in get_registry() if kind is None or e.kind == kind]
     if as_json:
         typer.echo(json.dumps([e.as_dict() for e in entries], indent=2, default=str))

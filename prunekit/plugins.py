@@ -120,8 +120,11 @@ def load_entry_points(
                     message + "\nStrict mode is on (PRUNEKIT_STRICT=1 or --strict); fix or "
                     f"uninstall the plugin, or skip it with PRUNEKIT_DISABLE_PLUGINS={ep.name}."
                 ) from exc
-            warnings.warn(message + " (skipped; set PRUNEKIT_STRICT=1 to make this fatal)",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                message + " (skipped; set PRUNEKIT_STRICT=1 to make this fatal)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             pm.infos[ep.name] = PluginInfo(name=ep.name, module=ep.value, error=detail, **info)
     if strict:
         pm.check_pending()

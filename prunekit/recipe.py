@@ -172,13 +172,17 @@ class LoadedRecipe:
         if isinstance(key_path, str):
             key_path = tuple(int(p) if p.isdigit() else p for p in key_path.split("."))
         dotted = ".".join(str(p) for p in key_path)
-        plain = {tuple(p for p in k if not isinstance(p, int)): v for k, v in self.overrides.items()}
+        plain = {
+            tuple(p for p in k if not isinstance(p, int)): v for k, v in self.overrides.items()
+        }
         for n in range(len(key_path), 0, -1):
             prefix = tuple(key_path[:n])
             if prefix in self.overrides:
                 return f"--set {self.overrides[prefix]}: {dotted}"
             if tuple(p for p in prefix if not isinstance(p, int)) in plain:
-                return f"--set {plain[tuple(p for p in prefix if not isinstance(p, int))]}: {dotted}"
+                return (
+                    f"--set {plain[tuple(p for p in prefix if not isinstance(p, int))]}: {dotted}"
+                )
             if prefix in self.lines and self.path is not None:
                 return f"{self.path}:{self.lines[prefix]}: {dotted}"
         return f"{self.path}: {dotted}" if self.path is not None else dotted
@@ -223,7 +227,9 @@ def _set_path(data: dict, path: tuple, value: Any, expr: str) -> None:
     for i, part in enumerate(path[:-1]):
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
-                raise RecipeError(f"--set {expr}: no list item {part} at {'.'.join(map(str, path[:i]))}")
+                raise RecipeError(
+                    f"--set {expr}: no list item {part} at {'.'.join(map(str, path[:i]))}"
+                )
             node = node[part]
             continue
         if not isinstance(node, dict):
@@ -277,7 +283,9 @@ def _format_validation(exc: ValidationError, loaded: LoadedRecipe) -> RecipeErro
     for err in exc.errors():
         loc = tuple(err["loc"])
         # pydantic adds the union member name to the location of union errors
-        loc = tuple(p for p in loc if not (isinstance(p, str) and p in ("int", "str", "literal['all']")))
+        loc = tuple(
+            p for p in loc if not (isinstance(p, str) and p in ("int", "str", "literal['all']"))
+        )
         where = loaded.where(loc)
         if err["type"] == "extra_forbidden":
             allowed = _schema_keys(Recipe, loc[:-1])
@@ -332,7 +340,9 @@ def load_recipe(
     for slot in SLOTS:
         cfg = loaded.recipe.method.slot(slot)
         if cfg is not None and not cfg.name:
-            raise loaded.error(("method", slot, "name"), f"give the component name of slot {slot!r}")
+            raise loaded.error(
+                ("method", slot, "name"), f"give the component name of slot {slot!r}"
+            )
     return loaded
 
 

@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from prunekit.components import SLOTS, Allocation, Method, MethodSettings, ModelAdapter, PruneOutcome
+from prunekit.components import (
+    SLOTS,
+    Allocation,
+    Method,
+    MethodSettings,
+    ModelAdapter,
+    PruneOutcome,
+)
 from prunekit.errors import DataError, ModelError, PrunekitError, RecipeError, did_you_mean
 from prunekit.progress import info
 from prunekit.recipe import LoadedRecipe, Recipe, dump_recipe, load_recipe
@@ -160,8 +167,9 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
             try:
                 r = per_layer_ratio(m.ratio, num_layers, m.skip_layers)
             except ValueError:
-                raise loaded.error(("method", "skip_layers"),
-                                   "every layer is skipped, so nothing can be pruned") from None
+                raise loaded.error(
+                    ("method", "skip_layers"), "every layer is skipped, so nothing can be pruned"
+                ) from None
             if r >= 1:
                 raise loaded.error(("method", "ratio"),
                                    f"ratio {m.ratio} becomes {r} per pruned layer once the "

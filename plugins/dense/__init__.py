@@ -22,7 +22,9 @@ class Dense(Method):
             ctx.save_hf_model(model, path)
 
         # The ratio is accepted (so `--set method.name=dense` works on any recipe) and ignored.
-        extra = {"note": "dense prunes nothing; method.ratio is ignored"} if ctx.settings.ratio else {}
+        extra = (
+            {"note": "dense prunes nothing; method.ratio is ignored"} if ctx.settings.ratio else {}
+        )
         return PruneOutcome(model=model, dynamic=False, structure=ctx.dense_structure(),
                             params_kept=params, save=save, extra=extra)  # fmt: skip
 

@@ -142,7 +142,9 @@ class LlamaLayerAdapter(LayerAdapter):
         self.index = index
         self.config = config
         attn, mlp = layer.self_attn, layer.mlp
-        self.head_dim = int(getattr(attn, "head_dim", config.hidden_size // config.num_attention_heads))
+        self.head_dim = int(
+            getattr(attn, "head_dim", config.hidden_size // config.num_attention_heads)
+        )
         self.num_heads = attn.q_proj.out_features // self.head_dim
         self.num_kv_heads = attn.k_proj.out_features // self.head_dim
         self.hidden_size = attn.o_proj.out_features
@@ -272,4 +274,6 @@ class LlamaAdapter(ModelAdapter):
 
 @hookimpl
 def prunekit_register_adapters(register):
-    register("llama", LlamaAdapter, description="LLaMA family (MHA and GQA): heads and MLP channels")
+    register(
+        "llama", LlamaAdapter, description="LLaMA family (MHA and GQA): heads and MLP channels"
+    )
