@@ -93,6 +93,16 @@ class LayerAdapter(ABC):
         """Output-projection input columns per unit (head_dim for attention, 1 for the MLP)."""
         return self.head_dim if group == ATTN else 1
 
+    def unit_channels(self, group: str, units: torch.Tensor) -> torch.Tensor:
+        """Output-projection input channels owned by ``units`` (in unit order)."""
+        width = self.unit_width(group)
+        if width == 1:
+            return units
+        import torch
+
+        offsets = torch.arange(width, device=units.device)
+        return (units[:, None] * width + offsets[None, :]).reshape(-1)
+
 
 class ModelAdapter(ABC):
     """Maps a loaded causal LM to its decoder layers.
@@ -154,12 +164,17 @@ class CalibrationStatistic(Protocol):
 
 @runtime_checkable
 class ImportanceMetric(Protocol):
-    """Scores units (heads or channels): higher = more important = kept first."""
+    """Scores units (heads or channels): higher = more important = kept first.
 
-    def __call__(
-        self, layer: LayerAdapter, group: str, stats: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """One score per unit of ``group`` (shape ``[layer.units(group)]``)."""
+    ``prepare`` runs once per layer and block (precomputing weight factors); the returned
+    scorer runs per decision (once for static methods, per batch for dynamic ones).
+    """
+
+    def prepare(
+        self, layer: LayerAdapter, group: str
+    ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """A scorer mapping channel statistics (e.g. ``{"S": [D]}``) to unit scores
+        (``[layer.units(group)]``)."""
 
 
 @dataclass

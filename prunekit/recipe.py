@@ -130,6 +130,14 @@ class EvaluationConfig(_Strict):
     perplexity: list[PerplexityConfig] = Field(default_factory=lambda: [PerplexityConfig()])
 
 
+class RuntimeConfig(_Strict):
+    """``runtime``: dense and pruned timed on the same first batches of the first perplexity
+    dataset, after ``warmup`` untimed calls. ``batches: 0`` skips the measurement."""
+
+    batches: int = Field(2, ge=0)
+    warmup: int = Field(1, ge=0)
+
+
 class OutputConfig(_Strict):
     dir: str | None = None
     save_model: bool = False
@@ -142,6 +150,7 @@ class Recipe(_Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     seed: int = 0
     data_dir: str | None = None

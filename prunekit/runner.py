@@ -29,6 +29,7 @@ from prunekit.components import (
 )
 from prunekit.errors import DataError, ModelError, PrunekitError, RecipeError, did_you_mean
 from prunekit.progress import info
+from prunekit.pruning.allocation import per_layer_ratio
 from prunekit.recipe import LoadedRecipe, Recipe, dump_recipe, load_recipe
 
 SCHEMA_VERSION = 1
@@ -56,18 +57,6 @@ class Plan:
     @property
     def recipe(self) -> Recipe:
         return self.loaded.recipe
-
-
-def per_layer_ratio(ratio: float, num_layers: int, skip_layers: list[int]) -> float:
-    """The reference's inflated per-layer ratio ``round(L / (L - skipped) * r, 2)``.
-
-    Pruning only the non-skipped layers at this ratio keeps the average over all layers close
-    to the nominal ``ratio`` (pp-spec section 2).
-    """
-    skipped = len([i for i in set(skip_layers) if 0 <= i < num_layers])
-    if skipped >= num_layers:
-        raise ValueError("every layer is skipped")
-    return round(num_layers / (num_layers - skipped) * ratio, 2)
 
 
 def _num_layers(model_id: str) -> int | None:
@@ -354,6 +343,7 @@ def run_plan(plan: Plan, output_dir: Path, pm=None) -> dict:
     """Execute a validated plan, writing every output into ``output_dir`` atomically."""
     from prunekit.data import eval_windows, source_sha256
     from prunekit.evaluation.perplexity import perplexity
+    from prunekit.evaluation.runtime import summarize, time_batches, time_pruned
     from prunekit.models.loading import load_model
     from prunekit.plugins import get_plugin_manager
 
@@ -374,6 +364,20 @@ def run_plan(plan: Plan, output_dir: Path, pm=None) -> dict:
         model, tokenizer = loaded_model.model, loaded_model.tokenizer
         adapter = resolve_adapter(model)
         params = sum(p.numel() for p in model.parameters())
+
+        # the timing batches: the first batches of the first perplexity dataset
+        timing_batches: list[torch.Tensor] = []
+        rt_cfg = recipe.runtime
+        if rt_cfg.batches and recipe.evaluation.perplexity:
+            cfg0, src0 = recipe.evaluation.perplexity[0], plan.perplexity_sources[0]
+            w0 = eval_windows(tokenizer, src0, cfg0.seq_len, cfg0.windows, cfg0.sampling,
+                              seed=recipe.seed,
+                              batch_size=cfg0.batch_size if cfg0.sampling == "random" else None)  # fmt: skip
+            timing_batches = list(torch.split(w0, cfg0.batch_size))[: rt_cfg.batches]
+        dense_times = None
+        if timing_batches and plan.settings.name != "dense":
+            info("timing the dense model")
+            dense_times = time_batches(model, timing_batches, rt_cfg.warmup)
 
         ctx = PruneContext(model=model, tokenizer=tokenizer, adapter=adapter,
                            settings=plan.settings, recipe=recipe, model_info=loaded_model.info,
@@ -401,6 +405,16 @@ def run_plan(plan: Plan, output_dir: Path, pm=None) -> dict:
         timings["evaluation_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
 
+        runtime = None
+        if timing_batches:
+            info("timing the pruned model")
+            pruned_times, overhead = time_pruned(outcome.model, timing_batches, rt_cfg.warmup)
+            runtime = summarize(dense_times or pruned_times, pruned_times,
+                                tuple(timing_batches[0].shape), overhead)  # fmt: skip
+            fraction = getattr(getattr(outcome.model, "controller", None),
+                               "probe_flops_fraction", None)  # fmt: skip
+            if fraction is not None:
+                runtime["probe_flops_fraction"] = fraction(*timing_batches[0].shape)
         params_kept = outcome.params_kept if outcome.params_kept is not None else params
         result = {
             "schema_version": SCHEMA_VERSION,
@@ -421,6 +435,7 @@ def run_plan(plan: Plan, output_dir: Path, pm=None) -> dict:
             "structure": outcome.structure,
             "metrics": metrics,
             "timings": timings,
+            "runtime": runtime,
             "output_dir": str(output_dir),
             **outcome.extra,
         }

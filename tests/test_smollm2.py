@@ -31,9 +31,9 @@ class TestSmolLM2Adapter(AdapterConformance):
     def test_shapes_are_gqa(self):
         layers = LlamaAdapter(self._m).layers()
         assert len(layers) == 30
-        assert {(la.num_heads, la.num_kv_heads, la.head_dim, la.intermediate_size) for la in layers} == {
-            (9, 3, 64, 1536)
-        }
+        assert {
+            (la.num_heads, la.num_kv_heads, la.head_dim, la.intermediate_size) for la in layers
+        } == {(9, 3, 64, 1536)}
 
 
 def test_wikitext2_perplexity_is_plausible(smollm2, shared_data):

@@ -137,8 +137,9 @@ def _bias(linear: nn.Linear) -> torch.Tensor | None:
 class LlamaLayerAdapter(LayerAdapter):
     """One ``LlamaDecoderLayer`` (or a layer of the same shape)."""
 
-    def __init__(self, layer: nn.Module, index: int, config) -> None:
+    def __init__(self, layer: nn.Module, index: int, config, rotary=None) -> None:
         self.layer = layer
+        self._rotary = rotary
         self.index = index
         self.config = config
         attn, mlp = layer.self_attn, layer.mlp
@@ -220,6 +221,48 @@ class LlamaLayerAdapter(LayerAdapter):
         return attention_forward(x, w, position_embeddings, attention_mask, self.kernel, cache,
                                  return_o_input=return_o_input, **kwargs)  # fmt: skip
 
+    # -- probing (dynamic methods) ------------------------------------------------------------
+    def probe_attention(self, x: torch.Tensor, position_ids: torch.Tensor,
+                        token_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The input of o_proj for a probe, with the full (unpruned) q/k/v weights.
+
+        :param x: normalised probe input [b', t', d] (selected rows and positions).
+        :param position_ids: true positions of the probe tokens [b', t'] (RoPE is applied there).
+        :param token_mask: [b', t'] False for pad tokens (never used as keys).
+        :returns: [b', t', num_heads * head_dim]. Attention runs among the probe tokens only:
+            probe token i attends to probe token j of its row when ``pos[j] <= pos[i]``.
+        """
+        a = self.attn
+        b, t = x.shape[:2]
+        hd = self.head_dim
+        q = F.linear(x, a.q_proj.weight, a.q_proj.bias).view(b, t, -1, hd).transpose(1, 2)
+        k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(b, t, -1, hd).transpose(1, 2)
+        v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(b, t, -1, hd).transpose(1, 2)
+        cos, sin = self.rotary(x, position_ids)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        allowed = position_ids[:, None, :] <= position_ids[:, :, None]  # [b', t'(q), t'(k)]
+        if token_mask is not None:
+            allowed = allowed & token_mask[:, None, :]
+        # a query with no allowed key (a pad query) would give NaN: let it see itself
+        allowed = allowed | torch.eye(t, dtype=torch.bool, device=x.device)[None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=hd**-0.5)
+        return out.transpose(1, 2).reshape(b, t, -1)
+
+    def probe_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of down_proj for a probe: ``act(gate(x)) * up(x)`` with full weights."""
+        m = self.mlp
+        return m.act_fn(F.linear(x, m.gate_proj.weight, m.gate_proj.bias)) * F.linear(
+            x, m.up_proj.weight, m.up_proj.bias
+        )
+
+    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor):
+        """(cos, sin) at ``position_ids`` from the model's rotary embedding."""
+        return self._rotary(x, position_ids)
+
     def run_mlp(self, x, kept_channels=None, return_down_input=False):
         return mlp_forward(x, self.mlp_weights(kept_channels), self.mlp.act_fn, return_down_input)
 
@@ -243,7 +286,8 @@ class LlamaAdapter(ModelAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self._layers = [
-            LlamaLayerAdapter(layer, i, model.config) for i, layer in enumerate(self.decoder_layers)
+            LlamaLayerAdapter(layer, i, model.config, model.model.rotary_emb)
+            for i, layer in enumerate(self.decoder_layers)
         ]
 
     @classmethod

@@ -1,0 +1,363 @@
+"""Probe Pruning: the methods ``pp``, ``pp-fullbatch``, ``pp-history`` and their controller.
+
+Per batch and per pruned block (attention, MLP): select a probe (rows and positions of the
+batch), push it through the block's input projections with full weights (attention among the
+probe tokens only), fuse the probe's per-position mean of squares with the history at the same
+true positions, score every head / channel with the metric, keep the top units (counts from
+the allocator), run the full batch on the gathered kept weights, then update the history from
+the full batch's kept activations. Layers in ``skip_layers`` run dense.
+
+Modes (``method.mode``):
+
+* ``sync`` (reference default): the probe is the current block's own input.
+* ``async_intra``: the attention probe of layer l comes from the previous layer's residual
+  after its attention (before its MLP); the MLP probe of layer l from layer l's input before
+  attention. Each probe skips the block just before it, so it could run concurrently with it;
+  here it runs sequentially (as the reference's LLaMA code does).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.components import ATTN, MLP, Method, PruneOutcome
+from prunekit.errors import RecipeError, StateError
+from prunekit.pruning.allocation import top_units
+from prunekit.pruning.dynamic import DynamicModel, Timers
+
+MODES = ("sync", "async_intra")
+STATE_FORMAT = "prunekit-dynamic-state"
+STATE_VERSION = 1
+
+
+class PPController:
+    """The per-batch decision logic shared by every PP variant."""
+
+    def __init__(self, adapter, settings, components: dict[str, Any],
+                 history: dict[tuple[int, str], torch.Tensor] | None, mode: str = "sync",
+                 calibration_samples: int = 0) -> None:  # fmt: skip
+        self.adapter = adapter
+        self.settings = settings
+        self.mode = mode
+        self.probe = components.get("probe")
+        self.fusion = components.get("fusion")
+        self.history_policy = components.get("history")
+        counts = components["allocator"].counts(adapter, settings)
+        self.counts = counts
+        self.active = {
+            key for key, keep in counts.items() if keep < adapter.layers()[key[0]].units(key[1])
+        }
+        metric = components["metric"]
+        self.scorers = {
+            key: metric.prepare(adapter.layers()[key[0]], key[1]) for key in self.active
+        }
+        self.history = history
+        self.history_state = {}
+        if history is not None and self.history_policy is not None:
+            self.history_state = {key: self.history_policy.init_state(h, calibration_samples)
+                                  for key, h in history.items()}  # fmt: skip
+        self.update_history = True
+        self.probe_tokens: dict[tuple[int, str], int] = {}
+        self.timers = Timers()  # replaced by the runtime's timers once wrapped
+        self._initial = self.snapshot()
+
+    # -- state -------------------------------------------------------------------------------
+    def snapshot(self):
+        return copy.deepcopy((self.history, self.history_state))
+
+    def restore(self, snap) -> None:
+        self.history, self.history_state = copy.deepcopy(snap)
+
+    def reset(self) -> None:
+        """Back to the post-calibration state (before any evaluation batch)."""
+        self.restore(self._initial)
+
+    # -- decisions ---------------------------------------------------------------------------
+    def _probe_inputs(self, layer, group, x, residual, batch):
+        if self.mode == "async_intra":
+            if group == ATTN:
+                prev = batch.residuals.get(("mid", layer.index - 1))
+                if prev is not None:
+                    return layer.input_norm(ATTN)(prev), prev
+            else:
+                h_in = batch.residuals[("in", layer.index)]
+                return layer.input_norm(MLP)(h_in), h_in
+        return x, residual
+
+    def _history_rows(self, key, positions, mask):
+        h = self.history[key]
+        rows = h[positions.clamp(max=h.shape[0] - 1)]  # [b', t', D]
+        m = mask.unsqueeze(-1).to(rows.dtype)
+        return (rows * m).sum(0) / m.sum(0).clamp(min=1)
+
+    def decide(self, layer, group, x, residual, batch):
+        key = (layer.index, group)
+        if key not in self.active:
+            return None
+        device = x.device
+        if self.probe is None:  # history only: the mask comes from the (EMA-updated) history
+            positions = int(batch.position_ids[batch.token_mask].max()) + 1
+            S = self.history[key][:positions].sum(0)
+        else:
+            with self.timers("probe", device):
+                S = self._probe_importance(key, layer, group, x, residual, batch)
+        with self.timers("score", device):
+            scores = self.scorers[key]({"S": S})
+            return top_units(scores, self.counts[key])
+
+    def _probe_importance(self, key, layer, group, x, residual, batch) -> torch.Tensor:
+        xs, rank = self._probe_inputs(layer, group, x, residual, batch)
+        if getattr(self.probe, "rank_on", "residual") == "normalized":
+            rank = xs
+        rows, cols = self.probe(rank, batch.token_mask)
+        xp = xs[rows][:, cols]
+        pos = batch.position_ids[rows][:, cols]
+        mask = batch.token_mask[rows][:, cols]
+        if group == ATTN:
+            z = layer.probe_attention(xp, pos, mask)
+        else:
+            z = layer.probe_mlp(xp)
+        zz = torch.where(mask.unsqueeze(-1), z.float().square(), 0.0)
+        P = zz.sum(0) / mask.sum(0).clamp(min=1).unsqueeze(-1)  # [t', D]
+        G = self._history_rows(key, pos, mask) if self.history is not None else None
+        self.probe_tokens[key] = int(mask.sum())
+        return self.fusion(P, G)
+
+    def wants_activations(self, layer, group) -> bool:
+        return (
+            self.update_history
+            and self.history is not None
+            and self.history_policy is not None
+            and (layer.index, group) in self.active
+        )
+
+    def observe(self, layer, group, kept, activations, batch) -> None:
+        key = (layer.index, group)
+        channels = None if kept is None else layer.unit_channels(group, kept)
+        with torch.no_grad():
+            self.history_policy.update(self.history[key], self.history_state.get(key, {}),
+                                       channels, activations, batch.token_mask,
+                                       batch.position_ids)  # fmt: skip
+
+    # -- reporting ---------------------------------------------------------------------------
+    def probe_flops_fraction(self, batch_size: int, seq_len: int) -> float:
+        """Probe MACs / dense decoder-layer MACs for the last batch (pp-spec section 8).
+
+        Probe: q, k, v (attention) and gate, up (MLP) on the probe tokens; the probe's own
+        attention matmuls and the scoring are not counted (the reference's convention). Dense
+        per token and layer: q, k, v, o, gate, up, down and ``2·T·n_h·d_h`` for attention.
+        """
+        probe = dense = 0.0
+        tokens = batch_size * seq_len
+        for layer in self.adapter.layers():
+            d, hd, nh, nkv, inter = (layer.hidden_size, layer.head_dim, layer.num_heads,
+                                     layer.num_kv_heads, layer.intermediate_size)  # fmt: skip
+            qkv = d * (nh + 2 * nkv) * hd
+            dense += tokens * (qkv + nh * hd * d + 3 * d * inter + 2 * seq_len * nh * hd)
+            probe += self.probe_tokens.get((layer.index, ATTN), 0) * qkv
+            probe += self.probe_tokens.get((layer.index, MLP), 0) * 2 * d * inter
+        return probe / dense if dense else 0.0
+
+
+def kept_parameters(adapter, counts: dict[tuple[int, str], int], model) -> int:
+    """Parameters a forward really uses with these kept counts (embeddings and norms included)."""
+    total = sum(p.numel() for p in model.parameters())
+    for layer in adapter.layers():
+        d, hd = layer.hidden_size, layer.head_dim
+        removed_heads = layer.num_heads - counts[(layer.index, ATTN)]
+        per_head = 2 * d * hd + (0 if layer.num_kv_heads != layer.num_heads else 2 * d * hd)
+        removed_channels = layer.intermediate_size - counts[(layer.index, MLP)]
+        total -= removed_heads * per_head + removed_channels * 3 * d
+    return total
+
+
+class ProbePruning(Method):
+    """Probe Pruning (PP, ICLR 2025): probe, fuse with history, score, prune per batch."""
+
+    name = "pp"
+    dynamic = True
+    slots = {
+        "statistic": "sq_mean",
+        "probe": "residual_rank",
+        "fusion": "importance_scaled",
+        "history": "ema",
+        "metric": "pp_score",
+        "allocator": "uniform",
+    }
+    option_defaults = {"mode": "sync"}
+
+    @property
+    def uses_history(self) -> bool:
+        return "history" in self.slots
+
+    @classmethod
+    def check_recipe(cls, recipe, num_layers):
+        problems = []
+        mode = recipe.method.options.get("mode", "sync")
+        if mode not in MODES:
+            problems.append(f"method.mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if "history" in cls.slots:
+            cal = recipe.calibration.seq_len
+            for i, p in enumerate(recipe.evaluation.perplexity):
+                if p.seq_len > cal:
+                    problems.append(
+                        f"evaluation.perplexity.{i}.seq_len: {p.seq_len} tokens is longer than "
+                        f"the calibration windows ({cal}); {cls.name} keeps its history per "
+                        f"token position, so calibrate with calibration.seq_len >= {p.seq_len}"
+                    )
+        return problems
+
+    def statistics(self):
+        return [self.components["statistic"]] if self.uses_history else []
+
+    def _history(self, ctx, active_keys) -> dict[tuple[int, str], torch.Tensor]:
+        load = ctx.recipe.method.state.load
+        if load:
+            return load_state(load, ctx, self)
+        stat = self.components["statistic"]
+        stats = ctx.statistics([stat])[stat.name]
+        device = ctx.device
+        out = {}
+        for key in active_keys:
+            tensors = stats[key]
+            if "sq_mean" not in tensors:
+                raise RecipeError(
+                    f"method.statistic: {stat.name!r} gives {sorted(tensors)}, but {self.name} "
+                    "needs a per-position 'sq_mean' history"
+                )
+            out[key] = tensors["sq_mean"].to(device=device, dtype=torch.float32).clone()
+        return out
+
+    def prune(self, ctx) -> PruneOutcome:
+        adapter, settings = ctx.adapter, self.settings
+        allocator = self.components["allocator"]
+        if not hasattr(allocator, "counts"):
+            raise RecipeError(
+                f"method.allocator: {self.name} decides per batch and needs an allocator with "
+                "fixed per-layer counts (e.g. 'uniform')"
+            )
+        counts = allocator.counts(adapter, settings)
+        active = [k for k, keep in counts.items() if keep < adapter.layers()[k[0]].units(k[1])]
+        history = self._history(ctx, active) if self.uses_history else None
+        controller = PPController(adapter, settings, self.components, history,
+                                  mode=settings.options.get("mode", "sync"),
+                                  calibration_samples=ctx.recipe.calibration.samples)  # fmt: skip
+        model = DynamicModel(ctx.model, adapter, controller)
+        structure = [{"layer": la.index, "heads": counts[(la.index, ATTN)],
+                      "channels": counts[(la.index, MLP)]} for la in adapter.layers()]  # fmt: skip
+
+        def save(path: str) -> None:
+            save_state(path, controller, ctx, self)
+
+        return PruneOutcome(model=model, dynamic=True, structure=structure,
+                            params_kept=kept_parameters(adapter, counts, ctx.model),
+                            save=save)  # fmt: skip
+
+
+class FullBatchProbing(ProbePruning):
+    """Full-batch probing: the whole batch is the probe; no calibration, no history.
+
+    An oracle-like upper bound (an extra dense pass through q/k/v and gate/up), not an
+    accelerator."""
+
+    name = "pp-fullbatch"
+    slots = {"probe": "full_batch", "fusion": "probe_only", "metric": "pp_score",
+             "allocator": "uniform"}  # fmt: skip
+    uses_calibration = False
+
+
+class HistoryOnly(ProbePruning):
+    """No probe: each batch's mask comes from the calibration history as updated by the EMA
+    after earlier batches (the paper's history-only ablation)."""
+
+    name = "pp-history"
+    slots = {"statistic": "sq_mean", "history": "ema", "metric": "pp_score",
+             "allocator": "uniform"}  # fmt: skip
+    option_defaults = {}
+
+
+# ------------------------------------------------------------------------------------------
+# Saved state: the post-calibration history, versioned, tied to the model fingerprint
+# ------------------------------------------------------------------------------------------
+
+
+def _state_meta(ctx, method: Method) -> dict:
+    from prunekit import __version__
+
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "prunekit": __version__,
+        "method": method.name,
+        "statistic": getattr(method.components.get("statistic"), "name", None),
+        "model_id": ctx.recipe.model.id,
+        "model_fingerprint": ctx.model_info.get("fingerprint"),
+        "calibration": ctx.recipe.calibration.model_dump(mode="json"),
+        "seed": ctx.recipe.seed,
+    }
+
+
+def save_state(path: str, controller: PPController, ctx, method: Method) -> None:
+    """Write the post-calibration history (not the evaluation-updated one)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    history, _ = controller._initial
+    tensors = {f"{layer}.{group}": t.detach().cpu().contiguous()
+               for (layer, group), t in (history or {}).items()}  # fmt: skip
+    save_file(tensors, os.path.join(path, "state.safetensors"))
+    meta = _state_meta(ctx, method)
+    Path(path, "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_state_meta(path: str) -> dict:
+    meta_path = Path(path) / "state.json"
+    if not meta_path.is_file():
+        raise StateError(f"{path}: no state.json; give a directory written by a dynamic method "
+                         "with output.save_model: true (its 'model' subdirectory)")  # fmt: skip
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != STATE_FORMAT:
+        raise StateError(f"{path}: not a prunekit dynamic-method state (format "
+                         f"{meta.get('format')!r})")  # fmt: skip
+    return meta
+
+
+def check_state_meta(meta: dict, path: str, model_id: str | None, method: str | None) -> None:
+    from prunekit import __version__
+
+    if meta.get("version") != STATE_VERSION or meta.get("prunekit") != __version__:
+        raise StateError(
+            f"{path}: state written by prunekit {meta.get('prunekit')} (state format "
+            f"{meta.get('version')}); this is prunekit {__version__} (format {STATE_VERSION}). "
+            "Recalibrate: remove method.state.load."
+        )
+    if model_id is not None and meta.get("model_id") != model_id:
+        raise StateError(f"{path}: state was computed for model {meta.get('model_id')!r}, "
+                         f"not {model_id!r}; remove method.state.load to recalibrate")  # fmt: skip
+
+
+def load_state(path: str, ctx, method: Method) -> dict[tuple[int, str], torch.Tensor]:
+    from safetensors.torch import load_file
+
+    meta = read_state_meta(path)
+    check_state_meta(meta, path, ctx.recipe.model.id, method.name)
+    fingerprint = ctx.model_info.get("fingerprint")
+    if fingerprint and meta.get("model_fingerprint") not in (None, fingerprint):
+        raise StateError(
+            f"{path}: state belongs to other weights (fingerprint {meta['model_fingerprint']}, "
+            f"this model {fingerprint}); remove method.state.load to recalibrate"
+        )
+    if meta.get("statistic") != getattr(method.components.get("statistic"), "name", None):
+        raise StateError(f"{path}: state holds statistic {meta.get('statistic')!r}, "
+                         f"the recipe asks for another; remove method.state.load")  # fmt: skip
+    out = {}
+    for flat, tensor in load_file(str(Path(path) / "state.safetensors")).items():
+        layer, group = flat.split(".")
+        out[(int(layer), group)] = tensor.to(device=ctx.device, dtype=torch.float32)
+    return out

@@ -1,0 +1,94 @@
+"""Turning a ratio into kept counts per layer (pp-spec section 2), and the ``uniform`` allocator.
+
+Rules, shared by every method that allocates uniformly (PP, Wanda-sp, pp-calib):
+
+* layers in ``skip_layers`` are never pruned (default ``[0, 1, 2]``);
+* the other layers use the inflated ratio ``r' = round(L / (L - skipped) * r, 2)`` so the
+  average over all layers stays close to ``r``;
+* attention: ``floor(r' * n_heads)`` whole heads pruned (no rounding to a multiple);
+* MLP: ``floor(r' * I)`` channels pruned, then the kept count is rounded **up** to a multiple
+  of ``round_to`` (default 64; 1 disables) by pruning fewer channels;
+* the lowest-scoring units are pruned; kept indices are returned sorted ascending (the
+  reference returns MLP indices in score order, which changes nothing but memory locality).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from prunekit.components import ATTN, MLP, Allocation, MethodSettings, ModelAdapter
+from prunekit.hookspecs import hookimpl
+
+
+def per_layer_ratio(ratio: float, num_layers: int, skip_layers: list[int]) -> float:
+    """``round(L / (L - skipped) * r, 2)``: the ratio each non-skipped layer is pruned at."""
+    skipped = len([i for i in set(skip_layers) if 0 <= i < num_layers])
+    if skipped >= num_layers:
+        raise ValueError("every layer is skipped")
+    return round(num_layers / (num_layers - skipped) * ratio, 2)
+
+
+def kept_heads(num_heads: int, layer_ratio: float) -> int:
+    """Heads kept at ``layer_ratio``: ``n - floor(r' n)``."""
+    return num_heads - math.floor(layer_ratio * num_heads + 1e-9)
+
+
+def kept_channels(channels: int, layer_ratio: float, round_to: int = 64) -> int:
+    """MLP channels kept at ``layer_ratio``, rounded up to a multiple of ``round_to``."""
+    keep = channels - math.floor(layer_ratio * channels + 1e-9)
+    if round_to > 1:
+        keep = min(channels, math.ceil(keep / round_to) * round_to)
+    return keep
+
+
+def top_units(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` highest scores, sorted ascending."""
+    if keep >= scores.numel():
+        return torch.arange(scores.numel(), device=scores.device)
+    return torch.topk(scores.float(), keep, sorted=False).indices.sort().values
+
+
+class Uniform:
+    """Same per-layer ratio for every non-skipped layer (attention and MLP alike).
+
+    :param inflate: apply the ``L / (L - skipped)`` inflation (the reference does).
+    """
+
+    def __init__(self, inflate: bool = True) -> None:
+        if not isinstance(inflate, bool):
+            raise ValueError(f"inflate must be true or false, got {inflate!r}")
+        self.inflate = inflate
+
+    def layer_ratio(self, adapter: ModelAdapter, settings: MethodSettings) -> float:
+        if not self.inflate:
+            return settings.ratio
+        return per_layer_ratio(settings.ratio, adapter.num_layers, settings.skip_layers)
+
+    def counts(self, adapter: ModelAdapter, settings: MethodSettings) -> dict[tuple[int, str], int]:
+        """Kept units per (layer, group); skipped layers and ratio 0 keep everything."""
+        r = self.layer_ratio(adapter, settings)
+        skip = set(settings.skip_layers)
+        out = {}
+        for layer in adapter.layers():
+            if layer.index in skip or settings.ratio == 0:
+                out[(layer.index, ATTN)] = layer.units(ATTN)
+                out[(layer.index, MLP)] = layer.units(MLP)
+                continue
+            out[(layer.index, ATTN)] = kept_heads(layer.num_heads, r)
+            out[(layer.index, MLP)] = kept_channels(layer.intermediate_size, r, settings.round_to)
+        return out
+
+    def __call__(self, scores, adapter: ModelAdapter, settings: MethodSettings) -> Allocation:
+        allocation = Allocation()
+        for key, keep in self.counts(adapter, settings).items():
+            layer = adapter.layers()[key[0]]
+            if keep < layer.units(key[1]) and key in scores:
+                allocation.kept[key] = top_units(scores[key], keep)
+        return allocation
+
+
+@hookimpl
+def prunekit_register_allocators(register):
+    register("uniform", Uniform, description="same inflated ratio for every non-skipped layer")
