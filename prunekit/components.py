@@ -85,6 +85,14 @@ class LayerAdapter(ABC):
     def run_mlp(self, x: torch.Tensor, kept_channels: torch.Tensor | None) -> torch.Tensor:
         """MLP on normalised input ``x`` using only ``kept_channels`` (None = all)."""
 
+    @abstractmethod
+    def run_block(self, hidden_states: torch.Tensor, kept_heads: torch.Tensor | None = None,
+                  kept_channels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:  # fmt: skip
+        """The whole decoder layer (norms, attention, MLP, residuals) with the kept sets.
+
+        ``kwargs`` are what the model passes its layers (``position_embeddings``,
+        ``attention_mask``...)."""
+
     def units(self, group: str) -> int:
         """Number of prunable units of ``group``."""
         return self.num_heads if group == ATTN else self.intermediate_size
@@ -127,6 +135,11 @@ class ModelAdapter(ABC):
         """One :class:`LayerAdapter` per decoder layer, in order."""
 
     @property
+    @abstractmethod
+    def decoder_layers(self) -> nn.ModuleList:
+        """The model's list of decoder layer modules (dynamic methods wrap its entries)."""
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers())
 
@@ -160,6 +173,43 @@ class CalibrationStatistic(Protocol):
 
     def finalize(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Turn the state into the statistic's tensors (e.g. ``{"sq_mean": [T, C]}``)."""
+
+
+@runtime_checkable
+class ProbeSelector(Protocol):
+    """Picks the probe of a batch: which rows (samples) and positions (columns).
+
+    ``rank_on`` is ``"residual"`` (rank on the pre-norm residual) or ``"normalized"`` (on the
+    block's normalised input).
+    """
+
+    rank_on: str
+
+    def __call__(
+        self, rank_source: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, cols)``: sorted indices; pad tokens (``token_mask`` False) never selected."""
+
+
+@runtime_checkable
+class FusionPolicy(Protocol):
+    """Combines the probe's per-position statistic ``P`` with the history ``G`` (both
+    ``[t', D]``; ``G`` may be None) into channel importance ``S`` (``[D]``)."""
+
+    def __call__(self, probe: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class HistoryPolicy(Protocol):
+    """How the per-position history ``H [positions, D]`` evolves after each scored batch."""
+
+    def init_state(self, history: torch.Tensor, calibration_samples: int) -> dict:
+        """Extra state kept beside ``history`` (e.g. counts)."""
+
+    def update(self, history: torch.Tensor, state: dict, kept: torch.Tensor | None,
+               x: torch.Tensor, token_mask: torch.Tensor,
+               position_ids: torch.Tensor) -> None:  # fmt: skip
+        """Fold the batch's kept-channel activations ``x`` ([B, T, K]) into ``history``."""
 
 
 @runtime_checkable

@@ -127,7 +127,13 @@ def load_entry_points(
             )
             pm.infos[ep.name] = PluginInfo(name=ep.name, module=ep.value, error=detail, **info)
     if strict:
-        pm.check_pending()
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(
+                f"{exc} (a hook implementation whose name matches no prunekit hook: check its "
+                "spelling against prunekit.hookspecs)"
+            ) from exc
 
 
 _PM: PrunekitPluginManager | None = None

@@ -18,7 +18,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from prunekit.components import SLOTS
 from prunekit.errors import RecipeError, did_you_mean
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -37,9 +36,9 @@ class ModelConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        ok = v in ("cpu", "cuda", "auto", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
+        ok = v in ("cpu", "cuda", "auto") or (v.startswith("cuda:") and v[5:].isdigit())
         if not ok:
-            raise ValueError("choose 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
+            raise ValueError("choose 'cpu', 'cuda', 'cuda:N' or 'auto'")
         return v
 
 
@@ -54,7 +53,8 @@ class CalibrationConfig(_Strict):
 
 
 class SlotConfig(BaseModel):
-    """``method.<slot>``: ``name`` of the component, every other key is one of its options."""
+    """``method.<slot>``: ``name`` of the component (default: the method's own), every other
+    key is one of its options (e.g. ``--set method.probe.ratio_seq=0.1``)."""
 
     model_config = ConfigDict(extra="allow")
     name: str | None = None
@@ -184,6 +184,10 @@ class LoadedRecipe:
         plain = {
             tuple(p for p in k if not isinstance(p, int)): v for k, v in self.overrides.items()
         }
+        # an override below this key (e.g. --set method.metric.power=2 for key method.metric)
+        for path, expr in self.overrides.items():
+            if len(path) > len(key_path) and tuple(path[: len(key_path)]) == tuple(key_path):
+                return f"--set {expr}: {dotted}"
         for n in range(len(key_path), 0, -1):
             prefix = tuple(key_path[:n])
             if prefix in self.overrides:
@@ -346,12 +350,6 @@ def load_recipe(
         loaded.recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise _format_validation(exc, loaded) from None
-    for slot in SLOTS:
-        cfg = loaded.recipe.method.slot(slot)
-        if cfg is not None and not cfg.name:
-            raise loaded.error(
-                ("method", slot, "name"), f"give the component name of slot {slot!r}"
-            )
     return loaded
 
 

@@ -58,8 +58,16 @@ class Entry:
         }
 
 
+def _target(factory: Callable[..., Any]):
+    if inspect.isclass(factory):
+        return None if factory.__init__ is object.__init__ else factory.__init__
+    return factory
+
+
 def factory_options(factory: Callable[..., Any]) -> dict[str, Any]:
-    target = factory.__init__ if inspect.isclass(factory) else factory
+    target = _target(factory)
+    if target is None:  # a class without __init__ takes no options
+        return {}
     try:
         params = list(inspect.signature(target).parameters.values())
     except (TypeError, ValueError):
@@ -73,7 +81,9 @@ def factory_options(factory: Callable[..., Any]) -> dict[str, Any]:
 
 
 def _accepts_any_keyword(factory: Callable[..., Any]) -> bool:
-    target = factory.__init__ if inspect.isclass(factory) else factory
+    target = _target(factory)
+    if target is None:
+        return False
     try:
         return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
     except (TypeError, ValueError):
@@ -109,6 +119,10 @@ class Registry:
 
     def __iter__(self) -> Iterator[Entry]:
         return iter(sorted(self._entries.values(), key=lambda e: (KINDS.index(e.kind), e.name)))
+
+    def entries(self, kind: str) -> list[Entry]:
+        """The entries of ``kind`` in registration order."""
+        return [e for (k, _), e in self._entries.items() if k == kind]
 
     def names(self, kind: str) -> list[str]:
         return sorted(name for k, name in self._entries if k == kind)

@@ -95,9 +95,13 @@ def _gguf_block_count(path: str) -> int | None:
 
 
 def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), registry=None,
-             check_files: bool = True) -> Plan:  # fmt: skip
-    """Check a recipe against the registry, the method, the model and the data files."""
-    from prunekit.data import locate_corpus
+             check_files: bool = True, model=None) -> Plan:  # fmt: skip
+    """Check a recipe against the registry, the method, the model and the data files.
+
+    :param model: an already loaded model (``prunekit.prune``): its depth is used and
+        ``model.id`` is not looked up.
+    """
+    from prunekit.data import locate_calibration_corpus, locate_corpus
     from prunekit.registry import get_registry
 
     if not isinstance(loaded, LoadedRecipe):
@@ -126,9 +130,9 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
                                f"{', '.join(method_cls.slots) or '(none)'}")  # fmt: skip
         if slot not in method_cls.slots:
             continue
-        name = cfg.name if cfg is not None else method_cls.slots[slot]
+        name = cfg.name if cfg is not None and cfg.name else method_cls.slots[slot]
         options = cfg.options if cfg is not None else {}
-        where = loaded.where(("method", slot, "name") if cfg is not None else ("method", "name"))
+        where = loaded.where(("method", slot) if cfg is not None else ("method", "name"))
         components[slot] = registry.create(slot, name, options, where=where)
         comp_entry = registry.get(slot, name)
         component_info[slot] = {"name": name, "plugin": comp_entry.plugin, "options": options}
@@ -142,10 +146,13 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
     )
 
     # the model, and what depends on its depth
-    try:
-        num_layers = _num_layers(recipe.model.id)
-    except ModelError as exc:
-        raise loaded.error(("model", "id"), str(exc)) from None
+    if model is not None:
+        num_layers = resolve_adapter(model, registry).num_layers
+    else:
+        try:
+            num_layers = _num_layers(recipe.model.id)
+        except ModelError as exc:
+            raise loaded.error(("model", "id"), str(exc)) from None
     if num_layers is not None:
         bad = [i for i in m.skip_layers if i >= num_layers]
         if bad:
@@ -178,12 +185,20 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
         c = recipe.calibration
         if method_cls.uses_calibration:
             try:
-                plan.calibration_source = locate_corpus(c.dataset, c.split, c.path, c.text_field,
-                                                        data_dir=data_dir)  # fmt: skip
+                plan.calibration_source = locate_calibration_corpus(
+                    c.dataset, c.split, c.path, c.text_field, data_dir=data_dir
+                )
             except DataError as exc:
                 key = ("calibration", "path" if c.path else "dataset")
                 raise loaded.error(key, str(exc)) from None
+        labels: dict[str, int] = {}
         for i, p in enumerate(recipe.evaluation.perplexity):
+            if p.label in labels:
+                raise loaded.error(("evaluation", "perplexity", i),
+                                   f"entry {i} has the same label {p.label!r} as entry "
+                                   f"{labels[p.label]}: their metrics would overwrite each other; "
+                                   "evaluate each dataset/split once")  # fmt: skip
+            labels[p.label] = i
             try:
                 plan.perplexity_sources.append(
                     locate_corpus(p.dataset, p.split, p.path, p.text_field, data_dir=data_dir)
@@ -232,10 +247,10 @@ class PruneContext:
         if self.calibration_windows_override is not None:
             return self.calibration_windows_override
         if self._windows is None:
-            from prunekit.data import calibration_windows, locate_corpus
+            from prunekit.data import calibration_windows, locate_calibration_corpus
 
             c = self.recipe.calibration
-            source = self.calibration_source or locate_corpus(
+            source = self.calibration_source or locate_calibration_corpus(
                 c.dataset, c.split, c.path, c.text_field, data_dir=self.recipe.data_dir
             )
             self.calibration_source = source
@@ -293,10 +308,9 @@ def resolve_adapter(model, registry=None) -> ModelAdapter:
 
     registry = registry or get_registry()
     names = registry.names("adapter")
-    for name in names:
-        cls = registry.get("adapter", name).factory
-        if cls.supports(model):
-            return cls(model)
+    for entry in registry.entries("adapter"):  # registration order: first match wins
+        if entry.factory.supports(model):
+            return entry.factory(model)
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     raise ModelError(
         f"no model adapter supports model type {model_type!r}; registered adapters: "
@@ -510,7 +524,7 @@ def prune(model, tokenizer=None, method: str = "dense", ratio: float = 0.0,
     if isinstance(calibration, dict):
         data["calibration"] = calibration
     loaded = load_recipe(data)
-    plan = validate(loaded, check_files=not isinstance(calibration, torch.Tensor))
+    plan = validate(loaded, check_files=not isinstance(calibration, torch.Tensor), model=model)
     if isinstance(calibration, torch.Tensor):
         plan.calibration_source = None
     _seed_everything(seed)

@@ -121,7 +121,7 @@ class AdapterConformance:
     def _layer_io(self, model, index: int):
         """Input and output of decoder layer ``index`` for a random batch, via hooks."""
         captured = {}
-        layer = model.model.layers[index]
+        layer = self.adapter_class(model).decoder_layers[index]
 
         def hook(module, args, kwargs, output):
             captured["args"], captured["kwargs"] = args, kwargs

@@ -125,3 +125,20 @@ def test_cli_validate_errors_exit_2_and_write_nothing(tmp_path, capsys, monkeypa
     assert main(["apply", str(ROOT / "recipes/dense_smollm2.yaml"), "--set", "method.ratio=1.5",
                  "--output", str(tmp_path / "o2")]) == 2  # fmt: skip
     assert not (tmp_path / "o2").exists()
+
+
+def test_set_error_below_a_slot_points_at_the_override():
+    with pytest.raises(RecipeError, match=r"--set method.metric.power=2"):
+        validate(load_recipe(ROOT / "recipes/dense_smollm2.yaml", ["method.name=pp",
+                                                                  "method.metric.power=2"]))  # fmt: skip
+
+
+def test_duplicate_perplexity_labels_rejected():
+    entries = [{"dataset": "wikitext2"}, {"dataset": "wikitext2"}]
+    with pytest.raises(RecipeError, match="same label 'wikitext2'"):
+        validate(load_recipe({"evaluation": {"perplexity": entries}}))
+
+
+def test_c4_calibration_defaults_to_the_train_carve_out():
+    plan = validate(load_recipe(None, ["method.name=pp", "method.ratio=0.2"]))
+    assert plan.calibration_source.dataset == "c4" and plan.calibration_source.split == "train"

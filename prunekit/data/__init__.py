@@ -13,6 +13,7 @@ from prunekit.data.corpora import (
     corpus_text,
     eval_windows,
     load_documents,
+    locate_calibration_corpus,
     locate_corpus,
     source_sha256,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "corpus_text",
     "eval_windows",
     "load_documents",
+    "locate_calibration_corpus",
     "locate_corpus",
     "source_sha256",
 ]

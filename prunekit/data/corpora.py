@@ -881,3 +881,20 @@ def calibration_windows(
         j = int(torch.randint(0, int(ids.numel()) - seq_len, (1,), generator=gen))
         out[s] = ids[j : j + seq_len]
     return out
+
+
+def locate_calibration_corpus(
+    dataset: str | None = None,
+    split: str | None = None,
+    path: str | os.PathLike[str] | None = None,
+    text_field: str = "text",
+    data_dir: str | os.PathLike[str] | None = None,
+) -> CorpusSource:
+    """:func:`locate_corpus` for calibration: without a split, the dataset's calibration split.
+
+    For ``c4`` that is ``train`` (documents 1000-1999 of the local file), so calibration never
+    overlaps the ``validation`` documents used for evaluation.
+    """
+    if split is None and dataset is not None and path is None:
+        split = _resolve_dataset_id(dataset).calibration_split
+    return locate_corpus(dataset, split, path, text_field, data_dir=data_dir)
