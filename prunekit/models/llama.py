@@ -169,16 +169,34 @@ class LlamaLayerAdapter(LayerAdapter):
 
     @property
     def is_gqa(self) -> bool:
+        """Whether K/V heads are shared (never pruned); true for a physically pruned GQA layer."""
+        kv_index = getattr(self.attn, "kv_index", None)
+        if kv_index is not None:
+            return self.k_proj_heads != kv_index.numel() or bool(
+                (kv_index != torch.arange(kv_index.numel(), device=kv_index.device)).any()
+            )
         return self.num_kv_heads != self.num_heads
+
+    @property
+    def k_proj_heads(self) -> int:
+        return self.attn.k_proj.out_features // self.head_dim
+
+    def kv_heads_of(self, heads: torch.Tensor) -> torch.Tensor:
+        """The KV head each of the query ``heads`` attends with."""
+        kv_index = getattr(self.attn, "kv_index", None)
+        if kv_index is not None:
+            return kv_index.index_select(0, heads.to(kv_index.device))
+        return heads // (self.num_heads // self.num_kv_heads)
 
     # -- gathering -------------------------------------------------------------------------
     def attention_weights(self, kept_heads: torch.Tensor | None) -> AttentionWeights:
         a = self.attn
         if kept_heads is None:
-            groups = self.num_heads // self.num_kv_heads
             kv_index = None
-            if groups > 1:
-                kv_index = torch.arange(self.num_heads, device=a.q_proj.weight.device) // groups
+            if self.is_gqa:
+                kv_index = self.kv_heads_of(
+                    torch.arange(self.num_heads, device=a.q_proj.weight.device)
+                )
             return AttentionWeights(
                 a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
                 _bias(a.q_proj), _bias(a.k_proj), _bias(a.v_proj), _bias(a.o_proj),
@@ -191,7 +209,7 @@ class LlamaLayerAdapter(LayerAdapter):
         o = a.o_proj.weight.index_select(1, rows)
         if self.is_gqa:  # K/V are shared by a group of query heads: never pruned
             k, v, kb, vb = a.k_proj.weight, a.v_proj.weight, _bias(a.k_proj), _bias(a.v_proj)
-            kv_index = kept_heads // (self.num_heads // self.num_kv_heads)
+            kv_index = self.kv_heads_of(kept_heads)
         else:
             k, v = a.k_proj.weight.index_select(0, rows), a.v_proj.weight.index_select(0, rows)
             kb = a.k_proj.bias.index_select(0, rows) if a.k_proj.bias is not None else None
