@@ -322,6 +322,14 @@ class Method(ABC):
         """
         return []
 
+    @classmethod
+    def check_state(cls, path: str, recipe: Any) -> None:
+        """Raise :class:`prunekit.errors.StateError` if the saved state at ``path`` cannot be
+        used by this recipe (called by ``validate`` for ``method.state.load``)."""
+        from prunekit.errors import StateError
+
+        raise StateError(f"method {cls.name!r} has no saved state to load")
+
     def statistics(self) -> list[CalibrationStatistic]:
         """Calibration statistics this method needs (collected and cached by the runner)."""
         stat = self.components.get("statistic")

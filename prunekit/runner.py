@@ -27,7 +27,14 @@ from prunekit.components import (
     ModelAdapter,
     PruneOutcome,
 )
-from prunekit.errors import DataError, ModelError, PrunekitError, RecipeError, did_you_mean
+from prunekit.errors import (
+    DataError,
+    ModelError,
+    PrunekitError,
+    RecipeError,
+    StateError,
+    did_you_mean,
+)
 from prunekit.progress import info
 from prunekit.pruning.allocation import per_layer_ratio
 from prunekit.recipe import LoadedRecipe, Recipe, dump_recipe, load_recipe
@@ -210,6 +217,11 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
             raise loaded.error(("method", "state", "load"),
                                f"saved state {m.state.load!r} not found: give the directory "
                                f"written by a run with output.save_model: true")  # fmt: skip
+        if m.state.load:
+            try:
+                method_cls.check_state(m.state.load, recipe)
+            except StateError as exc:
+                raise loaded.error(("method", "state", "load"), str(exc)) from None
     return plan
 
 
@@ -528,12 +540,15 @@ def prune(model, tokenizer=None, method: str = "dense", ratio: float = 0.0,
     if isinstance(calibration, torch.Tensor):
         plan.calibration_source = None
     _seed_everything(seed)
+    from prunekit.models.loading import model_fingerprint
+
+    # the fingerprint keys the calibration cache, so notebooks share statistics across calls
+    info = {"fingerprint": model_fingerprint(model)} if plan.method_cls.uses_calibration else {}
     ctx = PruneContext(model=model, tokenizer=tokenizer, adapter=resolve_adapter(model),
-                       settings=plan.settings, recipe=loaded.recipe,
+                       settings=plan.settings, recipe=loaded.recipe, model_info=info,
                        calibration_source=plan.calibration_source,
                        calibration_windows_override=calibration
-                       if isinstance(calibration, torch.Tensor) else None,
-                       use_cache=False)  # fmt: skip
+                       if isinstance(calibration, torch.Tensor) else None)  # fmt: skip
     if tokenizer is None and method_needs_tokenizer(plan, calibration):
         raise RecipeError("prune(): give a tokenizer, or calibration windows as a tensor")
     return plan.method_cls(plan.settings, plan.components).prune(ctx)

@@ -213,6 +213,12 @@ class ProbePruning(Method):
                     )
         return problems
 
+    @classmethod
+    def check_state(cls, path: str, recipe) -> None:
+        if "history" not in cls.slots:
+            raise StateError(f"method {cls.name!r} keeps no history, so it has no state to load")
+        check_state_meta(read_state_meta(path), path, recipe.model.id, cls.name)
+
     def statistics(self):
         return [self.components["statistic"]] if self.uses_history else []
 
