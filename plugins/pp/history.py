@@ -13,17 +13,75 @@ import torch
 
 
 def position_means(x, token_mask, position_ids, positions: int):
-    """(mean of x² per true position [positions, K], count per position [positions])."""
-    xf = x.float()
+    """Mean of x² over the real tokens at each true position.
+
+    :returns: ``(rows, means)``: the positions present in the batch (``[P]``, below
+        ``positions``) and their mean squares (``[P, K]``, fp32).
+
+    Fast path (no padding, or right padding): column ``t`` holds position ``t`` for every real
+    token, so the means are one masked reduction over the batch, computed in fp32 without an
+    fp32 copy of ``x``. Otherwise (left padding) tokens are scattered by position.
+    """
+    bsz, seq, k = x.shape
+    columns = torch.arange(seq, device=x.device)
+    if bool(((position_ids == columns) | ~token_mask).all()):
+        counts = token_mask.sum(0)
+        sums = _batch_sum_of_squares(x, None if bool(token_mask.all()) else token_mask)
+        present = (counts > 0) & (columns < positions)
+        rows = present.nonzero().flatten()
+        return rows, sums[rows] / counts[rows].unsqueeze(-1)
     real = token_mask.reshape(-1)
     pos = position_ids.reshape(-1)[real]
     keep = pos < positions  # positions beyond the history are ignored
     pos = pos[keep]
-    sq = xf.reshape(-1, xf.shape[-1])[real][keep].square()
-    sums = torch.zeros(positions, xf.shape[-1], dtype=torch.float32, device=x.device)
+    sq = x.reshape(-1, k)[real][keep].float().square()
+    sums = torch.zeros(positions, k, dtype=torch.float32, device=x.device)
     sums.index_add_(0, pos, sq)
-    counts = torch.bincount(pos, minlength=positions).to(torch.float32)
-    return sums / counts.clamp(min=1).unsqueeze(-1), counts
+    counts = torch.bincount(pos, minlength=positions)
+    rows = (counts > 0).nonzero().flatten()
+    return rows, sums[rows] / counts[rows].unsqueeze(-1).to(torch.float32)
+
+
+def _batch_sum_of_squares(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``Σ_b x[b]²`` in fp32, [T, K].
+
+    A loop of fused ``addcmul_`` over the batch rows: on CPU about 10x faster than
+    ``x.float().square().sum(0)`` (no full-size fp32 temporary, contiguous reads), which
+    matters because it runs for every pruned block of every batch.
+    """
+    acc = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
+    for b in range(x.shape[0]):
+        row = x[b].float()
+        if mask is not None:
+            row = row * mask[b].unsqueeze(-1)
+        acc.addcmul_(row, row)
+    return acc
+
+
+def _columns(history, kept):
+    return kept if kept is not None else torch.arange(history.shape[1], device=history.device)
+
+
+def _contiguous_rows(rows: torch.Tensor) -> int | None:
+    """``n`` if ``rows`` is ``0..n-1`` (the common case), else None."""
+    n = rows.numel()
+    if n and int(rows[-1]) == n - 1:
+        return n
+    return None
+
+
+def _read(history, rows, cols):
+    n = _contiguous_rows(rows)
+    base = history[:n] if n is not None else history.index_select(0, rows)
+    return base.index_select(1, cols)
+
+
+def _write(history, rows, cols, values) -> None:
+    n = _contiguous_rows(rows)
+    if n is not None:
+        history[:n].index_copy_(1, cols, values)
+    else:
+        history[rows[:, None], cols[None, :]] = values
 
 
 class Ema:
@@ -41,15 +99,17 @@ class Ema:
         return {}
 
     def update(self, history, state, kept, x, token_mask, position_ids) -> None:
-        means, counts = position_means(x, token_mask, position_ids, history.shape[0])
-        rows = (counts > 0).nonzero().flatten()
+        rows, means = position_means(x, token_mask, position_ids, history.shape[0])
         if rows.numel() == 0:
             return
-        cols = kept if kept is not None else torch.arange(history.shape[1], device=x.device)
-        block = history[rows][:, cols]
-        history[rows[:, None], cols[None, :]] = (
-            self.momentum * block + (1 - self.momentum) * means[rows]
-        )
+        cols = _columns(history, kept)
+        block = _read(history, rows, cols)
+        _write(history, rows, cols, block.mul_(self.momentum).add_(means, alpha=1 - self.momentum))
+
+
+def _token_counts(token_mask, position_ids, positions: int) -> torch.Tensor:
+    pos = position_ids[token_mask]
+    return torch.bincount(pos[pos < positions], minlength=positions).to(torch.float32)
 
 
 class RunningMean:
@@ -64,17 +124,16 @@ class RunningMean:
                                     dtype=torch.float32, device=history.device)}  # fmt: skip
 
     def update(self, history, state, kept, x, token_mask, position_ids) -> None:
-        means, counts = position_means(x, token_mask, position_ids, history.shape[0])
-        rows = (counts > 0).nonzero().flatten()
+        rows, means = position_means(x, token_mask, position_ids, history.shape[0])
         if rows.numel() == 0:
             return
-        cols = kept if kept is not None else torch.arange(history.shape[1], device=x.device)
-        n = state["count"][rows][:, cols]
-        c = counts[rows].unsqueeze(-1)
-        history[rows[:, None], cols[None, :]] = (history[rows][:, cols] * n + means[rows] * c) / (
-            n + c
+        counts = _token_counts(token_mask, position_ids, history.shape[0])[rows].unsqueeze(-1)
+        cols = _columns(history, kept)
+        n = _read(state["count"], rows, cols)
+        _write(
+            history, rows, cols, (_read(history, rows, cols) * n + means * counts) / (n + counts)
         )
-        state["count"][rows[:, None], cols[None, :]] = n + c
+        _write(state["count"], rows, cols, n + counts)
 
 
 class Frozen:

@@ -140,7 +140,7 @@ class PPController:
     def observe(self, layer, group, kept, activations, batch) -> None:
         key = (layer.index, group)
         channels = None if kept is None else layer.unit_channels(group, kept)
-        with torch.no_grad():
+        with torch.no_grad(), self.timers("history", activations.device):
             self.history_policy.update(self.history[key], self.history_state.get(key, {}),
                                        channels, activations, batch.token_mask,
                                        batch.position_ids)  # fmt: skip

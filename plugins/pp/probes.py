@@ -70,7 +70,8 @@ class ResidualRank:
         return torch.topk(score, k, sorted=False).indices.sort().values
 
     def __call__(self, rank_source: torch.Tensor, token_mask: torch.Tensor):
-        s = torch.where(token_mask, rank_source.float().norm(dim=-1), 0.0)
+        norms = torch.linalg.vector_norm(rank_source, dim=-1, dtype=torch.float32)
+        s = torch.where(token_mask, norms, 0.0)
         if self.order == "seq_first":
             cols = self._cols(s, token_mask.any(0))
             sub = s[:, cols]

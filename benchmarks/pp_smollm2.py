@@ -1,0 +1,211 @@
+"""Probe Pruning on SmolLM2-135M-Instruct (CPU): runtime and quality, in one process.
+
+Runtime: for each dtype and ratio, dense vs ``pp`` vs a static model with the same kept
+counts (physically sliced), timed on the same WikiText-2 batches of 20 x 512, warm-up
+excluded, rounds interleaved so that drift hits every model alike.
+Quality: WikiText-2 perplexity of dense, pp, pp-fullbatch and pp-history at each ratio.
+
+    python benchmarks/pp_smollm2.py                 # the committed results (about 45 min)
+    python benchmarks/pp_smollm2.py --quick         # smoke test, a few minutes
+
+Writes benchmarks/results/pp_smollm2.json and benchmarks/pp_smollm2.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import prunekit
+from prunekit.components import ATTN, MLP, Allocation
+from prunekit.data import eval_windows, locate_corpus
+from prunekit.evaluation.perplexity import perplexity
+from prunekit.evaluation.runtime import time_batches, time_pruned
+from prunekit.models.loading import load_model
+from prunekit.pruning.static import slice_model
+from prunekit.runner import resolve_adapter
+
+HERE = Path(__file__).resolve().parent
+CALIBRATION = {"dataset": "c4", "samples": 128, "seq_len": 512, "batch_size": 16}
+
+
+def static_like(clone, structure):
+    """``clone`` (a copy of the dense model) physically sliced to ``structure``'s kept counts."""
+    adapter = resolve_adapter(clone)
+    allocation = Allocation()
+    for row, layer in zip(structure, adapter.layers(), strict=True):
+        if row["heads"] < layer.num_heads:
+            allocation.kept[(layer.index, ATTN)] = torch.arange(row["heads"])
+        if row["channels"] < layer.intermediate_size:
+            allocation.kept[(layer.index, MLP)] = torch.arange(row["channels"])
+    slice_model(adapter, allocation)
+    return clone
+
+
+def runtime_block(model, tokenizer, batches, ratio, rounds, warmup):
+    clone = copy.deepcopy(model)
+    outcome = prunekit.prune(model, tokenizer, method="pp", ratio=ratio, calibration=CALIBRATION)
+    pp_model = outcome.model
+    static = static_like(clone, outcome.structure)
+    times = {"dense": [], "pp": [], "static": []}
+    overheads = []
+    with pp_model.dense():
+        time_batches(pp_model, batches[:1], warmup)  # warm every code path once
+    time_batches(static, batches[:1], warmup)
+    for _ in range(rounds):
+        with pp_model.dense():
+            times["dense"] += time_batches(pp_model, batches, warmup=0)
+        t, overhead = time_pruned(pp_model, batches, warmup=0)
+        times["pp"] += t
+        overheads.append(overhead)
+        times["static"] += time_batches(static, batches, warmup=0)
+    fraction = pp_model.controller.probe_flops_fraction(*batches[0].shape)
+    pp_model.remove()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    overhead = {k: statistics.median(o[k] for o in overheads) for k in overheads[0]}
+    return {
+        "ratio": ratio,
+        "structure_sample": outcome.structure[3],
+        "params_kept_fraction": outcome.params_kept / sum(p.numel() for p in model.parameters()),
+        "s_per_batch": med,
+        "spread": {k: [min(v), max(v)] for k, v in times.items()},
+        "pp_vs_dense": med["pp"] / med["dense"],
+        "static_vs_dense": med["static"] / med["dense"],
+        "pp_vs_static": med["pp"] / med["static"],
+        "pp_overhead_s_per_batch": overhead,
+        "pp_overhead_fraction": sum(overhead.values()) / med["pp"],
+        "probe_flops_fraction": fraction,
+    }
+
+
+def quality_block(model, tokenizer, windows, ratios, methods, batch_size):
+    rows = [{"method": "dense", "ratio": 0.0,
+             **perplexity(model, windows, batch_size, description="dense")}]  # fmt: skip
+    for ratio in ratios:
+        for method in methods:
+            outcome = prunekit.prune(model, tokenizer, method=method, ratio=ratio,
+                                     calibration=CALIBRATION)  # fmt: skip
+            try:
+                result = perplexity(outcome.model, windows, batch_size, description=method)
+            finally:
+                outcome.model.remove()
+            rows.append({"method": method, "ratio": ratio, **result})
+            print(f"  {method} r={ratio}: ppl {result['ppl']:.3f}", file=sys.stderr, flush=True)
+    return rows
+
+
+def markdown(report) -> str:
+    s = report["settings"]
+    lines = [
+        "# Probe Pruning on SmolLM2-135M-Instruct (CPU)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}; torch {report['torch']}, {torch.get_num_threads()} threads.  ",
+        f"Model: {report['model']}. Batches of {s['batch'][0]} x {s['batch'][1]} tokens from "
+        f"WikiText-2 test; calibration {CALIBRATION['samples']} C4 windows of "
+        f"{CALIBRATION['seq_len']} (train carve-out).  ",
+        f"Timing: {s['rounds']} interleaved rounds x {s['timing_batches']} batches per model, "
+        "warm-up excluded, median seconds per batch; the static model has PP's kept counts, "
+        "physically sliced.",
+        "",
+        "## Runtime",
+        "",
+        "| dtype | ratio | dense s/batch | pp s/batch | static s/batch | pp/dense | static/dense "
+        "| pp/static | PP overhead | probe FLOPs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for dtype, blocks in report["runtime"].items():
+        for b in blocks:
+            t = b["s_per_batch"]
+            lines.append(
+                f"| {dtype} | {b['ratio']} | {t['dense']:.2f} | {t['pp']:.2f} | "
+                f"{t['static']:.2f} | {b['pp_vs_dense']:.3f} | {b['static_vs_dense']:.3f} | "
+                f"{b['pp_vs_static']:.3f} | {100 * b['pp_overhead_fraction']:.2f}% | "
+                f"{100 * b['probe_flops_fraction']:.2f}% |"
+            )
+    lines += ["", "PP overhead per batch (seconds): " + "; ".join(
+        f"{dtype} r={b['ratio']}: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                               sorted(b['pp_overhead_s_per_batch'].items()))
+        for dtype, blocks in report["runtime"].items() for b in blocks), ""]  # fmt: skip
+    q = report.get("quality")
+    if q:
+        lines += [
+            "## Quality",
+            "",
+            f"WikiText-2 test perplexity, {q['windows']} consecutive windows of "
+            f"{q['seq_len']} tokens, batch {q['batch_size']}, {q['dtype']}.",
+            "",
+            "| method | ratio | perplexity |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {r['method']} | {r['ratio']} | {r['ppl']:.3f} |" for r in q["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
+    parser.add_argument("--timing-batches", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quality-windows", type=int, default=80)
+    parser.add_argument("--quality-dtype", default="float32")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run, not a result")
+    parser.add_argument("--out", default=str(HERE / "results" / "pp_smollm2.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.dtypes, args.ratios, args.timing_batches, args.rounds = ["bfloat16"], [0.4], 1, 1
+        args.quality_windows, args.quality_dtype = 20, "bfloat16"
+        CALIBRATION["samples"] = 16
+    torch.manual_seed(0)
+    report = {
+        "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+                   f"torch threads, {platform.platform()}",
+        "torch": torch.__version__,
+        "prunekit": prunekit.__version__,
+        "settings": {"batch": [20, 512], "timing_batches": args.timing_batches,
+                     "rounds": args.rounds, "calibration": CALIBRATION},
+        "runtime": {},
+    }  # fmt: skip
+    started = time.time()
+    for dtype in args.dtypes:
+        loaded = load_model("smollm2-135m-instruct", dtype=dtype)
+        report["model"] = loaded.info["name"]
+        source = locate_corpus("wikitext2", "test")
+        windows = eval_windows(loaded.tokenizer, source, 512, 20 * args.timing_batches)
+        batches = list(torch.split(windows, 20))
+        report["runtime"][dtype] = []
+        for ratio in args.ratios:
+            print(f"runtime {dtype} ratio {ratio}", file=sys.stderr, flush=True)
+            report["runtime"][dtype].append(
+                runtime_block(loaded.model, loaded.tokenizer, batches, ratio, args.rounds, 1)
+            )
+        if dtype == args.quality_dtype and args.quality_windows:
+            windows = eval_windows(loaded.tokenizer, source, 512, args.quality_windows)
+            report["quality"] = {
+                "dtype": dtype, "windows": args.quality_windows, "seq_len": 512,
+                "batch_size": 20,
+                "rows": quality_block(loaded.model, loaded.tokenizer, windows, args.ratios,
+                                      ["pp", "pp-fullbatch", "pp-history"], 20),
+            }  # fmt: skip
+        del loaded
+    report["elapsed_s"] = time.time() - started
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if not args.quick:
+        (HERE / "pp_smollm2.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
