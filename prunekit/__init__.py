@@ -5,6 +5,7 @@ Public API (imported lazily so that ``import prunekit`` stays cheap)::
     import prunekit
     result = prunekit.apply("recipes/pp_smollm2.yaml")             # recipe -> results dict
     outcome = prunekit.prune(model, tokenizer, method="wanda-sp", ratio=0.4)
+    model = prunekit.load_pruned("runs/wanda-sp/model")          # any per-layer shapes
 
 Plugin authors use :data:`hookimpl` (see :mod:`prunekit.hookspecs`).
 """
@@ -18,13 +19,26 @@ from prunekit.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = ["PrunekitError", "__version__", "apply", "hookimpl", "prune", "validate"]
+__all__ = [
+    "PrunekitError",
+    "__version__",
+    "apply",
+    "hookimpl",
+    "load_pruned",
+    "prune",
+    "validate",
+]
 
 if TYPE_CHECKING:
+    from prunekit.pruning.static import load_pruned
     from prunekit.runner import apply, prune, validate
 
 
 def __getattr__(name: str):
+    if name == "load_pruned":
+        from prunekit.pruning.static import load_pruned
+
+        return load_pruned
     if name in ("apply", "prune", "validate"):
         from prunekit import runner
 

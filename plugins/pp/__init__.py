@@ -3,7 +3,7 @@
 Registered: probes ``residual_rank``, ``random``, ``full_batch``; fusions
 ``importance_scaled``, ``fixed_ratio``, ``probe_only``, ``history_only``; histories ``ema``,
 ``running_mean``, ``frozen``; metric ``pp_score``; methods ``pp``, ``pp-fullbatch``,
-``pp-history``. Uses only prunekit's public API, like any third-party plugin.
+``pp-history``, ``pp-calib`` (static). Uses only prunekit's public API, like any third-party plugin.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from prunekit import hookimpl
 
 from .fusion import FixedRatio, HistoryOnly, ImportanceScaled, ProbeOnly
 from .history import Ema, Frozen, RunningMean
-from .method import FullBatchProbing, ProbePruning
+from .method import CalibrationOnly, FullBatchProbing, ProbePruning
 from .method import HistoryOnly as HistoryOnlyMethod
 from .metric import PPScore
 from .probes import FullBatch, RandomProbe, ResidualRank
@@ -50,3 +50,4 @@ def prunekit_register_methods(register):
     register("pp", ProbePruning)
     register("pp-fullbatch", FullBatchProbing)
     register("pp-history", HistoryOnlyMethod)
+    register("pp-calib", CalibrationOnly)

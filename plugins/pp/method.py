@@ -30,6 +30,7 @@ from prunekit.components import ATTN, MLP, Method, PruneOutcome
 from prunekit.errors import RecipeError, StateError
 from prunekit.pruning.allocation import top_units
 from prunekit.pruning.dynamic import DynamicModel, Timers
+from prunekit.pruning.static import StaticMethod
 
 MODES = ("sync", "async_intra")
 STATE_FORMAT = "prunekit-dynamic-state"
@@ -286,6 +287,15 @@ class HistoryOnly(ProbePruning):
     slots = {"statistic": "sq_mean", "history": "ema", "metric": "pp_score",
              "allocator": "uniform"}  # fmt: skip
     option_defaults = {}
+
+
+class CalibrationOnly(StaticMethod):
+    """PP's score on the calibration statistics only (``S_j = Σ_t H[t, j]``), decided once and
+    pruned physically like the other static methods (the calibration-only ablation)."""
+
+    name = "pp-calib"
+    slots = {"statistic": "sq_mean", "metric": "pp_score", "allocator": "uniform",
+             "compensator": "none"}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------

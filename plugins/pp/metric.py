@@ -4,7 +4,9 @@
 * attention head ``h``: ``sqrt(Σ_{j ∈ h} S_j² Σ_i W_o[i, j]⁴)``
 
 The weight factor ``c_j = sqrt(Σ_i W_ij⁴)`` is computed once per layer (fp32); per decision
-only ``S · c`` and, for heads, an L2 norm per head remain.
+only ``S · c`` and, for heads, an L2 norm per head remain. The scorer takes the fused
+``{"S": [D]}`` (dynamic PP) or calibration statistics ``{"sq_mean": [T, D]}`` (pp-calib,
+``S_j = Σ_t H[t, j]``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ class PPScore:
         width = layer.unit_width(group)
 
         def score(stats: dict[str, torch.Tensor]) -> torch.Tensor:
-            v = stats["S"].to(factor.device).float() * factor
+            # per batch: the fused S; from calibration (pp-calib): S_j = Σ_t H[t, j]
+            S = stats["S"] if "S" in stats else stats["sq_mean"].sum(0)
+            v = S.to(factor.device).float() * factor
             if group == ATTN:
                 return v.view(-1, width).norm(dim=1)
             return v

@@ -23,25 +23,14 @@ from torch import nn
 
 from prunekit.components import ATTN, LayerAdapter, ModelAdapter
 from prunekit.hookspecs import hookimpl
+from prunekit.models.pruned_llama import (  # noqa: F401 - re-exported
+    AttentionWeights,
+    KernelModule,
+    apply_rope,
+    attention_forward,
+)
 
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "smollm2", "granite"}
-
-
-@dataclass
-class AttentionWeights:
-    """Gathered attention weights for one kept set (biases may be None)."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    o: torch.Tensor
-    q_bias: torch.Tensor | None
-    k_bias: torch.Tensor | None
-    v_bias: torch.Tensor | None
-    o_bias: torch.Tensor | None
-    #: KV head used by each kept query head (None: one KV head per query head, in order)
-    kv_index: torch.Tensor | None
-    head_dim: int
 
 
 @dataclass
@@ -54,73 +43,10 @@ class MlpWeights:
     down_bias: torch.Tensor | None = None
 
 
-class _KernelModule:
-    """What Hugging Face's attention functions read from ``module``: K/V come pre-expanded."""
-
-    def __init__(self, config, layer_idx: int) -> None:
-        self.config = config
-        self.layer_idx = layer_idx
-        self.is_causal = True
-        self.training = False
-        self.num_key_value_groups = 1
-
-
 def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Input channels of o_proj (rows of q) owned by ``heads``, in head order."""
     offsets = torch.arange(head_dim, device=heads.device)
     return (heads[:, None] * head_dim + offsets[None, :]).reshape(-1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on ``x`` [B, H, T, d] with cos/sin [B, T, d] (Hugging Face's layout)."""
-    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
-
-
-def attention_forward(
-    x: torch.Tensor,
-    w: AttentionWeights,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    attention_mask: torch.Tensor | None,
-    kernel: _KernelModule,
-    cache=None,
-    return_o_input: bool = False,
-    **kwargs,
-):
-    """Attention of normalised input ``x`` [B, T, d] with gathered weights ``w``.
-
-    Returns the block output [B, T, d] (after o_proj), and with ``return_o_input`` also the
-    input of o_proj [B, T, kept_heads * head_dim] (what statistics and the EMA observe).
-    """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    bsz, seq = x.shape[:2]
-    hd = w.head_dim
-    q = F.linear(x, w.q, w.q_bias).view(bsz, seq, -1, hd).transpose(1, 2)
-    k = F.linear(x, w.k, w.k_bias).view(bsz, seq, -1, hd).transpose(1, 2)
-    v = F.linear(x, w.v, w.v_bias).view(bsz, seq, -1, hd).transpose(1, 2)
-    cos, sin = position_embeddings
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache is not None:
-        k, v = cache.update(k, v, kernel.layer_idx, kwargs=kwargs)
-    if w.kv_index is not None:
-        k, v = k.index_select(1, w.kv_index), v.index_select(1, w.kv_index)
-    if q.shape[1] == 0:  # every head pruned: the block contributes only its bias
-        out = torch.zeros(bsz, seq, 0, dtype=x.dtype, device=x.device)
-    else:
-        fn = ALL_ATTENTION_FUNCTIONS.get_interface(
-            kernel.config._attn_implementation, eager_attention_forward
-        )
-        kw = {k_: v_ for k_, v_ in kwargs.items() if k_ not in ("position_ids", "use_cache")}
-        out, _ = fn(kernel, q, k, v, attention_mask, dropout=0.0, scaling=hd**-0.5, **kw)
-        out = out.reshape(bsz, seq, -1).contiguous()
-    y = F.linear(out, w.o, w.o_bias)
-    return (y, out) if return_o_input else y
 
 
 def mlp_forward(x: torch.Tensor, w: MlpWeights, act, return_down_input: bool = False):
@@ -150,7 +76,7 @@ class LlamaLayerAdapter(LayerAdapter):
         self.num_kv_heads = attn.k_proj.out_features // self.head_dim
         self.hidden_size = attn.o_proj.out_features
         self.intermediate_size = mlp.down_proj.in_features
-        self.kernel = _KernelModule(config, getattr(attn, "layer_idx", index))
+        self.kernel = KernelModule(config, getattr(attn, "layer_idx", index))
 
     # -- roles -----------------------------------------------------------------------------
     @property

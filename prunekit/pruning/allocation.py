@@ -50,16 +50,47 @@ def top_units(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.topk(scores.float(), keep, sorted=False).indices.sort().values
 
 
+def as_unit_scores(scores: torch.Tensor, layer, group: str) -> torch.Tensor:
+    """Unit scores from a metric's output: channel-level attention scores summed per head."""
+    units, width = layer.units(group), layer.unit_width(group)
+    if scores.numel() == units:
+        return scores
+    if scores.numel() == units * width:
+        return scores.reshape(units, width).sum(1)
+    raise ValueError(
+        f"layer {layer.index} {group}: the metric returned {scores.numel()} scores, expected "
+        f"{units} (units) or {units * width} (channels)"
+    )
+
+
+def balanced_heads(scores: torch.Tensor, keep: int, layer) -> torch.Tensor:
+    """The top ``keep / n_kv`` query heads of every KV group (``keep`` rounded up to a
+    multiple of the KV head count), so the kept heads stay balanced across groups."""
+    groups = layer.num_kv_heads
+    per_group = layer.num_heads // groups
+    take = min(per_group, math.ceil(keep / groups))
+    by_group = scores.float().reshape(groups, per_group)
+    top = torch.topk(by_group, take, dim=1).indices.sort(dim=1).values
+    base = (torch.arange(groups, device=scores.device) * per_group).unsqueeze(1)
+    return (top + base).reshape(-1)
+
+
 class Uniform:
     """Same per-layer ratio for every non-skipped layer (attention and MLP alike).
 
     :param inflate: apply the ``L / (L - skipped)`` inflation (the reference does).
+    :param balanced_kv: with GQA, keep the same number of query heads in every KV group
+        (the kept count is rounded up to a multiple of the KV head count); with
+        ``skip_layers: []`` the pruned model then has one shape for every layer and exports as
+        a plain Hugging Face checkpoint.
     """
 
-    def __init__(self, inflate: bool = True) -> None:
-        if not isinstance(inflate, bool):
-            raise ValueError(f"inflate must be true or false, got {inflate!r}")
+    def __init__(self, inflate: bool = True, balanced_kv: bool = False) -> None:
+        for name, value in (("inflate", inflate), ("balanced_kv", balanced_kv)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
         self.inflate = inflate
+        self.balanced_kv = balanced_kv
 
     def layer_ratio(self, adapter: ModelAdapter, settings: MethodSettings) -> float:
         if not self.inflate:
@@ -76,7 +107,11 @@ class Uniform:
                 out[(layer.index, ATTN)] = layer.units(ATTN)
                 out[(layer.index, MLP)] = layer.units(MLP)
                 continue
-            out[(layer.index, ATTN)] = kept_heads(layer.num_heads, r)
+            heads = kept_heads(layer.num_heads, r)
+            if self.balanced_kv:
+                groups = layer.num_kv_heads
+                heads = min(layer.num_heads, math.ceil(heads / groups) * groups)
+            out[(layer.index, ATTN)] = heads
             out[(layer.index, MLP)] = kept_channels(layer.intermediate_size, r, settings.round_to)
         return out
 
@@ -85,7 +120,11 @@ class Uniform:
         for key, keep in self.counts(adapter, settings).items():
             layer = adapter.layers()[key[0]]
             if keep < layer.units(key[1]) and key in scores:
-                allocation.kept[key] = top_units(scores[key], keep)
+                unit_scores = as_unit_scores(scores[key], layer, key[1])
+                if key[1] == ATTN and self.balanced_kv:
+                    allocation.kept[key] = balanced_heads(unit_scores, keep, layer)
+                else:
+                    allocation.kept[key] = top_units(unit_scores, keep)
         return allocation
 
 

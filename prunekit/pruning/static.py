@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prunekit.components import ATTN, MLP, Allocation, ModelAdapter
-from prunekit.models.llama import AttentionWeights, attention_forward
+from prunekit.components import ATTN, MLP, Allocation, Method, ModelAdapter, PruneOutcome
+from prunekit.hookspecs import hookimpl
+from prunekit.models.pruned_llama import PrunedLlamaAttention
 
 
 def _sub_linear(linear: nn.Linear, rows: torch.Tensor | None = None,
@@ -29,52 +30,6 @@ def _sub_linear(linear: nn.Linear, rows: torch.Tensor | None = None,
         if b is not None:
             new.bias.copy_(b)
     return new
-
-
-class PrunedLlamaAttention(nn.Module):
-    """LLaMA attention with a subset of query heads; drop-in for ``LlamaAttention``.
-
-    ``kv_index[i]`` is the KV head used by kept query head ``i``. With MHA the k/v rows are
-    pruned with their query head and ``kv_index`` is ``arange``.
-    """
-
-    def __init__(self, config, layer_idx: int, head_dim: int, q_proj: nn.Linear,
-                 k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear,
-                 kv_index: torch.Tensor) -> None:  # fmt: skip
-        super().__init__()
-        from prunekit.models.llama import _KernelModule
-
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = head_dim
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
-        self.register_buffer("kv_index", kv_index.long().clone(), persistent=True)
-        self.is_causal = True
-        self._kernel = _KernelModule(config, layer_idx)
-
-    @property
-    def num_heads(self) -> int:
-        return self.q_proj.out_features // self.head_dim
-
-    def weights(self) -> AttentionWeights:
-        identity = self.kv_index.numel() == self.k_proj.out_features // self.head_dim and bool(
-            (
-                self.kv_index == torch.arange(self.kv_index.numel(), device=self.kv_index.device)
-            ).all()
-        )
-        return AttentionWeights(
-            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
-            self.q_proj.bias, self.k_proj.bias, self.v_proj.bias, self.o_proj.bias,
-            None if identity else self.kv_index, self.head_dim,
-        )  # fmt: skip
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
-                **kwargs):  # fmt: skip
-        if cache is None and "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
-        out = attention_forward(hidden_states, self.weights(), position_embeddings,
-                                attention_mask, self._kernel, cache, **kwargs)  # fmt: skip
-        return out, None
 
 
 def slice_layer(adapter_layer, kept_heads: torch.Tensor | None,
@@ -107,8 +62,258 @@ def slice_layer(adapter_layer, kept_heads: torch.Tensor | None,
 
 
 def slice_model(adapter: ModelAdapter, allocation: Allocation) -> ModelAdapter:
-    """Apply ``allocation`` physically; returns a fresh adapter of the pruned model."""
+    """Apply ``allocation`` physically; returns a fresh adapter of the pruned model.
+
+    When anything is pruned, every layer's attention becomes a :class:`PrunedLlamaAttention`
+    (unpruned layers keep all heads, sharing their weights), so that the saved checkpoint has
+    the same module layout in every layer and each layer carries its ``kv_index``.
+    """
     for layer in adapter.layers():
         slice_layer(layer, allocation.kept.get((layer.index, ATTN)),
                     allocation.kept.get((layer.index, MLP)))  # fmt: skip
+    if allocation.kept:
+        for layer in adapter.layers():
+            attn = layer.layer.self_attn
+            if not isinstance(attn, PrunedLlamaAttention):
+                kv_index = layer.kv_heads_of(torch.arange(layer.num_heads))
+                layer.layer.self_attn = PrunedLlamaAttention(
+                    layer.config, layer.kernel.layer_idx, layer.head_dim,
+                    attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, kv_index,
+                )  # fmt: skip
     return type(adapter)(adapter.model)
+
+
+# ------------------------------------------------------------------------------------------
+# Compensation bias
+# ------------------------------------------------------------------------------------------
+
+
+def add_output_bias(layer_adapter, group: str, bias: torch.Tensor) -> None:
+    """Add ``bias`` to the output projection of ``group`` (creating the bias if absent)."""
+    block = layer_adapter.layer.self_attn if group == ATTN else layer_adapter.layer.mlp
+    name = "o_proj" if group == ATTN else "down_proj"
+    proj: nn.Linear = getattr(block, name)
+    bias = bias.to(device=proj.weight.device, dtype=proj.weight.dtype)
+    if proj.bias is None:
+        new = nn.Linear(proj.in_features, proj.out_features, bias=True,
+                        device=proj.weight.device, dtype=proj.weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            new.weight.copy_(proj.weight)
+            new.bias.copy_(bias)
+        setattr(block, name, new)
+    else:
+        with torch.no_grad():
+            proj.bias.add_(bias)
+
+
+class NoCompensation:
+    """No compensation: removed channels simply vanish."""
+
+    def __call__(self, layer, group, kept, stats):
+        return None
+
+
+# ------------------------------------------------------------------------------------------
+# The static method driver
+# ------------------------------------------------------------------------------------------
+
+
+def layer_shapes(model) -> dict:
+    """Per-layer shapes of a (possibly pruned) LLaMA-family model, for saving."""
+    from prunekit.models.pruned_llama import PrunedLlamaAttention
+
+    config = model.config
+    spec = {k: [] for k in ("num_heads", "num_kv_heads", "kv_index", "intermediate_size",
+                            "o_bias", "down_bias")}  # fmt: skip
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        hd = getattr(attn, "head_dim", config.head_dim)
+        nh, nkv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
+        if isinstance(attn, PrunedLlamaAttention):
+            kv = attn.kv_index.tolist()
+        else:
+            kv = [h // (nh // nkv) for h in range(nh)]
+        spec["num_heads"].append(nh)
+        spec["num_kv_heads"].append(nkv)
+        spec["kv_index"].append(kv)
+        spec["intermediate_size"].append(mlp.down_proj.in_features)
+        spec["o_bias"].append(attn.o_proj.bias is not None)
+        spec["down_bias"].append(mlp.down_proj.bias is not None)
+    return spec
+
+
+class StaticMethod(Method):
+    """Decide once from calibration statistics, then prune physically (smaller ``nn.Linear``).
+
+    Slots: ``statistic`` (what calibration collects), ``metric`` (unit scores), ``allocator``
+    (kept sets per layer), ``compensator`` (optional output bias for the removed channels).
+    Subclasses only set ``name`` and ``slots``; Wanda-sp, FLAP and pp-calib are built this way.
+    """
+
+    dynamic = False
+
+    def prune(self, ctx) -> PruneOutcome:
+        adapter, settings = ctx.adapter, self.settings
+        allocation = Allocation()
+        stats = {}
+        if settings.ratio > 0:
+            stat = self.components["statistic"]
+            stats = ctx.statistics([stat])[stat.name]
+            metric = self.components["metric"]
+            skip = set(settings.skip_layers)
+            scores = {}
+            for layer in adapter.layers():
+                if layer.index in skip:
+                    continue
+                for group in (ATTN, MLP):
+                    scores[(layer.index, group)] = metric.prepare(layer, group)(
+                        stats[(layer.index, group)]
+                    )
+            allocation = self.components["allocator"](scores, adapter, settings)
+        compensator = self.components.get("compensator")
+        biases = {}
+        if compensator is not None:
+            for (index, group), kept in allocation.kept.items():
+                layer = adapter.layers()[index]
+                bias = compensator(layer, group, kept, stats[(index, group)])
+                if bias is not None:
+                    biases[(index, group)] = bias
+        structure = allocation.structure(adapter)
+        pruned = slice_model(adapter, allocation)
+        for (index, group), bias in biases.items():
+            add_output_bias(pruned.layers()[index], group, bias)
+        model = ctx.model
+        if allocation.kept:
+            model.config.prunekit_layers = layer_shapes(model)
+        params = sum(p.numel() for p in model.parameters())
+
+        def save(path: str) -> None:
+            save_pruned(model, ctx.tokenizer, path, {"method": self.name, "ratio": settings.ratio,
+                                                     "structure": structure})  # fmt: skip
+
+        return PruneOutcome(model=model, dynamic=False, structure=structure, params_kept=params,
+                            save=save, extra={"flops": flops_report(adapter.model)})  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
+# Saving and reloading
+# ------------------------------------------------------------------------------------------
+
+MODELING_FILE = "modeling_prunekit_llama.py"
+
+
+def _plain_config(model, spec: dict):
+    """A standard LlamaConfig for ``spec`` if it has one shape for every layer and balanced KV
+    groups in order (so plain ``from_pretrained`` rebuilds it), else None."""
+    config = model.config
+    if len({*spec["num_heads"]}) != 1 or len({*spec["intermediate_size"]}) != 1:
+        return None
+    if len({*spec["num_kv_heads"]}) != 1:
+        return None
+    nh, nkv = spec["num_heads"][0], spec["num_kv_heads"][0]
+    if nh % nkv:
+        return None
+    if any(kv != [h // (nh // nkv) for h in range(nh)] for kv in spec["kv_index"]):
+        return None
+    hd = config.head_dim
+    if config.hidden_size % nh:  # LlamaConfig insists on hidden_size % num_attention_heads == 0
+        return None
+    data = config.to_dict()
+    for key in ("prunekit_layers", "auto_map", "_name_or_path"):
+        data.pop(key, None)
+    data.update(num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd,
+                intermediate_size=spec["intermediate_size"][0],
+                attention_bias=bool(config.attention_bias) or any(spec["o_bias"]),
+                mlp_bias=bool(config.mlp_bias) or any(spec["down_bias"]))  # fmt: skip
+    return type(config).from_dict(data)
+
+
+def _plain_model(model, config):
+    """A standard ``LlamaForCausalLM`` holding ``model``'s weights (zero biases where needed)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(".kv_index")}
+    for name, param in plain.named_parameters():
+        if name not in state and name.endswith(".bias"):
+            state[name] = torch.zeros(param.shape, dtype=model.dtype)
+    plain.load_state_dict(state, strict=False, assign=True)
+    plain.tie_weights()
+    return plain.eval()
+
+
+def save_pruned(model, tokenizer, path: str, provenance: dict) -> None:
+    """Save a (possibly pruned) model so that it reloads everywhere.
+
+    * one shape for every layer and balanced KV groups: a plain Hugging Face checkpoint
+      (``from_pretrained(path)``, no remote code);
+    * otherwise: ``config.prunekit_layers`` plus ``modeling_prunekit_llama.py`` named in
+      ``auto_map``: ``from_pretrained(path, trust_remote_code=True)``, or
+      :func:`load_pruned` (no remote code needed where prunekit is installed).
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from prunekit import __version__
+    from prunekit.models import pruned_llama
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = layer_shapes(model)
+    plain = _plain_config(model, spec)
+    if plain is not None:
+        _plain_model(model, plain).save_pretrained(out, safe_serialization=True)
+        layout = "plain"
+    else:
+        config = model.config
+        config.prunekit_layers = spec
+        config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunekitLlamaForCausalLM"}
+        try:
+            model.save_pretrained(out, safe_serialization=True)
+        finally:
+            del config.auto_map
+        shutil.copyfile(pruned_llama.__file__, out / MODELING_FILE)
+        layout = "remote_code"
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    meta = {"prunekit": __version__, "layout": layout, **provenance}
+    (out / "prunekit.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def load_pruned(path, dtype=None, device: str | None = None):
+    """Reload a model saved by prunekit (any per-layer shapes), without remote code."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.errors import ModelError
+    from prunekit.models.pruned_llama import PRUNED_LAYERS_KEY, PrunekitLlamaForCausalLM
+
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{path}: no config.json; give a directory written with "
+                         "output.save_model: true (its 'model' subdirectory)")  # fmt: skip
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    if PRUNED_LAYERS_KEY in json.loads(config_path.read_text()):
+        model = PrunekitLlamaForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def flops_report(model) -> dict:
+    """Parameters of the decoder layers and MACs per token (linear layers only)."""
+    layers = model.model.layers
+    macs = sum(m.in_features * m.out_features for layer in layers for m in layer.modules()
+               if isinstance(m, nn.Linear))  # fmt: skip
+    return {"decoder_linear_macs_per_token": macs}
+
+
+@hookimpl
+def prunekit_register_compensators(register):
+    register("none", NoCompensation, description="no compensation")

@@ -1,0 +1,189 @@
+"""Pruned LLaMA-family modelling, self-contained (imports only torch and transformers).
+
+This file is part of prunekit **and** is copied verbatim into every saved checkpoint whose
+layers have per-layer shapes, as ``modeling_prunekit_llama.py``: the checkpoint's config names
+it in ``auto_map``, so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``
+rebuilds the pruned model without prunekit installed. Keep it free of prunekit imports.
+
+Per-layer shapes live in ``config.prunekit_layers`` (lists indexed by layer):
+``num_heads`` (kept query heads), ``num_kv_heads`` (k/v heads stored), ``kv_index`` (the KV
+head of each kept query head), ``intermediate_size``, ``o_bias`` and ``down_bias`` (whether
+o_proj / down_proj carry a compensation bias).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM
+
+PRUNED_LAYERS_KEY = "prunekit_layers"
+
+
+@dataclass
+class AttentionWeights:
+    """Attention weights for one kept set (biases may be None)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_bias: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    o_bias: torch.Tensor | None
+    #: KV head used by each kept query head (None: one KV head per query head, in order)
+    kv_index: torch.Tensor | None
+    head_dim: int
+
+
+class KernelModule:
+    """What Hugging Face's attention functions read from ``module``: K/V come pre-expanded."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_causal = True
+        self.training = False
+        self.num_key_value_groups = 1
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` [B, H, T, d] with cos/sin [B, T, d] (Hugging Face's layout)."""
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+def attention_forward(x, w: AttentionWeights, position_embeddings, attention_mask,
+                      kernel: KernelModule, cache=None, return_o_input: bool = False,
+                      **kwargs):  # fmt: skip
+    """Attention of normalised input ``x`` [B, T, d] with the weights ``w``.
+
+    Runs real matmuls of the given (possibly gathered) shapes; the attention kernel is Hugging
+    Face's (``config._attn_implementation``), fed with K/V expanded to one KV head per query
+    head through ``kv_index``. Returns the block output, and with ``return_o_input`` also the
+    input of o_proj ([B, T, heads * head_dim]).
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    bsz, seq = x.shape[:2]
+    hd = w.head_dim
+    q = F.linear(x, w.q, w.q_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    k = F.linear(x, w.k, w.k_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    v = F.linear(x, w.v, w.v_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(k, v, kernel.layer_idx, kwargs=kwargs)
+    if w.kv_index is not None:
+        k, v = k.index_select(1, w.kv_index), v.index_select(1, w.kv_index)
+    if q.shape[1] == 0:  # every head pruned: the block contributes only its bias
+        out = torch.zeros(bsz, seq, 0, dtype=x.dtype, device=x.device)
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(
+            kernel.config._attn_implementation, eager_attention_forward
+        )
+        kw = {k_: v_ for k_, v_ in kwargs.items() if k_ not in ("position_ids", "use_cache")}
+        out, _ = fn(kernel, q, k, v, attention_mask, dropout=0.0, scaling=hd**-0.5, **kw)
+        out = out.reshape(bsz, seq, -1).contiguous()
+    y = F.linear(out, w.o, w.o_bias)
+    return (y, out) if return_o_input else y
+
+
+def _linear(n_in: int, n_out: int, bias: bool, like: nn.Linear | None = None) -> nn.Linear:
+    ref = like.weight if like is not None else None
+    kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+    return nn.Linear(n_in, n_out, bias=bias, **kw)
+
+
+class PrunedLlamaAttention(nn.Module):
+    """LLaMA attention with a subset of query heads; drop-in for ``LlamaAttention``.
+
+    ``kv_index[i]`` is the KV head used by kept query head ``i`` (``arange`` with MHA, where
+    k/v rows are pruned with their query head); groups may be unequal.
+    """
+
+    def __init__(self, config, layer_idx: int, head_dim: int, q_proj: nn.Linear,
+                 k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear,
+                 kv_index: torch.Tensor) -> None:  # fmt: skip
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        kv_index = kv_index.long().clone().to(q_proj.weight.device)
+        self.register_buffer("kv_index", kv_index, persistent=True)
+        self.is_causal = True
+        self._kernel = KernelModule(config, layer_idx)
+
+    @classmethod
+    def empty(cls, config, layer_idx: int, num_heads: int, num_kv_heads: int,
+              kv_index: list[int], o_bias: bool) -> PrunedLlamaAttention:  # fmt: skip
+        """Modules of the right shapes (weights are loaded afterwards)."""
+        hd = config.head_dim
+        d = config.hidden_size
+        qkv_bias = bool(getattr(config, "attention_bias", False))
+        return cls(
+            config, layer_idx, hd,
+            _linear(d, num_heads * hd, qkv_bias), _linear(d, num_kv_heads * hd, qkv_bias),
+            _linear(d, num_kv_heads * hd, qkv_bias), _linear(num_heads * hd, d, o_bias),
+            torch.tensor(kv_index, dtype=torch.long),
+        )  # fmt: skip
+
+    @property
+    def num_heads(self) -> int:
+        return self.q_proj.out_features // self.head_dim
+
+    def weights(self) -> AttentionWeights:
+        n = self.kv_index.numel()
+        identity = n == self.k_proj.out_features // self.head_dim and bool(
+            (self.kv_index == torch.arange(n, device=self.kv_index.device)).all()
+        )
+        return AttentionWeights(
+            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
+            self.q_proj.bias, self.k_proj.bias, self.v_proj.bias, self.o_proj.bias,
+            None if identity else self.kv_index, self.head_dim,
+        )  # fmt: skip
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                **kwargs):  # fmt: skip
+        if cache is None and "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        out = attention_forward(hidden_states, self.weights(), position_embeddings,
+                                attention_mask, self._kernel, cache, **kwargs)  # fmt: skip
+        return out, None
+
+
+def apply_layer_shapes(model: nn.Module, spec: dict) -> None:
+    """Give every decoder layer of ``model`` the shapes recorded in ``spec``."""
+    config = model.config
+    d = config.hidden_size
+    mlp_bias = bool(getattr(config, "mlp_bias", False))
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn = PrunedLlamaAttention.empty(
+            config, i, spec["num_heads"][i], spec["num_kv_heads"][i], spec["kv_index"][i],
+            bool(spec["o_bias"][i]) or bool(getattr(config, "attention_bias", False)),
+        )  # fmt: skip
+        inter = spec["intermediate_size"][i]
+        mlp = layer.mlp
+        mlp.gate_proj = _linear(d, inter, mlp_bias)
+        mlp.up_proj = _linear(d, inter, mlp_bias)
+        mlp.down_proj = _linear(inter, d, mlp_bias or bool(spec["down_bias"][i]))
+
+
+class PrunekitLlamaForCausalLM(LlamaForCausalLM):
+    """A LLaMA causal LM whose layers have the per-layer shapes of ``config.prunekit_layers``."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        spec = getattr(config, PRUNED_LAYERS_KEY, None)
+        if spec:
+            apply_layer_shapes(self, spec)
