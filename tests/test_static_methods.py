@@ -15,7 +15,8 @@ from prunekit.models.pruned_llama import PrunedLlamaAttention
 from prunekit.pruning.allocation import Uniform, balanced_heads
 from prunekit.testing import tiny_llama
 
-STATIC = ["wanda-sp", "pp-calib"]
+UNIFORM = ["wanda-sp", "pp-calib"]
+STATIC = [*UNIFORM, "flap"]
 
 
 def _calibration(n=8, seq=32):
@@ -40,7 +41,7 @@ def test_ratio_zero_prunes_nothing(method):
     )
 
 
-@pytest.mark.parametrize("method", STATIC)
+@pytest.mark.parametrize("method", UNIFORM)
 def test_static_prune_is_physical_with_spec_counts(method):
     model = tiny_llama(heads=6, kv_heads=2, layers=4, intermediate=96)
     params = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,214 @@
+"""FLAP (fluctuation-based adaptive structured pruning) as a prunekit plugin.
+
+* statistic ``fluctuation``: the reference's streamed Welford variant, per position and
+  channel, centred on each channel's position-averaged running mean; the first calibration
+  batch only feeds the baseline (pp-spec section 5.3).
+* metric ``flap``: ``(Σ_t fluc[t, j]) · Σ_i W_ij²`` per input channel of o_proj/down_proj
+  (channel-level scores; a head's raw score is the sum of its channels).
+* allocator ``flap_global``: per-module standardisation, head = mean of its channels' z-scores
+  (the model's real head_dim), a FLOPs weight per unit, one global inclusive threshold, then
+  the per-layer count rules.
+* compensator ``bias_mean``: adds ``W[:, removed] · mean[removed]`` to the output projection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from prunekit import hookimpl
+from prunekit.components import ATTN, MLP, Allocation
+from prunekit.pruning.allocation import kept_channels, per_layer_ratio, top_units
+from prunekit.pruning.static import StaticMethod
+
+
+class Fluctuation:
+    """Per-position running mean and Welford-style fluctuation of each input channel.
+
+    ``baseline[t, j]`` is the running mean of ``x[t, j]``; with ``μ_j = mean_t baseline[t, j]``
+    before (old) and after (new) the batch:
+    ``fluc ← fluc·(n-1)/(n+B-1) + Σ_b (x - μ_new)(x - μ_old)/(n+B)``, skipped while ``n = 0``.
+    Finalised to ``fluctuation = Σ_t fluc[t, :]`` and ``mean = mean_t baseline[t, :]``.
+    """
+
+    name = "fluctuation"
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def init(self, channels: int, positions: int) -> dict[str, torch.Tensor]:
+        return {
+            "baseline": torch.zeros(positions, channels, dtype=torch.float64),
+            "fluc": torch.zeros(positions, channels, dtype=torch.float64),
+            "n": torch.zeros((), dtype=torch.float64),
+            "seen": torch.zeros(positions, dtype=torch.bool),
+        }
+
+    def update(self, state, x, mask) -> None:
+        if not bool(mask.all()):
+            raise ValueError("the fluctuation statistic expects unpadded calibration windows")
+        x = x.double().cpu()
+        bsz, seq = x.shape[:2]
+        n = float(state["n"])
+        base = state["baseline"][:seq]
+        mu_old = base.mean(0)
+        new_base = (base * n + x.sum(0)) / (n + bsz)
+        state["baseline"][:seq] = new_base
+        state["seen"][:seq] = True
+        mu_new = new_base.mean(0)
+        if n > 0:
+            delta = ((x - mu_new) * (x - mu_old)).sum(0)
+            state["fluc"][:seq] = state["fluc"][:seq] * (n - 1) / (n + bsz - 1) + delta / (n + bsz)
+        state["n"] += bsz
+
+    def finalize(self, state) -> dict[str, torch.Tensor]:
+        seen = state["seen"]
+        return {
+            "fluctuation": state["fluc"][seen].sum(0).float(),
+            "mean": state["baseline"][seen].mean(0).float(),
+        }
+
+
+class FlapScore:
+    """``fluctuation_j · Σ_i W_ij²`` per input channel (attention: one score per channel)."""
+
+    def prepare(self, layer, group: str):
+        factor = layer.output_projection(group).weight.detach().float().square().sum(0)
+
+        def score(stats: dict[str, torch.Tensor]) -> torch.Tensor:
+            return stats["fluctuation"].to(factor.device).float() * factor
+
+        return score
+
+
+def head_flops_weight(layer, tokens: int) -> float:
+    """FLOPs of one head relative to one MLP channel: ``(T d d_h c + 2 T² d_h) / (3 T d)``,
+    ``c = 4`` (q, k, v, o) with MHA and ``2`` (q, o) with GQA, where K/V are never pruned."""
+    d, hd = layer.hidden_size, layer.head_dim
+    c = 2 if layer.num_kv_heads != layer.num_heads else 4
+    return (tokens * d * hd * c + 2 * tokens**2 * hd) / (tokens * d * 3)
+
+
+class FlapGlobal:
+    """FLAP's adaptive structure: one FLOPs-weighted threshold over every unit of every layer.
+
+    :param tokens: the sequence length in the head FLOPs weight (reference: 1024 for language
+        modelling, 100 for commonsense tasks).
+    :param inflate: prune the pooled units to the inflated ratio ``r'`` (the reference does).
+    """
+
+    def __init__(self, tokens: int = 1024, inflate: bool = True) -> None:
+        if int(tokens) < 1:
+            raise ValueError(f"tokens must be >= 1, got {tokens!r}")
+        self.tokens, self.inflate = int(tokens), bool(inflate)
+
+    @staticmethod
+    def _standardise(v: torch.Tensor) -> torch.Tensor:
+        std = v.std(unbiased=True) if v.numel() > 1 else torch.ones(())
+        return (v - v.mean()) / (std if std > 0 else 1.0)
+
+    def module_ratios(self, scores, adapter, settings) -> dict[tuple[int, str], float]:
+        """The fraction of units pruned per (layer, group) by the global threshold."""
+        units, weights, owners = [], [], []
+        for key, s in scores.items():
+            layer = adapter.layers()[key[0]]
+            z = self._standardise(s.float().flatten())
+            if key[1] == ATTN:
+                width = layer.head_dim
+                z = z.view(-1, width).mean(1) if z.numel() == layer.num_heads * width else z
+                w = head_flops_weight(layer, self.tokens)
+            else:
+                w = 1.0
+            units.append(z)
+            weights.append(torch.full_like(z, w))
+            owners += [key] * z.numel()
+        score = torch.cat(units)
+        weight = torch.cat(weights).double()
+        order = torch.argsort(score)
+        cumulative = torch.cumsum(weight[order], 0)
+        r = settings.ratio
+        if self.inflate:
+            r = per_layer_ratio(r, adapter.num_layers, settings.skip_layers)
+        target = r * float(cumulative[-1])
+        idx = int(torch.searchsorted(cumulative, torch.tensor(target, dtype=torch.float64),
+                                     right=True))  # fmt: skip
+        if r <= 0:
+            return dict.fromkeys(scores, 0.0)
+        threshold = score[order[min(idx, len(order) - 1)]]
+        pruned = score <= threshold  # inclusive, as the reference
+        out: dict[tuple[int, str], list[int]] = {key: [0, 0] for key in scores}
+        for key, flag in zip(owners, pruned.tolist(), strict=True):
+            out[key][0] += int(flag)
+            out[key][1] += 1
+        return {key: p / n for key, (p, n) in out.items()}
+
+    def __call__(self, scores, adapter, settings) -> Allocation:
+        allocation = Allocation()
+        for key, ratio in self.module_ratios(scores, adapter, settings).items():
+            layer = adapter.layers()[key[0]]
+            s = scores[key].float().flatten()
+            if key[1] == ATTN:
+                raw = s.view(layer.num_heads, -1).sum(1) if s.numel() > layer.num_heads else s
+                keep = layer.num_heads - math.floor(ratio * layer.num_heads + 1e-9)
+                keep = max(keep, 1)
+            else:
+                raw = s
+                # a module is never emptied: keep at least one channel
+                keep = max(kept_channels(layer.intermediate_size, ratio, settings.round_to), 1)
+            if keep < layer.units(key[1]):
+                allocation.kept[key] = top_units(raw, keep)
+        return allocation
+
+
+class BiasMean:
+    """FLAP's bias compensation: ``b = W[:, removed] · mean[removed]`` (the position-averaged
+    calibration mean of the removed input channels), added to the output projection."""
+
+    def __call__(self, layer, group, kept, stats):
+        mean = stats.get("mean")
+        if mean is None:
+            raise ValueError("bias_mean needs a statistic that records the channel mean "
+                             "(e.g. 'fluctuation')")  # fmt: skip
+        weight = layer.output_projection(group).weight.detach().float()
+        channels = layer.unit_channels(group, kept.to(weight.device))
+        removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+        removed[channels] = False
+        return weight[:, removed] @ mean.to(weight.device).float()[removed]
+
+
+class Flap(StaticMethod):
+    """FLAP: fluctuation metric, global FLOPs-weighted allocation, bias compensation."""
+
+    name = "flap"
+    slots = {"statistic": "fluctuation", "metric": "flap", "allocator": "flap_global",
+             "compensator": "bias_mean"}  # fmt: skip
+
+
+@hookimpl
+def prunekit_register_statistics(register):
+    register("fluctuation", Fluctuation)
+
+
+@hookimpl
+def prunekit_register_metrics(register):
+    register("flap", FlapScore)
+
+
+@hookimpl
+def prunekit_register_allocators(register):
+    register("flap_global", FlapGlobal)
+
+
+@hookimpl
+def prunekit_register_compensators(register):
+    register("bias_mean", BiasMean)
+
+
+@hookimpl
+def prunekit_register_methods(register):
+    register("flap", Flap)
+
+
+__all__ = ["BiasMean", "Flap", "FlapGlobal", "FlapScore", "Fluctuation", "MLP"]

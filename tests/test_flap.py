@@ -1,0 +1,112 @@
+"""FLAP: fluctuation statistic, metric, global allocator and bias compensation."""
+
+import pytest
+import torch
+from prunekit_plugins.flap import BiasMean, FlapGlobal, FlapScore, Fluctuation, head_flops_weight
+
+import prunekit
+from prunekit.components import ATTN, MLP, MethodSettings
+from prunekit.models.llama import LlamaAdapter
+from prunekit.testing import tiny_llama
+
+
+def test_fluctuation_by_hand():
+    stat = Fluctuation()
+    state = stat.init(channels=1, positions=1)
+    ones = torch.ones(2, 1, dtype=torch.bool)
+    stat.update(state, torch.tensor([[[1.0]], [[3.0]]]), ones)  # first batch: baseline only
+    assert float(state["fluc"].sum()) == 0 and float(state["baseline"][0, 0]) == 2.0
+    stat.update(state, torch.tensor([[[5.0]]]), torch.ones(1, 1, dtype=torch.bool))
+    # baseline (2*2 + 5)/3 = 3; fluc = 0 * 1/2 + (5-3)(5-2)/3 = 2
+    out = stat.finalize(state)
+    torch.testing.assert_close(out["fluctuation"], torch.tensor([2.0]))
+    torch.testing.assert_close(out["mean"], torch.tensor([3.0]))
+
+
+def test_flap_metric_by_hand():
+    class L:
+        def __init__(self, w):
+            self.lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            self.lin.weight.data = w
+
+        def output_projection(self, group):
+            return self.lin
+
+    W = torch.tensor([[1.0, 2.0, 0.0], [1.0, 0.0, 3.0]])
+    got = FlapScore().prepare(L(W), MLP)({"fluctuation": torch.tensor([1.0, 0.5, 2.0])})
+    torch.testing.assert_close(got, torch.tensor([2.0, 2.0, 18.0]))
+
+
+def test_head_flops_weight_matches_the_reference_192():
+    class L:
+        hidden_size, head_dim, num_heads, num_kv_heads = 4096, 128, 32, 32
+
+    assert head_flops_weight(L(), 1024) == pytest.approx(192.0)
+    L.num_kv_heads = 8  # GQA: K/V never pruned, factor 4 -> 2
+    assert head_flops_weight(L(), 1024) == pytest.approx((1024 * 4096 * 128 * 2 + 2 * 1024**2 * 128)
+                                                        / (1024 * 4096 * 3))  # fmt: skip
+
+
+def test_flap_global_allocation_on_a_constructed_case():
+    model = tiny_llama(heads=4, kv_heads=4, layers=3, intermediate=8, hidden=64)
+    adapter = LlamaAdapter(model)
+    # layer 1: MLP channels with a clear low tail; layer 2: flat MLP. Heads: layer 1 head 3 low.
+    scores = {
+        (1, MLP): torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]),
+        (2, MLP): torch.tensor([5.0, 5.1, 5.2, 5.3, 5.4, 5.5, 5.6, 5.7]),
+        (1, ATTN): torch.cat([torch.full((16,), 3.0)] * 3 + [torch.zeros(16)]),
+        (2, ATTN): torch.cat([torch.full((16,), v) for v in (1.0, 2.0, 3.0, 4.0)]),
+    }
+    alloc = FlapGlobal(tokens=8, inflate=False)
+    # z-scores (unbiased std, per module): L1 head 3 -1.719, L1 MLP zeros -1.620, L2 MLP 5.0
+    # -1.429, L2 head 0 -1.331, ...; FLOPs weight per head (8*64*16*4 + 2*64*16)/(8*64*3) = 22.67,
+    # per channel 1; total 16 + 8 * 22.67 = 197.3.
+    # r = 0.1: target 19.7 < 22.67 (the first unit) -> the threshold is L1 head 3 (inclusive)
+    r1 = alloc.module_ratios(scores, adapter, MethodSettings("flap", 0.1, [0], 1))
+    assert r1 == {(1, MLP): 0.0, (2, MLP): 0.0, (1, ATTN): 0.25, (2, ATTN): 0.0}
+    # r = 0.2: target 39.5; cumulative 22.67, 23.67, 24.67, 25.67, 48.33 -> threshold = L2 head 0
+    settings = MethodSettings("flap", 0.2, [0], 1)
+    r2 = alloc.module_ratios(scores, adapter, settings)
+    assert r2 == {(1, MLP): 0.25, (2, MLP): 0.125, (1, ATTN): 0.25, (2, ATTN): 0.25}
+    kept = alloc(scores, adapter, settings).kept
+    assert kept[(1, MLP)].tolist() == [0, 1, 2, 3, 4, 5]
+    assert kept[(2, MLP)].tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert kept[(1, ATTN)].tolist() == [0, 1, 2]  # heads ranked by their raw channel sums
+    assert kept[(2, ATTN)].tolist() == [1, 2, 3]
+    # ratio 0 keeps everything, although the reference's inclusive threshold would cut one unit
+    zero = MethodSettings(name="flap", ratio=0.0, skip_layers=[0], round_to=1)
+    assert alloc(scores, adapter, zero).kept == {}
+
+
+def test_bias_mean_by_hand():
+    class L:
+        def __init__(self, w):
+            self.lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            self.lin.weight.data = w
+
+        def output_projection(self, group):
+            return self.lin
+
+        def unit_channels(self, group, kept):
+            return kept
+
+    W = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    bias = BiasMean()(L(W), MLP, torch.tensor([1]), {"mean": torch.tensor([1.0, 10.0, -1.0])})
+    torch.testing.assert_close(bias, torch.tensor([1 - 3.0, 4 - 6.0]))
+
+
+def test_flap_ratio_zero_and_physical_with_bias():
+    model = tiny_llama(heads=6, kv_heads=2, layers=4, intermediate=96)
+    calib = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        dense = model(ids).logits
+        prunekit.prune(model, None, method="flap", ratio=0.0, calibration=calib)
+        torch.testing.assert_close(model(ids).logits, dense, atol=0, rtol=0)
+        outcome = prunekit.prune(model, None, method="flap", ratio=0.4, calibration=calib,
+                                 skip_layers=[0], round_to=1)  # fmt: skip
+        assert torch.isfinite(model(ids).logits).all()
+    pruned_layers = [r for r in outcome.structure if r["channels"] < 96 or r["heads"] < 6]
+    assert pruned_layers and outcome.structure[0] == {"layer": 0, "heads": 6, "channels": 96}
+    biased = [layer.mlp.down_proj.bias is not None for layer in model.model.layers[1:]]
+    assert any(biased)
