@@ -64,7 +64,7 @@ def test_saved_state_reloads_and_reproduces_metrics(smollm2, tmp_path, capsys):
     meta = json.loads((state / "state.json").read_text())
     assert meta["model_fingerprint"] and meta["method"] == "pp"
     assert first["runtime"]["probe_flops_fraction"] > 0
-    assert set(first["runtime"]["overhead_s_per_batch"]) == {"probe", "score", "gather"}
+    assert set(first["runtime"]["overhead_s_per_batch"]) == {"probe", "score", "gather", "history"}
     assert first["timings"]["calibration_s"] > 0
 
     assert _apply(tmp_path / "b", f"method.state.load={state}") == 0
