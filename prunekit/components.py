@@ -323,6 +323,20 @@ class Method(ABC):
         return []
 
     @classmethod
+    def layer_ratio(cls, recipe: Any, num_layers: int) -> float:
+        """The ratio a pruned layer is pruned at (validated to stay below 1).
+
+        Default: the reference's inflation ``round(L / (L - skipped) * r, 2)``.
+        """
+        from prunekit.pruning.allocation import per_layer_ratio
+
+        m = recipe.method
+        slot = m.slot("allocator")
+        if slot is not None and slot.options.get("inflate") is False:
+            return m.ratio
+        return per_layer_ratio(m.ratio, num_layers, m.skip_layers)
+
+    @classmethod
     def check_state(cls, path: str, recipe: Any) -> None:
         """Raise :class:`prunekit.errors.StateError` if the saved state at ``path`` cannot be
         used by this recipe (called by ``validate`` for ``method.state.load``)."""

@@ -168,7 +168,7 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
                                f"(0..{num_layers - 1})")  # fmt: skip
         if m.ratio > 0:
             try:
-                r = per_layer_ratio(m.ratio, num_layers, m.skip_layers)
+                r = method_cls.layer_ratio(recipe, num_layers)
             except ValueError:
                 raise loaded.error(
                     ("method", "skip_layers"), "every layer is skipped, so nothing can be pruned"

@@ -152,13 +152,18 @@ class StaticMethod(Method):
 
     dynamic = False
 
+    def calibrate(self, ctx) -> dict:
+        """Statistics per (layer, group) that the metric and compensator read (default: the
+        ``statistic`` slot over the calibration windows, cached)."""
+        stat = self.components["statistic"]
+        return ctx.statistics([stat])[stat.name]
+
     def prune(self, ctx) -> PruneOutcome:
         adapter, settings = ctx.adapter, self.settings
         allocation = Allocation()
         stats = {}
         if settings.ratio > 0:
-            stat = self.components["statistic"]
-            stats = ctx.statistics([stat])[stat.name]
+            stats = self.calibrate(ctx)
             metric = self.components["metric"]
             skip = set(settings.skip_layers)
             scores = {}
@@ -167,7 +172,7 @@ class StaticMethod(Method):
                     continue
                 for group in (ATTN, MLP):
                     scores[(layer.index, group)] = metric.prepare(layer, group)(
-                        stats[(layer.index, group)]
+                        stats.get((layer.index, group), {})
                     )
             allocation = self.components["allocator"](scores, adapter, settings)
         compensator = self.components.get("compensator")
@@ -175,7 +180,7 @@ class StaticMethod(Method):
         if compensator is not None:
             for (index, group), kept in allocation.kept.items():
                 layer = adapter.layers()[index]
-                bias = compensator(layer, group, kept, stats[(index, group)])
+                bias = compensator(layer, group, kept, stats.get((index, group), {}))
                 if bias is not None:
                     biases[(index, group)] = bias
         structure = allocation.structure(adapter)
