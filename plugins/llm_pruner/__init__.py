@@ -31,7 +31,7 @@ import time
 import torch
 
 from prunekit import hookimpl
-from prunekit.components import ATTN, MLP
+from prunekit.components import MLP
 from prunekit.errors import RecipeError
 from prunekit.pruning.static import StaticMethod
 
