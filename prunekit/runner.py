@@ -336,6 +336,35 @@ def resolve_adapter(model, registry=None) -> ModelAdapter:
 # --------------------------------------------------------------------------------------------
 
 
+def layer_dims(adapter: ModelAdapter) -> list[dict]:
+    """The dense shape of every decoder layer (taken before pruning)."""
+    return [{"d": la.hidden_size, "hd": la.head_dim, "heads": la.num_heads,
+             "kv": la.num_kv_heads, "inter": la.intermediate_size}
+            for la in adapter.layers()]  # fmt: skip
+
+
+def _layer_macs(dim: dict, heads: int, inter: int, seq_len: int) -> float:
+    """MACs per token of one decoder layer (pp-spec section 8 convention): q, k, v, o, gate,
+    up, down and ``2·T·heads·d_h`` for the attention matmuls. With MHA the kept heads keep their
+    k/v rows; with GQA k/v stay whole."""
+    d, hd = dim["d"], dim["hd"]
+    kv = heads if dim["kv"] == dim["heads"] else dim["kv"]
+    return d * hd * (heads + 2 * kv) + heads * hd * d + 3 * d * inter + 2 * seq_len * heads * hd
+
+
+def structure_reduction(dims: list[dict], structure: list[dict] | None, seq_len: int) -> dict:
+    """Decoder-layer MACs per token, dense and with the kept structure (analytic)."""
+    dense = sum(_layer_macs(dm, dm["heads"], dm["inter"], seq_len) for dm in dims)
+    if not structure:
+        return {"decoder_macs_per_token_dense": dense, "decoder_macs_per_token": dense,
+                "flops_kept_fraction": 1.0}  # fmt: skip
+    kept = sum(_layer_macs(dm, row["heads"], row["channels"], seq_len)
+               for dm, row in zip(dims, structure, strict=True))  # fmt: skip
+    return {"decoder_macs_per_token_dense": dense, "decoder_macs_per_token": kept,
+            "flops_kept_fraction": kept / dense, "flops_removed_fraction": 1 - kept / dense,
+            "seq_len": seq_len}  # fmt: skip
+
+
 def _seed_everything(seed: int) -> None:
     import random
 
@@ -390,6 +419,7 @@ def run_plan(plan: Plan, output_dir: Path, pm=None) -> dict:
         model, tokenizer = loaded_model.model, loaded_model.tokenizer
         adapter = resolve_adapter(model)
         params = sum(p.numel() for p in model.parameters())
+        dims = layer_dims(adapter)
 
         # the timing batches: the first batches of the first perplexity dataset
         timing_batches: list[torch.Tensor] = []
@@ -442,6 +472,10 @@ def run_plan(plan: Plan, output_dir: Path, pm=None) -> dict:
             if fraction is not None:
                 runtime["probe_flops_fraction"] = fraction(*timing_batches[0].shape)
         params_kept = outcome.params_kept if outcome.params_kept is not None else params
+        seq_for_flops = (
+            recipe.evaluation.perplexity[0].seq_len if recipe.evaluation.perplexity else 512
+        )
+        reduction = structure_reduction(dims, outcome.structure, seq_for_flops)
         result = {
             "schema_version": SCHEMA_VERSION,
             "method": plan.settings.name,
@@ -459,6 +493,11 @@ def run_plan(plan: Plan, output_dir: Path, pm=None) -> dict:
             },
             "components": plan.component_info,
             "structure": outcome.structure,
+            "reduction": {
+                "params_kept_fraction": params_kept / params,
+                "params_removed_fraction": 1 - params_kept / params,
+                **reduction,
+            },
             "metrics": metrics,
             "timings": timings,
             "runtime": runtime,

@@ -197,7 +197,7 @@ class StaticMethod(Method):
                                                      "structure": structure})  # fmt: skip
 
         return PruneOutcome(model=model, dynamic=False, structure=structure, params_kept=params,
-                            save=save, extra={"flops": flops_report(adapter.model)})  # fmt: skip
+                            save=save)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------
@@ -309,14 +309,6 @@ def load_pruned(path, dtype=None, device: str | None = None):
     if device is not None:
         model = model.to(device)
     return model.eval()
-
-
-def flops_report(model) -> dict:
-    """Parameters of the decoder layers and MACs per token (linear layers only)."""
-    layers = model.model.layers
-    macs = sum(m.in_features * m.out_features for layer in layers for m in layer.modules()
-               if isinstance(m, nn.Linear))  # fmt: skip
-    return {"decoder_linear_macs_per_token": macs}
 
 
 @hookimpl
