@@ -368,14 +368,11 @@ def structure_reduction(dims: list[dict], structure: list[dict] | None, seq_len:
 def _seed_everything(seed: int) -> None:
     import random
 
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
+    import numpy as np
 
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _versions() -> dict:
