@@ -323,6 +323,12 @@ class Method(ABC):
         return []
 
     @classmethod
+    def check_components(cls, components: dict[str, Any]) -> list[str]:
+        """Problems with the built components (``"key.path: message"``), e.g. a swapped
+        component this method cannot use."""
+        return []
+
+    @classmethod
     def layer_ratio(cls, recipe: Any, num_layers: int) -> float:
         """The ratio a pruned layer is pruned at (validated to stay below 1).
 

@@ -179,7 +179,8 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
                                    f"{len(m.skip_layers)} skipped layers are compensated "
                                    f"(L/(L-skipped)·r with L={num_layers}); lower the ratio or "
                                    f"skip fewer layers")  # fmt: skip
-    for problem in method_cls.check_recipe(recipe, num_layers):
+    for problem in [*method_cls.check_recipe(recipe, num_layers),
+                    *method_cls.check_components(components)]:  # fmt: skip
         key, _, message = problem.partition(": ")
         raise loaded.error(key, message)
 

@@ -153,3 +153,8 @@ def test_bad_component_options_are_recipe_errors():
         _prune(model, "pp", mode="async_inter")
     with pytest.raises(RecipeError, match="has no slot 'probe'"):
         _prune(model, "pp-history", probe={"name": "random"})
+
+
+def test_fullbatch_rejects_a_fusion_that_needs_history():
+    with pytest.raises(RecipeError, match="keeps no history"):
+        _prune(tiny_llama(), "pp-fullbatch", fusion={"name": "history_only"})

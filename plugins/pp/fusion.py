@@ -42,6 +42,8 @@ class FixedRatio:
     MLP side).
     """
 
+    needs_history = True
+
     def __init__(self, probe_weight: float = 0.5) -> None:
         if not 0 <= probe_weight <= 1:
             raise ValueError(f"probe_weight must be in [0, 1], got {probe_weight!r}")
@@ -61,6 +63,8 @@ class ProbeOnly:
 
 class HistoryOnly:
     """Ignore the probe's values: ``S = Σ_t G`` over the probe's positions."""
+
+    needs_history = True
 
     def __call__(self, probe: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
         return _need_history("history_only", history).sum(0)

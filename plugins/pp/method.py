@@ -218,20 +218,44 @@ class ProbePruning(Method):
     def check_state(cls, path: str, recipe) -> None:
         if "history" not in cls.slots:
             raise StateError(f"method {cls.name!r} keeps no history, so it has no state to load")
-        check_state_meta(read_state_meta(path), path, recipe.model.id, cls.name)
+        meta = read_state_meta(path)
+        check_state_meta(meta, path, recipe.model.id, cls.name)
+        positions = (meta.get("calibration") or {}).get("seq_len")
+        for i, p in enumerate(recipe.evaluation.perplexity):
+            if positions is not None and p.seq_len > positions:
+                raise StateError(
+                    f"{path}: the saved history covers {positions} positions, but "
+                    f"evaluation.perplexity.{i}.seq_len is {p.seq_len}; recalibrate with "
+                    f"calibration.seq_len >= {p.seq_len} (remove method.state.load)"
+                )
+
+    @classmethod
+    def check_components(cls, components) -> list[str]:
+        fusion = components.get("fusion")
+        if "history" not in cls.slots and getattr(fusion, "needs_history", False):
+            return [f"method.fusion: {cls.name} keeps no history, so a fusion that reads the "
+                    "history cannot work; use 'probe_only'"]  # fmt: skip
+        return []
 
     def statistics(self):
         return [self.components["statistic"]] if self.uses_history else []
 
     def _history(self, ctx, active_keys) -> dict[tuple[int, str], torch.Tensor]:
+        """The calibration history of every block (kept for all blocks, so that a saved state
+        serves any ratio or skipped-layer setting); only active blocks are ever updated."""
         load = ctx.recipe.method.state.load
         if load:
-            return load_state(load, ctx, self)
+            history = load_state(load, ctx, self)
+            missing = sorted(set(active_keys) - set(history))
+            if missing:
+                raise StateError(f"{load}: the saved state has no history for blocks {missing}; "
+                                 "remove method.state.load to recalibrate")  # fmt: skip
+            return history
         stat = self.components["statistic"]
         stats = ctx.statistics([stat])[stat.name]
         device = ctx.device
         out = {}
-        for key in active_keys:
+        for key in stats:
             tensors = stats[key]
             if "sq_mean" not in tensors:
                 raise RecipeError(

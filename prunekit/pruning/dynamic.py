@@ -125,7 +125,8 @@ class DynamicDecoderLayer(nn.Module):
                 weights = la.attention_weights(kept) if group == ATTN else la.mlp_weights(kept)
             if rt.holding:
                 rt.held[key] = (kept, weights)
-        observe = rt.controller.wants_activations(la, group)
+        # held decisions (e.g. decoding steps) leave the method's state alone
+        observe = not rt.holding and rt.controller.wants_activations(la, group)
         out = run(weights, observe)
         if observe:
             y, act = out
