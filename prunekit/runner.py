@@ -357,8 +357,7 @@ def structure_reduction(dims: list[dict], structure: list[dict] | None, seq_len:
     """Decoder-layer MACs per token, dense and with the kept structure (analytic)."""
     dense = sum(_layer_macs(dm, dm["heads"], dm["inter"], seq_len) for dm in dims)
     if not structure:
-        return {"decoder_macs_per_token_dense": dense, "decoder_macs_per_token": dense,
-                "flops_kept_fraction": 1.0}  # fmt: skip
+        structure = [{"heads": dm["heads"], "channels": dm["inter"]} for dm in dims]
     kept = sum(_layer_macs(dm, row["heads"], row["channels"], seq_len)
                for dm, row in zip(dims, structure, strict=True))  # fmt: skip
     return {"decoder_macs_per_token_dense": dense, "decoder_macs_per_token": kept,
@@ -502,7 +501,7 @@ def run_plan(plan: Plan, output_dir: Path, pm=None) -> dict:
             "output_dir": str(output_dir),
             **outcome.extra,
         }
-        if plan.calibration_source is not None and timings["calibration_s"] > 0:
+        if plan.calibration_source is not None and plan.settings.ratio > 0:
             data_hashes["calibration"] = source_sha256(plan.calibration_source)
         provenance = {
             "versions": _versions(),

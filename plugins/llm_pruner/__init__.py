@@ -121,7 +121,8 @@ class LlmPruner(StaticMethod):
         if rng is not None:
             allocator = components["allocator"]
             if not hasattr(allocator, "inflate"):
-                raise RecipeError("method.block_range needs the 'uniform' allocator")
+                raise RecipeError("method.block_range needs an allocator with an 'inflate' "
+                                  "option (e.g. 'uniform')")  # fmt: skip
             allocator.inflate = False  # the reference applies the nominal ratio in the range
 
     def prune(self, ctx):
@@ -130,7 +131,9 @@ class LlmPruner(StaticMethod):
             self.settings.skip_layers = [i for i in range(ctx.adapter.num_layers)
                                          if not rng[0] <= i < rng[1]]  # fmt: skip
         try:
-            return super().prune(ctx)
+            outcome = super().prune(ctx)
+            outcome.extra["skipped_layers"] = list(self.settings.skip_layers)
+            return outcome
         finally:
             for p in getattr(self, "_params", []):
                 p.grad = None
@@ -142,7 +145,10 @@ class LlmPruner(StaticMethod):
         windows = self._grad_windows(ctx)
         model = ctx.model
         params = []
+        skip = set(self.settings.skip_layers)
         for layer in ctx.adapter.layers():
+            if layer.index in skip:  # only the layers that will be pruned need gradients
+                continue
             for proj in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj,
                          layer.attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
                          layer.mlp.down_proj):  # fmt: skip

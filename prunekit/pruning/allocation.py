@@ -108,7 +108,7 @@ class Uniform:
                 out[(layer.index, MLP)] = layer.units(MLP)
                 continue
             heads = kept_heads(layer.num_heads, r)
-            if self.balanced_kv:
+            if self.balanced_kv and layer.num_kv_heads < layer.num_heads:  # GQA only
                 groups = layer.num_kv_heads
                 heads = min(layer.num_heads, math.ceil(heads / groups) * groups)
             out[(layer.index, ATTN)] = heads
@@ -121,7 +121,7 @@ class Uniform:
             layer = adapter.layers()[key[0]]
             if keep < layer.units(key[1]) and key in scores:
                 unit_scores = as_unit_scores(scores[key], layer, key[1])
-                if key[1] == ATTN and self.balanced_kv:
+                if key[1] == ATTN and self.balanced_kv and layer.num_kv_heads < layer.num_heads:
                     allocation.kept[key] = balanced_heads(unit_scores, keep, layer)
                 else:
                     allocation.kept[key] = top_units(unit_scores, keep)
