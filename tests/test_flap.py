@@ -23,6 +23,14 @@ def test_fluctuation_by_hand():
     torch.testing.assert_close(out["mean"], torch.tensor([3.0]))
 
 
+def test_one_calibration_batch_is_an_error():
+    stat = Fluctuation()
+    state = stat.init(channels=1, positions=1)
+    stat.update(state, torch.ones(2, 1, 1), torch.ones(2, 1, dtype=torch.bool))
+    with pytest.raises(prunekit.PrunekitError, match="at least 2 calibration batches"):
+        stat.finalize(state)
+
+
 def test_flap_metric_by_hand():
     class L:
         def __init__(self, w):
@@ -97,7 +105,7 @@ def test_bias_mean_by_hand():
 
 def test_flap_ratio_zero_and_physical_with_bias():
     model = tiny_llama(heads=6, kv_heads=2, layers=4, intermediate=96)
-    calib = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+    calib = torch.randint(3, 128, (24, 32), generator=torch.Generator().manual_seed(1))
     ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         dense = model(ids).logits
@@ -108,5 +116,9 @@ def test_flap_ratio_zero_and_physical_with_bias():
         assert torch.isfinite(model(ids).logits).all()
     pruned_layers = [r for r in outcome.structure if r["channels"] < 96 or r["heads"] < 6]
     assert pruned_layers and outcome.structure[0] == {"layer": 0, "heads": 6, "channels": 96}
+    # about 44% of the pooled units go, not everything
+    assert all(r["channels"] > 1 for r in outcome.structure)
+    kept = sum(r["channels"] for r in outcome.structure[1:]) / (3 * 96)
+    assert 0.3 < kept < 0.9, outcome.structure
     biased = [layer.mlp.down_proj.bias is not None for layer in model.model.layers[1:]]
     assert any(biased)

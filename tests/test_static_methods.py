@@ -19,7 +19,7 @@ UNIFORM = ["wanda-sp", "pp-calib"]
 STATIC = [*UNIFORM, "flap"]
 
 
-def _calibration(n=8, seq=32):
+def _calibration(n=24, seq=32):
     return torch.randint(3, 128, (n, seq), generator=torch.Generator().manual_seed(1))
 
 

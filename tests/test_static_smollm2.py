@@ -12,7 +12,7 @@ from prunekit.cli import main
 
 pytestmark = pytest.mark.smollm2
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["calibration.samples=4", "calibration.seq_len=128", "calibration.batch_size=4",
+SMALL = ["calibration.samples=8", "calibration.seq_len=128", "calibration.batch_size=4",
          "evaluation.perplexity.0.windows=2", "evaluation.perplexity.0.seq_len=128",
          "evaluation.perplexity.0.batch_size=2", "runtime.batches=0"]  # fmt: skip
 
@@ -38,26 +38,41 @@ def _fresh_logits(path, ids_path, out_path, how):
 
 
 def test_flap_per_layer_shapes_reload_everywhere(smollm2, tmp_path):
-    assert _apply("flap_smollm2.yaml", tmp_path / "run") == 0
-    result = json.loads((tmp_path / "run" / "results.json").read_text())
-    heads = {r["heads"] for r in result["structure"][3:]}
-    channels = {r["channels"] for r in result["structure"][3:]}
-    assert len(heads | channels) > 2  # FLAP's per-layer shapes differ
-    assert 0 < result["reduction"]["params_removed_fraction"] < 1
-    model_dir = tmp_path / "run" / "model"
+    import prunekit
+    from prunekit.models.loading import load_model
+    from prunekit.pruning.static import save_pruned
+
+    fresh = load_model("smollm2-135m-instruct", cache_dir=Path(smollm2.info["path"]).parents[1])
+    calib = torch.randint(3, 40000, (24, 128), generator=torch.Generator().manual_seed(1))
+    outcome = prunekit.prune(fresh.model, fresh.tokenizer, method="flap", ratio=0.4,
+                             calibration=calib)  # fmt: skip
+    counts = {(r["heads"], r["channels"]) for r in outcome.structure[3:]}
+    assert len(counts) > 1  # FLAP's per-layer shapes differ
+    ids = torch.randint(3, 40000, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = outcome.model(ids).logits  # the in-memory pruned model
+    model_dir = tmp_path / "model"
+    save_pruned(outcome.model, fresh.tokenizer, str(model_dir), {"method": "flap"})
     assert json.loads((model_dir / "prunekit.json").read_text())["layout"] == "remote_code"
     kv = json.loads((model_dir / "config.json").read_text())["prunekit_layers"]["kv_index"]
-    unequal = [k for k in kv if len({k.count(g) for g in set(k)}) > 1]
-    ids = torch.randint(3, 40000, (1, 24), generator=torch.Generator().manual_seed(0))
+    assert len(kv) == 30
     torch.save(ids, tmp_path / "ids.pt")
-    import prunekit
-
-    with torch.no_grad():
-        expected = prunekit.load_pruned(model_dir)(ids).logits
     for how in ("remote", "prunekit"):
         got = _fresh_logits(model_dir, tmp_path / "ids.pt", tmp_path / f"{how}.pt", how)
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
-    assert unequal or kv  # recorded per layer (unequal groups when FLAP's scores split them)
+
+
+def test_apply_saves_a_static_model_that_reloads(smollm2, tmp_path):
+    assert _apply("pp_calib_smollm2.yaml", tmp_path / "run") == 0
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["structure"][3] == {"layer": 3, "heads": 6, "channels": 896}
+    assert 0 < result["reduction"]["params_removed_fraction"] < 1
+    assert 0 < result["reduction"]["flops_removed_fraction"] < 1
+    ids = torch.randint(3, 40000, (1, 24), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    got = _fresh_logits(tmp_path / "run" / "model", tmp_path / "ids.pt", tmp_path / "o.pt",
+                        "remote")  # fmt: skip
+    assert torch.isfinite(got).all()
 
 
 def test_balanced_wanda_exports_a_plain_checkpoint(smollm2, tmp_path):

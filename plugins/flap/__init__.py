@@ -43,6 +43,7 @@ class Fluctuation:
             "baseline": torch.zeros(positions, channels, dtype=torch.float64),
             "fluc": torch.zeros(positions, channels, dtype=torch.float64),
             "n": torch.zeros((), dtype=torch.float64),
+            "batches": torch.zeros((), dtype=torch.int64),
             "seen": torch.zeros(positions, dtype=torch.bool),
         }
 
@@ -62,8 +63,17 @@ class Fluctuation:
             delta = ((x - mu_new) * (x - mu_old)).sum(0)
             state["fluc"][:seq] = state["fluc"][:seq] * (n - 1) / (n + bsz - 1) + delta / (n + bsz)
         state["n"] += bsz
+        state["batches"] += 1
 
     def finalize(self, state) -> dict[str, torch.Tensor]:
+        if int(state["batches"]) < 2:
+            from prunekit.errors import RecipeError
+
+            raise RecipeError(
+                "calibration: the fluctuation statistic needs at least 2 calibration batches "
+                "(the first batch only feeds the running mean); raise calibration.samples above "
+                "calibration.batch_size"
+            )
         seen = state["seen"]
         return {
             "fluctuation": state["fluc"][seen].sum(0).float(),
@@ -184,6 +194,15 @@ class Flap(StaticMethod):
     name = "flap"
     slots = {"statistic": "fluctuation", "metric": "flap", "allocator": "flap_global",
              "compensator": "bias_mean"}  # fmt: skip
+
+    @classmethod
+    def check_recipe(cls, recipe, num_layers):
+        c = recipe.calibration
+        if recipe.method.ratio > 0 and c.samples <= c.batch_size:
+            return [f"calibration.samples: FLAP's fluctuation needs at least 2 calibration "
+                    f"batches (the first only feeds the running mean): samples ({c.samples}) "
+                    f"must exceed batch_size ({c.batch_size})"]  # fmt: skip
+        return []
 
 
 @hookimpl
