@@ -107,7 +107,9 @@ def markdown(report) -> str:
     lines = [
         "# Probe Pruning on SmolLM2-135M-Instruct (CPU)",
         "",
-        f"Command: `{report['command']}`  ",
+        "Commands: "
+        + ", ".join(f"`{c}`" for c in report.get("commands", [report["command"]]))
+        + "  ",
         f"Machine: {report['machine']}; torch {report['torch']}, {torch.get_num_threads()} threads.  ",
         f"Model: {report['model']}. Batches of {s['batch'][0]} x {s['batch'][1]} tokens from "
         f"WikiText-2 test; calibration {CALIBRATION['samples']} C4 windows of "
@@ -159,6 +161,8 @@ def main() -> None:
     parser.add_argument("--quality-windows", type=int, default=80)
     parser.add_argument("--quality-dtype", default="float32")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run, not a result")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the measured dtypes' runtime rows in --out")  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results" / "pp_smollm2.json"))
     args = parser.parse_args()
     if args.quick:
@@ -200,6 +204,13 @@ def main() -> None:
         del loaded
     report["elapsed_s"] = time.time() - started
     out = Path(args.out)
+    if args.update and out.is_file():
+        old = json.loads(out.read_text())
+        old["runtime"].update(report["runtime"])
+        old["commands"] = [*old.get("commands", [old["command"]]), report["command"]]
+        if "quality" in report:
+            old["quality"] = report["quality"]
+        report = old
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     if not args.quick:
