@@ -137,6 +137,20 @@ def markdown(report) -> str:
         f"{dtype} r={b['ratio']}: " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                sorted(b['pp_overhead_s_per_batch'].items()))
         for dtype, blocks in report["runtime"].items() for b in blocks), ""]  # fmt: skip
+    lines += [
+        "Targets (issue: ratio 0.4, float32): pp within 1.10x of the same-shape static model, "
+        "PP's own overhead under 5% of its batch time, probe FLOPs under 2%.",
+        "",
+    ]
+    for dtype, blocks in report["runtime"].items():
+        for b in blocks:
+            if b["ratio"] == 0.4:
+                checks = [("pp/static <= 1.10", b["pp_vs_static"] <= 1.10),
+                          ("overhead < 5%", b["pp_overhead_fraction"] < 0.05),
+                          ("probe FLOPs < 2%", b["probe_flops_fraction"] < 0.02)]  # fmt: skip
+                lines.append(f"- {dtype}, ratio 0.4: " + ", ".join(
+                    f"{name} {'met' if ok else 'NOT met'}" for name, ok in checks))  # fmt: skip
+    lines.append("")
     q = report.get("quality")
     if q:
         lines += [
@@ -149,6 +163,14 @@ def markdown(report) -> str:
             "|---|---|---|",
         ]
         lines += [f"| {r['method']} | {r['ratio']} | {r['ppl']:.3f} |" for r in q["rows"]]
+        lines += ["", "Expected ordering: pp-fullbatch <= pp < pp-history.", ""]
+        for ratio in sorted({r["ratio"] for r in q["rows"] if r["method"] != "dense"}):
+            p = {r["method"]: r["ppl"] for r in q["rows"] if r["ratio"] == ratio}
+            ok = p["pp-fullbatch"] <= p["pp"] < p["pp-history"]
+            lines.append(
+                f"- ratio {ratio}: {'holds' if ok else 'does not hold'} "
+                f"({p['pp-fullbatch']:.2f} / {p['pp']:.2f} / {p['pp-history']:.2f})"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -161,10 +183,18 @@ def main() -> None:
     parser.add_argument("--quality-windows", type=int, default=80)
     parser.add_argument("--quality-dtype", default="float32")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run, not a result")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite the Markdown report from --out without measuring",
+    )
     parser.add_argument("--update", action="store_true",
                         help="replace only the measured dtypes' runtime rows in --out")  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results" / "pp_smollm2.json"))
     args = parser.parse_args()
+    if args.render_only:
+        (HERE / "pp_smollm2.md").write_text(markdown(json.loads(Path(args.out).read_text())))
+        return
     if args.quick:
         args.dtypes, args.ratios, args.timing_batches, args.rounds = ["bfloat16"], [0.4], 1, 1
         args.quality_windows, args.quality_dtype = 20, "bfloat16"
