@@ -31,17 +31,23 @@ def test_one_calibration_batch_is_an_error():
         stat.finalize(state)
 
 
+class _Projection:
+    """A stand-in layer whose output projection (o_proj/down_proj) has weight ``w``."""
+
+    def __init__(self, w):
+        self.lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        self.lin.weight.data = w
+
+    def output_projection(self, group):
+        return self.lin
+
+    def unit_channels(self, group, kept):
+        return kept
+
+
 def test_flap_metric_by_hand():
-    class L:
-        def __init__(self, w):
-            self.lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-            self.lin.weight.data = w
-
-        def output_projection(self, group):
-            return self.lin
-
     W = torch.tensor([[1.0, 2.0, 0.0], [1.0, 0.0, 3.0]])
-    got = FlapScore().prepare(L(W), MLP)({"fluctuation": torch.tensor([1.0, 0.5, 2.0])})
+    got = FlapScore().prepare(_Projection(W), MLP)({"fluctuation": torch.tensor([1.0, 0.5, 2.0])})
     torch.testing.assert_close(got, torch.tensor([2.0, 2.0, 18.0]))
 
 
@@ -87,19 +93,10 @@ def test_flap_global_allocation_on_a_constructed_case():
 
 
 def test_bias_mean_by_hand():
-    class L:
-        def __init__(self, w):
-            self.lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-            self.lin.weight.data = w
-
-        def output_projection(self, group):
-            return self.lin
-
-        def unit_channels(self, group, kept):
-            return kept
-
     W = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    bias = BiasMean()(L(W), MLP, torch.tensor([1]), {"mean": torch.tensor([1.0, 10.0, -1.0])})
+    bias = BiasMean()(
+        _Projection(W), MLP, torch.tensor([1]), {"mean": torch.tensor([1.0, 10.0, -1.0])}
+    )
     torch.testing.assert_close(bias, torch.tensor([1 - 3.0, 4 - 6.0]))
 
 
