@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from prunekit.models.llama import LlamaAdapter, head_channels
+from prunekit.components import ATTN
+from prunekit.models.llama import LlamaAdapter
 from prunekit.testing import AdapterConformance, tiny_llama
 
 
@@ -76,7 +77,7 @@ def test_kept_set_equals_dense_with_removed_units_zeroed(heads, kv, kept_heads):
         o = layer.attn.o_proj.weight
         down = layer.mlp.down_proj.weight
         keep_cols = torch.zeros(o.shape[1], dtype=torch.bool)
-        keep_cols[head_channels(kept_h, layer.head_dim)] = True
+        keep_cols[layer.unit_channels(ATTN, kept_h)] = True
         keep_ch = torch.zeros(down.shape[1], dtype=torch.bool)
         keep_ch[kept_c] = True
         o[:, ~keep_cols] = 0

@@ -43,12 +43,6 @@ class MlpWeights:
     down_bias: torch.Tensor | None = None
 
 
-def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Input channels of o_proj (rows of q) owned by ``heads``, in head order."""
-    offsets = torch.arange(head_dim, device=heads.device)
-    return (heads[:, None] * head_dim + offsets[None, :]).reshape(-1)
-
-
 def mlp_forward(x: torch.Tensor, w: MlpWeights, act, return_down_input: bool = False):
     """``down(act(gate(x)) * up(x))`` with gathered weights."""
     h = act(F.linear(x, w.gate, w.gate_bias)) * F.linear(x, w.up, w.up_bias)
@@ -129,7 +123,7 @@ class LlamaLayerAdapter(LayerAdapter):
                 kv_index, self.head_dim,
             )  # fmt: skip
         kept_heads = kept_heads.to(a.q_proj.weight.device)
-        rows = head_channels(kept_heads, self.head_dim)
+        rows = self.unit_channels(ATTN, kept_heads)
         q = a.q_proj.weight.index_select(0, rows)
         qb = a.q_proj.bias.index_select(0, rows) if a.q_proj.bias is not None else None
         o = a.o_proj.weight.index_select(1, rows)
