@@ -77,16 +77,85 @@ def apply(
 
     _quiet(quiet)
     result = run_apply(recipe, set_ or (), output=output)
+    _print_summary(result, output)
+
+
+def _print_summary(result: dict, output: Path | None) -> None:
     out_dir = output or result.get("output_dir")
     lines = [f"{result['method']} (ratio {result['ratio']:g}) on {result['model']['name']}"]
     for label, metric in result["metrics"].items():
-        lines.append(f"  {label} perplexity: {metric['ppl']:.4f} ({metric['tokens']} tokens)")
+        if "ppl" in metric:
+            lines.append(f"  {label} perplexity: {metric['ppl']:.4f} ({metric['tokens']} tokens)")
+        elif "questions" in metric:
+            lines.append(f"  {label}: acc {100 * metric['acc']:.2f}%, acc_norm "
+                         f"{100 * metric['acc_norm']:.2f}% ({metric['questions']} questions)")  # fmt: skip
+        elif "acc_norm" in metric:
+            lines.append(f"  average over {len(metric['tasks'])} tasks: acc_norm "
+                         f"{100 * metric['acc_norm']:.2f}%, acc {100 * metric['acc']:.2f}%")  # fmt: skip
     runtime = result.get("runtime") or {}
     if runtime.get("speedup"):
-        lines.append(f"  speedup vs dense: {runtime['speedup']:.2f}x")
+        lines.append(f"  time per batch: dense {runtime['dense_s_per_batch']:.3f} s, pruned "
+                     f"{runtime['pruned_s_per_batch']:.3f} s ({runtime['speedup']:.2f}x; median "
+                     f"of {len(runtime.get('pruned_s_all', []))} calls)")  # fmt: skip
+        if runtime.get("overhead_fraction") is not None:
+            parts = ", ".join(f"{k} {1000 * v:.1f} ms"
+                              for k, v in runtime["overhead_s_per_batch"].items())  # fmt: skip
+            lines.append(f"  method overhead: {100 * runtime['overhead_fraction']:.1f}% of the "
+                         f"pruned time ({parts})")  # fmt: skip
     typer.echo("\n".join(lines))
     if out_dir:
         typer.echo(f"  results: {Path(out_dir) / 'results.json'}")
+
+
+@app.command()
+def bench(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: SetOption = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Output directory (default: <output.dir>-bench)."),
+    ] = None,
+    batches: Annotated[
+        int | None, typer.Option(help="Batches to time (overrides runtime.batches; default 2).")
+    ] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option(help="Timed calls per batch (overrides runtime.repeats; default 3)."),
+    ] = None,
+    warmup: Annotated[
+        int | None, typer.Option(help="Untimed calls first (overrides runtime.warmup).")
+    ] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Time dense and pruned in one process on the same batches; no accuracy evaluation.
+
+    The batches are the first ones of the recipe's first evaluation.perplexity entry. Writes
+    results.json with its `runtime` section (median, spread, tokens/s, memory, the method's
+    overhead by phase).
+    """
+    from prunekit.errors import RecipeError
+    from prunekit.recipe import load_recipe
+    from prunekit.runner import run_plan
+    from prunekit.runner import validate as run_validate
+
+    _quiet(quiet)
+    loaded = load_recipe(recipe, set_ or ())
+    rt = loaded.recipe.runtime
+    explicit = {o.split("=", 1)[0].strip() for o in (set_ or ())}
+    rt.batches = batches if batches is not None else (rt.batches or 2)
+    if repeats is not None:
+        rt.repeats = repeats
+    elif "runtime.repeats" not in explicit:
+        rt.repeats = max(rt.repeats, 3)
+    if warmup is not None:
+        rt.warmup = warmup
+    if not loaded.recipe.evaluation.perplexity:
+        raise RecipeError(f"{recipe}: bench times the batches of evaluation.perplexity[0], "
+                          "and the recipe has no evaluation.perplexity entry; add one")  # fmt: skip
+    plan = run_validate(loaded)
+    out_dir = output or Path(f"{loaded.recipe.output_dir()}-bench")
+    result = run_plan(plan, Path(out_dir), evaluate=False)
+    _print_summary(result, Path(out_dir))
 
 
 @app.command()

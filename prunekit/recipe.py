@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from prunekit.errors import RecipeError, did_you_mean
 
@@ -126,21 +133,65 @@ class PerplexityConfig(_Strict):
         return self.dataset if not self.split else f"{self.dataset}-{self.split}"
 
 
+class TaskConfig(_Strict):
+    """One entry of ``evaluation.tasks``: a built-in task (or the group ``commonsense``), or a
+    user multiple-choice task from a JSON-lines file (``path``, ``context``, ``choices``,
+    ``gold``). A bare string ``boolq`` is short for ``{name: boolq}``."""
+
+    name: str
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(20, ge=1)
+    max_length: int = Field(512, ge=2)
+    path: str | None = None
+    context: str | None = None
+    choices: str | list[str] | None = None
+    gold: str | None = None
+    continuation: str = " {choice}"
+    gold_base: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _custom(self):
+        custom = {"context": self.context, "choices": self.choices, "gold": self.gold}
+        if self.path is None:
+            given = [k for k, value in custom.items() if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to a task read from a file: "
+                                 "add `path:` (a JSON-lines file)")  # fmt: skip
+        else:
+            missing = [k for k, value in custom.items() if value is None]
+            if missing:
+                raise ValueError(f"a task read from `path:` also needs {', '.join(missing)} "
+                                 "(the context template, the choices field or list, the gold "
+                                 "field)")  # fmt: skip
+            if isinstance(self.choices, list) and len(self.choices) < 2:
+                raise ValueError("`choices:` as a list needs at least two choices")
+        return self
+
+
 class EvaluationConfig(_Strict):
     perplexity: list[PerplexityConfig] = Field(default_factory=lambda: [PerplexityConfig()])
+    tasks: list[TaskConfig] = Field(default_factory=list)
 
 
 class RuntimeConfig(_Strict):
     """``runtime``: dense and pruned timed on the same first batches of the first perplexity
-    dataset, after ``warmup`` untimed calls. ``batches: 0`` skips the measurement."""
+    dataset, after ``warmup`` untimed calls, each batch ``repeats`` times (median and spread
+    over all timed calls). ``batches: 0`` skips the measurement."""
 
     batches: int = Field(2, ge=0)
     warmup: int = Field(1, ge=0)
+    repeats: int = Field(1, ge=1)
 
 
 class OutputConfig(_Strict):
     dir: str | None = None
     save_model: bool = False
+    save_predictions: bool = False  # predictions/<task>.jsonl: per question NLLs and picks
 
 
 class Recipe(_Strict):
@@ -260,7 +311,9 @@ def _set_path(data: dict, path: tuple, value: Any, expr: str) -> None:
         node[last] = value
     elif isinstance(node, list):
         # `--set evaluation.perplexity.windows=8` applies to every entry of the list
-        for item in node:
+        for j, item in enumerate(node):
+            if isinstance(item, str):  # a bare task name: `{name: item}`
+                node[j] = item = {"name": item}
             item[last] = value
     else:
         node[last] = value

@@ -60,6 +60,8 @@ class Plan:
     num_layers: int | None
     calibration_source: Any = None
     perplexity_sources: list = field(default_factory=list)
+    #: (label, TaskConfig, TaskSource | JsonlTask) per evaluated task, groups expanded
+    tasks: list = field(default_factory=list)
 
     @property
     def recipe(self) -> Recipe:
@@ -214,6 +216,7 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
             except DataError as exc:
                 key = ("evaluation", "perplexity", i, "path" if p.path else "dataset")
                 raise loaded.error(key, str(exc)) from None
+        plan.tasks = _resolve_tasks(loaded, labels)
         if m.state.load and not Path(m.state.load).exists():
             raise loaded.error(("method", "state", "load"),
                                f"saved state {m.state.load!r} not found: give the directory "
@@ -224,6 +227,86 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
             except StateError as exc:
                 raise loaded.error(("method", "state", "load"), str(exc)) from None
     return plan
+
+
+#: ``metrics`` key of the average over the evaluated tasks (reserved: no task may use it).
+AVERAGE_KEY = "tasks_average"
+
+
+def _resolve_tasks(loaded: LoadedRecipe, taken: dict[str, int]) -> list[tuple]:
+    """Expand ``evaluation.tasks`` (groups, aliases), locate every task's data, check labels."""
+    from prunekit.data.tasks import JsonlTask, expand_task_names, locate_task
+
+    recipe = loaded.recipe
+    out: list[tuple] = []
+    seen: dict[str, int] = {}
+    for i, cfg in enumerate(recipe.evaluation.tasks):
+        where = ("evaluation", "tasks", i)
+        if cfg.path is not None:
+            task = JsonlTask(name=cfg.name, path=cfg.path, context=cfg.context,
+                             choices=cfg.choices if isinstance(cfg.choices, str)
+                             else tuple(cfg.choices), gold=cfg.gold,
+                             continuation=cfg.continuation, gold_base=cfg.gold_base)  # fmt: skip
+            try:
+                task.check()
+            except DataError as exc:
+                raise loaded.error(where, str(exc)) from None
+            if not Path(cfg.path).expanduser().is_file():
+                raise loaded.error((*where, "path"),
+                                   f"task file {cfg.path!r} does not exist (relative paths are "
+                                   f"taken from {os.getcwd()!r})")  # fmt: skip
+            entries = [(cfg.name, task)]
+        else:
+            try:
+                names = expand_task_names(cfg.name)
+                entries = [(n, locate_task(n, recipe.data_dir)) for n in names]
+            except DataError as exc:
+                raise loaded.error((*where, "name"), str(exc)) from None
+        for label, source in entries:
+            if label == AVERAGE_KEY:
+                raise loaded.error((*where, "name"), f"{AVERAGE_KEY!r} is reserved for the "
+                                   "average over the tasks; rename the task")  # fmt: skip
+            if label in taken or label in seen:
+                other = (f"evaluation.perplexity entry {taken[label]}" if label in taken
+                         else f"evaluation.tasks entry {seen[label]}")  # fmt: skip
+                raise loaded.error(where, f"task {label!r} is already evaluated by {other}: "
+                                   "their metrics would overwrite each other")  # fmt: skip
+            seen[label] = i
+            out.append((label, cfg, source))
+    return out
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[tuple], output_dir: Path | None = None) -> dict:
+    """Accuracy metrics of every planned task, and their average when there are several."""
+    from prunekit.data.tasks import TaskSource, load_questions
+    from prunekit.evaluation.zeroshot import evaluate_questions
+
+    metrics: dict[str, dict] = {}
+    for label, cfg, source in tasks:
+        if isinstance(source, TaskSource):
+            questions = load_questions(source, cfg.limit)
+            origin = {"source": source.kind, "location": source.location}
+        else:
+            questions = source.load(cfg.limit)
+            origin = {"source": "file", "location": str(Path(source.path).resolve())}
+        result = evaluate_questions(model, tokenizer, questions, batch_size=cfg.batch_size,
+                                    max_length=cfg.max_length, description=f"accuracy {label}")  # fmt: skip
+        records = result.pop("records")
+        if output_dir is not None:
+            (output_dir / "predictions").mkdir(exist_ok=True)
+            with open(output_dir / "predictions" / f"{label}.jsonl", "w") as fh:
+                for rec in records:
+                    fh.write(json.dumps(rec) + "\n")
+        metrics[label] = {**result, "limit": cfg.limit, **origin}
+        info(f"{label}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} over "
+             f"{result['questions']} questions")  # fmt: skip
+    if len(metrics) > 1:
+        metrics[AVERAGE_KEY] = {
+            "acc_norm": sum(m["acc_norm"] for m in metrics.values()) / len(metrics),
+            "acc": sum(m["acc"] for m in metrics.values()) / len(metrics),
+            "tasks": list(metrics),
+        }
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,15 +470,31 @@ def _versions() -> dict:
     return out
 
 
+def _file_sha256(location: str | None) -> str | None:
+    """sha256 of a local file (None for a hub source or a missing file)."""
+    import hashlib
+
+    if not location or not Path(location).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(location, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def run_plan(plan: Plan, output_dir: Path, pm=None) -> dict:
-    """Execute a validated plan, writing every output into ``output_dir`` atomically."""
+def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True) -> dict:
+    """Execute a validated plan, writing every output into ``output_dir`` atomically.
+
+    :param evaluate: False skips perplexity and tasks (``prunekit bench``: runtime only).
+    """
     from prunekit.data import eval_windows, source_sha256
     from prunekit.evaluation.perplexity import perplexity
-    from prunekit.evaluation.runtime import summarize, time_batches, time_pruned
+    from prunekit.evaluation.runtime import memory_info, summarize, time_batches, time_pruned
     from prunekit.models.loading import load_model
     from prunekit.plugins import get_plugin_manager
 
@@ -427,10 +526,11 @@ def run_plan(plan: Plan, output_dir: Path, pm=None) -> dict:
                               seed=recipe.seed,
                               batch_size=cfg0.batch_size if cfg0.sampling == "random" else None)  # fmt: skip
             timing_batches = list(torch.split(w0, cfg0.batch_size))[: rt_cfg.batches]
-        dense_times = None
+        dense_times, dense_memory = None, None
         if timing_batches and plan.settings.name != "dense":
             info("timing the dense model")
-            dense_times = time_batches(model, timing_batches, rt_cfg.warmup)
+            dense_times = time_batches(model, timing_batches, rt_cfg.warmup, rt_cfg.repeats)
+            dense_memory = memory_info(model)
 
         ctx = PruneContext(model=model, tokenizer=tokenizer, adapter=adapter,
                            settings=plan.settings, recipe=recipe, model_info=loaded_model.info,
@@ -445,7 +545,8 @@ def run_plan(plan: Plan, output_dir: Path, pm=None) -> dict:
         metrics: dict[str, dict] = {}
         data_hashes: dict[str, str | None] = {}
         t2 = time.perf_counter()
-        for cfg, source in zip(recipe.evaluation.perplexity, plan.perplexity_sources, strict=True):
+        ppl_entries = zip(recipe.evaluation.perplexity, plan.perplexity_sources, strict=True)
+        for cfg, source in ppl_entries if evaluate else ():
             windows = eval_windows(tokenizer, source, cfg.seq_len, cfg.windows, cfg.sampling,
                                    seed=recipe.seed,
                                    batch_size=cfg.batch_size if cfg.sampling == "random" else None)  # fmt: skip
@@ -455,15 +556,25 @@ def run_plan(plan: Plan, output_dir: Path, pm=None) -> dict:
                                   "sampling": cfg.sampling}  # fmt: skip
             data_hashes[cfg.label] = source_sha256(source)
             info(f"{cfg.label}: perplexity {result['ppl']:.3f} over {result['tokens']} tokens")
+        if evaluate and plan.tasks:
+            save_to = staging if recipe.output.save_predictions else None
+            metrics.update(evaluate_tasks(outcome.model, tokenizer, plan.tasks, save_to))
+            for label, _, source in plan.tasks:
+                location = getattr(source, "location", None) or getattr(source, "path", None)
+                data_hashes[label] = _file_sha256(location)
         timings["evaluation_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
 
         runtime = None
         if timing_batches:
             info("timing the pruned model")
-            pruned_times, overhead = time_pruned(outcome.model, timing_batches, rt_cfg.warmup)
+            pruned_times, overhead = time_pruned(outcome.model, timing_batches, rt_cfg.warmup,
+                                                 rt_cfg.repeats)  # fmt: skip
+            pruned_memory = memory_info(outcome.model)
             runtime = summarize(dense_times or pruned_times, pruned_times,
-                                tuple(timing_batches[0].shape), overhead)  # fmt: skip
+                                tuple(timing_batches[0].shape), overhead, rt_cfg.repeats)  # fmt: skip
+            runtime["memory"] = {"dense": dense_memory or pruned_memory, "pruned": pruned_memory}
+            runtime["device"] = str(ctx.device)
             fraction = getattr(getattr(outcome.model, "controller", None),
                                "probe_flops_fraction", None)  # fmt: skip
             if fraction is not None:

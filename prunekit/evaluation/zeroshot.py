@@ -1,0 +1,202 @@
+"""Zero-shot multiple-choice accuracy: every choice scored by the NLL of its continuation.
+
+Scoring (pp-spec section 7.3): for each choice, the summed token NLL of the continuation given
+its context. ``acc`` picks the choice with the smallest sum; ``acc_norm`` the smallest NLL *per
+continuation token* (the reference's ``CsrAccuracyNorm``; not lm-eval's per-byte
+normalisation). Ties go to the first choice. Accuracies are fractions in ``[0, 1]``.
+
+Batching: the choices of all questions are flattened in order (question by question, choice
+by choice) and cut into groups of ``batch_size``; each group is right-padded to its longest
+sequence with an attention mask. Unlike the reference, the last partial group is kept, so no
+question loses a choice. Every model (dense, static, dynamic) is called the same way, like a
+Hugging Face causal LM with ``input_ids`` and ``attention_mask``; a dynamic model gets the same
+start as in perplexity evaluation (state reset, one unscored warm-up batch) before each task.
+
+Tokenisation (:func:`encode_pair`) follows lm-eval: the whole ``context + continuation`` is
+tokenised once and the continuation is what follows the context's tokens, with trailing spaces
+of the context moved to the continuation. The context gets the tokenizer's special tokens (BOS
+for LLaMA, as in the reference; SmolLM2's tokenizer adds none); an empty context is replaced by
+the BOS (else EOS) token so that the first continuation token is predicted from something. Each
+input is cut from the left to ``max_length`` tokens, keeping the continuation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from prunekit.data.tasks import Question
+from prunekit.progress import track
+
+__all__ = ["ChoiceScore", "accuracy", "encode_pair", "evaluate_questions", "score_requests"]
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _prefix_token(tokenizer) -> int:
+    for attr in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("the tokenizer has neither a BOS nor an EOS token to stand for an empty "
+                     "context")  # fmt: skip
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``context`` and of ``continuation`` as it follows that context."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        return [_prefix_token(tokenizer)], _encode(tokenizer, continuation, special=False)
+    whole = _encode(tokenizer, context + continuation, special=True)
+    ctx = _encode(tokenizer, context, special=True)
+    cont = whole[len(ctx) :]
+    if whole[: len(ctx)] != ctx or not cont:
+        # the boundary merged into one token (rare): tokenise the two sides separately
+        cont = _encode(tokenizer, continuation, special=False)
+    return ctx, cont
+
+
+@dataclass(frozen=True)
+class ChoiceScore:
+    """Log-likelihood of one continuation: summed log-prob, scored tokens, greedy or not."""
+
+    logprob: float
+    tokens: int
+    greedy: bool
+
+    @property
+    def nll(self) -> float:
+        return -self.logprob
+
+    @property
+    def nll_per_token(self) -> float:
+        return -self.logprob / max(self.tokens, 1)
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer is None:
+        return 0
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _make_batch(pairs, max_length: int, pad_id: int):
+    """Right-padded input ids, attention mask and, per row, (start, targets) of the scored
+    continuation tokens."""
+    rows, spans = [], []
+    for ctx, cont in pairs:
+        full = (list(ctx) + list(cont))[-(max_length + 1) :]
+        inp, targets = full[:-1], full[1:]
+        n = min(len(cont), len(targets))
+        rows.append(inp)
+        spans.append((len(inp) - n, targets[len(targets) - n :]))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask, spans
+
+
+def prepare_model(model, first_batch: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """The start every evaluation gets: a dynamic model's state reset and its warm-up batch."""
+    reset = getattr(model, "reset_state", None)
+    if reset is not None:
+        reset()
+    warmup = getattr(model, "warmup", None)
+    if warmup is not None and first_batch is not None:
+        device = next(model.parameters()).device
+        warmup(first_batch[0].to(device), attention_mask=first_batch[1].to(device))
+
+
+@torch.no_grad()
+def score_requests(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                   batch_size: int = 20, max_length: int = 512, pad_id: int = 0,
+                   description: str = "scoring", prepare: bool = True) -> list[ChoiceScore]:  # fmt: skip
+    """Score ``(context ids, continuation ids)`` pairs in order, ``batch_size`` at a time.
+
+    :param prepare: reset a dynamic model's state and run its warm-up batch first.
+    """
+    if batch_size < 1 or max_length < 1:
+        raise ValueError("batch_size and max_length must be positive")
+    if any(len(cont) == 0 for _, cont in pairs):
+        raise ValueError("every continuation needs at least one token")
+    device = next(model.parameters()).device
+    groups = list(_batches(pairs, batch_size))
+    if prepare and groups:
+        ids, mask, _ = _make_batch(groups[0], max_length, pad_id)
+        prepare_model(model, (ids, mask))
+    out: list[ChoiceScore] = []
+    for group in track(groups, description, total=len(groups)):
+        ids, mask, spans = _make_batch(group, max_length, pad_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for i, (start, targets) in enumerate(spans):
+            # log-softmax only over the scored positions (a [T, vocab] fp32 copy per batch
+            # would dominate memory for large vocabularies)
+            rows = logits[i, start : start + len(targets)].float().log_softmax(-1)
+            target = torch.tensor(targets, device=rows.device)
+            logprob = rows.gather(1, target[:, None]).sum().item()
+            greedy = bool((rows.argmax(-1) == target).all())
+            out.append(ChoiceScore(logprob, len(targets), greedy))
+    return out
+
+
+def _stderr(p: float, n: int) -> float | None:
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
+
+
+def accuracy(questions: Sequence[Question], scores: Sequence[ChoiceScore]) -> dict:
+    """``acc`` / ``acc_norm`` (with standard errors) and one record per question."""
+    needed = sum(q.num_choices for q in questions)
+    if len(scores) != needed:
+        raise ValueError(f"{len(scores)} scores for {needed} choices")
+    records, pos = [], 0
+    correct = correct_norm = 0
+    for q in questions:
+        s = scores[pos : pos + q.num_choices]
+        pos += q.num_choices
+        nll = [c.nll for c in s]
+        per_token = [c.nll_per_token for c in s]
+        pred = min(range(len(nll)), key=nll.__getitem__)
+        pred_norm = min(range(len(per_token)), key=per_token.__getitem__)
+        correct += pred == q.gold
+        correct_norm += pred_norm == q.gold
+        records.append({"id": q.id, "gold": q.gold, "pred": pred, "pred_norm": pred_norm,
+                        "nll": nll, "tokens": [c.tokens for c in s]})  # fmt: skip
+    n = len(questions)
+    acc = correct / n if n else float("nan")
+    acc_norm = correct_norm / n if n else float("nan")
+    return {"acc": acc, "acc_norm": acc_norm, "acc_stderr": _stderr(acc, n),
+            "acc_norm_stderr": _stderr(acc_norm, n), "questions": n, "choices": needed,
+            "records": records}  # fmt: skip
+
+
+def evaluate_questions(model, tokenizer, questions: Sequence[Question], *, batch_size: int = 20,
+                       max_length: int = 512, description: str = "accuracy") -> dict:  # fmt: skip
+    """Accuracy of ``model`` on ``questions`` (see :func:`accuracy` for the result)."""
+    if not questions:
+        raise ValueError("no questions to evaluate")
+    pairs = [encode_pair(tokenizer, ctx, cont)
+             for q in questions for ctx, cont in zip(q.contexts, q.continuations, strict=True)]  # fmt: skip
+    scores = score_requests(model, pairs, batch_size=batch_size, max_length=max_length,
+                            pad_id=_pad_id(tokenizer), description=description)  # fmt: skip
+    result = accuracy(questions, scores)
+    result.update(batch_size=batch_size, max_length=max_length,
+                  tokens_scored=sum(c.tokens for c in scores))  # fmt: skip
+    return result
