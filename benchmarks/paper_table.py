@@ -1,0 +1,441 @@
+"""The structure of Probe Pruning's main table, regenerated on the offline model (SmolLM2).
+
+Rows: dense and every method at every ratio; columns: WikiText-2 perplexity, zero-shot accuracy
+on the 7 commonsense tasks (each task and the average), time per batch vs dense, and the
+headline metric, degradation per unit runtime reduction
+``(PPL_pruned - PPL_dense) / (1 - t_pruned / t_dense)`` with each method's value relative to
+PP's (see prunekit/evaluation/headline.py).
+
+A *cell* is one (method, ratio, seed): ``prunekit.apply`` of one recipe, in this process,
+with dense and pruned timed side by side on the same batches. The first seed of a cell gets the
+full evaluation (perplexity, tasks, runtime); further seeds evaluate perplexity only (their
+calibration draw and perplexity windows differ), which gives the perplexity spread cheaply.
+Each cell's results are cached under ``--cells`` (keyed by its exact recipe), so an
+interrupted run continues where it stopped; calibration statistics are shared between cells
+through prunekit's statistics cache.
+
+    python benchmarks/paper_table.py                 # the committed table (bf16; ~1 h on 2 cores)
+    python benchmarks/paper_table.py --quick         # smoke test (< 10 min), not a result
+    python benchmarks/paper_table.py --render-only   # rewrite the report from the cached cells
+
+Needs ``pip install "prunekit[bench]"`` (matplotlib) and the task files: a data directory laid
+out like ../shared/data (``--data-dir`` or ``$PRUNEKIT_DATA_DIR``; default ../shared/data).
+Writes benchmarks/results/paper_table.json (raw results), docs/benchmarks.md and
+docs/img/paper_table.png; ``--quick`` writes under runs/paper_table_quick/ instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+METHODS = ["pp-fullbatch", "wanda-sp", "flap", "llm-pruner", "pp"]
+TITLES = {"dense": "Dense", "pp-fullbatch": "Full-batch probing", "wanda-sp": "Wanda-sp",
+          "flap": "FLAP", "llm-pruner": "LLM-Pruner", "pp": "PP (Probe Pruning)",
+          "pp-calib": "PP metric, calibration only", "pp-history": "PP, history only"}  # fmt: skip
+TASK_TITLES = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS", "winogrande": "WinoG",
+               "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and cells
+# --------------------------------------------------------------------------------------------
+
+
+def settings_from(args) -> dict:
+    quick = args.quick
+    return {
+        "quick": quick,
+        "model": "smollm2-135m-instruct",
+        "dtype": args.dtype,
+        "methods": ["dense", *args.methods],
+        "ratios": args.ratios,
+        "seeds": args.seeds,
+        "calibration": {"dataset": "c4", "samples": 16 if quick else 128, "seq_len": 512,
+                        "batch_size": 8 if quick else 16},  # fmt: skip
+        "perplexity": {"dataset": "wikitext2", "split": "test", "seq_len": 512,
+                       "windows": args.windows or (4 if quick else 40), "batch_size": 20,
+                       "sampling": "random"},  # fmt: skip
+        "tasks": {"limit": args.limit or (2 if quick else 100), "batch_size": 20,
+                  "max_length": 512},  # fmt: skip
+        "runtime": {"batches": 1 if quick else 2, "warmup": 1, "repeats": 1},
+        "skip_layers": [0, 1, 2],
+    }
+
+
+def cell_recipe(settings: dict, method: str, ratio: float, seed: int, full: bool) -> dict:
+    """The recipe of one cell; ``full`` adds the tasks and the runtime measurement."""
+    ppl = dict(settings["perplexity"])
+    ppl["batch_size"] = min(ppl["batch_size"], ppl["windows"])
+    runtime = settings["runtime"] if full else {"batches": 0, "warmup": 0, "repeats": 1}
+    tasks = [{"name": "commonsense", **settings["tasks"]}] if full else []
+    return {
+        "model": {"id": settings["model"], "dtype": settings["dtype"], "device": "cpu"},
+        "calibration": settings["calibration"],
+        "method": {"name": method, "ratio": ratio, "skip_layers": settings["skip_layers"]},
+        "evaluation": {"perplexity": [ppl], "tasks": tasks},
+        "runtime": runtime,
+        "seed": seed,
+    }
+
+
+def cell_key(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cells_of(settings: dict) -> list[tuple[str, float, int, bool]]:
+    out = []
+    for i, seed in enumerate(settings["seeds"]):
+        out.append(("dense", 0.0, seed, i == 0))
+        for ratio in settings["ratios"]:
+            for method in settings["methods"][1:]:
+                out.append((method, ratio, seed, i == 0))
+    return out
+
+
+def run_cell(recipe: dict, data_dir: str) -> dict:
+    from prunekit.runner import apply
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = {**recipe, "data_dir": data_dir}
+        start = time.perf_counter()
+        result = apply(recipe, output=Path(tmp) / "run")
+        result["cell_wall_s"] = time.perf_counter() - start
+    result.pop("output_dir", None)
+    return result
+
+
+def run_cells(settings: dict, cells_dir: Path, data_dir: str) -> list[dict]:
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    todo = cells_of(settings)
+    for n, (method, ratio, seed, full) in enumerate(todo, start=1):
+        recipe = cell_recipe(settings, method, ratio, seed, full)
+        key = cell_key(recipe)
+        path = cells_dir / f"{method}-r{ratio:g}-s{seed}-{key}.json"
+        if path.is_file():
+            cell = json.loads(path.read_text())
+            print(f"[{n}/{len(todo)}] {path.name}: cached", file=sys.stderr)
+        else:
+            print(f"[{n}/{len(todo)}] {method} r={ratio:g} seed={seed} "
+                  f"({'full' if full else 'perplexity only'})", file=sys.stderr, flush=True)  # fmt: skip
+            result = run_cell(recipe, data_dir)
+            cell = {"method": method, "ratio": ratio, "seed": seed, "full": full,
+                    "key": key, "recipe": recipe, "result": result}  # fmt: skip
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cell, indent=1, default=str))
+            os.replace(tmp, path)  # a cell is either complete on disk or absent
+            print(f"    {result['cell_wall_s']:.0f} s", file=sys.stderr, flush=True)
+        out.append(cell)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(settings: dict, cells: list[dict]) -> dict:
+    from prunekit.evaluation.headline import degradation_per_runtime_reduction, relative_to
+
+    by = {(c["method"], c["ratio"], c["seed"]): c for c in cells}
+    seeds = settings["seeds"]
+    first = seeds[0]
+    dense_ppl = {s: by[("dense", 0.0, s)]["result"]["metrics"]["wikitext2-test"]["ppl"]
+                 for s in seeds}  # fmt: skip
+    rows = []
+    for method in settings["methods"]:
+        for ratio in [0.0] if method == "dense" else settings["ratios"]:
+            full = by[(method, ratio, first)]["result"]
+            metrics = full["metrics"]
+            ppls = [by[(method, ratio, s)]["result"]["metrics"]["wikitext2-test"]["ppl"]
+                    for s in seeds]  # fmt: skip
+            runtime = full.get("runtime") or {}
+            t_ratio = runtime.get("time_ratio") if method != "dense" else 1.0
+            headlines = []
+            if method != "dense" and t_ratio is not None:
+                t_p, t_d = runtime["pruned_s_per_batch"], runtime["dense_s_per_batch"]
+                headlines = [degradation_per_runtime_reduction(p, dense_ppl[s], t_p, t_d)
+                             for p, s in zip(ppls, seeds, strict=True)]  # fmt: skip
+            tasks = {t: {"acc": metrics[t]["acc"], "acc_norm": metrics[t]["acc_norm"],
+                         "questions": metrics[t]["questions"]}
+                     for t in TASK_TITLES if t in metrics}  # fmt: skip
+            average = metrics.get("tasks_average", {})
+            ppl_mean, ppl_std = _mean_std(ppls)
+            headline = None
+            if headlines and all(h is not None for h in headlines):
+                headline = _mean_std(headlines)
+            rows.append({
+                "method": method, "ratio": ratio, "dynamic": full["dynamic"],
+                "ppl": ppl_mean, "ppl_std": ppl_std, "ppl_seeds": ppls,
+                "tasks": tasks, "acc_norm_avg": average.get("acc_norm"),
+                "acc_avg": average.get("acc"),
+                "time_ratio": t_ratio,
+                "dense_s_per_batch": runtime.get("dense_s_per_batch"),
+                "pruned_s_per_batch": runtime.get("pruned_s_per_batch"),
+                "overhead_fraction": runtime.get("overhead_fraction"),
+                "params_kept_fraction": full["reduction"]["params_kept_fraction"],
+                "flops_kept_fraction": full["reduction"]["flops_kept_fraction"],
+                "headline": headline[0] if headline else None,
+                "headline_std": headline[1] if headline else None,
+                "cell_wall_s": full.get("cell_wall_s"),
+            })  # fmt: skip
+    for ratio in settings["ratios"]:
+        here = [r for r in rows if r["ratio"] == ratio]
+        rel = relative_to({r["method"]: r["headline"] for r in here}, "pp")
+        for r in here:
+            r["headline_vs_pp"] = rel.get(r["method"])
+    return {"rows": rows, "verdict": verdict(rows, max(settings["ratios"]))}
+
+
+def verdict(rows: list[dict], ratio: float) -> dict:
+    """PP's headline value vs the best (lowest) static method's at ``ratio``."""
+    here = [r for r in rows if r["ratio"] == ratio]
+    pp = next((r for r in here if r["method"] == "pp"), None)
+    static = [r for r in here if not r["dynamic"] and r["method"] != "dense"
+              and r["headline"] is not None]  # fmt: skip
+    if pp is None or pp["headline"] is None or not static:
+        return {"ratio": ratio, "holds": None, "reason": "PP or every static method has no value"}
+    best = min(static, key=lambda r: r["headline"])
+    factor = best["headline"] / pp["headline"] if pp["headline"] > 0 else None
+    return {"ratio": ratio, "pp": pp["headline"], "best_static": best["method"],
+            "best_static_value": best["headline"], "factor": factor,
+            "holds": factor is not None and factor > 1.0, "paper_factor": 2.56}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _f(x, fmt="{:.2f}", none="n/a"):
+    return none if x is None else fmt.format(x)
+
+
+def _pct(x):
+    return _f(None if x is None else 100 * x, "{:.1f}")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["aggregate"]["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in report["settings"]["methods"]:
+        pts = [r for r in rows if r["method"] == method and r["time_ratio"] is not None]
+        if not pts:
+            continue
+        xs, ys = [r["time_ratio"] for r in pts], [r["ppl"] for r in pts]
+        ax.plot(xs, ys, marker="o", linestyle="-" if len(pts) > 1 else "",
+                label=TITLES.get(method, method))  # fmt: skip
+        for r in pts:
+            if r["method"] != "dense":
+                ax.annotate(f"{r['ratio']:.0%}", (r["time_ratio"], r["ppl"]), fontsize=7,
+                            xytext=(4, 2), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("time per batch / dense (same process, same batches)")
+    ax.set_ylabel("WikiText-2 perplexity (log scale)")
+    ax.set_yscale("log")
+    s = report["settings"]
+    ax.set_title(f"SmolLM2-135M, {s['dtype']}, CPU: perplexity vs runtime")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(report: dict, image: str) -> str:
+    s, agg = report["settings"], report["aggregate"]
+    rows = agg["rows"]
+    tasks = [t for t in TASK_TITLES if any(t in r["tasks"] for r in rows)]
+    seeds = s["seeds"]
+    lines = [
+        "# Benchmarks: Probe Pruning's main table on the offline model",
+        "",
+        "<!-- generated by benchmarks/paper_table.py; do not edit by hand -->",
+        "",
+        *(["**Smoke test (`--quick`): a few windows and questions per cell, timings of one "
+           "small batch. Not a result.**", ""] if s.get("quick") else []),
+        f"Command: `{report['command']}` ({report['elapsed_min']:.0f} min of cell time on "
+        f"{report['machine']['cpu_count']} CPU cores, torch {report['machine']['torch']}, "
+        f"prunekit {report['machine']['prunekit']}). Raw results: "
+        "[benchmarks/results/paper_table.json](../benchmarks/results/paper_table.json).",
+        "",
+        "## Settings",
+        "",
+        f"- Model: SmolLM2-135M-Instruct (`{s['model']}`, the offline default: Q4_1 GGUF "
+        f"dequantised), **{s['dtype']}**, CPU; layers {s['skip_layers']} are never pruned and the "
+        "other layers get the compensated ratio, as in the paper.",
+        f"- Calibration (all methods that calibrate): C4 (bundled sample, documents 1000-1999), "
+        f"{s['calibration']['samples']} windows of {s['calibration']['seq_len']} tokens.",
+        f"- WikiText-2 (raw, test): {s['perplexity']['windows']} windows of "
+        f"{s['perplexity']['seq_len']} tokens at random offsets (the reference's sampling), "
+        f"batches of {s['perplexity']['batch_size']}; seeds {seeds}. PPL is the mean over the "
+        "seeds, ± the standard deviation across seeds (calibration draw and windows change with "
+        "the seed).",
+        f"- Zero-shot tasks: the first **{s['tasks']['limit']} questions** of each task "
+        f"(seed {seeds[0]} only), batches of {s['tasks']['batch_size']} choices, reference "
+        "formatting; accuracy is `acc_norm` (NLL per continuation token, the reference's "
+        "plotted metric), in %. `acc` (summed NLL) is in the raw JSON and its average in the "
+        "last accuracy column.",
+        f"- Runtime: dense and pruned timed in the same process on the same "
+        f"{s['runtime']['batches']} batch(es) of {s['perplexity']['batch_size']}×"
+        f"{s['perplexity']['seq_len']} WikiText-2 tokens, after {s['runtime']['warmup']} "
+        "untimed call(s); the median time per batch. `time` is pruned / dense (lower is "
+        "faster). Dynamic methods are timed with their state preserved.",
+        "- Headline: degradation per unit runtime reduction, `(PPL - PPL_dense) / (1 - time)`, "
+        "lower is better; `n/a` where a method is not faster than dense; `vs PP` is the "
+        "method's value divided by PP's at the same ratio.",
+        "",
+        "## Table",
+        "",
+        "| method | ratio | WikiText-2 PPL | "
+        + " | ".join(TASK_TITLES[t] for t in tasks)
+        + " | avg acc_norm | avg acc | time | headline | vs PP |",
+        "|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|",
+    ]
+    for r in rows:
+        ppl = _f(r["ppl"]) + (f" ± {r['ppl_std']:.2f}" if r["ppl_std"] is not None else "")
+        cells = [_pct(r["tasks"].get(t, {}).get("acc_norm")) for t in tasks]
+        headline = _f(r["headline"], "{:.1f}") + (
+            f" ± {r['headline_std']:.1f}" if r.get("headline_std") is not None else ""
+        )
+        lines.append(
+            f"| {TITLES.get(r['method'], r['method'])} | {r['ratio']:.0%} | {ppl} | "
+            + " | ".join(cells)
+            + f" | {_pct(r['acc_norm_avg'])} | {_pct(r['acc_avg'])} | {_f(r['time_ratio'], '{:.3f}')}"
+            + f" | {headline if r['method'] != 'dense' else '—'}"
+            + f" | {_f(r.get('headline_vs_pp'), '{:.2f}×') if r['method'] != 'dense' else '—'} |"
+        )
+    v = agg["verdict"]
+    lines += ["", f"![perplexity vs runtime]({image})", "", "## Does PP's headline advantage hold?",
+              ""]  # fmt: skip
+    if v.get("holds") is None:
+        lines.append(f"Not decidable at {v['ratio']:.0%}: {v['reason']}.")
+    else:
+        word = "holds" if v["holds"] else "does not hold"
+        lines.append(
+            f"At {v['ratio']:.0%}, PP gives up {v['pp']:.1f} perplexity points per unit of "
+            f"runtime reduction; the best static method, {TITLES[v['best_static']]}, gives up "
+            f"{v['best_static_value']:.1f}. PP's value is **{v['factor']:.2f}× lower** than the "
+            f"best static method's, so the advantage **{word}** on this model (the paper: "
+            f"{v['paper_factor']}× lower on LLaMA-2-7B)."
+            if v["factor"] is not None and v["holds"]
+            else f"At {v['ratio']:.0%}, PP gives up {v['pp']:.1f} perplexity points per unit of "
+            f"runtime reduction and the best static method, {TITLES[v['best_static']]}, "
+            f"{v['best_static_value']:.1f}: the advantage **{word}** on this model (the paper: "
+            f"{v['paper_factor']}× lower on LLaMA-2-7B)."
+        )
+    lines += [
+        "",
+        "## Reading the numbers",
+        "",
+        "- SmolLM2-135M is a 30-layer model with 9 query heads over 3 KV heads; structured "
+        "pruning hurts it much more than a 7B model, so absolute perplexities and accuracies "
+        "are far from the paper's. Several tasks sit near chance for the dense model already "
+        "(BoolQ, ARC-c, OBQA), so accuracy differences between methods there are within the "
+        f"noise of {s['tasks']['limit']} questions (standard errors per task are in the raw "
+        "JSON).",
+        "- Timings are CPU wall-clock on a shared 2-core machine with bf16 matmuls; on this "
+        "hardware a dynamic method's fixed costs (probe, scoring, gathering weights) weigh "
+        "more than on a GPU. Full-batch probing runs every batch twice, so it is slower than "
+        "dense and has no headline value.",
+        "- Accuracy here uses the first questions of each task, not the full sets; "
+        "`prunekit apply` with `evaluation.tasks: [commonsense]` runs the full sets.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict:
+    import torch
+
+    import prunekit
+
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "prunekit": prunekit.__version__,
+            "python": platform.python_version()}  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test, not a result")
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="questions per task")
+    parser.add_argument("--windows", type=int, default=None, help="WikiText-2 windows")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR") or DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=None, help="results directory")
+    parser.add_argument("--render-only", action="store_true", help="only rewrite the report")
+    args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
+    if not Path(args.data_dir).is_dir():
+        parser.error(f"data directory {args.data_dir} not found; give --data-dir (laid out like "
+                     "../shared/data)")  # fmt: skip
+    os.environ.setdefault("PRUNEKIT_QUIET", "1")
+    settings = settings_from(args)
+    if args.quick:
+        out = args.out or ROOT / "runs" / "paper_table_quick"
+        json_path, md_path, png_path = out / "paper_table.json", out / "benchmarks.md", out / "paper_table.png"
+        image = "paper_table.png"
+    else:
+        out = args.out or HERE / "results"
+        json_path = out / "paper_table.json"
+        md_path, png_path = ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "img" / "paper_table.png"
+        image = "img/paper_table.png"
+    cells_dir = out / "paper_table_cells"
+    command = "python benchmarks/paper_table.py" + " ".join(
+        [""] + [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--render-only"]
+    )
+    if args.render_only:
+        report = json.loads(json_path.read_text())
+    else:
+        start = time.perf_counter()
+        cells = run_cells(settings, cells_dir, str(args.data_dir))
+        report = {
+            "command": command.strip(),
+            "settings": settings,
+            "machine": machine(),
+            "elapsed_min": sum(c["result"].get("cell_wall_s", 0) for c in cells) / 60,
+            "session_min": (time.perf_counter() - start) / 60,
+            "aggregate": aggregate(settings, cells),
+            "cells": [{k: c[k] for k in ("method", "ratio", "seed", "full", "key")}
+                      | {"metrics": c["result"]["metrics"], "runtime": c["result"].get("runtime"),
+                         "reduction": c["result"]["reduction"],
+                         "timings": c["result"]["timings"]} for c in cells],
+        }  # fmt: skip
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    plot(report, png_path)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(markdown(report, image))
+    print(f"wrote {json_path}, {md_path}, {png_path}", file=sys.stderr)
+    if args.quick and not args.out:
+        shutil.rmtree(cells_dir, ignore_errors=True)  # a smoke test keeps no cache
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
