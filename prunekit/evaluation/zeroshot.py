@@ -2,7 +2,7 @@
 
 Scoring (pp-spec section 7.3): for each choice, the summed token NLL of the continuation given
 its context. ``acc`` picks the choice with the smallest sum; ``acc_norm`` the smallest NLL *per
-continuation token* (the reference's ``CsrAccuracyNorm``; not lm-eval's per-byte
+continuation token* (the reference's ``CsrAccuracyNorm``; not lm-eval's per-character
 normalisation). Ties go to the first choice. Accuracies are fractions in ``[0, 1]``.
 
 Batching: the choices of all questions are flattened in order (question by question, choice
@@ -13,7 +13,7 @@ Hugging Face causal LM with ``input_ids`` and ``attention_mask``; a dynamic mode
 start as in perplexity evaluation (state reset, one unscored warm-up batch) before each task.
 
 Tokenisation (:func:`encode_pair`) follows lm-eval: the whole ``context + continuation`` is
-tokenised once and the continuation is what follows the context's tokens, with trailing spaces
+tokenised once and the continuation is what follows the context's tokens, with trailing whitespace
 of the context moved to the continuation. The context gets the tokenizer's special tokens (BOS
 for LLaMA, as in the reference; SmolLM2's tokenizer adds none); an empty context is replaced by
 the BOS (else EOS) token so that the first continuation token is predicted from something. Each
@@ -49,7 +49,7 @@ def _prefix_token(tokenizer) -> int:
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of ``context`` and of ``continuation`` as it follows that context."""
-    spaces = len(context) - len(context.rstrip(" "))
+    spaces = len(context) - len(context.rstrip())  # every trailing whitespace, like lm-eval
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     if not context:

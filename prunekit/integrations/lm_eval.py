@@ -1,0 +1,373 @@
+"""lm-evaluation-harness bridge: run lm-eval tasks on any prunekit model.
+
+:class:`PrunekitLM` wraps a dense Hugging Face causal LM, a statically pruned model, or the
+dynamic :class:`~prunekit.pruning.dynamic.DynamicModel` of ``prunekit.prune(...)`` (its
+:attr:`~prunekit.components.PruneOutcome.model`), together with its tokenizer, as an lm-eval
+``LM`` registered under the name ``prunekit``::
+
+    import lm_eval
+    from prunekit.integrations.lm_eval import PrunekitLM
+
+    outcome = prunekit.prune(model, tokenizer, method="pp", ratio=0.4, calibration=...)
+    results = lm_eval.simple_evaluate(model=PrunekitLM(outcome.model, tokenizer),
+                                      tasks=["arc_easy"])
+
+From the command line, a recipe is loaded and pruned (not evaluated) first::
+
+    python -m prunekit.integrations.lm_eval --model prunekit \\
+        --model_args recipe=recipes/pp_smollm2.yaml --tasks arc_easy
+
+Scoring is prunekit's own (:mod:`prunekit.evaluation.zeroshot`): a ``(context,
+continuation)`` request is tokenised by :func:`~prunekit.evaluation.zeroshot.encode_pair` and
+scored by :func:`~prunekit.evaluation.zeroshot.score_requests`, ``batch_size`` requests per
+forward, right-padded, each input cut from the left to ``max_length`` tokens. How this differs
+from prunekit's own task evaluation and from lm-eval's ``hf`` model:
+
+* **Batches, and so dynamic decisions.** Requests are scored in the order lm-eval hands them
+  over (the tasks' requests one after the other, question by question, choice by choice), cut
+  into groups of ``batch_size`` that may span questions and tasks. A dynamic method decides its
+  kept units per batch and updates its state after every batch, so its scores depend on which
+  requests share a batch and on what came before: through the bridge they differ from
+  prunekit's own evaluation, which batches each task separately. Each call of
+  :meth:`PrunekitLM.loglikelihood` (and of ``loglikelihood_rolling``) starts like prunekit's
+  evaluation of a task does: state reset, then one unscored warm-up batch. Dense and static
+  models are not affected (up to floating-point noise from the padding width).
+* **Tokenisation.** ``encode_pair`` is lm-eval's rule (``context + continuation`` tokenised
+  once, the continuation being the tokens after the context's), with the context's special
+  tokens: a LLaMA tokenizer puts BOS in front, as the Probe Pruning reference does. lm-eval
+  0.4.13's ``hf`` model does the same by default (``add_bos_token=None``: the tokenizer's
+  default); older lm-eval releases defaulted to ``add_bos_token=False``. One difference
+  remains: when the boundary merges context and continuation into one token (rare; none of
+  the 1,100 requests of the cross-check), prunekit tokenises the continuation on its own,
+  where lm-eval keeps the split of the joint tokenisation.
+* **acc_norm.** lm-eval computes a multiple-choice task's ``acc_norm`` itself from the
+  log-likelihoods this bridge returns, normalising by the length of each choice *in
+  characters* (``acc_bytes``: in UTF-8 bytes); prunekit's ``acc_norm`` normalises by the
+  number of continuation *tokens*. ``acc`` is the same rule in both (highest summed
+  log-likelihood, first choice on ties).
+
+Generation (:meth:`PrunekitLM.generate_until`) is greedy, one request at a time, through the
+model's ``generate``; a dynamic model decides on the prompt and holds that decision for every
+decoding step (:meth:`~prunekit.pruning.dynamic.DynamicModel.hold`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import (
+        get_rolling_token_windows,
+        make_disjoint_window,
+        simple_parse_args_string,
+    )
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "prunekit.integrations.lm_eval needs EleutherAI's lm-evaluation-harness: "
+        f'pip install "prunekit[lm-eval]" (import failed: {exc})'
+    ) from exc
+
+from prunekit.evaluation.zeroshot import (
+    _pad_id,
+    _prefix_token,
+    encode_pair,
+    prepare_model,
+    score_requests,
+)
+
+__all__ = ["PrunekitLM", "main"]
+
+logger = logging.getLogger(__name__)
+
+#: lm-eval's default number of generated tokens when a task gives none.
+DEFAULT_MAX_GEN_TOKS = 256
+
+_MODEL_ARGS = ("recipe", "set", "batch_size", "max_length", "device", "dtype")
+
+
+def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` (an int, or a string of digits as lm-eval's CLI passes it) checked >= minimum."""
+    message = f"{name} must be an integer >= {minimum}, got {value!r}"
+    if isinstance(value, str) and value.strip().startswith("auto"):
+        raise ValueError(message + " (PrunekitLM has no automatic batch size)")
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(message)
+    return value
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Stopping criterion for one sequence: stop once the text generated after the prompt
+    contains any of ``stops`` (checked on the decoded text, so a stop string split over
+    several tokens is found too)."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        done = []
+        for row in input_ids:
+            text = self.tokenizer.decode(row[self.prompt_length :], skip_special_tokens=True)
+            done.append(any(s in text for s in self.stops))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    cut = len(text)
+    for stop in stops:
+        if stop:
+            at = text.find(stop)
+            if at != -1:
+                cut = min(cut, at)
+    return text[:cut]
+
+
+@register_model("prunekit")
+class PrunekitLM(LM):
+    """An lm-eval ``LM`` over a prunekit model (dense, static or dynamic) and its tokenizer.
+
+    :param model: anything that answers like a Hugging Face causal LM (``input_ids``,
+        ``attention_mask`` -> ``.logits``), e.g. ``PruneOutcome.model``.
+    :param tokenizer: the model's Hugging Face tokenizer.
+    :param batch_size: requests per forward pass (prunekit's task default, 20).
+    :param max_length: tokens per scored input; longer inputs lose tokens on the left (the
+        continuation is kept). For generation, the prompt is cut to
+        ``max_length - max_gen_toks`` tokens.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 20, max_length: int = 512) -> None:
+        super().__init__()
+        if tokenizer is None:
+            raise ValueError("PrunekitLM needs the model's tokenizer")
+        if not callable(model):
+            raise TypeError(f"PrunekitLM needs a causal LM module, got {type(model).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.max_length = _positive_int(max_length, "max_length", minimum=2)
+        #: set by :meth:`from_recipe`: the pruning outcome and the recipe it came from
+        self.outcome = None
+        self.recipe = None
+
+    # -- construction from a recipe (lm_eval --model prunekit --model_args recipe=...) --------
+    @classmethod
+    def from_recipe(cls, recipe: str | os.PathLike | dict, overrides: Sequence[str] = (), *,
+                    batch_size: int = 20, max_length: int = 512) -> PrunekitLM:  # fmt: skip
+        """Load the recipe's model and prune it with the recipe's method (no evaluation).
+
+        The recipe is validated like ``prunekit validate`` does (so the data files it names
+        must be found); past that, ``evaluation``, ``runtime`` and ``output`` are ignored.
+        ``overrides`` are
+        ``--set``-style ``key=value`` strings, e.g. ``["method.ratio=0.2", "model.device=cuda"]``.
+        The :class:`~prunekit.components.PruneOutcome` is kept as :attr:`outcome`.
+        """
+        from prunekit.models.loading import load_model
+        from prunekit.recipe import load_recipe
+        from prunekit.runner import PruneContext, _seed_everything, resolve_adapter, validate
+
+        loaded = load_recipe(recipe, list(overrides))
+        plan = validate(loaded)
+        r = loaded.recipe
+        _seed_everything(r.seed)
+        lm = load_model(r.model.id, dtype=r.model.dtype, device=r.model.device,
+                        attn_implementation=r.model.attn_implementation)  # fmt: skip
+        ctx = PruneContext(model=lm.model, tokenizer=lm.tokenizer,
+                           adapter=resolve_adapter(lm.model), settings=plan.settings, recipe=r,
+                           model_info=lm.info, calibration_source=plan.calibration_source)  # fmt: skip
+        outcome = plan.method_cls(plan.settings, plan.components).prune(ctx)
+        bridge = cls(outcome.model, lm.tokenizer, batch_size=batch_size, max_length=max_length)
+        bridge.outcome, bridge.recipe = outcome, r
+        return bridge
+
+    @classmethod
+    def _from_args(cls, args: dict, additional_config: dict | None) -> PrunekitLM:
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        unknown = sorted(set(args) - set(_MODEL_ARGS))
+        if unknown:
+            raise ValueError(f"unknown model_args {unknown} for --model prunekit; allowed: "
+                             f"{', '.join(_MODEL_ARGS)}")  # fmt: skip
+        recipe = args.get("recipe")
+        if not recipe:
+            raise ValueError(
+                "--model prunekit needs model_args recipe=<recipe.yaml> (e.g. --model_args "
+                "recipe=recipes/pp_smollm2.yaml,batch_size=20); from Python, wrap a model you "
+                "already have: PrunekitLM(model, tokenizer)"
+            )
+        overrides = [s.strip() for s in str(args.get("set") or "").split(";") if s.strip()]
+        # lm-eval's --device is not used: its command line passes cuda:0 when none is given,
+        # and the recipe says where the model goes (model.device, or device= here)
+        if args.get("device") is not None:
+            overrides.append(f"model.device={args['device']}")
+        if args.get("dtype") is not None:
+            overrides.append(f"model.dtype={args['dtype']}")
+        # model_args win over lm-eval's --batch_size (whose command-line default is 1)
+        batch_size = args.get("batch_size", extra.get("batch_size", 20))
+        return cls.from_recipe(recipe, overrides, batch_size=batch_size,
+                               max_length=args.get("max_length", 512))  # fmt: skip
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str,
+                               additional_config: dict | None = None) -> PrunekitLM:  # fmt: skip
+        """``--model_args recipe=PATH[,set=KEY=VALUE;KEY=VALUE][,batch_size=N][,max_length=N]
+        [,device=cuda][,dtype=bfloat16]``: load and prune a recipe (see :meth:`from_recipe`).
+
+        Several ``--set`` overrides are separated by ``;`` (lm-eval splits model_args at
+        commas, so override values cannot contain commas). ``batch_size`` falls back to
+        lm-eval's ``--batch_size`` (default 1 on its command line), then 20; the device is the
+        recipe's ``model.device`` unless ``device=`` is given here (lm-eval's ``--device`` is
+        not used).
+        """
+        return cls._from_args(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict,
+                            additional_config: dict | None = None) -> PrunekitLM:  # fmt: skip
+        """Like :meth:`create_from_arg_string`, from a dict (``model_args`` given as a dict)."""
+        return cls._from_args(dict(arg_dict), additional_config)
+
+    # -- lm-eval's interface -------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _score(self, pairs: list[tuple[list[int], list[int]]], description: str):
+        return score_requests(self.model, pairs, batch_size=self.batch_size,
+                              max_length=self.max_length, pad_id=_pad_id(self.tokenizer),
+                              description=description, prepare=True)  # fmt: skip
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """``(log P(continuation | context), continuation is the greedy output)`` per request,
+        in request order (see the module docstring for batching and tokenisation)."""
+        pairs = []
+        for req in requests:
+            context, continuation = req.args[0], req.args[1]
+            ctx, cont = encode_pair(self.tokenizer, context, continuation)
+            if not cont:
+                raise ValueError(f"empty continuation for context {context[-60:]!r}: every "
+                                 "loglikelihood request needs at least one token to score")  # fmt: skip
+            pairs.append((ctx, cont))
+        scores = self._score(pairs, "lm-eval loglikelihood")
+        out = [(s.logprob, s.greedy) for s in scores]
+        for req, result in zip(requests, out, strict=True):
+            self.cache_hook.add_partial("loglikelihood", req.args, result)
+        return out
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        """Log-likelihood of each whole text, conditioned on the BOS token (else EOS).
+
+        The text is tokenised without special tokens and cut into lm-eval's disjoint rolling
+        windows of ``max_length`` tokens (every token predicted exactly once, each window with
+        the most context that fits); windows of all requests are scored ``batch_size`` at a
+        time and summed per request.
+        """
+        prefix = _prefix_token(self.tokenizer)
+        windows, owners = [], []
+        for i, req in enumerate(requests):
+            tokens = list(self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"])
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=tokens, prefix_token=prefix, max_seq_len=self.max_length,
+                    context_len=1)):  # fmt: skip
+                windows.append((ctx, cont))
+                owners.append(i)
+        totals = [0.0] * len(requests)
+        for owner, score in zip(owners, self._score(windows, "lm-eval rolling"), strict=True):
+            totals[owner] += score.logprob
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    @staticmethod
+    def _generation_settings(gen_kwargs: dict | None) -> tuple[list[str], int]:
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.pop("until", None)
+        if until is None:
+            stops: list[str] = []
+        elif isinstance(until, str):
+            stops = [until]
+        elif isinstance(until, (list, tuple)) and all(isinstance(s, str) for s in until):
+            stops = list(until)
+        else:
+            raise ValueError(f"'until' must be a string or a list of strings, got {until!r}")
+        max_gen = DEFAULT_MAX_GEN_TOKS
+        for alias in ("max_gen_toks", "max_new_tokens", "max_tokens"):  # lm-eval's priority
+            if kwargs.get(alias) is not None:
+                max_gen = _positive_int(kwargs[alias], alias)
+                break
+        for alias in ("max_gen_toks", "max_new_tokens", "max_tokens"):
+            kwargs.pop(alias, None)
+        do_sample = kwargs.pop("do_sample", None)
+        temperature = kwargs.pop("temperature", 0.0)
+        if do_sample or (temperature is not None and float(temperature) > 0):
+            raise ValueError("PrunekitLM generates greedily only; the task asks for sampling "
+                             f"(do_sample={do_sample!r}, temperature={temperature!r})")  # fmt: skip
+        if kwargs:
+            logger.warning("PrunekitLM ignores these generation settings: %s", sorted(kwargs))
+        return stops, max_gen
+
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        """Greedy continuation of each context, cut at the first stop string of ``until``.
+
+        One request at a time (no padding), at most ``max_gen_toks`` new tokens (default 256),
+        also stopping at the model's EOS. The prompt gets the tokenizer's special tokens, like
+        loglikelihood contexts, and keeps its last ``max_length - max_gen_toks`` tokens.
+        """
+        generate = getattr(self.model, "generate", None)
+        if generate is None:
+            raise TypeError(f"{type(self.model).__name__} has no generate(); generate_until "
+                            "needs a Hugging Face causal LM (or a prunekit model wrapping one)")  # fmt: skip
+        prepare_model(self.model, None)  # a dynamic model starts from its post-calibration state
+        hold = getattr(self.model, "hold", None)
+        pad = _pad_id(self.tokenizer)
+        out: list[str] = []
+        for req in requests:
+            context, gen_kwargs = req.args[0], req.args[1]
+            stops, max_gen = self._generation_settings(gen_kwargs)
+            room = self.max_length - max_gen
+            if room < 1:
+                raise ValueError(f"max_gen_toks {max_gen} leaves no room for the prompt within "
+                                 f"max_length {self.max_length}; raise max_length")  # fmt: skip
+            ids = (list(self.tokenizer(context, add_special_tokens=True)["input_ids"])
+                   if context else [_prefix_token(self.tokenizer)])  # fmt: skip
+            ids = ids[-room:]
+            input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+            criteria = StoppingCriteriaList(
+                [_StopOnStrings(self.tokenizer, stops, len(ids))] if stops else []
+            )
+            # a dynamic model decides on the prompt and keeps that decision while decoding
+            # (its KV cache holds only the kept heads' keys/values)
+            with hold() if hold is not None else contextlib.nullcontext():
+                sequence = generate(input_ids=input_ids,
+                                    attention_mask=torch.ones_like(input_ids),
+                                    max_new_tokens=max_gen, do_sample=False, num_beams=1,
+                                    stopping_criteria=criteria, pad_token_id=pad)  # fmt: skip
+            text = self.tokenizer.decode(sequence[0, len(ids) :], skip_special_tokens=True)
+            text = _cut_at_stops(text, stops)
+            self.cache_hook.add_partial("generate_until", req.args, text)
+            out.append(text)
+        return out
+
+
+def main() -> None:
+    """lm-eval's command line with the ``prunekit`` model registered
+    (``python -m prunekit.integrations.lm_eval --model prunekit --model_args recipe=...``)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
