@@ -204,6 +204,22 @@ def aggregate(settings: dict, cells: list[dict]) -> dict:
     return {"rows": rows, "verdict": verdict(rows, max(settings["ratios"]))}
 
 
+def baselines(settings: dict, data_dir: str) -> dict:
+    """Per task, on the evaluated questions: the majority-class accuracy (always answering the
+    most frequent gold index) and the chance accuracy (mean of 1 / number of choices)."""
+    from collections import Counter
+
+    from prunekit.data.tasks import load_questions, locate_task
+
+    out = {}
+    for task in TASK_TITLES:
+        questions = load_questions(locate_task(task, data_dir), settings["tasks"]["limit"])
+        counts = Counter(q.gold for q in questions)
+        out[task] = {"majority": max(counts.values()) / len(questions),
+                     "chance": statistics.fmean(1 / q.num_choices for q in questions)}  # fmt: skip
+    return out
+
+
 def verdict(rows: list[dict], ratio: float) -> dict:
     """PP's headline value vs the best (lowest) static method's at ``ratio``."""
     here = [r for r in rows if r["ratio"] == ratio]
@@ -327,6 +343,13 @@ def markdown(report: dict, image: str) -> str:
             + f" | {headline if r['method'] != 'dense' else '—'}"
             + f" | {_f(r.get('headline_vs_pp'), '{:.2f}×') if r['method'] != 'dense' else '—'} |"
         )
+    dense_t = [r["dense_s_per_batch"] for r in rows if r.get("dense_s_per_batch")]
+    base = report.get("baselines")
+    if base:
+        for key, title in (("chance", "Chance"), ("majority", "Majority class")):
+            values = [base[t][key] for t in tasks]
+            lines.append(f"| *{title}* | — | — | " + " | ".join(_pct(x) for x in values)
+                         + f" | {_pct(statistics.fmean(values))} | — | — | — | — |")  # fmt: skip
     v = agg["verdict"]
     lines += ["", f"![perplexity vs runtime]({image})", "", "## Does PP's headline advantage hold?",
               ""]  # fmt: skip
@@ -356,10 +379,22 @@ def markdown(report: dict, image: str) -> str:
         "(BoolQ, ARC-c, OBQA), so accuracy differences between methods there are within the "
         f"noise of {s['tasks']['limit']} questions (standard errors per task are in the raw "
         "JSON).",
-        "- Timings are CPU wall-clock on a shared 2-core machine with bf16 matmuls; on this "
+        *([f"- The last two rows are what no model is needed for, on the same questions: "
+           "chance (1 / choices) and always answering the most frequent gold index. A pruned "
+           "model can beat the dense one on a task by shifting its prior over the choices: on "
+           f"BoolQ (yes/no) the majority class scores {_pct(base['boolq']['majority'])}% while "
+           f"dense scores {_pct(rows[0]['tasks']['boolq']['acc_norm'])}%, so BoolQ alone moves "
+           "the 7-task average by several points between methods."]
+          if base and "boolq" in rows[0]["tasks"] else []),
+        "- Timings are CPU wall-clock on a 2-core machine with bf16 matmuls; on this "
         "hardware a dynamic method's fixed costs (probe, scoring, gathering weights) weigh "
         "more than on a GPU. Full-batch probing runs every batch twice, so it is slower than "
-        "dense and has no headline value.",
+        "dense and has no headline value."
+        + (f" The dense model, timed again in every cell, took {min(dense_t):.2f}-"
+           f"{max(dense_t):.2f} s per batch across the {len(dense_t)} cells "
+           f"(±{50 * (max(dense_t) - min(dense_t)) / statistics.fmean(dense_t):.1f}% around "
+           "the mean): time ratios closer to 1 than that are within run-to-run noise, which "
+           "matters most at 20%." if len(dense_t) > 1 else ""),
         "- Accuracy here uses the first questions of each task, not the full sets; "
         "`prunekit apply` with `evaluation.tasks: [commonsense]` runs the full sets.",
     ]
@@ -421,6 +456,7 @@ def main(argv=None) -> int:
             "elapsed_min": sum(c["result"].get("cell_wall_s", 0) for c in cells) / 60,
             "session_min": (time.perf_counter() - start) / 60,
             "aggregate": aggregate(settings, cells),
+            "baselines": baselines(settings, str(args.data_dir)),
             "cells": [{k: c[k] for k in ("method", "ratio", "seed", "full", "key")}
                       | {"metrics": c["result"]["metrics"], "runtime": c["result"].get("runtime"),
                          "reduction": c["result"]["reduction"],
