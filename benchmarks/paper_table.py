@@ -395,6 +395,11 @@ def markdown(report: dict, image: str) -> str:
            f"(±{50 * (max(dense_t) - min(dense_t)) / statistics.fmean(dense_t):.1f}% around "
            "the mean): time ratios closer to 1 than that are within run-to-run noise, which "
            "matters most at 20%." if len(dense_t) > 1 else ""),
+        "- Dynamic methods decide per batch, so their perplexity depends on what shares a "
+        "batch. With the reference's random windows, a batch mixes 20 unrelated passages; "
+        "[benchmarks/methods_smollm2.md](../benchmarks/methods_smollm2.md) evaluates "
+        "consecutive windows (fp32), where a batch is one stretch of text and PP's perplexity "
+        "advantage over the static methods is larger.",
         "- Accuracy here uses the first questions of each task, not the full sets; "
         "`prunekit apply` with `evaluation.tasks: [commonsense]` runs the full sets.",
     ]
