@@ -484,8 +484,9 @@ def _open_text(path: Path) -> Iterator[Any]:
         fh.close()
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    rows: list[str] = []
+def json_records(path: Path, expected: str = "a JSON object") -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-empty line of a JSON-lines file (optionally .gz);
+    a line that is not a JSON object is a DataError naming the file and line."""
     with _open_text(path) as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -498,24 +499,27 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
                     "JSON object per line"
                 ) from None
             if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}:{lineno}: expected a JSON object with a {text_field!r} field, "
-                    f"got {type(row).__name__}"
-                )
-            if text_field not in row:
-                present = ", ".join(repr(k) for k in row) or "none"
-                raise DataError(
-                    f"{path}:{lineno}: row has no field {text_field!r}"
-                    f"{did_you_mean(text_field, row)}; fields present: {present}; set "
-                    "`text_field:` to the field that holds the text"
-                )
-            value = row[text_field]
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, "
-                    "expected a string"
-                )
-            rows.append(value)
+                raise DataError(f"{path}:{lineno}: expected {expected}, got {type(row).__name__}")
+            yield lineno, row
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    rows: list[str] = []
+    for lineno, row in json_records(path, f"a JSON object with a {text_field!r} field"):
+        if text_field not in row:
+            present = ", ".join(repr(k) for k in row) or "none"
+            raise DataError(
+                f"{path}:{lineno}: row has no field {text_field!r}"
+                f"{did_you_mean(text_field, row)}; fields present: {present}; set "
+                "`text_field:` to the field that holds the text"
+            )
+        value = row[text_field]
+        if not isinstance(value, str):
+            raise DataError(
+                f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, "
+                "expected a string"
+            )
+        rows.append(value)
     return rows
 
 

@@ -29,7 +29,6 @@ Where the data comes from, per task: a local data directory (``data_dir`` or
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import string
@@ -38,7 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunekit.data.corpora import DATA_DIR_ENV, _find_in, _local_data_dir, _open_text
+from prunekit.data.corpora import (
+    DATA_DIR_ENV,
+    _find_in,
+    _local_data_dir,
+    _open_text,
+    json_records,
+)
 from prunekit.errors import DataError, did_you_mean
 
 __all__ = [
@@ -288,21 +293,7 @@ def locate_task(name: str, data_dir: str | os.PathLike[str] | None = None) -> Ta
 
 def _read_records(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) of every non-empty line of a JSON-lines file."""
-    rows = []
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); a JSON-lines "
-                                "file needs one JSON object per line") from None  # fmt: skip
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got "
-                                f"{type(row).__name__}")  # fmt: skip
-            rows.append((lineno, row))
-    return rows
+    return list(json_records(path))
 
 
 def _hub_records(spec: TaskSpec) -> list[tuple[int, dict]]:
