@@ -470,19 +470,6 @@ def _versions() -> dict:
     return out
 
 
-def _file_sha256(location: str | None) -> str | None:
-    """sha256 of a local file (None for a hub source or a missing file)."""
-    import hashlib
-
-    if not location or not Path(location).is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(location, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -495,7 +482,7 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True) -> di
     from prunekit.data import eval_windows, source_sha256
     from prunekit.evaluation.perplexity import perplexity
     from prunekit.evaluation.runtime import memory_info, summarize, time_batches, time_pruned
-    from prunekit.models.loading import load_model
+    from prunekit.models.loading import load_model, sha256_file
     from prunekit.plugins import get_plugin_manager
 
     pm = pm or get_plugin_manager()
@@ -559,9 +546,10 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True) -> di
         if evaluate and plan.tasks:
             save_to = staging if recipe.output.save_predictions else None
             metrics.update(evaluate_tasks(outcome.model, tokenizer, plan.tasks, save_to))
-            for label, _, source in plan.tasks:
-                location = getattr(source, "location", None) or getattr(source, "path", None)
-                data_hashes[label] = _file_sha256(location)
+            for label, _, _ in plan.tasks:
+                m = metrics[label]
+                data_hashes[label] = (None if m["source"] == "hub"
+                                      else sha256_file(Path(m["location"])))  # fmt: skip
         timings["evaluation_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
 

@@ -386,5 +386,10 @@ def test_apply_reports_tasks_and_their_average(smollm2, shared_data, tmp_path):
     assert average["acc_norm"] == pytest.approx(
         sum(metrics[t]["acc_norm"] for t in average["tasks"]) / 3
     )
+    hashes = json.loads((tmp_path / "out" / "provenance.json").read_text())["data_sha256"]
+    import hashlib
+
+    assert hashes["mine"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(hashes["piqa"]) == 64
     lines = (tmp_path / "out" / "predictions" / "arc_challenge.jsonl").read_text().splitlines()
     assert len(lines) == 2 and {"gold", "pred", "pred_norm", "nll"} <= set(json.loads(lines[0]))

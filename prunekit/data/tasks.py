@@ -291,11 +291,6 @@ def locate_task(name: str, data_dir: str | os.PathLike[str] | None = None) -> Ta
     return TaskSource(spec.name, "hub", f"{path}/{config}:{split}" if config else f"{path}:{split}")
 
 
-def _read_records(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) of every non-empty line of a JSON-lines file."""
-    return list(json_records(path))
-
-
 def _hub_records(spec: TaskSpec) -> list[tuple[int, dict]]:
     path, config, split = spec.hub
     try:
@@ -315,12 +310,11 @@ def _hub_records(spec: TaskSpec) -> list[tuple[int, dict]]:
 def load_questions(source: TaskSource, limit: int | None = None) -> list[Question]:
     """The first ``limit`` questions (all if None) of a built-in task, in file order."""
     spec = TASKS[source.task]
+    where = source.location
     if source.kind == "hub":
         records = _hub_records(spec)
-        where = source.location
     else:
-        records = _read_records(Path(source.location))
-        where = source.location
+        records = list(json_records(Path(source.location)))
         if source.labels is not None:
             with _open_text(Path(source.labels)) as fh:
                 labels = [line.strip() for line in fh if line.strip()]
@@ -438,7 +432,7 @@ class JsonlTask:
         if not path.is_file():
             raise DataError(f"task {self.name}: file {str(path)!r} does not exist; check the "
                             f"`path:` setting (relative paths are taken from {os.getcwd()!r})")  # fmt: skip
-        records = _read_records(path)
+        records = list(json_records(path))
         if not records:
             raise DataError(f"task {self.name}: {path} holds no records")
         if limit is not None:

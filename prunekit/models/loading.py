@@ -56,6 +56,7 @@ __all__ = [
     "model_fingerprint",
     "resolve_device",
     "resolve_dtype",
+    "sha256_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -320,7 +321,7 @@ def locate_model(model_id: str) -> dict[str, Any]:
 _FILE_HASH_MEMO: dict[tuple[str, int, int], str] = {}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     """Streamed sha256 of a file, memoised in-process by (path, size, mtime)."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
@@ -344,7 +345,7 @@ def _weights_sha256(directory: Path) -> str | None:
     files = sorted({p for pattern in _WEIGHT_PATTERNS for p in directory.glob(pattern)})
     if not files:
         return None
-    lines = "".join(f"{_sha256_file(p)}  {p.name}\n" for p in files)
+    lines = "".join(f"{sha256_file(p)}  {p.name}\n" for p in files)
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
@@ -533,7 +534,7 @@ def _converted_alias(alias: str, spec: GgufAlias, gguf: Path, root: Path) -> tup
 
     Returns its directory and the GGUF file's sha256.
     """
-    gguf_sha256 = _sha256_file(gguf)
+    gguf_sha256 = sha256_file(gguf)
     models_dir = root / "models"
     target = models_dir / f"{spec.slug}-{gguf_sha256[:12]}"
     if _is_complete(target):
