@@ -5,6 +5,7 @@ Public API (imported lazily so that ``import prunekit`` stays cheap)::
     import prunekit
     result = prunekit.apply("recipes/pp_smollm2.yaml")             # recipe -> results dict
     outcome = prunekit.prune(model, tokenizer, method="wanda-sp", ratio=0.4)
+    prepared = prunekit.prepare("recipes/pp_smollm2.yaml")        # loaded + pruned, no eval
     model = prunekit.load_pruned("runs/wanda-sp/model")          # any per-layer shapes
 
 Plugin authors use :data:`hookimpl` (see :mod:`prunekit.hookspecs`).
@@ -25,13 +26,14 @@ __all__ = [
     "apply",
     "hookimpl",
     "load_pruned",
+    "prepare",
     "prune",
     "validate",
 ]
 
 if TYPE_CHECKING:
     from prunekit.pruning.static import load_pruned
-    from prunekit.runner import apply, prune, validate
+    from prunekit.runner import apply, prepare, prune, validate
 
 
 def __getattr__(name: str):
@@ -39,7 +41,7 @@ def __getattr__(name: str):
         from prunekit.pruning.static import load_pruned
 
         return load_pruned
-    if name in ("apply", "prune", "validate"):
+    if name in ("apply", "prepare", "prune", "validate"):
         from prunekit import runner
 
         return getattr(runner, name)

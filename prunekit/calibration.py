@@ -1,8 +1,8 @@
 """Streaming calibration statistics at the inputs of the output projections.
 
-The dense model runs over the calibration windows once; a forward pre-hook on every
-``o_proj``/``down_proj`` (via the adapter's roles) folds each batch into every requested
-statistic. Memory is O(positions x channels) per projection, independent of the number of
+The dense model runs over the calibration windows once; the model adapter reports the input of
+every output projection (``LayerAdapter.watch``: o_proj, down_proj, fc2...) and each batch is
+folded into every requested statistic. Memory is O(positions x channels) per projection, independent of the number of
 samples. Accumulation is fp32 whatever the model dtype.
 
 Results are cached on disk by content: model fingerprint, calibration data (file hash, split,
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from prunekit.components import ATTN, MLP, CalibrationStatistic, ModelAdapter
+from prunekit.components import CalibrationStatistic, ModelAdapter
 from prunekit.hookspecs import hookimpl
 from prunekit.progress import track
 
@@ -66,8 +66,8 @@ def _stream(model, adapter: ModelAdapter, windows: torch.Tensor, batch_size: int
     handles = []
 
     def make_hook(key: tuple[int, str]) -> Callable:
-        def hook(module, args):
-            x = args[0].detach().float()
+        def hook(activations):
+            x = activations.detach().float()
             for stat in statistics:
                 if key not in states[stat.name]:
                     states[stat.name][key] = stat.init(x.shape[-1], positions)
@@ -76,15 +76,16 @@ def _stream(model, adapter: ModelAdapter, windows: torch.Tensor, batch_size: int
         return hook
 
     for layer in adapter.layers():
-        for group in (ATTN, MLP):
-            proj = layer.output_projection(group)
-            handles.append(proj.register_forward_pre_hook(make_hook((layer.index, group))))
+        for group in layer.groups:
+            handles.append(layer.watch(group, make_hook((layer.index, group))))
     try:
         with torch.no_grad():
             batches = list(torch.split(windows, batch_size))
             for batch in track(batches, "calibration", total=len(batches)):
                 current_mask["mask"] = torch.ones(batch.shape, dtype=torch.bool)
-                model(input_ids=batch.to(device))
+                # the decoder stack only: the statistics never need the LM head's logits
+                # (with a large vocabulary they cost more than every layer together)
+                getattr(model, "base_model", model)(input_ids=batch.to(device))
     finally:
         for h in handles:
             h.remove()

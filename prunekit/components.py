@@ -9,7 +9,8 @@ the hot loop calls them directly, never through a hook.
 Kinds and their job (see ``docs/plugins.md`` for worked examples):
 
 =============== =========================================================================
-adapter         maps an architecture to prunable groups and runs a block with a kept set
+adapter         owns one architecture: prunable groups, block forward on a kept set, probe,
+                slicing, cost model, saved-model code
 statistic       accumulates per-channel statistics over calibration batches
 probe           picks the probe rows and positions of a batch (dynamic methods)
 fusion          combines probe statistics with history (dynamic methods)
@@ -27,6 +28,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from prunekit.ratios import per_layer_ratio
 
 if TYPE_CHECKING:
     import torch
@@ -54,12 +57,59 @@ ATTN, MLP = "attn", "mlp"
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class UnitSlice:
+    """A tensor whose slices belong to the units of a group (one entry of a coupled group).
+
+    Unit ``u`` owns ``tensor.narrow(dim, u * width, width)``. The query-head rows of ``q_proj``
+    are ``UnitSlice("q_proj.weight", q.weight, 0, head_dim)``; the columns of ``o_proj``
+    ``UnitSlice("o_proj.weight", o.weight, 1, head_dim)``; an MLP channel's row of ``gate_proj``
+    ``UnitSlice("gate_proj.weight", gate.weight, 0, 1)``. Biases are listed too.
+    """
+
+    role: str
+    tensor: Any
+    dim: int
+    width: int
+
+
+class BlockDriver(Protocol):
+    """What decides a block's kept set while :meth:`LayerAdapter.run_block` runs the layer
+    (the dynamic runtime implements it)."""
+
+    def __call__(self, layer: LayerAdapter, group: str, x: torch.Tensor,
+                 residual: torch.Tensor, run: Callable[..., Any]) -> torch.Tensor:  # fmt: skip
+        """Decide the kept units of ``group``, gather them (``layer.gather``), and return the
+        group's output ``run(weights, observe)``.
+
+        :param x: the group's input, normalised (``layer.group_input(group, residual)``).
+        :param residual: the residual stream entering the group.
+        :param run: ``run(weights, observe=False)`` returns the group's output, and with
+            ``observe=True`` the pair ``(output, output-projection input)``.
+        """
+
+
 class LayerAdapter(ABC):
     """One decoder layer, described by role rather than by Hugging Face attribute names.
 
-    Prunable groups: ``attn`` has ``num_heads`` units (query heads; each owns ``head_dim``
-    input columns of the output projection), ``mlp`` has ``intermediate_size`` units (one
-    channel each). Kept sets are 1-D ``LongTensor`` of unit indices.
+    **Prunable groups.** ``attn`` has ``num_heads`` units (query heads; each owns ``head_dim``
+    input columns of the output projection; with GQA ``kv_heads_of`` maps each to the K/V head
+    it reads, and K/V are never pruned); ``mlp`` has ``intermediate_size`` units (one channel
+    each). Kept sets are 1-D ``LongTensor`` of unit indices; ``None`` means every unit.
+
+    **Running.** A layer runs its groups in ``groups`` order: ``x = group_input(group, h)``,
+    ``y = run(group, x, gather(group, kept))``, ``h = add_output(group, h, y)``. That is
+    :meth:`run_block`, the same loop for dense, gathered (dynamic) and sliced (static) weights.
+    An architecture whose layer is not sequential (parallel attention and MLP) overrides
+    :meth:`run_block`.
+
+    **Everything else an engine needs**: what calibration statistics observe (:meth:`watch`),
+    the probe's forward with full weights (:meth:`probe`), physical slicing (:meth:`slice`),
+    the cost model (:meth:`macs_per_token`, :meth:`params`, :meth:`input_macs`) and the
+    parameters of each unit's coupled group (:meth:`unit_slices`).
+
+    The dims below are read when the adapter is built and never change, so the cost model of
+    an adapter taken before pruning stays the dense one.
     """
 
     index: int
@@ -68,31 +118,12 @@ class LayerAdapter(ABC):
     head_dim: int
     hidden_size: int
     intermediate_size: int
+    #: the decoder layer module (an entry of ``ModelAdapter.decoder_layers``)
+    module: nn.Module
+    #: the order in which the groups run inside the layer
+    groups: tuple[str, ...] = (ATTN, MLP)
 
-    @abstractmethod
-    def output_projection(self, group: str) -> nn.Linear:
-        """The projection whose *input* channels are scored (o_proj / down_proj)."""
-
-    @abstractmethod
-    def input_norm(self, group: str) -> nn.Module:
-        """The norm applied to the residual stream before ``group``."""
-
-    @abstractmethod
-    def run_attention(self, x: torch.Tensor, kept_heads: torch.Tensor | None, **kwargs) -> Any:
-        """Attention on normalised input ``x`` using only ``kept_heads`` (None = all)."""
-
-    @abstractmethod
-    def run_mlp(self, x: torch.Tensor, kept_channels: torch.Tensor | None) -> torch.Tensor:
-        """MLP on normalised input ``x`` using only ``kept_channels`` (None = all)."""
-
-    @abstractmethod
-    def run_block(self, hidden_states: torch.Tensor, kept_heads: torch.Tensor | None = None,
-                  kept_channels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:  # fmt: skip
-        """The whole decoder layer (norms, attention, MLP, residuals) with the kept sets.
-
-        ``kwargs`` are what the model passes its layers (``position_embeddings``,
-        ``attention_mask``...)."""
-
+    # -- prunable groups ---------------------------------------------------------------------
     def units(self, group: str) -> int:
         """Number of prunable units of ``group``."""
         return self.num_heads if group == ATTN else self.intermediate_size
@@ -111,24 +142,199 @@ class LayerAdapter(ABC):
         offsets = torch.arange(width, device=units.device)
         return (units[:, None] * width + offsets[None, :]).reshape(-1)
 
+    @property
+    def shares_kv(self) -> bool:
+        """Whether K/V heads are shared by several query heads (GQA/MQA): they are then never
+        pruned, and only the query heads' rows and output columns are."""
+        return self.num_kv_heads != self.num_heads
+
+    def kv_heads_of(self, heads: torch.Tensor) -> torch.Tensor:
+        """The K/V head each of the query ``heads`` attends with (default: consecutive groups)."""
+        return heads // (self.num_heads // self.num_kv_heads)
+
+    @abstractmethod
+    def output_projection(self, group: str) -> nn.Linear:
+        """The projection whose *input* channels are scored (o_proj / down_proj / fc2)."""
+
+    @abstractmethod
+    def unit_slices(self, group: str) -> list[UnitSlice]:
+        """Every tensor slice a unit of ``group`` owns: its coupled group (q/k/v rows and o
+        columns of a head, K/V excepted with GQA; gate/up rows and the down column of a
+        channel), biases included. Used by gradient-based metrics and by the default
+        :meth:`params`."""
+
+    # -- observing ---------------------------------------------------------------------------
+    def watch(self, group: str, fn: Callable[[torch.Tensor], None]):
+        """Call ``fn`` with the input of ``group``'s output projection, ``[B, T, C]``, on every
+        forward of the model (calibration statistics); returns a handle with ``remove()``.
+
+        Default: a forward pre-hook on :meth:`output_projection`. An architecture that flattens
+        tokens before the projection restores ``[B, T, C]`` here.
+        """
+
+        def hook(module, args):
+            fn(args[0])
+
+        return self.output_projection(group).register_forward_pre_hook(hook)
+
+    # -- running -----------------------------------------------------------------------------
+    @abstractmethod
+    def group_input(self, group: str, residual: torch.Tensor) -> torch.Tensor:
+        """The input ``group`` computes on, from the residual stream entering it (the
+        pre-group norm: RMSNorm, LayerNorm, or the identity for a post-norm layer)."""
+
+    @abstractmethod
+    def gather(self, group: str, kept: torch.Tensor | None) -> Any:
+        """The weights of ``group`` restricted to ``kept`` units (None: all), as whatever
+        object :meth:`run` takes: contiguous copies of the kept rows and columns, so that the
+        block runs real, smaller matmuls."""
+
+    @abstractmethod
+    def run(self, group: str, x: torch.Tensor, weights: Any, *, observe: bool = False,
+            **layer_kwargs) -> Any:  # fmt: skip
+        """The output of ``group`` on its input ``x`` with gathered ``weights``.
+
+        :param observe: also return the output projection's input ``[B, T, C_kept]``, as the
+            pair ``(output, activations)``.
+        :param layer_kwargs: what the model passes its decoder layers (``attention_mask``,
+            ``position_embeddings``, the cache...).
+        """
+
+    def add_output(self, group: str, residual: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The residual stream after ``group`` (default ``residual + y``; e.g. Gemma-3 norms
+        ``y`` first, a post-norm layer normalises the sum)."""
+        return residual + y
+
+    def run_block(self, hidden_states: torch.Tensor, kept: dict[str, Any] | None = None, *,
+                  driver: BlockDriver | None = None, **layer_kwargs) -> torch.Tensor:  # fmt: skip
+        """The whole decoder layer with kept sets (``{group: kept}``; a missing group runs
+        whole), or with the kept sets a ``driver`` decides per group (dynamic methods).
+
+        Returns what the Hugging Face layer returns, so a wrapper can stand in for it.
+        """
+        kept = kept or {}
+        h = hidden_states
+        for group in self.groups:
+            x = self.group_input(group, h)
+            if driver is None:
+                y = self.run(group, x, self.gather(group, kept.get(group)), **layer_kwargs)
+            else:
+
+                def run(weights, observe=False, _group=group, _x=x):
+                    return self.run(_group, _x, weights, observe=observe, **layer_kwargs)
+
+                y = driver(self, group, x, h, run)
+            h = self.add_output(group, h, y)
+        return h
+
+    # -- probing (dynamic methods) -----------------------------------------------------------
+    @abstractmethod
+    def probe(self, group: str, x: torch.Tensor, position_ids: torch.Tensor,
+              token_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The output projection's input for a probe, computed with the full (unpruned) input
+        projections: ``[b', t', C]``.
+
+        :param x: the group's input at the probe's rows and positions ``[b', t', d]``.
+        :param position_ids: the true positions of those tokens ``[b', t']`` (positional
+            encodings are applied there).
+        :param token_mask: ``[b', t']``, False for pad tokens (never attended to).
+
+        Attention runs among the probe tokens only: probe token ``i`` attends to probe token
+        ``j`` of its row when ``pos[j] <= pos[i]`` (and within the layer's sliding window).
+        """
+
+    # -- physical pruning --------------------------------------------------------------------
+    @abstractmethod
+    def slice(self, kept_heads: torch.Tensor | None, kept_channels: torch.Tensor | None) -> None:
+        """Physically prune the layer in place to the kept units (None: keep every unit of the
+        group, but still bring the module to the layout a saved pruned model uses)."""
+
+    def add_output_bias(self, group: str, bias: torch.Tensor) -> None:
+        """Add ``bias`` to ``group``'s output projection (created when absent)."""
+        import torch
+        from torch import nn
+
+        proj = self.output_projection(group)
+        bias = bias.to(device=proj.weight.device, dtype=proj.weight.dtype)
+        if proj.bias is not None:
+            with torch.no_grad():
+                proj.bias.add_(bias)
+            return
+        new = nn.Linear(proj.in_features, proj.out_features, bias=True,
+                        device=proj.weight.device, dtype=proj.weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            new.weight.copy_(proj.weight)
+            new.bias.copy_(bias)
+        replace_module(self.module, proj, new)
+
+    # -- cost model --------------------------------------------------------------------------
+    @abstractmethod
+    def macs_per_token(self, heads: int, channels: int, seq_len: int) -> float:
+        """Multiply-accumulates per token of the layer's matmuls with ``heads`` query heads and
+        ``channels`` MLP channels kept: every projection, plus ``2 * seq_len * heads *
+        head_dim`` for the attention scores and their weighted sum (pp-spec section 8)."""
+
+    def params(self, heads: int, channels: int) -> int:
+        """Parameters of the layer with that many units kept (norms and biases included).
+
+        Default: the layer's parameters minus the removed units' :meth:`unit_slices`.
+        """
+        total = sum(p.numel() for p in self.module.parameters())
+        for group, kept in ((ATTN, heads), (MLP, channels)):
+            per_unit = sum(s.tensor.numel() // self.units(group) for s in self.unit_slices(group))
+            total -= (self.units(group) - kept) * per_unit
+        return total
+
+    def unit_macs(self, group: str, seq_len: int) -> float:
+        """MACs per token that pruning one unit of ``group`` saves."""
+        h, c = self.num_heads, self.intermediate_size
+        fewer = self.macs_per_token(h - 1, c, seq_len) if group == ATTN else (
+            self.macs_per_token(h, c - 1, seq_len))  # fmt: skip
+        return self.macs_per_token(h, c, seq_len) - fewer
+
+    @abstractmethod
+    def input_macs(self, group: str) -> float:
+        """MACs per token of ``group``'s input projections with every unit (q, k, v; gate and
+        up): what one probe token costs."""
+
+
+def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` where ``old`` sits in ``root``'s module tree (by identity)."""
+    for module in root.modules():
+        for child_name, child in module.named_children():
+            if child is old:
+                setattr(module, child_name, new)
+                return
+    raise ValueError(f"{type(old).__name__} is not a submodule of {type(root).__name__}")
+
 
 class ModelAdapter(ABC):
-    """Maps a loaded causal LM to its decoder layers.
+    """Maps a loaded causal LM to its decoder layers, and owns its saved pruned form.
 
-    To add an architecture, subclass this (``prunekit.models.llama.LlamaAdapter`` is the worked
-    example), implement ``supports`` and ``layers``, and register the class with
-    ``prunekit_register_adapters``.
+    To add an architecture, subclass this and :class:`LayerAdapter`
+    (``prunekit.models.llama.LlamaAdapter`` is the worked example, ``prunekit.models.opt`` a
+    second family), and register the class with ``prunekit_register_adapters``. Check it with
+    :func:`prunekit.testing.check_adapter` on a tiny random model of the architecture.
     """
 
     name: ClassVar[str] = ""
+    #: the Hugging Face ``config.model_type`` values this adapter serves (default ``supports``)
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: ``"module:Class"``: a self-contained modelling module (imports only torch and
+    #: transformers) whose class rebuilds a checkpoint with per-layer shapes from
+    #: ``config.prunekit_layers``. The file is copied into such checkpoints (remote code); the
+    #: installed copy is what :func:`prunekit.load_pruned` uses. None: per-layer shapes cannot
+    #: be saved.
+    modeling: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
     @classmethod
-    @abstractmethod
-    def supports(cls, model: nn.Module) -> bool:
-        """Whether this adapter handles ``model``."""
+    def supports(cls, config: Any) -> bool:
+        """Whether this adapter handles a model with this Hugging Face ``config`` (decided from
+        the config alone, so that ``validate`` can tell before any weight loads)."""
+        return getattr(config, "model_type", None) in cls.model_types
 
     @abstractmethod
     def layers(self) -> list[LayerAdapter]:
@@ -145,6 +351,18 @@ class ModelAdapter(ABC):
 
     def __iter__(self) -> Iterator[LayerAdapter]:
         return iter(self.layers())
+
+    # -- saving a physically pruned model ----------------------------------------------------
+    @abstractmethod
+    def layer_shapes(self) -> dict[str, list]:
+        """The per-layer shapes of the (possibly pruned) model, JSON-serialisable lists indexed
+        by layer; saved as ``config.prunekit_layers`` for :attr:`modeling` to rebuild."""
+
+    def plain_model(self, shapes: dict[str, list]) -> nn.Module | None:
+        """A standard Hugging Face model holding the pruned weights, when ``shapes`` fit the
+        architecture's own config (one shape for every layer...), else None (the per-layer
+        layout and :attr:`modeling` are used)."""
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,8 +552,6 @@ class Method(ABC):
 
         Default: the reference's inflation ``round(L / (L - skipped) * r, 2)``.
         """
-        from prunekit.pruning.allocation import per_layer_ratio
-
         m = recipe.method
         slot = m.slot("allocator")
         if slot is not None and slot.options.get("inflate") is False:

@@ -41,12 +41,18 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def prunekit_register_adapters(register: RegisterFn) -> None:
-    """Register model adapters.
+    """Register model adapters (one class per architecture family).
 
-    :param register: call ``register(name, adapter_class, description=None)``. The class must
-        implement :class:`prunekit.components.ModelAdapter`; its ``supports(model)`` classmethod
-        decides whether it handles a loaded model. The first registered adapter that supports a
-        model is used.
+    :param register: call ``register(name, adapter_class, description=None)``. The class
+        implements :class:`prunekit.components.ModelAdapter`; its ``supports(config)``
+        classmethod decides from the Hugging Face config alone whether it serves a model, so
+        ``validate`` resolves the adapter before any weight loads.
+
+    Resolution is deterministic: adapters of third-party plugins are asked first, then the
+    built-in ones, each part by plugin name, then in registration order; the first whose
+    ``supports`` is true serves the model, so an installed adapter can take over an
+    architecture from a built-in one. A recipe can name one explicitly (``model.adapter``). When none supports the
+    model, ``validate`` fails with the list of adapters and the model types they serve.
 
     Called once, when the registry is built.
     """

@@ -39,6 +39,10 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     attn_implementation: str | None = None
+    #: the model adapter, by name (default: the first adapter that supports the model's
+    #: config, third-party adapters asked before the built-in ones; see docs/plugins.md,
+    #: "Adapter resolution")
+    adapter: str | None = None
 
     @field_validator("device")
     @classmethod

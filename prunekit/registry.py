@@ -38,6 +38,8 @@ class Entry:
     factory: Callable[..., Any]
     plugin: str
     description: str = ""
+    #: registered by a plugin of the prunekit distribution itself
+    builtin: bool = False
 
     def options(self) -> dict[str, Any]:
         """Keyword options the factory accepts, with their defaults (``...`` = required).
@@ -53,6 +55,7 @@ class Entry:
             "kind": self.kind,
             "name": self.name,
             "plugin": self.plugin,
+            "builtin": self.builtin,
             "description": self.description,
             "options": {k: (None if v is ... else v) for k, v in self.options().items()},
         }
@@ -168,12 +171,17 @@ class Registry:
 def build_registry(pm) -> Registry:
     """Call every registration hook once and collect the components, with their plugins."""
     registry = Registry()
+    infos = getattr(pm, "infos", {})
     for kind, hook_name in HOOKS.items():
         hook = getattr(pm.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):  # registration order, not LIFO call order
+        for impl in hook.get_hookimpls():  # registration order (pluggy calls them LIFO)
+            info = infos.get(impl.plugin_name)
+            builtin = bool(info is not None and info.builtin)
 
-            def register(name, factory, description=None, _kind=kind, _by=impl.plugin_name):
-                registry.add(Entry(_kind, name, factory, _by, description or _doc(factory)))
+            def register(name, factory, description=None, _kind=kind, _by=impl.plugin_name,
+                         _builtin=builtin):  # fmt: skip
+                registry.add(Entry(_kind, name, factory, _by, description or _doc(factory),
+                                   _builtin))  # fmt: skip
 
             kwargs = {"register": register}
             try:
@@ -205,3 +213,63 @@ def get_registry(pm=None) -> Registry:
         registry = build_registry(pm)
         pm._prunekit_registry = registry
     return registry
+
+
+# --------------------------------------------------------------------------------------------
+# Model adapters: which one serves a model
+# --------------------------------------------------------------------------------------------
+
+
+def adapter_order(registry: Registry) -> list[Entry]:
+    """The order in which adapters are asked whether they support a model.
+
+    Adapters of installed third-party plugins come first, then the built-in ones; each part by
+    plugin name, then in registration order. An installed adapter can take over an
+    architecture from a built-in one, and the order never depends on load timing.
+    """
+    # sorted by plugin name (stable: registration order within a plugin), so the order never
+    # depends on the order plugins happened to load in
+    entries = sorted(registry.entries("adapter"), key=lambda e: e.plugin)
+    return [*(e for e in entries if not e.builtin), *(e for e in entries if e.builtin)]
+
+
+def supported_architectures(registry: Registry) -> str:
+    """``name (model types), ...`` of every registered adapter, for error messages."""
+    parts = []
+    for e in adapter_order(registry):
+        types = ", ".join(getattr(e.factory, "model_types", ()) or ())
+        parts.append(f"{e.name} ({types})" if types else e.name)
+    return "; ".join(parts) or "(none)"
+
+
+def adapter_class_for(config: Any, registry: Registry | None = None, name: str | None = None):
+    """The adapter class serving a model with this Hugging Face ``config``.
+
+    :param name: an adapter name chosen explicitly (recipe ``model.adapter``): used as is.
+    :raises ModelError: when no adapter supports the config (the message lists the adapters
+        and the model types they serve).
+    """
+    from prunekit.errors import ModelError
+
+    registry = registry or get_registry()
+    if name:
+        if ("adapter", name) not in registry:
+            available = registry.names("adapter")
+            raise ModelError(f"unknown adapter {name!r}{did_you_mean(name, available)}; "
+                             f"registered adapters: {', '.join(available) or '(none)'}")  # fmt: skip
+        return registry.get("adapter", name).factory
+    for entry in adapter_order(registry):
+        if entry.factory.supports(config):
+            return entry.factory
+    model_type = getattr(config, "model_type", None) or type(config).__name__
+    raise ModelError(
+        f"no model adapter supports model type {model_type!r}; supported: "
+        f"{supported_architectures(registry)}. Install a plugin that registers one "
+        f"(prunekit_register_adapters), or see docs/plugins.md to write it."
+    )
+
+
+def resolve_adapter(model, registry: Registry | None = None, name: str | None = None):
+    """The adapter (an instance) for a loaded model: see :func:`adapter_class_for`."""
+    config = getattr(model, "config", None)
+    return adapter_class_for(config, registry, name)(model)

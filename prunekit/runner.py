@@ -1,7 +1,10 @@
-"""``apply(recipe) -> result``: load, calibrate, prune, evaluate, save.
+"""``apply(recipe) -> result``: load, calibrate, prune, evaluate, time, write.
 
-The runner knows no method by name: it resolves the recipe's method and components from the
-registry once, hands them a :class:`PruneContext`, and evaluates whatever model comes back.
+The runner knows no method and no architecture by name: it resolves the recipe's method,
+components and model adapter from the registry once, hands them a :class:`PruneContext`, and
+evaluates whatever model comes back. :func:`run_plan` is one pipeline of stages (:func:`load`,
+:func:`prune_loaded`, :func:`evaluate_model`, the timing and the writing); :func:`prepare` is the one
+public way to get a loaded, pruned model (``apply``, ``bench`` and the lm-eval bridge use it).
 Everything the CLI does is a thin layer over :func:`apply`, :func:`validate` and :func:`prune`.
 """
 
@@ -36,8 +39,9 @@ from prunekit.errors import (
     did_you_mean,
 )
 from prunekit.progress import info
-from prunekit.pruning.allocation import per_layer_ratio
+from prunekit.ratios import per_layer_ratio
 from prunekit.recipe import LoadedRecipe, Recipe, dump_recipe, load_recipe
+from prunekit.registry import resolve_adapter
 
 SCHEMA_VERSION = 1
 FIXED_METHOD_KEYS = ("name", "ratio", "skip_layers", "round_to", "state", *SLOTS)
@@ -58,6 +62,8 @@ class Plan:
     component_info: dict[str, dict]
     settings: MethodSettings
     num_layers: int | None
+    #: the adapter serving the model, when its config could be read before loading
+    adapter_cls: type[ModelAdapter] | None = None
     calibration_source: Any = None
     perplexity_sources: list = field(default_factory=list)
     #: (label, TaskConfig, TaskSource | JsonlTask) per evaluated task, groups expanded
@@ -68,39 +74,26 @@ class Plan:
         return self.loaded.recipe
 
 
-def _num_layers(model_id: str) -> int | None:
-    """Decoder layer count, read from a config without loading weights (None if unknown)."""
-    from prunekit.models import loading
+def _model_adapter(loaded: LoadedRecipe, registry, model=None) -> tuple[type | None, int | None]:
+    """(adapter class, decoder layer count) of the recipe's model, without loading weights;
+    ``(None, None)`` for a hub model whose config is not cached (not checked offline)."""
+    from prunekit.models.loading import peek_config
+    from prunekit.registry import adapter_class_for
 
-    location = loading.locate_model(model_id)
-    if location.get("source") == "alias" and str(location.get("path", "")).endswith(".gguf"):
-        return _gguf_block_count(location["path"])
-    config_path = Path(location.get("path") or "") / "config.json"
-    if config_path.is_file():
-        try:
-            return int(json.loads(config_path.read_text())["num_hidden_layers"])
-        except (KeyError, ValueError, TypeError):
-            return None
+    m = loaded.recipe.model
+    key = ("model", "adapter") if m.adapter else ("model", "id")
     try:
-        from transformers import AutoConfig
-
-        return int(AutoConfig.from_pretrained(model_id, local_files_only=True).num_hidden_layers)
-    except Exception:
-        return None
-
-
-def _gguf_block_count(path: str) -> int | None:
-    """Layer count from a GGUF file's metadata (memory-mapped; no tensor is read)."""
-    try:
-        from gguf import GGUFReader
-
-        fields = GGUFReader(path).fields
-        arch_field = fields["general.architecture"]
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-        count = fields[f"{arch}.block_count"]
-        return int(count.parts[count.data[0]][0])
-    except Exception:
-        return None
+        if model is not None:
+            adapter_cls = adapter_class_for(model.config, registry, m.adapter)
+            return adapter_cls, adapter_cls(model).num_layers
+        config = peek_config(m.id)
+        if config is None:
+            return (adapter_class_for(None, registry, m.adapter) if m.adapter else None), None
+        adapter_cls = adapter_class_for(config, registry, m.adapter)
+    except ModelError as exc:
+        raise loaded.error(key, str(exc)) from None
+    layers = getattr(config, "num_hidden_layers", None)
+    return adapter_cls, int(layers) if layers is not None else None
 
 
 def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), registry=None,
@@ -154,14 +147,8 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
         options={**allowed_options, **m.options},
     )
 
-    # the model, and what depends on its depth
-    if model is not None:
-        num_layers = resolve_adapter(model, registry).num_layers
-    else:
-        try:
-            num_layers = _num_layers(recipe.model.id)
-        except ModelError as exc:
-            raise loaded.error(("model", "id"), str(exc)) from None
+    # the model (its adapter, from its config), and what depends on its depth
+    adapter_cls, num_layers = _model_adapter(loaded, registry, model)
     if num_layers is not None:
         bad = [i for i in m.skip_layers if i >= num_layers]
         if bad:
@@ -190,7 +177,7 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
     data_dir = recipe.data_dir
     if data_dir and not Path(data_dir).is_dir():
         raise loaded.error(("data_dir",), f"directory {data_dir!r} does not exist")
-    plan = Plan(loaded, method_cls, components, component_info, settings, num_layers)
+    plan = Plan(loaded, method_cls, components, component_info, settings, num_layers, adapter_cls)
     if check_files:
         c = recipe.calibration
         if method_cls.uses_calibration:
@@ -398,57 +385,28 @@ class PruneContext:
             self.tokenizer.save_pretrained(path)
 
 
-def resolve_adapter(model, registry=None) -> ModelAdapter:
-    """The first registered adapter that supports ``model``."""
-    from prunekit.registry import get_registry
-
-    registry = registry or get_registry()
-    names = registry.names("adapter")
-    for entry in registry.entries("adapter"):  # registration order: first match wins
-        if entry.factory.supports(model):
-            return entry.factory(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    raise ModelError(
-        f"no model adapter supports model type {model_type!r}; registered adapters: "
-        f"{', '.join(names) or '(none)'}. Install a plugin that registers one "
-        f"(prunekit_register_adapters), or see docs/plugins.md to write it."
-    )
-
-
 # --------------------------------------------------------------------------------------------
-# Running
+# Cost model (the adapters own it; taken before pruning, so it is the dense model's)
 # --------------------------------------------------------------------------------------------
 
 
-def layer_dims(adapter: ModelAdapter) -> list[dict]:
-    """The dense shape of every decoder layer (taken before pruning)."""
-    return [{"d": la.hidden_size, "hd": la.head_dim, "heads": la.num_heads,
-             "kv": la.num_kv_heads, "inter": la.intermediate_size}
-            for la in adapter.layers()]  # fmt: skip
-
-
-def _layer_macs(dim: dict, heads: int, inter: int, seq_len: int) -> float:
-    """MACs per token of one decoder layer (pp-spec section 8 convention): q, k, v, o, gate,
-    up, down and ``2·T·heads·d_h`` for the attention matmuls. With MHA the kept heads keep their
-    k/v rows; with GQA k/v stay whole."""
-    d, hd = dim["d"], dim["hd"]
-    kv = heads if dim["kv"] == dim["heads"] else dim["kv"]
-    return d * hd * (heads + 2 * kv) + heads * hd * d + 3 * d * inter + 2 * seq_len * heads * hd
-
-
-def structure_reduction(dims: list[dict], structure: list[dict] | None, seq_len: int) -> dict:
-    """Decoder-layer MACs per token, dense and with the kept structure (analytic)."""
-    dense = sum(_layer_macs(dm, dm["heads"], dm["inter"], seq_len) for dm in dims)
+def structure_reduction(adapter: ModelAdapter, structure: list[dict] | None,
+                        seq_len: int) -> dict:  # fmt: skip
+    """Decoder-layer MACs per token, dense and with the kept structure (the adapter's analytic
+    cost model; ``adapter`` must be the one taken before pruning)."""
+    layers = adapter.layers()
+    dense = sum(la.macs_per_token(la.num_heads, la.intermediate_size, seq_len) for la in layers)
     if not structure:
-        structure = [{"heads": dm["heads"], "channels": dm["inter"]} for dm in dims]
-    kept = sum(_layer_macs(dm, row["heads"], row["channels"], seq_len)
-               for dm, row in zip(dims, structure, strict=True))  # fmt: skip
+        structure = [{"heads": la.num_heads, "channels": la.intermediate_size} for la in layers]
+    kept = sum(la.macs_per_token(row["heads"], row["channels"], seq_len)
+               for la, row in zip(layers, structure, strict=True))  # fmt: skip
     return {"decoder_macs_per_token_dense": dense, "decoder_macs_per_token": kept,
             "flops_kept_fraction": kept / dense, "flops_removed_fraction": 1 - kept / dense,
             "seq_len": seq_len}  # fmt: skip
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every run starts here)."""
     import random
 
     import numpy as np
@@ -456,6 +414,9 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+_seed_everything = seed_everything  # the name earlier versions exported
 
 
 def _versions() -> dict:
@@ -474,145 +435,257 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+# --------------------------------------------------------------------------------------------
+# The pipeline, stage by stage
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """The load stage's result: the dense model, its tokenizer and adapter, provenance."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    adapter: ModelAdapter
+    info: dict
+    params: int
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """A loaded and pruned model (what :func:`prepare` returns).
+
+    ``model`` answers like a Hugging Face causal LM; ``adapter`` is the dense model's (its cost
+    model describes the unpruned shapes); ``outcome`` is the method's
+    :class:`~prunekit.components.PruneOutcome`.
+    """
+
+    plan: Plan
+    loaded: Loaded
+    context: PruneContext
+    outcome: PruneOutcome
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.outcome.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+
+def load(plan: Plan) -> Loaded:
+    """Load the recipe's model and tokenizer and resolve its adapter."""
+    from prunekit.models.loading import load_model
+
+    recipe = plan.recipe
+    t0 = time.perf_counter()
+    info(f"loading {recipe.model.id} ({recipe.model.dtype}, {recipe.model.device})")
+    lm = load_model(recipe.model.id, dtype=recipe.model.dtype, device=recipe.model.device,
+                    attn_implementation=recipe.model.attn_implementation)  # fmt: skip
+    adapter = resolve_adapter(lm.model, name=recipe.model.adapter)
+    lm.info["adapter"] = adapter.name
+    params = sum(p.numel() for p in lm.model.parameters())
+    return Loaded(lm.model, lm.tokenizer, adapter, lm.info, params,
+                  {"load_s": time.perf_counter() - t0})  # fmt: skip
+
+
+def prune_loaded(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome]:
+    """Calibrate and prune with the plan's method (``loaded.model`` may be changed in place)."""
+    timings = loaded.timings
+    ctx = PruneContext(model=loaded.model, tokenizer=loaded.tokenizer, adapter=loaded.adapter,
+                       settings=plan.settings, recipe=plan.recipe, model_info=loaded.info,
+                       calibration_source=plan.calibration_source, timings=timings)  # fmt: skip
+    method = plan.method_cls(plan.settings, plan.components)
+    t1 = time.perf_counter()
+    info(f"pruning with {plan.settings.name} at ratio {plan.settings.ratio:g}")
+    outcome: PruneOutcome = method.prune(ctx)
+    timings["pruning_s"] = time.perf_counter() - t1 - timings.get("calibration_s", 0.0)
+    timings.setdefault("calibration_s", 0.0)
+    return ctx, outcome
+
+
+def prepare(recipe: str | os.PathLike | dict | Recipe | LoadedRecipe | Plan,
+            overrides=()) -> Prepared:  # fmt: skip
+    """Validate a recipe, load its model and prune it: no evaluation, no output written.
+
+    :param recipe: a YAML path, a dict, a :class:`Recipe`, a :class:`LoadedRecipe` or an
+        already validated :class:`Plan`.
+    :param overrides: ``["a.b=c", ...]`` applied on top (like ``--set``).
+    """
+    plan = recipe if isinstance(recipe, Plan) else validate(_as_loaded(recipe, overrides))
+    seed_everything(plan.recipe.seed)
+    loaded = load(plan)
+    ctx, outcome = prune_loaded(plan, loaded)
+    return Prepared(plan, loaded, ctx, outcome)
+
+
+def evaluate_model(plan: Plan, model, tokenizer,
+                   staging: Path | None = None) -> tuple[dict, dict]:  # fmt: skip
+    """Perplexity and task metrics of ``model`` (``(metrics, data sha256 per label)``)."""
+    from prunekit.data import eval_windows, source_sha256
+    from prunekit.evaluation.perplexity import perplexity
+    from prunekit.models.loading import sha256_file
+
+    recipe = plan.recipe
+    metrics: dict[str, dict] = {}
+    data_hashes: dict[str, str | None] = {}
+    for cfg, source in zip(recipe.evaluation.perplexity, plan.perplexity_sources, strict=True):
+        windows = eval_windows(tokenizer, source, cfg.seq_len, cfg.windows, cfg.sampling,
+                               seed=recipe.seed,
+                               batch_size=cfg.batch_size if cfg.sampling == "random" else None)  # fmt: skip
+        result = perplexity(model, windows, cfg.batch_size, description=f"perplexity {cfg.label}")
+        metrics[cfg.label] = {**result, "dataset": source.dataset, "split": source.split,
+                              "sampling": cfg.sampling}  # fmt: skip
+        data_hashes[cfg.label] = source_sha256(source)
+        info(f"{cfg.label}: perplexity {result['ppl']:.3f} over {result['tokens']} tokens")
+    if plan.tasks:
+        save_to = staging if recipe.output.save_predictions else None
+        metrics.update(evaluate_tasks(model, tokenizer, plan.tasks, save_to))
+        for label, _, _ in plan.tasks:
+            m = metrics[label]
+            data_hashes[label] = (None if m["source"] == "hub"
+                                  else sha256_file(Path(m["location"])))  # fmt: skip
+    return metrics, data_hashes
+
+
+def _timing_batches(plan: Plan, tokenizer) -> list[torch.Tensor]:
+    """The first ``runtime.batches`` batches of the first perplexity dataset."""
+    from prunekit.data import eval_windows
+
+    recipe = plan.recipe
+    if not (recipe.runtime.batches and recipe.evaluation.perplexity):
+        return []
+    cfg0, src0 = recipe.evaluation.perplexity[0], plan.perplexity_sources[0]
+    w0 = eval_windows(tokenizer, src0, cfg0.seq_len, cfg0.windows, cfg0.sampling,
+                      seed=recipe.seed,
+                      batch_size=cfg0.batch_size if cfg0.sampling == "random" else None)  # fmt: skip
+    return list(torch.split(w0, cfg0.batch_size))[: recipe.runtime.batches]
+
+
+def _runtime(plan: Plan, outcome: PruneOutcome, batches, dense_times, dense_memory,
+             device) -> dict | None:  # fmt: skip
+    """The ``runtime`` section: the pruned model timed on the batches the dense one was."""
+    from prunekit.evaluation.runtime import memory_info, summarize, time_pruned
+
+    if not batches:
+        return None
+    rt_cfg = plan.recipe.runtime
+    info("timing the pruned model")
+    pruned_times, overhead = time_pruned(outcome.model, batches, rt_cfg.warmup, rt_cfg.repeats)
+    pruned_memory = memory_info(outcome.model)
+    runtime = summarize(dense_times or pruned_times, pruned_times, tuple(batches[0].shape),
+                        overhead, rt_cfg.repeats)  # fmt: skip
+    runtime["memory"] = {"dense": dense_memory or pruned_memory, "pruned": pruned_memory}
+    runtime["device"] = str(device)
+    fraction = getattr(getattr(outcome.model, "controller", None), "probe_flops_fraction", None)
+    if fraction is not None:
+        runtime["probe_flops_fraction"] = fraction(*batches[0].shape)
+    return runtime
+
+
+def _time_dense(plan: Plan, loaded: Loaded, batches) -> tuple[list | None, dict | None]:
+    """Dense seconds per batch and memory, before pruning changes the model."""
+    from prunekit.evaluation.runtime import memory_info, time_batches
+
+    if not batches or plan.settings.name == "dense":
+        return None, None
+    info("timing the dense model")
+    rt = plan.recipe.runtime
+    return time_batches(loaded.model, batches, rt.warmup, rt.repeats), memory_info(loaded.model)
+
+
+def _result(plan: Plan, loaded: Loaded, ctx: PruneContext, outcome: PruneOutcome,
+            metrics: dict, runtime: dict | None, output_dir: Path) -> dict:  # fmt: skip
+    """The content of ``results.json``."""
+    recipe = plan.recipe
+    params = loaded.params
+    params_kept = outcome.params_kept if outcome.params_kept is not None else params
+    seq_for_flops = recipe.evaluation.perplexity[0].seq_len if recipe.evaluation.perplexity else 512
+    reduction = structure_reduction(loaded.adapter, outcome.structure, seq_for_flops)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "method": plan.settings.name,
+        "ratio": plan.settings.ratio,
+        "dynamic": outcome.dynamic,
+        "seed": recipe.seed,
+        "model": {
+            "id": recipe.model.id,
+            "name": loaded.info.get("name", recipe.model.id),
+            "adapter": loaded.adapter.name,
+            "dtype": recipe.model.dtype,
+            "device": str(ctx.device),
+            "params": params,
+            "params_kept": params_kept,
+            "params_kept_fraction": params_kept / params,
+        },
+        "components": plan.component_info,
+        "structure": outcome.structure,
+        "reduction": {
+            "params_kept_fraction": params_kept / params,
+            "params_removed_fraction": 1 - params_kept / params,
+            **reduction,
+        },
+        "metrics": metrics,
+        "timings": loaded.timings,
+        "runtime": runtime,
+        "output_dir": str(output_dir),
+        **outcome.extra,
+    }
+
+
+def _provenance(plan: Plan, loaded: Loaded, ctx: PruneContext, data_hashes: dict) -> dict:
+    """The content of ``provenance.json``."""
+    from prunekit.data import source_sha256
+
+    recipe = plan.recipe
+    if plan.calibration_source is not None and plan.settings.ratio > 0:
+        data_hashes["calibration"] = source_sha256(plan.calibration_source)
+    return {
+        "versions": _versions(),
+        "model": loaded.info,
+        "data_sha256": data_hashes,
+        "seed": recipe.seed,
+        "device": str(ctx.device),
+        "dtype": recipe.model.dtype,
+        "platform": platform.platform(),
+        "recipe_file": str(plan.loaded.path) if plan.loaded.path else None,
+        "overrides": list(plan.loaded.overrides.values()),
+    }
+
+
 def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True) -> dict:
     """Execute a validated plan, writing every output into ``output_dir`` atomically.
 
+    Stages: load, time dense, calibrate and prune, evaluate, time pruned, write (into a
+    staging directory renamed into place at the end; nothing is left behind on failure).
+
     :param evaluate: False skips perplexity and tasks (``prunekit bench``: runtime only).
     """
-    from prunekit.data import eval_windows, source_sha256
-    from prunekit.evaluation.perplexity import perplexity
-    from prunekit.evaluation.runtime import memory_info, summarize, time_batches, time_pruned
-    from prunekit.models.loading import load_model, sha256_file
     from prunekit.plugins import get_plugin_manager
 
     pm = pm or get_plugin_manager()
     recipe = plan.recipe
-    _seed_everything(recipe.seed)
+    seed_everything(recipe.seed)
     pm.hook.prunekit_run_started(recipe=recipe, output_dir=str(output_dir))
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        info(f"loading {recipe.model.id} ({recipe.model.dtype}, {recipe.model.device})")
-        loaded_model = load_model(recipe.model.id, dtype=recipe.model.dtype,
-                                  device=recipe.model.device,
-                                  attn_implementation=recipe.model.attn_implementation)  # fmt: skip
-        timings["load_s"] = time.perf_counter() - t0
-        model, tokenizer = loaded_model.model, loaded_model.tokenizer
-        adapter = resolve_adapter(model)
-        params = sum(p.numel() for p in model.parameters())
-        dims = layer_dims(adapter)
-
-        # the timing batches: the first batches of the first perplexity dataset
-        timing_batches: list[torch.Tensor] = []
-        rt_cfg = recipe.runtime
-        if rt_cfg.batches and recipe.evaluation.perplexity:
-            cfg0, src0 = recipe.evaluation.perplexity[0], plan.perplexity_sources[0]
-            w0 = eval_windows(tokenizer, src0, cfg0.seq_len, cfg0.windows, cfg0.sampling,
-                              seed=recipe.seed,
-                              batch_size=cfg0.batch_size if cfg0.sampling == "random" else None)  # fmt: skip
-            timing_batches = list(torch.split(w0, cfg0.batch_size))[: rt_cfg.batches]
-        dense_times, dense_memory = None, None
-        if timing_batches and plan.settings.name != "dense":
-            info("timing the dense model")
-            dense_times = time_batches(model, timing_batches, rt_cfg.warmup, rt_cfg.repeats)
-            dense_memory = memory_info(model)
-
-        ctx = PruneContext(model=model, tokenizer=tokenizer, adapter=adapter,
-                           settings=plan.settings, recipe=recipe, model_info=loaded_model.info,
-                           calibration_source=plan.calibration_source, timings=timings)  # fmt: skip
-        method = plan.method_cls(plan.settings, plan.components)
-        t1 = time.perf_counter()
-        info(f"pruning with {plan.settings.name} at ratio {plan.settings.ratio:g}")
-        outcome: PruneOutcome = method.prune(ctx)
-        timings["pruning_s"] = time.perf_counter() - t1 - timings.get("calibration_s", 0.0)
-        timings.setdefault("calibration_s", 0.0)
-
-        metrics: dict[str, dict] = {}
-        data_hashes: dict[str, str | None] = {}
+        loaded = load(plan)
+        timing_batches = _timing_batches(plan, loaded.tokenizer)
+        dense_times, dense_memory = _time_dense(plan, loaded, timing_batches)
+        ctx, outcome = prune_loaded(plan, loaded)
         t2 = time.perf_counter()
-        ppl_entries = zip(recipe.evaluation.perplexity, plan.perplexity_sources, strict=True)
-        for cfg, source in ppl_entries if evaluate else ():
-            windows = eval_windows(tokenizer, source, cfg.seq_len, cfg.windows, cfg.sampling,
-                                   seed=recipe.seed,
-                                   batch_size=cfg.batch_size if cfg.sampling == "random" else None)  # fmt: skip
-            result = perplexity(outcome.model, windows, cfg.batch_size,
-                                description=f"perplexity {cfg.label}")  # fmt: skip
-            metrics[cfg.label] = {**result, "dataset": source.dataset, "split": source.split,
-                                  "sampling": cfg.sampling}  # fmt: skip
-            data_hashes[cfg.label] = source_sha256(source)
-            info(f"{cfg.label}: perplexity {result['ppl']:.3f} over {result['tokens']} tokens")
-        if evaluate and plan.tasks:
-            save_to = staging if recipe.output.save_predictions else None
-            metrics.update(evaluate_tasks(outcome.model, tokenizer, plan.tasks, save_to))
-            for label, _, _ in plan.tasks:
-                m = metrics[label]
-                data_hashes[label] = (None if m["source"] == "hub"
-                                      else sha256_file(Path(m["location"])))  # fmt: skip
-        timings["evaluation_s"] = time.perf_counter() - t2
-        timings["total_s"] = time.perf_counter() - t0
-
-        runtime = None
-        if timing_batches:
-            info("timing the pruned model")
-            pruned_times, overhead = time_pruned(outcome.model, timing_batches, rt_cfg.warmup,
-                                                 rt_cfg.repeats)  # fmt: skip
-            pruned_memory = memory_info(outcome.model)
-            runtime = summarize(dense_times or pruned_times, pruned_times,
-                                tuple(timing_batches[0].shape), overhead, rt_cfg.repeats)  # fmt: skip
-            runtime["memory"] = {"dense": dense_memory or pruned_memory, "pruned": pruned_memory}
-            runtime["device"] = str(ctx.device)
-            fraction = getattr(getattr(outcome.model, "controller", None),
-                               "probe_flops_fraction", None)  # fmt: skip
-            if fraction is not None:
-                runtime["probe_flops_fraction"] = fraction(*timing_batches[0].shape)
-        params_kept = outcome.params_kept if outcome.params_kept is not None else params
-        seq_for_flops = (
-            recipe.evaluation.perplexity[0].seq_len if recipe.evaluation.perplexity else 512
+        metrics, data_hashes = (
+            evaluate_model(plan, outcome.model, loaded.tokenizer, staging) if evaluate else ({}, {})
         )
-        reduction = structure_reduction(dims, outcome.structure, seq_for_flops)
-        result = {
-            "schema_version": SCHEMA_VERSION,
-            "method": plan.settings.name,
-            "ratio": plan.settings.ratio,
-            "dynamic": outcome.dynamic,
-            "seed": recipe.seed,
-            "model": {
-                "id": recipe.model.id,
-                "name": loaded_model.info.get("name", recipe.model.id),
-                "dtype": recipe.model.dtype,
-                "device": str(ctx.device),
-                "params": params,
-                "params_kept": params_kept,
-                "params_kept_fraction": params_kept / params,
-            },
-            "components": plan.component_info,
-            "structure": outcome.structure,
-            "reduction": {
-                "params_kept_fraction": params_kept / params,
-                "params_removed_fraction": 1 - params_kept / params,
-                **reduction,
-            },
-            "metrics": metrics,
-            "timings": timings,
-            "runtime": runtime,
-            "output_dir": str(output_dir),
-            **outcome.extra,
-        }
-        if plan.calibration_source is not None and plan.settings.ratio > 0:
-            data_hashes["calibration"] = source_sha256(plan.calibration_source)
-        provenance = {
-            "versions": _versions(),
-            "model": loaded_model.info,
-            "data_sha256": data_hashes,
-            "seed": recipe.seed,
-            "device": str(ctx.device),
-            "dtype": recipe.model.dtype,
-            "platform": platform.platform(),
-            "recipe_file": str(plan.loaded.path) if plan.loaded.path else None,
-            "overrides": list(plan.loaded.overrides.values()),
-        }
+        loaded.timings["evaluation_s"] = time.perf_counter() - t2
+        loaded.timings["total_s"] = time.perf_counter() - t0
+        runtime = _runtime(plan, outcome, timing_batches, dense_times, dense_memory, ctx.device)
+        result = _result(plan, loaded, ctx, outcome, metrics, runtime, output_dir)
+        provenance = _provenance(plan, loaded, ctx, data_hashes)
         if recipe.output.save_model and outcome.save is not None:
             outcome.save(str(staging / "model"))
             result["saved_model"] = str(output_dir / "model")
@@ -646,13 +719,17 @@ def apply(recipe: str | os.PathLike | dict | Recipe | LoadedRecipe, overrides=()
     :param overrides: ``["a.b=c", ...]`` applied on top (like ``--set``).
     :param output: output directory (overrides ``output.dir``).
     """
-    if isinstance(recipe, Recipe):
-        recipe = recipe.model_dump(mode="json")
-    loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, overrides)
+    loaded = _as_loaded(recipe, overrides)
     if output is not None:
         loaded.recipe.output.dir = str(output)
     plan = validate(loaded)
     return run_plan(plan, loaded.recipe.output_dir())
+
+
+def _as_loaded(recipe, overrides=()) -> LoadedRecipe:
+    if isinstance(recipe, Recipe):
+        recipe = recipe.model_dump(mode="json")
+    return recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, overrides)
 
 
 def prune(model, tokenizer=None, method: str = "dense", ratio: float = 0.0,
@@ -674,12 +751,13 @@ def prune(model, tokenizer=None, method: str = "dense", ratio: float = 0.0,
     plan = validate(loaded, check_files=not isinstance(calibration, torch.Tensor), model=model)
     if isinstance(calibration, torch.Tensor):
         plan.calibration_source = None
-    _seed_everything(seed)
+    seed_everything(seed)
     from prunekit.models.loading import model_fingerprint
 
     # the fingerprint keys the calibration cache, so notebooks share statistics across calls
     info = {"fingerprint": model_fingerprint(model)} if plan.method_cls.uses_calibration else {}
-    ctx = PruneContext(model=model, tokenizer=tokenizer, adapter=resolve_adapter(model),
+    ctx = PruneContext(model=model, tokenizer=tokenizer,
+                       adapter=plan.adapter_cls(model) if plan.adapter_cls else resolve_adapter(model),
                        settings=plan.settings, recipe=loaded.recipe, model_info=info,
                        calibration_source=plan.calibration_source,
                        calibration_windows_override=calibration
@@ -693,5 +771,6 @@ def method_needs_tokenizer(plan: Plan, calibration) -> bool:
     return plan.method_cls.uses_calibration and not isinstance(calibration, torch.Tensor)
 
 
-__all__ = ["Plan", "PruneContext", "PrunekitError", "apply", "per_layer_ratio", "prune",
-           "resolve_adapter", "run_plan", "validate"]  # fmt: skip
+__all__ = ["Loaded", "Plan", "Prepared", "PruneContext", "PrunekitError", "apply",
+           "evaluate_model", "load", "per_layer_ratio", "prepare", "prune", "prune_loaded", "resolve_adapter",
+           "run_plan", "seed_everything", "structure_reduction", "validate"]  # fmt: skip

@@ -1,19 +1,28 @@
 """Helpers for tests of prunekit and of third-party plugins (our ``pytester``).
 
-* :func:`tiny_llama` builds a small random LLaMA model (MHA or GQA) in a second, offline.
+* ``tiny_llama``, ``tiny_mistral``, ``tiny_qwen2``, ``tiny_opt``, ``tiny_gemma3`` build small
+  random models of each built-in architecture in a second, offline.
+* :func:`check_adapter` is the conformance kit an adapter author runs on a tiny random model of
+  their architecture; :class:`AdapterConformance` runs the same checks as pytest tests.
 * :func:`isolated_plugin_manager` is a context manager giving a fresh plugin manager with the
   built-in plugins (and optionally extra ones) registered, restored afterwards; the pytest
   fixture ``prunekit_pm`` (enabled by ``pytest_plugins = ["prunekit.testing"]``) wraps it.
-* :class:`AdapterConformance` is a base class of checks every model adapter must pass.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
+from prunekit.components import ATTN, MLP, ModelAdapter
 from prunekit.plugins import (
     PrunekitPluginManager,
     load_entry_points,
@@ -21,44 +30,116 @@ from prunekit.plugins import (
     set_plugin_manager,
 )
 
+# --------------------------------------------------------------------------------------------
+# Tiny random models
+# --------------------------------------------------------------------------------------------
 
-def tiny_llama(
-    *,
-    heads: int = 4,
-    kv_heads: int | None = None,
-    layers: int = 4,
-    hidden: int | None = None,
-    intermediate: int = 96,
-    vocab: int = 128,
-    seed: int = 0,
-    attn_implementation: str = "sdpa",
-    dtype: torch.dtype = torch.float32,
-):
-    """A small random ``LlamaForCausalLM`` (GQA when ``kv_heads < heads``), in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden or heads * 16,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads or heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    config._attn_implementation = attn_implementation
+def _widen(model, seed: int, dtype: torch.dtype):
+    """Random init is tiny; widen the matrices so pruning decisions are not ties."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype)
-    # random init is tiny; widen weights a bit so pruning decisions are not ties
+    model = model.to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.2)
+            elif p.dim() == 1 and p.numel() > 1:  # biases and norms: non-trivial, still small
+                p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
+
+
+def _tiny(config_cls, model_cls, attn_implementation: str, seed: int, dtype, **fields):
+    config = config_cls(**fields)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return _widen(model_cls(config), seed, dtype)
+
+
+def tiny_llama(*, heads: int = 4, kv_heads: int | None = None, layers: int = 4,
+               hidden: int | None = None, intermediate: int = 96, vocab: int = 128,
+               seed: int = 0, attn_implementation: str = "sdpa",
+               dtype: torch.dtype = torch.float32):  # fmt: skip
+    """A small random ``LlamaForCausalLM`` (GQA when ``kv_heads < heads``), in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden or heads * 16, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )  # fmt: skip
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype)
+    with torch.no_grad():  # the historical init: 2-D weights widened, norms left at 1
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def tiny_mistral(*, heads: int = 4, kv_heads: int = 2, layers: int = 3, sliding_window: int = 5,
+                 intermediate: int = 64, vocab: int = 128, seed: int = 0,
+                 attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):  # fmt: skip
+    """A small random ``MistralForCausalLM`` whose sliding window is shorter than test inputs."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return _tiny(MistralConfig, MistralForCausalLM, attn_implementation, seed, dtype,
+                 vocab_size=vocab, hidden_size=heads * 16, intermediate_size=intermediate,
+                 num_hidden_layers=layers, num_attention_heads=heads,
+                 num_key_value_heads=kv_heads, head_dim=16, sliding_window=sliding_window,
+                 max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0)  # fmt: skip
+
+
+def tiny_qwen2(*, heads: int = 4, kv_heads: int = 2, layers: int = 3, sliding_window: int = 5,
+               intermediate: int = 64, vocab: int = 128, seed: int = 0,
+               attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):  # fmt: skip
+    """A small random ``Qwen2ForCausalLM`` (q/k/v biases; the layers from 1 on use a sliding
+    window shorter than test inputs, layer 0 full attention)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _tiny(Qwen2Config, Qwen2ForCausalLM, attn_implementation, seed, dtype,
+                 vocab_size=vocab, hidden_size=heads * 16, intermediate_size=intermediate,
+                 num_hidden_layers=layers, num_attention_heads=heads,
+                 num_key_value_heads=kv_heads, use_sliding_window=sliding_window is not None,
+                 sliding_window=sliding_window, max_window_layers=1,
+                 max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0)  # fmt: skip
+
+
+def tiny_opt(*, heads: int = 4, layers: int = 3, hidden: int = 64, ffn: int = 96,
+             vocab: int = 128, seed: int = 0, attn_implementation: str = "sdpa",
+             dtype: torch.dtype = torch.float32):  # fmt: skip
+    """A small random ``OPTForCausalLM`` (pre-LN, biases everywhere, ReLU, learned positions)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return _tiny(OPTConfig, OPTForCausalLM, attn_implementation, seed, dtype,
+                 vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
+                 num_attention_heads=heads, max_position_embeddings=512,
+                 word_embed_proj_dim=hidden, do_layer_norm_before=True, dropout=0.0,
+                 pad_token_id=1, bos_token_id=2, eos_token_id=2)  # fmt: skip
+
+
+def tiny_gemma3(*, heads: int = 4, kv_heads: int = 1, layers: int = 3, head_dim: int = 32,
+                hidden: int = 64, intermediate: int = 96, sliding_window: int = 4,
+                vocab: int = 128, seed: int = 0, attn_implementation: str = "sdpa",
+                dtype: torch.dtype = torch.float32):  # fmt: skip
+    """A small random ``Gemma3ForCausalLM`` (text): q/k norms, sliding and full layers (full
+    every third), GELU-tanh gated MLP, head_dim independent of hidden, scaled embeddings and
+    ``query_pre_attn_scalar`` different from ``head_dim``."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    types = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(layers)]
+    return _tiny(Gemma3TextConfig, Gemma3ForCausalLM, attn_implementation, seed, dtype,
+                 vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                 num_hidden_layers=layers, num_attention_heads=heads,
+                 num_key_value_heads=kv_heads, head_dim=head_dim, sliding_window=sliding_window,
+                 layer_types=types, query_pre_attn_scalar=head_dim * 3 // 4,
+                 max_position_embeddings=512, pad_token_id=0)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Plugin managers
+# --------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -96,8 +177,252 @@ except ImportError:  # pragma: no cover
     pass
 
 
+# --------------------------------------------------------------------------------------------
+# The adapter conformance kit
+# --------------------------------------------------------------------------------------------
+
+CHECKS = ("supports", "block_forward", "full_kept_set", "kept_set_zeroed", "probe",
+          "slicing", "cost_model", "reload")  # fmt: skip
+
+
+def _fail(check: str, layer: int | None, message: str):
+    where = f" layer {layer}" if layer is not None else ""
+    raise AssertionError(f"check_adapter[{check}]{where}: {message}")
+
+
+def _close(check: str, layer: int | None, got, want, atol: float, rtol: float = 0.0) -> None:
+    try:
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    except AssertionError as exc:
+        _fail(check, layer, str(exc).splitlines()[0] + " " + " ".join(str(exc).splitlines()[1:4]))
+
+
+def _inputs(model, batch: int = 2, seq: int = 9) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, model.config.vocab_size, (batch, seq), generator=g)
+
+
+def _capture_layers(model, adapter: ModelAdapter, ids: torch.Tensor) -> list[dict]:
+    """Input, keyword arguments and output of every decoder layer on ``ids``."""
+    captured: list[dict] = [{} for _ in adapter.layers()]
+    handles = []
+    for i, module in enumerate(adapter.decoder_layers):
+
+        def hook(module, args, kwargs, output, _i=i):
+            captured[_i]["hidden"] = args[0] if args else kwargs["hidden_states"]
+            captured[_i]["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            captured[_i]["out"] = output[0] if isinstance(output, tuple) else output
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _kept_sets(adapter: ModelAdapter, seed: int = 0) -> dict[tuple[int, str], torch.Tensor]:
+    """Different, non-empty kept sets per layer (uneven GQA groups included)."""
+    g = torch.Generator().manual_seed(seed)
+    kept = {}
+    for la in adapter.layers():
+        for group in la.groups:
+            n = la.units(group)
+            keep = max(1, n - 1 - (la.index % max(1, n - 1))) if n > 1 else 1
+            kept[(la.index, group)] = torch.randperm(n, generator=g)[:keep].sort().values
+    return kept
+
+
+def _zeroed_copy(model, adapter_cls, kept) -> torch.nn.Module:
+    """A copy of ``model`` whose removed units' output-projection columns are zero."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for la in adapter_cls(ref).layers():
+            for group in la.groups:
+                units = kept.get((la.index, group))
+                if units is None:
+                    continue
+                proj = la.output_projection(group)
+                keep = torch.zeros(proj.in_features, dtype=torch.bool)
+                keep[la.unit_channels(group, units)] = True
+                proj.weight[:, ~keep] = 0
+    return ref
+
+
+def _reload_script(path: str, remote_code: bool, plain: bool) -> str:
+    return f"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+import prunekit
+ids = torch.load({path!r} + "/ids.pt")
+out = {{}}
+out["load_pruned"] = prunekit.load_pruned({path!r})(input_ids=ids).logits
+if {remote_code!r}:
+    m = AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code=True).eval()
+    out["remote_code"] = m(input_ids=ids).logits
+if {plain!r}:
+    m = AutoModelForCausalLM.from_pretrained({path!r}).eval()
+    out["plain"] = m(input_ids=ids).logits
+torch.save(out, {path!r} + "/reloaded.pt")
+"""
+
+
+def _check_reload(model_factory, adapter_cls, kept, atol: float, ids, tmp: Path,
+                  rtol: float = 0.0) -> None:  # fmt: skip
+    """A sliced model saved with ``save_pruned`` reloads identically in a fresh process."""
+    from prunekit.components import Allocation
+    from prunekit.pruning.static import save_pruned, slice_model
+
+    model = model_factory()
+    adapter = slice_model(adapter_cls(model), Allocation(dict(kept)))
+    la = adapter.layers()[-1]
+    la.add_output_bias(MLP, torch.linspace(-0.1, 0.1, la.hidden_size))  # a compensation bias
+    adapter = adapter_cls(model)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    path = tmp / "saved"
+    save_pruned(adapter, None, str(path), {"method": "check_adapter"})
+    layout = json.loads((path / "prunekit.json").read_text())["layout"]
+    torch.save(ids, path / "ids.pt")
+    script = _reload_script(str(path), layout == "remote_code", layout == "plain")
+    proc = subprocess.run([sys.executable, "-c", "import torch\nwith torch.no_grad():\n" +
+                           "\n".join("    " + line for line in script.splitlines())],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        _fail("reload", None, f"reloading in a fresh process failed:\n{proc.stderr[-2000:]}")
+    for how, logits in torch.load(path / "reloaded.pt").items():
+        try:
+            _close("reload", None, logits, want, atol, rtol)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc} (reloaded with {how}, {layout} layout)") from None
+
+
+def check_adapter(model_factory: Callable[[], torch.nn.Module],
+                  adapter_cls: type[ModelAdapter] | None = None, *, atol: float = 1e-5,
+                  rtol: float = 0.0, checks: tuple[str, ...] = CHECKS,
+                  tmp_dir: str | None = None) -> None:  # fmt: skip
+    """Check a model adapter on a tiny random model of its architecture (fp32).
+
+    :param model_factory: builds a fresh model each call (slicing changes a model in place).
+    :param adapter_cls: the adapter to check (default: the registered one for the model).
+    :param atol: the absolute tolerance of every comparison (fp32; tiny models: 1e-5).
+    :param rtol: a relative tolerance on top (real models, whose massive activations at the
+        first token make float summation-order differences large in absolute terms).
+    :param checks: a subset of :data:`CHECKS`.
+
+    Checks, each failing with ``check_adapter[<check>] layer <i>: ...``:
+
+    * ``supports``: the adapter says it supports the model's config;
+    * ``block_forward``: ``run_block`` equals the Hugging Face layer on the inputs the model
+      passes it;
+    * ``full_kept_set``: every unit kept equals dense;
+    * ``kept_set_zeroed``: a kept set equals the dense layer whose removed units' output
+      columns are zero;
+    * ``probe``: ``probe`` on every token of every row equals the output projection's input of
+      the dense forward (positions, masks, windows, scaling);
+    * ``slicing``: the physically sliced model equals the zeroed dense model, and the sliced
+      layers' parameters equal ``params``;
+    * ``cost_model``: ``macs_per_token`` equals the MACs counted by
+      :class:`torch.utils.flop_counter.FlopCounterMode` on the sliced layers (eager attention);
+    * ``reload``: the sliced model (per-layer shapes, a compensation bias) saved with
+      :func:`prunekit.pruning.static.save_pruned` reloads in a fresh Python process with the
+      same logits, through ``prunekit.load_pruned`` and through ``trust_remote_code`` (or plain
+      ``from_pretrained`` when saved as a plain checkpoint).
+    """
+    from prunekit.components import Allocation
+    from prunekit.pruning.static import slice_model
+    from prunekit.registry import adapter_class_for
+
+    model = model_factory()
+    adapter_cls = adapter_cls or adapter_class_for(model.config)
+    if "supports" in checks and not adapter_cls.supports(model.config):
+        _fail("supports", None, f"{adapter_cls.__name__}.supports() is False for "
+              f"model_type {getattr(model.config, 'model_type', None)!r}")  # fmt: skip
+    adapter = adapter_cls(model)
+    ids = _inputs(model)
+    io = _capture_layers(model, adapter, ids)
+    kept = _kept_sets(adapter)
+    with torch.no_grad():
+        for la in adapter.layers():
+            h, kw = io[la.index]["hidden"], io[la.index]["kwargs"]
+            dense = la.run_block(h, **kw)
+            if "block_forward" in checks:
+                _close("block_forward", la.index, dense, io[la.index]["out"], atol, rtol)
+            if "full_kept_set" in checks:
+                full = {g: torch.arange(la.units(g)) for g in la.groups}
+                _close("full_kept_set", la.index, la.run_block(h, full, **kw), dense, atol, rtol)
+            if "probe" in checks:
+                _check_probe(la, h, kw, atol, rtol)
+        if "kept_set_zeroed" in checks:
+            ref = _zeroed_copy(model, adapter_cls, kept)
+            for la in adapter.layers():
+                h, kw = io[la.index]["hidden"], io[la.index]["kwargs"]
+                layer_kept = {g: kept[(la.index, g)] for g in la.groups}
+                ref_layer = adapter_cls(ref).decoder_layers[la.index]
+                want = ref_layer(h, **kw)
+                want = want[0] if isinstance(want, tuple) else want
+                _close("kept_set_zeroed", la.index, la.run_block(h, layer_kept, **kw), want, atol, rtol)
+    if "slicing" in checks or "cost_model" in checks:
+        sliced_model = model_factory()
+        sliced = slice_model(adapter_cls(sliced_model), Allocation(dict(kept)))
+        if "slicing" in checks:
+            ref = _zeroed_copy(model_factory(), adapter_cls, kept)
+            with torch.no_grad():
+                _close("slicing", None, sliced_model(input_ids=ids).logits,
+                       ref(input_ids=ids).logits, atol, rtol)  # fmt: skip
+            for la in adapter.layers():
+                n = sum(p.numel() for p in sliced.decoder_layers[la.index].parameters())
+                want = la.params(len(kept[(la.index, ATTN)]), len(kept[(la.index, MLP)]))
+                if n != want:
+                    _fail("slicing", la.index, f"params() says {want}, the sliced layer has {n}")
+        if "cost_model" in checks:
+            _check_cost(sliced_model, sliced, adapter, kept, ids)
+    if "reload" in checks:
+        with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
+            _check_reload(model_factory, adapter_cls, kept, atol, ids, Path(tmp), rtol)
+
+
+def _check_probe(la, h, kw, atol: float, rtol: float) -> None:
+    """The probe over the whole batch equals the dense forward's output-projection input."""
+
+    def driver(layer, group, x, residual, run):
+        y, activations = run(layer.gather(group, None), observe=True)
+        bsz, seq = x.shape[:2]
+        pos = torch.arange(seq).expand(bsz, seq)
+        mask = torch.ones(bsz, seq, dtype=torch.bool)
+        _close("probe", layer.index, layer.probe(group, x, pos, mask), activations, atol, rtol)
+        return y
+
+    la.run_block(h, driver=driver, **kw)
+
+
+def _check_cost(sliced_model, sliced: ModelAdapter, dense: ModelAdapter, kept, ids) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = sliced_model.config
+    previous = config._attn_implementation
+    config._attn_implementation = "eager"  # FlopCounterMode counts the eager matmuls
+    try:
+        io = _capture_layers(sliced_model, sliced, ids)
+        bsz, seq = ids.shape
+        for la in dense.layers():
+            module = sliced.decoder_layers[la.index]
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                module(io[la.index]["hidden"], **io[la.index]["kwargs"])
+            macs = counter.get_total_flops() / 2 / (bsz * seq)
+            want = la.macs_per_token(len(kept[(la.index, ATTN)]), len(kept[(la.index, MLP)]), seq)
+            if abs(macs - want) > 1e-6 * want:
+                _fail("cost_model", la.index, f"macs_per_token says {want}, counted {macs}")
+    finally:
+        config._attn_implementation = previous
+
+
 class AdapterConformance:
-    """Checks every model adapter must pass; subclasses define ``make_model()``.
+    """:func:`check_adapter` as pytest tests, one per check; subclasses define
+    ``make_model()`` (a fresh tiny model per call) and may set ``adapter_class``.
 
     Example::
 
@@ -107,57 +432,48 @@ class AdapterConformance:
                 return tiny_my_model()
     """
 
-    adapter_class: type
+    adapter_class: type | None = None
     atol = 1e-5
+    rtol = 0.0
+    #: checks of :data:`CHECKS` to leave out (e.g. ``("reload",)`` on a large real model)
+    skip_checks: tuple[str, ...] = ()
 
     def make_model(self):  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _inputs(self, model, batch: int = 2, seq: int = 7):
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g)
-        return ids
+    def _check(self, *checks: str, tmp_path=None) -> None:
+        checks = tuple(c for c in checks if c not in self.skip_checks)
+        if not checks:
+            import pytest
 
-    def _layer_io(self, model, index: int):
-        """Input and output of decoder layer ``index`` for a random batch, via hooks."""
-        captured = {}
-        layer = self.adapter_class(model).decoder_layers[index]
-
-        def hook(module, args, kwargs, output):
-            captured["args"], captured["kwargs"] = args, kwargs
-            captured["out"] = output[0] if isinstance(output, tuple) else output
-
-        handle = layer.register_forward_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                model(self._inputs(model))
-        finally:
-            handle.remove()
-        return captured
+            pytest.skip(f"{type(self).__name__} skips {', '.join(self.skip_checks)}")
+        check_adapter(self.make_model, self.adapter_class, atol=self.atol, rtol=self.rtol,
+                      checks=checks, tmp_dir=str(tmp_path) if tmp_path is not None else None)  # fmt: skip
 
     def test_supports(self):
-        model = self.make_model()
-        assert self.adapter_class.supports(model)
+        self._check("supports")
 
     def test_every_layer_has_units(self):
-        adapter = self.adapter_class(self.make_model())
+        model = self.make_model()
+        from prunekit.registry import adapter_class_for
+
+        adapter = (self.adapter_class or adapter_class_for(model.config))(model)
         for layer in adapter.layers():
             assert layer.num_heads > 0, f"layer {layer.index}: no attention heads"
             assert layer.intermediate_size > 0, f"layer {layer.index}: no MLP channels"
             assert layer.num_heads % layer.num_kv_heads == 0, f"layer {layer.index}: bad GQA"
 
     def test_block_forward_matches_hf(self):
-        model = self.make_model()
-        adapter = self.adapter_class(model)
-        for layer in adapter.layers():
-            io = self._layer_io(model, layer.index)
-            hidden = io["args"][0] if io["args"] else io["kwargs"]["hidden_states"]
-            kw = io["kwargs"]
-            with torch.no_grad():
-                out = layer.run_block(
-                    hidden,
-                    position_embeddings=kw["position_embeddings"],
-                    attention_mask=kw.get("attention_mask"),
-                )
-            torch.testing.assert_close(out, io["out"], atol=self.atol, rtol=0,
-                                       msg=lambda m, i=layer.index: f"layer {i}: {m}")  # fmt: skip
+        self._check("block_forward", "full_kept_set")
+
+    def test_kept_set_equals_zeroed_dense(self):
+        self._check("kept_set_zeroed")
+
+    def test_probe_equals_dense_activations(self):
+        self._check("probe")
+
+    def test_slicing_and_cost_model(self):
+        self._check("slicing", "cost_model")
+
+    def test_saved_model_reloads_in_a_fresh_process(self, tmp_path):
+        self._check("reload", tmp_path=tmp_path)

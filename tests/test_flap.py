@@ -52,13 +52,19 @@ def test_flap_metric_by_hand():
 
 
 def test_head_flops_weight_matches_the_reference_192():
-    class L:
-        hidden_size, head_dim, num_heads, num_kv_heads = 4096, 128, 32, 32
+    # LLaMA-2-7B's dims on the llama adapter's cost model (meta device: no memory)
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    assert head_flops_weight(L(), 1024) == pytest.approx(192.0)
-    L.num_kv_heads = 8  # GQA: K/V never pruned, factor 4 -> 2
-    assert head_flops_weight(L(), 1024) == pytest.approx((1024 * 4096 * 128 * 2 + 2 * 1024**2 * 128)
-                                                        / (1024 * 4096 * 3))  # fmt: skip
+    def layer(kv):
+        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                             num_key_value_heads=kv, num_hidden_layers=1, vocab_size=8)  # fmt: skip
+        with torch.device("meta"):
+            return LlamaAdapter(LlamaForCausalLM(config)).layers()[0]
+
+    assert head_flops_weight(layer(32), 1024) == pytest.approx(192.0)
+    # GQA: K/V never pruned, factor 4 -> 2
+    assert head_flops_weight(layer(8), 1024) == pytest.approx(
+        (1024 * 4096 * 128 * 2 + 2 * 1024**2 * 128) / (1024 * 4096 * 3))  # fmt: skip
 
 
 def test_flap_global_allocation_on_a_constructed_case():

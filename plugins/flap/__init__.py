@@ -94,11 +94,11 @@ class FlapScore:
 
 
 def head_flops_weight(layer, tokens: int) -> float:
-    """FLOPs of one head relative to one MLP channel: ``(T d d_h c + 2 T² d_h) / (3 T d)``,
-    ``c = 4`` (q, k, v, o) with MHA and ``2`` (q, o) with GQA, where K/V are never pruned."""
-    d, hd = layer.hidden_size, layer.head_dim
-    c = 2 if layer.num_kv_heads != layer.num_heads else 4
-    return (tokens * d * hd * c + 2 * tokens**2 * hd) / (tokens * d * 3)
+    """FLOPs of one head relative to one MLP channel, from the adapter's cost model
+    (``unit_macs``). For LLaMA this is the reference's ``(T d d_h c + 2 T² d_h) / (3 T d)``,
+    ``c = 4`` (q, k, v, o) with MHA and ``2`` (q, o) with GQA, where K/V are never pruned; for
+    OPT's ungated MLP the channel costs ``2 d``."""
+    return layer.unit_macs(ATTN, tokens) / layer.unit_macs(MLP, tokens)
 
 
 class FlapGlobal:

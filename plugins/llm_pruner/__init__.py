@@ -4,18 +4,17 @@ First-order Taylor importance ``|w · ∂L/∂w|`` of the causal-LM loss on a fe
 windows (the reference: 10 windows of 128 tokens), summed over every parameter of a coupled
 group, then uniform allocation and physical pruning like the other static methods.
 
-Coupled groups:
-
-* MLP channel ``j``: row ``j`` of gate and up, column ``j`` of down. The group is found by
-  torch-pruning's dependency graph, built **per decoder block** (on the block's MLP only, so the
-  graph stays small: no tracing through the embeddings or the residual stream), and scored with
-  its ``GroupTaylorImportance`` (sum over the group, no normalisation).
-* attention head ``h``: its rows of q (and of k/v with MHA) and its columns of o. torch-pruning's
-  graph does not couple q/k/v to o through the attention matmuls (checked with torch-pruning
-  1.6), so this group is declared from the adapter's roles and scored with the same reduction
-  (``Σ |w · grad|`` over the group). With GQA the k/v heads are shared by several query heads and
-  are never pruned, so a query head's group is its q rows and o columns: the query-to-KV mapping
-  is kept (kept heads carry their own KV head, groups may end up unequal).
+Coupled groups come from the model adapter (``LayerAdapter.unit_slices``): for an attention
+head its rows of q (and of k/v with MHA; with GQA the k/v heads are shared by several query
+heads and never pruned, so the query-to-KV mapping is kept) and its columns of o; for an MLP
+channel its rows of gate/up (fc1) and its column of down (fc2); biases included. The score of a
+unit is ``Σ |w · grad|`` over every entry of its group (torch-pruning's ``GroupTaylorImportance``
+with ``group_reduction="sum"``, no normaliser). We sum over the adapter's declared slices
+instead of tracing torch-pruning's dependency graph: the graph needs a self-contained,
+traceable MLP module (OPT has none: fc1/fc2 sit on the decoder layer) and does not couple
+q/k/v to o through the attention matmuls (torch-pruning 1.6), while the adapter's roles cover
+every architecture the same way. On LLaMA both give the same groups; tests/test_llm_pruner.py
+checks the MLP scores against torch-pruning's.
 
 ``block_range: [start, end]`` reproduces the reference's semantics: only layers
 ``start <= l < end`` are pruned (reference: 4..30 of 32) at the nominal ratio, with no
@@ -31,59 +30,35 @@ import time
 import torch
 
 from prunekit import hookimpl
-from prunekit.components import MLP
 from prunekit.errors import RecipeError
 from prunekit.pruning.static import StaticMethod
 
 
-def _taylor(module: torch.nn.Linear) -> torch.Tensor:
-    if module.weight.grad is None:
-        raise RuntimeError("no gradient on the weights: run the loss backward first")
-    return (module.weight.detach().float() * module.weight.grad.detach().float()).abs()
+def unit_taylor(layer, group: str) -> torch.Tensor:
+    """``Σ |w · grad|`` over each unit's coupled group (``layer.unit_slices(group)``), fp32."""
+    imp = None
+    for piece in layer.unit_slices(group):
+        tensor = piece.tensor
+        if tensor.grad is None:
+            raise RuntimeError(f"layer {layer.index} {group}: no gradient on {piece.role}; run "
+                               "the loss backward first")  # fmt: skip
+        taylor = (tensor.detach().float() * tensor.grad.detach().float()).abs()
+        per_row = taylor.sum(1 - piece.dim) if taylor.dim() == 2 else taylor  # [units * width]
+        per_unit = per_row.view(-1, piece.width).sum(1)
+        imp = per_unit if imp is None else imp + per_unit
+    return imp
 
 
 class GroupTaylor:
-    """Σ |w · grad| over the coupled group of each unit (needs gradients on the weights).
-
-    MLP groups come from torch-pruning's dependency graph on the block's MLP; attention heads
-    from the adapter's roles (see the module docstring for why).
-    """
+    """Σ |w · grad| over the coupled group of each unit (needs gradients on the weights)."""
 
     def prepare(self, layer, group: str):
-        if group == MLP:
-            imp = self._mlp(layer)
-        else:
-            imp = self._heads(layer)
+        imp = unit_taylor(layer, group)
 
         def score(stats: dict[str, torch.Tensor]) -> torch.Tensor:
             return imp
 
         return score
-
-    @staticmethod
-    def _mlp(layer) -> torch.Tensor:
-        import torch_pruning as tp
-
-        mlp = layer.mlp
-        example = torch.zeros(1, 2, layer.hidden_size, dtype=mlp.gate_proj.weight.dtype,
-                              device=mlp.gate_proj.weight.device)  # fmt: skip
-        with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(mlp, example_inputs=example)
-        channels = list(range(layer.intermediate_size))
-        group = graph.get_pruning_group(mlp.gate_proj, tp.prune_linear_out_channels, idxs=channels)
-        scorer = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
-        return scorer(group).float()
-
-    @staticmethod
-    def _heads(layer) -> torch.Tensor:
-        a = layer.attn
-        hd, nh = layer.head_dim, layer.num_heads
-        imp = _taylor(a.q_proj).sum(1).view(nh, hd).sum(1)
-        imp = imp + _taylor(a.o_proj).sum(0).view(nh, hd).sum(1)
-        if not layer.is_gqa:  # MHA: k/v rows belong to their head
-            imp = imp + _taylor(a.k_proj).sum(1).view(nh, hd).sum(1)
-            imp = imp + _taylor(a.v_proj).sum(1).view(nh, hd).sum(1)
-        return imp
 
 
 class LlmPruner(StaticMethod):
@@ -149,10 +124,8 @@ class LlmPruner(StaticMethod):
         for layer in ctx.adapter.layers():
             if layer.index in skip:  # only the layers that will be pruned need gradients
                 continue
-            for proj in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj,
-                         layer.attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
-                         layer.mlp.down_proj):  # fmt: skip
-                params.append(proj.weight)
+            for group in layer.groups:
+                params += [piece.tensor for piece in layer.unit_slices(group)]
         previous = {id(p): p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)

@@ -82,13 +82,13 @@ class PPController:
     # -- decisions ---------------------------------------------------------------------------
     def _probe_inputs(self, layer, group, x, residual, batch):
         if self.mode == "async_intra":
-            if group == ATTN:
-                prev = batch.residuals.get(("mid", layer.index - 1))
+            if group == ATTN:  # the previous layer's residual before its MLP
+                prev = batch.residuals.get((layer.index - 1, MLP))
                 if prev is not None:
-                    return layer.input_norm(ATTN)(prev), prev
-            else:
-                h_in = batch.residuals[("in", layer.index)]
-                return layer.input_norm(MLP)(h_in), h_in
+                    return layer.group_input(ATTN, prev), prev
+            else:  # this layer's residual before its attention
+                h_in = batch.residuals[(layer.index, ATTN)]
+                return layer.group_input(MLP, h_in), h_in
         return x, residual
 
     def _history_rows(self, key, positions, mask):
@@ -120,10 +120,7 @@ class PPController:
         xp = xs[rows][:, cols]
         pos = batch.position_ids[rows][:, cols]
         mask = batch.token_mask[rows][:, cols]
-        if group == ATTN:
-            z = layer.probe_attention(xp, pos, mask)
-        else:
-            z = layer.probe_mlp(xp)
+        z = layer.probe(group, xp, pos, mask)
         zz = torch.where(mask.unsqueeze(-1), z.float().square(), 0.0)
         P = zz.sum(0) / mask.sum(0).clamp(min=1).unsqueeze(-1)  # [t', D]
         G = self._history_rows(key, pos, mask) if self.history is not None else None
@@ -150,31 +147,28 @@ class PPController:
     def probe_flops_fraction(self, batch_size: int, seq_len: int) -> float:
         """Probe MACs / dense decoder-layer MACs for the last batch (pp-spec section 8).
 
-        Probe: q, k, v (attention) and gate, up (MLP) on the probe tokens; the probe's own
-        attention matmuls and the scoring are not counted (the reference's convention). Dense
-        per token and layer: q, k, v, o, gate, up, down and ``2·T·n_h·d_h`` for attention.
+        Probe: the input projections (q, k, v; gate, up) on the probe tokens, from the
+        adapter's ``input_macs``; the probe's own attention matmuls and the scoring are not
+        counted (the reference's convention). Dense: the adapter's ``macs_per_token``.
         """
         probe = dense = 0.0
         tokens = batch_size * seq_len
         for layer in self.adapter.layers():
-            d, hd, nh, nkv, inter = (layer.hidden_size, layer.head_dim, layer.num_heads,
-                                     layer.num_kv_heads, layer.intermediate_size)  # fmt: skip
-            qkv = d * (nh + 2 * nkv) * hd
-            dense += tokens * (qkv + nh * hd * d + 3 * d * inter + 2 * seq_len * nh * hd)
-            probe += self.probe_tokens.get((layer.index, ATTN), 0) * qkv
-            probe += self.probe_tokens.get((layer.index, MLP), 0) * 2 * d * inter
+            dense += tokens * layer.macs_per_token(layer.num_heads, layer.intermediate_size,
+                                                   seq_len)  # fmt: skip
+            for group in (ATTN, MLP):
+                probe += self.probe_tokens.get((layer.index, group), 0) * layer.input_macs(group)
         return probe / dense if dense else 0.0
 
 
 def kept_parameters(adapter, counts: dict[tuple[int, str], int], model) -> int:
-    """Parameters a forward really uses with these kept counts (embeddings and norms included)."""
+    """Parameters a forward really uses with these kept counts (embeddings and norms included),
+    from the adapter's cost model."""
     total = sum(p.numel() for p in model.parameters())
-    for layer in adapter.layers():
-        d, hd = layer.hidden_size, layer.head_dim
-        removed_heads = layer.num_heads - counts[(layer.index, ATTN)]
-        per_head = 2 * d * hd + (0 if layer.num_kv_heads != layer.num_heads else 2 * d * hd)
-        removed_channels = layer.intermediate_size - counts[(layer.index, MLP)]
-        total -= removed_heads * per_head + removed_channels * 3 * d
+    for la in adapter.layers():
+        total -= la.params(la.num_heads, la.intermediate_size) - la.params(
+            counts[(la.index, ATTN)], counts[(la.index, MLP)]
+        )
     return total
 
 

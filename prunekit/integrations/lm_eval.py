@@ -174,22 +174,12 @@ class PrunekitLM(LM):
         ``--set``-style ``key=value`` strings, e.g. ``["method.ratio=0.2", "model.device=cuda"]``.
         The :class:`~prunekit.components.PruneOutcome` is kept as :attr:`outcome`.
         """
-        from prunekit.models.loading import load_model
-        from prunekit.recipe import load_recipe
-        from prunekit.runner import PruneContext, _seed_everything, resolve_adapter, validate
+        from prunekit.runner import prepare
 
-        loaded = load_recipe(recipe, list(overrides))
-        plan = validate(loaded)
-        r = loaded.recipe
-        _seed_everything(r.seed)
-        lm = load_model(r.model.id, dtype=r.model.dtype, device=r.model.device,
-                        attn_implementation=r.model.attn_implementation)  # fmt: skip
-        ctx = PruneContext(model=lm.model, tokenizer=lm.tokenizer,
-                           adapter=resolve_adapter(lm.model), settings=plan.settings, recipe=r,
-                           model_info=lm.info, calibration_source=plan.calibration_source)  # fmt: skip
-        outcome = plan.method_cls(plan.settings, plan.components).prune(ctx)
-        bridge = cls(outcome.model, lm.tokenizer, batch_size=batch_size, max_length=max_length)
-        bridge.outcome, bridge.recipe = outcome, r
+        prepared = prepare(recipe, list(overrides))
+        bridge = cls(prepared.model, prepared.tokenizer, batch_size=batch_size,
+                     max_length=max_length)  # fmt: skip
+        bridge.outcome, bridge.recipe = prepared.outcome, prepared.plan.recipe
         return bridge
 
     @classmethod

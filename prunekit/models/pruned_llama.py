@@ -1,9 +1,16 @@
-"""Pruned LLaMA-family modelling, self-contained (imports only torch and transformers).
+"""Pruned LLaMA-family modelling (LLaMA, Mistral, Qwen2), self-contained (imports only torch
+and transformers).
 
-This file is part of prunekit **and** is copied verbatim into every saved checkpoint whose
-layers have per-layer shapes, as ``modeling_prunekit_llama.py``: the checkpoint's config names
-it in ``auto_map``, so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``
-rebuilds the pruned model without prunekit installed. Keep it free of prunekit imports.
+This file is part of prunekit **and** is copied verbatim into every saved checkpoint of these
+families whose layers have per-layer shapes, as ``modeling_prunekit_<adapter>.py``: the
+checkpoint's config names it in ``auto_map``, so
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` rebuilds the pruned model
+without prunekit installed (``prunekit.load_pruned`` uses the installed copy and never runs the
+checkpoint's). Keep it free of prunekit imports.
+
+The forward functions here (:func:`attention_forward`, :func:`mlp_forward`) are also what the
+prunekit adapters run on gathered weights, so a physically pruned layer and the dynamic
+runtime compute the same thing.
 
 Per-layer shapes live in ``config.prunekit_layers`` (lists indexed by layer):
 ``num_heads`` (kept query heads), ``num_kv_heads`` (k/v heads stored), ``kv_index`` (the KV
@@ -18,9 +25,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
 PRUNED_LAYERS_KEY = "prunekit_layers"
+
+
+def layer_sliding_window(config, layer_idx: int) -> int | None:
+    """The sliding window of layer ``layer_idx`` (None: full causal attention).
+
+    Qwen2-style configs list ``layer_types``; Mistral applies ``sliding_window`` to every layer;
+    LLaMA has none.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is not None and layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
 
 
 @dataclass
@@ -40,12 +60,36 @@ class AttentionWeights:
     head_dim: int
 
 
+@dataclass
+class MlpWeights:
+    """Gated-MLP weights for one kept set (biases may be None)."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+
+def mlp_forward(x: torch.Tensor, w: MlpWeights, act, return_down_input: bool = False):
+    """``down(act(gate(x)) * up(x))`` with the weights ``w``; with ``return_down_input`` also
+    the input of down_proj."""
+    h = act(F.linear(x, w.gate, w.gate_bias)) * F.linear(x, w.up, w.up_bias)
+    y = F.linear(h, w.down, w.down_bias)
+    return (y, h) if return_down_input else y
+
+
 class KernelModule:
     """What Hugging Face's attention functions read from ``module``: K/V come pre-expanded."""
 
-    def __init__(self, config, layer_idx: int) -> None:
+    def __init__(self, config, layer_idx: int, sliding_window: int | None = None,
+                 scaling: float | None = None) -> None:  # fmt: skip
         self.config = config
         self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
+        #: the attention score scale (None: ``head_dim ** -0.5``)
+        self.scaling = scaling
         self.is_causal = True
         self.training = False
         self.num_key_value_groups = 1
@@ -91,8 +135,12 @@ def attention_forward(x, w: AttentionWeights, position_embeddings, attention_mas
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(
             kernel.config._attn_implementation, eager_attention_forward
         )
-        kw = {k_: v_ for k_, v_ in kwargs.items() if k_ not in ("position_ids", "use_cache")}
-        out, _ = fn(kernel, q, k, v, attention_mask, dropout=0.0, scaling=hd**-0.5, **kw)
+        kw = {k_: v_ for k_, v_ in kwargs.items()
+              if k_ not in ("position_ids", "use_cache", "sliding_window")}  # fmt: skip
+        if kernel.sliding_window is not None:
+            kw["sliding_window"] = kernel.sliding_window
+        scaling = kernel.scaling if kernel.scaling is not None else hd**-0.5
+        out, _ = fn(kernel, q, k, v, attention_mask, dropout=0.0, scaling=scaling, **kw)
         out = out.reshape(bsz, seq, -1).contiguous()
     y = F.linear(out, w.o, w.o_bias)
     return (y, out) if return_o_input else y
@@ -113,8 +161,9 @@ class PrunedLlamaAttention(nn.Module):
 
     def __init__(self, config, layer_idx: int, head_dim: int, q_proj: nn.Linear,
                  k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear,
-                 kv_index: torch.Tensor) -> None:  # fmt: skip
+                 kv_index: torch.Tensor, scaling: float | None = None) -> None:  # fmt: skip
         super().__init__()
+        self.sliding_window = layer_sliding_window(config, layer_idx)
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = head_dim
@@ -122,15 +171,14 @@ class PrunedLlamaAttention(nn.Module):
         kv_index = kv_index.long().clone().to(q_proj.weight.device)
         self.register_buffer("kv_index", kv_index, persistent=True)
         self.is_causal = True
-        self._kernel = KernelModule(config, layer_idx)
+        self._kernel = KernelModule(config, layer_idx, self.sliding_window, scaling)
 
     @classmethod
     def empty(cls, config, layer_idx: int, num_heads: int, num_kv_heads: int,
-              kv_index: list[int], o_bias: bool) -> PrunedLlamaAttention:  # fmt: skip
+              kv_index: list[int], o_bias: bool, qkv_bias: bool) -> PrunedLlamaAttention:  # fmt: skip
         """Modules of the right shapes (weights are loaded afterwards)."""
-        hd = config.head_dim
+        hd = head_dim_of(config)
         d = config.hidden_size
-        qkv_bias = bool(getattr(config, "attention_bias", False))
         return cls(
             config, layer_idx, hd,
             _linear(d, num_heads * hd, qkv_bias), _linear(d, num_kv_heads * hd, qkv_bias),
@@ -162,15 +210,23 @@ class PrunedLlamaAttention(nn.Module):
         return out, None
 
 
-def apply_layer_shapes(model: nn.Module, spec: dict) -> None:
-    """Give every decoder layer of ``model`` the shapes recorded in ``spec``."""
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def apply_layer_shapes(model: nn.Module, spec: dict, qkv_bias: bool, o_bias: bool) -> None:
+    """Give every decoder layer of ``model`` the shapes recorded in ``spec``.
+
+    :param qkv_bias: whether q/k/v carry a bias in this family; :param o_bias: whether o_proj
+        does (a compensation bias recorded in ``spec`` adds one).
+    """
     config = model.config
     d = config.hidden_size
     mlp_bias = bool(getattr(config, "mlp_bias", False))
     for i, layer in enumerate(model.model.layers):
         layer.self_attn = PrunedLlamaAttention.empty(
             config, i, spec["num_heads"][i], spec["num_kv_heads"][i], spec["kv_index"][i],
-            bool(spec["o_bias"][i]) or bool(getattr(config, "attention_bias", False)),
+            bool(spec["o_bias"][i]) or o_bias, qkv_bias,
         )  # fmt: skip
         inter = spec["intermediate_size"][i]
         mlp = layer.mlp
@@ -179,11 +235,40 @@ def apply_layer_shapes(model: nn.Module, spec: dict) -> None:
         mlp.down_proj = _linear(inter, d, mlp_bias or bool(spec["down_bias"][i]))
 
 
+def _attention_biases(config, family: str) -> tuple[bool, bool]:
+    """(q/k/v bias, o bias) of a family: Qwen2 always biases q/k/v and never o; LLaMA and
+    Mistral follow ``config.attention_bias`` for all four."""
+    if family == "qwen2":
+        return True, False
+    bias = bool(getattr(config, "attention_bias", False))
+    return bias, bias
+
+
+def _reshape(model: nn.Module, family: str) -> None:
+    spec = getattr(model.config, PRUNED_LAYERS_KEY, None)
+    if spec:
+        apply_layer_shapes(model, spec, *_attention_biases(model.config, family))
+
+
 class PrunekitLlamaForCausalLM(LlamaForCausalLM):
     """A LLaMA causal LM whose layers have the per-layer shapes of ``config.prunekit_layers``."""
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        spec = getattr(config, PRUNED_LAYERS_KEY, None)
-        if spec:
-            apply_layer_shapes(self, spec)
+        _reshape(self, "llama")
+
+
+class PrunekitMistralForCausalLM(MistralForCausalLM):
+    """A Mistral causal LM with the per-layer shapes of ``config.prunekit_layers``."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        _reshape(self, "mistral")
+
+
+class PrunekitQwen2ForCausalLM(Qwen2ForCausalLM):
+    """A Qwen2 causal LM with the per-layer shapes of ``config.prunekit_layers``."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        _reshape(self, "qwen2")

@@ -20,27 +20,10 @@ import torch
 
 from prunekit.components import ATTN, MLP, Allocation, MethodSettings, ModelAdapter
 from prunekit.hookspecs import hookimpl
+from prunekit.ratios import kept_channels, kept_heads, per_layer_ratio
 
-
-def per_layer_ratio(ratio: float, num_layers: int, skip_layers: list[int]) -> float:
-    """``round(L / (L - skipped) * r, 2)``: the ratio each non-skipped layer is pruned at."""
-    skipped = len([i for i in set(skip_layers) if 0 <= i < num_layers])
-    if skipped >= num_layers:
-        raise ValueError("every layer is skipped")
-    return round(num_layers / (num_layers - skipped) * ratio, 2)
-
-
-def kept_heads(num_heads: int, layer_ratio: float) -> int:
-    """Heads kept at ``layer_ratio``: ``n - floor(r' n)``."""
-    return num_heads - math.floor(layer_ratio * num_heads + 1e-9)
-
-
-def kept_channels(channels: int, layer_ratio: float, round_to: int = 64) -> int:
-    """MLP channels kept at ``layer_ratio``, rounded up to a multiple of ``round_to``."""
-    keep = channels - math.floor(layer_ratio * channels + 1e-9)
-    if round_to > 1:
-        keep = min(channels, math.ceil(keep / round_to) * round_to)
-    return keep
+__all__ = ["Uniform", "as_unit_scores", "balanced_heads", "kept_channels", "kept_heads",
+           "per_layer_ratio", "top_units"]  # fmt: skip
 
 
 def top_units(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -99,7 +82,7 @@ class Uniform:
 
     def counts(self, adapter: ModelAdapter, settings: MethodSettings) -> dict[tuple[int, str], int]:
         """Kept units per (layer, group); skipped layers and ratio 0 keep everything."""
-        r = self.layer_ratio(adapter, settings)
+        r = self.layer_ratio(adapter, settings) if settings.ratio > 0 else 0.0
         skip = set(settings.skip_layers)
         out = {}
         for layer in adapter.layers():

@@ -1,8 +1,10 @@
 """The dynamic per-batch runtime: decide kept sets per batch and block, run smaller matmuls.
 
-A dynamic method supplies a :class:`Controller`; :func:`install` wraps every decoder layer of
-the model so that, for each batch and each block (attention, MLP), the controller decides the
-kept units and the block runs on weights gathered to that kept set (real, smaller matrices).
+A dynamic method supplies a :class:`Controller`; :class:`DynamicModel` wraps every decoder layer
+of the model so that, for each batch and each block (attention, MLP), the controller decides
+the kept units and the block runs on weights gathered to that kept set (real, smaller
+matrices). The layer itself runs through its model adapter (``run_block``), so the runtime
+knows no architecture.
 The wrapped model (:class:`DynamicModel`) answers like a Hugging Face causal LM, so evaluation
 code is shared with static and dense models.
 
@@ -19,6 +21,7 @@ gathered weights are cached.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -37,8 +40,9 @@ class BatchState:
 
     token_mask: torch.Tensor  # [B, T] bool, True = real token
     position_ids: torch.Tensor  # [B, T] true positions
-    #: residual stream per layer: ("in", l) before attention, ("mid", l) after attention
-    residuals: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    #: residual stream entering each group: ``(layer, group)`` -> ``[B, T, d]`` (the current
+    #: layer's and, for asynchronous probing, the previous layer's)
+    residuals: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
 
 class Controller(Protocol):
@@ -101,7 +105,12 @@ class Runtime:
 
 
 class DynamicDecoderLayer(nn.Module):
-    """Wraps one decoder layer; same call signature as the Hugging Face layer it replaces."""
+    """Wraps one decoder layer; same call signature as the Hugging Face layer it replaces.
+
+    The layer runs through its adapter's :meth:`~prunekit.components.LayerAdapter.run_block`,
+    with this wrapper as the :class:`~prunekit.components.BlockDriver` that decides each
+    group's kept set (or reuses a held one) and gathers the weights.
+    """
 
     def __init__(self, layer: nn.Module, adapter: LayerAdapter, runtime: Runtime) -> None:
         super().__init__()
@@ -113,16 +122,16 @@ class DynamicDecoderLayer(nn.Module):
     def runtime(self) -> Runtime:
         return self._runtime[0]
 
-    def _block(self, group: str, x, residual, batch: BatchState, run):
-        rt, la = self.runtime, self.adapter
+    def _drive(self, la: LayerAdapter, group: str, x, residual, run):
+        rt, batch = self.runtime, self.runtime.batch
         key = (la.index, group)
-        device = x.device
+        batch.residuals[key] = residual
         if rt.holding and key in rt.held:
             kept, weights = rt.held[key]
         else:
             kept = rt.controller.decide(la, group, x, residual, batch)
-            with rt.timers("gather", device):
-                weights = la.attention_weights(kept) if group == ATTN else la.mlp_weights(kept)
+            with rt.timers("gather", x.device):
+                weights = la.gather(group, kept)
             if rt.holding:
                 rt.held[key] = (kept, weights)
         # held decisions (e.g. decoding steps) leave the method's state alone
@@ -134,14 +143,16 @@ class DynamicDecoderLayer(nn.Module):
             return y
         return out
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
-                use_cache=False, position_embeddings=None, **kwargs):  # fmt: skip
+    def forward(self, hidden_states, *args, **kwargs):
         rt = self.runtime
-        if cache is None and "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
-        if rt.enabled and rt.batch is None:
+        if not rt.enabled:
+            return self.layer(hidden_states, *args, **kwargs)
+        if args:  # name positional arguments as the wrapped layer does
+            hidden_states, kwargs = _as_keywords(self.layer.forward, hidden_states, args, kwargs)
+        if rt.batch is None:
             # called without the wrapper (e.g. by Hugging Face generate): every token is real
             bsz, seq = hidden_states.shape[:2]
+            position_ids = kwargs.get("position_ids")
             pos = position_ids if position_ids is not None else torch.arange(
                 seq, device=hidden_states.device)[None]  # fmt: skip
             rt.batch = BatchState(
@@ -149,37 +160,28 @@ class DynamicDecoderLayer(nn.Module):
                 pos.expand(bsz, seq),
             )
             try:
-                return self.forward(hidden_states, attention_mask, position_ids, cache, use_cache,
-                                    position_embeddings, **kwargs)  # fmt: skip
+                return self.forward(hidden_states, **kwargs)
             finally:
                 rt.batch = None
-        if not rt.enabled:
-            return self.layer(hidden_states, attention_mask=attention_mask,
-                              position_ids=position_ids, cache=cache, use_cache=use_cache,
-                              position_embeddings=position_embeddings, **kwargs)  # fmt: skip
-        from prunekit.models.llama import attention_forward, mlp_forward
-
         la, batch = self.adapter, rt.batch
-        h = hidden_states
-        batch.residuals[("in", la.index)] = h
-        x = la.input_norm(ATTN)(h)
-
-        def run_attn(weights, observe):
-            return attention_forward(x, weights, position_embeddings, attention_mask, la.kernel,
-                                     cache, return_o_input=observe, **kwargs)  # fmt: skip
-
-        h = h + self._block(ATTN, x, h, batch, run_attn)
-        batch.residuals[("mid", la.index)] = h
-        xm = la.input_norm(MLP)(h)
-
-        def run_mlp(weights, observe):
-            return mlp_forward(xm, weights, la.mlp.act_fn, return_down_input=observe)
-
-        h = h + self._block(MLP, xm, h, batch, run_mlp)
+        out = la.run_block(hidden_states, driver=self._drive, **kwargs)
         # keep only what async probing may read (the previous layer's residuals)
-        batch.residuals.pop(("in", la.index - 1), None)
-        batch.residuals.pop(("mid", la.index - 2), None)
-        return h
+        batch.residuals.pop((la.index - 1, ATTN), None)
+        batch.residuals.pop((la.index - 2, MLP), None)
+        return out
+
+
+def _as_keywords(forward, hidden_states, args, kwargs) -> tuple[Any, dict]:
+    """``(hidden_states, kwargs)`` with positional ``args`` named after ``forward``'s signature."""
+    sig = inspect.signature(forward)
+    bound = sig.bind(hidden_states, *args, **kwargs)
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return named.pop(next(iter(sig.parameters))), named
 
 
 class DynamicModel(nn.Module):

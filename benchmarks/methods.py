@@ -1,0 +1,203 @@
+"""Every method on one model at several ratios: WikiText-2 perplexity, time per batch vs dense,
+achieved decoder MACs. The paper's protocol: random WikiText-2 windows, batch 20.
+
+For each method and ratio: a fresh copy of the model, the method applied through
+``prunekit.prune`` with the same calibration data (statistics cached and shared), WikiText-2
+test perplexity on the same random windows, and the achieved decoder MACs per token (the
+model adapter's cost model). Timing comes last and is interleaved: every model (dense and each
+pruned one) is warmed up once, then ``--rounds`` rounds each time every model on each of the
+same ``--timing-batches`` batches, in the same order, so drift of the machine hits all models
+alike. One dense time (median over all its timed calls) serves the whole table; each cell
+reports the median ratio to it and the spread (min-max over the timed calls). Dynamic models
+are timed with their state preserved, so timing never changes what the metrics saw.
+
+    python benchmarks/methods.py --model gemma3-270m --dtype bfloat16      # the committed table
+    python benchmarks/methods.py --model gemma3-270m --quick                # smoke test
+
+Writes benchmarks/results/methods_<name>.json and benchmarks/methods_<name>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import prunekit
+from prunekit.data import eval_windows, locate_corpus
+from prunekit.evaluation.perplexity import perplexity
+from prunekit.models.loading import load_model
+from prunekit.registry import resolve_adapter
+from prunekit.runner import structure_reduction
+
+HERE = Path(__file__).resolve().parent
+METHODS = ["pp-fullbatch", "pp", "pp-history", "pp-calib", "wanda-sp", "flap", "llm-pruner"]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def timed_call(model, batch) -> float:
+    keep_state = getattr(model, "preserved_state", None)
+    with (keep_state() if keep_state else contextlib.nullcontext()), torch.no_grad():
+        start = time.perf_counter()
+        model(input_ids=batch)
+        return time.perf_counter() - start
+
+
+def interleaved_times(models: dict, batches, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of every model on every batch, rounds interleaved across models."""
+    for name, model in models.items():  # warm-up, excluded
+        timed_call(model, batches[0])
+        log(f"warmed up {name}")
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(rounds):
+        for name, model in models.items():
+            for batch in batches:
+                times[name].append(timed_call(model, batch))
+        log(f"timing round {r + 1}/{rounds} done")
+    return times
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    d = report["dense"]
+    lines = [
+        f"# All methods on {report['model']} (CPU, {s['dtype']})",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}; torch {report['torch']}; prunekit {report['prunekit']}."
+        "  ",
+        f"Protocol: WikiText-2 test, {s['windows']} random windows of {s['seq_len']} tokens "
+        f"(seed {s['seed']}, the paper's protocol), batch {s['batch_size']}; calibration "
+        f"{s['calibration']['samples']} C4 windows of {s['calibration']['seq_len']} (train "
+        "carve-out); LLM-Pruner gradients on 10 windows of 128; skipped layers 0-2. Time: every "
+        f"model warmed up once, then {s['rounds']} interleaved rounds over the same "
+        f"{s['timing_batches']} batches ({s['rounds'] * s['timing_batches']} timed calls per "
+        "model); one dense time for the table (median of its calls), each cell the median of "
+        "its calls over it, spread = min-max of the per-call ratios to the dense median. MACs: "
+        "decoder-layer MACs per token from the adapter's cost model (embeddings and LM head "
+        f"excluded: the LM head alone is {report['lm_head_macs_per_token'] / 1e6:.1f} M MACs per "
+        f"token against {d['decoder_macs_per_token'] / 1e6:.1f} M for every decoder layer "
+        "together).",
+        "",
+        f"Dense: perplexity {d['ppl']:.3f}, {d['s_per_batch']:.3f} s per batch "
+        f"(spread {d['s_spread'][0]:.3f}-{d['s_spread'][1]:.3f} s).",
+        "",
+        "| method | ratio | WikiText-2 PPL | time / dense (spread) | decoder MACs kept | "
+        "params kept | prune s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lo, hi = r["time_vs_dense_spread"]
+        lines.append(
+            f"| {r['method']} | {r['ratio']} | {r['ppl']:.3f} | {r['time_vs_dense']:.3f} "
+            f"({lo:.3f}-{hi:.3f}) | {r['decoder_macs_kept_fraction']:.3f} | "
+            f"{r['params_kept_fraction']:.3f} | {r['prune_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--name", default=None, help="report name (default: from the model)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--timing-batches", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calibration-samples", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke test, not a result")
+    args = parser.parse_args()
+    if args.quick:
+        args.windows, args.timing_batches, args.rounds, args.ratios = 4, 1, 1, [0.4]
+        args.batch_size, args.calibration_samples = 2, 32
+    name = args.name or args.model.split("/")[-1].split("-")[0]
+    calibration = {"dataset": "c4", "samples": args.calibration_samples,
+                   "seq_len": args.seq_len, "batch_size": 16}  # fmt: skip
+
+    loaded = load_model(args.model, dtype=args.dtype)
+    dense_model, tokenizer = loaded.model, loaded.tokenizer
+    adapter = resolve_adapter(dense_model)
+    windows = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), args.seq_len,
+                           args.windows, "random", seed=args.seed, batch_size=args.batch_size)  # fmt: skip
+    timing = list(torch.split(windows, args.batch_size))[: args.timing_batches]
+    dense = perplexity(dense_model, windows, args.batch_size, description="dense")
+    dense_macs = structure_reduction(adapter, None, args.seq_len)["decoder_macs_per_token"]
+    params = sum(p.numel() for p in dense_model.parameters())
+    head = dense_model.get_output_embeddings().weight
+    log(f"dense: ppl {dense['ppl']:.3f}")
+
+    rows, models = [], {"dense": dense_model}
+    for ratio in args.ratios:
+        for method in args.methods:
+            model = load_model(args.model, dtype=args.dtype).model
+            torch.manual_seed(args.seed)
+            start = time.perf_counter()
+            outcome = prunekit.prune(model, tokenizer, method=method, ratio=ratio,
+                                     calibration=calibration, seed=args.seed)  # fmt: skip
+            prune_s = time.perf_counter() - start
+            ppl = perplexity(outcome.model, windows, args.batch_size, description=method)["ppl"]
+            reduction = structure_reduction(adapter, outcome.structure, args.seq_len)
+            rows.append({
+                "method": method, "ratio": ratio, "dynamic": outcome.dynamic, "ppl": ppl,
+                "prune_s": prune_s,
+                "params_kept_fraction": (outcome.params_kept or params) / params,
+                "decoder_macs_kept_fraction": reduction["flops_kept_fraction"],
+                "structure": outcome.structure,
+            })  # fmt: skip
+            models[f"{method}@{ratio}"] = outcome.model
+            log(f"{method} r={ratio}: ppl {ppl:.3f}, MACs kept "
+                f"{reduction['flops_kept_fraction']:.3f}, prune {prune_s:.1f} s")  # fmt: skip
+            gc.collect()
+
+    times = interleaved_times(models, timing, args.rounds)
+    dense_median = statistics.median(times["dense"])
+    for row in rows:
+        ratios = [t / dense_median for t in times[f"{row['method']}@{row['ratio']}"]]
+        row["s_per_batch"] = statistics.median(times[f"{row['method']}@{row['ratio']}"])
+        row["time_vs_dense"] = row["s_per_batch"] / dense_median
+        row["time_vs_dense_spread"] = [min(ratios), max(ratios)]
+        row["s_all"] = times[f"{row['method']}@{row['ratio']}"]
+    report = {
+        "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+        "prunekit": prunekit.__version__,
+        "model": loaded.info["name"],
+        "adapter": adapter.name,
+        "settings": {"dtype": args.dtype, "windows": int(windows.shape[0]),
+                     "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed,
+                     "timing_batches": len(timing), "rounds": args.rounds,
+                     "calibration": calibration, "sampling": "random"},
+        "lm_head_macs_per_token": head.shape[0] * head.shape[1],
+        "dense": {"ppl": dense["ppl"], "s_per_batch": dense_median,
+                  "s_spread": [min(times["dense"]), max(times["dense"])],
+                  "s_all": times["dense"], "decoder_macs_per_token": dense_macs},
+        "rows": rows,
+    }  # fmt: skip
+    suffix = "_quick" if args.quick else ""
+    out = HERE / "results" / f"methods_{name}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if not args.quick:
+        (HERE / f"methods_{name}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Pruned OPT modelling, self-contained (imports only torch and transformers).
+
+Part of prunekit **and** copied verbatim into every saved OPT checkpoint whose layers have
+per-layer shapes, as ``modeling_prunekit_opt.py``, named in the config's ``auto_map``:
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` rebuilds the pruned
+model without prunekit (``prunekit.load_pruned`` uses the installed copy instead). Keep it free
+of prunekit imports.
+
+OPT's attention derives ``head_dim`` from ``hidden_size / num_attention_heads``, so a layer with
+pruned heads cannot be described by ``OPTConfig``: :class:`PrunedOPTAttention` takes its head
+count from its own ``q_proj``. The forward functions here are also what the prunekit adapter
+runs on gathered weights.
+
+Per-layer shapes live in ``config.prunekit_layers``: ``num_heads``, ``ffn_dim``, ``out_bias``
+and ``fc2_bias`` (whether out_proj / fc2 carry a bias), lists indexed by layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import OPTForCausalLM
+
+PRUNED_LAYERS_KEY = "prunekit_layers"
+
+
+@dataclass
+class OptAttentionWeights:
+    """q/k/v rows and out_proj columns of the kept heads (biases may be None)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    q_bias: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    out_bias: torch.Tensor | None
+    head_dim: int
+
+
+@dataclass
+class OptMlpWeights:
+    fc1: torch.Tensor
+    fc2: torch.Tensor
+    fc1_bias: torch.Tensor | None
+    fc2_bias: torch.Tensor | None
+
+
+class OptKernel:
+    """What Hugging Face's attention functions read from ``module``."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_causal = True
+        self.training = False
+
+
+def opt_attention_forward(x, w: OptAttentionWeights, attention_mask, kernel: OptKernel,
+                          cache=None, return_out_input: bool = False, **kwargs):  # fmt: skip
+    """OPT attention of ``x`` [B, T, d] with weights ``w``; with ``return_out_input`` also the
+    input of out_proj. The query is scaled after its projection, as OPT does."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.opt.modeling_opt import eager_attention_forward
+
+    bsz, seq = x.shape[:2]
+    hd = w.head_dim
+    q = (F.linear(x, w.q, w.q_bias) * hd**-0.5).view(bsz, seq, -1, hd).transpose(1, 2)
+    k = F.linear(x, w.k, w.k_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    v = F.linear(x, w.v, w.v_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    if cache is not None:
+        k, v = cache.update(k, v, kernel.layer_idx, kwargs=kwargs)
+    if q.shape[1] == 0:  # every head pruned: the block contributes only its bias
+        out = torch.zeros(bsz, seq, 0, dtype=x.dtype, device=x.device)
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(
+            kernel.config._attn_implementation, eager_attention_forward
+        )
+        kw = {k_: v_ for k_, v_ in kwargs.items() if k_ not in ("position_ids", "use_cache")}
+        out, _ = fn(kernel, q, k, v, attention_mask, dropout=0.0, scaling=1.0, **kw)
+        out = out.reshape(bsz, seq, -1).contiguous()
+    y = F.linear(out, w.out, w.out_bias)
+    return (y, out) if return_out_input else y
+
+
+def opt_mlp_forward(x, w: OptMlpWeights, act, return_fc2_input: bool = False):
+    """``fc2(act(fc1(x)))``; with ``return_fc2_input`` also the input of fc2."""
+    h = act(F.linear(x, w.fc1, w.fc1_bias))
+    y = F.linear(h, w.fc2, w.fc2_bias)
+    return (y, h) if return_fc2_input else y
+
+
+def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=bias)
+
+
+class PrunedOPTAttention(nn.Module):
+    """OPT attention with a subset of heads (``head_dim`` kept, head count from ``q_proj``);
+    drop-in for ``OPTAttention``."""
+
+    def __init__(self, config, layer_idx: int, head_dim: int, q_proj: nn.Linear,
+                 k_proj: nn.Linear, v_proj: nn.Linear, out_proj: nn.Linear) -> None:  # fmt: skip
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
+        self.is_causal = True
+        self._kernel = OptKernel(config, layer_idx)
+
+    @classmethod
+    def empty(cls, config, layer_idx: int, num_heads: int, out_bias: bool) -> PrunedOPTAttention:
+        d = config.hidden_size
+        hd = d // config.num_attention_heads
+        bias = bool(config.enable_bias)
+        inner = num_heads * hd
+        return cls(config, layer_idx, hd, _linear(d, inner, bias), _linear(d, inner, bias),
+                   _linear(d, inner, bias), _linear(inner, d, out_bias))  # fmt: skip
+
+    @property
+    def num_heads(self) -> int:
+        return self.q_proj.out_features // self.head_dim
+
+    def weights(self) -> OptAttentionWeights:
+        return OptAttentionWeights(
+            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.out_proj.weight,
+            self.q_proj.bias, self.k_proj.bias, self.v_proj.bias, self.out_proj.bias,
+            self.head_dim,
+        )  # fmt: skip
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, output_attentions=False,
+                **kwargs):  # fmt: skip
+        if cache is None and "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        out = opt_attention_forward(hidden_states, self.weights(), attention_mask, self._kernel,
+                                    cache, **kwargs)  # fmt: skip
+        return out, None
+
+
+def apply_layer_shapes(model: nn.Module, spec: dict) -> None:
+    """Give every decoder layer of ``model`` the shapes recorded in ``spec``."""
+    config = model.config
+    d = config.hidden_size
+    bias = bool(config.enable_bias)
+    for i, layer in enumerate(model.model.decoder.layers):
+        layer.self_attn = PrunedOPTAttention.empty(config, i, spec["num_heads"][i],
+                                                   bias or bool(spec["out_bias"][i]))  # fmt: skip
+        ffn = spec["ffn_dim"][i]
+        layer.fc1 = _linear(d, ffn, bias)
+        layer.fc2 = _linear(ffn, d, bias or bool(spec["fc2_bias"][i]))
+
+
+class PrunekitOPTForCausalLM(OPTForCausalLM):
+    """An OPT causal LM whose layers have the per-layer shapes of ``config.prunekit_layers``."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        spec = getattr(config, PRUNED_LAYERS_KEY, None)
+        if spec:
+            apply_layer_shapes(self, spec)

@@ -1,0 +1,210 @@
+"""Every built-in adapter passes the conformance kit, and every method at ratio 0 reproduces
+the dense logits on each architecture."""
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.models.gemma3 import Gemma3Adapter
+from prunekit.models.mistral import MistralAdapter
+from prunekit.models.opt import OptAdapter
+from prunekit.models.qwen2 import Qwen2Adapter
+from prunekit.registry import adapter_class_for
+from prunekit.testing import (
+    AdapterConformance,
+    tiny_gemma3,
+    tiny_llama,
+    tiny_mistral,
+    tiny_opt,
+    tiny_qwen2,
+)
+
+
+class TestMistral(AdapterConformance):
+    adapter_class = MistralAdapter
+
+    def make_model(self):
+        return tiny_mistral(heads=4, kv_heads=2, sliding_window=5)
+
+
+class TestMistralMHA(AdapterConformance):
+    adapter_class = MistralAdapter
+    skip_checks = ("reload",)  # the GQA / sdpa variant above saves the same layout
+
+    def make_model(self):
+        return tiny_mistral(heads=4, kv_heads=4, sliding_window=3, attn_implementation="eager")
+
+
+class TestQwen2(AdapterConformance):
+    adapter_class = Qwen2Adapter
+
+    def make_model(self):
+        return tiny_qwen2(heads=4, kv_heads=2, sliding_window=5)
+
+
+class TestQwen2MHA(AdapterConformance):
+    adapter_class = Qwen2Adapter
+    skip_checks = ("reload",)  # the GQA / sdpa variant above saves the same layout
+
+    def make_model(self):
+        return tiny_qwen2(heads=4, kv_heads=4, sliding_window=None)
+
+
+class TestOpt(AdapterConformance):
+    adapter_class = OptAdapter
+
+    def make_model(self):
+        return tiny_opt(heads=4)
+
+
+class TestOptEager(AdapterConformance):
+    adapter_class = OptAdapter
+    skip_checks = ("reload",)  # the GQA / sdpa variant above saves the same layout
+
+    def make_model(self):
+        return tiny_opt(heads=4, attn_implementation="eager")
+
+
+class TestGemma3(AdapterConformance):
+    adapter_class = Gemma3Adapter
+
+    def make_model(self):
+        return tiny_gemma3(heads=4, kv_heads=1)
+
+
+class TestGemma3MHA(AdapterConformance):
+    adapter_class = Gemma3Adapter
+
+    def make_model(self):
+        return tiny_gemma3(heads=4, kv_heads=4, attn_implementation="eager")
+
+
+TINY = {
+    "llama-mha": lambda: tiny_llama(heads=4, kv_heads=4),
+    "llama-gqa": lambda: tiny_llama(heads=6, kv_heads=2),
+    "mistral": lambda: tiny_mistral(),
+    "qwen2": lambda: tiny_qwen2(),
+    "opt": lambda: tiny_opt(),
+    "gemma3": lambda: tiny_gemma3(),
+}
+METHODS = ["pp", "pp-fullbatch", "pp-history", "pp-calib", "wanda-sp", "flap", "llm-pruner"]
+
+
+@pytest.mark.parametrize("arch", TINY)
+def test_resolution_picks_the_architecture_adapter(arch):
+    model = TINY[arch]()
+    expected = {"llama-mha": "llama", "llama-gqa": "llama"}.get(arch, arch)
+    assert adapter_class_for(model.config).name == expected
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", TINY)
+def test_ratio_zero_reproduces_dense_logits(arch, method):
+    model = TINY[arch]()
+    ids = torch.randint(3, 128, (3, 12), generator=torch.Generator().manual_seed(2))
+    calibration = torch.randint(3, 128, (24, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        outcome = prunekit.prune(model, None, method=method, ratio=0.0, calibration=calibration,
+                                 skip_layers=[0])  # fmt: skip
+        for _ in range(2):  # dynamic methods: a second batch after a history update
+            torch.testing.assert_close(outcome.model(input_ids=ids).logits, dense, atol=1e-5,
+                                       rtol=0)  # fmt: skip
+
+
+def test_installed_adapter_takes_over_from_a_builtin(prunekit_pm):
+    from prunekit.models.llama import LlamaAdapter
+    from prunekit.registry import adapter_order, get_registry, resolve_adapter
+
+    class MyLlama(LlamaAdapter):
+        name = "my-llama"
+
+    class Plugin:
+        @prunekit.hookimpl
+        def prunekit_register_adapters(self, register):
+            register("my-llama", MyLlama)
+
+    prunekit_pm.register_plugin(Plugin(), "a-third-party-plugin")
+    model = tiny_llama()
+    assert adapter_order(get_registry())[0].name == "my-llama"  # third party first
+    assert resolve_adapter(model).name == "my-llama"
+    assert resolve_adapter(model, name="llama").name == "llama"  # recipe model.adapter
+
+
+def test_unsupported_architecture_fails_at_validate_with_the_supported_list(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path / "gpt2")
+    recipe = {"model": {"id": str(tmp_path / "gpt2")}, "method": {"name": "dense"},
+              "evaluation": {"perplexity": []}}  # fmt: skip
+    with pytest.raises(prunekit.PrunekitError) as err:
+        prunekit.validate(recipe)
+    message = str(err.value)
+    assert "model.id" in message and "'gpt2'" in message
+    for name in ("llama", "mistral", "qwen2", "opt", "gemma3"):
+        assert name in message
+
+
+def test_recipe_can_name_the_adapter_and_a_wrong_name_is_an_error():
+    recipe = {"model": {"id": "smollm2-135m-instruct", "adapter": "lama"},
+              "method": {"name": "dense"}, "evaluation": {"perplexity": []}}  # fmt: skip
+    with pytest.raises(prunekit.PrunekitError, match=r"model\.adapter.*did you mean 'llama'"):
+        prunekit.validate(recipe)
+
+
+STATIC = ["wanda-sp", "flap", "llm-pruner", "pp-calib"]
+
+
+def _prune(arch, method, ratio=0.4, **keys):
+    model = TINY[arch]()
+    calibration = torch.randint(3, 128, (24, 16), generator=torch.Generator().manual_seed(1))
+    return prunekit.prune(model, None, method=method, ratio=ratio, calibration=calibration,
+                          round_to=1, **keys)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", STATIC)
+@pytest.mark.parametrize("arch", TINY)
+def test_static_model_saves_and_reloads(arch, method, tmp_path):
+    outcome = _prune(arch, method, skip_layers=[0])
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    outcome.save(str(tmp_path / "m"))
+    with torch.no_grad():
+        want = outcome.model(input_ids=ids).logits
+        got = prunekit.load_pruned(str(tmp_path / "m"))(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert outcome.params_kept < sum(p.numel() for p in TINY[arch]().parameters())
+
+
+@pytest.mark.parametrize("arch", TINY)
+def test_uniform_shapes_export_a_plain_checkpoint_where_the_config_allows(arch, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    # ratio 0.5 keeps a head count that divides every tiny model's hidden size
+    outcome = _prune(arch, "wanda-sp", skip_layers=[], allocator={"balanced_kv": True},
+                     ratio=0.5)  # fmt: skip
+    outcome.save(str(tmp_path / "m"))
+    layout = json.loads((tmp_path / "m" / "prunekit.json").read_text())["layout"]
+    # OPTConfig derives head_dim from hidden / heads: pruned heads need the per-layer layout
+    assert layout == ("remote_code" if arch == "opt" else "plain")
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = outcome.model(input_ids=ids).logits
+        if layout == "plain":
+            got = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()(input_ids=ids).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["pp", "pp-fullbatch", "pp-history"])
+@pytest.mark.parametrize("arch", TINY)
+def test_dynamic_methods_prune_every_architecture(arch, method):
+    outcome = _prune(arch, method, skip_layers=[0])
+    assert [row["heads"] < TINY[arch]().config.num_attention_heads
+            for row in outcome.structure] == [False] + [True] * (len(outcome.structure) - 1)  # fmt: skip
+    ids = torch.randint(3, 128, (3, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        first = outcome.model(input_ids=ids).logits
+        second = outcome.model(input_ids=ids).logits
+    assert torch.isfinite(first).all() and torch.isfinite(second).all()
+    assert outcome.model.runtime.timers is not None
