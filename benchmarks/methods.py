@@ -11,8 +11,11 @@ alike. One dense time (median over all its timed calls) serves the whole table; 
 reports the median ratio to it and the spread (min-max over the timed calls). Dynamic models
 are timed with their state preserved, so timing never changes what the metrics saw.
 
-    python benchmarks/methods.py --model gemma3-270m --dtype bfloat16      # the committed table
-    python benchmarks/methods.py --model gemma3-270m --quick                # smoke test
+    python benchmarks/methods.py --model gemma3-270m      # the committed table (~1.5 h, 2 cores)
+    python benchmarks/methods.py --model gemma3-270m --quick               # smoke test
+
+The defaults fit a 2-core AVX2 CPU: float32 (bfloat16 matmuls are far slower there), windows
+of 256 tokens, one batch of 20 for the perplexity and the timing.
 
 Writes benchmarks/results/methods_<name>.json and benchmarks/methods_<name>.md.
 """
@@ -111,15 +114,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--name", default=None, help="report name (default: from the model)")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
     parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--windows", type=int, default=40)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=20)
+    parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--timing-batches", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--calibration-samples", type=int, default=128)
+    parser.add_argument("--timing-batches", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke test, not a result")
     args = parser.parse_args()

@@ -85,7 +85,7 @@ def _stream(model, adapter: ModelAdapter, windows: torch.Tensor, batch_size: int
                 current_mask["mask"] = torch.ones(batch.shape, dtype=torch.bool)
                 # the decoder stack only: the statistics never need the LM head's logits
                 # (with a large vocabulary they cost more than every layer together)
-                getattr(model, "base_model", model)(input_ids=batch.to(device))
+                getattr(model, "base_model", model)(input_ids=batch.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -108,8 +108,10 @@ class LayerAdapter(ABC):
     the cost model (:meth:`macs_per_token`, :meth:`params`, :meth:`input_macs`) and the
     parameters of each unit's coupled group (:meth:`unit_slices`).
 
-    The dims below are read when the adapter is built and never change, so the cost model of
-    an adapter taken before pruning stays the dense one.
+    The dims below are read when the adapter is built and never change, so the MACs of an
+    adapter taken before pruning (``macs_per_token``, ``unit_macs``, ``input_macs``) stay the
+    dense model's; ``unit_slices``, ``params`` and ``kv_heads_of`` read the live modules (after
+    physical slicing, build a fresh adapter for them).
     """
 
     index: int

@@ -259,7 +259,15 @@ def adapter_class_for(config: Any, registry: Registry | None = None, name: str |
                              f"registered adapters: {', '.join(available) or '(none)'}")  # fmt: skip
         return registry.get("adapter", name).factory
     for entry in adapter_order(registry):
-        if entry.factory.supports(config):
+        try:
+            supported = entry.factory.supports(config)
+        except Exception as exc:  # a plugin's supports() must not break every model
+            raise PluginError(
+                f"adapter {entry.name!r} of plugin {entry.plugin!r} failed in supports() on "
+                f"model type {getattr(config, 'model_type', None)!r}: {exc!r}; fix or disable "
+                f"the plugin (PRUNEKIT_DISABLE_PLUGINS={entry.plugin})"
+            ) from exc
+        if supported:
             return entry.factory
     model_type = getattr(config, "model_type", None) or type(config).__name__
     raise ModelError(

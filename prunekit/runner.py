@@ -2,9 +2,10 @@
 
 The runner knows no method and no architecture by name: it resolves the recipe's method,
 components and model adapter from the registry once, hands them a :class:`PruneContext`, and
-evaluates whatever model comes back. :func:`run_plan` is one pipeline of stages (:func:`load`,
-:func:`prune_loaded`, :func:`evaluate_model`, the timing and the writing); :func:`prepare` is the one
-public way to get a loaded, pruned model (``apply``, ``bench`` and the lm-eval bridge use it).
+evaluates whatever model comes back. :func:`run_plan` (``apply``, ``prunekit bench``) is one
+pipeline of stages: :func:`load`, the dense timing, :func:`prune_loaded`, :func:`evaluate_model`,
+the pruned timing and the writing. :func:`prepare` runs the same load and prune stages and
+returns the loaded, pruned model (the lm-eval bridge uses it).
 Everything the CLI does is a thin layer over :func:`apply`, :func:`validate` and :func:`prune`.
 """
 
@@ -81,17 +82,18 @@ def _model_adapter(loaded: LoadedRecipe, registry, model=None) -> tuple[type | N
     from prunekit.registry import adapter_class_for
 
     m = loaded.recipe.model
-    key = ("model", "adapter") if m.adapter else ("model", "id")
     try:
-        if model is not None:
-            adapter_cls = adapter_class_for(model.config, registry, m.adapter)
-            return adapter_cls, adapter_cls(model).num_layers
-        config = peek_config(m.id)
-        if config is None:
-            return (adapter_class_for(None, registry, m.adapter) if m.adapter else None), None
+        config = model.config if model is not None else peek_config(m.id)
+    except ModelError as exc:
+        raise loaded.error(("model", "id"), str(exc)) from None
+    if config is None and not m.adapter:
+        return None, None
+    try:
         adapter_cls = adapter_class_for(config, registry, m.adapter)
     except ModelError as exc:
-        raise loaded.error(key, str(exc)) from None
+        raise loaded.error(("model", "adapter" if m.adapter else "id"), str(exc)) from None
+    if model is not None:
+        return adapter_cls, adapter_cls(model).num_layers
     layers = getattr(config, "num_hidden_layers", None)
     return adapter_cls, int(layers) if layers is not None else None
 
@@ -416,14 +418,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-_seed_everything = seed_everything  # the name earlier versions exported
-
-
 def _versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for dist in ("prunekit", "torch", "transformers", "pluggy", "datasets", "torch-pruning"):
+    for dist in ("prunekit", "torch", "transformers", "pluggy", "datasets", "gguf"):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -456,8 +455,8 @@ class Loaded:
 class Prepared:
     """A loaded and pruned model (what :func:`prepare` returns).
 
-    ``model`` answers like a Hugging Face causal LM; ``adapter`` is the dense model's (its cost
-    model describes the unpruned shapes); ``outcome`` is the method's
+    ``model`` answers like a Hugging Face causal LM; ``loaded.adapter`` is the adapter taken
+    before pruning (its cost model describes the dense shapes); ``outcome`` is the method's
     :class:`~prunekit.components.PruneOutcome`.
     """
 
@@ -484,7 +483,9 @@ def load(plan: Plan) -> Loaded:
     info(f"loading {recipe.model.id} ({recipe.model.dtype}, {recipe.model.device})")
     lm = load_model(recipe.model.id, dtype=recipe.model.dtype, device=recipe.model.device,
                     attn_implementation=recipe.model.attn_implementation)  # fmt: skip
-    adapter = resolve_adapter(lm.model, name=recipe.model.adapter)
+    # the adapter validate resolved from the config; resolved here when it could not be read
+    adapter = (plan.adapter_cls(lm.model) if plan.adapter_cls is not None
+               else resolve_adapter(lm.model, name=recipe.model.adapter))  # fmt: skip
     lm.info["adapter"] = adapter.name
     params = sum(p.numel() for p in lm.model.parameters())
     return Loaded(lm.model, lm.tokenizer, adapter, lm.info, params,
@@ -514,7 +515,13 @@ def prepare(recipe: str | os.PathLike | dict | Recipe | LoadedRecipe | Plan,
         already validated :class:`Plan`.
     :param overrides: ``["a.b=c", ...]`` applied on top (like ``--set``).
     """
-    plan = recipe if isinstance(recipe, Plan) else validate(_as_loaded(recipe, overrides))
+    if isinstance(recipe, Plan):
+        if overrides:
+            raise RecipeError("prepare(): overrides apply to a recipe, not to a validated Plan; "
+                              "pass the recipe (path, dict or Recipe) with the overrides")  # fmt: skip
+        plan = recipe
+    else:
+        plan = validate(_as_loaded(recipe, overrides))
     seed_everything(plan.recipe.seed)
     loaded = load(plan)
     ctx, outcome = prune_loaded(plan, loaded)

@@ -322,8 +322,9 @@ def check_adapter(model_factory: Callable[[], torch.nn.Module],
       columns are zero;
     * ``probe``: ``probe`` on every token of every row equals the output projection's input of
       the dense forward (positions, masks, windows, scaling);
-    * ``slicing``: the physically sliced model equals the zeroed dense model, and the sliced
-      layers' parameters equal ``params``;
+    * ``slicing``: the physically sliced model equals the zeroed dense model, the sliced
+      layers' parameters equal ``params``, and an adapter of the sliced model (uneven K/V
+      groups) runs and probes its layers like the Hugging Face forward;
     * ``cost_model``: ``macs_per_token`` equals the MACs counted by
       :class:`torch.utils.flop_counter.FlopCounterMode` on the sliced layers (eager attention);
     * ``reload``: the sliced model (per-layer shapes, a compensation bias) saved with
@@ -377,6 +378,14 @@ def check_adapter(model_factory: Callable[[], torch.nn.Module],
                 want = la.params(len(kept[(la.index, ATTN)]), len(kept[(la.index, MLP)]))
                 if n != want:
                     _fail("slicing", la.index, f"params() says {want}, the sliced layer has {n}")
+            # an adapter of the sliced model (uneven K/V groups) runs and probes it too
+            sliced_io = _capture_layers(sliced_model, sliced, ids)
+            with torch.no_grad():
+                for la in sliced.layers():
+                    h, kw = sliced_io[la.index]["hidden"], sliced_io[la.index]["kwargs"]
+                    _close("slicing", la.index, la.run_block(h, **kw), sliced_io[la.index]["out"],
+                           atol, rtol)  # fmt: skip
+                    _check_probe(la, h, kw, atol, rtol)
         if "cost_model" in checks:
             _check_cost(sliced_model, sliced, adapter, kept, ids)
     if "reload" in checks:

@@ -208,3 +208,55 @@ def test_dynamic_methods_prune_every_architecture(arch, method):
         second = outcome.model(input_ids=ids).logits
     assert torch.isfinite(first).all() and torch.isfinite(second).all()
     assert outcome.model.runtime.timers is not None
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma3", "llama-mha"])
+def test_slicing_an_already_sliced_model_composes_the_kv_mapping(arch):
+    import copy
+
+    from prunekit.components import ATTN, MLP, Allocation
+    from prunekit.pruning.static import slice_model
+
+    model = TINY[arch]()
+    reference = copy.deepcopy(model)
+    adapter = adapter_class_for(model.config)(model)
+    heads = adapter.layers()[1].num_heads
+    first = Allocation({(1, ATTN): torch.tensor([0, 2, heads - 1]), (1, MLP): torch.arange(0, 64)})
+    adapter = slice_model(adapter, first)
+    second = Allocation({(1, ATTN): torch.tensor([1, 2]), (1, MLP): torch.arange(0, 64, 3)})
+    slice_model(adapter, second)
+    # the same as keeping heads [2, H-1] and channels 0, 3, ..., 63 of the original at once
+    once = slice_model(adapter_class_for(reference.config)(reference), Allocation({
+        (1, ATTN): torch.tensor([2, heads - 1]), (1, MLP): torch.arange(0, 64, 3)}))  # fmt: skip
+    assert once.layers()[1].kv_heads_of(torch.arange(2)).tolist() == (
+        adapter_class_for(model.config)(model).layers()[1].kv_heads_of(torch.arange(2)).tolist())
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_load_pruned_without_prunekit_json_finds_an_adapter_with_modelling_code(tmp_path):
+    outcome = _prune("qwen2", "flap", skip_layers=[0])  # a compensation bias: per-layer layout
+    outcome.save(str(tmp_path / "m"))
+    (tmp_path / "m" / "prunekit.json").unlink()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(prunekit.load_pruned(str(tmp_path / "m"))(input_ids=ids).logits,
+                                   outcome.model(input_ids=ids).logits, atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_layer_wrapper_names_positional_arguments():
+    from prunekit.pruning.dynamic import _as_keywords
+
+    def forward(hidden_states, attention_mask=None, position_ids=None, **kwargs):
+        pass
+
+    h, kw = _as_keywords(forward, "H", ("M",), {"cache": "C"})
+    assert h == "H" and kw == {"attention_mask": "M", "cache": "C"}
+
+    def only_args(*args, **kwargs):
+        pass
+
+    with pytest.raises(TypeError, match="no named hidden_states"):
+        _as_keywords(only_args, "H", ("M",), {})

@@ -43,3 +43,17 @@ def test_engine_module_imports_no_architecture(path):
 
 def test_components_and_allocation_do_not_import_each_other():
     assert not any(n.startswith("prunekit.pruning") for n in _imports(ROOT / "components.py"))
+
+
+MODELLING = sorted(ROOT.glob("models/pruned_*.py"))
+
+
+@pytest.mark.parametrize("path", MODELLING, ids=lambda p: p.name)
+def test_saved_modelling_files_import_only_torch_and_transformers(path):
+    """They are copied into checkpoints and run with trust_remote_code where prunekit is not
+    installed."""
+    import sys
+
+    roots = {name.split(".")[0] for name in _imports(path)}
+    allowed = {"torch", "transformers", "__future__", *sys.stdlib_module_names}
+    assert roots <= allowed, f"{path.name} imports {sorted(roots - allowed)}"

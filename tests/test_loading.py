@@ -279,7 +279,7 @@ def test_gemma3_alias_assembles_beside_the_conversion_and_removes_the_file(
     def convert(alias, spec, gguf, gguf_sha256, out):
         seen["gguf"], seen["sha"] = gguf, gguf_sha256
         seen["size"] = gguf.stat().st_size
-        seen["inside"] = gguf.is_relative_to(out)
+        seen["beside"] = gguf.parent.parent == out.parent  # a sibling of the conversion
         _stub_convert(alias, spec, gguf, gguf_sha256, out)
 
     monkeypatch.setattr(loading, "_convert_gguf", convert)
@@ -287,8 +287,9 @@ def test_gemma3_alias_assembles_beside_the_conversion_and_removes_the_file(
     path, digest = loading._converted_alias(GEMMA, spec, Path("unused"), tmp_path)
     assert digest == package.EXPECTED_SHA256 == seen["sha"]
     assert path.name == f"{spec.slug}-{digest[:12]}" and loading._is_complete(path)
-    assert seen["inside"] and seen["size"] > 100_000_000  # the real, assembled GGUF
-    assert not seen["gguf"].exists() and not (path / "gguf").exists()  # removed afterwards
+    assert seen["beside"] and seen["size"] > 100_000_000  # the real, assembled GGUF
+    assert not seen["gguf"].exists()  # removed afterwards, and nothing else is left
+    assert [p.name for p in (tmp_path / "models").iterdir() if p.is_dir()] == [path.name]
     # a converted copy is found from the package's sha256 alone: no second assembly
     monkeypatch.setattr(loading, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
     assert loading._converted_alias(GEMMA, spec, Path("unused"), tmp_path)[0] == path

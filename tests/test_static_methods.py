@@ -85,9 +85,24 @@ def test_balanced_heads_keeps_groups_equal():
     class L:
         num_heads, num_kv_heads = 6, 3
 
+        def kv_heads_of(self, heads):
+            return heads // 2
+
     scores = torch.tensor([5.0, 1.0, 0.0, 9.0, 3.0, 2.0])
     assert balanced_heads(scores, 3, L()).tolist() == [0, 3, 4]
     assert balanced_heads(scores, 4, L()).tolist() == [0, 1, 2, 3, 4, 5]  # 4 -> 6 (multiple of 3)
+
+
+def test_balanced_heads_follow_the_adapters_kv_mapping():
+    class Interleaved:  # head h reads K/V head h % 2, and a pruned layer with uneven groups
+        num_heads, num_kv_heads = 5, 2
+
+        def kv_heads_of(self, heads):
+            return torch.tensor([0, 1, 0, 1, 0])[heads]
+
+    scores = torch.tensor([1.0, 7.0, 3.0, 2.0, 9.0])
+    assert balanced_heads(scores, 2, Interleaved()).tolist() == [1, 4]  # top of {0,2,4}, {1,3}
+    assert balanced_heads(scores, 4, Interleaved()).tolist() == [1, 2, 3, 4]
 
 
 def _save_and_fresh_logits(tmp_path, model, trust):
@@ -156,4 +171,4 @@ def test_adapter_sees_pruned_shapes():
     prunekit.prune(model, None, method="wanda-sp", ratio=0.4, calibration=_calibration(),
                    skip_layers=[0], round_to=1)  # fmt: skip
     layer = LlamaAdapter(model).layers()[1]
-    assert layer.num_heads == 3 and layer.is_gqa
+    assert layer.num_heads == 3 and layer.shares_kv

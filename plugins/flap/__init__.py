@@ -126,8 +126,8 @@ class FlapGlobal:
             layer = adapter.layers()[key[0]]
             z = self._standardise(s.float().flatten())
             if key[1] == ATTN:
-                width = layer.head_dim
-                z = z.view(-1, width).mean(1) if z.numel() == layer.num_heads * width else z
+                width = layer.unit_width(ATTN)
+                z = z.view(-1, width).mean(1) if z.numel() == layer.units(ATTN) * width else z
                 w = head_flops_weight(layer, self.tokens)
             else:
                 w = 1.0

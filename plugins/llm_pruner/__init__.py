@@ -114,8 +114,9 @@ class LlmPruner(StaticMethod):
                 p.grad = None
 
     def calibrate(self, ctx) -> dict:
-        """Accumulate gradients of the LM loss on the gradient windows (weights of the
-        prunable projections only), then let the metric read them."""
+        """Accumulate gradients of the LM loss on the gradient windows (only on the tensors of
+        the pruned layers' coupled groups, ``unit_slices``: weights and biases), then let the
+        metric read them."""
         start = time.perf_counter()
         windows = self._grad_windows(ctx)
         model = ctx.model

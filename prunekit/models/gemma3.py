@@ -37,6 +37,7 @@ class Gemma3LayerAdapter(LlamaLayerAdapter):
     RoPE per layer type)."""
 
     attention_fn = staticmethod(gemma3_attention_forward)
+    project_qkv = staticmethod(project_qkv)
     pruned_attention_class = PrunedGemma3Attention
 
     def __init__(self, layer: nn.Module, index: int, config, rotary) -> None:
@@ -61,9 +62,8 @@ class Gemma3LayerAdapter(LlamaLayerAdapter):
     def attention_scale(self) -> float:
         return self.kernel.scaling  # query_pre_attn_scalar ** -0.5
 
-    def _probe_qkv(self, x, position_ids):
-        cos, sin = self._rotary(x, position_ids, self.kernel.layer_type)
-        return project_qkv(x, self.attention_weights(None), cos, sin)
+    def rotary(self, x, position_ids):
+        return self._rotary(x, position_ids, self.kernel.layer_type)  # RoPE base per layer type
 
     def _pruned_attention(self, q_proj, k_proj, v_proj, o_proj, kv_index) -> nn.Module:
         a = self.attn

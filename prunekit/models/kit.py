@@ -60,13 +60,14 @@ def probe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     :param q: ``[b', H, t', d_h]`` queries (positional encoding already applied);
     :param k: ``[b', H_kv, t', d_h]`` keys; :param v: values like ``k``;
-    :param kv_index: the K/V head of each query head (GQA), None when ``H_kv == H``;
+    :param kv_index: the K/V head of each query head (GQA, or a pruned layer's mapping), None
+        when query head ``h`` reads K/V head ``h``;
     :param sliding_window: key ``j`` is seen by query ``i`` only if ``pos[i] - pos[j] < window``.
     :returns: ``[b', t', H * d_h]``: the output projection's input for the probe. Query ``i``
         attends to key ``j`` of its row when ``pos[j] <= pos[i]`` and ``j`` is a real token.
     """
     b, _, t, _ = q.shape
-    if kv_index is not None and k.shape[1] != q.shape[1]:
+    if kv_index is not None:
         k, v = k.index_select(1, kv_index), v.index_select(1, kv_index)
     allowed = position_ids[:, None, :] <= position_ids[:, :, None]  # [b', t'(q), t'(k)]
     if sliding_window is not None:
@@ -124,6 +125,12 @@ def plain_model_from(model: nn.Module, config) -> nn.Module:
     for name, param in plain.named_parameters():
         if name not in state and name.endswith(".bias"):
             state[name] = torch.zeros(param.shape, dtype=dtype)
-    plain.load_state_dict(state, strict=False, assign=True)
+    result = plain.load_state_dict(state, strict=False, assign=True)
+    unexpected = [k for k in result.unexpected_keys if not k.endswith(".kv_index")]
+    missing = [k for k in result.missing_keys if k not in state]
+    tied = {k for k in missing if k.endswith("lm_head.weight")}  # tie_weights fills it
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"the standard {type(plain).__name__} does not take these weights: "
+                         f"unexpected {unexpected[:5]}, missing {sorted(set(missing) - tied)[:5]}")  # fmt: skip
     plain.tie_weights()
     return plain.eval()

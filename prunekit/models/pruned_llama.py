@@ -105,6 +105,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
 
 
+def project_qkv(x: torch.Tensor, w: AttentionWeights, cos, sin):
+    """Queries, keys, values of ``x`` [B, T, d] ([B, H, T, d_h]), RoPE applied at cos/sin."""
+    bsz, seq = x.shape[:2]
+    hd = w.head_dim
+    q = F.linear(x, w.q, w.q_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    k = F.linear(x, w.k, w.k_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    v = F.linear(x, w.v, w.v_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 def attention_forward(x, w: AttentionWeights, position_embeddings, attention_mask,
                       kernel: KernelModule, cache=None, return_o_input: bool = False,
                       **kwargs):  # fmt: skip
@@ -120,11 +130,7 @@ def attention_forward(x, w: AttentionWeights, position_embeddings, attention_mas
 
     bsz, seq = x.shape[:2]
     hd = w.head_dim
-    q = F.linear(x, w.q, w.q_bias).view(bsz, seq, -1, hd).transpose(1, 2)
-    k = F.linear(x, w.k, w.k_bias).view(bsz, seq, -1, hd).transpose(1, 2)
-    v = F.linear(x, w.v, w.v_bias).view(bsz, seq, -1, hd).transpose(1, 2)
-    cos, sin = position_embeddings
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = project_qkv(x, w, *position_embeddings)
     if cache is not None:
         k, v = cache.update(k, v, kernel.layer_idx, kwargs=kwargs)
     if w.kv_index is not None:
@@ -170,6 +176,7 @@ class PrunedLlamaAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         kv_index = kv_index.long().clone().to(q_proj.weight.device)
         self.register_buffer("kv_index", kv_index, persistent=True)
+        self._identity: bool | None = None  # see _kv_identity
         self.is_causal = True
         self._kernel = KernelModule(config, layer_idx, self.sliding_window, scaling)
 
@@ -190,15 +197,25 @@ class PrunedLlamaAttention(nn.Module):
     def num_heads(self) -> int:
         return self.q_proj.out_features // self.head_dim
 
+    def _kv_identity(self) -> bool:
+        """Whether kept head ``i`` reads K/V head ``i`` (no index needed). Decided once, not
+        per forward (the test synchronises a GPU), and again after a state dict loads."""
+        if self._identity is None:
+            n = self.kv_index.numel()
+            self._identity = n == self.k_proj.out_features // self.head_dim and bool(
+                (self.kv_index == torch.arange(n, device=self.kv_index.device)).all()
+            )
+        return self._identity
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._identity = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def weights(self) -> AttentionWeights:
-        n = self.kv_index.numel()
-        identity = n == self.k_proj.out_features // self.head_dim and bool(
-            (self.kv_index == torch.arange(n, device=self.kv_index.device)).all()
-        )
         return AttentionWeights(
             self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
             self.q_proj.bias, self.k_proj.bias, self.v_proj.bias, self.o_proj.bias,
-            None if identity else self.kv_index, self.head_dim,
+            None if self._kv_identity() else self.kv_index, self.head_dim,
         )  # fmt: skip
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,

@@ -60,6 +60,17 @@ class OptKernel:
         self.training = False
 
 
+def opt_project_qkv(x: torch.Tensor, w: OptAttentionWeights):
+    """Queries (scaled by ``head_dim ** -0.5`` after the projection, as OPT does), keys and
+    values of ``x`` [B, T, d], as [B, H, T, d_h]."""
+    bsz, seq = x.shape[:2]
+    hd = w.head_dim
+    q = (F.linear(x, w.q, w.q_bias) * hd**-0.5).view(bsz, seq, -1, hd).transpose(1, 2)
+    k = F.linear(x, w.k, w.k_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    v = F.linear(x, w.v, w.v_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    return q, k, v
+
+
 def opt_attention_forward(x, w: OptAttentionWeights, attention_mask, kernel: OptKernel,
                           cache=None, return_out_input: bool = False, **kwargs):  # fmt: skip
     """OPT attention of ``x`` [B, T, d] with weights ``w``; with ``return_out_input`` also the
@@ -68,10 +79,7 @@ def opt_attention_forward(x, w: OptAttentionWeights, attention_mask, kernel: Opt
     from transformers.models.opt.modeling_opt import eager_attention_forward
 
     bsz, seq = x.shape[:2]
-    hd = w.head_dim
-    q = (F.linear(x, w.q, w.q_bias) * hd**-0.5).view(bsz, seq, -1, hd).transpose(1, 2)
-    k = F.linear(x, w.k, w.k_bias).view(bsz, seq, -1, hd).transpose(1, 2)
-    v = F.linear(x, w.v, w.v_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    q, k, v = opt_project_qkv(x, w)
     if cache is not None:
         k, v = cache.update(k, v, kernel.layer_idx, kwargs=kwargs)
     if q.shape[1] == 0:  # every head pruned: the block contributes only its bias

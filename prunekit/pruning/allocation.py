@@ -48,14 +48,21 @@ def as_unit_scores(scores: torch.Tensor, layer, group: str) -> torch.Tensor:
 
 def balanced_heads(scores: torch.Tensor, keep: int, layer) -> torch.Tensor:
     """The top ``keep / n_kv`` query heads of every KV group (``keep`` rounded up to a
-    multiple of the KV head count), so the kept heads stay balanced across groups."""
+    multiple of the KV head count), so the kept heads stay balanced across groups.
+
+    The groups are the adapter's (``layer.kv_heads_of``), so a layer whose heads map to their
+    K/V heads in another order, or an already pruned layer with uneven groups, is grouped
+    right; a group smaller than its share keeps all its heads. Returns sorted head indices.
+    """
     groups = layer.num_kv_heads
-    per_group = layer.num_heads // groups
-    take = min(per_group, math.ceil(keep / groups))
-    by_group = scores.float().reshape(groups, per_group)
-    top = torch.topk(by_group, take, dim=1).indices.sort(dim=1).values
-    base = (torch.arange(groups, device=scores.device) * per_group).unsqueeze(1)
-    return (top + base).reshape(-1)
+    take = math.ceil(keep / groups)
+    kv = layer.kv_heads_of(torch.arange(layer.num_heads)).to(scores.device)
+    kept = []
+    for g in range(groups):
+        members = (kv == g).nonzero().flatten()
+        top = torch.topk(scores.float()[members], min(take, members.numel())).indices
+        kept.append(members[top])
+    return torch.cat(kept).sort().values
 
 
 class Uniform:
@@ -91,7 +98,7 @@ class Uniform:
                 out[(layer.index, MLP)] = layer.units(MLP)
                 continue
             heads = kept_heads(layer.num_heads, r)
-            if self.balanced_kv and layer.num_kv_heads < layer.num_heads:  # GQA only
+            if self.balanced_kv and layer.shares_kv:  # GQA only
                 groups = layer.num_kv_heads
                 heads = min(layer.num_heads, math.ceil(heads / groups) * groups)
             out[(layer.index, ATTN)] = heads
@@ -104,7 +111,7 @@ class Uniform:
             layer = adapter.layers()[key[0]]
             if keep < layer.units(key[1]) and key in scores:
                 unit_scores = as_unit_scores(scores[key], layer, key[1])
-                if key[1] == ATTN and self.balanced_kv and layer.num_kv_heads < layer.num_heads:
+                if key[1] == ATTN and self.balanced_kv and layer.shares_kv:
                     allocation.kept[key] = balanced_heads(unit_scores, keep, layer)
                 else:
                     allocation.kept[key] = top_units(unit_scores, keep)

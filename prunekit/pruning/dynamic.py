@@ -174,14 +174,22 @@ class DynamicDecoderLayer(nn.Module):
 def _as_keywords(forward, hidden_states, args, kwargs) -> tuple[Any, dict]:
     """``(hidden_states, kwargs)`` with positional ``args`` named after ``forward``'s signature."""
     sig = inspect.signature(forward)
+    first = next(iter(sig.parameters.values()), None)
+    if first is None or first.kind is inspect.Parameter.VAR_POSITIONAL:
+        raise TypeError(f"{forward.__qualname__} takes no named hidden_states argument, so its "
+                        "positional arguments cannot be passed on by name")  # fmt: skip
     bound = sig.bind(hidden_states, *args, **kwargs)
     named: dict[str, Any] = {}
     for name, value in bound.arguments.items():
-        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
             named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"{forward.__qualname__}: extra positional arguments {value!r}")
         else:
             named[name] = value
-    return named.pop(next(iter(sig.parameters))), named
+    return named.pop(first.name), named
 
 
 class DynamicModel(nn.Module):
@@ -227,7 +235,8 @@ class DynamicModel(nn.Module):
             token_mask = torch.ones(bsz, seq, dtype=torch.bool, device=ref.device)
         if position_ids is None:
             past = 0
-            cache = kwargs.get("past_key_values") or kwargs.get("cache")
+            cache = kwargs.get("past_key_values")
+            cache = cache if cache is not None else kwargs.get("cache")  # an empty cache is falsy
             if cache is not None:
                 past = cache.get_seq_length()
             position_ids = torch.arange(past, past + seq, device=ref.device).expand(bsz, seq)

@@ -14,8 +14,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from prunekit.components import ATTN, MLP, Allocation, Method, ModelAdapter, PruneOutcome
 from prunekit.errors import ModelError
 from prunekit.hookspecs import hookimpl
@@ -36,11 +34,6 @@ def slice_model(adapter: ModelAdapter, allocation: Allocation) -> ModelAdapter:
         layer.slice(allocation.kept.get((layer.index, ATTN)),
                     allocation.kept.get((layer.index, MLP)))  # fmt: skip
     return type(adapter)(adapter.model)
-
-
-def add_output_bias(layer_adapter, group: str, bias: torch.Tensor) -> None:
-    """Add ``bias`` to the output projection of ``group`` (creating the bias if absent)."""
-    layer_adapter.add_output_bias(group, bias)
 
 
 class NoCompensation:
@@ -83,7 +76,7 @@ class StaticMethod(Method):
             for layer in adapter.layers():
                 if layer.index in skip:
                     continue
-                for group in (ATTN, MLP):
+                for group in layer.groups:
                     scores[(layer.index, group)] = metric.prepare(layer, group)(
                         stats.get((layer.index, group), {})
                     )
@@ -170,11 +163,16 @@ def save_pruned(model, tokenizer, path: str, provenance: dict) -> None:
         file_name = f"modeling_prunekit_{adapter.name.replace('-', '_')}.py"
         config = model.config
         setattr(config, PRUNED_LAYERS_KEY, shapes)
-        config.auto_map = {"AutoModelForCausalLM": f"{file_name[:-3]}.{cls.__name__}"}
+        previous = getattr(config, "auto_map", None)
+        config.auto_map = {**(previous or {}),
+                           "AutoModelForCausalLM": f"{file_name[:-3]}.{cls.__name__}"}  # fmt: skip
         try:
             model.save_pretrained(out, safe_serialization=True)
         finally:
-            del config.auto_map
+            if previous is None:
+                del config.auto_map
+            else:
+                config.auto_map = previous
         shutil.copyfile(module.__file__, out / file_name)
         layout = "remote_code"
     if tokenizer is not None:
@@ -192,7 +190,7 @@ def load_pruned(path, dtype=None, device: str | None = None):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from prunekit.registry import adapter_class_for, get_registry
+    from prunekit.registry import adapter_class_for, adapter_order, get_registry
 
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
@@ -207,8 +205,11 @@ def load_pruned(path, dtype=None, device: str | None = None):
         registry = get_registry()
         if saved_by and ("adapter", saved_by) in registry:
             adapter_cls = registry.get("adapter", saved_by).factory
-        else:
-            adapter_cls = adapter_class_for(AutoConfig.from_pretrained(path), registry)
+        else:  # the first adapter serving the config that can rebuild per-layer shapes
+            config = AutoConfig.from_pretrained(path)
+            adapter_cls = next((e.factory for e in adapter_order(registry)
+                                if e.factory.modeling and e.factory.supports(config)),
+                               None) or adapter_class_for(config, registry)  # fmt: skip
         _, cls = _modeling_class(adapter_cls)
         model = cls.from_pretrained(path, **kwargs)
     else:
