@@ -39,7 +39,7 @@ from prunekit.data import eval_windows, locate_corpus
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.models.loading import load_model
 from prunekit.registry import resolve_adapter
-from prunekit.runner import structure_reduction
+from prunekit.runner import sequence_bos, structure_reduction
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["pp-fullbatch", "pp", "pp-history", "pp-calib", "wanda-sp", "flap", "llm-pruner"]
@@ -81,7 +81,9 @@ def markdown(report: dict) -> str:
         f"Machine: {report['machine']}; torch {report['torch']}; prunekit {report['prunekit']}."
         "  ",
         f"Protocol: WikiText-2 test, {s['windows']} random windows of {s['seq_len']} tokens "
-        f"(seed {s['seed']}, the paper's protocol), batch {s['batch_size']}; calibration "
+        f"(seed {s['seed']}, the paper's protocol"
+        + ("; every window starts with BOS, as the adapter asks" if s["bos_per_window"] else "")
+        + f"), batch {s['batch_size']}; calibration "
         f"{s['calibration']['samples']} C4 windows of {s['calibration']['seq_len']} (train "
         "carve-out); LLM-Pruner gradients on 10 windows of 128; skipped layers 0-2. Time: every "
         f"model warmed up once, then {s['rounds']} interleaved rounds over the same "
@@ -136,8 +138,10 @@ def main() -> None:
     loaded = load_model(args.model, dtype=args.dtype)
     dense_model, tokenizer = loaded.model, loaded.tokenizer
     adapter = resolve_adapter(dense_model)
+    bos_id = sequence_bos("auto", adapter, tokenizer)  # as a recipe's default: the adapter says
     windows = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), args.seq_len,
-                           args.windows, "random", seed=args.seed, batch_size=args.batch_size)  # fmt: skip
+                           args.windows, "random", seed=args.seed, batch_size=args.batch_size,
+                           bos_id=bos_id)  # fmt: skip
     timing = list(torch.split(windows, args.batch_size))[: args.timing_batches]
     dense = perplexity(dense_model, windows, args.batch_size, description="dense")
     dense_macs = structure_reduction(adapter, None, args.seq_len)["decoder_macs_per_token"]
@@ -186,7 +190,8 @@ def main() -> None:
         "settings": {"dtype": args.dtype, "windows": int(windows.shape[0]),
                      "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed,
                      "timing_batches": len(timing), "rounds": args.rounds,
-                     "calibration": calibration, "sampling": "random"},
+                     "calibration": calibration, "sampling": "random",
+                     "bos_per_window": bos_id is not None},
         "lm_head_macs_per_token": head.shape[0] * head.shape[1],
         "dense": {"ppl": dense["ppl"], "s_per_batch": dense_median,
                   "s_spread": [min(times["dense"]), max(times["dense"])],

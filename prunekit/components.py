@@ -328,6 +328,9 @@ class ModelAdapter(ABC):
     #: installed copy is what :func:`prunekit.load_pruned` uses. None: per-layer shapes cannot
     #: be saved.
     modeling: ClassVar[str | None] = None
+    #: every sequence must start with the BOS token (the model's attention sink, e.g. Gemma):
+    #: windows cut from a corpus then get one (recipe ``bos: auto``, the default)
+    needs_bos: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -61,6 +61,8 @@ class CalibrationConfig(_Strict):
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=2)
     batch_size: int = Field(8, ge=1)
+    #: start every window with the BOS token: ``auto`` when the model adapter needs it
+    bos: Literal["auto"] | bool = "auto"
 
 
 class SlotConfig(BaseModel):
@@ -121,6 +123,9 @@ class PerplexityConfig(_Strict):
     windows: int | Literal["all"] = "all"
     batch_size: int = Field(8, ge=1)
     sampling: Literal["sequential", "random"] = "sequential"
+    #: start every window with the BOS token: ``auto`` when the model adapter needs it (the
+    #: reference protocol has none, which LLaMA-family models tolerate and Gemma does not)
+    bos: Literal["auto"] | bool = "auto"
 
     @field_validator("windows")
     @classmethod

@@ -340,8 +340,13 @@ class PruneContext:
             )
             self.calibration_source = source
             self._windows = calibration_windows(self.tokenizer, source, c.samples, c.seq_len,
-                                                seed=self.recipe.seed)  # fmt: skip
+                                                seed=self.recipe.seed,
+                                                bos_id=self.calibration_bos_id())  # fmt: skip
         return self._windows
+
+    def calibration_bos_id(self) -> int | None:
+        """The token every calibration window starts with (``calibration.bos``), or None."""
+        return sequence_bos(self.recipe.calibration.bos, self.adapter, self.tokenizer)
 
     def calibration_key(self) -> dict | None:
         """What identifies the calibration data and model, for the statistics cache."""
@@ -360,6 +365,8 @@ class PruneContext:
                     "split": self.calibration_source.split,
                     "sha256": source_sha256(self.calibration_source),
                     "samples": c.samples, "seq_len": c.seq_len, "seed": self.recipe.seed}  # fmt: skip
+            if self.calibration_bos_id() is not None:  # only then: older keys stay valid
+                data["bos"] = self.calibration_bos_id()
         return {"model": self.model_info["fingerprint"], "data": data,
                 "tokenizer": getattr(self.tokenizer, "name_or_path", "")}  # fmt: skip
 
@@ -528,9 +535,27 @@ def prepare(recipe: str | os.PathLike | dict | Recipe | LoadedRecipe | Plan,
     return Prepared(plan, loaded, ctx, outcome)
 
 
-def evaluate_model(plan: Plan, model, tokenizer,
-                   staging: Path | None = None) -> tuple[dict, dict]:  # fmt: skip
-    """Perplexity and task metrics of ``model`` (``(metrics, data sha256 per label)``)."""
+def sequence_bos(setting, adapter, tokenizer) -> int | None:
+    """The BOS id every window starts with, or None.
+
+    :param setting: a recipe's ``bos``: ``"auto"`` (when the adapter ``needs_bos``), ``True``
+        or ``False``.
+    :param adapter: the model adapter (class or instance), or None.
+    """
+    wanted = bool(getattr(adapter, "needs_bos", False)) if setting == "auto" else bool(setting)
+    bos = getattr(tokenizer, "bos_token_id", None) if wanted else None
+    if wanted and bos is None and setting is True:
+        raise DataError("bos: true, but the tokenizer has no BOS token to start windows with; "
+                        "set bos: false (or auto)")  # fmt: skip
+    return None if bos is None else int(bos)
+
+
+def evaluate_model(plan: Plan, model, tokenizer, staging: Path | None = None,
+                   adapter=None) -> tuple[dict, dict]:  # fmt: skip
+    """Perplexity and task metrics of ``model`` (``(metrics, data sha256 per label)``).
+
+    :param adapter: the model's adapter (default: the plan's), which decides ``bos: auto``.
+    """
     from prunekit.data import eval_windows, source_sha256
     from prunekit.evaluation.perplexity import perplexity
     from prunekit.models.loading import sha256_file
@@ -538,13 +563,15 @@ def evaluate_model(plan: Plan, model, tokenizer,
     recipe = plan.recipe
     metrics: dict[str, dict] = {}
     data_hashes: dict[str, str | None] = {}
+    adapter = adapter if adapter is not None else plan.adapter_cls
     for cfg, source in zip(recipe.evaluation.perplexity, plan.perplexity_sources, strict=True):
+        bos_id = sequence_bos(cfg.bos, adapter, tokenizer)
         windows = eval_windows(tokenizer, source, cfg.seq_len, cfg.windows, cfg.sampling,
-                               seed=recipe.seed,
+                               seed=recipe.seed, bos_id=bos_id,
                                batch_size=cfg.batch_size if cfg.sampling == "random" else None)  # fmt: skip
         result = perplexity(model, windows, cfg.batch_size, description=f"perplexity {cfg.label}")
         metrics[cfg.label] = {**result, "dataset": source.dataset, "split": source.split,
-                              "sampling": cfg.sampling}  # fmt: skip
+                              "sampling": cfg.sampling, "bos": bos_id is not None}  # fmt: skip
         data_hashes[cfg.label] = source_sha256(source)
         info(f"{cfg.label}: perplexity {result['ppl']:.3f} over {result['tokens']} tokens")
     if plan.tasks:
@@ -557,7 +584,7 @@ def evaluate_model(plan: Plan, model, tokenizer,
     return metrics, data_hashes
 
 
-def _timing_batches(plan: Plan, tokenizer) -> list[torch.Tensor]:
+def _timing_batches(plan: Plan, loaded: Loaded) -> list[torch.Tensor]:
     """The first ``runtime.batches`` batches of the first perplexity dataset."""
     from prunekit.data import eval_windows
 
@@ -565,8 +592,9 @@ def _timing_batches(plan: Plan, tokenizer) -> list[torch.Tensor]:
     if not (recipe.runtime.batches and recipe.evaluation.perplexity):
         return []
     cfg0, src0 = recipe.evaluation.perplexity[0], plan.perplexity_sources[0]
-    w0 = eval_windows(tokenizer, src0, cfg0.seq_len, cfg0.windows, cfg0.sampling,
+    w0 = eval_windows(loaded.tokenizer, src0, cfg0.seq_len, cfg0.windows, cfg0.sampling,
                       seed=recipe.seed,
+                      bos_id=sequence_bos(cfg0.bos, loaded.adapter, loaded.tokenizer),
                       batch_size=cfg0.batch_size if cfg0.sampling == "random" else None)  # fmt: skip
     return list(torch.split(w0, cfg0.batch_size))[: recipe.runtime.batches]
 
@@ -681,12 +709,13 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True) -> di
     try:
         t0 = time.perf_counter()
         loaded = load(plan)
-        timing_batches = _timing_batches(plan, loaded.tokenizer)
+        timing_batches = _timing_batches(plan, loaded)
         dense_times, dense_memory = _time_dense(plan, loaded, timing_batches)
         ctx, outcome = prune_loaded(plan, loaded)
         t2 = time.perf_counter()
         metrics, data_hashes = (
-            evaluate_model(plan, outcome.model, loaded.tokenizer, staging) if evaluate else ({}, {})
+            evaluate_model(plan, outcome.model, loaded.tokenizer, staging, loaded.adapter)
+            if evaluate else ({}, {})
         )
         loaded.timings["evaluation_s"] = time.perf_counter() - t2
         loaded.timings["total_s"] = time.perf_counter() - t0

@@ -505,3 +505,31 @@ def test_calibration_stream_corpora(tmp_path):
         calibration_windows(tok, src, samples=1, seq_len=2000)
     with pytest.raises(DataError, match="samples must be >= 1"):
         calibration_windows(tok, src, samples=0, seq_len=10)
+
+
+def test_windows_start_with_bos_when_asked():
+    import torch
+
+    from prunekit.data import start_with_bos
+
+    w = torch.tensor([[5, 6, 7, 8], [2, 9, 9, 9]])
+    assert start_with_bos(w, None) is w
+    assert start_with_bos(w, 2).tolist() == [[2, 5, 6, 7], [2, 9, 9, 9]]  # same length
+
+
+def test_bos_auto_follows_the_adapter_and_true_needs_a_bos_token():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from prunekit.errors import DataError
+    from prunekit.models.gemma3 import Gemma3Adapter
+    from prunekit.models.llama import LlamaAdapter
+    from prunekit.runner import sequence_bos
+
+    tok = SimpleNamespace(bos_token_id=2)
+    assert sequence_bos("auto", Gemma3Adapter, tok) == 2
+    assert sequence_bos("auto", LlamaAdapter, tok) is None  # the reference protocol
+    assert sequence_bos(True, LlamaAdapter, tok) == 2 and sequence_bos(False, Gemma3Adapter, tok) is None
+    with pytest.raises(DataError, match="no BOS token"):
+        sequence_bos(True, LlamaAdapter, SimpleNamespace(bos_token_id=None))

@@ -157,7 +157,8 @@ class LlmPruner(StaticMethod):
         source = ctx.calibration_source or locate_calibration_corpus(
             c.dataset, c.split, c.path, c.text_field, data_dir=ctx.recipe.data_dir
         )
-        return calibration_windows(ctx.tokenizer, source, n, seq, seed=ctx.recipe.seed)
+        return calibration_windows(ctx.tokenizer, source, n, seq, seed=ctx.recipe.seed,
+                                   bos_id=ctx.calibration_bos_id())  # fmt: skip
 
     def statistics(self):
         return []

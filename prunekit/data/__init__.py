@@ -16,6 +16,7 @@ from prunekit.data.corpora import (
     locate_calibration_corpus,
     locate_corpus,
     source_sha256,
+    start_with_bos,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "locate_calibration_corpus",
     "locate_corpus",
     "source_sha256",
+    "start_with_bos",
 ]
