@@ -11,11 +11,14 @@ alike. One dense time (median over all its timed calls) serves the whole table; 
 reports the median ratio to it and the spread (min-max over the timed calls). Dynamic models
 are timed with their state preserved, so timing never changes what the metrics saw.
 
-    python benchmarks/methods.py --model gemma3-270m      # the committed table (~1.5 h, 2 cores)
+    python benchmarks/methods.py --model gemma3-270m --timing-batch-size 5 --rounds 3
+                                      # the committed table (~1 h on 2 cores)
     python benchmarks/methods.py --model gemma3-270m --quick               # smoke test
 
 The defaults fit a 2-core AVX2 CPU: float32 (bfloat16 matmuls are far slower there), windows
-of 256 tokens, one batch of 20 for the perplexity and the timing.
+of 256 tokens, one batch of 20 for the perplexity and the timing. On Gemma-3-270M a batch of
+20x256 takes about a minute and a half there, most of it in the 262k-vocabulary LM head, so the
+committed table times batches of 5 windows (``--timing-batch-size``).
 
 Writes benchmarks/results/methods_<name>.json and benchmarks/methods_<name>.md.
 """
@@ -87,7 +90,8 @@ def markdown(report: dict) -> str:
         f"{s['calibration']['samples']} C4 windows of {s['calibration']['seq_len']} (train "
         "carve-out); LLM-Pruner gradients on 10 windows of 128; skipped layers 0-2. Time: every "
         f"model warmed up once, then {s['rounds']} interleaved rounds over the same "
-        f"{s['timing_batches']} batches ({s['rounds'] * s['timing_batches']} timed calls per "
+        f"{s['timing_batches']} batches of {s.get('timing_batch_size', s['batch_size'])} "
+        f"windows ({s['rounds'] * s['timing_batches']} timed calls per "
         "model); one dense time for the table (median of its calls), each cell the median of "
         "its calls over it, spread = min-max of the per-call ratios to the dense median. MACs: "
         "decoder-layer MACs per token from the adapter's cost model (embeddings and LM head "
@@ -123,6 +127,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--timing-batches", type=int, default=1)
+    parser.add_argument("--timing-batch-size", type=int, default=None,
+                        help="windows per timed batch (default: --batch-size); the first windows "
+                        "of the evaluation set, so every model is timed on the same tokens")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -142,7 +149,8 @@ def main() -> None:
     windows = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), args.seq_len,
                            args.windows, "random", seed=args.seed, batch_size=args.batch_size,
                            bos_id=bos_id)  # fmt: skip
-    timing = list(torch.split(windows, args.batch_size))[: args.timing_batches]
+    timing_size = args.timing_batch_size or args.batch_size
+    timing = list(torch.split(windows, timing_size))[: args.timing_batches]
     dense = perplexity(dense_model, windows, args.batch_size, description="dense")
     dense_macs = structure_reduction(adapter, None, args.seq_len)["decoder_macs_per_token"]
     params = sum(p.numel() for p in dense_model.parameters())
@@ -189,7 +197,8 @@ def main() -> None:
         "adapter": adapter.name,
         "settings": {"dtype": args.dtype, "windows": int(windows.shape[0]),
                      "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed,
-                     "timing_batches": len(timing), "rounds": args.rounds,
+                     "timing_batches": len(timing), "timing_batch_size": timing_size,
+                     "rounds": args.rounds,
                      "calibration": calibration, "sampling": "random",
                      "bos_per_window": bos_id is not None},
         "lm_head_macs_per_token": head.shape[0] * head.shape[1],
