@@ -114,9 +114,13 @@ def markdown(report) -> str:
         f"Model: {report['model']}. Batches of {s['batch'][0]} x {s['batch'][1]} tokens from "
         f"WikiText-2 test; calibration {CALIBRATION['samples']} C4 windows of "
         f"{CALIBRATION['seq_len']} (train carve-out).  ",
-        f"Timing: {s['rounds']} interleaved rounds x {s['timing_batches']} batches per model, "
-        "warm-up excluded, median seconds per batch; the static model has PP's kept counts, "
-        "physically sliced.",
+        f"Timing: {s['rounds']} interleaved rounds x {s['timing_batches']} batches per model "
+        "(rows re-measured with --update: as their command says; "
+        + ", ".join(f"{d} {b['ratio']}: {b['rounds']} x {b['timing_batches']}"
+                    for d, rows in report["runtime"].items() for b in rows if "rounds" in b)
+        + "), warm-up excluded, median seconds per batch; the static model has PP's kept "
+        "counts, physically sliced. Compare ratios across rows measured by different commands, "
+        "not seconds.",
         "",
         "## Runtime",
         "",
@@ -189,7 +193,7 @@ def main() -> None:
         help="rewrite the Markdown report from --out without measuring",
     )
     parser.add_argument("--update", action="store_true",
-                        help="replace only the measured dtypes' runtime rows in --out")  # fmt: skip
+                        help="replace only the measured (dtype, ratio) runtime rows in --out")  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results" / "pp_smollm2.json"))
     args = parser.parse_args()
     if args.render_only:
@@ -222,6 +226,7 @@ def main() -> None:
             print(f"runtime {dtype} ratio {ratio}", file=sys.stderr, flush=True)
             report["runtime"][dtype].append(
                 runtime_block(loaded.model, loaded.tokenizer, batches, ratio, args.rounds, 1)
+                | {"rounds": args.rounds, "timing_batches": args.timing_batches}
             )
         if dtype == args.quality_dtype and args.quality_windows:
             windows = eval_windows(loaded.tokenizer, source, 512, args.quality_windows)
@@ -236,7 +241,10 @@ def main() -> None:
     out = Path(args.out)
     if args.update and out.is_file():
         old = json.loads(out.read_text())
-        old["runtime"].update(report["runtime"])
+        for dtype, rows in report["runtime"].items():  # replace the measured (dtype, ratio) rows
+            measured = {row["ratio"] for row in rows}
+            kept = [row for row in old["runtime"].get(dtype, []) if row["ratio"] not in measured]
+            old["runtime"][dtype] = sorted(kept + rows, key=lambda row: row["ratio"])
         old["commands"] = [*old.get("commands", [old["command"]]), report["command"]]
         if "quality" in report:
             old["quality"] = report["quality"]
