@@ -38,6 +38,7 @@ class SquaredMean:
     """
 
     name = "sq_mean"
+    provides = ("sq_mean",)
 
     def options(self) -> dict[str, Any]:
         return {}

@@ -152,9 +152,10 @@ def bench(
     if not loaded.recipe.evaluation.perplexity:
         raise RecipeError(f"{recipe}: bench times the batches of evaluation.perplexity[0], "
                           "and the recipe has no evaluation.perplexity entry; add one")  # fmt: skip
+    out_dir = Path(output or f"{loaded.recipe.output_dir()}-bench")
+    loaded.recipe.output.dir = str(out_dir)  # validated (and recorded) where bench writes
     plan = run_validate(loaded)
-    out_dir = output or Path(f"{loaded.recipe.output_dir()}-bench")
-    result = run_plan(plan, Path(out_dir), evaluate=False)
+    result = run_plan(plan, out_dir, evaluate=False)
     _print_summary(result, Path(out_dir))
 
 
@@ -191,6 +192,7 @@ def plugins(
     rows = []
     for name, plugin_info in sorted(pm.infos.items()):
         row = plugin_info.as_dict()
+        row["kinds"] = [k.name for k in registry.kinds.values() if k.plugin == name]
         row["components"] = [f"{e.kind}:{e.name}" for e in registry if e.plugin == name]
         rows.append(row)
     if as_json:
@@ -202,6 +204,8 @@ def plugins(
         typer.echo(f"{row['name']}{tag} ({row['distribution'] or row['module']}{version})")
         if row["error"]:
             typer.echo(f"    FAILED TO LOAD: {row['error']}")
+        for kind in row["kinds"]:
+            typer.echo(f"    declares kind {kind}")
         for comp in row["components"]:
             typer.echo(f"    {comp}")
 
@@ -212,17 +216,33 @@ def components(
         str | None, typer.Argument(help="Only this kind (method, metric, ...).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    kinds: Annotated[
+        bool, typer.Option("--kinds", help="List the component kinds instead (who declared "
+                           "each, its protocol and default).")
+    ] = False,
 ) -> None:
     """List the registered components (with their plugin and options)."""
-    from prunekit.components import KINDS
     from prunekit.errors import RecipeError, did_you_mean
     from prunekit.registry import get_registry
 
-    if kind is not None and kind not in KINDS:
+    registry = get_registry()
+    if kinds:
+        rows = [k.as_dict() for k in registry.kinds.values()]
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        for r in rows:
+            by = f"plugin {r['plugin']}" if r["plugin"] else "prunekit"
+            extra = "".join(f", {k} {r[k]}" for k in ("protocol", "default") if r[k])
+            typer.echo(f"{r['kind']:<12} [{by}{', slot' if r['slot'] else ''}{extra}] "
+                       f"{r['description']}")  # fmt: skip
+        return
+    if kind is not None and kind not in registry.kinds:
+        names = list(registry.kinds)
         raise RecipeError(
-            f"unknown kind {kind!r}{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}"
+            f"unknown kind {kind!r}{did_you_mean(kind, names)}; kinds: {', '.join(names)}"
         )
-    entries = [e for e in get_registry() if kind is None or e.kind == kind]
+    entries = [e for e in registry if kind is None or e.kind == kind]
     if as_json:
         typer.echo(json.dumps([e.as_dict() for e in entries], indent=2, default=str))
         return

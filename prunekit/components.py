@@ -6,20 +6,33 @@ default component name per slot; a recipe may replace any single slot
 ablation study does. Components are plain objects, constructed once per run from their options;
 the hot loop calls them directly, never through a hook.
 
-Kinds and their job (see ``docs/plugins.md`` for worked examples):
+Kinds and their job (see ``docs/plugins.md`` for worked examples). The engine declares the
+kinds every method needs:
 
 =============== =========================================================================
 adapter         owns one architecture: prunable groups, block forward on a kept set, probe,
                 slicing, cost model, saved-model code
 statistic       accumulates per-channel statistics over calibration batches
-probe           picks the probe rows and positions of a batch (dynamic methods)
-fusion          combines probe statistics with history (dynamic methods)
-history         how history evolves after each batch (dynamic methods)
 metric          scores heads and channels from statistics and weights
 allocator       turns scores and a ratio into kept sets per layer
 compensator     keeps the output mean of removed channels
 method          a named default assignment of components per slot, and the pruning driver
 =============== =========================================================================
+
+A plugin declares further kinds with ``prunekit_register_kinds`` (the ``pp`` plugin declares
+``probe``, ``fusion`` and ``history``, with their protocols in ``prunekit_plugins.pp.protocols``),
+and registers components of any kind with ``prunekit_register_components``.
+
+**Needs and provides.** A component may declare what it reads and what it gives, as class
+attributes, so that a slot swap that cannot work fails at ``validate`` naming both components:
+
+* ``provides``: names of what it makes available, e.g. a statistic's tensors
+  (``("sq_mean",)``), or a method's per-decision inputs (PP gives its metric ``"S"``, the
+  fused probe importance, and its fusion a ``"history"``);
+* ``needs``: requirements, each a name or a tuple of alternatives, e.g. the PP score reads
+  ``("S", "sq_mean")`` (either), FLAP's compensator ``"mean"``.
+
+A component that declares nothing is not checked.
 """
 
 from __future__ import annotations
@@ -35,17 +48,10 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-#: slots a method can expose, in a stable order (recipe keys ``method.<slot>``)
-SLOTS: tuple[str, ...] = (
-    "statistic",
-    "probe",
-    "fusion",
-    "history",
-    "metric",
-    "allocator",
-    "compensator",
-)
-#: every component kind, in a stable order
+#: the engine's slot kinds, in a stable order (recipe keys ``method.<slot>``); plugins declare
+#: more (``prunekit_register_kinds``), listed by ``Registry.slot_kinds()``
+SLOTS: tuple[str, ...] = ("statistic", "metric", "allocator", "compensator")
+#: the engine's component kinds, in a stable order
 KINDS: tuple[str, ...] = ("adapter", *SLOTS, "method")
 
 #: the two prunable groups of a decoder layer
@@ -399,43 +405,6 @@ class CalibrationStatistic(Protocol):
 
 
 @runtime_checkable
-class ProbeSelector(Protocol):
-    """Picks the probe of a batch: which rows (samples) and positions (columns).
-
-    ``rank_on`` is ``"residual"`` (rank on the pre-norm residual) or ``"normalized"`` (on the
-    block's normalised input).
-    """
-
-    rank_on: str
-
-    def __call__(
-        self, rank_source: torch.Tensor, token_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rows, cols)``: sorted indices; pad tokens (``token_mask`` False) never selected."""
-
-
-@runtime_checkable
-class FusionPolicy(Protocol):
-    """Combines the probe's per-position statistic ``P`` with the history ``G`` (both
-    ``[t', D]``; ``G`` may be None) into channel importance ``S`` (``[D]``)."""
-
-    def __call__(self, probe: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor: ...
-
-
-@runtime_checkable
-class HistoryPolicy(Protocol):
-    """How the per-position history ``H [positions, D]`` evolves after each scored batch."""
-
-    def init_state(self, history: torch.Tensor, calibration_samples: int) -> dict:
-        """Extra state kept beside ``history`` (e.g. counts)."""
-
-    def update(self, history: torch.Tensor, state: dict, kept: torch.Tensor | None,
-               x: torch.Tensor, token_mask: torch.Tensor,
-               position_ids: torch.Tensor) -> None:  # fmt: skip
-        """Fold the batch's kept-channel activations ``x`` ([B, T, K]) into ``history``."""
-
-
-@runtime_checkable
 class ImportanceMetric(Protocol):
     """Scores units (heads or channels): higher = more important = kept first.
 
@@ -515,22 +484,79 @@ class PruneOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
     #: writes the method's artefact (pruned model or dynamic state) into a directory
     save: Callable[[str], None] | None = None
+    #: the method's own figures for a timed batch of shape ``(batch_size, seq_len)`` (e.g.
+    #: PP's ``probe_flops_fraction``), merged into ``results.json``'s ``runtime`` section
+    figures: Callable[[int, int], dict[str, float]] | None = None
+
+
+#: when a dynamic method decides its kept sets (see :class:`DynamicProtocol`)
+DECISION_POINTS: tuple[str, ...] = ("batch",)
+
+
+@dataclass(frozen=True)
+class DynamicProtocol:
+    """What a dynamic method declares about itself, so that the runtime, every evaluation
+    path (perplexity, zero-shot, the lm-eval bridge) and the runner's timing ask the method
+    instead of assuming one (e.g. PP's reset-and-warm-up protocol).
+
+    Set it as the ``protocol`` class attribute of a dynamic :class:`Method`; the
+    :class:`prunekit.pruning.dynamic.DynamicModel` the method returns carries it.
+    """
+
+    #: when kept sets are decided: ``"batch"``: once per batch and block, for every row (the
+    #: decision runs on each forward; decoding steps inside ``DynamicModel.hold()`` reuse it)
+    decides: str = "batch"
+    #: what the method observes besides each block's input: ``"activations"`` (the output
+    #: projection's input on the kept units after each block, e.g. PP's history update,
+    #: shown when the controller's ``wants_activations`` also asks). ``()``: never shown,
+    #: and the runtime does not ask.
+    observes: tuple[str, ...] = ("activations",)
+    #: every evaluation starts from the method's post-calibration state
+    reset: bool = True
+    #: unscored runs of an evaluation's first batch before it is scored, with the method's
+    #: state restored after them (the PP reference's warm-up)
+    warmup_batches: int = 0
+    #: the method's state changes from batch to batch within an evaluation (e.g. PP's EMA
+    #: history), so batch order matters: its controller must then have ``snapshot()`` and
+    #: ``restore(state)`` (warm-up and timing leave no trace) and, with ``reset``, ``reset()``
+    stateful: bool = False
+
+    def __post_init__(self) -> None:
+        if self.decides not in DECISION_POINTS:
+            raise ValueError(f"DynamicProtocol.decides={self.decides!r}: this prunekit version "
+                             f"decides per {', '.join(DECISION_POINTS)}")  # fmt: skip
+        unknown = set(self.observes) - {"activations"}
+        if unknown:
+            raise ValueError(f"DynamicProtocol.observes: unknown {sorted(unknown)}; "
+                             "known: activations")  # fmt: skip
+        if self.warmup_batches < 0:
+            raise ValueError("DynamicProtocol.warmup_batches must be >= 0")
 
 
 class Method(ABC):
     """A pruning method: default components per slot plus the driver that applies them.
 
-    Subclasses set ``slots`` (slot -> default component name) and ``option_defaults`` (extra
-    method-level recipe keys, e.g. ``mode``), and implement :meth:`prune`. The runner builds
-    the components once (recipe overrides applied) and passes them in ``components``.
+    Subclasses set ``slots`` (slot -> default component name, or None for the slot kind's
+    declared default) and ``option_defaults`` (extra method-level recipe keys, e.g. ``mode``),
+    and implement :meth:`prune`. The runner builds the components once (recipe overrides
+    applied) and passes them in ``components``.
     """
 
     name: ClassVar[str] = ""
     dynamic: ClassVar[bool] = False
-    slots: ClassVar[dict[str, str]] = {}
+    slots: ClassVar[dict[str, str | None]] = {}
     option_defaults: ClassVar[dict[str, Any]] = {}
     #: whether the method reads calibration data (the runner then checks the data exists)
     uses_calibration: ClassVar[bool] = True
+    #: what the method itself gives its components, and what it reads from its statistic
+    #: (see *needs and provides* above); checked at ``validate``
+    provides: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[tuple[str | tuple[str, ...], ...]] = ()
+    #: a dynamic method's decision and evaluation protocol
+    protocol: ClassVar[DynamicProtocol] = DynamicProtocol()
+    #: the method returns the model unchanged (the dense baseline): the runner then times
+    #: nothing against it
+    baseline: ClassVar[bool] = False
 
     def __init__(self, settings: MethodSettings, components: dict[str, Any]) -> None:
         self.settings = settings

@@ -35,8 +35,38 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # --------------------------------------------------------------------------------------------
-# Registration hooks: one per component kind
+# Registration hooks: new kinds, any component, and one per kind the engine declares
 # --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def prunekit_register_kinds(register: RegisterFn) -> None:
+    """Declare component kinds beyond the engine's (adapter, statistic, metric, allocator,
+    compensator, method), e.g. the ``pp`` plugin's ``probe``, ``fusion`` and ``history``.
+
+    :param register: call ``register(kind, protocol=None, description=None, default=None)``.
+        ``protocol`` is a :func:`typing.runtime_checkable` Protocol class (or any class) that
+        every component of the kind must be an instance of: ``validate`` checks it and names
+        the component and its plugin when it is not. ``default`` names the component a method
+        slot of this kind uses when the method leaves it ``None``. A declared kind is a method
+        slot (recipe key ``method.<kind>``). Declaring a kind twice is an error naming both
+        plugins.
+
+    Components of a declared kind are registered with :func:`prunekit_register_components`.
+    Called once, when the registry is built, before any component is registered.
+    """
+
+
+@hookspec
+def prunekit_register_components(register: RegisterFn) -> None:
+    """Register components of any kind, the engine's or one a plugin declared.
+
+    :param register: call ``register(kind, name, factory, description=None)``; ``factory``
+        is what the kind's dedicated hook would take (``factory(**options)`` for slot kinds,
+        the class for adapters and methods).
+
+    Called once, when the registry is built, after the per-kind hooks below.
+    """
 
 
 @hookspec
@@ -64,39 +94,6 @@ def prunekit_register_statistics(register: RegisterFn) -> None:
 
     :param register: call ``register(name, factory, description=None)``; ``factory(**options)``
         returns a :class:`prunekit.components.CalibrationStatistic`.
-
-    Called once, when the registry is built.
-    """
-
-
-@hookspec
-def prunekit_register_probes(register: RegisterFn) -> None:
-    """Register probe selectors (which rows and positions of a batch form the probe).
-
-    :param register: call ``register(name, factory, description=None)``; ``factory(**options)``
-        returns a :class:`prunekit.components.ProbeSelector`.
-
-    Called once, when the registry is built.
-    """
-
-
-@hookspec
-def prunekit_register_fusions(register: RegisterFn) -> None:
-    """Register fusion policies (how probe statistics combine with history).
-
-    :param register: call ``register(name, factory, description=None)``; ``factory(**options)``
-        returns a :class:`prunekit.components.FusionPolicy`.
-
-    Called once, when the registry is built.
-    """
-
-
-@hookspec
-def prunekit_register_histories(register: RegisterFn) -> None:
-    """Register history policies (how the history evolves after each batch).
-
-    :param register: call ``register(name, factory, description=None)``; ``factory(**options)``
-        returns a :class:`prunekit.components.HistoryPolicy`.
 
     Called once, when the registry is built.
     """

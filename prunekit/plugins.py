@@ -15,17 +15,19 @@ Environment switches:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import os
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pluggy
 
 from prunekit import hookspecs
-from prunekit.errors import PluginError
+from prunekit.errors import PluginError, PrunekitError
 
 ENTRY_POINT_GROUP = "prunekit"
 BUILTIN_DISTRIBUTION = "prunekit"
@@ -170,3 +172,51 @@ def set_plugin_manager(pm: PrunekitPluginManager | None) -> PrunekitPluginManage
     global _PM
     previous, _PM = _PM, pm
     return previous
+
+
+def _plugin_of_module(module: str, infos: dict[str, PluginInfo]) -> PluginInfo | None:
+    best = None
+    for info in infos.values():
+        if info.error is None and (module == info.module or module.startswith(info.module + ".")):
+            if best is None or len(info.module) > len(best.module):
+                best = info
+    return best
+
+
+def blame(exc: BaseException, pm: PrunekitPluginManager | None = None):
+    """``(plugin info, "file:line")`` of the innermost traceback frame of ``exc`` that runs
+    a registered plugin's code, or None."""
+    pm = pm or get_plugin_manager()
+    infos = getattr(pm, "infos", {})
+    frames = list(traceback.walk_tb(exc.__traceback__))
+    for frame, lineno in reversed(frames):
+        info = _plugin_of_module(frame.f_globals.get("__name__", ""), infos)
+        if info is not None:
+            return info, f"{frame.f_code.co_filename}:{lineno}"
+    return None
+
+
+@contextlib.contextmanager
+def plugin_faults(pm: PrunekitPluginManager | None = None, stage: str = "the run") -> Iterator[None]:
+    """Turn an unexpected exception raised inside a plugin's code (a component, an adapter,
+    a method) into a :class:`PluginError` naming the plugin, its distribution and version,
+    and where it raised. prunekit's own user-facing errors, interrupts and out-of-memory
+    errors pass through unchanged."""
+    try:
+        yield
+    except PluginError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, (PrunekitError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
+            raise
+        found = blame(exc, pm)
+        if found is None:
+            raise
+        info, where = found
+        dist = f"distribution {info.distribution or '?'} {info.version or ''}".rstrip()
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        report = ("a prunekit bug: please report it" if info.builtin else
+                  f"report it to the plugin's authors, or disable the plugin with "
+                  f"PRUNEKIT_DISABLE_PLUGINS={info.name}")  # fmt: skip
+        raise PluginError(f"plugin {info.name!r} ({dist}) failed during {stage}: {detail} "
+                          f"(raised at {where}); {report}") from exc

@@ -105,13 +105,34 @@ class MethodConfig(BaseModel):
             raise ValueError("layer indices must be >= 0")
         return sorted(set(v))
 
+    @field_validator("statistic", "metric", "allocator", "compensator", mode="before")
+    @classmethod
+    def _slot_shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
     @property
     def options(self) -> dict[str, Any]:
-        """Method-specific options (keys that are not fixed keys or slots)."""
+        """Every key that is not a fixed key or an engine slot: method-specific options, and
+        the slots of kinds that plugins declare (``method.probe``...), which ``validate``
+        tells apart with the registry."""
         return dict(self.model_extra or {})
 
     def slot(self, name: str) -> SlotConfig | None:
-        return getattr(self, name)
+        """The ``method.<name>`` slot section (a mapping, or a component name as shorthand).
+
+        :raises ValueError: when the key holds something else.
+        """
+        if name in type(self).model_fields:
+            return getattr(self, name)
+        raw = (self.model_extra or {}).get(name)
+        if raw is None or isinstance(raw, SlotConfig):
+            return raw
+        if isinstance(raw, str):
+            return SlotConfig(name=raw)
+        if isinstance(raw, dict) and isinstance(raw.get("name", ""), (str, type(None))):
+            return SlotConfig(**raw)
+        raise ValueError(f"expected a mapping (name: and the component's options) or a "
+                         f"component name, got {raw!r}")  # fmt: skip
 
 
 class PerplexityConfig(_Strict):
@@ -264,6 +285,55 @@ class LoadedRecipe:
         return RecipeError(f"{self.where(key_path)}: {message}")
 
 
+#: a recipe is a small text file: larger files are refused before parsing
+MAX_RECIPE_BYTES = 1 << 20
+#: values a recipe may hold once YAML aliases are expanded (a few hundred bytes of nested
+#: aliases can otherwise stand for hundreds of millions of values)
+MAX_RECIPE_VALUES = 100_000
+
+
+def _read_recipe_text(path: Path) -> str:
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a directory; give a YAML file (recipes live in "
+                          "recipes/)")  # fmt: skip
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found: check the path (recipes live in recipes/)")
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {size} bytes is not a recipe (a recipe is a YAML text "
+                              f"file of at most {MAX_RECIPE_BYTES} bytes); check the path")  # fmt: skip
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"recipe {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not a text file (byte {exc.start} is not UTF-8); a "
+                          "recipe is a YAML text file") from None
+
+
+def _check_expansion(node, path: Path) -> None:
+    """Refuse a document whose aliases expand to more than :data:`MAX_RECIPE_VALUES` values
+    (checked on the composed node graph, where aliases are shared, before anything walks the
+    expanded tree)."""
+    budget, stack = MAX_RECIPE_VALUES, [node] if node is not None else []
+    while stack:
+        n = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise RecipeError(
+                f"{path}: the recipe expands to more than {MAX_RECIPE_VALUES} values through "
+                "YAML aliases (*name): nested aliases multiply; write the values out instead"
+            )
+        if isinstance(n, yaml.MappingNode):
+            for key, value in n.value:
+                stack += (key, value)
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+
+
 def _line_map(node, prefix: tuple = ()) -> dict[tuple, int]:
     lines: dict[tuple, int] = {}
     if isinstance(node, yaml.MappingNode):
@@ -387,17 +457,18 @@ def load_recipe(
         data = yaml.safe_load(yaml.safe_dump(source))  # deep copy, YAML types only
     else:
         path = Path(source)
-        if not path.is_file():
-            raise RecipeError(f"recipe {path} not found: check the path (recipes live in recipes/)")
-        text = path.read_text(encoding="utf-8")
+        text = _read_recipe_text(path)
         try:
-            data = yaml.safe_load(text)
             node = yaml.compose(text)
+            _check_expansion(node, path)
+            data = yaml.safe_load(text)
+            lines = _line_map(node) if node is not None else {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f"{path}:{mark.line + 1}" if mark is not None else str(path)
             raise RecipeError(f"{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-        lines = _line_map(node) if node is not None else {}
+        except RecursionError:
+            raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

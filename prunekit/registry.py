@@ -7,26 +7,78 @@ an error that names both plugins (no silent renaming).
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prunekit.components import KINDS
+from prunekit.components import (
+    KINDS,
+    Allocator,
+    CalibrationStatistic,
+    Compensator,
+    ImportanceMetric,
+)
 from prunekit.errors import PluginError, RecipeError, did_you_mean
 
-#: component kind -> the registration hook that fills it
+#: engine component kind -> its dedicated registration hook
 HOOKS: dict[str, str] = {
     "adapter": "prunekit_register_adapters",
     "statistic": "prunekit_register_statistics",
-    "probe": "prunekit_register_probes",
-    "fusion": "prunekit_register_fusions",
-    "history": "prunekit_register_histories",
     "metric": "prunekit_register_metrics",
     "allocator": "prunekit_register_allocators",
     "compensator": "prunekit_register_compensators",
     "method": "prunekit_register_methods",
 }
 assert set(HOOKS) == set(KINDS)
+#: fixed keys of a recipe's ``method`` section, which no declared kind may take
+RESERVED_METHOD_KEYS = frozenset({"name", "ratio", "skip_layers", "round_to", "state"})
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A component kind: the engine's, or one a plugin declared (``prunekit_register_kinds``)."""
+
+    name: str
+    #: what every component of the kind must be an instance of (checked when built)
+    protocol: type | None = None
+    description: str = ""
+    #: the component a method slot of this kind uses when the method leaves it None
+    default: str | None = None
+    #: a method slot (recipe key ``method.<kind>``); adapters and methods are not
+    slot: bool = True
+    #: the plugin that declared it (None: the engine)
+    plugin: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"kind": self.name, "plugin": self.plugin, "slot": self.slot,
+                "default": self.default, "description": self.description,
+                "protocol": None if self.protocol is None else
+                f"{self.protocol.__module__}.{self.protocol.__qualname__}"}  # fmt: skip
+
+
+def engine_kinds() -> dict[str, Kind]:
+    return {
+        "adapter": Kind("adapter", None, "model adapters (one per architecture family)",
+                        slot=False),  # fmt: skip
+        "statistic": Kind("statistic", CalibrationStatistic, "calibration statistics"),
+        "metric": Kind("metric", ImportanceMetric, "importance metrics"),
+        "allocator": Kind("allocator", Allocator, "allocators (scores -> kept sets)"),
+        "compensator": Kind("compensator", Compensator, "compensators (output bias)"),
+        "method": Kind("method", None, "pruning methods", slot=False),
+    }
+
+
+def protocol_members(protocol: type) -> list[str]:
+    """The attributes a :func:`typing.runtime_checkable` Protocol requires (public names)."""
+    attrs = getattr(protocol, "__protocol_attrs__", None)  # Python >= 3.12
+    if attrs is None:
+        attrs = set()
+        for base in protocol.__mro__:
+            if base is object or base.__name__ in ("Protocol", "Generic"):
+                continue
+            attrs |= set(getattr(base, "__annotations__", {})) | set(vars(base))
+    return sorted(a for a in attrs if not a.startswith("_"))
 
 
 @dataclass(frozen=True)
@@ -98,12 +150,37 @@ class Registry:
 
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], Entry] = {}
+        self.kinds: dict[str, Kind] = engine_kinds()
+
+    def add_kind(self, kind: Kind) -> None:
+        if not isinstance(kind.name, str) or not kind.name.isidentifier():
+            raise PluginError(f"plugin {kind.plugin!r} declared a kind named {kind.name!r}; a "
+                              "kind name is an identifier (it becomes the recipe key "
+                              "method.<kind>)")  # fmt: skip
+        if kind.name in RESERVED_METHOD_KEYS:
+            raise PluginError(f"plugin {kind.plugin!r} declared a kind named {kind.name!r}, "
+                              f"which is a fixed recipe key (method.{kind.name}); rename it")
+        first = self.kinds.get(kind.name)
+        if first is not None:
+            by = f"plugin {first.plugin!r}" if first.plugin else "prunekit itself"
+            raise PluginError(f"kind {kind.name!r} is declared twice: by {by} and by plugin "
+                              f"{kind.plugin!r}. Rename one of them, or disable a plugin with "
+                              f"PRUNEKIT_DISABLE_PLUGINS={kind.plugin}.")  # fmt: skip
+        if kind.protocol is not None and not isinstance(kind.protocol, type):
+            raise PluginError(f"plugin {kind.plugin!r} declared kind {kind.name!r} with protocol "
+                              f"{kind.protocol!r}, which is not a class")  # fmt: skip
+        self.kinds[kind.name] = kind
+
+    def slot_kinds(self) -> list[str]:
+        """The kinds a method can expose as slots: the engine's, then declared ones."""
+        return [k.name for k in self.kinds.values() if k.slot]
 
     def add(self, entry: Entry) -> None:
-        if entry.kind not in KINDS:
+        if entry.kind not in self.kinds:
             raise PluginError(
-                f"plugin {entry.plugin!r} registered a component of unknown kind {entry.kind!r}; "
-                f"kinds are: {', '.join(KINDS)}"
+                f"plugin {entry.plugin!r} registered a component of unknown kind {entry.kind!r}"
+                f"{did_you_mean(entry.kind, self.kinds)}; kinds are: {', '.join(self.kinds)} "
+                "(a kind a plugin declares exists only while that plugin is installed)"
             )
         if not isinstance(entry.name, str) or not entry.name:
             raise PluginError(f"plugin {entry.plugin!r} registered a {entry.kind} without a name")
@@ -121,7 +198,8 @@ class Registry:
         return key in self._entries
 
     def __iter__(self) -> Iterator[Entry]:
-        return iter(sorted(self._entries.values(), key=lambda e: (KINDS.index(e.kind), e.name)))
+        order = list(self.kinds)
+        return iter(sorted(self._entries.values(), key=lambda e: (order.index(e.kind), e.name)))
 
     def entries(self, kind: str) -> list[Entry]:
         """The entries of ``kind`` in registration order."""
@@ -161,38 +239,89 @@ class Registry:
         options = dict(options or {})
         self.check_options(kind, name, options, where)
         entry = self.get(kind, name, where)
+        at = f"{where}: " if where else ""
         try:
-            return entry.factory(**options)
+            component = entry.factory(**options)
         except (ValueError, TypeError) as exc:
-            at = f"{where}: " if where else ""
             raise RecipeError(f"{at}{kind} {name!r} rejected its options: {exc}") from exc
+        protocol = self.kinds[kind].protocol
+        if protocol is not None and not isinstance(component, protocol):
+            missing = [a for a in protocol_members(protocol) if not hasattr(component, a)]
+            raise PluginError(
+                f"{at}{kind} {name!r} of plugin {entry.plugin!r} is not a {protocol.__name__}"
+                + (f" (it lacks {', '.join(missing)})" if missing else "")
+                + f"; a {kind} must implement {protocol.__module__}.{protocol.__qualname__}"
+            )
+        return component
+
+
+def _call_hook(impl, hook_name: str, register: Callable[..., None]) -> None:
+    try:
+        impl.function(**{a: register for a in impl.argnames if a == "register"})
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc}") from exc
 
 
 def build_registry(pm) -> Registry:
-    """Call every registration hook once and collect the components, with their plugins."""
+    """Call every registration hook once and collect the kinds and components, with their
+    plugins: declared kinds first, then each engine kind's hook, then
+    ``prunekit_register_components``; each hook's implementations in registration order."""
     registry = Registry()
     infos = getattr(pm, "infos", {})
+
+    def is_builtin(plugin_name: str) -> bool:
+        info = infos.get(plugin_name)
+        return bool(info is not None and info.builtin)
+
+    for impl in pm.hook.prunekit_register_kinds.get_hookimpls():
+
+        def declare(kind, protocol=None, description=None, default=None, _by=impl.plugin_name):
+            doc = description or (_doc(protocol) if protocol is not None else "")
+            registry.add_kind(Kind(kind, protocol, doc, default, True, _by))
+
+        _call_hook(impl, "prunekit_register_kinds", declare)
+
     for kind, hook_name in HOOKS.items():
         hook = getattr(pm.hook, hook_name)
         for impl in hook.get_hookimpls():  # registration order (pluggy calls them LIFO)
-            info = infos.get(impl.plugin_name)
-            builtin = bool(info is not None and info.builtin)
 
-            def register(name, factory, description=None, _kind=kind, _by=impl.plugin_name,
-                         _builtin=builtin):  # fmt: skip
+            def register(name, factory, description=None, _kind=kind, _by=impl.plugin_name):
                 registry.add(Entry(_kind, name, factory, _by, description or _doc(factory),
-                                   _builtin))  # fmt: skip
+                                   is_builtin(_by)))  # fmt: skip
 
-            kwargs = {"register": register}
-            try:
-                impl.function(**{a: kwargs[a] for a in impl.argnames if a in kwargs})
-            except PluginError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc}"
-                ) from exc
+            _call_hook(impl, hook_name, register)
+
+    for impl in pm.hook.prunekit_register_components.get_hookimpls():
+
+        def register_any(kind, name, factory, description=None, _by=impl.plugin_name):
+            registry.add(Entry(kind, name, factory, _by, description or _doc(factory),
+                               is_builtin(_by)))  # fmt: skip
+
+        _call_hook(impl, "prunekit_register_components", register_any)
+
+    _warn_unknown_hooks(pm)
     return registry
+
+
+def _warn_unknown_hooks(pm) -> None:
+    """A ``prunekit_*`` implementation whose hook prunekit does not define is never called:
+    say so (strict mode makes it an error at load time)."""
+    for name, caller in vars(pm.hook).items():
+        if not name.startswith("prunekit_") or getattr(caller, "spec", True) is not None:
+            continue
+        plugins = sorted({impl.plugin_name for impl in caller.get_hookimpls()})
+        if not plugins:
+            continue
+        hint = ""
+        if name.startswith("prunekit_register_"):
+            hint = (" Components of a kind that a plugin declares (such as the pp plugin's "
+                    "probe, fusion and history) are registered with "
+                    "prunekit_register_components(register): register(kind, name, factory).")
+        warnings.warn(f"plugin(s) {', '.join(map(repr, plugins))} implement {name}, which is "
+                      f"not a prunekit hook, so it is never called.{hint}", RuntimeWarning,
+                      stacklevel=3)  # fmt: skip
 
 
 def _doc(obj: Any) -> str:

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from prunekit.components import (
-    SLOTS,
     Allocation,
     Method,
     MethodSettings,
@@ -34,18 +33,20 @@ from prunekit.components import (
 from prunekit.errors import (
     DataError,
     ModelError,
+    PluginError,
     PrunekitError,
     RecipeError,
     StateError,
     did_you_mean,
 )
+from prunekit.plugins import plugin_faults
 from prunekit.progress import info
 from prunekit.ratios import per_layer_ratio
 from prunekit.recipe import LoadedRecipe, Recipe, dump_recipe, load_recipe
 from prunekit.registry import resolve_adapter
 
 SCHEMA_VERSION = 1
-FIXED_METHOD_KEYS = ("name", "ratio", "skip_layers", "round_to", "state", *SLOTS)
+FIXED_METHOD_KEYS = ("name", "ratio", "skip_layers", "round_to", "state")
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,6 +76,55 @@ class Plan:
         return self.loaded.recipe
 
 
+def _requirement(req: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (req,) if isinstance(req, str) else tuple(req)
+
+
+def unmet_needs(method_cls: type[Method], method_entry, components: dict[str, Any],
+                info: dict[str, dict], registry) -> str | None:  # fmt: skip
+    """The first requirement (``needs``) of the method or a slot component that nothing in
+    the run provides (``provides`` of the method and its statistic), as ``"key.path:
+    message"``; None when all are met or a provider declares nothing (then nothing is
+    known)."""
+    statistic = components.get("statistic")
+    provided = set(method_cls.provides)
+    if statistic is not None:
+        stat_provides = getattr(statistic, "provides", None)
+        if stat_provides is None:
+            return None
+        provided |= set(stat_provides)
+    stat_desc = (f"method.statistic {info['statistic']['name']!r} (plugin "
+                 f"{info['statistic']['plugin']!r}) provides "
+                 f"{', '.join(getattr(statistic, 'provides', ())) or 'nothing'}; "
+                 if statistic is not None else "the method has no statistic slot; ")  # fmt: skip
+    method_desc = (f"method {method_cls.name!r} (plugin {method_entry.plugin!r}) provides "
+                   f"{', '.join(method_cls.provides) or 'nothing'}")  # fmt: skip
+    method_key = "method.statistic" if "statistic" in method_cls.slots else "method.name"
+    needers = [(method_key, f"method {method_cls.name!r} (plugin {method_entry.plugin!r})",
+                method_cls.needs)]  # fmt: skip
+    for slot, component in components.items():
+        needs = getattr(component, "needs", ())
+        if needs:
+            needers.append((f"method.{slot}", f"{slot} {info[slot]['name']!r} (plugin "
+                            f"{info[slot]['plugin']!r})", needs))  # fmt: skip
+    for key, who, needs in needers:
+        for req in needs:
+            alternatives = _requirement(req)
+            if provided.intersection(alternatives):
+                continue
+            wanted = " or ".join(repr(a) for a in alternatives)
+            candidates = sorted(
+                e.name for e in registry.entries("statistic")
+                if set(getattr(e.factory, "provides", ()) or ()).intersection(alternatives)
+            )
+            fix = (f"choose a statistic that provides it ({', '.join(candidates)})"
+                   if candidates and "statistic" in method_cls.slots else
+                   "choose another component for this slot, or a method that provides it")
+            return (f"{key}: {who} needs {wanted}, which this run does not provide: "
+                    f"{stat_desc}{method_desc}. {fix[0].upper()}{fix[1:]}.")
+    return None
+
+
 def _model_adapter(loaded: LoadedRecipe, registry, model=None) -> tuple[type | None, int | None]:
     """(adapter class, decoder layer count) of the recipe's model, without loading weights;
     ``(None, None)`` for a hub model whose config is not cached (not checked offline)."""
@@ -99,11 +149,14 @@ def _model_adapter(loaded: LoadedRecipe, registry, model=None) -> tuple[type | N
 
 
 def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), registry=None,
-             check_files: bool = True, model=None) -> Plan:  # fmt: skip
-    """Check a recipe against the registry, the method, the model and the data files.
+             check_files: bool = True, model=None, check_output: bool = True) -> Plan:  # fmt: skip
+    """Check a recipe against the registry, the method, the model, the data files and the
+    output location.
 
     :param model: an already loaded model (``prunekit.prune``): its depth is used and
         ``model.id`` is not looked up.
+    :param check_output: check that ``output.dir`` can be written (off for ``prunekit.prune``,
+        which writes nothing).
     """
     from prunekit.data import locate_calibration_corpus, locate_corpus
     from prunekit.registry import get_registry
@@ -116,37 +169,59 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
     entry = registry.get("method", m.name, where=loaded.where(("method", "name")))
     method_cls: type[Method] = entry.factory
 
-    # method-specific options and slots
+    # method-specific options and slots (the engine's kinds and those plugins declare)
+    slot_kinds = registry.slot_kinds()
     allowed_options = dict(method_cls.option_defaults)
-    for key in m.options:
+    options = {k: v for k, v in m.options.items() if k not in slot_kinds}
+    for key in options:
         if key not in allowed_options:
-            candidates = [*FIXED_METHOD_KEYS, *allowed_options]
+            candidates = [*FIXED_METHOD_KEYS, *method_cls.slots, *allowed_options]
             raise loaded.error(("method", key),
                                f"unknown key {key!r} for method {m.name!r}{did_you_mean(key, candidates)};"
                                f" allowed keys: {', '.join(candidates)}")  # fmt: skip
+    for slot in method_cls.slots:
+        if slot not in slot_kinds:
+            raise loaded.error(("method", "name"),
+                               f"method {m.name!r} (plugin {entry.plugin!r}) has a slot {slot!r}, "
+                               f"but no installed plugin declares that component kind; kinds: "
+                               f"{', '.join(slot_kinds)}")  # fmt: skip
     components: dict[str, Any] = {}
     component_info: dict[str, dict] = {}
-    for slot in SLOTS:
-        cfg = m.slot(slot)
+    for slot in slot_kinds:
+        try:
+            cfg = m.slot(slot)
+        except ValueError as exc:
+            raise loaded.error(("method", slot), str(exc)) from None
         if cfg is not None and slot not in method_cls.slots:
             raise loaded.error(("method", slot),
                                f"method {m.name!r} has no slot {slot!r}; its slots: "
                                f"{', '.join(method_cls.slots) or '(none)'}")  # fmt: skip
         if slot not in method_cls.slots:
             continue
-        name = cfg.name if cfg is not None and cfg.name else method_cls.slots[slot]
+        name = cfg.name if cfg is not None and cfg.name else (
+            method_cls.slots[slot] or registry.kinds[slot].default)  # fmt: skip
+        if name is None:
+            raise loaded.error(("method", slot),
+                               f"method {m.name!r} leaves slot {slot!r} to the kind's default, "
+                               f"and kind {slot!r} declares none; name one with "
+                               f"method.{slot}.name (registered: "
+                               f"{', '.join(registry.names(slot)) or '(none)'})")  # fmt: skip
         options = cfg.options if cfg is not None else {}
         where = loaded.where(("method", slot) if cfg is not None else ("method", "name"))
         components[slot] = registry.create(slot, name, options, where=where)
         comp_entry = registry.get(slot, name)
         component_info[slot] = {"name": name, "plugin": comp_entry.plugin, "options": options}
+    problem = unmet_needs(method_cls, entry, components, component_info, registry)
+    if problem:
+        key, _, message = problem.partition(": ")
+        raise loaded.error(key, message)
 
     settings = MethodSettings(
         name=m.name,
         ratio=m.ratio,
         skip_layers=list(m.skip_layers),
         round_to=m.round_to,
-        options={**allowed_options, **m.options},
+        options={**allowed_options, **options},
     )
 
     # the model (its adapter, from its config), and what depends on its depth
@@ -215,7 +290,30 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
                 method_cls.check_state(m.state.load, recipe)
             except StateError as exc:
                 raise loaded.error(("method", "state", "load"), str(exc)) from None
+    if check_output:
+        problem = output_problem(recipe.output_dir())
+        if problem:
+            raise loaded.error(("output", "dir"), problem)
     return plan
+
+
+def output_problem(out: Path) -> str | None:
+    """Why a run could not write its outputs into ``out`` (None when it can): checked before
+    any weight loads, so that a bad location fails in a second, not after the run."""
+    if out.exists() and not out.is_dir():
+        return (f"{str(out)!r} is an existing file, not a directory; give a directory "
+                "(created if missing; a finished run's outputs in it are replaced)")
+    parent = out
+    while not parent.exists():  # the nearest existing ancestor is where mkdir starts
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        return (f"{str(out)!r} cannot be created: {str(parent)!r} is a file; choose another "
+                "directory")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        return f"{str(out)!r} cannot be written: {str(parent)!r} is not writable"
+    return None
 
 
 #: ``metrics`` key of the average over the evaluated tasks (reserved: no task may use it).
@@ -528,10 +626,11 @@ def prepare(recipe: str | os.PathLike | dict | Recipe | LoadedRecipe | Plan,
                               "pass the recipe (path, dict or Recipe) with the overrides")  # fmt: skip
         plan = recipe
     else:
-        plan = validate(_as_loaded(recipe, overrides))
+        plan = validate(_as_loaded(recipe, overrides), check_output=False)  # writes nothing
     seed_everything(plan.recipe.seed)
-    loaded = load(plan)
-    ctx, outcome = prune_loaded(plan, loaded)
+    with plugin_faults(stage="loading and pruning"):
+        loaded = load(plan)
+        ctx, outcome = prune_loaded(plan, loaded)
     return Prepared(plan, loaded, ctx, outcome)
 
 
@@ -614,9 +713,13 @@ def _runtime(plan: Plan, outcome: PruneOutcome, batches, dense_times, dense_memo
                         overhead, rt_cfg.repeats)  # fmt: skip
     runtime["memory"] = {"dense": dense_memory or pruned_memory, "pruned": pruned_memory}
     runtime["device"] = str(device)
-    fraction = getattr(getattr(outcome.model, "controller", None), "probe_flops_fraction", None)
-    if fraction is not None:
-        runtime["probe_flops_fraction"] = fraction(*batches[0].shape)
+    if outcome.figures is not None:  # the method's own figures (e.g. PP's probe FLOPs)
+        figures = outcome.figures(*batches[0].shape)
+        clash = sorted(set(figures) & set(runtime))
+        if clash:
+            raise PluginError(f"method {plan.settings.name!r} reports runtime figures {clash}, "
+                              "which the runner already writes; rename them in the method")
+        runtime.update(figures)
     return runtime
 
 
@@ -624,7 +727,7 @@ def _time_dense(plan: Plan, loaded: Loaded, batches) -> tuple[list | None, dict 
     """Dense seconds per batch and memory, before pruning changes the model."""
     from prunekit.evaluation.runtime import memory_info, time_batches
 
-    if not batches or plan.settings.name == "dense":
+    if not batches or plan.method_cls.baseline:
         return None, None
     info("timing the dense model")
     rt = plan.recipe.runtime
@@ -708,22 +811,28 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True) -> di
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         t0 = time.perf_counter()
-        loaded = load(plan)
-        timing_batches = _timing_batches(plan, loaded)
-        dense_times, dense_memory = _time_dense(plan, loaded, timing_batches)
-        ctx, outcome = prune_loaded(plan, loaded)
+        with plugin_faults(pm, "loading the model"):
+            loaded = load(plan)
+            timing_batches = _timing_batches(plan, loaded)
+            dense_times, dense_memory = _time_dense(plan, loaded, timing_batches)
+        with plugin_faults(pm, "calibration and pruning"):
+            ctx, outcome = prune_loaded(plan, loaded)
         t2 = time.perf_counter()
-        metrics, data_hashes = (
-            evaluate_model(plan, outcome.model, loaded.tokenizer, staging, loaded.adapter)
-            if evaluate else ({}, {})
-        )
+        with plugin_faults(pm, "evaluation"):
+            metrics, data_hashes = (
+                evaluate_model(plan, outcome.model, loaded.tokenizer, staging, loaded.adapter)
+                if evaluate else ({}, {})
+            )
         loaded.timings["evaluation_s"] = time.perf_counter() - t2
         loaded.timings["total_s"] = time.perf_counter() - t0
-        runtime = _runtime(plan, outcome, timing_batches, dense_times, dense_memory, ctx.device)
+        with plugin_faults(pm, "timing"):
+            runtime = _runtime(plan, outcome, timing_batches, dense_times, dense_memory,
+                               ctx.device)  # fmt: skip
         result = _result(plan, loaded, ctx, outcome, metrics, runtime, output_dir)
         provenance = _provenance(plan, loaded, ctx, data_hashes)
         if recipe.output.save_model and outcome.save is not None:
-            outcome.save(str(staging / "model"))
+            with plugin_faults(pm, "saving"):
+                outcome.save(str(staging / "model"))
             result["saved_model"] = str(output_dir / "model")
         _write_json(staging / "results.json", result)
         _write_json(staging / "provenance.json", provenance)
@@ -784,7 +893,8 @@ def prune(model, tokenizer=None, method: str = "dense", ratio: float = 0.0,
     if isinstance(calibration, dict):
         data["calibration"] = calibration
     loaded = load_recipe(data)
-    plan = validate(loaded, check_files=not isinstance(calibration, torch.Tensor), model=model)
+    plan = validate(loaded, check_files=not isinstance(calibration, torch.Tensor), model=model,
+                    check_output=False)  # fmt: skip
     if isinstance(calibration, torch.Tensor):
         plan.calibration_source = None
     seed_everything(seed)
@@ -800,7 +910,8 @@ def prune(model, tokenizer=None, method: str = "dense", ratio: float = 0.0,
                        if isinstance(calibration, torch.Tensor) else None)  # fmt: skip
     if tokenizer is None and method_needs_tokenizer(plan, calibration):
         raise RecipeError("prune(): give a tokenizer, or calibration windows as a tensor")
-    return plan.method_cls(plan.settings, plan.components).prune(ctx)
+    with plugin_faults(stage="pruning"):
+        return plan.method_cls(plan.settings, plan.components).prune(ctx)
 
 
 def method_needs_tokenizer(plan: Plan, calibration) -> bool:

@@ -156,5 +156,5 @@ def test_bad_component_options_are_recipe_errors():
 
 
 def test_fullbatch_rejects_a_fusion_that_needs_history():
-    with pytest.raises(RecipeError, match="keeps no history"):
+    with pytest.raises(RecipeError, match="needs .history., which this run does not provide"):
         _prune(tiny_llama(), "pp-fullbatch", fusion={"name": "history_only"})

@@ -11,6 +11,7 @@ class Dense(Method):
 
     name = "dense"
     dynamic = False
+    baseline = True
     slots: dict[str, str] = {}
     uses_calibration = False
 

@@ -34,6 +34,7 @@ class Fluctuation:
     """
 
     name = "fluctuation"
+    provides = ("fluctuation", "mean")
 
     def options(self) -> dict[str, Any]:
         return {}
@@ -83,6 +84,8 @@ class Fluctuation:
 
 class FlapScore:
     """``fluctuation_j · Σ_i W_ij²`` per input channel (attention: one score per channel)."""
+
+    needs = ("fluctuation",)
 
     def prepare(self, layer, group: str):
         factor = layer.output_projection(group).weight.detach().float().square().sum(0)
@@ -175,6 +178,8 @@ class FlapGlobal:
 class BiasMean:
     """FLAP's bias compensation: ``b = W[:, removed] · mean[removed]`` (the position-averaged
     calibration mean of the removed input channels), added to the output projection."""
+
+    needs = ("mean",)
 
     def __call__(self, layer, group, kept, stats):
         mean = stats.get("mean")

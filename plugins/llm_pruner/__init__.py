@@ -52,6 +52,9 @@ def unit_taylor(layer, group: str) -> torch.Tensor:
 class GroupTaylor:
     """Σ |w · grad| over the coupled group of each unit (needs gradients on the weights)."""
 
+    #: the weights' ``.grad``, which only a method that runs backward passes provides
+    needs = ("gradients",)
+
     def prepare(self, layer, group: str):
         imp = unit_taylor(layer, group)
 
@@ -66,6 +69,7 @@ class LlmPruner(StaticMethod):
 
     name = "llm-pruner"
     slots = {"metric": "taylor", "allocator": "uniform", "compensator": "none"}
+    provides = ("gradients",)
     option_defaults = {"grad_samples": 10, "grad_seq_len": 128, "block_range": None}
 
     @classmethod

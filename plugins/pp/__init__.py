@@ -1,6 +1,7 @@
 """Probe Pruning (PP, ICLR 2025) as a prunekit plugin: its components and methods.
 
-Registered: probes ``residual_rank``, ``random``, ``full_batch``; fusions
+Declares the component kinds ``probe``, ``fusion`` and ``history`` (protocols in
+:mod:`.protocols`). Registered: probes ``residual_rank``, ``random``, ``full_batch``; fusions
 ``importance_scaled``, ``fixed_ratio``, ``probe_only``, ``history_only``; histories ``ema``,
 ``running_mean``, ``frozen``; metric ``pp_score``; methods ``pp``, ``pp-fullbatch``,
 ``pp-history``, ``pp-calib`` (static). Uses only prunekit's public API, like any third-party plugin.
@@ -16,28 +17,31 @@ from .method import CalibrationOnly, FullBatchProbing, ProbePruning
 from .method import HistoryOnly as HistoryOnlyMethod
 from .metric import PPScore
 from .probes import FullBatch, RandomProbe, ResidualRank
+from .protocols import FusionPolicy, HistoryPolicy, ProbeSelector
 
 
 @hookimpl
-def prunekit_register_probes(register):
-    register("residual_rank", ResidualRank)
-    register("random", RandomProbe)
-    register("full_batch", FullBatch)
+def prunekit_register_kinds(register):
+    register("probe", ProbeSelector, "probe selectors: which rows and positions of a batch "
+             "form the probe (dynamic methods)", default="residual_rank")  # fmt: skip
+    register("fusion", FusionPolicy, "fusion policies: how probe statistics combine with the "
+             "history", default="importance_scaled")  # fmt: skip
+    register("history", HistoryPolicy, "history policies: how the history evolves after each "
+             "batch", default="ema")  # fmt: skip
 
 
 @hookimpl
-def prunekit_register_fusions(register):
-    register("importance_scaled", ImportanceScaled)
-    register("fixed_ratio", FixedRatio)
-    register("probe_only", ProbeOnly)
-    register("history_only", HistoryOnly)
-
-
-@hookimpl
-def prunekit_register_histories(register):
-    register("ema", Ema)
-    register("running_mean", RunningMean)
-    register("frozen", Frozen)
+def prunekit_register_components(register):
+    register("probe", "residual_rank", ResidualRank)
+    register("probe", "random", RandomProbe)
+    register("probe", "full_batch", FullBatch)
+    register("fusion", "importance_scaled", ImportanceScaled)
+    register("fusion", "fixed_ratio", FixedRatio)
+    register("fusion", "probe_only", ProbeOnly)
+    register("fusion", "history_only", HistoryOnly)
+    register("history", "ema", Ema)
+    register("history", "running_mean", RunningMean)
+    register("history", "frozen", Frozen)
 
 
 @hookimpl

@@ -42,7 +42,7 @@ class FixedRatio:
     MLP side).
     """
 
-    needs_history = True
+    needs = ("history",)
 
     def __init__(self, probe_weight: float = 0.5) -> None:
         if not 0 <= probe_weight <= 1:
@@ -64,7 +64,7 @@ class ProbeOnly:
 class HistoryOnly:
     """Ignore the probe's values: ``S = Σ_t G`` over the probe's positions."""
 
-    needs_history = True
+    needs = ("history",)
 
     def __call__(self, probe: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
         return _need_history("history_only", history).sum(0)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from prunekit.components import ATTN, MLP, Method, PruneOutcome
+from prunekit.components import ATTN, MLP, DynamicProtocol, Method, PruneOutcome
 from prunekit.errors import RecipeError, StateError
 from prunekit.pruning.allocation import top_units
 from prunekit.pruning.dynamic import DynamicModel, Timers
@@ -144,6 +144,10 @@ class PPController:
                                        batch.position_ids)  # fmt: skip
 
     # -- reporting ---------------------------------------------------------------------------
+    def figures(self, batch_size: int, seq_len: int) -> dict[str, float]:
+        """PP's own figures for a timed batch (``runtime`` section of results.json)."""
+        return {"probe_flops_fraction": self.probe_flops_fraction(batch_size, seq_len)}
+
     def probe_flops_fraction(self, batch_size: int, seq_len: int) -> float:
         """Probe MACs / dense decoder-layer MACs for the last batch (pp-spec section 8).
 
@@ -186,6 +190,14 @@ class ProbePruning(Method):
         "allocator": "uniform",
     }
     option_defaults = {"mode": "sync"}
+    #: the metric reads the fused importance S; a fusion may read the history
+    provides = ("S", "history")
+    #: the history starts from the calibration mean of squares
+    needs = ("sq_mean",)
+    #: the reference's protocol: each evaluation from the post-calibration history, after one
+    #: unscored warm-up batch; the EMA history carries over from batch to batch
+    protocol = DynamicProtocol(decides="batch", observes=("activations",), reset=True,
+                               warmup_batches=1, stateful=True)  # fmt: skip
 
     @property
     def uses_history(self) -> bool:
@@ -222,14 +234,6 @@ class ProbePruning(Method):
                     f"evaluation.perplexity.{i}.seq_len is {p.seq_len}; recalibrate with "
                     f"calibration.seq_len >= {p.seq_len} (remove method.state.load)"
                 )
-
-    @classmethod
-    def check_components(cls, components) -> list[str]:
-        fusion = components.get("fusion")
-        if "history" not in cls.slots and getattr(fusion, "needs_history", False):
-            return [f"method.fusion: {cls.name} keeps no history, so a fusion that reads the "
-                    "history cannot work; use 'probe_only'"]  # fmt: skip
-        return []
 
     def statistics(self):
         return [self.components["statistic"]] if self.uses_history else []
@@ -273,7 +277,7 @@ class ProbePruning(Method):
         controller = PPController(adapter, settings, self.components, history,
                                   mode=settings.options.get("mode", "sync"),
                                   calibration_samples=ctx.recipe.calibration.samples)  # fmt: skip
-        model = DynamicModel(ctx.model, adapter, controller)
+        model = DynamicModel(ctx.model, adapter, controller, protocol=self.protocol)
         structure = [{"layer": la.index, "heads": counts[(la.index, ATTN)],
                       "channels": counts[(la.index, MLP)]} for la in adapter.layers()]  # fmt: skip
 
@@ -282,7 +286,7 @@ class ProbePruning(Method):
 
         return PruneOutcome(model=model, dynamic=True, structure=structure,
                             params_kept=kept_parameters(adapter, counts, ctx.model),
-                            save=save)  # fmt: skip
+                            save=save, figures=controller.figures)  # fmt: skip
 
 
 class FullBatchProbing(ProbePruning):
@@ -295,6 +299,9 @@ class FullBatchProbing(ProbePruning):
     slots = {"probe": "full_batch", "fusion": "probe_only", "metric": "pp_score",
              "allocator": "uniform"}  # fmt: skip
     uses_calibration = False
+    provides = ("S",)
+    needs = ()
+    protocol = DynamicProtocol(decides="batch", observes=(), reset=True, warmup_batches=1)
 
 
 class HistoryOnly(ProbePruning):
@@ -305,6 +312,7 @@ class HistoryOnly(ProbePruning):
     slots = {"statistic": "sq_mean", "history": "ema", "metric": "pp_score",
              "allocator": "uniform"}  # fmt: skip
     option_defaults = {}
+    provides = ("S",)
 
 
 class CalibrationOnly(StaticMethod):

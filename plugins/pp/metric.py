@@ -19,6 +19,9 @@ from prunekit.components import ATTN
 class PPScore:
     """PP score: ``‖S_j · W[:, j]²‖₂`` per channel, L2 over the head's channels for heads."""
 
+    #: the fused probe importance (dynamic PP), or the calibration mean of squares
+    needs = (("S", "sq_mean"),)
+
     def prepare(self, layer, group: str):
         weight = layer.output_projection(group).weight.detach().float()
         factor = weight.pow(4).sum(0).sqrt()  # [D]

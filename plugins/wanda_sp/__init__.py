@@ -18,6 +18,8 @@ from prunekit.pruning.static import StaticMethod
 class WandaSpScore:
     """``sqrt(C_j) · Σ_i |W_ij|`` per channel; heads sum their channels."""
 
+    needs = (("S", "sq_mean"),)
+
     def prepare(self, layer, group: str):
         weight = layer.output_projection(group).weight.detach().float()
         factor = weight.abs().sum(0)  # [D]

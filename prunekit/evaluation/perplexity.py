@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from prunekit.progress import track
+from prunekit.pruning.dynamic import begin_evaluation
 
 
 @torch.no_grad()
@@ -54,12 +55,7 @@ def perplexity(
     device = device or next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     batches = list(torch.split(windows, batch_size))
-    reset = getattr(model, "reset_state", None)
-    if reset is not None:  # every evaluation starts from the post-calibration state
-        reset()
-    warmup = getattr(model, "warmup", None)
-    if warmup is not None:  # the reference's unscored warm-up batch (dynamic methods)
-        warmup(batches[0].to(device))
+    begin_evaluation(model, batches[0].to(device))  # a dynamic method's protocol
     for batch in track(batches, description, total=len(batches)):
         nll, tokens = batch_nll(model, batch.to(device))
         total_nll += nll

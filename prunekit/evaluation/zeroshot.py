@@ -30,6 +30,7 @@ import torch
 
 from prunekit.data.tasks import Question
 from prunekit.progress import track
+from prunekit.pruning.dynamic import begin_evaluation
 
 __all__ = ["ChoiceScore", "accuracy", "encode_pair", "evaluate_questions", "score_requests"]
 
@@ -115,14 +116,13 @@ def _make_batch(pairs, max_length: int, pad_id: int):
 
 
 def prepare_model(model, first_batch: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """The start every evaluation gets: a dynamic model's state reset and its warm-up batch."""
-    reset = getattr(model, "reset_state", None)
-    if reset is not None:
-        reset()
-    warmup = getattr(model, "warmup", None)
-    if warmup is not None and first_batch is not None:
-        device = next(model.parameters()).device
-        warmup(first_batch[0].to(device), attention_mask=first_batch[1].to(device))
+    """The start every evaluation gets: what a dynamic method's protocol asks (reset, warm-up
+    on the first batch); nothing for dense and static models."""
+    if first_batch is None:
+        begin_evaluation(model)
+        return
+    device = next(model.parameters()).device
+    begin_evaluation(model, first_batch[0].to(device), first_batch[1].to(device))
 
 
 @torch.no_grad()

@@ -13,6 +13,11 @@ Padding: the wrapper reads the batch's 2-D ``attention_mask`` (1 = real token) a
 left-padded sequences get their true positions. Controllers receive the token mask and the
 positions and must keep pad tokens out of their decisions.
 
+The method's :class:`~prunekit.components.DynamicProtocol` travels with the model
+(``DynamicModel.protocol``): what the method observes, and how an evaluation starts
+(:meth:`DynamicModel.begin_evaluation`: reset, warm-up), so that evaluation code asks the
+model instead of assuming one method's protocol.
+
 Holding: inside ``with model.hold():`` the last kept set of every block is reused without
 new decisions (e.g. decided on a prompt, held across decoding steps with a KV cache), and the
 gathered weights are cached.
@@ -31,7 +36,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from prunekit.components import ATTN, MLP, LayerAdapter, ModelAdapter
+from prunekit.components import ATTN, MLP, DynamicProtocol, LayerAdapter, ModelAdapter
 
 
 @dataclass
@@ -57,11 +62,14 @@ class Controller(Protocol):
         """
 
     def wants_activations(self, layer: LayerAdapter, group: str) -> bool:
-        """Whether :meth:`observe` needs the output projection's input for this block."""
+        """Whether :meth:`observe` needs the output projection's input for this block (asked
+        only when the method's protocol ``observes`` ``"activations"``)."""
 
     def observe(self, layer: LayerAdapter, group: str, kept: torch.Tensor | None,
                 activations: torch.Tensor, batch: BatchState) -> None:  # fmt: skip
         """See the full batch's (post-pruning) input of the output projection, [B, T, |kept|]."""
+
+    # optional: reset(), snapshot() -> state, restore(state) (a stateful method's state)
 
 
 class Timers:
@@ -94,9 +102,12 @@ class Timers:
 class Runtime:
     """Shared state of the wrapped layers: the controller, the current batch, the switches."""
 
-    def __init__(self, controller: Controller, adapter: ModelAdapter) -> None:
+    def __init__(self, controller: Controller, adapter: ModelAdapter,
+                 protocol: DynamicProtocol) -> None:  # fmt: skip
         self.controller = controller
         self.adapter = adapter
+        self.protocol = protocol
+        self.observes_activations = "activations" in protocol.observes
         self.enabled = True  # False: every layer runs its original (dense) forward
         self.batch: BatchState | None = None
         self.timers = Timers()
@@ -135,7 +146,8 @@ class DynamicDecoderLayer(nn.Module):
             if rt.holding:
                 rt.held[key] = (kept, weights)
         # held decisions (e.g. decoding steps) leave the method's state alone
-        observe = not rt.holding and rt.controller.wants_activations(la, group)
+        observe = (rt.observes_activations and not rt.holding
+                   and rt.controller.wants_activations(la, group))  # fmt: skip
         out = run(weights, observe)
         if observe:
             y, act = out
@@ -171,6 +183,14 @@ class DynamicDecoderLayer(nn.Module):
         return out
 
 
+def begin_evaluation(model, input_ids=None, attention_mask=None) -> None:
+    """Start an evaluation of any model: a dynamic model follows its method's protocol
+    (reset, warm-up on ``input_ids``); dense and static models need nothing."""
+    begin = getattr(model, "begin_evaluation", None)
+    if begin is not None:
+        begin(input_ids, attention_mask)
+
+
 def _as_keywords(forward, hidden_states, args, kwargs) -> tuple[Any, dict]:
     """``(hidden_states, kwargs)`` with positional ``args`` named after ``forward``'s signature."""
     sig = inspect.signature(forward)
@@ -200,10 +220,21 @@ class DynamicModel(nn.Module):
     the wrapped model.
     """
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, controller: Controller) -> None:
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, controller: Controller,
+                 protocol: DynamicProtocol | None = None) -> None:  # fmt: skip
         super().__init__()
         self.model = model
-        self.runtime = Runtime(controller, adapter)
+        protocol = protocol or DynamicProtocol()
+        if protocol.stateful:
+            needed = ["snapshot", "restore", *(["reset"] if protocol.reset else [])]
+            missing = [m for m in needed if not callable(getattr(controller, m, None))]
+            if missing:
+                raise TypeError(
+                    f"{type(controller).__name__}: a stateful dynamic method's controller needs "
+                    f"{', '.join(needed)} (missing {', '.join(missing)}), so that evaluations "
+                    "start from the same state and warm-up and timing leave no trace"
+                )
+        self.runtime = Runtime(controller, adapter, protocol)
         if hasattr(controller, "timers"):
             controller.timers = self.runtime.timers  # the controller times its own phases
         layers = adapter.decoder_layers
@@ -214,6 +245,11 @@ class DynamicModel(nn.Module):
     @property
     def controller(self) -> Controller:
         return self.runtime.controller
+
+    @property
+    def protocol(self) -> DynamicProtocol:
+        """The method's declared decision and evaluation protocol."""
+        return self.runtime.protocol
 
     @property
     def config(self):
@@ -272,10 +308,20 @@ class DynamicModel(nn.Module):
                 self.controller.restore(saved)
 
     @torch.no_grad()
-    def warmup(self, input_ids, attention_mask=None) -> None:
-        """The reference's warm-up: run a batch once, unscored, leaving the state unchanged."""
+    def warmup(self, input_ids, attention_mask=None, runs: int = 1) -> None:
+        """Run a batch ``runs`` times, unscored, leaving the method's state unchanged."""
         with self.preserved_state():
-            self(input_ids=input_ids, attention_mask=attention_mask)
+            for _ in range(runs):
+                self(input_ids=input_ids, attention_mask=attention_mask)
+
+    def begin_evaluation(self, input_ids=None, attention_mask=None) -> None:
+        """What the method's protocol asks before an evaluation scores its first batch: its
+        state reset to post-calibration, then its warm-up runs on that batch (every
+        evaluation path calls this; see :func:`begin_evaluation`)."""
+        if self.protocol.reset:
+            self.reset_state()
+        if self.protocol.warmup_batches and input_ids is not None:
+            self.warmup(input_ids, attention_mask, runs=self.protocol.warmup_batches)
 
     @contextlib.contextmanager
     def dense(self) -> Iterator[None]:

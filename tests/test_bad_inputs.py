@@ -1,0 +1,84 @@
+"""Wrong inputs end in one clear line and exit 2, fast, with nothing written."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from prunekit.cli import main
+
+ALIAS_BOMB = """\
+a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+def _validate(capsys, *args) -> tuple[int, str]:
+    code = main(["validate", *map(str, args)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_a_binary_recipe_file(tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"method:\n  name: pp\n\xff\xfe\x00\x01garbage")
+    code, err = _validate(capsys, path)
+    assert code == 2
+    assert f"{path}:3: not a text file (byte 19 is not UTF-8)" in err
+
+
+def test_nested_yaml_aliases_stop_within_a_second(tmp_path, capsys):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    start = time.perf_counter()
+    code, err = _validate(capsys, path)
+    assert time.perf_counter() - start < 1.0
+    assert code == 2 and "expands to more than 100000 values through YAML aliases" in err
+
+
+def test_aliases_that_stay_small_still_work(tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("defaults: &w {dataset: wikitext2, seq_len: 128, windows: 4}\n"
+                    "evaluation:\n  perplexity: [*w]\n")  # fmt: skip
+    code, err = _validate(capsys, path)
+    # the alias expanded fine; the unknown top-level key is what is reported
+    assert code == 2 and "defaults" in err and "expands" not in err
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: p.mkdir(), "is a directory; give a YAML file"),
+    (lambda p: p.write_bytes(b"#" * (1 << 20) + b"\n"), "is not a recipe (a recipe is a YAML "
+     "text file of at most 1048576 bytes)"),
+    (lambda p: p.write_text("[" * 5000 + "]" * 5000), "nested too deeply"),
+    (lambda p: p.write_text("- just\n- a list\n"), "the top level must be a mapping"),
+])  # fmt: skip
+def test_recipe_files_that_are_not_recipes(tmp_path, capsys, make, needle):
+    path = tmp_path / "recipe.yaml"
+    make(path)
+    code, err = _validate(capsys, path)
+    assert code == 2 and needle in err
+
+
+@pytest.mark.parametrize("layout, needle", [
+    ("file", "is an existing file, not a directory"),
+    ("under-a-file", "cannot be created"),
+])  # fmt: skip
+def test_an_output_dir_that_cannot_be_written_fails_at_validate(tmp_path, capsys, layout, needle):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a directory")
+    out = blocker if layout == "file" else blocker / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: {name: dense}\nevaluation: {perplexity: []}\n"
+                      f"output: {{dir: '{out}'}}\n")  # fmt: skip
+    code, err = _validate(capsys, recipe)
+    assert code == 2 and "output.dir" in err and needle in err
+    assert blocker.read_text() == "not a directory"
