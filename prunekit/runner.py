@@ -172,8 +172,8 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
     # method-specific options and slots (the engine's kinds and those plugins declare)
     slot_kinds = registry.slot_kinds()
     allowed_options = dict(method_cls.option_defaults)
-    options = {k: v for k, v in m.options.items() if k not in slot_kinds}
-    for key in options:
+    method_options = {k: v for k, v in m.options.items() if k not in slot_kinds}
+    for key in method_options:
         if key not in allowed_options:
             candidates = [*FIXED_METHOD_KEYS, *method_cls.slots, *allowed_options]
             raise loaded.error(("method", key),
@@ -221,7 +221,7 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
         ratio=m.ratio,
         skip_layers=list(m.skip_layers),
         round_to=m.round_to,
-        options={**allowed_options, **options},
+        options={**allowed_options, **method_options},
     )
 
     # the model (its adapter, from its config), and what depends on its depth

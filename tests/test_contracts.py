@@ -177,7 +177,7 @@ def test_the_pp_kinds_come_from_the_pp_plugin():
     ("wanda-sp", {"metric": "flap"}, "method.metric: metric 'flap' (plugin 'flap') needs "
      "'fluctuation', which this run does not provide: method.statistic 'sq_mean' (plugin "
      "'calibration') provides sq_mean"),
-    ("flap", {"statistic": "sq_mean"}, "choose a statistic that provides it (fluctuation)"),
+    ("flap", {"statistic": "sq_mean"}, "Choose a statistic that provides it (fluctuation)"),
     ("wanda-sp", {"compensator": "bias_mean"}, "compensator 'bias_mean' (plugin 'flap') needs "
      "'mean'"),
     ("pp-fullbatch", {"fusion": "history_only"}, "fusion 'history_only' (plugin 'pp') needs "

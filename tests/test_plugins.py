@@ -4,6 +4,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 import prunekit
 from prunekit import plugins as plugins_mod
@@ -90,6 +91,9 @@ def test_third_party_component_registers_and_records_its_plugin(prunekit_pm):
 
         def __init__(self, value: float = 1.0):
             self.value = value
+
+        def prepare(self, layer, group):
+            return lambda stats: torch.full((layer.units(group),), self.value)
 
     class ThirdParty:
         @prunekit.hookimpl
