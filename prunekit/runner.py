@@ -224,7 +224,15 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
         options={**allowed_options, **method_options},
     )
 
-    # the model (its adapter, from its config), and what depends on its depth
+    # the device (one this machine has), the model (its adapter, from its config), and what
+    # depends on its depth
+    if model is None:
+        from prunekit.models.loading import resolve_device
+
+        try:
+            resolve_device(recipe.model.device)
+        except ModelError as exc:
+            raise loaded.error(("model", "device"), str(exc)) from None
     adapter_cls, num_layers = _model_adapter(loaded, registry, model)
     if num_layers is not None:
         bad = [i for i in m.skip_layers if i >= num_layers]

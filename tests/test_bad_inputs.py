@@ -82,3 +82,21 @@ def test_an_output_dir_that_cannot_be_written_fails_at_validate(tmp_path, capsys
     code, err = _validate(capsys, recipe)
     assert code == 2 and "output.dir" in err and needle in err
     assert blocker.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7"])
+def test_a_device_this_machine_does_not_have_fails_at_validate(tmp_path, capsys, monkeypatch,
+                                                               device):
+    import torch
+
+    if device == "cuda":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{device: '{device}'}}\nmethod: {{name: dense}}\n"
+                      "evaluation: {perplexity: []}\n")  # fmt: skip
+    code, err = _validate(capsys, recipe)
+    assert code == 2 and f"{recipe}:1: model.device" in err
+    assert ("not available" in err) if device == "cuda" else ("cuda:0 to cuda:0" in err)

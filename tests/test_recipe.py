@@ -110,8 +110,14 @@ def test_skip_layers_beyond_model():
 
 
 def test_committed_recipes_validate():
+    import torch
+
     for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
-        assert main(["validate", str(recipe), "--quiet"]) == 0, recipe
+        # a GPU recipe on a machine without one fails on model.device (tested in
+        # test_bad_inputs); everything else in it must still validate
+        gpu = load_recipe(recipe).recipe.model.device.startswith("cuda")
+        extra = ["--set", "model.device=cpu"] if gpu and not torch.cuda.is_available() else []
+        assert main(["validate", str(recipe), "--quiet", *extra]) == 0, recipe
 
 
 def test_cli_validate_errors_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch):
