@@ -156,7 +156,7 @@ def bench(
     loaded.recipe.output.dir = str(out_dir)  # validated (and recorded) where bench writes
     plan = run_validate(loaded)
     result = run_plan(plan, out_dir, evaluate=False)
-    _print_summary(result, Path(out_dir))
+    _print_summary(result, out_dir)
 
 
 @app.command()

@@ -31,8 +31,9 @@ HOOKS: dict[str, str] = {
     "method": "prunekit_register_methods",
 }
 assert set(HOOKS) == set(KINDS)
-#: fixed keys of a recipe's ``method`` section, which no declared kind may take
-RESERVED_METHOD_KEYS = frozenset({"name", "ratio", "skip_layers", "round_to", "state"})
+#: fixed keys of a recipe's ``method`` section (in the order messages list them), which no
+#: declared kind may take
+RESERVED_METHOD_KEYS: tuple[str, ...] = ("name", "ratio", "skip_layers", "round_to", "state")
 
 
 @dataclass(frozen=True)

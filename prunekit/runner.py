@@ -43,10 +43,9 @@ from prunekit.plugins import plugin_faults
 from prunekit.progress import info
 from prunekit.ratios import per_layer_ratio
 from prunekit.recipe import LoadedRecipe, Recipe, dump_recipe, load_recipe
-from prunekit.registry import resolve_adapter
+from prunekit.registry import RESERVED_METHOD_KEYS, resolve_adapter
 
 SCHEMA_VERSION = 1
-FIXED_METHOD_KEYS = ("name", "ratio", "skip_layers", "round_to", "state")
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +174,7 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
     method_options = {k: v for k, v in m.options.items() if k not in slot_kinds}
     for key in method_options:
         if key not in allowed_options:
-            candidates = [*FIXED_METHOD_KEYS, *method_cls.slots, *allowed_options]
+            candidates = [*RESERVED_METHOD_KEYS, *method_cls.slots, *allowed_options]
             raise loaded.error(("method", key),
                                f"unknown key {key!r} for method {m.name!r}{did_you_mean(key, candidates)};"
                                f" allowed keys: {', '.join(candidates)}")  # fmt: skip
@@ -657,13 +656,27 @@ def sequence_bos(setting, adapter, tokenizer) -> int | None:
     return None if bos is None else int(bos)
 
 
+def perplexity_windows(plan: Plan, index: int, tokenizer,
+                       adapter) -> tuple[torch.Tensor, int | None]:  # fmt: skip
+    """The token windows of ``evaluation.perplexity[index]`` and the BOS id they start with
+    (None): what evaluation scores and, for entry 0, what the runtime times."""
+    from prunekit.data import eval_windows
+
+    cfg, source = plan.recipe.evaluation.perplexity[index], plan.perplexity_sources[index]
+    bos_id = sequence_bos(cfg.bos, adapter, tokenizer)
+    windows = eval_windows(tokenizer, source, cfg.seq_len, cfg.windows, cfg.sampling,
+                           seed=plan.recipe.seed, bos_id=bos_id,
+                           batch_size=cfg.batch_size if cfg.sampling == "random" else None)  # fmt: skip
+    return windows, bos_id
+
+
 def evaluate_model(plan: Plan, model, tokenizer, staging: Path | None = None,
                    adapter=None) -> tuple[dict, dict]:  # fmt: skip
     """Perplexity and task metrics of ``model`` (``(metrics, data sha256 per label)``).
 
     :param adapter: the model's adapter (default: the plan's), which decides ``bos: auto``.
     """
-    from prunekit.data import eval_windows, source_sha256
+    from prunekit.data import source_sha256
     from prunekit.evaluation.perplexity import perplexity
     from prunekit.models.loading import sha256_file
 
@@ -671,11 +684,9 @@ def evaluate_model(plan: Plan, model, tokenizer, staging: Path | None = None,
     metrics: dict[str, dict] = {}
     data_hashes: dict[str, str | None] = {}
     adapter = adapter if adapter is not None else plan.adapter_cls
-    for cfg, source in zip(recipe.evaluation.perplexity, plan.perplexity_sources, strict=True):
-        bos_id = sequence_bos(cfg.bos, adapter, tokenizer)
-        windows = eval_windows(tokenizer, source, cfg.seq_len, cfg.windows, cfg.sampling,
-                               seed=recipe.seed, bos_id=bos_id,
-                               batch_size=cfg.batch_size if cfg.sampling == "random" else None)  # fmt: skip
+    for i, (cfg, source) in enumerate(zip(recipe.evaluation.perplexity, plan.perplexity_sources,
+                                          strict=True)):  # fmt: skip
+        windows, bos_id = perplexity_windows(plan, i, tokenizer, adapter)
         result = perplexity(model, windows, cfg.batch_size, description=f"perplexity {cfg.label}")
         metrics[cfg.label] = {**result, "dataset": source.dataset, "split": source.split,
                               "sampling": cfg.sampling, "bos": bos_id is not None}  # fmt: skip
@@ -693,17 +704,13 @@ def evaluate_model(plan: Plan, model, tokenizer, staging: Path | None = None,
 
 def _timing_batches(plan: Plan, loaded: Loaded) -> list[torch.Tensor]:
     """The first ``runtime.batches`` batches of the first perplexity dataset."""
-    from prunekit.data import eval_windows
-
     recipe = plan.recipe
     if not (recipe.runtime.batches and recipe.evaluation.perplexity):
         return []
-    cfg0, src0 = recipe.evaluation.perplexity[0], plan.perplexity_sources[0]
-    w0 = eval_windows(loaded.tokenizer, src0, cfg0.seq_len, cfg0.windows, cfg0.sampling,
-                      seed=recipe.seed,
-                      bos_id=sequence_bos(cfg0.bos, loaded.adapter, loaded.tokenizer),
-                      batch_size=cfg0.batch_size if cfg0.sampling == "random" else None)  # fmt: skip
-    return list(torch.split(w0, cfg0.batch_size))[: recipe.runtime.batches]
+    w0, _ = perplexity_windows(plan, 0, loaded.tokenizer, loaded.adapter)
+    return list(torch.split(w0, recipe.evaluation.perplexity[0].batch_size))[
+        : recipe.runtime.batches
+    ]
 
 
 def _runtime(plan: Plan, outcome: PruneOutcome, batches, dense_times, dense_memory,

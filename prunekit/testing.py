@@ -1,7 +1,8 @@
 """Helpers for tests of prunekit and of third-party plugins (our ``pytester``).
 
 * ``tiny_llama``, ``tiny_mistral``, ``tiny_qwen2``, ``tiny_opt``, ``tiny_gemma3`` build small
-  random models of each built-in architecture in a second, offline.
+  random models of each built-in architecture in a second, offline; ``tiny_tokenizer`` is a
+  word-level tokenizer for their vocabulary.
 * :func:`check_adapter` is the conformance kit an adapter author runs on a tiny random model of
   their architecture; :class:`AdapterConformance` runs the same checks as pytest tests.
 * :func:`isolated_plugin_manager` is a context manager giving a fresh plugin manager with the
@@ -140,6 +141,24 @@ def tiny_gemma3(*, heads: int = 4, kv_heads: int = 1, layers: int = 3, head_dim:
 # --------------------------------------------------------------------------------------------
 # Plugin managers
 # --------------------------------------------------------------------------------------------
+
+
+def tiny_tokenizer(*, add_bos: bool = False):
+    """A word-level tokenizer for the tiny models' 128-token vocabulary, built offline:
+    ``w3``..``w127`` are ids 3..127, ``<unk>`` is 0 (also the pad), ``<s>`` 1, ``</s>`` 2.
+    With ``add_bos`` every encoded text starts with ``<s>``, as a LLaMA tokenizer's does.
+    Saved beside a tiny model (``save_pretrained``), it makes a checkpoint a recipe can run."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 128)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                               special_tokens=[("<s>", 1)])  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<unk>")  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from prunekit.evaluation.perplexity import perplexity
 from prunekit.pruning.allocation import top_units
 from prunekit.pruning.dynamic import DynamicModel
 from prunekit.registry import get_registry
-from prunekit.testing import tiny_llama
+from prunekit.testing import tiny_llama, tiny_tokenizer
 
 CAL = torch.randint(3, 128, (16, 16), generator=torch.Generator().manual_seed(1))
 
@@ -387,17 +387,9 @@ def _ctx(model):
 
 
 def _save_tiny(path):
-    """A tiny LLaMA with a word-level tokenizer (``w3``..``w127``), saved like a checkpoint."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 128)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>")  # fmt: skip
+    """A tiny LLaMA with a word-level tokenizer, saved like a checkpoint."""
     tiny_llama(layers=2, seed=3).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return path
 
 

@@ -24,7 +24,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 import prunekit  # noqa: E402
 from prunekit.evaluation.zeroshot import encode_pair, evaluate_questions, score_requests  # noqa: E402
 from prunekit.integrations.lm_eval import PrunekitLM  # noqa: E402
-from prunekit.testing import tiny_llama  # noqa: E402
+from prunekit.testing import tiny_llama, tiny_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BOS = 1
@@ -39,16 +39,7 @@ def _offline(monkeypatch):
 @pytest.fixture(scope="module")
 def tokenizer():
     """Word-level: ``w3``..``w127`` are tokens 3..127; BOS (1) starts every encoded text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 128)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                           special_tokens=[("<s>", BOS)])  # fmt: skip
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<unk>")  # fmt: skip
+    return tiny_tokenizer(add_bos=True)
 
 
 def words(*ids: int) -> str:
