@@ -92,6 +92,10 @@ class BlockDriver(Protocol):
         :param residual: the residual stream entering the group.
         :param run: ``run(weights, observe=False)`` returns the group's output, and with
             ``observe=True`` the pair ``(output, output-projection input)``.
+            ``run(weights, observe, rows=rows, cache_view=view)`` runs only the batch rows
+            ``rows`` (per-sequence kept sets): the input and the layer's keyword arguments are
+            restricted to those rows (:func:`prunekit.pruning.rows.row_kwargs`) and a KV cache
+            among them is replaced by ``view(cache)``.
         """
 
 
@@ -228,8 +232,14 @@ class LayerAdapter(ABC):
                 y = self.run(group, x, self.gather(group, kept.get(group)), **layer_kwargs)
             else:
 
-                def run(weights, observe=False, _group=group, _x=x):
-                    return self.run(_group, _x, weights, observe=observe, **layer_kwargs)
+                def run(weights, observe=False, rows=None, cache_view=None, _group=group, _x=x):
+                    if rows is None:
+                        return self.run(_group, _x, weights, observe=observe, **layer_kwargs)
+                    from prunekit.pruning.rows import row_kwargs
+
+                    kw = row_kwargs(layer_kwargs, rows, _x.shape[0], cache_view)
+                    return self.run(_group, _x.index_select(0, rows), weights, observe=observe,
+                                    **kw)  # fmt: skip
 
                 y = driver(self, group, x, h, run)
             h = self.add_output(group, h, y)
@@ -490,7 +500,7 @@ class PruneOutcome:
 
 
 #: when a dynamic method decides its kept sets (see :class:`DynamicProtocol`)
-DECISION_POINTS: tuple[str, ...] = ("batch",)
+DECISION_POINTS: tuple[str, ...] = ("batch", "sequence", "prompt")
 
 
 @dataclass(frozen=True)
@@ -503,8 +513,18 @@ class DynamicProtocol:
     :class:`prunekit.pruning.dynamic.DynamicModel` the method returns carries it.
     """
 
-    #: when kept sets are decided: ``"batch"``: once per batch and block, for every row (the
-    #: decision runs on each forward; decoding steps inside ``DynamicModel.hold()`` reuse it)
+    #: when and for whom kept sets are decided, per block:
+    #:
+    #: * ``"batch"``: on each forward, one kept set for every row (``decide`` returns a 1-D
+    #:   tensor, or None for all units);
+    #: * ``"sequence"``: on each forward, one kept set per row (``decide`` returns ``[B, k]``,
+    #:   the same ``k`` for every row; rows sharing a set run together);
+    #: * ``"prompt"``: the prompt runs dense and is observed, then ``decide`` (called after the
+    #:   block ran, per row) fixes the kept sets for what continues that prompt (decoding steps,
+    #:   a scored continuation); a forward that continues nothing is the prompt itself.
+    #:
+    #: With every kind, a forward that continues a KV cache (generation's decoding steps)
+    #: reuses the kept sets decided on the prompt, with no new decision or observation.
     decides: str = "batch"
     #: what the method observes besides each block's input: ``"activations"`` (the output
     #: projection's input on the kept units after each block, e.g. PP's history update,

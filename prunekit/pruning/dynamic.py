@@ -1,26 +1,30 @@
-"""The dynamic per-batch runtime: decide kept sets per batch and block, run smaller matmuls.
+"""The dynamic runtime: decide kept sets per batch, per sequence or per prompt, and run
+smaller matmuls.
 
 A dynamic method supplies a :class:`Controller`; :class:`DynamicModel` wraps every decoder layer
-of the model so that, for each batch and each block (attention, MLP), the controller decides
+of the model so that, for each forward and each block (attention, MLP), the controller decides
 the kept units and the block runs on weights gathered to that kept set (real, smaller
 matrices). The layer itself runs through its model adapter (``run_block``), so the runtime
 knows no architecture.
 The wrapped model (:class:`DynamicModel`) answers like a Hugging Face causal LM, so evaluation
 code is shared with static and dense models.
 
+When decisions happen is the method's :class:`~prunekit.components.DynamicProtocol`
+(``decides``): one kept set per batch (the fast path), one per sequence (``[B, k]``: rows that
+share a set run together, the others as separate gathered matmuls, see
+:mod:`prunekit.pruning.rows`), or on the prompt only (the prompt runs dense and is observed).
+A forward that continues a KV cache (generation's decoding steps, a scored continuation)
+reuses the kept sets decided on its prompt, so the cache stays consistent with the kept heads;
+a test counts the decisions.
+
 Padding: the wrapper reads the batch's 2-D ``attention_mask`` (1 = real token) and, when no
-``position_ids`` are given and there is no cache, derives them from it (``cumsum - 1``), so
-left-padded sequences get their true positions. Controllers receive the token mask and the
-positions and must keep pad tokens out of their decisions.
+``position_ids`` are given, derives them from it (``cumsum - 1``), so left-padded sequences get
+their true positions. Controllers receive the token mask and the positions and must keep pad
+tokens out of their decisions. The batch state is set by a forward pre-hook on the wrapped
+model, so Hugging Face ``generate`` (which calls the wrapped model) goes through it too.
 
-The method's :class:`~prunekit.components.DynamicProtocol` travels with the model
-(``DynamicModel.protocol``): what the method observes, and how an evaluation starts
-(:meth:`DynamicModel.begin_evaluation`: reset, warm-up), so that evaluation code asks the
-model instead of assuming one method's protocol.
-
-Holding: inside ``with model.hold():`` the last kept set of every block is reused without
-new decisions (e.g. decided on a prompt, held across decoding steps with a KV cache), and the
-gathered weights are cached.
+The protocol also says how an evaluation starts (:meth:`DynamicModel.begin_evaluation`:
+reset, warm-up), so that evaluation code asks the model instead of assuming one method's.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch
 from torch import nn
 
 from prunekit.components import ATTN, MLP, DynamicProtocol, LayerAdapter, ModelAdapter
+from prunekit.pruning.rows import RowCacheView, row_groups
 
 
 @dataclass
@@ -48,6 +53,9 @@ class BatchState:
     #: residual stream entering each group: ``(layer, group)`` -> ``[B, T, d]`` (the current
     #: layer's and, for asynchronous probing, the previous layer's)
     residuals: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    #: this forward continues a prompt (a KV cache holds earlier tokens, or inside
+    #: ``DynamicModel.hold()``): kept sets come from the prompt's decisions
+    continuing: bool = False
 
 
 class Controller(Protocol):
@@ -55,10 +63,13 @@ class Controller(Protocol):
 
     def decide(self, layer: LayerAdapter, group: str, x: torch.Tensor, residual: torch.Tensor,
                batch: BatchState) -> torch.Tensor | None:  # fmt: skip
-        """Kept units of ``group`` for this batch (sorted LongTensor), or None for all.
+        """Kept units of ``group``: a sorted 1-D LongTensor for the whole batch (the method's
+        protocol ``decides="batch"``), a ``[B, k]`` LongTensor with one row per sequence
+        (``"sequence"`` and ``"prompt"``), or None for all units.
 
         :param x: the block's normalised input [B, T, d]; :param residual: the pre-norm
-            residual entering the block [B, T, d].
+            residual entering the block [B, T, d]. With ``decides="prompt"`` it is called after
+            the block ran dense on the prompt (and after :meth:`observe`).
         """
 
     def wants_activations(self, layer: LayerAdapter, group: str) -> bool:
@@ -67,7 +78,8 @@ class Controller(Protocol):
 
     def observe(self, layer: LayerAdapter, group: str, kept: torch.Tensor | None,
                 activations: torch.Tensor, batch: BatchState) -> None:  # fmt: skip
-        """See the full batch's (post-pruning) input of the output projection, [B, T, |kept|]."""
+        """See the full batch's (post-pruning) input of the output projection, [B, T, C]: the
+        kept units' channels, in the order of ``kept`` (per row with a ``[B, k]`` decision)."""
 
     # optional: reset(), snapshot() -> state, restore(state) (a stateful method's state)
 
@@ -99,6 +111,10 @@ class Timers:
         self.seconds.clear()
 
 
+#: a block's gathered weights: one object for the whole batch, or (rows, weights) per group
+Plan = Any
+
+
 class Runtime:
     """Shared state of the wrapped layers: the controller, the current batch, the switches."""
 
@@ -112,7 +128,17 @@ class Runtime:
         self.batch: BatchState | None = None
         self.timers = Timers()
         self.holding = False
-        self.held: dict[tuple[int, str], tuple[torch.Tensor | None, Any]] = {}
+        #: the kept set of every block on the last prompt (what continuations reuse)
+        self.decisions: dict[tuple[int, str], torch.Tensor | None] = {}
+        #: gathered weights of those decisions, built on the first continuation
+        self.continued: dict[tuple[int, str], Plan] = {}
+
+    def start(self, batch: BatchState) -> None:
+        """A forward begins: a new prompt forgets the previous prompt's decisions."""
+        if not batch.continuing and not self.holding:
+            self.decisions.clear()
+            self.continued.clear()
+        self.batch = batch
 
 
 class DynamicDecoderLayer(nn.Module):
@@ -120,7 +146,7 @@ class DynamicDecoderLayer(nn.Module):
 
     The layer runs through its adapter's :meth:`~prunekit.components.LayerAdapter.run_block`,
     with this wrapper as the :class:`~prunekit.components.BlockDriver` that decides each
-    group's kept set (or reuses a held one) and gathers the weights.
+    group's kept set (or reuses the prompt's) and gathers the weights.
     """
 
     def __init__(self, layer: nn.Module, adapter: LayerAdapter, runtime: Runtime) -> None:
@@ -133,22 +159,79 @@ class DynamicDecoderLayer(nn.Module):
     def runtime(self) -> Runtime:
         return self._runtime[0]
 
+    def _plan(self, la: LayerAdapter, group: str, kept: torch.Tensor | None,
+              device: torch.device) -> Plan:  # fmt: skip
+        """Gathered weights for ``kept``: one set (1-D or None, or rows that all agree), or a
+        list of ``(rows, weights)``, one per distinct per-sequence kept set."""
+        with self.runtime.timers("gather", device):
+            if kept is None or kept.dim() == 1:
+                return la.gather(group, kept)
+            groups = row_groups(kept)
+            if len(groups) == 1:  # every row agrees: the per-batch fast path
+                return la.gather(group, groups[0].kept)
+            return [(g.rows, la.gather(group, g.kept)) for g in groups]
+
+    def _execute(self, plan: Plan, run, observe: bool, batch_size: int):
+        """The block's output (and, with ``observe``, its activations) on ``plan``."""
+        if not isinstance(plan, list):
+            return run(plan, observe)
+        pending: list = []
+        caches: list = []
+
+        def views(rows):
+            def view(cache):
+                caches.append(cache)
+                return RowCacheView(cache, rows, batch_size, pending)
+
+            return view
+
+        ys, acts = [], []
+        for rows, weights in plan:
+            out = run(weights, observe, rows=rows, cache_view=views(rows))
+            y, act = out if observe else (out, None)
+            ys.append((rows, y))
+            acts.append((rows, act))
+        if pending:
+            RowCacheView.commit(caches[0], pending, batch_size)
+        y = _merge_rows(ys, batch_size)
+        return (y, _merge_rows(acts, batch_size)) if observe else y
+
     def _drive(self, la: LayerAdapter, group: str, x, residual, run):
         rt, batch = self.runtime, self.runtime.batch
         key = (la.index, group)
         batch.residuals[key] = residual
-        if rt.holding and key in rt.held:
-            kept, weights = rt.held[key]
-        else:
-            kept = rt.controller.decide(la, group, x, residual, batch)
-            with rt.timers("gather", x.device):
-                weights = la.gather(group, kept)
-            if rt.holding:
-                rt.held[key] = (kept, weights)
-        # held decisions (e.g. decoding steps) leave the method's state alone
+        bsz = x.shape[0]
+        if batch.continuing or (rt.holding and key in rt.decisions):
+            if key not in rt.decisions:
+                raise RuntimeError(
+                    f"layer {la.index} {group}: this forward continues a prompt (its KV cache "
+                    "is not empty) but this model has no kept set from that prompt; run the "
+                    "prompt through this dynamic model first (e.g. model.generate)"
+                )
+            kept = rt.decisions[key]
+            if kept is not None and kept.dim() == 2 and kept.shape[0] != bsz:
+                raise RuntimeError(
+                    f"layer {la.index} {group}: per-sequence kept sets were decided for "
+                    f"{kept.shape[0]} prompts, this continuation has {bsz} rows"
+                )
+            plan = rt.continued.get(key)
+            if plan is None:
+                plan = rt.continued[key] = self._plan(la, group, kept, x.device)
+            # continuing a prompt leaves the method's state alone
+            return self._execute(plan, run, False, bsz)
         observe = (rt.observes_activations and not rt.holding
                    and rt.controller.wants_activations(la, group))  # fmt: skip
-        out = run(weights, observe)
+        if rt.protocol.decides == "prompt":
+            # the prompt runs dense and is observed; the decision is for what continues it
+            out = run(self._plan(la, group, None, x.device), observe)
+            if observe:
+                out, act = out
+                rt.controller.observe(la, group, None, act, batch)
+            rt.decisions[key] = _sorted_rows(rt.controller.decide(la, group, x, residual, batch))
+            return out
+        kept = _sorted_rows(rt.controller.decide(la, group, x, residual, batch))
+        rt.decisions[key] = kept
+        out = self._execute(self._plan(la, group, kept, x.device), run, observe, bsz)
         if observe:
             y, act = out
             rt.controller.observe(la, group, kept, act, batch)
@@ -162,15 +245,15 @@ class DynamicDecoderLayer(nn.Module):
         if args:  # name positional arguments as the wrapped layer does
             hidden_states, kwargs = _as_keywords(self.layer.forward, hidden_states, args, kwargs)
         if rt.batch is None:
-            # called without the wrapper (e.g. by Hugging Face generate): every token is real
+            # called on its own (not through the model): every token is real
             bsz, seq = hidden_states.shape[:2]
             position_ids = kwargs.get("position_ids")
             pos = position_ids if position_ids is not None else torch.arange(
                 seq, device=hidden_states.device)[None]  # fmt: skip
-            rt.batch = BatchState(
+            rt.start(BatchState(
                 torch.ones(bsz, seq, dtype=torch.bool, device=hidden_states.device),
                 pos.expand(bsz, seq),
-            )
+            ))  # fmt: skip
             try:
                 return self.forward(hidden_states, **kwargs)
             finally:
@@ -181,6 +264,26 @@ class DynamicDecoderLayer(nn.Module):
         batch.residuals.pop((la.index - 1, ATTN), None)
         batch.residuals.pop((la.index - 2, MLP), None)
         return out
+
+
+def _sorted_rows(kept: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-sequence decision with each row's units in ascending order (the order of the
+    gathered weights and of the activations ``observe`` sees)."""
+    if kept is not None and kept.dim() == 2:
+        return kept.sort(dim=1).values
+    return kept
+
+
+def _merge_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> torch.Tensor:
+    """Row groups' outputs back in batch order."""
+    ref = parts[0][1]
+    out = ref.new_empty((batch_size, *ref.shape[1:]))
+    for rows, t in parts:
+        if tuple(t.shape[1:]) != tuple(ref.shape[1:]):
+            raise RuntimeError(f"row groups returned shapes {tuple(ref.shape)} and "
+                               f"{tuple(t.shape)}; per-sequence kept sets must have one size")  # fmt: skip
+        out.index_copy_(0, rows.to(out.device), t)
+    return out
 
 
 def begin_evaluation(model, input_ids=None, attention_mask=None) -> None:
@@ -241,6 +344,10 @@ class DynamicModel(nn.Module):
         self._originals = list(layers)
         for i, la in enumerate(adapter.layers()):
             layers[i] = DynamicDecoderLayer(self._originals[i], la, self.runtime)
+        self._hooks = [
+            model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
+            model.register_forward_hook(self._end_forward, with_kwargs=True, always_call=True),
+        ]
 
     @property
     def controller(self) -> Controller:
@@ -261,33 +368,47 @@ class DynamicModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        seq = ref.shape[1]
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # true positions of left-padded rows (the mask spans the cached tokens too)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, **kwargs)  # fmt: skip
+
+    def _begin_forward(self, module, args, kwargs) -> None:
+        """Forward pre-hook of the wrapped model (so that its ``generate`` passes here too):
+        the batch's token mask, true positions and whether it continues a prompt."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         bsz, seq = ref.shape[:2]
-        has_cache = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            token_mask = attention_mask.bool()
-            if position_ids is None and not has_cache and seq == attention_mask.shape[1]:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        position_ids = kwargs.get("position_ids")
+        if mask is not None and mask.dim() == 2:
+            token_mask = mask[:, -seq:].bool()
+            if position_ids is None:
+                position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
         else:
             token_mask = torch.ones(bsz, seq, dtype=torch.bool, device=ref.device)
         if position_ids is None:
-            past = 0
-            cache = kwargs.get("past_key_values")
-            cache = cache if cache is not None else kwargs.get("cache")  # an empty cache is falsy
-            if cache is not None:
-                past = cache.get_seq_length()
-            position_ids = torch.arange(past, past + seq, device=ref.device).expand(bsz, seq)
-        token_mask = token_mask[:, -seq:]
-        self.runtime.batch = BatchState(token_mask, position_ids.expand(bsz, seq))
-        try:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids, **kwargs)  # fmt: skip
-        finally:
-            self.runtime.batch = None
+            position_ids = torch.arange(past, past + seq, device=ref.device)
+        self.runtime.start(BatchState(token_mask, position_ids.expand(bsz, seq),
+                                      continuing=past > 0))  # fmt: skip
+
+    def _end_forward(self, module, args, kwargs, output) -> None:
+        self.runtime.batch = None
 
     def generate(self, *args, **kwargs):
-        """Hugging Face ``generate`` through the pruned layers (decisions held after the prompt
-        if called inside :meth:`hold`)."""
+        """Hugging Face ``generate`` through the pruned layers: kept sets are decided on the
+        prompt (prefill) and reused by every decoding step (per row where the method decides
+        per sequence); left-padded prompts get their true positions."""
         return self.model.generate(*args, **kwargs)
+
+    @property
+    def decisions(self) -> dict[tuple[int, str], torch.Tensor | None]:
+        """The kept set of every block on the last prompt (``(layer, group)`` -> kept)."""
+        return dict(self.runtime.decisions)
 
     # -- state (optional controller methods: reset, snapshot, restore) ------------------------
     def reset_state(self) -> None:
@@ -334,15 +455,23 @@ class DynamicModel(nn.Module):
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
-        """Reuse each block's last decision (and gathered weights) until the block exits."""
-        self.runtime.holding, self.runtime.held = True, {}
+        """Every forward inside reuses the first decision made inside (and its gathered
+        weights), with or without a KV cache, and observes nothing."""
+        rt = self.runtime
+        rt.holding = True
+        rt.decisions.clear()
+        rt.continued.clear()
         try:
             yield
         finally:
-            self.runtime.holding, self.runtime.held = False, {}
+            rt.holding = False
+            rt.decisions.clear()
+            rt.continued.clear()
 
     def remove(self) -> nn.Module:
         """Restore the original layers and return the unwrapped model."""
+        for hook in self._hooks:
+            hook.remove()
         layers = self.runtime.adapter.decoder_layers
         for i, original in enumerate(self._originals):
             layers[i] = original
