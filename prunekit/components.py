@@ -145,14 +145,15 @@ class LayerAdapter(ABC):
         return self.head_dim if group == ATTN else 1
 
     def unit_channels(self, group: str, units: torch.Tensor) -> torch.Tensor:
-        """Output-projection input channels owned by ``units`` (in unit order)."""
+        """Output-projection input channels owned by ``units`` (in unit order); for a
+        per-sequence ``[B, k]`` kept set, ``[B, k * width]`` (per row)."""
         width = self.unit_width(group)
         if width == 1:
             return units
         import torch
 
         offsets = torch.arange(width, device=units.device)
-        return (units[:, None] * width + offsets[None, :]).reshape(-1)
+        return (units[..., None] * width + offsets).flatten(-2)
 
     @property
     def shares_kv(self) -> bool:
@@ -565,6 +566,9 @@ class Method(ABC):
     name: ClassVar[str] = ""
     dynamic: ClassVar[bool] = False
     slots: ClassVar[dict[str, str | None]] = {}
+    #: options for a slot's default component (used when the recipe names no other component
+    #: for the slot; the recipe's own options for it take precedence)
+    slot_options: ClassVar[dict[str, dict[str, Any]]] = {}
     option_defaults: ClassVar[dict[str, Any]] = {}
     #: whether the method reads calibration data (the runner then checks the data exists)
     uses_calibration: ClassVar[bool] = True

@@ -197,15 +197,16 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
                                f"{', '.join(method_cls.slots) or '(none)'}")  # fmt: skip
         if slot not in method_cls.slots:
             continue
-        name = cfg.name if cfg is not None and cfg.name else (
-            method_cls.slots[slot] or registry.kinds[slot].default)  # fmt: skip
+        default = method_cls.slots[slot] or registry.kinds[slot].default
+        name = cfg.name if cfg is not None and cfg.name else default
         if name is None:
             raise loaded.error(("method", slot),
                                f"method {m.name!r} leaves slot {slot!r} to the kind's default, "
                                f"and kind {slot!r} declares none; name one with "
                                f"method.{slot}.name (registered: "
                                f"{', '.join(registry.names(slot)) or '(none)'})")  # fmt: skip
-        options = cfg.options if cfg is not None else {}
+        options = {**(method_cls.slot_options.get(slot, {}) if name == default else {}),
+                   **(cfg.options if cfg is not None else {})}  # fmt: skip
         where = loaded.where(("method", slot) if cfg is not None else ("method", "name"))
         components[slot] = registry.create(slot, name, options, where=where)
         comp_entry = registry.get(slot, name)

@@ -3,7 +3,7 @@
 Declares the component kinds ``probe``, ``fusion`` and ``history`` (protocols in
 :mod:`.protocols`). Registered: probes ``residual_rank``, ``random``, ``full_batch``; fusions
 ``importance_scaled``, ``fixed_ratio``, ``probe_only``, ``history_only``; histories ``ema``,
-``running_mean``, ``frozen``; metric ``pp_score``; methods ``pp``, ``pp-fullbatch``,
+``running_mean``, ``frozen``; metric ``pp_score``; methods ``pp``, ``pp-seq``, ``pp-fullbatch``,
 ``pp-history``, ``pp-calib`` (static). Uses only prunekit's public API, like any third-party plugin.
 """
 
@@ -13,7 +13,7 @@ from prunekit import hookimpl
 
 from .fusion import FixedRatio, HistoryOnly, ImportanceScaled, ProbeOnly
 from .history import Ema, Frozen, RunningMean
-from .method import CalibrationOnly, FullBatchProbing, ProbePruning
+from .method import CalibrationOnly, FullBatchProbing, ProbePruning, SequenceProbePruning
 from .method import HistoryOnly as HistoryOnlyMethod
 from .metric import PPScore
 from .probes import FullBatch, RandomProbe, ResidualRank
@@ -52,6 +52,7 @@ def prunekit_register_metrics(register):
 @hookimpl
 def prunekit_register_methods(register):
     register("pp", ProbePruning)
+    register("pp-seq", SequenceProbePruning)
     register("pp-fullbatch", FullBatchProbing)
     register("pp-history", HistoryOnlyMethod)
     register("pp-calib", CalibrationOnly)

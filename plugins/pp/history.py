@@ -1,8 +1,9 @@
 """History policies: how the per-position history ``H [positions, D]`` evolves after a batch.
 
 ``update`` receives the full batch's post-pruning input of the output projection for the kept
-channels (``x``: ``[B, T, K]``), the kept channel indices, the token mask and the true
-positions. Pad tokens are excluded; each position's batch value is the mean of ``x²`` over the
+channels (``x``: ``[B, T, K]``), the kept channel indices (``[K]``, or ``[B, K]`` per row when
+the method decides per sequence: a channel's batch value then averages the rows that kept it),
+the token mask and the true positions. Pad tokens are excluded; each position's batch value is the mean of ``x²`` over the
 real tokens at that position (the reference divides by B, or by the pad-aware count + 1e-3).
 Channels not kept are left untouched (no decay).
 """
@@ -58,6 +59,32 @@ def _batch_sum_of_squares(x: torch.Tensor, mask: torch.Tensor | None) -> torch.T
     return acc
 
 
+def row_channel_means(x, kept, token_mask, position_ids, positions: int, width: int):
+    """Per-sequence kept channels (``kept``: ``[B, K]``, row ``b``'s columns of ``x``): the
+    mean of x² at each true position and channel over the real tokens of the rows that kept
+    that channel.
+
+    :returns: ``(rows, means, counts)``: the positions present (``[P]``) and, at full width
+        ``[P, width]``, the means (0 where no row kept the channel) and the token counts.
+    """
+    bsz, seq, k = x.shape
+    real = token_mask.reshape(-1)
+    pos = position_ids.reshape(-1)
+    keep = real & (pos < positions)
+    pos = pos[keep]
+    cols = kept[:, None, :].expand(bsz, seq, k).reshape(-1, k)[keep]  # [N, K]
+    flat = pos[:, None] * width + cols  # (position, channel) of every kept value
+    sq = x.reshape(-1, k)[keep].float().square()
+    sums = torch.zeros(positions * width, dtype=torch.float32, device=x.device)
+    counts = torch.zeros_like(sums)
+    sums.index_add_(0, flat.reshape(-1), sq.reshape(-1))
+    counts.index_add_(0, flat.reshape(-1), torch.ones_like(sq).reshape(-1))
+    sums, counts = sums.view(positions, width), counts.view(positions, width)
+    rows = (counts > 0).any(1).nonzero().flatten()
+    counts = counts[rows]
+    return rows, sums[rows] / counts.clamp(min=1), counts
+
+
 def _columns(history, kept):
     return kept if kept is not None else torch.arange(history.shape[1], device=history.device)
 
@@ -99,6 +126,13 @@ class Ema:
         return {}
 
     def update(self, history, state, kept, x, token_mask, position_ids) -> None:
+        if kept is not None and kept.dim() == 2:  # per-sequence kept channels
+            rows, means, counts = row_channel_means(x, kept, token_mask, position_ids,
+                                                    *history.shape)  # fmt: skip
+            block = history.index_select(0, rows)
+            new = block * self.momentum + means * (1 - self.momentum)
+            history[rows] = torch.where(counts > 0, new, block)
+            return
         rows, means = position_means(x, token_mask, position_ids, history.shape[0])
         if rows.numel() == 0:
             return
@@ -124,6 +158,14 @@ class RunningMean:
                                     dtype=torch.float32, device=history.device)}  # fmt: skip
 
     def update(self, history, state, kept, x, token_mask, position_ids) -> None:
+        if kept is not None and kept.dim() == 2:  # per-sequence kept channels
+            rows, means, counts = row_channel_means(x, kept, token_mask, position_ids,
+                                                    *history.shape)  # fmt: skip
+            n = state["count"].index_select(0, rows)
+            block = history.index_select(0, rows)
+            history[rows] = (block * n + means * counts) / (n + counts).clamp(min=1e-12)
+            state["count"][rows] = n + counts
+            return
         rows, means = position_means(x, token_mask, position_ids, history.shape[0])
         if rows.numel() == 0:
             return

@@ -165,6 +165,52 @@ class PPController:
         return probe / dense if dense else 0.0
 
 
+class SequenceController(PPController):
+    """PP decided per sequence: each row of the batch is its own probe (its top positions by
+    the selector's ranking, with the full batch's selector run on that row alone), fused with
+    the history at its true positions, scored, and given its own kept set (``[B, k]``)."""
+
+    def decide(self, layer, group, x, residual, batch):
+        key = (layer.index, group)
+        if key not in self.active:
+            return None
+        with self.timers("probe", x.device):
+            S = self._row_importance(key, layer, group, x, residual, batch)
+        with self.timers("score", x.device):
+            scorer, keep = self.scorers[key], self.counts[key]
+            return torch.stack([top_units(scorer({"S": s}), keep) for s in S])
+
+    def _row_importance(self, key, layer, group, x, residual, batch) -> list[torch.Tensor]:
+        xs, rank = self._probe_inputs(layer, group, x, residual, batch)
+        if getattr(self.probe, "rank_on", "residual") == "normalized":
+            rank = xs
+        token_mask = batch.token_mask
+        bsz, device = xs.shape[0], xs.device
+        picks = []
+        for b in range(bsz):  # the selector sees one row at a time
+            if bool(token_mask[b].any()):
+                picks.append(self.probe(rank[b:b + 1], token_mask[b:b + 1])[1])
+            else:  # an all-pad row: nothing to probe
+                picks.append(torch.zeros(0, dtype=torch.long, device=device))
+        width = max(1, max(p.numel() for p in picks))
+        cols = torch.zeros(bsz, width, dtype=torch.long, device=device)
+        valid = torch.zeros(bsz, width, dtype=torch.bool, device=device)
+        for b, p in enumerate(picks):
+            cols[b, :p.numel()] = p
+            valid[b, :p.numel()] = True
+        xp = xs.gather(1, cols[..., None].expand(-1, -1, xs.shape[-1]))
+        pos = batch.position_ids.gather(1, cols)
+        mask = token_mask.gather(1, cols) & valid
+        zz = layer.probe(group, xp, pos, mask).float().square()  # [B, t', D]
+        G = None
+        if self.history is not None:
+            h = self.history[key]
+            G = h[pos.clamp(max=h.shape[0] - 1)]
+        self.probe_tokens[key] = int(mask.sum())
+        return [self.fusion(zz[b][mask[b]], None if G is None else G[b][mask[b]])
+                for b in range(bsz)]  # fmt: skip
+
+
 def kept_parameters(adapter, counts: dict[tuple[int, str], int], model) -> int:
     """Parameters a forward really uses with these kept counts (embeddings and norms included),
     from the adapter's cost model."""
@@ -198,6 +244,7 @@ class ProbePruning(Method):
     #: unscored warm-up batch; the EMA history carries over from batch to batch
     protocol = DynamicProtocol(decides="batch", observes=("activations",), reset=True,
                                warmup_batches=1, stateful=True)  # fmt: skip
+    controller_class: type[PPController] = PPController
 
     @property
     def uses_history(self) -> bool:
@@ -274,7 +321,7 @@ class ProbePruning(Method):
         counts = allocator.counts(adapter, settings)
         active = [k for k, keep in counts.items() if keep < adapter.layers()[k[0]].units(k[1])]
         history = self._history(ctx, active) if self.uses_history else None
-        controller = PPController(adapter, settings, self.components, history,
+        controller = self.controller_class(adapter, settings, self.components, history,
                                   mode=settings.options.get("mode", "sync"),
                                   calibration_samples=ctx.recipe.calibration.samples)  # fmt: skip
         model = DynamicModel(ctx.model, adapter, controller, protocol=self.protocol)
@@ -287,6 +334,23 @@ class ProbePruning(Method):
         return PruneOutcome(model=model, dynamic=True, structure=structure,
                             params_kept=kept_parameters(adapter, counts, ctx.model),
                             save=save, figures=controller.figures)  # fmt: skip
+
+
+class SequenceProbePruning(ProbePruning):
+    """PP per sequence (``pp-seq``): one probe and one kept set per row of the batch.
+
+    Each row's probe is its own top tokens (``probe.ratio_seq`` of its positions, 10% by
+    default: 2x PP's default probe budget at batch 20); fusion with the history, score and
+    allocation as ``pp``. Rows that happen to share a kept set run together; the runtime runs
+    the others as separate gathered matmuls. The history's EMA averages each channel over the
+    rows that kept it. Meant for batches of unrelated passages, where one kept set per batch
+    fits none of them well."""
+
+    name = "pp-seq"
+    slot_options = {"probe": {"ratio_seq": 0.1}}
+    protocol = DynamicProtocol(decides="sequence", observes=("activations",), reset=True,
+                               warmup_batches=1, stateful=True)  # fmt: skip
+    controller_class = SequenceController
 
 
 class FullBatchProbing(ProbePruning):

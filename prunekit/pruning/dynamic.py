@@ -381,7 +381,8 @@ class DynamicModel(nn.Module):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         bsz, seq = ref.shape[:2]
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache")  # transformers >= 5.24; before: past_key_values
+        cache = cache if cache is not None else kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
         mask = kwargs.get("attention_mask")
         position_ids = kwargs.get("position_ids")

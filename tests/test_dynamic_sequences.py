@@ -1,0 +1,240 @@
+"""Per-sequence kept sets, decisions on the prompt, and generation with dynamic pruning.
+
+A toy controller that decides from each row alone checks the runtime on every tiny
+architecture (MHA, GQA, sliding windows, OPT, Gemma-3); ``pp-seq`` checks the same on PP;
+generation checks that decoding steps reuse the prompt's kept sets and that the KV cache is
+consistent with them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+import prunekit
+from prunekit.components import ATTN, MLP, DynamicProtocol
+from prunekit.pruning.dynamic import DynamicModel
+from prunekit.pruning.rows import row_groups
+from prunekit.registry import resolve_adapter
+from prunekit.testing import tiny_gemma3, tiny_llama, tiny_mistral, tiny_opt
+
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Batch-vs-alone comparisons run single-threaded: with several threads the dense model
+    itself differs by up to ~1e-5 between a row in a batch and the row alone (the BLAS splits
+    the matmuls by their row count), which would hide what these tests check."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+#: the cache keyword of this transformers version (``cache`` from 5.24, ``past_key_values`` before)
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else (
+    "past_key_values")
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+MODELS = {
+    "llama-mha": lambda: tiny_llama(heads=4, kv_heads=4),
+    "llama-gqa": lambda: tiny_llama(heads=6, kv_heads=2, intermediate=96),
+    "mistral-sliding": lambda: tiny_mistral(sliding_window=5),
+    "opt": lambda: tiny_opt(),
+    "gemma3": lambda: tiny_gemma3(),
+}
+
+
+class RowController:
+    """Decides each row's kept set from that row alone: the units whose output-projection
+    rows meet the row's mean input best (a deterministic function of the row's tokens)."""
+
+    def __init__(self, adapter, keep_fraction=0.5, per_batch=False):
+        self.adapter, self.keep_fraction, self.per_batch = adapter, keep_fraction, per_batch
+        self.calls = 0
+
+    def decide(self, layer, group, x, residual, batch):
+        self.calls += 1
+        units = layer.units(group)
+        keep = max(1, int(units * self.keep_fraction))
+        mask = batch.token_mask.unsqueeze(-1).to(x.dtype)
+        mean = (x * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B, d]
+        w = layer.output_projection(group).weight.detach()  # [d, C]
+        scores = (mean @ w).abs()  # [B, C]
+        scores = scores.view(scores.shape[0], units, -1).sum(-1)
+        kept = scores.topk(keep, dim=1).indices
+        return kept[:1].expand(x.shape[0], -1)[0] if self.per_batch else kept
+
+    def wants_activations(self, layer, group):
+        return False
+
+    def observe(self, *args):
+        raise AssertionError("not asked")
+
+
+def _dynamic(model, **kw):
+    adapter = resolve_adapter(model)
+    controller = RowController(adapter, **kw)
+    protocol = DynamicProtocol(decides="sequence", observes=())
+    return DynamicModel(model, adapter, controller, protocol=protocol), controller
+
+
+def _prompts(vocab, n=3, seq=10, seed=4):
+    return torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_row_groups_group_identical_sets():
+    kept = torch.tensor([[3, 1], [0, 2], [1, 3], [2, 0]])
+    groups = row_groups(kept)
+    assert [g.rows.tolist() for g in groups] == [[1, 3], [0, 2]]
+    assert [g.kept.tolist() for g in groups] == [[0, 2], [1, 3]]
+    assert len(row_groups(torch.tensor([[1, 2], [2, 1]]))) == 1  # the fast path
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_each_row_gets_the_logits_it_gets_alone(name):
+    model = MODELS[name]()
+    dyn, controller = _dynamic(model)
+    ids = _prompts(model.config.vocab_size)
+    ids = torch.cat([ids, ids[:1]])  # rows 0 and 3 share their kept sets
+    with torch.no_grad():
+        together = dyn(input_ids=ids).logits
+        kept = dyn.decisions[(1, MLP)]
+        assert kept.shape[0] == 4 and torch.equal(kept[0], kept[3])
+        assert len(row_groups(kept)) == 3  # three distinct sets: really per row
+        for b in range(ids.shape[0]):
+            alone = dyn(input_ids=ids[b:b + 1]).logits
+            torch.testing.assert_close(together[b:b + 1], alone, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cached_decoding_matches_a_full_forward_with_the_same_kept_sets(name):
+    """The KV cache stays consistent with each row's kept heads: a continuation forward
+    through the cache equals a cache-free forward of prompt + continuation with the prompt's
+    kept sets held (in float64, where both are exact: fp32 differs by kernel noise only)."""
+    model = MODELS[name]().double()
+    dyn, _ = _dynamic(model)
+    vocab = model.config.vocab_size
+    prompt, more = _prompts(vocab, seq=7), _prompts(vocab, seq=3, seed=9)
+    with torch.no_grad():
+        out = dyn(input_ids=prompt, use_cache=True)
+        step = dyn(input_ids=more, use_cache=True, **{CACHE: _cache_of(out)}).logits
+        with dyn.hold():
+            dyn(input_ids=prompt)  # decides on the prompt, as above
+            full = dyn(input_ids=torch.cat([prompt, more], 1)).logits
+    torch.testing.assert_close(step, full[:, -3:], atol=1e-10, rtol=0)
+
+
+def test_a_continuation_needs_its_prompts_decisions():
+    model = tiny_llama()
+    dyn, _ = _dynamic(model)
+    ids = _prompts(model.config.vocab_size)
+    with torch.no_grad():
+        out = dyn(input_ids=ids, use_cache=True)
+        with pytest.raises(RuntimeError, match="decided for 3 prompts, this continuation has 1"):
+            cache = _cache_of(out)
+            cache.batch_select_indices(torch.tensor([0]))
+            dyn(input_ids=ids[:1, :1], **{CACHE: cache})
+
+
+def _pp(model, method, ratio=0.4, **kw):
+    kw.setdefault("skip_layers", [0])
+    kw.setdefault("round_to", 1)
+    calibration = torch.randint(3, model.config.vocab_size, (8, 32),
+                                generator=torch.Generator().manual_seed(1))  # fmt: skip
+    return prunekit.prune(model, None, method=method, ratio=ratio, calibration=calibration, **kw)
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 4), (6, 2)])
+def test_pp_seq_rows_match_running_alone(heads, kv):
+    model = tiny_llama(heads=heads, kv_heads=kv, intermediate=96)
+    outcome = _pp(model, "pp-seq")
+    dyn = outcome.model
+    assert dyn.protocol.decides == "sequence"
+    ids = _prompts(model.config.vocab_size, n=4, seq=16)
+    with torch.no_grad():
+        dyn.reset_state()
+        together = dyn(input_ids=ids).logits
+        kept = dyn.decisions[(1, MLP)]
+        assert kept.shape == (4, dyn.controller.counts[(1, MLP)]) and len(row_groups(kept)) > 1
+        for b in range(ids.shape[0]):
+            dyn.reset_state()  # each row alone from the same history
+            alone = dyn(input_ids=ids[b:b + 1]).logits
+            torch.testing.assert_close(together[b:b + 1], alone, atol=ATOL, rtol=0)
+
+
+def test_pp_seq_history_update_averages_the_rows_that_kept_each_channel():
+    from plugins.pp.history import Ema
+
+    history = torch.ones(4, 6)
+    x = torch.tensor([[[1.0, 2.0]] * 3, [[3.0, 4.0]] * 3])  # [B=2, T=3, K=2]
+    kept = torch.tensor([[0, 1], [1, 5]])
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    pos = torch.arange(3).expand(2, 3)
+    Ema(momentum=0.5).update(history, {}, kept, x, mask, pos)
+    want = torch.ones(4, 6)
+    want[:3, 0] = 0.5 + 0.5 * 1.0  # row 0 only
+    want[:3, 1] = 0.5 + 0.5 * (4.0 + 9.0) / 2  # both rows
+    want[:3, 5] = 0.5 + 0.5 * 16.0  # row 1 only
+    torch.testing.assert_close(history, want)
+
+
+@pytest.mark.parametrize("method", ["pp", "pp-seq"])
+def test_greedy_generation_at_ratio_zero_is_dense(method):
+    model = tiny_llama(heads=4, kv_heads=4)
+    prompt = _prompts(model.config.vocab_size, n=2, seq=8)
+    with torch.no_grad():
+        dense = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        outcome = _pp(model, method, ratio=0.0)
+        got = outcome.model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, dense)
+
+
+@pytest.mark.parametrize("method", ["pp", "pp-seq"])
+def test_decoding_steps_reuse_the_prompts_kept_sets(method):
+    model = tiny_llama(heads=6, kv_heads=2, intermediate=96, layers=4)
+    outcome = _pp(model, method)
+    dyn = outcome.model
+    calls = []
+    decide = dyn.controller.decide
+    dyn.controller.decide = lambda *a: calls.append(a[0].index) or decide(*a)
+    prompt = _prompts(model.config.vocab_size, n=2, seq=8)
+    with torch.no_grad():
+        out = dyn.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 13)
+    # one decision per block (2 per layer) on the prompt, none for the 4 decoding steps
+    assert len(calls) == 2 * model.config.num_hidden_layers
+    kept = dyn.decisions[(1, ATTN)]
+    keep = dyn.controller.counts[(1, ATTN)]
+    assert keep < 6 and kept.shape == ((keep,) if method == "pp" else (2, keep))
+
+
+def test_a_padded_batch_generates_what_each_prompt_generates_alone():
+    model = tiny_llama(heads=4, kv_heads=4, intermediate=96)
+    outcome = _pp(model, "pp-seq")
+    dyn = outcome.model
+    lengths = [9, 6, 4]
+    prompts = [_prompts(model.config.vocab_size, n=1, seq=n, seed=10 + n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):  # left padding
+        ids[b, width - p.numel():] = p
+        mask[b, width - p.numel():] = 1
+    with torch.no_grad():
+        dyn.reset_state()
+        batch = dyn.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                             pad_token_id=0)[:, width:]  # fmt: skip
+        for b, p in enumerate(prompts):
+            dyn.reset_state()
+            alone = dyn.generate(p[None], max_new_tokens=5, do_sample=False,
+                                 pad_token_id=0)[:, p.numel():]  # fmt: skip
+            assert torch.equal(batch[b:b + 1], alone), b
