@@ -29,6 +29,12 @@ SetOption = Annotated[
     typer.Option("--set", "-s", help="Override a recipe key: --set method.ratio=0.4 (repeatable)."),
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+PromptOption = Annotated[
+    list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable: one batch).")
+]
+MaxNewTokensOption = Annotated[
+    int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate per prompt.")
+]
 
 
 @app.callback()
@@ -125,23 +131,48 @@ def bench(
     warmup: Annotated[
         int | None, typer.Option(help="Untimed calls first (overrides runtime.warmup).")
     ] = None,
+    generate: Annotated[
+        bool,
+        typer.Option("--generate", help="Time greedy generation (prefill and decode tokens/s) "
+                     "instead of scoring batches."),
+    ] = False,
+    prompt: PromptOption = None,
+    prompt_tokens: Annotated[
+        int, typer.Option(min=1, help="With --generate: prompt length in tokens (prompts are "
+                          "cut to it; default prompts: the first perplexity batch).")
+    ] = 64,
+    max_new_tokens: MaxNewTokensOption = 32,
     quiet: QuietOption = False,
 ) -> None:
     """Time dense and pruned in one process on the same batches; no accuracy evaluation.
 
     The batches are the first ones of the recipe's first evaluation.perplexity entry. Writes
     results.json with its `runtime` section (median, spread, tokens/s, memory, the method's
-    overhead by phase).
+    overhead by phase). With --generate: a `generation` section instead (greedy generation
+    from the same prompts, dense and pruned: prefill and decode seconds and tokens/s; a
+    dynamic method decides on each prompt and its decoding steps reuse those decisions).
     """
     from prunekit.errors import RecipeError
     from prunekit.recipe import load_recipe
-    from prunekit.runner import run_plan
+    from prunekit.runner import GenerationBench, run_plan
     from prunekit.runner import validate as run_validate
 
     _quiet(quiet)
     loaded = load_recipe(recipe, set_ or ())
     rt = loaded.recipe.runtime
     explicit = {o.split("=", 1)[0].strip() for o in (set_ or ())}
+    if generate:
+        out_dir = Path(output or f"{loaded.recipe.output_dir()}-bench")
+        loaded.recipe.output.dir = str(out_dir)
+        rt.batches = 0  # generation only
+        spec = GenerationBench(prompts=list(prompt) if prompt else None,
+                               prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
+                               rounds=repeats or 3,
+                               warmup=warmup if warmup is not None else 1)  # fmt: skip
+        result = run_plan(run_validate(loaded), out_dir, evaluate=False, generation=spec)
+        _print_generation(result["generation"], result)
+        typer.echo(f"  results: {out_dir / 'results.json'}")
+        return
     rt.batches = batches if batches is not None else (rt.batches or 2)
     if repeats is not None:
         rt.repeats = repeats
@@ -157,6 +188,62 @@ def bench(
     plan = run_validate(loaded)
     result = run_plan(plan, out_dir, evaluate=False)
     _print_summary(result, out_dir)
+
+
+def _print_generation(gen: dict, result: dict) -> None:
+    def spread(values: list[float]) -> str:
+        return f"{min(values):.3f}-{max(values):.3f} s"
+
+    lines = [f"{result['method']} (ratio {result['ratio']:g}): greedy generation, "
+             f"{gen['batch']} prompts ({gen['prompt_tokens']} tokens), "
+             f"{gen['max_new_tokens']} new tokens each, median of {gen['rounds']}"]  # fmt: skip
+    for name in ("dense", "pruned"):
+        g = gen[name]
+        lines.append(f"  {name:<6} prefill {g['prefill_s']:.3f} s ({spread(g['prefill_s_all'])}, "
+                     f"{g['prefill_tokens_per_s']:.0f} tok/s), decode {g['decode_s']:.3f} s "
+                     f"({spread(g['decode_s_all'])}, {g['decode_tokens_per_s']:.1f} tok/s)")  # fmt: skip
+    lines.append(f"  speed-up: prefill {gen['prefill_speedup']:.2f}x, decode "
+                 f"{gen['decode_speedup']:.2f}x"
+                 + ("" if gen["interleaved"] else " (dense timed before pruning)"))  # fmt: skip
+    typer.echo("\n".join(lines))
+
+
+@app.command("generate")
+def generate_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    prompt: PromptOption = None,
+    max_new_tokens: MaxNewTokensOption = 32,
+    set_: SetOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Prune as the recipe says, then continue each --prompt greedily (batched, left-padded).
+
+    A dynamic method decides its kept sets on the prompts (per prompt where it decides per
+    sequence) and every decoding step reuses them. Nothing is written.
+    """
+    from prunekit.errors import RecipeError
+    from prunekit.evaluation.generation import left_padded
+    from prunekit.runner import prepare, sequence_bos
+
+    _quiet(quiet)
+    if not prompt:
+        raise RecipeError("generate needs at least one --prompt TEXT")
+    prepared = prepare(recipe, set_ or ())
+    tokenizer, model = prepared.tokenizer, prepared.model
+    if tokenizer is None:
+        raise RecipeError(f"{recipe}: the model has no tokenizer, so prompts cannot be encoded")
+    bos = sequence_bos("auto", prepared.loaded.adapter, tokenizer)
+    ids, mask = left_padded(tokenizer, prompt, bos)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)  # fmt: skip
+    for text, row in zip(prompt, out[:, ids.shape[1]:], strict=True):
+        typer.echo(f"> {text}\n{tokenizer.decode(row, skip_special_tokens=True)}\n")
 
 
 @app.command()

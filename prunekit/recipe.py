@@ -147,6 +147,11 @@ class PerplexityConfig(_Strict):
     #: start every window with the BOS token: ``auto`` when the model adapter needs it (the
     #: reference protocol has none, which LLaMA-family models tolerate and Gemma does not)
     bos: Literal["auto"] | bool = "auto"
+    #: score continuations of a prompt: the first ``prompt_tokens`` tokens of each window run
+    #: first (a dynamic method decides on them), the rest continues them through the KV cache
+    #: with those decisions and only its predictions are scored (None: every token is scored
+    #: in one forward)
+    prompt_tokens: int | None = Field(None, ge=1)
 
     @field_validator("windows")
     @classmethod
@@ -154,6 +159,16 @@ class PerplexityConfig(_Strict):
         if isinstance(v, int) and v < 1:
             raise ValueError("windows must be a positive integer or 'all'")
         return v
+
+    @model_validator(mode="after")
+    def _prompt_fits(self):
+        if self.prompt_tokens is not None and self.prompt_tokens > self.seq_len - 2:
+            raise ValueError(
+                f"prompt_tokens {self.prompt_tokens} leaves fewer than 2 tokens of the "
+                f"{self.seq_len}-token windows to continue and score; use at most "
+                f"{self.seq_len - 2}, or raise seq_len"
+            )
+        return self
 
     @property
     def label(self) -> str:

@@ -11,6 +11,7 @@ Everything the CLI does is a thin layer over :func:`apply`, :func:`validate` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -688,7 +689,8 @@ def evaluate_model(plan: Plan, model, tokenizer, staging: Path | None = None,
     for i, (cfg, source) in enumerate(zip(recipe.evaluation.perplexity, plan.perplexity_sources,
                                           strict=True)):  # fmt: skip
         windows, bos_id = perplexity_windows(plan, i, tokenizer, adapter)
-        result = perplexity(model, windows, cfg.batch_size, description=f"perplexity {cfg.label}")
+        result = perplexity(model, windows, cfg.batch_size, description=f"perplexity {cfg.label}",
+                            prompt_tokens=cfg.prompt_tokens)  # fmt: skip
         metrics[cfg.label] = {**result, "dataset": source.dataset, "split": source.split,
                               "sampling": cfg.sampling, "bos": bos_id is not None}  # fmt: skip
         data_hashes[cfg.label] = source_sha256(source)
@@ -809,13 +811,64 @@ def _provenance(plan: Plan, loaded: Loaded, ctx: PruneContext, data_hashes: dict
     }
 
 
-def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True) -> dict:
+@dataclass
+class GenerationBench:
+    """What ``prunekit bench --generate`` times: greedy generation from ``prompts`` (default:
+    the first batch of ``evaluation.perplexity[0]``'s windows cut to ``prompt_tokens``)."""
+
+    prompts: list[str] | None = None
+    prompt_tokens: int = 64
+    max_new_tokens: int = 32
+    rounds: int = 3
+    warmup: int = 1
+
+
+def _generation_inputs(plan: Plan, loaded: Loaded, spec: GenerationBench):
+    from prunekit.evaluation.generation import left_padded
+
+    if spec.prompts:
+        bos = sequence_bos("auto", loaded.adapter, loaded.tokenizer)
+        ids, mask = left_padded(loaded.tokenizer, spec.prompts, bos, spec.prompt_tokens)
+    else:
+        if not plan.recipe.evaluation.perplexity:
+            raise RecipeError("bench --generate without --prompt takes its prompts from "
+                              "evaluation.perplexity[0], and the recipe has none; add one "
+                              "or give --prompt")  # fmt: skip
+        windows, _ = perplexity_windows(plan, 0, loaded.tokenizer, loaded.adapter)
+        ids = windows[: plan.recipe.evaluation.perplexity[0].batch_size, : spec.prompt_tokens]
+        mask = torch.ones_like(ids)
+    device = next(loaded.model.parameters()).device
+    return ids.to(device), mask.to(device)
+
+
+def _time_generation(spec: GenerationBench, models: dict, ids, mask) -> dict:
+    from prunekit.evaluation.generation import greedy, time_generation
+
+    def runner(model, dense: bool):
+        def run():
+            ctx = model.dense() if dense else contextlib.nullcontext()
+            with ctx:
+                return greedy(model, ids, mask, spec.max_new_tokens)
+
+        return run
+
+    runs = {name: runner(model, dense) for name, (model, dense) in models.items()}
+    return time_generation(runs, int(mask.sum()), mask.shape[0] * (spec.max_new_tokens - 1),
+                           rounds=spec.rounds, warmup=spec.warmup)  # fmt: skip
+
+
+def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
+             generation: GenerationBench | None = None) -> dict:  # fmt: skip
     """Execute a validated plan, writing every output into ``output_dir`` atomically.
 
     Stages: load, time dense, calibrate and prune, evaluate, time pruned, write (into a
     staging directory renamed into place at the end; nothing is left behind on failure).
 
     :param evaluate: False skips perplexity and tasks (``prunekit bench``: runtime only).
+    :param generation: also time greedy generation, dense and pruned (``generation`` section:
+        prefill and decode seconds and tokens/s). A dynamic model's dense runs interleave
+        with its pruned runs (its ``dense()`` layers); a static method's dense model is timed
+        before it is pruned in place.
     """
     from prunekit.plugins import get_plugin_manager
 
@@ -831,6 +884,12 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True) -> di
             loaded = load(plan)
             timing_batches = _timing_batches(plan, loaded)
             dense_times, dense_memory = _time_dense(plan, loaded, timing_batches)
+            gen_inputs = gen_dense = None
+            if generation is not None:
+                gen_inputs = _generation_inputs(plan, loaded, generation)
+                if not plan.method_cls.dynamic:  # pruned in place next: time dense now
+                    gen_dense = _time_generation(generation, {"dense": (loaded.model, False)},
+                                                 *gen_inputs)  # fmt: skip
         with plugin_faults(pm, "calibration and pruning"):
             ctx, outcome = prune_loaded(plan, loaded)
         t2 = time.perf_counter()
@@ -845,6 +904,23 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True) -> di
             runtime = _runtime(plan, outcome, timing_batches, dense_times, dense_memory,
                                ctx.device)  # fmt: skip
         result = _result(plan, loaded, ctx, outcome, metrics, runtime, output_dir)
+        if generation is not None:
+            with plugin_faults(pm, "timing generation"):
+                models = {"pruned": (outcome.model, False)}
+                if gen_dense is None:
+                    models = {"dense": (outcome.model, True), **models}
+                timed = _time_generation(generation, models, *gen_inputs)
+            timed = {**(gen_dense or {}), **timed}
+            result["generation"] = {
+                "batch": int(gen_inputs[0].shape[0]),
+                "prompt_tokens": int(gen_inputs[1].sum()),
+                "max_new_tokens": generation.max_new_tokens,
+                "rounds": generation.rounds,
+                "interleaved": gen_dense is None,
+                **timed,
+                "decode_speedup": timed["dense"]["decode_s"] / timed["pruned"]["decode_s"],
+                "prefill_speedup": timed["dense"]["prefill_s"] / timed["pruned"]["prefill_s"],
+            }  # fmt: skip
         provenance = _provenance(plan, loaded, ctx, data_hashes)
         if recipe.output.save_model and outcome.save is not None:
             with plugin_faults(pm, "saving"):

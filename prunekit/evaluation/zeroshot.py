@@ -115,6 +115,39 @@ def _make_batch(pairs, max_length: int, pad_id: int):
     return ids, mask, spans
 
 
+def _prompt_then_continuation(model, pairs, max_length: int, pad_id: int, device):
+    """For a method that decides on the prompt: each context runs as a (left-padded) prompt,
+    then its continuation (right-padded) through the prompt's KV cache, as in generation.
+
+    Returns the logits over ``[last context token, continuation...]`` and, per row,
+    ``(start, targets)`` as :func:`_make_batch` does (the first continuation token is
+    predicted by the prompt's last position, as generation's first new token is).
+    """
+    from prunekit.evaluation.perplexity import cache_keyword, output_cache
+
+    contexts, continuations = [], []
+    for ctx, cont in pairs:
+        full = (list(ctx) + list(cont))[-(max_length + 1):]
+        n = min(len(cont), len(full) - 1)
+        contexts.append(full[:len(full) - n])
+        continuations.append(full[len(full) - n:])
+    bsz = len(pairs)
+    p_width, c_width = max(map(len, contexts)), max(map(len, continuations))
+    ids = torch.full((bsz, p_width + c_width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (ctx, cont) in enumerate(zip(contexts, continuations, strict=True)):
+        ids[i, p_width - len(ctx):p_width] = torch.tensor(ctx, dtype=torch.long)
+        ids[i, p_width:p_width + len(cont)] = torch.tensor(cont, dtype=torch.long)
+        mask[i, p_width - len(ctx):p_width + len(cont)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    out = model(input_ids=ids[:, :p_width], attention_mask=mask[:, :p_width], use_cache=True)
+    rest = model(input_ids=ids[:, p_width:], attention_mask=mask, use_cache=True,
+                 **{cache_keyword(model): output_cache(out)}).logits  # fmt: skip
+    logits = torch.cat([out.logits[:, -1:], rest], 1)
+    spans = [(0, cont) for cont in continuations]
+    return logits, spans
+
+
 def prepare_model(model, first_batch: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """The start every evaluation gets: what a dynamic method's protocol asks (reset, warm-up
     on the first batch); nothing for dense and static models."""
@@ -143,9 +176,13 @@ def score_requests(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], 
         ids, mask, _ = _make_batch(groups[0], max_length, pad_id)
         prepare_model(model, (ids, mask))
     out: list[ChoiceScore] = []
+    on_prompt = getattr(getattr(model, "protocol", None), "decides", None) == "prompt"
     for group in track(groups, description, total=len(groups)):
-        ids, mask, spans = _make_batch(group, max_length, pad_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        if on_prompt:
+            logits, spans = _prompt_then_continuation(model, group, max_length, pad_id, device)
+        else:
+            ids, mask, spans = _make_batch(group, max_length, pad_id)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for i, (start, targets) in enumerate(spans):
             # log-softmax only over the scored positions (a [T, vocab] fp32 copy per batch
             # would dominate memory for large vocabularies)

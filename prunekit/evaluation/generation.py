@@ -1,0 +1,123 @@
+"""Generation with pruned models: prompts in, continuations out, and its throughput.
+
+Every model (dense, static, dynamic) generates the same way: the prompts are left-padded into
+one batch with their true positions, the prompt runs once with a KV cache (prefill; a dynamic
+method decides its kept sets there), and each new token runs through the cache (decode; a
+dynamic model reuses the prompt's kept sets, see :mod:`prunekit.pruning.dynamic`).
+
+:func:`greedy` is the loop that :func:`time_generation` times (prefill and decode apart,
+which ``generate`` does not report); ``prunekit generate`` uses Hugging Face ``generate``
+(stopping at EOS), which runs the same forwards.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from prunekit.evaluation.perplexity import cache_keyword, output_cache
+
+
+def left_padded(tokenizer, prompts: Sequence[str], bos_id: int | None = None,
+                max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(input_ids, attention_mask)`` of ``prompts``, left-padded to the longest.
+
+    :param bos_id: prepended to each prompt when given (and not already its first token).
+    :param max_tokens: keep each prompt's last ``max_tokens`` tokens.
+    """
+    rows = []
+    for text in prompts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if bos_id is not None and (not ids or ids[0] != bos_id):
+            ids = [bos_id, *ids]
+        if max_tokens is not None:
+            ids = ids[-max_tokens:]
+        if not ids:
+            raise ValueError(f"prompt {text!r} has no tokens")
+        rows.append(ids)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        mask[i, width - len(ids):] = 1
+    return input_ids, mask
+
+
+def _positions(mask: torch.Tensor, seq: int) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           max_new_tokens: int) -> tuple[torch.Tensor, float, float]:  # fmt: skip
+    """Greedy decoding of ``max_new_tokens`` tokens per row (no early stop, so every row and
+    every run does the same work).
+
+    :returns: ``(new tokens [B, N], prefill seconds, decode seconds)``.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    device = input_ids.device
+    keyword = cache_keyword(model)
+    mask = attention_mask
+    _sync(device)
+    start = time.perf_counter()
+    out = model(input_ids=input_ids, attention_mask=mask, use_cache=True,
+                position_ids=_positions(mask, input_ids.shape[1]))  # fmt: skip
+    token = out.logits[:, -1].argmax(-1)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    tokens = [token]
+    start = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        out = model(input_ids=token[:, None], attention_mask=mask, use_cache=True,
+                    position_ids=_positions(mask, 1), **{keyword: output_cache(out)})  # fmt: skip
+        token = out.logits[:, -1].argmax(-1)
+        tokens.append(token)
+    _sync(device)
+    return torch.stack(tokens, 1), prefill, time.perf_counter() - start
+
+
+def time_generation(runs: dict[str, Callable[[], tuple[torch.Tensor, float, float]]],
+                    prompt_tokens: int, new_tokens: int, rounds: int = 3,
+                    warmup: int = 1) -> dict:  # fmt: skip
+    """Time several ways of generating (e.g. ``{"dense": ..., "pruned": ...}``) in interleaved
+    rounds on the same prompts; each callable returns what :func:`greedy` does.
+
+    :param prompt_tokens: real prompt tokens per run (for prefill tokens/s).
+    :param new_tokens: tokens the decode loop produces per run, all rows (for decode
+        tokens/s; the first new token of each row comes from the prefill).
+    :returns: per name: median prefill and decode seconds, their spread (min, max), tokens/s.
+    """
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            _, prefill, decode = run()
+            times[name]["prefill"].append(prefill)
+            times[name]["decode"].append(decode)
+    out = {}
+    for name, t in times.items():
+        p, d = statistics.median(t["prefill"]), statistics.median(t["decode"])
+        out[name] = {
+            "prefill_s": p, "prefill_s_all": t["prefill"],
+            "decode_s": d, "decode_s_all": t["decode"],
+            "prefill_tokens_per_s": prompt_tokens / p if p else None,
+            "decode_tokens_per_s": new_tokens / d if d else None,
+        }  # fmt: skip
+    return out
