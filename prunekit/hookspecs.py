@@ -63,7 +63,12 @@ def prunekit_register_components(register: RegisterFn) -> None:
 
     :param register: call ``register(kind, name, factory, description=None)``; ``factory``
         is what the kind's dedicated hook would take (``factory(**options)`` for slot kinds,
-        the class for adapters and methods).
+        the class for adapters and methods). ``register.kinds`` is the set of kinds declared
+        (the engine's and every installed plugin's), so a component of another plugin's kind
+        can be registered only when that plugin is there::
+
+            if "probe" in register.kinds:  # declared by the pp plugin
+                register("probe", "input_norm", InputNormProbe)
 
     Called once, when the registry is built, after the per-kind hooks below.
     """

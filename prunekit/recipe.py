@@ -90,10 +90,9 @@ class MethodConfig(BaseModel):
     skip_layers: list[int] = Field(default_factory=lambda: [0, 1, 2])
     round_to: int = Field(64, ge=1)
     state: StateConfig = Field(default_factory=StateConfig)
+    # the engine's slot kinds; slots of kinds that plugins declare (PP's probe, fusion,
+    # history...) are extra keys, read with slot()
     statistic: SlotConfig | None = None
-    probe: SlotConfig | None = None
-    fusion: SlotConfig | None = None
-    history: SlotConfig | None = None
     metric: SlotConfig | None = None
     allocator: SlotConfig | None = None
     compensator: SlotConfig | None = None

@@ -300,6 +300,9 @@ def build_registry(pm) -> Registry:
             registry.add(Entry(kind, name, factory, _by, description or _doc(factory),
                                is_builtin(_by)))  # fmt: skip
 
+        # every kind is declared by now: a plugin can register a component of another
+        # plugin's kind only when that plugin is installed (``if "probe" in register.kinds``)
+        register_any.kinds = frozenset(registry.kinds)
         _call_hook(impl, "prunekit_register_components", register_any)
 
     _warn_unknown_hooks(pm)

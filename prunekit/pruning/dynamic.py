@@ -219,9 +219,12 @@ class DynamicDecoderLayer(nn.Module):
                 plan = rt.continued[key] = self._plan(la, group, kept, x.device)
             # continuing a prompt leaves the method's state alone
             return self._execute(plan, run, False, bsz)
-        observe = (rt.observes_activations and not rt.holding
+        on_prompt = rt.protocol.decides == "prompt"
+        # inside hold() the method's state is left alone, but a method that decides on the
+        # prompt still sees the prompt it decides on
+        observe = (rt.observes_activations and (on_prompt or not rt.holding)
                    and rt.controller.wants_activations(la, group))  # fmt: skip
-        if rt.protocol.decides == "prompt":
+        if on_prompt:
             # the prompt runs dense and is observed; the decision is for what continues it
             out = run(self._plan(la, group, None, x.device), observe)
             if observe:
