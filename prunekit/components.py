@@ -94,7 +94,7 @@ class BlockDriver(Protocol):
             ``observe=True`` the pair ``(output, output-projection input)``.
             ``run(weights, observe, rows=rows, cache_view=view)`` runs only the batch rows
             ``rows`` (per-sequence kept sets): the input and the layer's keyword arguments are
-            restricted to those rows (:func:`prunekit.pruning.rows.row_kwargs`) and a KV cache
+            restricted to those rows (:func:`prunekit.rows.row_kwargs`) and a KV cache
             among them is replaced by ``view(cache)``.
         """
 
@@ -236,7 +236,7 @@ class LayerAdapter(ABC):
                 def run(weights, observe=False, rows=None, cache_view=None, _group=group, _x=x):
                     if rows is None:
                         return self.run(_group, _x, weights, observe=observe, **layer_kwargs)
-                    from prunekit.pruning.rows import row_kwargs
+                    from prunekit.rows import row_kwargs
 
                     kw = row_kwargs(layer_kwargs, rows, _x.shape[0], cache_view)
                     return self.run(_group, _x.index_select(0, rows), weights, observe=observe,

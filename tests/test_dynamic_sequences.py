@@ -17,8 +17,8 @@ from transformers import LlamaForCausalLM
 import prunekit
 from prunekit.components import ATTN, MLP, DynamicProtocol
 from prunekit.pruning.dynamic import DynamicModel
-from prunekit.pruning.rows import row_groups
 from prunekit.registry import resolve_adapter
+from prunekit.rows import row_groups
 from prunekit.testing import tiny_gemma3, tiny_llama, tiny_mistral, tiny_opt
 
 ATOL = 1e-5
@@ -172,7 +172,7 @@ def test_pp_seq_rows_match_running_alone(heads, kv):
 
 
 def test_pp_seq_history_update_averages_the_rows_that_kept_each_channel():
-    from plugins.pp.history import Ema
+    from prunekit_plugins.pp.history import Ema
 
     history = torch.ones(4, 6)
     x = torch.tensor([[[1.0, 2.0]] * 3, [[3.0, 4.0]] * 3])  # [B=2, T=3, K=2]

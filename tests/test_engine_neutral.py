@@ -14,7 +14,7 @@ import prunekit
 ROOT = Path(prunekit.__file__).parent
 ENGINE = sorted([*ROOT.glob("pruning/*.py"), *ROOT.glob("evaluation/*.py"), ROOT / "runner.py",
                  ROOT / "calibration.py", ROOT / "components.py", ROOT / "registry.py",
-                 ROOT / "ratios.py"])  # fmt: skip
+                 ROOT / "ratios.py", ROOT / "rows.py"])  # fmt: skip
 #: architecture-neutral modules under prunekit.models
 NEUTRAL_MODELS = {"prunekit.models", "prunekit.models.loading", "prunekit.models.kit"}
 

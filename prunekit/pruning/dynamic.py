@@ -12,7 +12,7 @@ code is shared with static and dense models.
 When decisions happen is the method's :class:`~prunekit.components.DynamicProtocol`
 (``decides``): one kept set per batch (the fast path), one per sequence (``[B, k]``: rows that
 share a set run together, the others as separate gathered matmuls, see
-:mod:`prunekit.pruning.rows`), or on the prompt only (the prompt runs dense and is observed).
+:mod:`prunekit.rows`), or on the prompt only (the prompt runs dense and is observed).
 A forward that continues a KV cache (generation's decoding steps, a scored continuation)
 reuses the kept sets decided on its prompt, so the cache stays consistent with the kept heads;
 a test counts the decisions.
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from prunekit.components import ATTN, MLP, DynamicProtocol, LayerAdapter, ModelAdapter
-from prunekit.pruning.rows import RowCacheView, row_groups
+from prunekit.rows import RowCacheView, row_groups
 
 
 @dataclass
