@@ -41,3 +41,37 @@ def smollm2(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "prunekit-cache"
     os.environ.setdefault("PRUNEKIT_CACHE_DIR", str(cache))
     return load_model("smollm2-135m-instruct", dtype="float32", device="cpu", cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
+def install_plugin_package(tmp_path_factory):
+    """``install(package_dir) -> target``: an outside plugin package (its own pyproject.toml)
+    installed with ``pip install --no-deps --target`` into a fresh directory, built from a copy
+    (setuptools writes build/ and *.egg-info next to the sources) with the installed setuptools
+    (no network). Tests put ``target`` on a subprocess's PYTHONPATH, so ``importlib.metadata``
+    finds the entry point as for an installed package. Skips when pip cannot build it."""
+    import importlib.util
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    def install(package_dir: Path) -> Path:
+        name = package_dir.name
+        target = tmp_path_factory.mktemp(f"{name}-site")
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
+               "--disable-pip-version-check", "--target", str(target)]  # fmt: skip
+        if importlib.util.find_spec("setuptools") is not None:
+            cmd.append("--no-build-isolation")
+        source = tmp_path_factory.mktemp(f"{name}-src") / name
+        shutil.copytree(package_dir, source,
+                        ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))  # fmt: skip
+        proc = subprocess.run([*cmd, str(source)], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            pytest.skip(f"could not pip-install {name} (no setuptools, and no network for build "
+                        f"isolation?):\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")  # fmt: skip
+        dist = name.replace("-", "_")
+        assert list(target.glob(f"{dist}-*.dist-info")), sorted(os.listdir(target))
+        return target
+
+    return install

@@ -19,7 +19,6 @@ import ast
 import importlib.util
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -272,23 +271,10 @@ def _run(args: list[str], tmp_path: Path, pythonpath: str | None = None):
 
 
 @pytest.fixture(scope="module")
-def griffin_plugin(tmp_path_factory) -> Path:
+def griffin_plugin(install_plugin_package) -> Path:
     """The example package installed with pip into a fresh target directory."""
-    target = tmp_path_factory.mktemp("griffin-site")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
-           "--disable-pip-version-check", "--target", str(target)]  # fmt: skip
-    if importlib.util.find_spec("setuptools") is not None:
-        cmd.append("--no-build-isolation")  # build with the installed setuptools: no network
-    # build from a copy: setuptools writes build/ and *.egg-info next to the sources
-    source = tmp_path_factory.mktemp("griffin-src") / PACKAGE_DIR.name
-    shutil.copytree(PACKAGE_DIR, source, ignore=shutil.ignore_patterns("__pycache__", "build",
-                                                                       "*.egg-info"))  # fmt: skip
-    proc = subprocess.run([*cmd, str(source)], capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.skip("could not pip-install the example plugin package (no setuptools, and no "
-                    f"network for build isolation?):\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")  # fmt: skip
+    target = install_plugin_package(PACKAGE_DIR)
     dist = list(target.glob("prunekit_griffin-*.dist-info"))
-    assert dist, sorted(os.listdir(target))
     assert "griffin = prunekit_griffin" in (dist[0] / "entry_points.txt").read_text()
     return target
 

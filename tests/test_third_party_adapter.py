@@ -9,9 +9,7 @@ finds its entry point exactly as for an installed package. This process never im
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,22 +125,9 @@ def _run(script: str, tmp_path: Path, pythonpath: str | None = None):
 
 
 @pytest.fixture(scope="module")
-def granite_plugin(tmp_path_factory) -> Path:
+def granite_plugin(install_plugin_package) -> Path:
     """The plugin package installed with pip into a fresh target directory."""
-    target = tmp_path_factory.mktemp("granite-site")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
-           "--disable-pip-version-check", "--target", str(target)]  # fmt: skip
-    if importlib.util.find_spec("setuptools") is not None:
-        cmd.append("--no-build-isolation")  # build with the installed setuptools: no network
-    # build from a copy: setuptools writes build/ and *.egg-info next to the sources
-    source = tmp_path_factory.mktemp("granite-src") / PACKAGE_DIR.name
-    shutil.copytree(PACKAGE_DIR, source, ignore=shutil.ignore_patterns("__pycache__"))
-    proc = subprocess.run([*cmd, str(source)], capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.skip("could not pip-install the example plugin package (no setuptools, and no "
-                    f"network for build isolation?):\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")  # fmt: skip
-    assert list(target.glob("prunekit_granite-*.dist-info")), sorted(os.listdir(target))
-    return target
+    return install_plugin_package(PACKAGE_DIR)
 
 
 def test_installed_plugin_adapter_runs_pp_and_wanda_sp(granite_plugin, tmp_path):
