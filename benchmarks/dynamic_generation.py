@@ -37,7 +37,7 @@ import torch
 import prunekit
 from prunekit.data import eval_windows, locate_corpus
 from prunekit.data.tasks import load_questions, locate_task
-from prunekit.evaluation.generation import greedy
+from prunekit.evaluation.generation import greedy, time_generation
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.evaluation.zeroshot import evaluate_questions
 from prunekit.models.loading import load_model
@@ -121,27 +121,13 @@ def main() -> None:
         with keep() if keep else contextlib.nullcontext():
             return greedy(model, gen_ids, gen_mask, args.new_tokens)
 
-    for model in models.values():
-        run(model)
-    times = {name: {"prefill": [], "decode": []} for name in models}
-    for r in range(args.rounds):
-        for name, model in models.items():
-            _, prefill, decode = run(model)
-            times[name]["prefill"].append(prefill)
-            times[name]["decode"].append(decode)
-        log(f"generation round {r + 1}/{args.rounds}")
-    prompt_tokens = int(gen_mask.sum())
-    decode_tokens = args.gen_batch * (args.new_tokens - 1)
+    speeds = time_generation({name: (lambda m=model: run(m)) for name, model in models.items()},
+                             int(gen_mask.sum()), args.gen_batch * (args.new_tokens - 1),
+                             rounds=args.rounds, warmup=1)  # fmt: skip
 
-    def speed(name: str) -> dict:
-        p, d = statistics.median(times[name]["prefill"]), statistics.median(times[name]["decode"])
-        return {"prefill_s": p, "decode_s": d, "prefill_s_all": times[name]["prefill"],
-                "decode_s_all": times[name]["decode"],
-                "prefill_tokens_per_s": prompt_tokens / p, "decode_tokens_per_s": decode_tokens / d}  # fmt: skip
-
-    dense["generation"] = speed("dense")
+    dense["generation"] = speeds["dense"]
     for row in rows:
-        g = row["generation"] = speed(f"{row['method']}@{row['ratio']}")
+        g = row["generation"] = speeds[f"{row['method']}@{row['ratio']}"]
         row["decode_speedup"] = dense["generation"]["decode_s"] / g["decode_s"]
         row["decode_speedup_spread"] = [dense["generation"]["decode_s"] / max(g["decode_s_all"]),
                                         dense["generation"]["decode_s"] / min(g["decode_s_all"])]  # fmt: skip

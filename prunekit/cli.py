@@ -221,8 +221,11 @@ def generate_cmd(
     A dynamic method decides its kept sets on the prompts (per prompt where it decides per
     sequence) and every decoding step reuses them. Nothing is written.
     """
+    import torch
+
     from prunekit.errors import RecipeError
     from prunekit.evaluation.generation import left_padded
+    from prunekit.evaluation.zeroshot import _pad_id
     from prunekit.runner import prepare, sequence_bos
 
     _quiet(quiet)
@@ -235,13 +238,10 @@ def generate_cmd(
     bos = sequence_bos("auto", prepared.loaded.adapter, tokenizer)
     ids, mask = left_padded(tokenizer, prompt, bos)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    import torch
-
     with torch.no_grad():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad)  # fmt: skip
+                             pad_token_id=_pad_id(tokenizer))  # fmt: skip
     for text, row in zip(prompt, out[:, ids.shape[1]:], strict=True):
         typer.echo(f"> {text}\n{tokenizer.decode(row, skip_special_tokens=True)}\n")
 

@@ -846,8 +846,10 @@ def _time_generation(spec: GenerationBench, models: dict, ids, mask) -> dict:
 
     def runner(model, dense: bool):
         def run():
-            ctx = model.dense() if dense else contextlib.nullcontext()
-            with ctx:
+            # a dynamic model's state is left as it was (timing leaves no trace)
+            keep = getattr(model, "preserved_state", None)
+            with (model.dense() if dense else contextlib.nullcontext()), (
+                    keep() if keep else contextlib.nullcontext()):  # fmt: skip
                 return greedy(model, ids, mask, spec.max_new_tokens)
 
         return run

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from prunekit.evaluation.perplexity import cache_keyword, output_cache
+from prunekit.evaluation.zeroshot import _pad_id
+from prunekit.pruning.dynamic import true_positions
 
 
 def left_padded(tokenizer, prompts: Sequence[str], bos_id: int | None = None,
@@ -38,20 +40,13 @@ def left_padded(tokenizer, prompts: Sequence[str], bos_id: int | None = None,
         if not ids:
             raise ValueError(f"prompt {text!r} has no tokens")
         rows.append(ids)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+    input_ids = torch.full((len(rows), width), _pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     for i, ids in enumerate(rows):
         input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         mask[i, width - len(ids):] = 1
     return input_ids, mask
-
-
-def _positions(mask: torch.Tensor, seq: int) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
 
 
 def _sync(device: torch.device) -> None:
@@ -75,7 +70,7 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     _sync(device)
     start = time.perf_counter()
     out = model(input_ids=input_ids, attention_mask=mask, use_cache=True,
-                position_ids=_positions(mask, input_ids.shape[1]))  # fmt: skip
+                position_ids=true_positions(mask, input_ids.shape[1]))  # fmt: skip
     token = out.logits[:, -1].argmax(-1)
     _sync(device)
     prefill = time.perf_counter() - start
@@ -84,7 +79,7 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     for _ in range(max_new_tokens - 1):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         out = model(input_ids=token[:, None], attention_mask=mask, use_cache=True,
-                    position_ids=_positions(mask, 1), **{keyword: output_cache(out)})  # fmt: skip
+                    position_ids=true_positions(mask, 1), **{keyword: output_cache(out)})  # fmt: skip
         token = out.logits[:, -1].argmax(-1)
         tokens.append(token)
     _sync(device)

@@ -39,20 +39,27 @@ def output_cache(output):
 
 
 def continuation_logits(model, input_ids: torch.Tensor, prompt_tokens: int,
-                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """Logits of the continuation ``input_ids[:, prompt_tokens:]`` run through the KV cache of
-    its prompt ``input_ids[:, :prompt_tokens]`` (a dynamic method decides on the prompt and
-    every continuation token reuses those decisions, as in generation)."""
+                        attention_mask: torch.Tensor | None = None):  # fmt: skip
+    """``(prompt's last logits [B, 1, V], continuation logits)``: the prompt
+    ``input_ids[:, :prompt_tokens]`` runs with a KV cache and the continuation
+    ``input_ids[:, prompt_tokens:]`` through that cache (a dynamic method decides on the prompt
+    and every continuation token reuses those decisions, as in generation).
+
+    :param attention_mask: ``[B, T]`` over prompt and continuation (e.g. left-padded prompts,
+        right-padded continuations).
+    """
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask[:, :prompt_tokens]}
     out = model(input_ids=input_ids[:, :prompt_tokens], use_cache=True, **kwargs)
-    cache = output_cache(out)
+    cache, last = output_cache(out), out.logits[:, -1:].clone()
+    del out  # the prompt's full logits are not kept through the continuation
     if cache is None:
         raise RuntimeError(f"{type(model).__name__} returned no KV cache; prompt_tokens needs a "
                            "model that caches keys and values")  # fmt: skip
     if attention_mask is not None:
         kwargs = {"attention_mask": attention_mask}
     rest = input_ids[:, prompt_tokens:]
-    return model(input_ids=rest, use_cache=True, **{cache_keyword(model): cache}, **kwargs).logits
+    logits = model(input_ids=rest, use_cache=True, **{cache_keyword(model): cache}, **kwargs).logits
+    return last, logits
 
 
 @torch.no_grad()
@@ -69,7 +76,7 @@ def batch_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     already ~10 GB. The row sums are added in float64.
     """
     if prompt_tokens:
-        logits = continuation_logits(model, input_ids, prompt_tokens, attention_mask)
+        _, logits = continuation_logits(model, input_ids, prompt_tokens, attention_mask)
         first = prompt_tokens
     else:
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}

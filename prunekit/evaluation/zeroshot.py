@@ -123,7 +123,7 @@ def _prompt_then_continuation(model, pairs, max_length: int, pad_id: int, device
     ``(start, targets)`` as :func:`_make_batch` does (the first continuation token is
     predicted by the prompt's last position, as generation's first new token is).
     """
-    from prunekit.evaluation.perplexity import cache_keyword, output_cache
+    from prunekit.evaluation.perplexity import continuation_logits
 
     contexts, continuations = [], []
     for ctx, cont in pairs:
@@ -139,11 +139,8 @@ def _prompt_then_continuation(model, pairs, max_length: int, pad_id: int, device
         ids[i, p_width - len(ctx):p_width] = torch.tensor(ctx, dtype=torch.long)
         ids[i, p_width:p_width + len(cont)] = torch.tensor(cont, dtype=torch.long)
         mask[i, p_width - len(ctx):p_width + len(cont)] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    out = model(input_ids=ids[:, :p_width], attention_mask=mask[:, :p_width], use_cache=True)
-    rest = model(input_ids=ids[:, p_width:], attention_mask=mask, use_cache=True,
-                 **{cache_keyword(model): output_cache(out)}).logits  # fmt: skip
-    logits = torch.cat([out.logits[:, -1:], rest], 1)
+    last, rest = continuation_logits(model, ids.to(device), p_width, mask.to(device))
+    logits = torch.cat([last, rest], 1)
     spans = [(0, cont) for cont in continuations]
     return logits, spans
 

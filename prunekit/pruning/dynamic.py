@@ -289,6 +289,12 @@ def _merge_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int)
     return out
 
 
+def true_positions(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """True positions of the last ``seq`` tokens of a 2-D ``attention_mask`` (1 = real token)
+    that spans every token so far: left-padded rows count from their first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+
+
 def begin_evaluation(model, input_ids=None, attention_mask=None) -> None:
     """Start an evaluation of any model: a dynamic model follows its method's protocol
     (reset, warm-up on ``input_ids``); dense and static models need nothing."""
@@ -374,7 +380,7 @@ class DynamicModel(nn.Module):
         seq = ref.shape[1]
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # true positions of left-padded rows (the mask spans the cached tokens too)
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+            position_ids = true_positions(attention_mask, seq)
         return self.model(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids, **kwargs)  # fmt: skip
 
@@ -392,7 +398,7 @@ class DynamicModel(nn.Module):
         if mask is not None and mask.dim() == 2:
             token_mask = mask[:, -seq:].bool()
             if position_ids is None:
-                position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+                position_ids = true_positions(mask, seq)
         else:
             token_mask = torch.ones(bsz, seq, dtype=torch.bool, device=ref.device)
         if position_ids is None:
