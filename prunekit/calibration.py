@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from prunekit.components import CalibrationStatistic, ModelAdapter
+from prunekit.devices import input_device
 from prunekit.hookspecs import hookimpl
 from prunekit.progress import track
 
@@ -143,11 +144,14 @@ def collect_statistics(
     :param cache_key: what identifies the data and model (fingerprint, data hash, window
         settings); ``None`` disables the cache. The statistic's name and options and the
         prunekit version are added to it.
+    :param device: where the windows go (default: the device of the model's input
+        embeddings, :func:`prunekit.devices.input_device`). On a model dispatched over several
+        devices, each statistic sees every layer's activations on that layer's device.
     :returns: ``{statistic name: {(layer, group): {tensor name: tensor}}}``
     """
     from prunekit import __version__
 
-    device = device or next(model.parameters()).device
+    device = device or input_device(model)
     results: dict[str, LayerStats] = {}
     missing = []
     for stat in statistics:

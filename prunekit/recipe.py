@@ -11,9 +11,10 @@ are relative to the current working directory, like paths on the command line.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -21,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -43,6 +45,9 @@ class ModelConfig(_Strict):
     #: config, third-party adapters asked before the built-in ones; see docs/plugins.md,
     #: "Adapter resolution")
     adapter: str | None = None
+    #: with ``device: auto``: the most memory each device may hold (GPU index, ``cpu`` or
+    #: ``disk`` -> a size such as ``20GiB``, or bytes), normalised to bytes
+    max_memory: dict[int | str, int | str] | None = None
 
     @field_validator("device")
     @classmethod
@@ -51,6 +56,45 @@ class ModelConfig(_Strict):
         if not ok:
             raise ValueError("choose 'cpu', 'cuda', 'cuda:N' or 'auto'")
         return v
+
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory(cls, v: dict | None, info: ValidationInfo) -> dict[int | str, int] | None:
+        device = info.data.get("device")
+        if v is not None and device is not None and device != "auto":
+            raise ValueError(f"applies only with model.device: auto (device_map=\"auto\"), "
+                             f"not {device!r}; set model.device: auto or remove model.max_memory")  # fmt: skip
+        if v is None:
+            return None
+        return {cls._memory_device(k): cls._memory_size(k, size) for k, size in v.items()}
+
+    _SIZE_UNITS: ClassVar[dict[str, int]] = {
+        "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+        "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    }  # fmt: skip
+
+    @staticmethod
+    def _memory_device(key: int | str) -> int | str:
+        """A ``max_memory`` key as accelerate takes it: a GPU index (``0``, ``"cuda:0"``,
+        ``"0"``), ``"cpu"`` or ``"disk"``."""
+        text = str(key).strip().lower().removeprefix("cuda:")
+        if text.isdigit():
+            return int(text)
+        if text in ("cpu", "disk"):
+            return text
+        raise ValueError(f"unknown device {key!r}: use a GPU index (0, 1, ... or cuda:N), "
+                         "'cpu' or 'disk'")  # fmt: skip
+
+    @classmethod
+    def _memory_size(cls, key: int | str, size: int | str) -> int:
+        """A ``max_memory`` size in bytes: an integer, or a number with a unit (``20GiB``,
+        ``500MB``; decimal and binary units, case-insensitive)."""
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+        unit = (match.group(2).upper() or "B") if match else ""
+        if not match or unit not in cls._SIZE_UNITS:
+            raise ValueError(f"{key}: {size!r} is not a memory size; give bytes or a number "
+                             "with a unit, e.g. 20GiB, 512MiB, 8GB")  # fmt: skip
+        return int(float(match.group(1)) * cls._SIZE_UNITS[unit])
 
 
 class CalibrationConfig(_Strict):

@@ -125,9 +125,12 @@ class FlapGlobal:
     def module_ratios(self, scores, adapter, settings) -> dict[tuple[int, str], float]:
         """The fraction of units pruned per (layer, group) by the global threshold."""
         units, weights, owners = [], [], []
+        device = next(iter(scores.values())).device if scores else None
         for key, s in scores.items():
             layer = adapter.layers()[key[0]]
-            z = self._standardise(s.float().flatten())
+            # pooled over every layer, so on one device (a dispatched model's layers have their
+            # own): the first layer's
+            z = self._standardise(s.float().flatten().to(device))
             if key[1] == ATTN:
                 width = layer.unit_width(ATTN)
                 z = z.view(-1, width).mean(1) if z.numel() == layer.units(ATTN) * width else z

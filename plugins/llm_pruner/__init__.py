@@ -30,7 +30,8 @@ import time
 import torch
 
 from prunekit import hookimpl
-from prunekit.errors import RecipeError
+from prunekit.devices import input_device, is_offloaded
+from prunekit.errors import ModelError, RecipeError
 from prunekit.pruning.static import StaticMethod
 
 
@@ -122,16 +123,25 @@ class LlmPruner(StaticMethod):
         the pruned layers' coupled groups, ``unit_slices``: weights and biases), then let the
         metric read them."""
         start = time.perf_counter()
-        windows = self._grad_windows(ctx)
         model = ctx.model
-        params = []
         skip = set(self.settings.skip_layers)
-        for layer in ctx.adapter.layers():
-            if layer.index in skip:  # only the layers that will be pruned need gradients
-                continue
+        pruned = [layer for layer in ctx.adapter.layers() if layer.index not in skip]
+        offloaded = [layer.index for layer in pruned if is_offloaded(layer.module)]
+        if offloaded:
+            raise ModelError(
+                f"llm-pruner needs the gradients of the weights it scores, and the weights of "
+                f"layers {offloaded} are offloaded to the CPU or the disk (model.device: auto), "
+                "which keeps no gradient: give model.max_memory room for those layers on their "
+                "devices, skip them (method.skip_layers), or use a method without gradients "
+                "(wanda-sp, flap, pp)"
+            )
+        windows = self._grad_windows(ctx)
+        params = []
+        for layer in pruned:  # only the layers that will be pruned need gradients
             for group in layer.groups:
                 params += [piece.tensor for piece in layer.unit_slices(group)]
-        previous = {id(p): p.requires_grad for p in model.parameters()}
+        # by name: accelerate replaces the parameters of offloaded modules at each forward
+        previous = {name: p.requires_grad for name, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
         for p in params:
@@ -140,12 +150,12 @@ class LlmPruner(StaticMethod):
         try:
             with torch.enable_grad():
                 for batch in torch.split(windows, 2):
-                    batch = batch.to(ctx.device)
+                    batch = batch.to(input_device(model))
                     loss = model(input_ids=batch, labels=batch).loss
                     (loss * batch.shape[0] / windows.shape[0]).backward()
         finally:
-            for p in model.parameters():
-                p.requires_grad_(previous[id(p)])
+            for name, p in model.named_parameters():
+                p.requires_grad_(previous[name])
         self._params = params
         ctx.timings["gradients_s"] = time.perf_counter() - start
         return {}

@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from prunekit.devices import input_device, new_offload_folder, stored_tensor
 from prunekit.errors import ModelError, did_you_mean
 
 if TYPE_CHECKING:
@@ -462,7 +464,7 @@ def _weights_sha256(directory: Path) -> str | None:
 
 def _tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's raw bytes in logical (row-major) order, whatever its device."""
-    if tensor.is_meta:  # offloaded by accelerate: the content is not in memory
+    if tensor.is_meta:  # no content anywhere (a model built on the meta device)
         return "meta"
     data = tensor.detach()
     if data.device.type != "cpu":
@@ -506,7 +508,9 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     (e.g. rotary ``inv_freq``) are recomputed from the config, so only their name, shape and
     dtype count. Tensors are hashed in parallel threads (hashlib releases the GIL), so a model of
     a few hundred million parameters takes well under a second. The digest does not depend on the
-    device, the process or the attention implementation; it does depend on the dtype.
+    device, the process or the attention implementation; it does depend on the dtype. Weights
+    that accelerate offloaded (CPU memory or disk) are read from where they are stored, one at
+    a time, so a dispatched model has the digest of the same model in one piece.
     """
     entries: list[tuple[str, str, torch.Tensor | None]] = []
     seen: set[int] = set()
@@ -525,10 +529,16 @@ def model_fingerprint(model: torch.nn.Module) -> str:
             else:
                 entries.append(("buffer", full_name, buffer))
 
-    to_hash = [t for kind, _, t in entries if kind != "derived"]
+    def digest(name: str, tensor: torch.Tensor) -> str:
+        if tensor.is_meta:  # offloaded by accelerate: hash the stored copy
+            with contextlib.suppress(KeyError):
+                tensor = stored_tensor(model, name)
+        return _tensor_sha256(tensor)
+
+    to_hash = [(name, t) for kind, name, t in entries if kind != "derived"]
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = iter(list(pool.map(_tensor_sha256, to_hash)))
+        digests = iter(list(pool.map(lambda item: digest(*item), to_hash)))
 
     hasher = hashlib.sha256()
     config = getattr(model, "config", None)
@@ -791,6 +801,7 @@ def load_model(
     device: str = "cpu",
     cache_dir: str | os.PathLike[str] | None = None,
     attn_implementation: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from an alias, a local directory or a hub id.
 
@@ -798,11 +809,18 @@ def load_model(
         model_id: an alias from :data:`ALIASES`, a local ``save_pretrained`` directory, or a
             Hugging Face hub id.
         dtype: ``float32``, ``bfloat16`` or ``float16`` (or ``fp32``/``bf16``/``fp16``).
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``. ``auto`` with CUDA available loads
-            with ``device_map="auto"`` (spreads over every GPU, offloads what does not fit).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``. ``auto`` with CUDA available, or
+            with ``max_memory``, loads with accelerate's ``device_map="auto"``: the layers are
+            spread over every GPU, then the CPU, and what does not fit is offloaded to disk,
+            into a folder under ``<cache>/offload/`` deleted with the model (see
+            :mod:`prunekit.devices`). ``auto`` without CUDA and without ``max_memory`` loads
+            on the CPU in one piece.
         cache_dir: root of prunekit's cache (default :func:`cache_root`); converted aliases live
             under ``<cache_dir>/models/``. The Hugging Face download cache is not affected.
         attn_implementation: e.g. ``"eager"`` or ``"sdpa"``; None lets transformers choose.
+        max_memory: the most memory each device may hold, ``{0: "20GiB", "cpu": "2GiB"}``
+            (GPU index, ``"cpu"`` or ``"disk"`` -> bytes or a size string), handed to
+            ``from_pretrained``; only with ``device="auto"``.
 
     Raises:
         ModelError: bad dtype or device, missing alias wheel, missing or broken local
@@ -812,7 +830,11 @@ def load_model(
 
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
-    use_device_map = str(device).strip().lower() == "auto" and torch_device.type == "cuda"
+    auto = str(device).strip().lower() == "auto"
+    if max_memory is not None and not auto:
+        raise ModelError(f"max_memory applies only to device 'auto' (device_map=\"auto\"), "
+                         f"not to device {device!r}: use device 'auto' or drop max_memory")  # fmt: skip
+    use_device_map = auto and (torch_device.type == "cuda" or max_memory is not None)
     if torch_device.type == "cpu" and torch_dtype == torch.bfloat16 and cpu_has_bf16() is False:
         logger.warning(
             "bfloat16 on this CPU: it has no native bfloat16 matmul (no AVX512-BF16 or AMX), "
@@ -825,8 +847,12 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    offload_folder = None
     if use_device_map:
-        kwargs["device_map"] = "auto"
+        offload_folder = new_offload_folder()
+        kwargs.update(device_map="auto", offload_folder=str(offload_folder))
+        if max_memory is not None:
+            kwargs["max_memory"] = dict(max_memory)
 
     info: dict[str, Any] = {"id": model_id, "source": source}
     if source == "alias":
@@ -878,7 +904,11 @@ def load_model(
     except ModelError:
         raise
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, RuntimeError...
+        if offload_folder is not None:
+            shutil.rmtree(offload_folder, ignore_errors=True)
         raise ModelError(f"could not load {where} ({_brief(exc)}): {fix}") from exc
+    if offload_folder is not None:  # offloaded weights live as long as the model
+        weakref.finalize(model, shutil.rmtree, offload_folder, ignore_errors=True)
 
     if not use_device_map:
         try:
@@ -894,10 +924,9 @@ def load_model(
     if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id
 
-    first = next(model.parameters(), None)
     info.update(
         dtype=_dtype_name(torch_dtype),
-        device=str(first.device) if first is not None else str(torch_device),
+        device=str(input_device(model)),
         attn_implementation=getattr(model.config, "_attn_implementation", None),
         architecture=(getattr(model.config, "architectures", None) or [type(model).__name__])[0],
         num_parameters=sum(p.numel() for p in model.parameters()),

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from prunekit.components import ATTN, MLP, DynamicProtocol, LayerAdapter, ModelAdapter
+from prunekit.devices import execution_device, onloaded
 from prunekit.rows import RowCacheView, row_groups
 
 
@@ -262,11 +263,43 @@ class DynamicDecoderLayer(nn.Module):
             finally:
                 rt.batch = None
         la, batch = self.adapter, rt.batch
-        out = la.run_block(hidden_states, driver=self._drive, **kwargs)
+        if any(hasattr(m, "_hf_hook") for m in self.layer.modules()):  # accelerate's
+            out = _run_dispatched(self.layer, batch, la.index, hidden_states, kwargs,
+                                  lambda h, kw: la.run_block(h, driver=self._drive, **kw))  # fmt: skip
+        else:
+            out = la.run_block(hidden_states, driver=self._drive, **kwargs)
         # keep only what async probing may read (the previous layer's residuals)
         batch.residuals.pop((la.index - 1, ATTN), None)
         batch.residuals.pop((la.index - 2, MLP), None)
         return out
+
+
+def _run_dispatched(layer: nn.Module, batch: BatchState, index: int, hidden_states,
+                    kwargs: dict, run):  # fmt: skip
+    """``run(hidden_states, kwargs)`` for a layer dispatched by accelerate, which calling
+    ``run_block`` instead of the layer's ``forward`` would bypass: the layer's own hook moves
+    the inputs to its execution device (and post-processes the output), its offloaded weights
+    are onloaded for the call, and the batch's tensors follow the layer to its device."""
+    hook = getattr(layer, "_hf_hook", None)
+    device = execution_device(layer)
+    if hook is not None:
+        args, kwargs = hook.pre_forward(layer, hidden_states, **kwargs)
+        hidden_states = args[0]
+    else:  # hooks only on submodules: move what the layer computes on
+        from accelerate.utils import send_to_device
+
+        hidden_states = hidden_states.to(device)
+        kwargs = {k: v if k in ("cache", "past_key_values") else send_to_device(v, device)
+                  for k, v in kwargs.items()}  # fmt: skip
+    if batch.token_mask.device != device:
+        batch.token_mask = batch.token_mask.to(device)
+        batch.position_ids = batch.position_ids.to(device)
+    for key in ((index - 1, MLP), (index - 1, ATTN)):  # what asynchronous probing reads
+        if key in batch.residuals:
+            batch.residuals[key] = batch.residuals[key].to(device)
+    with onloaded(layer):
+        out = run(hidden_states, kwargs)
+    return hook.post_forward(layer, out) if hook is not None else out
 
 
 def _sorted_rows(kept: torch.Tensor | None) -> torch.Tensor | None:

@@ -14,7 +14,10 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from prunekit.components import ATTN, MLP, Allocation, Method, ModelAdapter, PruneOutcome
+from prunekit.devices import onloaded, restored
 from prunekit.errors import ModelError
 from prunekit.hookspecs import hookimpl
 
@@ -22,18 +25,30 @@ from prunekit.hookspecs import hookimpl
 PRUNED_LAYERS_KEY = "prunekit_layers"
 
 
-def slice_model(adapter: ModelAdapter, allocation: Allocation) -> ModelAdapter:
+def slice_model(adapter: ModelAdapter, allocation: Allocation,
+                biases: dict[tuple[int, str], torch.Tensor] | None = None) -> ModelAdapter:  # fmt: skip
     """Apply ``allocation`` physically; returns a fresh adapter of the pruned model.
 
     When anything is pruned, every layer is sliced (unpruned groups with ``None``), so that
     the adapter brings every layer to the same module layout and a saved checkpoint has one.
+
+    :param biases: output biases to add after slicing (a compensator's), by (layer, group).
+
+    A layer offloaded by accelerate is sliced on its execution device and stored again where
+    it was (see :func:`prunekit.devices.restored`).
     """
     if not allocation.kept:
         return adapter
     for layer in adapter.layers():
-        layer.slice(allocation.kept.get((layer.index, ATTN)),
-                    allocation.kept.get((layer.index, MLP)))  # fmt: skip
-    return type(adapter)(adapter.model)
+        with restored(layer.module):
+            layer.slice(allocation.kept.get((layer.index, ATTN)),
+                        allocation.kept.get((layer.index, MLP)))  # fmt: skip
+    pruned = type(adapter)(adapter.model)
+    for (index, group), bias in (biases or {}).items():
+        layer = pruned.layers()[index]
+        with restored(layer.module):
+            layer.add_output_bias(group, bias)
+    return pruned
 
 
 class NoCompensation:
@@ -76,23 +91,23 @@ class StaticMethod(Method):
             for layer in adapter.layers():
                 if layer.index in skip:
                     continue
-                for group in layer.groups:
-                    scores[(layer.index, group)] = metric.prepare(layer, group)(
-                        stats.get((layer.index, group), {})
-                    )
+                with onloaded(layer.module):  # the metric reads the layer's weights
+                    for group in layer.groups:
+                        scores[(layer.index, group)] = metric.prepare(layer, group)(
+                            stats.get((layer.index, group), {})
+                        )
             allocation = self.components["allocator"](scores, adapter, settings)
         compensator = self.components.get("compensator")
         biases = {}
         if compensator is not None:
             for (index, group), kept in allocation.kept.items():
                 layer = adapter.layers()[index]
-                bias = compensator(layer, group, kept, stats.get((index, group), {}))
+                with onloaded(layer.module):
+                    bias = compensator(layer, group, kept, stats.get((index, group), {}))
                 if bias is not None:
                     biases[(index, group)] = bias
         structure = allocation.structure(adapter)
-        pruned = slice_model(adapter, allocation)
-        for (index, group), bias in biases.items():
-            pruned.layers()[index].add_output_bias(group, bias)
+        pruned = slice_model(adapter, allocation, biases)
         model = ctx.model
         if allocation.kept:
             setattr(model.config, PRUNED_LAYERS_KEY, pruned.layer_shapes())
