@@ -188,7 +188,7 @@ class BlockCall:
             self.runtime = pp_model.runtime
             self.preserved_state = pp_model.preserved_state
 
-    def __call__(self, input_ids=None):
+    def __call__(self, input_ids=None, use_cache=False):
         return self.fn()
 
 

@@ -26,7 +26,7 @@ import torch
 import prunekit
 from prunekit.data import eval_windows, locate_corpus
 from prunekit.evaluation.perplexity import perplexity
-from prunekit.evaluation.runtime import time_batches, time_pruned
+from prunekit.evaluation.runtime import Contender, phase_medians, time_interleaved
 from prunekit.models.loading import load_model
 
 HERE = Path(__file__).resolve().parent
@@ -35,7 +35,7 @@ METHODS = ["pp-fullbatch", "pp", "pp-calib", "wanda-sp", "flap", "llm-pruner"]
 PAPER_ORDER = "full-batch <= PP < FLAP, Wanda-sp < LLM-Pruner"
 
 
-def run_one(method, ratio, args, windows, timing, dense_times):
+def run_one(method, ratio, args, windows, timing, dense_model, dense_times):
     loaded = load_model("smollm2-135m-instruct", dtype=args.dtype)
     model = loaded.model
     params = sum(p.numel() for p in model.parameters())
@@ -44,7 +44,13 @@ def run_one(method, ratio, args, windows, timing, dense_times):
                              calibration=CALIBRATION)  # fmt: skip
     prune_s = time.perf_counter() - start
     result = perplexity(outcome.model, windows, args.batch_size, description=method)
-    pruned_times, overhead = time_pruned(outcome.model, timing, warmup=1)
+    # interleaved with the one dense model of the table (kept in the process), 5 rounds
+    timed = time_interleaved([Contender("dense", dense_model), Contender("pruned", outcome.model)],
+                             timing, rounds=args.rounds, warmup=1)  # fmt: skip
+    pruned_times = timed["pruned"]["s_all"]
+    overhead = phase_medians(timed["pruned"]["phases_s_all"])
+    pairs = [p / d for p, d in zip(pruned_times, timed["dense"]["s_all"], strict=True)]
+    dense_times += timed["dense"]["s_all"]
     row = {
         "method": method,
         "ratio": ratio,
@@ -54,7 +60,8 @@ def run_one(method, ratio, args, windows, timing, dense_times):
         "prune_s": prune_s,
         "params_kept_fraction": (outcome.params_kept or params) / params,
         "s_per_batch": statistics.median(pruned_times),
-        "time_vs_dense": statistics.median(pruned_times) / statistics.median(dense_times),
+        "time_vs_dense": statistics.median(pairs),
+        "time_vs_dense_spread": [min(pairs), max(pairs)],
         "overhead_s_per_batch": overhead,
         "structure_layer3": (outcome.structure or [{}] * 4)[3],
     }
@@ -113,7 +120,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--timing-batches", type=int, default=2)
+    parser.add_argument("--timing-batches", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results" / "methods_smollm2.json"))
     args = parser.parse_args()
@@ -125,7 +133,7 @@ def main() -> None:
     windows = eval_windows(loaded.tokenizer, source, 512, args.windows)
     timing = list(torch.split(windows, args.batch_size))[: args.timing_batches]
     dense = perplexity(loaded.model, windows, args.batch_size, description="dense")
-    dense_times = time_batches(loaded.model, timing, warmup=1)
+    dense_times: list[float] = []  # every dense call of the table (interleaved with each cell)
     report = {
         "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
@@ -134,13 +142,14 @@ def main() -> None:
         "model": loaded.info["name"],
         "settings": {"dtype": args.dtype, "windows": args.windows, "batch_size": args.batch_size,
                      "timing_batches": args.timing_batches, "calibration": CALIBRATION},
-        "dense": {"ppl": dense["ppl"], "s_per_batch": statistics.median(dense_times)},
+        "dense": {"ppl": dense["ppl"]},
         "rows": [],
     }  # fmt: skip
-    del loaded
     for ratio in args.ratios:
         for method in args.methods:
-            report["rows"].append(run_one(method, ratio, args, windows, timing, dense_times))
+            report["rows"].append(run_one(method, ratio, args, windows, timing, loaded.model,
+                                          dense_times))  # fmt: skip
+    report["dense"]["s_per_batch"] = statistics.median(dense_times)
     if set(METHODS) <= set(args.methods):
         report["ordering"] = {str(r): ordering(report["rows"], r) for r in args.ratios}
     else:

@@ -100,9 +100,11 @@ def _print_summary(result: dict, output: Path | None) -> None:
                          f"{100 * metric['acc_norm']:.2f}%, acc {100 * metric['acc']:.2f}%")  # fmt: skip
     runtime = result.get("runtime") or {}
     if runtime.get("speedup"):
-        lines.append(f"  time per batch: dense {runtime['dense_s_per_batch']:.3f} s, pruned "
-                     f"{runtime['pruned_s_per_batch']:.3f} s ({runtime['speedup']:.2f}x; median "
-                     f"of {len(runtime.get('pruned_s_all', []))} calls)")  # fmt: skip
+        from prunekit.evaluation.runtime import describe_speedup
+
+        lines.append(f"  time per batch (median): dense {runtime['dense_s_per_batch']:.3f} s, "
+                     f"pruned {runtime['pruned_s_per_batch']:.3f} s; speed-up "
+                     f"{describe_speedup(runtime)}")  # fmt: skip
         if runtime.get("overhead_fraction") is not None:
             parts = ", ".join(f"{k} {1000 * v:.1f} ms"
                               for k, v in runtime["overhead_s_per_batch"].items())  # fmt: skip
@@ -126,7 +128,9 @@ def bench(
     ] = None,
     repeats: Annotated[
         int | None,
-        typer.Option(help="Timed calls per batch (overrides runtime.repeats; default 3)."),
+        typer.Option(help="Interleaved rounds, each timing every batch once on dense and "
+                     "pruned (overrides runtime.repeats; default: enough for 5 timed calls, "
+                     "at least 3)."),
     ] = None,
     warmup: Annotated[
         int | None, typer.Option(help="Untimed calls first (overrides runtime.warmup).")
@@ -153,7 +157,7 @@ def bench(
     dynamic method decides on each prompt and its decoding steps reuse those decisions).
     """
     from prunekit.errors import RecipeError
-    from prunekit.recipe import load_recipe
+    from prunekit.recipe import MIN_TIMED_CALLS, RuntimeConfig, load_recipe
     from prunekit.runner import GenerationBench, run_plan
     from prunekit.runner import validate as run_validate
 
@@ -167,19 +171,26 @@ def bench(
         rt.batches = 0  # generation only
         spec = GenerationBench(prompts=list(prompt) if prompt else None,
                                prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
-                               rounds=repeats or 3,
+                               rounds=repeats or MIN_TIMED_CALLS,
                                warmup=warmup if warmup is not None else 1)  # fmt: skip
         result = run_plan(run_validate(loaded), out_dir, evaluate=False, generation=spec)
         _print_generation(result["generation"], result)
         typer.echo(f"  results: {out_dir / 'results.json'}")
         return
-    rt.batches = batches if batches is not None else (rt.batches or 2)
+    n_batches = batches if batches is not None else (rt.batches or 2)
+    n_rounds = rt.repeats
     if repeats is not None:
-        rt.repeats = repeats
+        n_rounds = repeats
     elif "runtime.repeats" not in explicit:
-        rt.repeats = max(rt.repeats, 3)
-    if warmup is not None:
-        rt.warmup = warmup
+        n_rounds = max(rt.repeats, 3, -(-MIN_TIMED_CALLS // max(n_batches, 1)))
+    if n_batches * n_rounds < MIN_TIMED_CALLS:
+        raise RecipeError(f"{recipe}: {n_batches} batch(es) x {n_rounds} round(s) gives "
+                          f"{n_batches * n_rounds} timed calls per model, too few for a time "
+                          f"with its spread; at least {MIN_TIMED_CALLS} (--batches, --repeats)")  # fmt: skip
+    loaded.recipe.runtime = RuntimeConfig(**{
+        **rt.model_dump(), "batches": n_batches, "repeats": n_rounds,
+        **({"warmup": warmup} if warmup is not None else {}),
+    })  # fmt: skip
     if not loaded.recipe.evaluation.perplexity:
         raise RecipeError(f"{recipe}: bench times the batches of evaluation.perplexity[0], "
                           "and the recipe has no evaluation.perplexity entry; add one")  # fmt: skip
@@ -237,7 +248,9 @@ def generate_cmd(
         raise RecipeError(f"{recipe}: the model has no tokenizer, so prompts cannot be encoded")
     bos = sequence_bos("auto", prepared.loaded.adapter, tokenizer)
     ids, mask = left_padded(tokenizer, prompt, bos)
-    device = next(model.parameters()).device
+    from prunekit.devices import input_device
+
+    device = input_device(model)
     with torch.no_grad():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False,

@@ -266,14 +266,35 @@ class EvaluationConfig(_Strict):
     tasks: list[TaskConfig] = Field(default_factory=list)
 
 
+#: the fewest timed calls per model a time is reported from (median and spread)
+MIN_TIMED_CALLS = 5
+
+
 class RuntimeConfig(_Strict):
-    """``runtime``: dense and pruned timed on the same first batches of the first perplexity
-    dataset, after ``warmup`` untimed calls, each batch ``repeats`` times (median and spread
-    over all timed calls). ``batches: 0`` skips the measurement."""
+    """``runtime``: dense and pruned timed in one process on the same first ``batches``
+    batches of the first perplexity dataset: ``warmup`` untimed calls each, then ``repeats``
+    interleaved rounds (each round times every batch once on each model, back to back), so at
+    least :data:`MIN_TIMED_CALLS` timed calls per model give the median and its spread.
+    ``interleave: false`` times the dense model before a static method prunes it in place
+    instead of keeping a dense copy beside the pruned one (for models that do not fit twice;
+    the result is then flagged as not interleaved). ``batches: 0`` skips the measurement."""
 
     batches: int = Field(2, ge=0)
     warmup: int = Field(1, ge=0)
-    repeats: int = Field(1, ge=1)
+    repeats: int = Field(3, ge=1)
+    interleave: bool = True
+
+    @model_validator(mode="after")
+    def _enough_calls(self) -> RuntimeConfig:
+        calls = self.batches * self.repeats
+        if self.batches and calls < MIN_TIMED_CALLS:
+            need = -(-MIN_TIMED_CALLS // self.batches)
+            raise ValueError(
+                f"{self.batches} batch(es) x {self.repeats} round(s) = {calls} timed call(s) per "
+                f"model: too few for a time with its spread; at least {MIN_TIMED_CALLS} "
+                f"(set runtime.repeats: {need}, or runtime.batches: 0 to skip timing)"
+            )
+        return self
 
 
 class OutputConfig(_Strict):
@@ -499,7 +520,8 @@ def _format_validation(exc: ValidationError, loaded: LoadedRecipe) -> RecipeErro
         else:
             got = err.get("input")
             shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-            messages.append(f"{where}: {err['msg']}{shown}")
+            msg = err["msg"].removeprefix("Value error, ")  # our own validators' messages
+            messages.append(f"{where}: {msg}{shown}")
     return RecipeError("invalid recipe:\n  " + "\n  ".join(messages))
 
 

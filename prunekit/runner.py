@@ -12,6 +12,7 @@ Everything the CLI does is a thin layer over :func:`apply`, :func:`validate` and
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ from prunekit.components import (
     ModelAdapter,
     PruneOutcome,
 )
+from prunekit.devices import input_device
 from prunekit.errors import (
     DataError,
     ModelError,
@@ -428,7 +430,7 @@ class PruneContext:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return input_device(self.model)
 
     @property
     def seed(self) -> int:
@@ -507,18 +509,44 @@ class PruneContext:
 
 
 def structure_reduction(adapter: ModelAdapter, structure: list[dict] | None,
-                        seq_len: int) -> dict:  # fmt: skip
+                        seq_len: int, head_macs_per_token: float | None = None) -> dict:  # fmt: skip
     """Decoder-layer MACs per token, dense and with the kept structure (the adapter's analytic
-    cost model; ``adapter`` must be the one taken before pruning)."""
+    cost model; ``adapter`` must be the one taken before pruning).
+
+    With ``head_macs_per_token`` (the LM head's, :func:`head_macs`), also the whole forward's:
+    ``forward_flops_kept_fraction`` bounds the speed-up pruning can give
+    (:func:`prunekit.evaluation.runtime.flop_limit`). Embedding lookups and norms are not MACs.
+    """
     layers = adapter.layers()
     dense = sum(la.macs_per_token(la.num_heads, la.intermediate_size, seq_len) for la in layers)
     if not structure:
         structure = [{"heads": la.num_heads, "channels": la.intermediate_size} for la in layers]
     kept = sum(la.macs_per_token(row["heads"], row["channels"], seq_len)
                for la, row in zip(layers, structure, strict=True))  # fmt: skip
-    return {"decoder_macs_per_token_dense": dense, "decoder_macs_per_token": kept,
-            "flops_kept_fraction": kept / dense, "flops_removed_fraction": 1 - kept / dense,
-            "seq_len": seq_len}  # fmt: skip
+    out = {"decoder_macs_per_token_dense": dense, "decoder_macs_per_token": kept,
+           "flops_kept_fraction": kept / dense, "flops_removed_fraction": 1 - kept / dense,
+           "seq_len": seq_len}  # fmt: skip
+    if head_macs_per_token is not None:
+        out["head_macs_per_token"] = head_macs_per_token
+        out["forward_flops_kept_fraction"] = (kept + head_macs_per_token) / (
+            dense + head_macs_per_token
+        )
+    return out
+
+
+def head_macs(model) -> float:
+    """MACs per token of the LM head (the output embedding's weight), 0 without one."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    return float(weight.numel()) if weight is not None else 0.0
+
+
+def _reduction(plan: Plan, loaded: Loaded, outcome: PruneOutcome) -> dict:
+    """The ``reduction`` figures of results.json: decoder and whole-forward MACs kept."""
+    recipe = plan.recipe
+    seq = recipe.evaluation.perplexity[0].seq_len if recipe.evaluation.perplexity else 512
+    return structure_reduction(loaded.adapter, outcome.structure, seq, loaded.head_macs)
 
 
 def seed_everything(seed: int) -> None:
@@ -563,6 +591,8 @@ class Loaded:
     info: dict
     params: int
     timings: dict = field(default_factory=dict)
+    #: MACs per token of the LM head, taken before pruning (see :func:`head_macs`)
+    head_macs: float = 0.0
 
 
 @dataclass
@@ -596,14 +626,15 @@ def load(plan: Plan) -> Loaded:
     t0 = time.perf_counter()
     info(f"loading {recipe.model.id} ({recipe.model.dtype}, {recipe.model.device})")
     lm = load_model(recipe.model.id, dtype=recipe.model.dtype, device=recipe.model.device,
-                    attn_implementation=recipe.model.attn_implementation)  # fmt: skip
+                    attn_implementation=recipe.model.attn_implementation,
+                    max_memory=recipe.model.max_memory)  # fmt: skip
     # the adapter validate resolved from the config; resolved here when it could not be read
     adapter = (plan.adapter_cls(lm.model) if plan.adapter_cls is not None
                else resolve_adapter(lm.model, name=recipe.model.adapter))  # fmt: skip
     lm.info["adapter"] = adapter.name
     params = sum(p.numel() for p in lm.model.parameters())
     return Loaded(lm.model, lm.tokenizer, adapter, lm.info, params,
-                  {"load_s": time.perf_counter() - t0})  # fmt: skip
+                  {"load_s": time.perf_counter() - t0}, head_macs(lm.model))  # fmt: skip
 
 
 def prune_loaded(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome]:
@@ -716,19 +747,47 @@ def _timing_batches(plan: Plan, loaded: Loaded) -> list[torch.Tensor]:
     ]
 
 
-def _runtime(plan: Plan, outcome: PruneOutcome, batches, dense_times, dense_memory,
-             device) -> dict | None:  # fmt: skip
-    """The ``runtime`` section: the pruned model timed on the batches the dense one was."""
-    from prunekit.evaluation.runtime import memory_info, summarize, time_pruned
+def _runtime(plan: Plan, outcome: PruneOutcome, batches, dense: DenseTiming,
+             device, reduction: dict) -> dict | None:  # fmt: skip
+    """The ``runtime`` section: dense and pruned timed on the same batches, in interleaved
+    rounds (a dynamic model's dense reference is its own ``dense()`` layers; a static method's
+    is the dense copy kept before pruning), or the pruned model alone against the dense times
+    taken before pruning (``runtime.interleave: false``)."""
+    from prunekit.evaluation.runtime import (
+        Contender,
+        memory_info,
+        phase_medians,
+        summarize,
+        time_interleaved,
+    )
 
     if not batches:
         return None
     rt_cfg = plan.recipe.runtime
-    info("timing the pruned model")
-    pruned_times, overhead = time_pruned(outcome.model, batches, rt_cfg.warmup, rt_cfg.repeats)
-    pruned_memory = memory_info(outcome.model)
-    runtime = summarize(dense_times or pruned_times, pruned_times, tuple(batches[0].shape),
-                        overhead, rt_cfg.repeats)  # fmt: skip
+    pruned = outcome.model
+    if plan.method_cls.baseline or dense.times is not None:  # dense alone, or timed before
+        contenders = [Contender("pruned", pruned)]
+    elif outcome.dynamic and hasattr(pruned, "dense"):
+        contenders = [Contender("dense", pruned, dense=True), Contender("pruned", pruned)]
+    else:
+        contenders = [Contender("dense", dense.model), Contender("pruned", pruned)]
+    info(f"timing {' and '.join(c.name for c in contenders)}: {len(batches)} batch(es) x "
+         f"{rt_cfg.repeats} interleaved round(s) after {rt_cfg.warmup} warm-up call(s)")  # fmt: skip
+    timed = time_interleaved(contenders, batches, rt_cfg.repeats, rt_cfg.warmup)
+    pruned_times = timed["pruned"]["s_all"]
+    dense_times = timed["dense"]["s_all"] if "dense" in timed else (dense.times or pruned_times)
+    pruned_memory = memory_info(pruned)
+    if timed["pruned"]["peak_allocated_bytes"] is not None:
+        pruned_memory["peak_allocated_bytes"] = timed["pruned"]["peak_allocated_bytes"]
+    dense_memory = dense.memory
+    if "dense" in timed:
+        dense_memory = memory_info(dense.model or pruned)
+        if timed["dense"]["peak_allocated_bytes"] is not None:
+            dense_memory["peak_allocated_bytes"] = timed["dense"]["peak_allocated_bytes"]
+    runtime = summarize(dense_times, pruned_times, tuple(batches[0].shape),
+                        phase_medians(timed["pruned"]["phases_s_all"]), rt_cfg.repeats,
+                        flops_kept_fraction=reduction.get("forward_flops_kept_fraction"),
+                        interleaved=dense.times is None)  # fmt: skip
     runtime["memory"] = {"dense": dense_memory or pruned_memory, "pruned": pruned_memory}
     runtime["device"] = str(device)
     if outcome.figures is not None:  # the method's own figures (e.g. PP's probe FLOPs)
@@ -741,15 +800,32 @@ def _runtime(plan: Plan, outcome: PruneOutcome, batches, dense_times, dense_memo
     return runtime
 
 
-def _time_dense(plan: Plan, loaded: Loaded, batches) -> tuple[list | None, dict | None]:
-    """Dense seconds per batch and memory, before pruning changes the model."""
+@dataclass
+class DenseTiming:
+    """What the runtime section compares the pruned model with: a dense copy kept for
+    interleaved timing, or dense times taken before pruning (``runtime.interleave: false``)."""
+
+    model: torch.nn.Module | None = None
+    times: list[float] | None = None
+    memory: dict | None = None
+
+
+def _dense_reference(plan: Plan, loaded: Loaded, timed: bool, batches) -> DenseTiming:
+    """Before pruning, when anything is ``timed``: nothing for a dynamic method (its dense
+    layers stay) or a baseline; for a static method (which prunes in place) a dense copy, or
+    with ``runtime.interleave: false`` the dense times on ``batches`` themselves."""
     from prunekit.evaluation.runtime import memory_info, time_batches
 
-    if not batches or plan.method_cls.baseline:
-        return None, None
-    info("timing the dense model")
+    if not timed or plan.method_cls.baseline or plan.method_cls.dynamic:
+        return DenseTiming()
     rt = plan.recipe.runtime
-    return time_batches(loaded.model, batches, rt.warmup, rt.repeats), memory_info(loaded.model)
+    if rt.interleave:
+        info("keeping a dense copy for interleaved timing (runtime.interleave: false saves "
+             "the memory)")  # fmt: skip
+        return DenseTiming(model=copy.deepcopy(loaded.model))
+    info("timing the dense model (before pruning: not interleaved)")
+    times = time_batches(loaded.model, batches, rt.warmup, rt.repeats) if batches else []
+    return DenseTiming(times=times, memory=memory_info(loaded.model))
 
 
 def _result(plan: Plan, loaded: Loaded, ctx: PruneContext, outcome: PruneOutcome,
@@ -758,8 +834,7 @@ def _result(plan: Plan, loaded: Loaded, ctx: PruneContext, outcome: PruneOutcome
     recipe = plan.recipe
     params = loaded.params
     params_kept = outcome.params_kept if outcome.params_kept is not None else params
-    seq_for_flops = recipe.evaluation.perplexity[0].seq_len if recipe.evaluation.perplexity else 512
-    reduction = structure_reduction(loaded.adapter, outcome.structure, seq_for_flops)
+    reduction = _reduction(plan, loaded, outcome)
     return {
         "schema_version": SCHEMA_VERSION,
         "method": plan.settings.name,
@@ -837,7 +912,7 @@ def _generation_inputs(plan: Plan, loaded: Loaded, spec: GenerationBench):
         windows, _ = perplexity_windows(plan, 0, loaded.tokenizer, loaded.adapter)
         ids = windows[: plan.recipe.evaluation.perplexity[0].batch_size, : spec.prompt_tokens]
         mask = torch.ones_like(ids)
-    device = next(loaded.model.parameters()).device
+    device = input_device(loaded.model)
     return ids.to(device), mask.to(device)
 
 
@@ -863,7 +938,7 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
              generation: GenerationBench | None = None) -> dict:  # fmt: skip
     """Execute a validated plan, writing every output into ``output_dir`` atomically.
 
-    Stages: load, time dense, calibrate and prune, evaluate, time pruned, write (into a
+    Stages: load, calibrate and prune, evaluate, time dense and pruned interleaved, write (into a
     staging directory renamed into place at the end; nothing is left behind on failure).
 
     :param evaluate: False skips perplexity and tasks (``prunekit bench``: runtime only).
@@ -885,11 +960,12 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
         with plugin_faults(pm, "loading the model"):
             loaded = load(plan)
             timing_batches = _timing_batches(plan, loaded)
-            dense_times, dense_memory = _time_dense(plan, loaded, timing_batches)
+            dense_ref = _dense_reference(plan, loaded, bool(timing_batches) or generation is not None,
+                                         timing_batches)  # fmt: skip
             gen_inputs = gen_dense = None
             if generation is not None:
                 gen_inputs = _generation_inputs(plan, loaded, generation)
-                if not plan.method_cls.dynamic:  # pruned in place next: time dense now
+                if dense_ref.times is not None:  # not interleaved: time dense before pruning
                     gen_dense = _time_generation(generation, {"dense": (loaded.model, False)},
                                                  *gen_inputs)  # fmt: skip
         with plugin_faults(pm, "calibration and pruning"):
@@ -903,14 +979,15 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
         loaded.timings["evaluation_s"] = time.perf_counter() - t2
         loaded.timings["total_s"] = time.perf_counter() - t0
         with plugin_faults(pm, "timing"):
-            runtime = _runtime(plan, outcome, timing_batches, dense_times, dense_memory,
-                               ctx.device)  # fmt: skip
+            runtime = _runtime(plan, outcome, timing_batches, dense_ref, ctx.device,
+                               _reduction(plan, loaded, outcome))  # fmt: skip
         result = _result(plan, loaded, ctx, outcome, metrics, runtime, output_dir)
         if generation is not None:
             with plugin_faults(pm, "timing generation"):
                 models = {"pruned": (outcome.model, False)}
-                if gen_dense is None:
-                    models = {"dense": (outcome.model, True), **models}
+                if gen_dense is None:  # interleaved with the dense copy or dense() layers
+                    dense_model = dense_ref.model or outcome.model
+                    models = {"dense": (dense_model, dense_ref.model is None), **models}
                 timed = _time_generation(generation, models, *gen_inputs)
             timed = {**(gen_dense or {}), **timed}
             result["generation"] = {
@@ -923,6 +1000,7 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
                 "decode_speedup": timed["dense"]["decode_s"] / timed["pruned"]["decode_s"],
                 "prefill_speedup": timed["dense"]["prefill_s"] / timed["pruned"]["prefill_s"],
             }  # fmt: skip
+        dense_ref = None  # the dense copy is not needed any more
         provenance = _provenance(plan, loaded, ctx, data_hashes)
         if recipe.output.save_model and outcome.save is not None:
             with plugin_faults(pm, "saving"):
@@ -1014,4 +1092,4 @@ def method_needs_tokenizer(plan: Plan, calibration) -> bool:
 
 __all__ = ["Loaded", "Plan", "Prepared", "PruneContext", "PrunekitError", "apply",
            "evaluate_model", "load", "per_layer_ratio", "prepare", "prune", "prune_loaded", "resolve_adapter",
-           "run_plan", "seed_everything", "structure_reduction", "validate"]  # fmt: skip
+           "run_plan", "seed_everything", "structure_reduction", "head_macs", "validate"]  # fmt: skip

@@ -406,7 +406,7 @@ def _apply_tiny(tmp_path, method, overrides=()):
         "calibration": {"path": text, "samples": 4, "seq_len": 16, "batch_size": 4},
         "evaluation": {"perplexity": [{"path": text, "seq_len": 16, "windows": 4,
                                         "batch_size": 2}]},  # fmt: skip
-        "runtime": {"batches": 1, "warmup": 0, "repeats": 1},
+        "runtime": {"batches": 1, "warmup": 0, "repeats": 5},
         "output": {"dir": str(tmp_path / "out"), "save_model": False},
     }
     return prunekit.apply(recipe, list(overrides))

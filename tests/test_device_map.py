@@ -183,10 +183,6 @@ def test_dynamic_method_with_an_offloaded_skipped_layer(method, tmp_path):
     assert _meta_layers(model) == {0}
 
 
-@pytest.mark.xfail(strict=False, raises=NotImplementedError,
-                   reason="PPController.__init__ (plugins/pp/method.py) calls metric.prepare, which "
-                   "reads weights, outside a forward: meta when offloaded; it needs "
-                   "`with prunekit.devices.onloaded(layer.module):` around each prepare call")  # fmt: skip
 @pytest.mark.parametrize("store", ["disk", "cpu"])
 def test_pp_with_offloaded_pruned_layers(store, tmp_path):
     reference = tiny_llama(heads=6, kv_heads=2, layers=LAYERS)

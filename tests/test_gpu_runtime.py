@@ -56,12 +56,12 @@ def test_tiny_run_writes_its_report(bench, tmp_path, one_thread):
     for row in report["rows"]:
         rt = row["runtime"]
         for key in ("speedup", "speedup_spread", "time_ratio", "flop_limit",
-                    "beyond_flop_limit", "flops_kept_fraction"):  # fmt: skip
+                    "beyond_flop_limit", "forward_flops_kept_fraction"):  # fmt: skip
             assert key in rt, key
         assert rt["dense_s_all"] == report["dense"]["s_all"]
         assert len(rt["pruned_s_all"]) == calls
         fraction = report["reduction"][str(row["ratio"])]["forward_flops_kept_fraction"]
-        assert rt["flops_kept_fraction"] == fraction and 0 < fraction < 1
+        assert rt["forward_flops_kept_fraction"] == fraction and 0 < fraction < 1
         assert rt["flop_limit"] == pytest.approx(1 / fraction) and rt["flop_limit"] > 1
         assert set(row["memory"]) >= {"param_bytes", "peak_allocated_bytes"}
         assert row["memory"]["peak_allocated_bytes"] is None  # CPU: no CUDA peak

@@ -50,7 +50,8 @@ def _apply(out, *sets):
             "--set", "calibration.samples=4", "--set", "calibration.seq_len=128",
             "--set", "calibration.batch_size=4",
             "--set", "evaluation.perplexity.0.windows=4", "--set", "evaluation.perplexity.0.seq_len=128",
-            "--set", "evaluation.perplexity.0.batch_size=2", "--set", "runtime.batches=1"]  # fmt: skip
+            "--set", "evaluation.perplexity.0.batch_size=2", "--set", "runtime.batches=1",
+            "--set", "runtime.repeats=5"]  # fmt: skip
     for s in sets:
         args += ["--set", s]
     return main(args)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from prunekit.components import ATTN, MLP, DynamicProtocol, Method, PruneOutcome
+from prunekit.devices import execution_device, onloaded
 from prunekit.errors import RecipeError, StateError
 from prunekit.pruning.allocation import top_units
 from prunekit.pruning.dynamic import DynamicModel, Timers
@@ -55,16 +56,20 @@ class PPController:
             key for key, keep in counts.items() if keep < adapter.layers()[key[0]].units(key[1])
         }
         metric = components["metric"]
-        self.scorers = {
-            key: metric.prepare(adapter.layers()[key[0]], key[1]) for key in self.active
-        }
+        self.scorers = {}
+        for key in self.active:  # a metric reads weights: real ones even when offloaded
+            layer = adapter.layers()[key[0]]
+            with onloaded(layer.module):
+                self.scorers[key] = metric.prepare(layer, key[1])
         self.history = history
         self.history_state = {}
         if history is not None and self.history_policy is not None:
             self.history_state = {key: self.history_policy.init_state(h, calibration_samples)
                                   for key, h in history.items()}  # fmt: skip
         self.update_history = True
-        self.probe_tokens: dict[tuple[int, str], int] = {}
+        #: probe tokens of each block on the last batch (an int, or a 0-d tensor read only
+        #: when reported, so that deciding never waits for the device)
+        self.probe_tokens: dict[tuple[int, str], int | torch.Tensor] = {}
         self.timers = Timers()  # replaced by the runtime's timers once wrapped
         self._initial = self.snapshot()
 
@@ -92,8 +97,12 @@ class PPController:
         return x, residual
 
     def _history_rows(self, key, positions, mask):
+        """The history at each probe position: the mean over the probe's rows of ``H`` at
+        their true positions (``mask`` None: every probe token is real)."""
         h = self.history[key]
         rows = h[positions.clamp(max=h.shape[0] - 1)]  # [b', t', D]
+        if mask is None:  # exactly the masked mean below with an all-true mask
+            return rows.sum(0) / rows.shape[0]
         m = mask.unsqueeze(-1).to(rows.dtype)
         return (rows * m).sum(0) / m.sum(0).clamp(min=1)
 
@@ -117,14 +126,20 @@ class PPController:
         if getattr(self.probe, "rank_on", "residual") == "normalized":
             rank = xs
         rows, cols = self.probe(rank, batch.token_mask)
-        xp = xs[rows][:, cols]
-        pos = batch.position_ids[rows][:, cols]
-        mask = batch.token_mask[rows][:, cols]
+        xp = xs.index_select(0, rows).index_select(1, cols)
+        pos = batch.position_ids.index_select(0, rows).index_select(1, cols)
+        if batch.unpadded:  # no masks to build or apply (same numbers as the masked path)
+            z = layer.probe(group, xp, pos, None)
+            P = z.float().square().sum(0) / z.shape[0]  # [t', D]
+            G = self._history_rows(key, pos, None) if self.history is not None else None
+            self.probe_tokens[key] = pos.numel()
+            return self.fusion(P, G)
+        mask = batch.token_mask.index_select(0, rows).index_select(1, cols)
         z = layer.probe(group, xp, pos, mask)
         zz = torch.where(mask.unsqueeze(-1), z.float().square(), 0.0)
         P = zz.sum(0) / mask.sum(0).clamp(min=1).unsqueeze(-1)  # [t', D]
         G = self._history_rows(key, pos, mask) if self.history is not None else None
-        self.probe_tokens[key] = int(mask.sum())
+        self.probe_tokens[key] = mask.sum()  # a tensor: read when reported, no sync here
         return self.fusion(P, G)
 
     def wants_activations(self, layer, group) -> bool:
@@ -161,7 +176,7 @@ class PPController:
             dense += tokens * layer.macs_per_token(layer.num_heads, layer.intermediate_size,
                                                    seq_len)  # fmt: skip
             for group in (ATTN, MLP):
-                probe += self.probe_tokens.get((layer.index, group), 0) * layer.input_macs(group)
+                probe += int(self.probe_tokens.get((layer.index, group), 0)) * layer.input_macs(group)
         return probe / dense if dense else 0.0
 
 
@@ -206,7 +221,7 @@ class SequenceController(PPController):
         if self.history is not None:
             h = self.history[key]
             G = h[pos.clamp(max=h.shape[0] - 1)]
-        self.probe_tokens[key] = int(mask.sum())
+        self.probe_tokens[key] = mask.sum()
         return [self.fusion(zz[b][mask[b]], None if G is None else G[b][mask[b]])
                 for b in range(bsz)]  # fmt: skip
 
@@ -298,9 +313,9 @@ class ProbePruning(Method):
             return history
         stat = self.components["statistic"]
         stats = ctx.statistics([stat])[stat.name]
-        device = ctx.device
         out = {}
         for key in stats:
+            device = execution_device(ctx.adapter.layers()[key[0]].module)  # the block's own
             tensors = stats[key]
             if "sq_mean" not in tensors:
                 raise RecipeError(
@@ -463,7 +478,12 @@ def load_state(path: str, ctx, method: Method) -> dict[tuple[int, str], torch.Te
         raise StateError(f"{path}: state holds statistic {meta.get('statistic')!r}, "
                          f"the recipe asks for another; remove method.state.load")  # fmt: skip
     out = {}
+    layers = ctx.adapter.layers()
     for flat, tensor in load_file(str(Path(path) / "state.safetensors")).items():
         layer, group = flat.split(".")
-        out[(int(layer), group)] = tensor.to(device=ctx.device, dtype=torch.float32)
+        if int(layer) >= len(layers):
+            raise StateError(f"{path}: state holds layer {layer}, the model has {len(layers)} "
+                             "layers; remove method.state.load to recalibrate")  # fmt: skip
+        device = execution_device(layers[int(layer)].module)
+        out[(int(layer), group)] = tensor.to(device=device, dtype=torch.float32)
     return out

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from prunekit.devices import input_device
 from prunekit.progress import track
 from prunekit.pruning.dynamic import begin_evaluation
 
@@ -109,7 +110,7 @@ def perplexity(
     """
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise ValueError("windows must be a non-empty [N, T] tensor")
-    device = device or next(model.parameters()).device
+    device = device or input_device(model)
     total_nll, total_tokens = 0.0, 0
     batches = list(torch.split(windows, batch_size))
     begin_evaluation(model, batches[0].to(device))  # a dynamic method's protocol

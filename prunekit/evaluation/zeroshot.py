@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from prunekit.data.tasks import Question
+from prunekit.devices import input_device
 from prunekit.progress import track
 from prunekit.pruning.dynamic import begin_evaluation
 
@@ -151,7 +152,7 @@ def prepare_model(model, first_batch: tuple[torch.Tensor, torch.Tensor] | None) 
     if first_batch is None:
         begin_evaluation(model)
         return
-    device = next(model.parameters()).device
+    device = input_device(model)
     begin_evaluation(model, first_batch[0].to(device), first_batch[1].to(device))
 
 
@@ -167,7 +168,7 @@ def score_requests(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], 
         raise ValueError("batch_size and max_length must be positive")
     if any(len(cont) == 0 for _, cont in pairs):
         raise ValueError("every continuation needs at least one token")
-    device = next(model.parameters()).device
+    device = input_device(model)
     groups = list(_batches(pairs, batch_size))
     if prepare and groups:
         ids, mask, _ = _make_batch(groups[0], max_length, pad_id)

@@ -76,6 +76,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         f'pip install "prunekit[lm-eval]" (import failed: {exc})'
     ) from exc
 
+from prunekit.devices import input_device
 from prunekit.evaluation.zeroshot import (
     _pad_id,
     _prefix_token,
@@ -231,7 +232,7 @@ class PrunekitLM(LM):
     # -- lm-eval's interface -------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return input_device(self.model)
 
     def _score(self, pairs: list[tuple[list[int], list[int]]], description: str):
         return score_requests(self.model, pairs, batch_size=self.batch_size,

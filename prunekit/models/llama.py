@@ -145,7 +145,7 @@ class LlamaLayerAdapter(LayerAdapter):
         kept_heads = kept_heads.to(a.q_proj.weight.device)
         rows = self.unit_channels(ATTN, kept_heads)
         q, qb = kit.rows(a.q_proj, rows)
-        o = a.o_proj.weight.index_select(1, rows)
+        o = kit.unit_columns(a.o_proj.weight, kept_heads, self.head_dim)
         if self.shares_kv:  # K/V are shared by a group of query heads: never pruned
             k, v, kb, vb = a.k_proj.weight, a.v_proj.weight, a.k_proj.bias, a.v_proj.bias
             kv_index = self.kv_heads_of(kept_heads)

@@ -115,8 +115,8 @@ class OptLayerAdapter(LayerAdapter):
                                        a.v_proj.bias, a.out_proj.bias, self.head_dim)  # fmt: skip
         rows = self.unit_channels(ATTN, kept.to(a.q_proj.weight.device))
         (q, qb), (k, kb), (v, vb) = (kit.rows(p, rows) for p in (a.q_proj, a.k_proj, a.v_proj))
-        return OptAttentionWeights(q, k, v, a.out_proj.weight.index_select(1, rows), qb, kb, vb,
-                                   a.out_proj.bias, self.head_dim)  # fmt: skip
+        o = kit.unit_columns(a.out_proj.weight, kept, self.head_dim)
+        return OptAttentionWeights(q, k, v, o, qb, kb, vb, a.out_proj.bias, self.head_dim)
 
     def run(self, group, x, weights, *, observe=False, attention_mask=None, cache=None,
             **kwargs):  # fmt: skip

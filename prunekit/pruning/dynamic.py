@@ -30,6 +30,7 @@ reset, warm-up), so that evaluation code asks the model instead of assuming one 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import time
 from collections import defaultdict
@@ -41,7 +42,7 @@ import torch
 from torch import nn
 
 from prunekit.components import ATTN, MLP, DynamicProtocol, LayerAdapter, ModelAdapter
-from prunekit.devices import execution_device, onloaded
+from prunekit.devices import execution_device, input_device, onloaded
 from prunekit.rows import RowCacheView, row_groups
 
 
@@ -57,6 +58,12 @@ class BatchState:
     #: this forward continues a prompt (a KV cache holds earlier tokens, or inside
     #: ``DynamicModel.hold()``): kept sets come from the prompt's decisions
     continuing: bool = False
+
+    @functools.cached_property
+    def unpadded(self) -> bool:
+        """Every token of the batch is real (no padding): controllers may skip their masks.
+        Read once per forward (one host synchronisation), not once per block."""
+        return bool(self.token_mask.all())
 
 
 class Controller(Protocol):
@@ -406,7 +413,7 @@ class DynamicModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return input_device(self.model)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
