@@ -70,7 +70,11 @@ def settings_from(args) -> dict:
                        "sampling": "random"},  # fmt: skip
         "tasks": {"limit": args.limit or (2 if quick else 100), "batch_size": 20,
                   "max_length": 512},  # fmt: skip
-        "runtime": {"batches": 1 if quick else 2, "warmup": 1, "repeats": 1},
+        # cells measure quality only; times come from one interleaved timing stage
+        "runtime": {"batches": 0, "warmup": 0, "repeats": 1},
+        "timing": {"dtype": args.timing_dtype or args.dtype, "batches": 1,
+                   "rounds": 5 if not quick else 5, "warmup": 1,
+                   "ratios": args.timing_ratios or args.ratios},
         "skip_layers": [0, 1, 2],
     }
 
@@ -79,7 +83,7 @@ def cell_recipe(settings: dict, method: str, ratio: float, seed: int, full: bool
     """The recipe of one cell; ``full`` adds the tasks and the runtime measurement."""
     ppl = dict(settings["perplexity"])
     ppl["batch_size"] = min(ppl["batch_size"], ppl["windows"])
-    runtime = settings["runtime"] if full else {"batches": 0, "warmup": 0, "repeats": 1}
+    runtime = settings["runtime"]
     tasks = [{"name": "commonsense", **settings["tasks"]}] if full else []
     return {
         "model": {"id": settings["model"], "dtype": settings["dtype"], "device": "cpu"},
@@ -143,6 +147,95 @@ def run_cells(settings: dict, cells_dir: Path, data_dir: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
+# Timing stage: one process, one dense time, every method interleaved on the same batches
+# --------------------------------------------------------------------------------------------
+
+
+def timing_settings(settings: dict) -> dict:
+    """What the timing stage depends on (its cache key)."""
+    t = settings["timing"]
+    return {"model": settings["model"], "dtype": t["dtype"], "methods": settings["methods"][1:],
+            "ratios": t["ratios"], "calibration": settings["calibration"],
+            "skip_layers": settings["skip_layers"], "perplexity": settings["perplexity"],
+            "batches": t["batches"], "rounds": t["rounds"], "warmup": t["warmup"],
+            "seed": settings["seeds"][0]}  # fmt: skip
+
+
+def run_timing(settings: dict, out_dir: Path, data_dir: str) -> dict:
+    """Dense and every (method, ratio) of the timing settings, each pruned once (first seed)
+    on its own copy of the model, then timed in interleaved rounds on the first batches of the
+    first seed's WikiText-2 windows (:func:`prunekit.evaluation.runtime.time_interleaved`):
+    one dense time for the table, and for each model its per-call ratios to the dense call on
+    the same batch in the same round. Cached under ``out_dir`` by its settings."""
+    import copy
+
+    import torch
+
+    import prunekit
+    from prunekit.data import eval_windows, locate_corpus
+    from prunekit.evaluation.runtime import Contender, flop_limit, phase_medians, time_interleaved
+    from prunekit.models.loading import load_model
+    from prunekit.registry import resolve_adapter
+    from prunekit.runner import head_macs, structure_reduction
+
+    ts = timing_settings(settings)
+    key = hashlib.sha256(json.dumps(ts, sort_keys=True).encode()).hexdigest()[:16]
+    path = out_dir / f"paper_table_timing-{key}.json"
+    if path.is_file():
+        print(f"timing: {path.name} cached", file=sys.stderr)
+        return json.loads(path.read_text())
+    ppl = ts["perplexity"]
+    loaded = load_model(ts["model"], dtype=ts["dtype"])
+    dense, tokenizer = loaded.model, loaded.tokenizer
+    adapter, head = resolve_adapter(dense), head_macs(dense)
+    windows = eval_windows(tokenizer, locate_corpus(ppl["dataset"], ppl["split"], data_dir=data_dir),
+                           ppl["seq_len"], ppl["windows"], ppl["sampling"], seed=ts["seed"],
+                           batch_size=ppl["batch_size"])  # fmt: skip
+    batches = list(torch.split(windows, ppl["batch_size"]))[: ts["batches"]]
+    contenders, reductions = [Contender("dense", dense)], {}
+    for ratio in ts["ratios"]:
+        for method in ts["methods"]:
+            name = f"{method}@{ratio:g}"
+            print(f"timing: pruning {name}", file=sys.stderr, flush=True)
+            outcome = prunekit.prune(copy.deepcopy(dense), tokenizer, method=method, ratio=ratio,
+                                     calibration=dict(ts["calibration"]), seed=ts["seed"],
+                                     skip_layers=ts["skip_layers"])  # fmt: skip
+            contenders.append(Contender(name, outcome.model))
+            reductions[name] = structure_reduction(adapter, outcome.structure, ppl["seq_len"], head)
+
+    def progress(done, total):
+        print(f"timing: round {done}/{total}", file=sys.stderr, flush=True)
+
+    timed = time_interleaved(contenders, batches, ts["rounds"], ts["warmup"], progress)
+    d = timed["dense"]["s_all"]
+    models = {}
+    for name, rec in timed.items():
+        if name == "dense":
+            continue
+        pairs = [p / q for p, q in zip(rec["s_all"], d, strict=True)]
+        kept = reductions[name]["forward_flops_kept_fraction"]
+        limit = flop_limit(kept)
+        models[name] = {
+            "s_all": rec["s_all"], "s_per_batch": statistics.median(rec["s_all"]),
+            "time_ratio": statistics.median(pairs), "time_ratios": pairs,
+            "time_ratio_spread": [min(pairs), max(pairs)],
+            "overhead_s_per_batch": phase_medians(rec["phases_s_all"]) or None,
+            "forward_flops_kept_fraction": kept, "flop_limit": limit,
+            # a speed-up beyond what the kept FLOPs allow is timing noise, not a result
+            "beyond_flop_limit": bool(limit and 1 / statistics.median(pairs) > limit),
+        }  # fmt: skip
+    result = {"settings": ts, "key": key, "batch_shape": list(batches[0].shape),
+              "timed_calls": len(d), "dense": {"s_all": d, "s_per_batch": statistics.median(d),
+                                               "s_spread": [min(d), max(d)]},
+              "models": models, "machine": machine()}  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
 # Aggregation
 # --------------------------------------------------------------------------------------------
 
@@ -151,7 +244,13 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def aggregate(settings: dict, cells: list[dict]) -> dict:
+def aggregate(settings: dict, cells: list[dict], timing: dict | None) -> dict:
+    """One row per (method, ratio): perplexity over the seeds and the first seed's tasks from
+    the cells; time and headline from the timing stage (one dense time for the table).
+
+    The headline is ``mean_seeds(PPL - PPL_dense) / (1 - time)`` with ``time`` the median
+    per-call ratio to dense; its spread is the min-max over every (seed, timed call) pair, so
+    it carries the timing repeats as well as the seeds."""
     from prunekit.evaluation.headline import degradation_per_runtime_reduction, relative_to
 
     by = {(c["method"], c["ratio"], c["seed"]): c for c in cells}
@@ -159,6 +258,7 @@ def aggregate(settings: dict, cells: list[dict]) -> dict:
     first = seeds[0]
     dense_ppl = {s: by[("dense", 0.0, s)]["result"]["metrics"]["wikitext2-test"]["ppl"]
                  for s in seeds}  # fmt: skip
+    timed_models = (timing or {}).get("models", {})
     rows = []
     for method in settings["methods"]:
         for ratio in [0.0] if method == "dense" else settings["ratios"]:
@@ -166,34 +266,35 @@ def aggregate(settings: dict, cells: list[dict]) -> dict:
             metrics = full["metrics"]
             ppls = [by[(method, ratio, s)]["result"]["metrics"]["wikitext2-test"]["ppl"]
                     for s in seeds]  # fmt: skip
-            runtime = full.get("runtime") or {}
-            t_ratio = runtime.get("time_ratio") if method != "dense" else 1.0
-            headlines = []
-            if method != "dense" and t_ratio is not None:
-                t_p, t_d = runtime["pruned_s_per_batch"], runtime["dense_s_per_batch"]
-                headlines = [degradation_per_runtime_reduction(p, dense_ppl[s], t_p, t_d)
-                             for p, s in zip(ppls, seeds, strict=True)]  # fmt: skip
+            timed = None if method == "dense" else timed_models.get(f"{method}@{ratio:g}")
+            t_ratio = 1.0 if method == "dense" else (timed or {}).get("time_ratio")
+            headline = spread = None
+            if timed is not None:
+                loss = statistics.fmean(p - dense_ppl[s] for p, s in zip(ppls, seeds, strict=True))
+                headline = degradation_per_runtime_reduction(loss, 0.0, t_ratio, 1.0)
+                combos = [degradation_per_runtime_reduction(p, dense_ppl[s], r, 1.0)
+                          for p, s in zip(ppls, seeds, strict=True) for r in timed["time_ratios"]]
+                if headline is not None and all(h is not None for h in combos):
+                    spread = [min(combos), max(combos)]
             tasks = {t: {"acc": metrics[t]["acc"], "acc_norm": metrics[t]["acc_norm"],
                          "questions": metrics[t]["questions"]}
                      for t in TASK_TITLES if t in metrics}  # fmt: skip
             average = metrics.get("tasks_average", {})
             ppl_mean, ppl_std = _mean_std(ppls)
-            headline = None
-            if headlines and all(h is not None for h in headlines):
-                headline = _mean_std(headlines)
             rows.append({
                 "method": method, "ratio": ratio, "dynamic": full["dynamic"],
                 "ppl": ppl_mean, "ppl_std": ppl_std, "ppl_seeds": ppls,
                 "tasks": tasks, "acc_norm_avg": average.get("acc_norm"),
                 "acc_avg": average.get("acc"),
                 "time_ratio": t_ratio,
-                "dense_s_per_batch": runtime.get("dense_s_per_batch"),
-                "pruned_s_per_batch": runtime.get("pruned_s_per_batch"),
-                "overhead_fraction": runtime.get("overhead_fraction"),
+                "time_ratio_spread": (timed or {}).get("time_ratio_spread"),
+                "beyond_flop_limit": (timed or {}).get("beyond_flop_limit"),
+                "flop_limit": (timed or {}).get("flop_limit"),
+                "overhead_s_per_batch": (timed or {}).get("overhead_s_per_batch"),
                 "params_kept_fraction": full["reduction"]["params_kept_fraction"],
                 "flops_kept_fraction": full["reduction"]["flops_kept_fraction"],
-                "headline": headline[0] if headline else None,
-                "headline_std": headline[1] if headline else None,
+                "headline": headline,
+                "headline_spread": spread,
                 "cell_wall_s": full.get("cell_wall_s"),
             })  # fmt: skip
     for ratio in settings["ratios"]:
@@ -230,8 +331,14 @@ def verdict(rows: list[dict], ratio: float) -> dict:
         return {"ratio": ratio, "holds": None, "reason": "PP or every static method has no value"}
     best = min(static, key=lambda r: r["headline"])
     factor = best["headline"] / pp["headline"] if pp["headline"] > 0 else None
-    return {"ratio": ratio, "pp": pp["headline"], "best_static": best["method"],
-            "best_static_value": best["headline"], "factor": factor,
+    # beyond the spread: every (seed, call) value of one below every value of the other
+    pp_s, best_s = pp.get("headline_spread"), best.get("headline_spread")
+    separated = None
+    if pp_s and best_s:
+        separated = pp_s[1] < best_s[0] or best_s[1] < pp_s[0]
+    return {"ratio": ratio, "pp": pp["headline"], "pp_spread": pp_s,
+            "best_static": best["method"], "best_static_value": best["headline"],
+            "best_static_spread": best_s, "factor": factor, "separated": separated,
             "holds": factor is not None and factor > 1.0, "paper_factor": 2.56}  # fmt: skip
 
 
@@ -314,14 +421,12 @@ def markdown(report: dict, image: str) -> str:
         "formatting; accuracy is `acc_norm` (NLL per continuation token, the reference's "
         "plotted metric), in %. `acc` (summed NLL) is in the raw JSON and its average in the "
         "last accuracy column.",
-        f"- Runtime: dense and pruned timed in the same process on the same "
-        f"{s['runtime']['batches']} batch(es) of {s['perplexity']['batch_size']}×"
-        f"{s['perplexity']['seq_len']} WikiText-2 tokens, after {s['runtime']['warmup']} "
-        "untimed call(s); the median time per batch. `time` is pruned / dense (lower is "
-        "faster). Dynamic methods are timed with their state preserved.",
-        "- Headline: degradation per unit runtime reduction, `(PPL - PPL_dense) / (1 - time)`, "
-        "lower is better; `n/a` where a method is not faster than dense; `vs PP` is the "
-        "method's value divided by PP's at the same ratio.",
+        *(_timing_lines(report) if report.get("timing") else
+          ["- Runtime: not measured (no timing stage in this report)."]),
+        "- Headline: degradation per unit runtime reduction, `mean over seeds of (PPL - "
+        "PPL_dense) / (1 - time)`, lower is better, with its min-max over every (seed, timed "
+        "call) pair in brackets; `n/a` where a method is not faster than dense or was not "
+        "timed; `vs PP` is the method's value divided by PP's at the same ratio.",
         "",
         "## Table",
         "",
@@ -333,17 +438,19 @@ def markdown(report: dict, image: str) -> str:
     for r in rows:
         ppl = _f(r["ppl"]) + (f" ± {r['ppl_std']:.2f}" if r["ppl_std"] is not None else "")
         cells = [_pct(r["tasks"].get(t, {}).get("acc_norm")) for t in tasks]
-        headline = _f(r["headline"], "{:.1f}") + (
-            f" ± {r['headline_std']:.1f}" if r.get("headline_std") is not None else ""
-        )
+        hs = r.get("headline_spread")
+        headline = _f(r["headline"], "{:.1f}") + (f" ({hs[0]:.1f}-{hs[1]:.1f})" if hs else "")
+        ts = r.get("time_ratio_spread")
+        time_ = _f(r["time_ratio"], "{:.3f}") + (f" ({ts[0]:.3f}-{ts[1]:.3f})" if ts else "")
+        if r.get("beyond_flop_limit"):
+            time_ += " ⚠"
         lines.append(
             f"| {TITLES.get(r['method'], r['method'])} | {r['ratio']:.0%} | {ppl} | "
             + " | ".join(cells)
-            + f" | {_pct(r['acc_norm_avg'])} | {_pct(r['acc_avg'])} | {_f(r['time_ratio'], '{:.3f}')}"
+            + f" | {_pct(r['acc_norm_avg'])} | {_pct(r['acc_avg'])} | {time_}"
             + f" | {headline if r['method'] != 'dense' else '—'}"
             + f" | {_f(r.get('headline_vs_pp'), '{:.2f}×') if r['method'] != 'dense' else '—'} |"
         )
-    dense_t = [r["dense_s_per_batch"] for r in rows if r.get("dense_s_per_batch")]
     base = report.get("baselines")
     if base:
         for key, title in (("chance", "Chance"), ("majority", "Majority class")):
@@ -357,17 +464,22 @@ def markdown(report: dict, image: str) -> str:
         lines.append(f"Not decidable at {v['ratio']:.0%}: {v['reason']}.")
     else:
         word = "holds" if v["holds"] else "does not hold"
+        ps, bs = v.get("pp_spread"), v.get("best_static_spread")
+        spreads = (f" (spreads over seeds and timed calls: PP {ps[0]:.1f}-{ps[1]:.1f}, "
+                   f"{TITLES[v['best_static']]} {bs[0]:.1f}-{bs[1]:.1f})") if ps and bs else ""  # fmt: skip
         lines.append(
             f"At {v['ratio']:.0%}, PP gives up {v['pp']:.1f} perplexity points per unit of "
             f"runtime reduction; the best static method, {TITLES[v['best_static']]}, gives up "
-            f"{v['best_static_value']:.1f}. PP's value is **{v['factor']:.2f}× lower** than the "
-            f"best static method's, so the advantage **{word}** on this model (the paper: "
-            f"{v['paper_factor']}× lower on LLaMA-2-7B)."
-            if v["factor"] is not None and v["holds"]
-            else f"At {v['ratio']:.0%}, PP gives up {v['pp']:.1f} perplexity points per unit of "
-            f"runtime reduction and the best static method, {TITLES[v['best_static']]}, "
-            f"{v['best_static_value']:.1f}: the advantage **{word}** on this model (the paper: "
-            f"{v['paper_factor']}× lower on LLaMA-2-7B)."
+            f"{v['best_static_value']:.1f}{spreads}. "
+            + (f"PP's value is {v['factor']:.2f}× lower than the best static method's"
+               if v["factor"] is not None and v["holds"]
+               else f"PP's value is {1 / v['factor']:.2f}× higher than the best static "
+               "method's" if v["factor"] else "PP's value is not positive")
+            + f", so the advantage **{word}** on this model"
+            + (" and the two spreads do not overlap" if v.get("separated")
+               else " but the two spreads overlap: the timing and seed noise is as large as "
+               "the difference" if v.get("separated") is False else "")
+            + f" (the paper: {v['paper_factor']}× lower on LLaMA-2-7B)."
         )
     lines += [
         "",
@@ -386,15 +498,10 @@ def markdown(report: dict, image: str) -> str:
            f"dense scores {_pct(rows[0]['tasks']['boolq']['acc_norm'])}%, so BoolQ alone moves "
            "the 7-task average by several points between methods."]
           if base and "boolq" in rows[0]["tasks"] else []),
-        "- Timings are CPU wall-clock on a 2-core machine with bf16 matmuls; on this "
-        "hardware a dynamic method's fixed costs (probe, scoring, gathering weights) weigh "
-        "more than on a GPU. Full-batch probing runs every batch twice, so it is slower than "
-        "dense and has no headline value."
-        + (f" The dense model, timed again in every cell, took {min(dense_t):.2f}-"
-           f"{max(dense_t):.2f} s per batch across the {len(dense_t)} cells "
-           f"(±{50 * (max(dense_t) - min(dense_t)) / statistics.fmean(dense_t):.1f}% around "
-           "the mean): time ratios closer to 1 than that are within run-to-run noise, which "
-           "matters most at 20%." if len(dense_t) > 1 else ""),
+        "- Timings are CPU wall-clock on a 2-core machine; on this hardware a dynamic "
+        "method's fixed costs (probe, scoring, gathering weights) weigh more than on a GPU. "
+        "Full-batch probing runs every batch twice, so it is slower than dense and has no "
+        "headline value.",
         "- Dynamic methods decide per batch, so their perplexity depends on what shares a "
         "batch. With the reference's random windows, a batch mixes 20 unrelated passages; "
         "[benchmarks/methods_smollm2.md](../benchmarks/methods_smollm2.md) evaluates "
@@ -404,6 +511,28 @@ def markdown(report: dict, image: str) -> str:
         "`prunekit apply` with `evaluation.tasks: [commonsense]` runs the full sets.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _timing_lines(report: dict) -> list[str]:
+    t = report["timing"]
+    ts, d = t["settings"], t["dense"]
+    same = ts["dtype"] == report["settings"]["dtype"]
+    return [
+        f"- Runtime: one timing stage in one process: dense and every method at "
+        f"{', '.join(f'{r:.0%}' for r in ts['ratios'])} (each pruned once, seed {ts['seed']}), "
+        f"warmed up, then {ts['rounds']} interleaved rounds over the same {ts['batches']} "
+        f"batch(es) of {t['batch_shape'][0]}×{t['batch_shape'][1]} WikiText-2 tokens "
+        f"({t['timed_calls']} timed calls per model, the order rotating each round). One dense "
+        f"time for the table: {d['s_per_batch']:.2f} s per batch (spread "
+        f"{d['s_spread'][0]:.2f}-{d['s_spread'][1]:.2f} s). `time` is the median of each "
+        "call's ratio to the dense call of the same round, its min-max in brackets (lower is "
+        "faster); ⚠ marks a speed-up beyond what the kept FLOPs allow (timing noise, not a "
+        "result). Dynamic methods are timed with their state preserved."
+        + ("" if same else f" **Timed in {ts['dtype']}**, while perplexity and accuracy are "
+           f"{report['settings']['dtype']}: this machine has no native bf16 matmuls (AVX2 "
+           "only), where a bf16 batch is several times slower than fp32 and dominated by "
+           "emulation, not by the pruned shapes."),
+    ]
 
 
 def machine() -> dict:
@@ -425,6 +554,12 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="questions per task")
     parser.add_argument("--windows", type=int, default=None, help="WikiText-2 windows")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--timing-dtype", default=None, choices=["bfloat16", "float32"],
+                        help="dtype of the timing stage (default: --dtype); on a CPU without "
+                        "native bf16 matmuls a bf16 batch takes minutes")  # fmt: skip
+    parser.add_argument("--timing-ratios", nargs="+", type=float, default=None,
+                        help="ratios the timing stage covers (default: --ratios); the others "
+                        "get no time and no headline")  # fmt: skip
     parser.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR") or DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=None, help="results directory")
     parser.add_argument("--render-only", action="store_true", help="only rewrite the report")
@@ -454,13 +589,15 @@ def main(argv=None) -> int:
     else:
         start = time.perf_counter()
         cells = run_cells(settings, cells_dir, str(args.data_dir))
+        timing = run_timing(settings, cells_dir, str(args.data_dir))
         report = {
             "command": command.strip(),
             "settings": settings,
             "machine": machine(),
             "elapsed_min": sum(c["result"].get("cell_wall_s", 0) for c in cells) / 60,
             "session_min": (time.perf_counter() - start) / 60,
-            "aggregate": aggregate(settings, cells),
+            "timing": timing,
+            "aggregate": aggregate(settings, cells, timing),
             "baselines": baselines(settings, str(args.data_dir)),
             "cells": [{k: c[k] for k in ("method", "ratio", "seed", "full", "key")}
                       | {"metrics": c["result"]["metrics"], "runtime": c["result"].get("runtime"),

@@ -57,7 +57,9 @@ def runtime_block(model, tokenizer, batches, ratio, rounds, warmup):
     static = static_like(clone, outcome.structure)
     # one interleaved table: dense (pp's own dense layers), pp and static on the same batches
     timed = time_interleaved([Contender("dense", pp_model, dense=True), Contender("pp", pp_model),
-                              Contender("static", static)], batches, rounds, warmup)  # fmt: skip
+                              Contender("static", static)], batches, rounds, warmup,
+                             lambda done, total: print(f"  round {done}/{total}", file=sys.stderr,
+                                                       flush=True))  # fmt: skip
     times = {k: v["s_all"] for k, v in timed.items()}
     fraction = pp_model.controller.probe_flops_fraction(*batches[0].shape)
     pp_model.remove()

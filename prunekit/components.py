@@ -84,9 +84,14 @@ class BlockDriver(Protocol):
     (the dynamic runtime implements it)."""
 
     def __call__(self, layer: LayerAdapter, group: str, x: torch.Tensor,
-                 residual: torch.Tensor, run: Callable[..., Any]) -> torch.Tensor:  # fmt: skip
+                 residual: torch.Tensor, run: Callable[..., Any], *,
+                 residual_sq_mean: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Decide the kept units of ``group``, gather them (``layer.gather``), and return the
         group's output ``run(weights, observe)``.
+
+        :param residual_sq_mean: the residual's mean of squares per token (``[B, T, 1]``,
+            fp32) when the layer's norm computed it (:meth:`LayerAdapter.normalized`), else
+            None.
 
         :param x: the group's input, normalised (``layer.group_input(group, residual)``).
         :param residual: the residual stream entering the group.
@@ -196,6 +201,14 @@ class LayerAdapter(ABC):
         """The input ``group`` computes on, from the residual stream entering it (the
         pre-group norm: RMSNorm, LayerNorm, or the identity for a post-norm layer)."""
 
+    def normalized(self, group: str, residual: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """``(group_input(group, residual), sq_mean)``: an adapter whose pre-group norm
+        computes the residual's mean of squares anyway (RMSNorm's variance, ``[B, T, 1]``
+        fp32) returns it as ``sq_mean``, so that a dynamic method ranking tokens by residual
+        norm need not compute it again (:attr:`BatchState.residual_sq_means`); None by
+        default. :meth:`run_block` calls this."""
+        return self.group_input(group, residual), None
+
     @abstractmethod
     def gather(self, group: str, kept: torch.Tensor | None) -> Any:
         """The weights of ``group`` restricted to ``kept`` units (None: all), as whatever
@@ -228,10 +241,11 @@ class LayerAdapter(ABC):
         kept = kept or {}
         h = hidden_states
         for group in self.groups:
-            x = self.group_input(group, h)
             if driver is None:
+                x = self.group_input(group, h)
                 y = self.run(group, x, self.gather(group, kept.get(group)), **layer_kwargs)
             else:
+                x, sq_mean = self.normalized(group, h)
 
                 def run(weights, observe=False, rows=None, cache_view=None, _group=group, _x=x):
                     if rows is None:
@@ -242,7 +256,7 @@ class LayerAdapter(ABC):
                     return self.run(_group, _x.index_select(0, rows), weights, observe=observe,
                                     **kw)  # fmt: skip
 
-                y = driver(self, group, x, h, run)
+                y = driver(self, group, x, h, run, residual_sq_mean=sq_mean)
             h = self.add_output(group, h, y)
         return h
 

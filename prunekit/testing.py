@@ -413,9 +413,15 @@ def check_adapter(model_factory: Callable[[], torch.nn.Module],
 
 
 def _check_probe(la, h, kw, atol: float, rtol: float) -> None:
-    """The probe over the whole batch equals the dense forward's output-projection input."""
+    """The probe over the whole batch equals the dense forward's output-projection input;
+    :meth:`~prunekit.components.LayerAdapter.normalized` agrees with ``group_input`` and
+    reports the residual's true mean of squares."""
 
-    def driver(layer, group, x, residual, run):
+    def driver(layer, group, x, residual, run, residual_sq_mean=None):
+        _close("group input", layer.index, x, layer.group_input(group, residual), atol, rtol)
+        if residual_sq_mean is not None:  # what a norm reports is the residual's mean square
+            want = residual.float().pow(2).mean(-1, keepdim=True)
+            _close("residual mean of squares", layer.index, residual_sq_mean, want, atol, rtol)
         y, activations = run(layer.gather(group, None), observe=True)
         bsz, seq = x.shape[:2]
         pos = torch.arange(seq).expand(bsz, seq)

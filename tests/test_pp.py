@@ -158,3 +158,38 @@ def test_bad_component_options_are_recipe_errors():
 def test_fullbatch_rejects_a_fusion_that_needs_history():
     with pytest.raises(RecipeError, match="needs .history., which this run does not provide"):
         _prune(tiny_llama(), "pp-fullbatch", fusion={"name": "history_only"})
+
+
+@pytest.mark.parametrize("mode", ["sync", "async_intra"])
+def test_norms_from_the_rmsnorm_give_the_same_decisions(mode, monkeypatch):
+    """PP ranks probe tokens on norms its layers' RMSNorm computed (no second pass over the
+    residual): the kept sets and logits equal those of norms computed by the selector."""
+    from prunekit.components import LayerAdapter
+
+    def run(reuse: bool):
+        torch.manual_seed(0)
+        model = _prune(tiny_llama(heads=6, kv_heads=2, layers=4, intermediate=96), mode=mode).model
+        if not reuse:  # the engine's default: no variance reported, the selector computes
+            monkeypatch.setattr(type(model.runtime.adapter.layers()[0]), "normalized",
+                                LayerAdapter.normalized)  # fmt: skip
+        selector, given = model.controller.probe, []
+
+        def spy(rank_source, token_mask, norms=None):
+            given.append(norms is not None)
+            return selector(rank_source, token_mask, norms=norms)
+
+        spy.takes_norms, spy.rank_on = True, "residual"
+        model.controller.probe = spy
+        out = []
+        with torch.no_grad():
+            for seed in range(3):
+                logits = model(input_ids=_batch(seed=seed)).logits
+                out.append((logits, model.decisions))
+        monkeypatch.undo()
+        assert given and all(given) if reuse else not any(given)
+        return out
+
+    reused, computed = run(True), run(False)
+    for (la, da), (lb, db) in zip(reused, computed, strict=True):
+        assert torch.equal(la, lb)
+        assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da if da[k] is not None)

@@ -86,21 +86,37 @@ class PPController:
 
     # -- decisions ---------------------------------------------------------------------------
     def _probe_inputs(self, layer, group, x, residual, batch):
+        """``(probe input, rank source, rank key)``: what the probe runs on, the residual its
+        tokens are ranked on and that residual's key in the batch state."""
         if self.mode == "async_intra":
             if group == ATTN:  # the previous layer's residual before its MLP
                 prev = batch.residuals.get((layer.index - 1, MLP))
                 if prev is not None:
-                    return layer.group_input(ATTN, prev), prev
+                    return layer.group_input(ATTN, prev), prev, (layer.index - 1, MLP)
             else:  # this layer's residual before its attention
                 h_in = batch.residuals[(layer.index, ATTN)]
-                return layer.group_input(MLP, h_in), h_in
-        return x, residual
+                return layer.group_input(MLP, h_in), h_in, (layer.index, ATTN)
+        return x, residual, (layer.index, group)
+
+    def _select(self, xs, rank, rank_key, batch):
+        """The probe's ``(rows, cols)``; a selector ranking on the residual norm gets the norms
+        from the layer's own RMSNorm when it computed them (no second pass over the residual)."""
+        if getattr(self.probe, "rank_on", "residual") == "normalized":
+            return self.probe(xs, batch.token_mask)
+        sq_mean = batch.residual_sq_means.get(rank_key)
+        if sq_mean is not None and getattr(self.probe, "takes_norms", False):
+            norms = (sq_mean[..., 0] * rank.shape[-1]).sqrt()
+            return self.probe(rank, batch.token_mask, norms=norms)
+        return self.probe(rank, batch.token_mask)
 
     def _history_rows(self, key, positions, mask):
         """The history at each probe position: the mean over the probe's rows of ``H`` at
         their true positions (``mask`` None: every probe token is real)."""
         h = self.history[key]
-        rows = h[positions.clamp(max=h.shape[0] - 1)]  # [b', t', D]
+        positions = positions.clamp(max=h.shape[0] - 1)
+        if mask is None and positions.shape[0] == 1:  # one row: its history rows themselves
+            return h.index_select(0, positions[0])
+        rows = h[positions]  # [b', t', D]
         if mask is None:  # exactly the masked mean below with an all-true mask
             return rows.sum(0) / rows.shape[0]
         m = mask.unsqueeze(-1).to(rows.dtype)
@@ -122,15 +138,15 @@ class PPController:
             return top_units(scores, self.counts[key])
 
     def _probe_importance(self, key, layer, group, x, residual, batch) -> torch.Tensor:
-        xs, rank = self._probe_inputs(layer, group, x, residual, batch)
-        if getattr(self.probe, "rank_on", "residual") == "normalized":
-            rank = xs
-        rows, cols = self.probe(rank, batch.token_mask)
+        xs, rank, rank_key = self._probe_inputs(layer, group, x, residual, batch)
+        rows, cols = self._select(xs, rank, rank_key, batch)
         xp = xs.index_select(0, rows).index_select(1, cols)
         pos = batch.position_ids.index_select(0, rows).index_select(1, cols)
         if batch.unpadded:  # no masks to build or apply (same numbers as the masked path)
             z = layer.probe(group, xp, pos, None)
-            P = z.float().square().sum(0) / z.shape[0]  # [t', D]
+            # one probe row (the default 5% of 20): its own squares, no mean over rows
+            sq = z.float().square()
+            P = sq[0] if sq.shape[0] == 1 else sq.sum(0) / sq.shape[0]  # [t', D]
             G = self._history_rows(key, pos, None) if self.history is not None else None
             self.probe_tokens[key] = pos.numel()
             return self.fusion(P, G)
@@ -196,7 +212,7 @@ class SequenceController(PPController):
             return torch.stack([top_units(scorer({"S": s}), keep) for s in S])
 
     def _row_importance(self, key, layer, group, x, residual, batch) -> list[torch.Tensor]:
-        xs, rank = self._probe_inputs(layer, group, x, residual, batch)
+        xs, rank, _ = self._probe_inputs(layer, group, x, residual, batch)
         if getattr(self.probe, "rank_on", "residual") == "normalized":
             rank = xs
         token_mask = batch.token_mask

@@ -69,8 +69,16 @@ class ResidualRank:
         score = s.norm(dim=1).masked_fill(~valid_rows, -1.0)
         return torch.topk(score, k, sorted=False).indices.sort().values
 
-    def __call__(self, rank_source: torch.Tensor, token_mask: torch.Tensor):
-        norms = torch.linalg.vector_norm(rank_source, dim=-1, dtype=torch.float32)
+    #: the caller may pass the per-token norms it already has (``norms=``, see ``__call__``)
+    takes_norms = True
+
+    def __call__(self, rank_source: torch.Tensor, token_mask: torch.Tensor,
+                 norms: torch.Tensor | None = None):  # fmt: skip
+        """``(rows, cols)`` of the probe. ``norms`` (``[B, T]`` fp32): the L2 norm of each
+        token of ``rank_source`` when the caller has it (PP passes the one its layer's RMSNorm
+        computed); otherwise it is computed here."""
+        if norms is None:
+            norms = torch.linalg.vector_norm(rank_source, dim=-1, dtype=torch.float32)
         s = torch.where(token_mask, norms, 0.0)
         if self.order == "seq_first":
             cols = self._cols(s, token_mask.any(0))

@@ -94,6 +94,21 @@ class LlamaLayerAdapter(LayerAdapter):
     def group_input(self, group: str, residual: torch.Tensor) -> torch.Tensor:
         return self.input_norm(group)(residual)
 
+    def normalized(self, group: str, residual: torch.Tensor):
+        """The group's input and, when its norm is Hugging Face's plain RMSNorm, the variance
+        that norm computes (the residual's mean of squares, ``[B, T, 1]`` fp32), computed
+        once here with the norm's own operations, in its order (bit-identical output): PP
+        ranks tokens by residual norm and would otherwise read the residual a second time."""
+        norm = self.input_norm(group)
+        plain = type(self).group_input is LlamaLayerAdapter.group_input
+        if not plain or type(norm).forward not in _plain_rms_forwards():
+            # another norm, a hub kernel or a subclass's own group input: run it as it is
+            return self.group_input(group, residual), None
+        hidden = residual.to(torch.float32)
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        hidden = hidden * torch.rsqrt(variance + norm.variance_epsilon)
+        return norm.weight * hidden.to(residual.dtype), variance
+
     def _kv_shared_now(self) -> bool:
         kv_index = getattr(self.attn, "kv_index", None)
         if kv_index is not None:  # a physically pruned layer
@@ -245,6 +260,22 @@ class LlamaLayerAdapter(LayerAdapter):
         if group == ATTN:
             return d * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         return 2 * d * self.intermediate_size
+
+
+def _plain_rms_forwards() -> frozenset:
+    """The ``forward`` functions of the RMSNorm classes that :meth:`LlamaLayerAdapter.normalized`
+    replicates (the same code in each family's modelling file)."""
+    global _RMS_FORWARDS
+    if _RMS_FORWARDS is None:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+        _RMS_FORWARDS = frozenset(c.forward for c in (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm))
+    return _RMS_FORWARDS
+
+
+_RMS_FORWARDS: frozenset | None = None
 
 
 class LlamaAdapter(ModelAdapter):

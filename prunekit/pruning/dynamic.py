@@ -55,6 +55,9 @@ class BatchState:
     #: residual stream entering each group: ``(layer, group)`` -> ``[B, T, d]`` (the current
     #: layer's and, for asynchronous probing, the previous layer's)
     residuals: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    #: the mean of squares of those residuals per token (``[B, T, 1]`` fp32) where the
+    #: layer's norm computed it anyway (:meth:`LayerAdapter.normalized`); absent otherwise
+    residual_sq_means: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     #: this forward continues a prompt (a KV cache holds earlier tokens, or inside
     #: ``DynamicModel.hold()``): kept sets come from the prompt's decisions
     continuing: bool = False
@@ -204,10 +207,12 @@ class DynamicDecoderLayer(nn.Module):
         y = _merge_rows(ys, batch_size)
         return (y, _merge_rows(acts, batch_size)) if observe else y
 
-    def _drive(self, la: LayerAdapter, group: str, x, residual, run):
+    def _drive(self, la: LayerAdapter, group: str, x, residual, run, residual_sq_mean=None):
         rt, batch = self.runtime, self.runtime.batch
         key = (la.index, group)
         batch.residuals[key] = residual
+        if residual_sq_mean is not None:
+            batch.residual_sq_means[key] = residual_sq_mean
         bsz = x.shape[0]
         if batch.continuing or (rt.holding and key in rt.decisions):
             if key not in rt.decisions:
@@ -276,8 +281,9 @@ class DynamicDecoderLayer(nn.Module):
         else:
             out = la.run_block(hidden_states, driver=self._drive, **kwargs)
         # keep only what async probing may read (the previous layer's residuals)
-        batch.residuals.pop((la.index - 1, ATTN), None)
-        batch.residuals.pop((la.index - 2, MLP), None)
+        for stale in ((la.index - 1, ATTN), (la.index - 2, MLP)):
+            batch.residuals.pop(stale, None)
+            batch.residual_sq_means.pop(stale, None)
         return out
 
 
@@ -302,8 +308,9 @@ def _run_dispatched(layer: nn.Module, batch: BatchState, index: int, hidden_stat
         batch.token_mask = batch.token_mask.to(device)
         batch.position_ids = batch.position_ids.to(device)
     for key in ((index - 1, MLP), (index - 1, ATTN)):  # what asynchronous probing reads
-        if key in batch.residuals:
-            batch.residuals[key] = batch.residuals[key].to(device)
+        for kept in (batch.residuals, batch.residual_sq_means):
+            if key in kept:
+                kept[key] = kept[key].to(device)
     with onloaded(layer):
         out = run(hidden_states, kwargs)
     return hook.post_forward(layer, out) if hook is not None else out
