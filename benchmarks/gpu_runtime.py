@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.components import ATTN, MLP, Allocation
+from prunekit.components import ATTN, MLP
 from prunekit.evaluation.runtime import (
     Contender,
     describe_speedup,
@@ -57,7 +57,7 @@ from prunekit.evaluation.runtime import (
     time_interleaved,
 )
 from prunekit.pruning.dynamic import BatchState
-from prunekit.pruning.static import slice_model
+from prunekit.pruning.static import same_shape
 from prunekit.registry import resolve_adapter
 from prunekit.runner import head_macs, structure_reduction
 
@@ -107,17 +107,8 @@ def shared_clone(model):
 
 
 def static_like(clone, structure):
-    """``clone`` physically sliced to ``structure``'s kept counts (the first heads and channels
-    of each layer: same shapes as pp's kept sets, as in benchmarks/pp_smollm2.py)."""
-    adapter = resolve_adapter(clone)
-    allocation = Allocation()
-    for row, layer in zip(structure, adapter.layers(), strict=True):
-        if row["heads"] < layer.num_heads:
-            allocation.kept[(layer.index, ATTN)] = torch.arange(row["heads"])
-        if row["channels"] < layer.intermediate_size:
-            allocation.kept[(layer.index, MLP)] = torch.arange(row["channels"])
-    slice_model(adapter, allocation)
-    return clone
+    """``clone`` (a copy of the dense model) physically sliced to ``structure``'s kept counts."""
+    return same_shape(clone, structure)
 
 
 def live_shape(model) -> list[dict]:

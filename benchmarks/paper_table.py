@@ -184,7 +184,8 @@ def run_timing(settings: dict, out_dir: Path, data_dir: str) -> dict:
     if path.is_file():
         print(f"timing: {path.name} cached", file=sys.stderr)
         return json.loads(path.read_text())
-    ppl = ts["perplexity"]
+    ppl = dict(ts["perplexity"])
+    ppl["batch_size"] = min(ppl["batch_size"], ppl["windows"])
     loaded = load_model(ts["model"], dtype=ts["dtype"])
     dense, tokenizer = loaded.model, loaded.tokenizer
     adapter, head = resolve_adapter(dense), head_macs(dense)

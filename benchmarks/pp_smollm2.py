@@ -25,13 +25,11 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.components import ATTN, MLP, Allocation
 from prunekit.data import eval_windows, locate_corpus
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.evaluation.runtime import Contender, phase_medians, time_interleaved
 from prunekit.models.loading import load_model
-from prunekit.pruning.static import slice_model
-from prunekit.runner import resolve_adapter
+from prunekit.pruning.static import same_shape
 
 HERE = Path(__file__).resolve().parent
 CALIBRATION = {"dataset": "c4", "samples": 128, "seq_len": 512, "batch_size": 16}
@@ -39,15 +37,7 @@ CALIBRATION = {"dataset": "c4", "samples": 128, "seq_len": 512, "batch_size": 16
 
 def static_like(clone, structure):
     """``clone`` (a copy of the dense model) physically sliced to ``structure``'s kept counts."""
-    adapter = resolve_adapter(clone)
-    allocation = Allocation()
-    for row, layer in zip(structure, adapter.layers(), strict=True):
-        if row["heads"] < layer.num_heads:
-            allocation.kept[(layer.index, ATTN)] = torch.arange(row["heads"])
-        if row["channels"] < layer.intermediate_size:
-            allocation.kept[(layer.index, MLP)] = torch.arange(row["channels"])
-    slice_model(adapter, allocation)
-    return clone
+    return same_shape(clone, structure)
 
 
 def runtime_block(model, tokenizer, batches, ratio, rounds, warmup):

@@ -767,10 +767,15 @@ def _runtime(plan: Plan, outcome: PruneOutcome, batches, dense: DenseTiming,
     pruned = outcome.model
     if plan.method_cls.baseline or dense.times is not None:  # dense alone, or timed before
         contenders = [Contender("pruned", pruned)]
-    elif outcome.dynamic and hasattr(pruned, "dense"):
+    elif dense.model is not None:
+        contenders = [Contender("dense", dense.model), Contender("pruned", pruned)]
+    elif callable(getattr(pruned, "dense", None)):  # a dynamic model's own dense layers
         contenders = [Contender("dense", pruned, dense=True), Contender("pruned", pruned)]
     else:
-        contenders = [Contender("dense", dense.model), Contender("pruned", pruned)]
+        raise PluginError(
+            f"method {plan.settings.name!r}: its pruned model has no dense() mode to time the "
+            "dense model beside it; set runtime.interleave: false to time dense before pruning"
+        )
     info(f"timing {' and '.join(c.name for c in contenders)}: {len(batches)} batch(es) x "
          f"{rt_cfg.repeats} interleaved round(s) after {rt_cfg.warmup} warm-up call(s)")  # fmt: skip
     timed = time_interleaved(contenders, batches, rt_cfg.repeats, rt_cfg.warmup)
@@ -811,14 +816,14 @@ class DenseTiming:
 
 
 def _dense_reference(plan: Plan, loaded: Loaded, timed: bool, batches) -> DenseTiming:
-    """Before pruning, when anything is ``timed``: nothing for a dynamic method (its dense
-    layers stay) or a baseline; for a static method (which prunes in place) a dense copy, or
-    with ``runtime.interleave: false`` the dense times on ``batches`` themselves."""
+    """Before pruning, when anything is ``timed``: nothing for a baseline or a dynamic method
+    (its dense layers stay: ``dense()``); for a static method (which prunes in place) a dense
+    copy; with ``runtime.interleave: false`` the dense times on ``batches`` themselves."""
     from prunekit.evaluation.runtime import memory_info, time_batches
 
-    if not timed or plan.method_cls.baseline or plan.method_cls.dynamic:
-        return DenseTiming()
     rt = plan.recipe.runtime
+    if not timed or plan.method_cls.baseline or (plan.method_cls.dynamic and rt.interleave):
+        return DenseTiming()
     if rt.interleave:
         info("keeping a dense copy for interleaved timing (runtime.interleave: false saves "
              "the memory)")  # fmt: skip
@@ -1064,6 +1069,11 @@ def prune(model, tokenizer=None, method: str = "dense", ratio: float = 0.0,
                             "seed": seed, "evaluation": {"perplexity": []}}  # fmt: skip
     if isinstance(calibration, dict):
         data["calibration"] = calibration
+    elif isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
+        # the windows given are the calibration set: methods read its size from the recipe
+        # (e.g. a running-mean history counts them)
+        data["calibration"] = {"samples": int(calibration.shape[0]),
+                               "seq_len": max(int(calibration.shape[1]), 2)}  # fmt: skip
     loaded = load_recipe(data)
     plan = validate(loaded, check_files=not isinstance(calibration, torch.Tensor), model=model,
                     check_output=False)  # fmt: skip

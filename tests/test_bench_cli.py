@@ -56,6 +56,15 @@ def test_bench_static_model_has_fewer_param_bytes(smollm2, tmp_path):
     assert runtime["interleaved"] and len(runtime["dense_s_all"]) == 5
 
 
+@pytest.mark.smollm2
+def test_bench_without_interleaving_says_so(smollm2, tmp_path):
+    assert _bench(tmp_path / "n", "--batches", "1",
+                  sets=["method.name=wanda-sp", "runtime.interleave=false"]) == 0  # fmt: skip
+    runtime = json.loads((tmp_path / "n" / "results.json").read_text())["runtime"]
+    # dense timed before pruning, in place: not paired, and the result says so
+    assert runtime["interleaved"] is False and len(runtime["dense_s_all"]) == 5
+
+
 def test_bench_needs_a_perplexity_entry(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("evaluation: {perplexity: []}\n")

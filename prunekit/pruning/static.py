@@ -25,6 +25,24 @@ from prunekit.hookspecs import hookimpl
 PRUNED_LAYERS_KEY = "prunekit_layers"
 
 
+def same_shape(model, structure: list[dict]):
+    """``model`` physically sliced in place to ``structure``'s kept counts (per layer
+    ``{"heads", "channels"}``, as in a result's ``structure``), keeping the first heads and
+    channels of each layer: a static model of the same shapes as a dynamic method's kept sets,
+    to time a dynamic method against (benchmarks). Returns ``model``."""
+    from prunekit.registry import resolve_adapter
+
+    adapter = resolve_adapter(model)
+    allocation = Allocation()
+    for row, layer in zip(structure, adapter.layers(), strict=True):
+        if row["heads"] < layer.num_heads:
+            allocation.kept[(layer.index, ATTN)] = torch.arange(row["heads"])
+        if row["channels"] < layer.intermediate_size:
+            allocation.kept[(layer.index, MLP)] = torch.arange(row["channels"])
+    slice_model(adapter, allocation)
+    return model
+
+
 def slice_model(adapter: ModelAdapter, allocation: Allocation,
                 biases: dict[tuple[int, str], torch.Tensor] | None = None) -> ModelAdapter:  # fmt: skip
     """Apply ``allocation`` physically; returns a fresh adapter of the pruned model.
