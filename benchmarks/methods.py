@@ -5,10 +5,11 @@ For each method and ratio: a fresh copy of the model, the method applied through
 ``prunekit.prune`` with the same calibration data (statistics cached and shared), WikiText-2
 test perplexity on the same random windows, and the achieved decoder MACs per token (the
 model adapter's cost model). Timing comes last and is interleaved: every model (dense and each
-pruned one) is warmed up once, then ``--rounds`` rounds each time every model on each of the
-same ``--timing-batches`` batches, in the same order, so drift of the machine hits all models
-alike. One dense time (median over all its timed calls) serves the whole table; each cell
-reports the median ratio to it and the spread (min-max over the timed calls). Dynamic models
+pruned one) is warmed up once, then ``--rounds`` rounds each run every one of the same
+``--timing-batches`` batches on every model back to back (the order rotating from round to
+round), so drift of the machine hits all models alike. One dense time (median over all its
+timed calls) serves the whole table; each cell reports the median ratio to it and the spread
+(min-max over the timed calls). Dynamic models
 are timed with their state preserved, so timing never changes what the metrics saw.
 
     python benchmarks/methods.py --model gemma3-270m --timing-batch-size 5 --rounds 3
@@ -26,7 +27,6 @@ Writes benchmarks/results/methods_<name>.json and benchmarks/methods_<name>.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import platform
@@ -40,6 +40,7 @@ import torch
 import prunekit
 from prunekit.data import eval_windows, locate_corpus
 from prunekit.evaluation.perplexity import perplexity
+from prunekit.evaluation.runtime import Contender, time_interleaved
 from prunekit.models.loading import load_model
 from prunekit.registry import resolve_adapter
 from prunekit.runner import sequence_bos, structure_reduction
@@ -52,26 +53,14 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def timed_call(model, batch) -> float:
-    keep_state = getattr(model, "preserved_state", None)
-    with (keep_state() if keep_state else contextlib.nullcontext()), torch.no_grad():
-        start = time.perf_counter()
-        model(input_ids=batch)
-        return time.perf_counter() - start
-
-
 def interleaved_times(models: dict, batches, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of every model on every batch, rounds interleaved across models."""
-    for name, model in models.items():  # warm-up, excluded
-        timed_call(model, batches[0])
-        log(f"warmed up {name}")
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(rounds):
-        for name, model in models.items():
-            for batch in batches:
-                times[name].append(timed_call(model, batch))
-        log(f"timing round {r + 1}/{rounds} done")
-    return times
+    """Seconds per call of every model on every batch, in interleaved rounds (the library's
+    :func:`~prunekit.evaluation.runtime.time_interleaved`: one warm-up call each, then each
+    batch on every model back to back, the order rotating each round)."""
+    contenders = [Contender(name, model) for name, model in models.items()]
+    timed = time_interleaved(contenders, batches, rounds, warmup=1,
+                             progress=lambda d, t: log(f"timing round {d}/{t} done"))  # fmt: skip
+    return {name: rec["s_all"] for name, rec in timed.items()}
 
 
 def markdown(report: dict) -> str:
