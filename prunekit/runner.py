@@ -834,12 +834,12 @@ def _dense_reference(plan: Plan, loaded: Loaded, timed: bool, batches) -> DenseT
 
 
 def _result(plan: Plan, loaded: Loaded, ctx: PruneContext, outcome: PruneOutcome,
-            metrics: dict, runtime: dict | None, output_dir: Path) -> dict:  # fmt: skip
+            metrics: dict, runtime: dict | None, output_dir: Path,
+            reduction: dict) -> dict:  # fmt: skip
     """The content of ``results.json``."""
     recipe = plan.recipe
     params = loaded.params
     params_kept = outcome.params_kept if outcome.params_kept is not None else params
-    reduction = _reduction(plan, loaded, outcome)
     return {
         "schema_version": SCHEMA_VERSION,
         "method": plan.settings.name,
@@ -984,9 +984,9 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
         loaded.timings["evaluation_s"] = time.perf_counter() - t2
         loaded.timings["total_s"] = time.perf_counter() - t0
         with plugin_faults(pm, "timing"):
-            runtime = _runtime(plan, outcome, timing_batches, dense_ref, ctx.device,
-                               _reduction(plan, loaded, outcome))  # fmt: skip
-        result = _result(plan, loaded, ctx, outcome, metrics, runtime, output_dir)
+            reduction = _reduction(plan, loaded, outcome)
+            runtime = _runtime(plan, outcome, timing_batches, dense_ref, ctx.device, reduction)
+        result = _result(plan, loaded, ctx, outcome, metrics, runtime, output_dir, reduction)
         if generation is not None:
             with plugin_faults(pm, "timing generation"):
                 models = {"pruned": (outcome.model, False)}

@@ -142,20 +142,17 @@ class PPController:
         rows, cols = self._select(xs, rank, rank_key, batch)
         xp = xs.index_select(0, rows).index_select(1, cols)
         pos = batch.position_ids.index_select(0, rows).index_select(1, cols)
-        if batch.unpadded:  # no masks to build or apply (same numbers as the masked path)
-            z = layer.probe(group, xp, pos, None)
-            # one probe row (the default 5% of 20): its own squares, no mean over rows
-            sq = z.float().square()
+        # an unpadded batch builds and applies no masks (the same numbers as an all-true mask)
+        mask = None if batch.unpadded else batch.token_mask.index_select(0, rows).index_select(1, cols)
+        sq = layer.probe(group, xp, pos, mask).float().square()
+        if mask is None:  # one probe row (the default 5% of 20): its own squares, no mean
             P = sq[0] if sq.shape[0] == 1 else sq.sum(0) / sq.shape[0]  # [t', D]
-            G = self._history_rows(key, pos, None) if self.history is not None else None
             self.probe_tokens[key] = pos.numel()
-            return self.fusion(P, G)
-        mask = batch.token_mask.index_select(0, rows).index_select(1, cols)
-        z = layer.probe(group, xp, pos, mask)
-        zz = torch.where(mask.unsqueeze(-1), z.float().square(), 0.0)
-        P = zz.sum(0) / mask.sum(0).clamp(min=1).unsqueeze(-1)  # [t', D]
+        else:
+            sq = torch.where(mask.unsqueeze(-1), sq, 0.0)
+            P = sq.sum(0) / mask.sum(0).clamp(min=1).unsqueeze(-1)  # [t', D]
+            self.probe_tokens[key] = mask.sum()  # a tensor: read when reported, no sync here
         G = self._history_rows(key, pos, mask) if self.history is not None else None
-        self.probe_tokens[key] = mask.sum()  # a tensor: read when reported, no sync here
         return self.fusion(P, G)
 
     def wants_activations(self, layer, group) -> bool:

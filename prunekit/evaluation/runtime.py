@@ -65,16 +65,17 @@ def time_batches(model, batches: Sequence[torch.Tensor], warmup: int = 1,
         model(input_ids=batches[0].to(device), use_cache=False)
     _sync(device)
     _reset_peak(device)
-    times = []
-    for _ in range(repeats):
-        for batch in batches:
-            batch = batch.to(device)
-            _sync(device)
-            start = time.perf_counter()
-            model(input_ids=batch, use_cache=False)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    return times
+    return [_seconds(model, batch.to(device), device) for _ in range(repeats) for batch in batches]
+
+
+def _seconds(model, batch: torch.Tensor, device: torch.device) -> float:
+    """Wall seconds of one scoring pass ``model(input_ids=batch, use_cache=False)`` (no KV
+    cache to fill), synchronised on CUDA."""
+    _sync(device)
+    start = time.perf_counter()
+    model(input_ids=batch, use_cache=False)
+    _sync(device)
+    return time.perf_counter() - start
 
 
 @dataclass
@@ -160,13 +161,9 @@ def _call(c: Contender, batch: torch.Tensor) -> tuple[float, dict[str, float], i
         if timers is not None:
             timers.reset()
             timers.enabled = True
-        _sync(device)
         _reset_peak(device)
         try:
-            start = time.perf_counter()
-            c.model(input_ids=batch, use_cache=False)  # a scoring pass: no KV cache to fill
-            _sync(device)
-            seconds = time.perf_counter() - start
+            seconds = _seconds(c.model, batch, device)
         finally:
             if timers is not None:
                 timers.enabled = False
