@@ -260,6 +260,115 @@ def generate_cmd(
 
 
 @app.command()
+def sweep(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="Recipe YAML file (its sweep: section, if any, is "
+                                    "the default grid).")
+    ] = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option("--grid", "-g", help="A grid axis: --grid method.ratio=0.2,0.4 (repeatable; "
+                     "the cells are the product of every axis)."),
+    ] = None,
+    seeds: Annotated[
+        int | None, typer.Option(min=1, help="Seeds per cell: seed, seed+1, ... (mean and "
+                                 "spread over them in the table).")
+    ] = None,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", min=1, help="Cells at once (local executor).")
+    ] = None,
+    executor: Annotated[
+        str | None, typer.Option(help="Where the cells run: local, submitit, or a plugin's "
+                                 "executor (prunekit components executor).")
+    ] = None,
+    executor_option: Annotated[
+        list[str] | None,
+        typer.Option("--executor-option", "-x", help="An option of the executor: -x "
+                     "partition=gpu, -x cluster=local, -x sbatch={account: me} (repeatable)."),
+    ] = None,
+    partition: Annotated[str | None, typer.Option(help="submitit: Slurm partition.")] = None,
+    gpus_per_cell: Annotated[
+        int | None, typer.Option(min=0, help="submitit: GPUs per cell.")
+    ] = None,
+    cpus_per_cell: Annotated[
+        int | None, typer.Option(min=1, help="submitit: CPUs per cell.")
+    ] = None,
+    mem_gb: Annotated[float | None, typer.Option(help="submitit: memory per cell (GB).")] = None,
+    time_min: Annotated[
+        int | None, typer.Option(min=1, help="submitit: time limit per cell (minutes).")
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option("--metric", "-m", help="A results.json value to tabulate: wikitext2.ppl, "
+                     "reduction.flops_kept_fraction, runtime.speedup (repeatable)."),
+    ] = None,
+    set_: SetOption = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Sweep directory (overrides sweep.dir; "
+                                  "default runs/sweep-<recipe name>).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Run finished cells again.")] = False,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Submit and return (submitit); collect later with "
+                           "--status.")
+    ] = False,
+    status: Annotated[
+        Path | None, typer.Option("--status", help="Report on a sweep directory and rewrite its "
+                                  "table, running nothing.")
+    ] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Run a recipe over a grid: each cell a full apply in its own process and directory.
+
+    Finished cells are skipped when the sweep is run again; a failing cell is recorded with
+    its error while the others run. Writes table.md and table.csv (mean and spread over
+    seeds) and plot.png into the sweep directory. Exit status 1 when a cell failed.
+    """
+    from prunekit.errors import RecipeError
+    from prunekit.recipe import parse_override
+    from prunekit.sweep import SweepFailed, collect, resolve_sweep, run_sweep
+
+    _quiet(quiet)
+    if status is not None:
+        if recipe is not None:
+            raise RecipeError("--status DIR reports on a sweep directory; give no recipe with it")
+        _print_sweep(collect(status))
+        return
+    if recipe is None:
+        raise RecipeError("sweep needs a RECIPE (or --status DIR)")
+    options: dict = {}
+    for expr in executor_option or ():
+        path, value = parse_override(expr)
+        if len(path) != 1:
+            raise RecipeError(f"--executor-option {expr}: expected NAME=VALUE")
+        options[path[0]] = value
+    flags = {"jobs": jobs, "partition": partition, "gpus_per_cell": gpus_per_cell,
+             "cpus_per_cell": cpus_per_cell, "mem_gb": mem_gb, "time_min": time_min}  # fmt: skip
+    options.update({k: v for k, v in flags.items() if v is not None})
+    resolved = resolve_sweep(recipe, set_ or (), grid or (), seeds, metric or (), output,
+                             executor, options)  # fmt: skip
+    report = None if quiet else typer.echo
+    summary = run_sweep(resolved, force=force, wait=not detach, report=report)
+    if detach:
+        typer.echo(f"submitted; collect with: prunekit sweep --status {resolved.dir}")
+        return
+    _print_sweep(summary)
+    failed = summary["states"]["failed"]
+    if failed:
+        raise SweepFailed(f"{failed} of {summary['cells']} cells failed (the others finished); "
+                          f"their errors are in {Path(summary['dir']) / 'table.md'}")  # fmt: skip
+
+
+def _print_sweep(summary: dict) -> None:
+    from prunekit.sweep import markdown_table
+
+    typer.echo(markdown_table(summary).rstrip())
+    where = Path(summary["dir"])
+    files = ["table.md", "table.csv", *(["plot.png"] if summary.get("plot") else [])]
+    typer.echo("  written: " + ", ".join(str(where / f) for f in files))
+
+
+@app.command()
 def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_: SetOption = None,

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 #: more (``prunekit_register_kinds``), listed by ``Registry.slot_kinds()``
 SLOTS: tuple[str, ...] = ("statistic", "metric", "allocator", "compensator")
 #: the engine's component kinds, in a stable order
-KINDS: tuple[str, ...] = ("adapter", *SLOTS, "method")
+KINDS: tuple[str, ...] = ("adapter", *SLOTS, "method", "executor")
 
 #: the two prunable groups of a decoder layer
 ATTN, MLP = "attn", "mlp"
@@ -643,3 +643,35 @@ class Method(ABC):
     @abstractmethod
     def prune(self, ctx: Any) -> PruneOutcome:
         """Prune ``ctx.model`` (see :class:`prunekit.runner.PruneContext`)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep executors
+# --------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs the cells of a sweep (``prunekit sweep``; kind ``executor``, recipe
+    ``sweep.executor``), on this machine, a cluster or any other engine.
+
+    A cell is a directory holding its resolved ``recipe.yaml``. Running it means calling
+    :func:`prunekit.sweep.run_cell` on that directory in a process of its own (``python -m
+    prunekit.sweep CELL_DIR`` does exactly that). ``run_cell`` writes everything (the run's
+    outputs, ``status.json`` with the error of a failed cell) atomically into the cell and
+    never raises for a failed run, and a cell that is already finished or running elsewhere
+    is left alone, so an executor only has to start the calls, in any order and with any
+    parallelism; it needs no result passed back.
+
+    ``run(cells, folder, wait)``: start every cell of ``cells`` (directories), keeping any
+    files of the executor's own under ``folder``. With ``wait`` true, return once every cell
+    has ended; with ``wait`` false an executor that can may return once the cells are
+    submitted (``prunekit sweep --detach``), and ``prunekit sweep --status`` collects them
+    later from the cells' files. Return a JSON-serialisable dict recorded in the sweep's
+    ``sweep.json`` (e.g. job ids), or None. ``detaches`` says whether ``wait=False`` is
+    supported. An interrupt (``KeyboardInterrupt``) must stop the cells the executor started.
+    """
+
+    detaches: bool
+
+    def run(self, cells: list[Any], folder: Any, wait: bool = True) -> dict | None: ...

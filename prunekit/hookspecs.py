@@ -149,6 +149,19 @@ def prunekit_register_methods(register: RegisterFn) -> None:
     """
 
 
+@hookspec
+def prunekit_register_executors(register: RegisterFn) -> None:
+    """Register sweep executors: where ``prunekit sweep`` runs its cells (this machine, a
+    Slurm cluster through submitit, or any other engine).
+
+    :param register: call ``register(name, factory, description=None)``; ``factory(**options)``
+        (the options of the recipe's ``sweep.executor`` section) returns a
+        :class:`prunekit.components.Executor`.
+
+    Called once, when the registry is built.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # Run observers
 # --------------------------------------------------------------------------------------------

@@ -303,6 +303,48 @@ class OutputConfig(_Strict):
     save_predictions: bool = False  # predictions/<task>.jsonl: per question NLLs and picks
 
 
+class ExecutorConfig(BaseModel):
+    """``sweep.executor``: ``name`` of the executor component (``prunekit components
+    executor``), every other key one of its options (e.g. ``jobs: 2`` for ``local``)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "local"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SweepConfig(_Strict):
+    """``sweep``: what ``prunekit sweep`` runs (``prunekit apply`` ignores this section).
+
+    The cells are the product of ``grid`` (recipe key -> values), ``variants`` (name -> a
+    mapping of recipe keys to values, applied together) and ``seeds`` (``seed``, ``seed + 1``,
+    ...). Each cell is one full ``apply`` in its own process.
+    """
+
+    dir: str | None = None
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    seeds: int = Field(1, ge=1)
+    #: results.json values to tabulate: ``wikitext2.ppl`` (a ``metrics`` label and key) or a
+    #: dotted path into results.json (``reduction.flops_kept_fraction``); default: every
+    #: perplexity, the tasks' average, the MACs kept and the speed-up when timed
+    metrics: list[str] = Field(default_factory=list)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_values(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid key {key!r} has no values; give at least one")
+            if key in ("seed", "sweep") or key.startswith("sweep."):
+                raise ValueError(f"grid key {key!r}: seeds are set with sweep.seeds, and a "
+                                 "cell has no sweep section")  # fmt: skip
+        return grid
+
+
 class Recipe(_Strict):
     """A validated recipe (see docs/recipes.md)."""
 
@@ -314,6 +356,7 @@ class Recipe(_Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     seed: int = 0
     data_dir: str | None = None
+    sweep: SweepConfig | None = None
 
     def output_dir(self) -> Path:
         if self.output.dir:
@@ -569,4 +612,6 @@ def load_recipe(
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML (every default spelled out)."""
     data = recipe.model_dump(mode="json", exclude_none=False)
+    if data.get("sweep") is None:  # a run's own recipe (and every sweep cell's) has none
+        data.pop("sweep", None)
     return yaml.safe_dump(data, sort_keys=False)

@@ -17,6 +17,7 @@ from prunekit.components import (
     Allocator,
     CalibrationStatistic,
     Compensator,
+    Executor,
     ImportanceMetric,
 )
 from prunekit.errors import PluginError, RecipeError, did_you_mean
@@ -29,6 +30,7 @@ HOOKS: dict[str, str] = {
     "allocator": "prunekit_register_allocators",
     "compensator": "prunekit_register_compensators",
     "method": "prunekit_register_methods",
+    "executor": "prunekit_register_executors",
 }
 assert set(HOOKS) == set(KINDS)
 #: fixed keys of a recipe's ``method`` section (in the order messages list them), which no
@@ -67,6 +69,8 @@ def engine_kinds() -> dict[str, Kind]:
         "allocator": Kind("allocator", Allocator, "allocators (scores -> kept sets)"),
         "compensator": Kind("compensator", Compensator, "compensators (output bias)"),
         "method": Kind("method", None, "pruning methods", slot=False),
+        "executor": Kind("executor", Executor, "sweep executors (where prunekit sweep runs "
+                         "its cells)", slot=False),  # fmt: skip
     }
 
 
@@ -97,7 +101,7 @@ class Entry:
     def options(self) -> dict[str, Any]:
         """Keyword options the factory accepts, with their defaults (``...`` = required).
 
-        Only slot components take recipe options; adapters and methods report none.
+        Slot components and executors take recipe options; adapters and methods report none.
         """
         if self.kind in ("adapter", "method"):
             return {}

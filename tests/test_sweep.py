@@ -1,0 +1,316 @@
+"""`prunekit sweep`: cells, executors (local, submitit's local, a third-party one), failures,
+re-runs, concurrent sweeps, the table; on a tiny model (each cell is a process of seconds)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from prunekit import hookimpl
+from prunekit.cli import main
+from prunekit.errors import RecipeError
+from prunekit.runner import apply
+from prunekit.sweep import (
+    collect,
+    load_sweep,
+    parse_grid,
+    resolve_sweep,
+    run_cell,
+    run_sweep,
+    split_values,
+)
+from prunekit.testing import tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny LLaMA, a copy whose weights file is corrupt (its config validates; loading it
+    fails, as a truncated download would), a text file, and a recipe."""
+    root = tmp_path_factory.mktemp("sweep")
+    tiny_llama(layers=2, seed=3).save_pretrained(root / "tiny")
+    tiny_tokenizer().save_pretrained(root / "tiny")
+    shutil.copytree(root / "tiny", root / "broken")
+    (root / "broken" / "model.safetensors").write_bytes(b"\0" * 64)
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randint(0, 60, (40, 50), generator=g).tolist()
+    text = root / "text.txt"
+    text.write_text("\n".join(" ".join(f"w{i}" for i in r) for r in rows))
+    recipe = {
+        "model": {"id": str(root / "tiny"), "dtype": "float32"},
+        "method": {"name": "wanda-sp", "ratio": 0.5, "skip_layers": []},
+        "calibration": {"path": str(text), "samples": 4, "seq_len": 16, "batch_size": 4},
+        "evaluation": {"perplexity": [{"path": str(text), "seq_len": 16, "windows": 4,
+                                        "batch_size": 2, "sampling": "random"}]},  # fmt: skip
+        "runtime": {"batches": 0},
+    }
+    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
+    return root
+
+
+def _models(root: Path) -> str:
+    return f"model.id={root / 'tiny'},{root / 'broken'}"
+
+
+# ------------------------------------------------------------------------------------------
+# building cells
+# ------------------------------------------------------------------------------------------
+
+
+def test_grid_values_split_at_top_level_commas_and_parse_as_yaml():
+    assert split_values("0.2, 0.4,[1, 2],{a: 1, b: 2},'x,y'") == [
+        "0.2", "0.4", "[1, 2]", "{a: 1, b: 2}", "'x,y'"]  # fmt: skip
+    assert parse_grid(["method.ratio=0.2,0.4", "method.skip_layers=[],[0, 1]"]) == {
+        "method.ratio": [0.2, 0.4], "method.skip_layers": [[], [0, 1]]}  # fmt: skip
+    for bad in ("method.ratio", "=0.2", "method.ratio=0.2,,0.4"):
+        with pytest.raises(RecipeError, match="--grid"):
+            parse_grid([bad])
+
+
+def test_cells_are_the_product_of_variants_grid_and_seeds(workdir, tmp_path):
+    recipe = yaml.safe_load((workdir / "r.yaml").read_text())
+    recipe["seed"] = 5
+    recipe["sweep"] = {"grid": {"method.ratio": [0.25, 0.5]}, "seeds": 2,
+                       "variants": {"wanda": {}, "flap": {"method.name": "flap"}}}  # fmt: skip
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    sweep = resolve_sweep(path, output=tmp_path / "out")
+    assert len(sweep.cells) == 2 * 2 * 2 and len({c.key for c in sweep.cells}) == 8
+    assert sweep.label_keys == ["variant", "method.ratio"]
+    first = sweep.cells[0]
+    assert first.labels == {"variant": "wanda", "method.ratio": "0.25"} and first.seed == 5
+    assert [c.seed for c in sweep.cells[:2]] == [5, 6]
+    assert first.recipe.sweep is None and first.recipe.method.ratio == 0.25
+    flap = [c for c in sweep.cells if c.labels["variant"] == "flap"]
+    assert all(c.recipe.method.name == "flap" for c in flap)
+    # the command line adds a grid axis and replaces the seeds; the key is the recipe's
+    wider = resolve_sweep(path, grid=["method.round_to=1,2"], seeds=1, output=tmp_path / "o2")
+    assert len(wider.cells) == 2 * 2 * 2
+    again = resolve_sweep(path, output=tmp_path / "elsewhere")
+    assert [c.key for c in again.cells] == [c.key for c in sweep.cells]  # not output.dir
+
+
+def test_bad_sweeps_fail_before_anything_runs(workdir, tmp_path):
+    r = workdir / "r.yaml"
+    with pytest.raises(RecipeError, match=r"(?s)sweep cell \(runtime\.batchez=1.*sweep value runtime.batchez=1: .*unknown key"):
+        resolve_sweep(r, grid=["runtime.batchez=1"])
+    with pytest.raises(RecipeError, match="same recipe"):
+        resolve_sweep(r, grid=["method.ratio=0.5,0.50"])
+    with pytest.raises(RecipeError, match="sweep.seeds"):
+        resolve_sweep(r, grid=["seed=1,2"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RecipeError, match="existing file"):
+        resolve_sweep(r, output=tmp_path / "file")
+    # every cell invalid: the sweep is wrong, nothing is written
+    out = tmp_path / "none"
+    code = main(["sweep", str(r), "--grid", "method.name=nope,nada", "-o", str(out), "-q"])
+    assert code == 2 and not out.exists()
+    code = main(["sweep", str(r), "--grid", "method.ratoi=0.2,0.3", "-o", str(out), "-q"])
+    assert code == 2 and not out.exists()  # a method option the method does not take
+    assert main(["sweep", str(r), "--detach", "-o", str(out), "-q"]) == 2  # local can't detach
+    assert main(["sweep", str(r), "-x", "jobz=2", "-o", str(out), "-q"]) == 2
+    assert main(["sweep", "--status", str(tmp_path), "-q"]) == 2
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# running: local executor, a failing cell, re-runs, equality with apply
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_sweep(workdir):
+    out = workdir / "local"
+    code = main(["sweep", str(workdir / "r.yaml"), "--grid", _models(workdir), "--seeds", "2",
+                 "-j", "2", "-o", str(out), "-q"])  # fmt: skip
+    return code, out
+
+
+def test_a_failing_cell_is_recorded_and_the_others_finish(local_sweep, workdir, capsys):
+    code, out = local_sweep
+    assert code == 1  # some cells failed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["states"]["done"] == 2 and summary["states"]["failed"] == 2
+    good, bad = summary["rows"]
+    assert good["labels"] == {"model.id": str(workdir / "tiny")} and good["seeds"] == [0, 1]
+    ppl = good["metrics"]["text.ppl"]
+    assert ppl["n"] == 2 and ppl["min"] <= ppl["mean"] <= ppl["max"]
+    assert bad["seeds"] == [] and "could not load" in bad["failed"][0]
+    table = (out / "table.md").read_text()
+    assert "seeds 0, 1: could not load local model directory" in table
+    assert "2 done, 2 failed" in table
+    csv_head = (out / "table.csv").read_text().splitlines()[0]
+    assert csv_head.startswith("model.id,seeds,text.ppl_mean,text.ppl_std")
+    assert (out / "plot.png").stat().st_size > 1000
+
+
+def test_rerun_skips_finished_cells(local_sweep, workdir):
+    _, out = local_sweep
+    _, cells = load_sweep(out)
+    done = [c for c in cells if c.status()["state"] == "done"]
+    before = {c.key: (c.dir / "status.json").read_text() for c in done}
+    code = main(["sweep", str(workdir / "r.yaml"), "--grid", _models(workdir), "--seeds", "2",
+                 "-o", str(out), "-q"])  # fmt: skip
+    assert code == 1  # the broken cells ran (and failed) again
+    assert {c.key: (c.dir / "status.json").read_text() for c in done} == before
+    assert all(json.loads(t)["attempt"] == 1 for t in before.values())
+
+
+def test_sweep_numbers_equal_apply_one_by_one(local_sweep, workdir, tmp_path):
+    _, out = local_sweep
+    _, cells = load_sweep(out)
+    for cell in cells:
+        if cell.status()["state"] != "done":
+            continue
+        swept = cell.result()
+        # the base recipe with the cell's overrides, as one would type them
+        overrides = json.loads((cell.dir / "cell.json").read_text())["overrides"]
+        alone = apply(workdir / "r.yaml", overrides, output=tmp_path / cell.key)
+        assert alone["metrics"]["text"]["ppl"] == swept["metrics"]["text"]["ppl"]
+        assert alone["structure"] == swept["structure"] and alone["seed"] == cell.seed
+    # and `prunekit apply` of the cell's own recipe.yaml
+    cell = next(c for c in cells if c.status()["state"] == "done")
+    assert main(["apply", str(cell.dir / "recipe.yaml"), "-o", str(tmp_path / "again"),
+                 "-q"]) == 0  # fmt: skip
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["metrics"]["text"]["ppl"] == cell.result()["metrics"]["text"]["ppl"]
+
+
+def test_force_runs_finished_cells_again(workdir, tmp_path):
+    out = tmp_path / "f"
+    args = ["sweep", str(workdir / "r.yaml"), "-o", str(out), "-q"]
+    assert main(args) == 0
+    (cell,) = load_sweep(out)[1]
+    assert cell.status()["attempt"] == 1
+    assert main([*args, "--force"]) == 0
+    assert cell.status()["attempt"] == 2 and cell.status()["state"] == "done"
+
+
+# ------------------------------------------------------------------------------------------
+# submitit (its local executor), detaching, --status
+# ------------------------------------------------------------------------------------------
+
+
+def test_submitit_local_executor_records_the_failure_too(local_sweep, workdir, tmp_path):
+    pytest.importorskip("submitit")
+    out = tmp_path / "sub"
+    code = main(["sweep", str(workdir / "r.yaml"), "--grid", _models(workdir), "--executor",
+                 "submitit", "-x", "cluster=local", "--time-min", "5", "-o", str(out), "-q"])  # fmt: skip
+    assert code == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["states"]["done"] == 1 and summary["states"]["failed"] == 1
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert manifest["executor_info"]["cluster"] == "local"
+    assert len(manifest["executor_info"]["job_ids"]) == 2
+    # the same cell (seed 0) as the local executor's, the same number
+    local = {r["labels"]["model.id"]: r for r in json.loads(
+        (local_sweep[1] / "summary.json").read_text())["rows"]}  # fmt: skip
+    row = summary["rows"][0]
+    assert row["metrics"]["text.ppl"]["values"] == local[row["labels"]["model.id"]]["metrics"][
+        "text.ppl"]["values"][:1]  # fmt: skip
+
+
+def test_detach_then_status_collects(workdir, tmp_path, capsys):
+    pytest.importorskip("submitit")
+    out = tmp_path / "det"
+    code = main(["sweep", str(workdir / "r.yaml"), "--grid", "method.ratio=0.25,0.5",
+                 "--executor", "submitit", "-x", "cluster=local", "--detach", "-o", str(out)])  # fmt: skip
+    assert code == 0 and "prunekit sweep --status" in capsys.readouterr().out
+    _, cells = load_sweep(out)
+    deadline = time.time() + 240
+    while time.time() < deadline and any(c.status()["state"] != "done" for c in cells):
+        time.sleep(0.5)
+    assert main(["sweep", "--status", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 cells: 2 done" in printed and "| 0.25 |" in printed
+
+
+def test_submitit_executor_options_are_checked():
+    from prunekit.registry import get_registry
+
+    registry = get_registry()
+    with pytest.raises(RecipeError, match="time_min"):
+        registry.create("executor", "submitit", {"time_min": -1})
+    with pytest.raises(RecipeError, match="cluster"):
+        registry.create("executor", "submitit", {"cluster": "k8s"})
+    with pytest.raises(RecipeError, match="unknown option 'gpus'"):
+        registry.create("executor", "submitit", {"gpus": 1})
+    ex = registry.create("executor", "submitit", {"partition": "gpu", "sbatch": {"qos": "hi"}})
+    assert ex.options["sbatch"] == {"qos": "hi"} and ex.detaches
+
+
+def test_requeue_resubmits_the_same_cell():
+    pytest.importorskip("submitit")
+    from prunekit.sweep.executors import CellJob
+
+    again = CellJob().checkpoint("/some/cell")
+    assert isinstance(again.function, CellJob) and again.args == ("/some/cell",)
+
+
+# ------------------------------------------------------------------------------------------
+# concurrency, third-party executors
+# ------------------------------------------------------------------------------------------
+
+
+def test_two_sweeps_on_one_directory_run_each_cell_once(workdir, tmp_path):
+    out = tmp_path / "shared"
+    sweeps = [resolve_sweep(workdir / "r.yaml", grid=["method.ratio=0.25,0.5"], output=out)
+              for _ in range(2)]  # fmt: skip
+    results, errors = [], []
+
+    def go(sweep):
+        try:
+            results.append(run_sweep(sweep))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(s,)) for s in sweeps]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(results) == 2
+    assert all(r["states"]["done"] == 2 for r in results)
+    for cell in load_sweep(out)[1]:
+        assert cell.status()["attempt"] == 1  # the second sweep waited, then skipped it
+    assert collect(out)["states"]["done"] == 2
+    assert not [p for p in out.rglob(".*") if p.name != ".lock"]  # no temporary files left
+
+
+class InlineExecutor:
+    """A third-party executor: runs the cells in this process, one after the other."""
+
+    detaches = False
+
+    def __init__(self, tag: str = "inline"):
+        self.tag = tag
+
+    def run(self, cells, folder, wait=True):
+        return {"tag": self.tag, "states": [run_cell(c)["state"] for c in cells]}
+
+
+class InlinePlugin:
+    @hookimpl
+    def prunekit_register_executors(self, register):
+        register("inline", InlineExecutor, "cells in this process")
+
+
+def test_a_plugin_executor_runs_a_sweep(workdir, tmp_path, prunekit_pm):
+    from prunekit.registry import get_registry
+
+    prunekit_pm.register_plugin(InlinePlugin(), "inline-plugin")
+    registry = get_registry(prunekit_pm)
+    assert registry.get("executor", "inline").plugin == "inline-plugin"
+    out = tmp_path / "inline"
+    sweep = resolve_sweep(workdir / "r.yaml", grid=["method.ratio=0.25,0.5"], output=out,
+                          executor="inline", executor_options={"tag": "mine"})  # fmt: skip
+    summary = run_sweep(sweep, registry=registry)
+    assert summary["states"]["done"] == 2
+    info = json.loads((out / "sweep.json").read_text())["executor_info"]
+    assert info == {"tag": "mine", "states": ["done", "done"]}
