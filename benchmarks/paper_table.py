@@ -609,7 +609,13 @@ def main(argv=None) -> int:
         json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
     plot(report, png_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(markdown(report, image))
+    text = markdown(report, image)
+    # the equal-compute section belongs to benchmarks/equal_compute.py: keep it
+    old = md_path.read_text() if md_path.is_file() else ""
+    start, end = "<!-- equal-compute:start -->", "<!-- equal-compute:end -->"
+    if start in old and end in old:
+        text = text.rstrip("\n") + "\n\n" + old[old.index(start): old.index(end) + len(end)] + "\n"
+    md_path.write_text(text)
     print(f"wrote {json_path}, {md_path}, {png_path}", file=sys.stderr)
     if args.quick and not args.out:
         shutil.rmtree(cells_dir, ignore_errors=True)  # a smoke test keeps no cache

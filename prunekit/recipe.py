@@ -324,6 +324,9 @@ class SweepConfig(_Strict):
     """
 
     dir: str | None = None
+    #: where the cells live (default ``<dir>/cells``); sweeps that share it share their
+    #: common cells, each run once
+    cells: str | None = None
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seeds: int = Field(1, ge=1)

@@ -23,6 +23,41 @@ def test_fluctuation_by_hand():
     torch.testing.assert_close(out["mean"], torch.tensor([3.0]))
 
 
+def test_reference_running_mean_by_hand():
+    """The PP reference code's update: the batch mean enters with weight 1/(n+B)."""
+    stat = Fluctuation(running_mean="reference")
+    state = stat.init(channels=1, positions=1)
+    ones = torch.ones(2, 1, dtype=torch.bool)
+    stat.update(state, torch.tensor([[[1.0]], [[3.0]]]), ones)
+    assert float(state["baseline"][0, 0]) == 1.0  # 0·0 + mean 2 / (0+2)
+    stat.update(state, torch.tensor([[[5.0]]]), torch.ones(1, 1, dtype=torch.bool))
+    # baseline 1·2/3 + 5/3 = 7/3; fluc = 0 + (5 - 7/3)(5 - 1)/3 = 32/9
+    out = stat.finalize(state)
+    torch.testing.assert_close(out["fluctuation"], torch.tensor([32 / 9]))
+    torch.testing.assert_close(out["mean"], torch.tensor([7 / 3]))
+    assert stat.options() == {"running_mean": "reference"} and Fluctuation().options() == {}
+
+
+def test_reference_running_mean_tends_to_the_mean_over_batch_size():
+    x = torch.randn(40, 3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mask = torch.ones(20, 3, dtype=torch.bool)
+    own, ref = Fluctuation(), Fluctuation(running_mean="reference")
+    s_own, s_ref = own.init(2, 3), ref.init(2, 3)
+    for batch in x.split(20):
+        own.update(s_own, batch, mask)
+        ref.update(s_ref, batch, mask)
+    torch.testing.assert_close(own.finalize(s_own)["mean"], x.mean((0, 1)).float())
+    # with equal batches it is exactly the mean of the batches seen over B, at every step
+    first, second = x.split(20)
+    want = (first.mean(0) / 2 + second.mean(0) / 2) / 20
+    torch.testing.assert_close(s_ref["baseline"], want)
+
+
+def test_running_mean_option_is_checked():
+    with pytest.raises(ValueError, match="running_mean"):
+        Fluctuation(running_mean="paper")
+
+
 def test_one_calibration_batch_is_an_error():
     stat = Fluctuation()
     state = stat.init(channels=1, positions=1)

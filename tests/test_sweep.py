@@ -314,3 +314,30 @@ def test_a_plugin_executor_runs_a_sweep(workdir, tmp_path, prunekit_pm):
     assert summary["states"]["done"] == 2
     info = json.loads((out / "sweep.json").read_text())["executor_info"]
     assert info == {"tag": "mine", "states": ["done", "done"]}
+
+
+def test_sweeps_sharing_a_cells_directory_run_common_cells_once(workdir, tmp_path, prunekit_pm):
+    from prunekit.registry import get_registry
+
+    prunekit_pm.register_plugin(InlinePlugin(), "inline-plugin")
+    registry = get_registry(prunekit_pm)
+    shared = tmp_path / "cells"
+
+    def sweep(name, ratios):  # the recipe's own sweep section, with sweep.cells shared
+        recipe = yaml.safe_load((workdir / "r.yaml").read_text())
+        recipe["sweep"] = {"cells": str(shared), "dir": str(tmp_path / name),
+                           "grid": {"method.ratio": ratios}, "executor": {"name": "inline"}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return resolve_sweep(path)
+
+    first = run_sweep(sweep("a", [0.5]), registry=registry)
+    assert first["states"]["done"] == 1
+    second_sweep = sweep("b", [0.25, 0.5])
+    summary = run_sweep(second_sweep, registry=registry)
+    assert summary["states"]["done"] == 2
+    info = json.loads((tmp_path / "b" / "sweep.json").read_text())
+    assert info["executor_info"]["states"] == ["done"]  # only the 0.25 cell ran
+    assert sorted(p.name for p in shared.iterdir()) == sorted(c.key for c in second_sweep.cells)
+    assert all(c.status()["attempt"] == 1 for c in second_sweep.cells)
+    assert (tmp_path / "a" / "table.md").is_file() and (tmp_path / "b" / "table.md").is_file()

@@ -31,13 +31,29 @@ class Fluctuation:
     before (old) and after (new) the batch:
     ``fluc ← fluc·(n-1)/(n+B-1) + Σ_b (x - μ_new)(x - μ_old)/(n+B)``, skipped while ``n = 0``.
     Finalised to ``fluctuation = Σ_t fluc[t, :]`` and ``mean = mean_t baseline[t, :]``.
+
+    :param running_mean: ``flap`` (default): FLAP's own running mean, the batch's sum entering
+        with weight ``1/(n+B)``, i.e. its mean with ``B/(n+B)``. ``reference``: the PP
+        reference code's update ``baseline ← baseline·n/(n+B) + mean_b(x)/(n+B)`` (its
+        ``llama_pp.py``), which the paper's FLAP rows come from: with batches of ``B`` windows
+        the baseline tends to ``mean/B``, so the fluctuation is close to the raw second moment
+        and the compensation bias about ``1/B`` of FLAP's.
     """
 
     name = "fluctuation"
     provides = ("fluctuation", "mean")
+    RUNNING_MEANS = ("flap", "reference")
+
+    def __init__(self, running_mean: str = "flap") -> None:
+        if running_mean not in self.RUNNING_MEANS:
+            raise ValueError(f"running_mean must be one of {', '.join(self.RUNNING_MEANS)} "
+                             f"(FLAP's own formula, or the PP reference code's), got "
+                             f"{running_mean!r}")  # fmt: skip
+        self.running_mean = running_mean
 
     def options(self) -> dict[str, Any]:
-        return {}
+        # FLAP's own formula keeps the cache key it always had
+        return {} if self.running_mean == "flap" else {"running_mean": self.running_mean}
 
     def init(self, channels: int, positions: int) -> dict[str, torch.Tensor]:
         return {
@@ -56,7 +72,10 @@ class Fluctuation:
         n = float(state["n"])
         base = state["baseline"][:seq]
         mu_old = base.mean(0)
-        new_base = (base * n + x.sum(0)) / (n + bsz)
+        if self.running_mean == "flap":
+            new_base = (base * n + x.sum(0)) / (n + bsz)
+        else:  # the reference's: the batch mean enters with weight 1/(n+B), not B/(n+B)
+            new_base = base * (n / (n + bsz)) + x.mean(0) / (n + bsz)
         state["baseline"][:seq] = new_base
         state["seen"][:seq] = True
         mu_new = new_base.mean(0)

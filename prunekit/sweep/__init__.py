@@ -232,6 +232,10 @@ class Sweep:
     base_overrides: list[str] = field(default_factory=list)
 
     @property
+    def cells_dir(self) -> Path:
+        return (Path(self.config.cells) if self.config.cells else self.dir / "cells").absolute()
+
+    @property
     def label_keys(self) -> list[str]:
         return (["variant"] if self.config.variants else []) + list(self.config.grid)
 
@@ -267,6 +271,10 @@ def resolve_sweep(recipe: str | os.PathLike, overrides: Sequence[str] = (),
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise RecipeError(f"sweep directory {str(sweep_dir)!r} is an existing file; give a "
                           "directory with --output or sweep.dir")  # fmt: skip
+    cells_root = (Path(config.cells) if config.cells else sweep_dir / "cells").absolute()
+    if cells_root.exists() and not cells_root.is_dir():
+        raise RecipeError(f"sweep.cells {str(cells_root)!r} is an existing file; give a "
+                          "directory")  # fmt: skip
     variants = config.variants or {"": {}}
     cells: list[Cell] = []
     seen: dict[str, Cell] = {}
@@ -294,7 +302,7 @@ def resolve_sweep(recipe: str | os.PathLike, overrides: Sequence[str] = (),
                                   f"({', '.join(f'{k}={v}' for k, v in seen[key].labels.items())}"
                                   f", seed {seen[key].seed}) resolve to the same recipe; "
                                   "remove the duplicate grid value or variant")  # fmt: skip
-            cell_dir = sweep_dir / "cells" / key
+            cell_dir = cells_root / key
             loaded.recipe.output.dir = str((cell_dir / RUN_DIR).absolute())
             cell = Cell(key, labels, seed, cell_sets, loaded, cell_dir)
             seen[key] = cell
@@ -432,6 +440,7 @@ def _manifest(sweep: Sweep, executor_info: dict | None) -> dict:
         "overrides": sweep.base_overrides,
         "sweep": sweep.config.model_dump(mode="json"),
         "label_keys": sweep.label_keys,
+        "cells_dir": str(sweep.cells_dir),
         "cells": [{"key": c.key, "labels": c.labels, "seed": c.seed} for c in sweep.cells],
         "executor_info": executor_info,
     }
@@ -501,7 +510,8 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[dict, list[Cell]]:
         what = "does not exist" if not sweep_dir.exists() else f"has no readable {SWEEP_FILE}"
         raise RecipeError(f"{sweep_dir}: not a sweep directory ({what}); give the directory "
                           "that prunekit sweep wrote (--output or sweep.dir)")  # fmt: skip
-    cells = [Cell(c["key"], c["labels"], c["seed"], [], None, sweep_dir / "cells" / c["key"])
+    root = Path(manifest.get("cells_dir") or sweep_dir / "cells")
+    cells = [Cell(c["key"], c["labels"], c["seed"], [], None, root / c["key"])
              for c in manifest["cells"]]  # fmt: skip
     return manifest, cells
 

@@ -1,0 +1,208 @@
+"""docs/ablations.md from the ablation sweeps (recipes/ablations/*.yaml).
+
+Every number in the report is read from the sweeps' summaries (``runs/ablations/<name>/
+summary.json``, written by ``prunekit sweep``); only the prose (what each ablation tests and
+the paper's claim) is typed. Whether a claim holds is decided from those numbers: each claim is a
+list of pairs "A has lower perplexity than B", and a pair holds when A's mean is lower, and
+*clearly* when every seed of A is below every seed of B.
+
+    python benchmarks/ablations.py                    # run every sweep (skipping finished cells), render
+    python benchmarks/ablations.py --only fusion      # one ablation
+    python benchmarks/ablations.py --render-only      # render from what has finished
+    python benchmarks/ablations.py --sweep-args='--grid calibration.samples=128,512'
+
+The sweeps share ``runs/ablations/cells``, so the common ``default`` cell runs once per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RECIPES = ROOT / "recipes" / "ablations"
+METRIC = "wikitext2.ppl"
+
+#: name -> (title, what it varies, the paper's claim, the claim as (lower, higher) pairs)
+ABLATIONS: dict[str, tuple[str, str, str, list[tuple[str, str]]]] = {
+    "probe_size": (
+        "Probe size",
+        "the share of positions (`ratio_seq`, default 0.5) and of samples (`ratio_batch`, "
+        "default 0.05: one sample of 20) that the probe keeps",
+        "A probe of about 1.5% of the batch's FLOPs is enough, and a larger probe brings the "
+        "result closer to full-batch probing: fewer positions should cost perplexity and more "
+        "samples should gain a little.",
+        [("default", "tokens-0.1"), ("tokens-0.25", "tokens-0.1"), ("default", "tokens-0.25"),
+         ("samples-0.2", "default")],
+    ),
+    "probe_ranking": (
+        "Probe ranking",
+        "how the probe's positions and samples are chosen: by residual norm (PP), at random, or "
+        "the whole batch (with the history, unlike the method `pp-fullbatch`)",
+        "Ranking by residual importance picks a better probe than a random one of the same "
+        "size; the whole batch as probe is the upper bound.",
+        [("default", "random"), ("full-batch", "default")],
+    ),
+    "fusion": (
+        "Fusion",
+        "how the probe's statistics are combined with the history: PP's importance-scaled "
+        "fusion, a fixed 0.5/0.5 mix, the probe alone, the history alone",
+        "Importance-scaled fusion beats the probe alone, the history alone and a fixed mix: "
+        "the probe gives the batch's own signal and the history makes it reliable.",
+        [("default", "fixed-0.5"), ("default", "probe-only"), ("default", "history-only")],
+    ),
+    "history": (
+        "History update",
+        "how the history moves after calibration: PP's EMA (momentum 0.99), never (frozen), or "
+        "a cumulative running mean",
+        "Updating the history with an EMA of the batches seen helps over a history frozen at "
+        "calibration.",
+        [("default", "frozen"), ("default", "running-mean")],
+    ),
+    "metric": (
+        "Importance score",
+        "PP's score `‖S_j · W[:, j]²‖` against the Wanda-sp metric `sqrt(S_j) · Σ|W[:, j]|`, "
+        "both on the same fused probe statistics",
+        "PP's importance score beats the Wanda-sp metric applied to the same probe states.",
+        [("default", "wanda-sp-metric")],
+    ),
+    "granularity": (
+        "Per batch or per sequence",
+        "one kept set per batch (`pp`) against one per sequence (`pp-seq`, each row its own "
+        "probe)",
+        "(not in the paper) A kept set per sequence fits each sequence better than one shared "
+        "by the batch.",
+        [("per-sequence", "default")],
+    ),
+    "calibration_size": (
+        "Calibration size",
+        "the number of 512-token C4 windows the history starts from",
+        "PP needs only a small calibration set: more calibration windows change little.",
+        [],
+    ),
+}
+
+
+def run_sweeps(names: list[str], extra: list[str]) -> None:
+    for name in names:
+        cmd = [sys.executable, "-m", "prunekit.cli", "sweep", str(RECIPES / f"{name}.yaml"), *extra]
+        print("+", " ".join(cmd), flush=True)
+        code = subprocess.call(cmd, cwd=ROOT)
+        if code not in (0, 1):  # 1: a cell failed, recorded in the table
+            raise SystemExit(f"sweep {name} exited with {code}")
+
+
+def load(name: str) -> dict | None:
+    path = ROOT / "runs" / "ablations" / name / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def verdict(rows: dict[str, dict], lower: str, higher: str) -> str | None:
+    a, b = rows.get(lower), rows.get(higher)
+    if not a or not b or not a["n"] or not b["n"]:
+        return None
+    if a["mean"] >= b["mean"]:
+        return (f"**does not hold**: {lower} {fmt(a['mean'])} is not below {higher} "
+                f"{fmt(b['mean'])}")
+    if a["max"] < b["min"]:
+        return f"holds: {lower} {fmt(a['mean'])} < {higher} {fmt(b['mean'])}, every seed"
+    return (f"holds in the mean only: {lower} {fmt(a['mean'])} < {higher} {fmt(b['mean'])}, "
+            "but the seeds' ranges overlap")
+
+
+def render_one(name: str, summary: dict) -> list[str]:
+    title, varies, claim, pairs = ABLATIONS[name]
+    rows = {r["labels"].get("variant", ""): r for r in summary["rows"]}
+    stats = {v: r["metrics"][METRIC] for v, r in rows.items()}
+    default = stats.get("default") or {}
+    lines = [f"## {title}", "", f"Varies {varies}. Recipe: "
+             f"[`recipes/ablations/{name}.yaml`](../recipes/ablations/{name}.yaml).", "",
+             "| variant | seeds | WikiText-2 perplexity | min-max | vs default | MACs kept |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for variant, r in rows.items():
+        s = stats[variant]
+        macs = r["metrics"].get("reduction.flops_kept_fraction", {}).get("mean")
+        if not s["n"]:
+            why = "; ".join(r["failed"]) or "not run yet"
+            lines.append(f"| {variant} | 0 | - | - | - | - ({why}) |")
+            continue
+        spread = f"{fmt(s['min'])}-{fmt(s['max'])}" if s["n"] > 1 else "-"
+        delta = ("" if variant == "default" or not default.get("n")
+                 else f"{100 * (s['mean'] / default['mean'] - 1):+.1f}%")  # fmt: skip
+        std = f" ± {fmt(s['std'])}" if s["n"] > 1 else ""
+        lines.append(f"| {variant} | {s['n']} | {fmt(s['mean'])}{std} | {spread} | {delta} | "
+                     f"{fmt(macs, 3)} |")  # fmt: skip
+    lines += ["", f"**The claim.** {claim}", ""]
+    if pairs:
+        lines.append("**Here** (lower perplexity is better):")
+        lines.append("")
+        for lower, higher in pairs:
+            v = verdict(stats, lower, higher)
+            lines.append(f"- {lower} below {higher}: {v or 'not measured yet'}")
+        lines.append("")
+    return lines
+
+
+def render(names: list[str]) -> str:
+    lines = [
+        "# Ablations of Probe Pruning on SmolLM2",
+        "",
+        "<!-- generated by benchmarks/ablations.py from runs/ablations/*/summary.json; do not "
+        "edit by hand -->",
+        "",
+        "Each section is one sweep (`prunekit sweep recipes/ablations/<name>.yaml`) on "
+        "SmolLM2-135M-Instruct (fp32, CPU) at ratio 0.4, with layers 0-2 skipped. Perplexity is "
+        "measured on 40 **random** WikiText-2 test windows of 512 tokens in batches of 20 (the "
+        "paper's protocol), and the history starts from 128 C4 windows. Each variant runs with "
+        "several seeds; a seed changes both the calibration draw and the evaluation windows. The "
+        "table shows the mean ± standard deviation over seeds and the min-max range. Every "
+        "number below is read from the sweeps' summaries. The typed text is only what each "
+        "ablation tests and the claim it checks, which is the paper's unless marked otherwise.",
+        "",
+        "A claim *holds* when its better variant has the lower mean perplexity, and holds "
+        "*clearly* when every seed of the better variant is below every seed of the other. "
+        "With two seeds, a difference inside the seed spread is not evidence either way.",
+        "",
+    ]
+    missing = []
+    for name in names:
+        summary = load(name)
+        if summary is None:
+            missing.append(name)
+            continue
+        lines += render_one(name, summary)
+    if missing:
+        lines += ["## Not run yet", "",
+                  "These sweeps have no results in this report yet (their recipes are in "
+                  "`recipes/ablations/`): " + ", ".join(f"`{m}`" for m in missing) + ".", ""]  # fmt: skip
+    lines += ["## Reproducing", "", "```",
+              "python benchmarks/ablations.py           # runs every sweep, then writes this file",
+              "python benchmarks/ablations.py --render-only", "```", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=list(ABLATIONS))
+    parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--sweep-args", default="", help="extra arguments for prunekit sweep")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "ablations.md")
+    args = parser.parse_args(argv)
+    names = args.only or list(ABLATIONS)
+    if not args.render_only:
+        run_sweeps(names, args.sweep_args.split())
+    args.out.write_text(render(list(ABLATIONS)))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

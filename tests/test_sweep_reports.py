@@ -1,0 +1,83 @@
+"""benchmarks/ablations.py and benchmarks/equal_compute.py: numbers come from sweep summaries
+(synthetic here), verdicts and interpolation by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stats(values):
+    from prunekit.sweep import summarize
+
+    return {**summarize(values), "values": values}
+
+
+def _row(labels, ppl, macs):
+    return {"labels": labels, "seeds": list(range(len(ppl))), "failed": [], "unfinished": 0,
+            "metrics": {"wikitext2.ppl": _stats(ppl),
+                        "reduction.flops_kept_fraction": _stats(macs)}}  # fmt: skip
+
+
+def test_ablation_verdicts_read_the_numbers():
+    ab = _script("ablations")
+    rows = {"default": _stats([20.0, 21.0]), "random": _stats([23.0, 24.0]),
+            "close": _stats([20.8, 22.0]), "better": _stats([19.0, 19.5])}  # fmt: skip
+    assert ab.verdict(rows, "default", "random").startswith("holds: ")
+    assert ab.verdict(rows, "default", "close").startswith("holds in the mean only")
+    assert ab.verdict(rows, "default", "better").startswith("**does not hold**")
+    assert ab.verdict(rows, "default", "missing") is None
+
+
+def test_ablation_section_shows_the_summary_values():
+    ab = _script("ablations")
+    summary = {"rows": [
+        _row({"variant": "default"}, [20.0, 22.0], [0.7, 0.7]),
+        _row({"variant": "random"}, [25.0, 27.0], [0.7, 0.7]),
+    ]}  # fmt: skip
+    text = "\n".join(ab.render_one("probe_ranking", summary))
+    assert "| default | 2 | 21.00 ± 1.41 | 20.00-22.00 |" in text
+    assert "| random | 2 | 26.00 ± 1.41 | 25.00-27.00 | +23.8% |" in text
+    assert "default below random: holds: default 21.00 < random 26.00, every seed" in text
+    assert "full-batch below default: not measured yet" in text
+
+
+def test_equal_compute_interpolates_log_linearly_and_never_extrapolates():
+    ec = _script("equal_compute")
+    points = [(0.2, 0.6, 30.0), (0.4, 0.8, 20.0)]
+    assert ec.interpolate(points, 0.6) == pytest.approx(30.0)
+    mid = ec.interpolate(points, 0.7)
+    assert mid == pytest.approx(math.sqrt(30.0 * 20.0))
+    assert ec.interpolate(points, 0.9) is None and ec.interpolate(points, 0.5) is None
+
+
+def test_equal_compute_table_compares_at_the_uniform_methods_macs(tmp_path):
+    ec = _script("equal_compute")
+    summary = {"rows": [
+        _row({"variant": "pp", "method.ratio": "0.2"}, [20.0], [0.8]),
+        _row({"variant": "pp", "method.ratio": "0.4"}, [30.0], [0.6]),
+        _row({"variant": "flap", "method.ratio": "0.2"}, [24.0], [0.75]),
+        _row({"variant": "flap", "method.ratio": "0.4"}, [40.0], [0.55]),
+    ]}  # fmt: skip
+    text = ec.markdown(summary, None)
+    want = math.exp(0.75 * math.log(40.0) + 0.25 * math.log(24.0))  # flap at 0.6
+    assert f"| 0.4 | 60.0% | 30.00 | {want:.2f} |" in text
+    assert "| 0.2 | 80.0% | 20.00 | - |" in text  # beyond flap's measured range
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# table\n\nkept\n")
+    ec.splice(doc, text)
+    ec.splice(doc, text)  # replaced, not appended twice
+    out = doc.read_text()
+    assert out.startswith("# table\n\nkept\n") and out.count(ec.START) == 1
