@@ -151,6 +151,38 @@ def render_one(name: str, summary: dict) -> list[str]:
     return lines
 
 
+def render_flap(summary: dict | None) -> list[str]:
+    """FLAP with its own running mean and with the PP reference code's, at each ratio."""
+    lines = ["## FLAP as the paper ran it", "",
+             "FLAP's fluctuation statistic with FLAP's own running mean (`flap`, prunekit's "
+             "default) and with the PP reference code's update (`reference`), whose baseline "
+             "tends to the mean divided by the calibration batch size. The paper's FLAP rows "
+             "come from the reference code ([methods.md](methods.md#flap)). Recipe: "
+             "[`recipes/ablations/flap_running_mean.yaml`]"
+             "(../recipes/ablations/flap_running_mean.yaml).", ""]  # fmt: skip
+    if summary is None:
+        return [*lines, "Not run yet.", ""]
+    lines += ["| running mean | ratio | seeds | WikiText-2 perplexity | decoder MACs kept |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    by: dict[tuple[str, str], dict] = {}
+    for r in summary["rows"]:
+        s = r["metrics"][METRIC]
+        macs = r["metrics"].get("reduction.flops_kept_fraction", {}).get("mean")
+        by[(r["labels"].get("variant", ""), r["labels"].get("method.ratio", ""))] = s
+        value = "-" if not s["n"] else fmt(s["mean"]) + (f" ± {fmt(s['std'])}" if s["n"] > 1
+                                                         else "")  # fmt: skip
+        lines.append(f"| {r['labels'].get('variant')} | {r['labels'].get('method.ratio')} | "
+                     f"{s['n']} | {value} | {fmt(macs, 3)} |")  # fmt: skip
+    lines.append("")
+    for ratio in sorted({k[1] for k in by}):
+        own, ref = by.get(("flap", ratio)), by.get(("reference", ratio))
+        if own and ref and own["n"] and ref["n"]:
+            lines.append(f"- At {ratio}: the reference's running mean gives "
+                         f"{100 * (ref['mean'] / own['mean'] - 1):+.1f}% perplexity against "
+                         "FLAP's own.")  # fmt: skip
+    return [*lines, ""]
+
+
 def render(names: list[str]) -> str:
     lines = [
         "# Ablations of Probe Pruning on SmolLM2",
@@ -179,6 +211,7 @@ def render(names: list[str]) -> str:
             missing.append(name)
             continue
         lines += render_one(name, summary)
+    lines += render_flap(load("flap_running_mean"))
     if missing:
         lines += ["## Not run yet", "",
                   "These sweeps have no results in this report yet (their recipes are in "

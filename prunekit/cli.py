@@ -297,6 +297,11 @@ def sweep(
     time_min: Annotated[
         int | None, typer.Option(min=1, help="submitit: time limit per cell (minutes).")
     ] = None,
+    sbatch: Annotated[
+        list[str] | None,
+        typer.Option("--sbatch", help="submitit: an extra #SBATCH option, --sbatch "
+                     "account=myproj (repeatable)."),
+    ] = None,
     metric: Annotated[
         list[str] | None,
         typer.Option("--metric", "-m", help="A results.json value to tabulate: wikitext2.ppl, "
@@ -345,6 +350,11 @@ def sweep(
     flags = {"jobs": jobs, "partition": partition, "gpus_per_cell": gpus_per_cell,
              "cpus_per_cell": cpus_per_cell, "mem_gb": mem_gb, "time_min": time_min}  # fmt: skip
     options.update({k: v for k, v in flags.items() if v is not None})
+    for expr in sbatch or ():
+        key, eq, value = expr.partition("=")
+        if not eq or not key.strip():
+            raise RecipeError(f"--sbatch {expr}: expected OPTION=VALUE, e.g. --sbatch qos=high")
+        options.setdefault("sbatch", {})[key.strip()] = value.strip()
     resolved = resolve_sweep(recipe, set_ or (), grid or (), seeds, metric or (), output,
                              executor, options)  # fmt: skip
     report = None if quiet else typer.echo

@@ -245,6 +245,29 @@ def test_submitit_executor_options_are_checked():
     assert ex.options["sbatch"] == {"qos": "hi"} and ex.detaches
 
 
+def test_cluster_flags_reach_the_executor(workdir, tmp_path, monkeypatch):
+    """--partition, --gpus-per-cell, --sbatch ... end up in the submitit executor's options
+    (nothing is submitted: run_sweep is replaced)."""
+    import prunekit.sweep as sweep_module
+
+    seen = {}
+
+    def fake_run(sweep, force=False, wait=True, report=None, registry=None):
+        seen["executor"], seen["wait"] = sweep.config.executor, wait
+        raise RecipeError("stop here")
+
+    monkeypatch.setattr(sweep_module, "run_sweep", fake_run)
+    code = main(["sweep", str(workdir / "r.yaml"), "--executor", "submitit", "--partition",
+                 "gpu", "--gpus-per-cell", "1", "--cpus-per-cell", "8", "--mem-gb", "32",
+                 "--time-min", "90", "--sbatch", "account=me", "--sbatch", "qos=high",
+                 "--detach", "-o", str(tmp_path / "x")])  # fmt: skip
+    assert code == 2 and seen["wait"] is False
+    ex = seen["executor"]
+    assert ex.name == "submitit" and ex.options == {
+        "partition": "gpu", "gpus_per_cell": 1, "cpus_per_cell": 8, "mem_gb": 32.0,
+        "time_min": 90, "sbatch": {"account": "me", "qos": "high"}}  # fmt: skip
+
+
 def test_requeue_resubmits_the_same_cell():
     pytest.importorskip("submitit")
     from prunekit.sweep.executors import CellJob
