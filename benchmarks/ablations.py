@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RECIPES = ROOT / "recipes" / "ablations"
-METRIC = "wikitext2.ppl"
+METRIC = "wikitext2-test.ppl"
 
 #: name -> (title, what it varies, the paper's claim, the claim as (lower, higher) pairs)
 ABLATIONS: dict[str, tuple[str, str, str, list[tuple[str, str]]]] = {

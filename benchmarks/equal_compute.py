@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SUMMARY = ROOT / "runs" / "equal_compute" / "summary.json"
-PPL, MACS = "wikitext2.ppl", "reduction.flops_kept_fraction"
+PPL, MACS = "wikitext2-test.ppl", "reduction.flops_kept_fraction"
 START, END = "<!-- equal-compute:start -->", "<!-- equal-compute:end -->"
 
 

@@ -304,7 +304,7 @@ def sweep(
     ] = None,
     metric: Annotated[
         list[str] | None,
-        typer.Option("--metric", "-m", help="A results.json value to tabulate: wikitext2.ppl, "
+        typer.Option("--metric", "-m", help="A results.json value to tabulate: wikitext2-test.ppl, "
                      "reduction.flops_kept_fraction, runtime.speedup (repeatable)."),
     ] = None,
     set_: SetOption = None,

@@ -330,7 +330,7 @@ class SweepConfig(_Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seeds: int = Field(1, ge=1)
-    #: results.json values to tabulate: ``wikitext2.ppl`` (a ``metrics`` label and key) or a
+    #: results.json values to tabulate: ``wikitext2-test.ppl`` (a ``metrics`` label and key) or a
     #: dotted path into results.json (``reduction.flops_kept_fraction``); default: every
     #: perplexity, the tasks' average, the MACs kept and the speed-up when timed
     metrics: list[str] = Field(default_factory=list)

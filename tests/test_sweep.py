@@ -145,6 +145,7 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(local_sweep, workdir, 
     table = (out / "table.md").read_text()
     assert "seeds 0, 1: could not load local model directory" in table
     assert "2 done, 2 failed" in table
+    assert summary["unknown_metrics"] == []
     csv_head = (out / "table.csv").read_text().splitlines()[0]
     assert csv_head.startswith("model.id,seeds,text.ppl_mean,text.ppl_std")
     assert (out / "plot.png").stat().st_size > 1000
@@ -180,6 +181,22 @@ def test_sweep_numbers_equal_apply_one_by_one(local_sweep, workdir, tmp_path):
                  "-q"]) == 0  # fmt: skip
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["metrics"]["text"]["ppl"] == cell.result()["metrics"]["text"]["ppl"]
+
+
+def test_a_metric_no_cell_has_is_named_with_what_exists(local_sweep, capsys):
+    _, out = local_sweep
+    manifest = json.loads((out / "sweep.json").read_text())
+    manifest["sweep"]["metrics"] = ["wikitext2.ppl"]  # the label is `text` here
+    (out / "sweep.json").write_text(json.dumps(manifest))
+    try:
+        summary = collect(out)
+        assert summary["unknown_metrics"] == ["wikitext2.ppl"]
+        assert "No finished cell has wikitext2.ppl; metrics they have include text.ppl" in (
+            out / "table.md").read_text()  # fmt: skip
+    finally:
+        manifest["sweep"]["metrics"] = []
+        (out / "sweep.json").write_text(json.dumps(manifest))
+        collect(out)
 
 
 def test_force_runs_finished_cells_again(workdir, tmp_path):

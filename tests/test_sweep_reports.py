@@ -27,7 +27,7 @@ def _stats(values):
 
 def _row(labels, ppl, macs):
     return {"labels": labels, "seeds": list(range(len(ppl))), "failed": [], "unfinished": 0,
-            "metrics": {"wikitext2.ppl": _stats(ppl),
+            "metrics": {"wikitext2-test.ppl": _stats(ppl),
                         "reduction.flops_kept_fraction": _stats(macs)}}  # fmt: skip
 
 

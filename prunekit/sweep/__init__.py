@@ -612,13 +612,17 @@ def collect(sweep_dir: str | os.PathLike) -> dict:
         else:
             row.unfinished += 1
     counts = {s: sum(1 for v in states.values() if v == s) for s in STATES}
+    # a metric no finished cell has is a typo, not a missing value: say what exists
+    unknown = [m for m in metrics if finished and not any(r.values.get(m) for r in rows.values())]
     table = [{"labels": r.labels, "seeds": r.seeds,
               "metrics": {m: {**summarize(r.values.get(m, [])), "values": r.values.get(m, [])}
                           for m in metrics},
               "failed": _failures(r.failed), "unfinished": r.unfinished}
              for r in rows.values()]  # fmt: skip
     summary = {"dir": str(sweep_dir), "cells": len(cells), "states": counts, "metrics": metrics,
-               "label_keys": label_keys, "rows": table, "failures": failures}  # fmt: skip
+               "label_keys": label_keys, "rows": table, "failures": failures,
+               "unknown_metrics": unknown,
+               "available_metrics": default_metrics(finished) if unknown else []}  # fmt: skip
     write_atomic(sweep_dir / "table.md", markdown_table(summary))
     write_atomic(sweep_dir / "table.csv", csv_table(summary))
     write_json(sweep_dir / "summary.json", summary)
@@ -669,6 +673,10 @@ def markdown_table(summary: dict) -> str:
     states = ", ".join(f"{n} {s}" for s, n in summary["states"].items() if n)
     lines += ["", f"{summary['cells']} cells: {states}. Values: mean ± standard deviation over "
               "seeds (min-max); one seed: its value."]  # fmt: skip
+    if summary.get("unknown_metrics"):
+        lines += ["", f"No finished cell has {', '.join(summary['unknown_metrics'])}; metrics "
+                  f"they have include {', '.join(summary['available_metrics'])} (or any dotted "
+                  "path into results.json)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
