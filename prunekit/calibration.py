@@ -104,7 +104,18 @@ def _cache_file(key: dict) -> Path:
     return cache_root() / "calibration" / f"{key['statistic']}-{digest}.safetensors"
 
 
+def _digest(flat: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(flat):
+        t = flat[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _save(path: Path, stats: LayerStats, key: dict) -> None:
+    """Write a cache entry atomically, with the sha256 of its tensors in its metadata."""
     from safetensors.torch import save_file
 
     flat = {f"{layer}.{group}.{name}": t.contiguous()
@@ -113,21 +124,50 @@ def _save(path: Path, stats: LayerStats, key: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(flat, tmp, metadata={"key": json.dumps(key, sort_keys=True)})
+        save_file(flat, tmp, metadata={"key": json.dumps(key, sort_keys=True),
+                                       "sha256": _digest(flat)})  # fmt: skip
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _load(path: Path) -> LayerStats:
+def _load(path: Path, key: dict | None = None) -> LayerStats | None:
+    """A cache entry, or None when it is unreadable, truncated, for another key, or its tensors
+    do not match the sha256 recorded when it was written (the caller recomputes it and writes
+    it again). An entry written before the sha256 was recorded is checked for structure only
+    and rewritten with its sha256."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        flat = load_file(str(path))
+    except Exception as exc:  # truncated, garbage, unreadable
+        _warn_corrupt(path, f"unreadable ({type(exc).__name__}: {str(exc)[:120]})")
+        return None
+    if key is not None and meta.get("key") not in (None, json.dumps(key, sort_keys=True)):
+        _warn_corrupt(path, "it was written for other settings")
+        return None
+    recorded = meta.get("sha256")
+    if recorded is not None and recorded != _digest(flat):
+        _warn_corrupt(path, "its tensors do not match the sha256 recorded when it was written")
+        return None
     out: LayerStats = {}
-    for flat, tensor in load_file(str(path)).items():
-        layer, group, name = flat.split(".", 2)
-        out.setdefault((int(layer), group), {})[name] = tensor
+    for name, tensor in flat.items():
+        layer, group, stat = name.split(".", 2)
+        out.setdefault((int(layer), group), {})[stat] = tensor
+    if recorded is None and key is not None:
+        _save(path, out, key)  # an older entry: record its sha256 from now on
     return out
+
+
+def _warn_corrupt(path: Path, why: str) -> None:
+    import warnings
+
+    warnings.warn(f"calibration cache entry {path} is not usable: {why}; computing the "
+                  "statistics again and replacing it", RuntimeWarning, stacklevel=3)  # fmt: skip
 
 
 def collect_statistics(
@@ -159,8 +199,9 @@ def collect_statistics(
             key = {**cache_key, "statistic": stat.name, "options": stat.options(),
                    "prunekit": __version__}  # fmt: skip
             path = _cache_file(key)
-            if path.is_file():
-                results[stat.name] = _load(path)
+            cached = _load(path, key) if path.is_file() else None
+            if cached is not None:
+                results[stat.name] = cached
                 continue
         missing.append(stat)
     if missing:

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, Terminated, sigterm_as_exception
 
 app = typer.Typer(
     name="prunekit",
@@ -472,9 +472,16 @@ def components(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: runs the app, turning user errors into exit status 2."""
+    """Console entry point: runs the app, turning user errors into exit status 2, Ctrl-C into
+    130 and SIGTERM into 143, in each case after the run has removed its partial outputs."""
     try:
-        app(args=argv, standalone_mode=False)
+        with sigterm_as_exception():
+            # typer turns Ctrl-C into Exit(130) and, outside standalone mode, returns the code
+            code = app(args=argv, standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            return code
     except PrunekitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -482,8 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         print("aborted", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (the run's partial outputs were removed)", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated by SIGTERM (the run's partial outputs were removed)", file=sys.stderr)
+        return 143
     except Exception as exc:  # click usage errors
         import click
 

@@ -7,8 +7,10 @@ Messages say what is wrong, where (file, line, key path) and how to fix it.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Iterable
+import signal
+from collections.abc import Iterable, Iterator
 
 
 class PrunekitError(Exception):
@@ -41,3 +43,28 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest choice, or an empty string."""
     match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's kill, ``kill PID``) turned into an exception, so that a run cleans
+    up as on Ctrl-C: ``apply`` removes its staging directory and leaves nothing half-written.
+    A ``BaseException``, like ``KeyboardInterrupt``: no ``except Exception`` swallows it."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` (in the main thread; elsewhere
+    the process's handler is left alone). The CLI and sweep cells run under it."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -29,6 +29,7 @@ import torch
 from prunekit.components import ATTN, MLP, DynamicProtocol, Method, PruneOutcome
 from prunekit.devices import execution_device, onloaded
 from prunekit.errors import RecipeError, StateError
+from prunekit.models.loading import sha256_file
 from prunekit.pruning.allocation import top_units
 from prunekit.pruning.dynamic import DynamicModel, Timers
 from prunekit.pruning.static import StaticMethod
@@ -301,6 +302,7 @@ class ProbePruning(Method):
             raise StateError(f"method {cls.name!r} keeps no history, so it has no state to load")
         meta = read_state_meta(path)
         check_state_meta(meta, path, recipe.model.id, cls.name)
+        check_state_file(path, meta)  # before any weight loads
         positions = (meta.get("calibration") or {}).get("seq_len")
         for i, p in enumerate(recipe.evaluation.perplexity):
             if positions is not None and p.seq_len > positions:
@@ -447,6 +449,8 @@ def save_state(path: str, controller: PPController, ctx, method: Method) -> None
                for (layer, group), t in (history or {}).items()}  # fmt: skip
     save_file(tensors, os.path.join(path, "state.safetensors"))
     meta = _state_meta(ctx, method)
+    # checked by load_state: a truncated or altered state is refused, never used
+    meta["state_sha256"] = sha256_file(Path(path, "state.safetensors"))
     Path(path, "state.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -455,11 +459,30 @@ def read_state_meta(path: str) -> dict:
     if not meta_path.is_file():
         raise StateError(f"{path}: no state.json; give a directory written by a dynamic method "
                          "with output.save_model: true (its 'model' subdirectory)")  # fmt: skip
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != STATE_FORMAT:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StateError(f"{meta_path}: unreadable ({exc}); the state is damaged: save it again "
+                         "or remove method.state.load to recalibrate") from None  # fmt: skip
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        meta = meta if isinstance(meta, dict) else {}
         raise StateError(f"{path}: not a prunekit dynamic-method state (format "
                          f"{meta.get('format')!r})")  # fmt: skip
     return meta
+
+
+def check_state_file(path: str, meta: dict) -> Path:
+    """``state.safetensors``, checked against the sha256 that state.json recorded."""
+    tensors_path = Path(path) / "state.safetensors"
+    if not tensors_path.is_file():
+        raise StateError(f"{path}: state.safetensors is missing; save the state again or remove "
+                         "method.state.load to recalibrate")  # fmt: skip
+    recorded = meta.get("state_sha256")
+    if recorded is not None and sha256_file(tensors_path) != recorded:
+        raise StateError(f"{tensors_path}: its sha256 differs from the one recorded in state.json "
+                         "when it was saved (truncated or altered); save the state again or "
+                         "remove method.state.load to recalibrate")  # fmt: skip
+    return tensors_path
 
 
 def check_state_meta(meta: dict, path: str, model_id: str | None, method: str | None) -> None:
@@ -492,7 +515,13 @@ def load_state(path: str, ctx, method: Method) -> dict[tuple[int, str], torch.Te
                          f"the recipe asks for another; remove method.state.load")  # fmt: skip
     out = {}
     layers = ctx.adapter.layers()
-    for flat, tensor in load_file(str(Path(path) / "state.safetensors")).items():
+    tensors_path = check_state_file(path, meta)
+    try:
+        tensors = load_file(str(tensors_path))
+    except Exception as exc:
+        raise StateError(f"{tensors_path}: unreadable ({type(exc).__name__}); save the state "
+                         "again or remove method.state.load to recalibrate") from None  # fmt: skip
+    for flat, tensor in tensors.items():
         layer, group = flat.split(".")
         if int(layer) >= len(layers):
             raise StateError(f"{path}: state holds layer {layer}, the model has {len(layers)} "

@@ -582,6 +582,51 @@ def _is_complete(directory: Path) -> bool:
     return (directory / COMPLETE_MARKER).is_file() and (directory / "config.json").is_file()
 
 
+def _weight_hashes(directory: Path) -> dict[str, str]:
+    files = sorted({p for pattern in _WEIGHT_PATTERNS for p in directory.glob(pattern)})
+    return {p.name: sha256_file(p) for p in files}
+
+
+def _write_marker(directory: Path) -> None:
+    """The completion marker, recording the sha256 of every weight file (written last)."""
+    fd, tmp = tempfile.mkstemp(prefix=".marker-", dir=directory)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"weights_sha256": _weight_hashes(directory)}, handle, indent=2)
+    os.replace(tmp, directory / COMPLETE_MARKER)
+
+
+def _damage(directory: Path) -> str | None:
+    """Why a converted checkpoint cannot be trusted (None when its weight files have the
+    sha256 its marker recorded). A marker from before hashes were recorded is given them."""
+    try:
+        text = (directory / COMPLETE_MARKER).read_text()
+        recorded = json.loads(text).get("weights_sha256") if text.strip() else None
+    except (OSError, ValueError, AttributeError):
+        return "its completion marker is unreadable"
+    if recorded is None:  # an older marker: record the hashes from now on
+        with contextlib.suppress(OSError):
+            _write_marker(directory)
+        return None
+    current = sorted({p.name for pattern in _WEIGHT_PATTERNS for p in directory.glob(pattern)})
+    if current != sorted(recorded):
+        return f"its weight files are {current}, not {sorted(recorded)}"
+    for name, digest in recorded.items():
+        if sha256_file(directory / name) != digest:
+            return f"{name} does not have the sha256 recorded at conversion (truncated or altered)"
+    return None
+
+
+def _usable(directory: Path) -> bool:
+    """A complete converted checkpoint whose weights are intact; a damaged one is reported."""
+    if not _is_complete(directory):
+        return False
+    problem = _damage(directory)
+    if problem is not None:
+        logger.warning("the converted checkpoint %s is damaged (%s): converting again",
+                       directory, problem)  # fmt: skip
+    return problem is None
+
+
 def _remove_tree(path: Path) -> None:
     """Delete a directory, renaming it aside first so that it vanishes from its name at once."""
     if not path.exists():
@@ -646,7 +691,7 @@ def _convert_gguf(alias: str, spec: GgufAlias, gguf: Path, gguf_sha256: str, out
         "converted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-    (out / COMPLETE_MARKER).write_text("")
+    _write_marker(out)
     logger.info("converted %s in %.1f s", gguf.name, time.perf_counter() - started)
 
 
@@ -692,14 +737,14 @@ def _converted_alias(alias: str, spec: GgufAlias, gguf: Path, root: Path) -> tup
         gguf_sha256 = sha256_file(gguf)
     models_dir = root / "models"
     target = models_dir / f"{spec.slug}-{gguf_sha256[:12]}"
-    if _is_complete(target):
+    if _usable(target):
         return target, gguf_sha256
     try:
         models_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive_lock(models_dir / f".{target.name}.lock") as locked:
-            if _is_complete(target):  # converted by another process while we waited
+            if _usable(target):  # converted by another process while we waited
                 return target, gguf_sha256
-            if target.exists():  # no marker: not ours to trust
+            if target.exists():  # no marker, or damaged weights: not ours to trust
                 _remove_tree(target)
             if locked:  # temporary dirs of this target can only be left by dead processes
                 for pattern in (f".{target.name}.tmp-*", f".{target.name}.gguf-*"):

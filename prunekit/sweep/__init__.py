@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -45,7 +46,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from prunekit.errors import PrunekitError, RecipeError
+from prunekit.errors import PrunekitError, RecipeError, Terminated, sigterm_as_exception
 from prunekit.recipe import LoadedRecipe, Recipe, SweepConfig, dump_recipe, load_recipe
 
 SWEEP_FILE = "sweep.json"
@@ -396,7 +397,7 @@ def run_cell(cell_dir: str | os.PathLike) -> dict:
             status = {"state": "done"}
         except PrunekitError as exc:
             status = {"state": "failed", "error": str(exc), "exit_code": exc.exit_code}
-        except (KeyboardInterrupt, SystemExit) as exc:
+        except (KeyboardInterrupt, SystemExit, Terminated) as exc:
             write_json(cell_dir / STATUS_FILE, {**running, "state": "interrupted",
                                                 "error": type(exc).__name__})  # fmt: skip
             raise
@@ -420,10 +421,16 @@ def cell_main(argv: Sequence[str] | None = None) -> int:
     from prunekit.progress import set_quiet
 
     set_quiet(True)  # the output goes to the cell's log: no progress bars in it
+    # the executor stops a cell with SIGINT: honour it even where the sweep was started in the
+    # background (whose children inherit SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        status = run_cell(argv[0])
+        with sigterm_as_exception():
+            status = run_cell(argv[0])
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        return 143
     if status["state"] == "failed":
         print(f"cell failed: {status.get('error')}", file=sys.stderr)
     return 0 if status["state"] == "done" else 1
