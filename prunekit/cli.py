@@ -391,6 +391,14 @@ def validate(
     plan = run_validate(recipe, set_ or ())
     r = plan.recipe
     parts = [f"{recipe}: valid", f"method {r.method.name} (ratio {r.method.ratio:g})"]
+    from prunekit.models.loading import locate_model, peek_config
+
+    if locate_model(r.model.id)["source"] == "hub":
+        cached = peek_config(r.model.id) is not None
+        parts.append(f"model.id {r.model.id!r} is a Hugging Face hub id: "
+                     + ("its cached config was checked; the download itself is not checked"
+                        if cached else "not checked offline (not in the local hub cache; "
+                        "it is downloaded when the run starts)"))  # fmt: skip
     if plan.component_info:
         parts.append(
             "components " + ", ".join(f"{k}={v['name']}" for k, v in plan.component_info.items())

@@ -276,6 +276,8 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
             except DataError as exc:
                 key = ("calibration", "path" if c.path else "dataset")
                 raise loaded.error(key, str(exc)) from None
+            _check_text_amount(loaded, plan.calibration_source, c.seq_len, None,
+                               ("calibration", "path" if c.path else "dataset"))  # fmt: skip
         labels: dict[str, int] = {}
         for i, p in enumerate(recipe.evaluation.perplexity):
             if p.label in labels:
@@ -291,6 +293,10 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
             except DataError as exc:
                 key = ("evaluation", "perplexity", i, "path" if p.path else "dataset")
                 raise loaded.error(key, str(exc)) from None
+            _check_text_amount(loaded, plan.perplexity_sources[-1], p.seq_len,
+                               None if p.windows == "all" else p.windows,
+                               ("evaluation", "perplexity", i,
+                                "path" if p.path else "dataset"))  # fmt: skip
         plan.tasks = _resolve_tasks(loaded, labels)
         if m.state.load and not Path(m.state.load).exists():
             raise loaded.error(("method", "state", "load"),
@@ -306,6 +312,31 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
         if problem:
             raise loaded.error(("output", "dir"), problem)
     return plan
+
+
+def _check_text_amount(loaded: LoadedRecipe, source, seq_len: int, windows: int | None,
+                       key: tuple) -> None:  # fmt: skip
+    """Refuse, before any weight loads, a corpus that cannot hold what the recipe asks of it
+    (empty, shorter than one window, or fewer tokens than ``windows`` x ``seq_len`` with any
+    tokenizer). The exact count needs the tokenizer and is checked when the windows are cut."""
+    from prunekit.data.corpora import max_tokens
+
+    bound = max_tokens(source)
+    if bound is None:
+        return
+    where = source.describe()
+    if bound <= 1:
+        raise loaded.error(key, f"{where} is empty; give a file with text in it")
+    if bound < seq_len:
+        raise loaded.error(key, f"{where} holds at most {bound} tokens with any tokenizer, "
+                                f"fewer than one window of seq_len={seq_len}; use a larger file "
+                                "or a smaller seq_len")  # fmt: skip
+    if windows is not None and bound < windows * seq_len:
+        raise loaded.error(key[:-1] + ("windows",),
+                           f"{windows} windows of {seq_len} tokens need {windows * seq_len} "
+                           f"tokens, but {where} holds at most {bound} with any tokenizer; ask "
+                           f"for fewer windows (at most {bound // seq_len}), windows: all, or a "
+                           "smaller seq_len")  # fmt: skip
 
 
 def output_problem(out: Path) -> str | None:

@@ -100,3 +100,37 @@ def test_a_device_this_machine_does_not_have_fails_at_validate(tmp_path, capsys,
     code, err = _validate(capsys, recipe)
     assert code == 2 and f"{recipe}:1: model.device" in err
     assert ("not available" in err) if device == "cuda" else ("cuda:0 to cuda:0" in err)
+
+
+def _text_recipe(tmp_path, text: str, **evaluation) -> str:
+    (tmp_path / "text.txt").write_text(text)
+    path = tmp_path / "r.yaml"
+    ppl = {"path": str(tmp_path / "text.txt"), "seq_len": 16, "windows": 4, **evaluation}
+    path.write_text(
+        f"method: {{name: dense}}\nevaluation: {{perplexity: [{ppl!r}]}}\n".replace("'", '"')
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize("text, evaluation, needle", [
+    ("", {}, "is empty"),
+    ("hi\n", {}, "fewer than one window of seq_len=16"),
+    ("w " * 200, {"windows": 1000}, "1000 windows of 16 tokens need 16000 tokens"),
+])  # fmt: skip
+def test_text_too_short_for_the_request_fails_at_validate(tmp_path, capsys, text, evaluation,
+                                                          needle):  # fmt: skip
+    """Checked from the file's size alone (no tokenizer, no weights): at most one token per
+    byte with any tokenizer."""
+    code, err = _validate(capsys, _text_recipe(tmp_path, text, **evaluation))
+    assert code == 2 and needle in err and "evaluation.perplexity.0" in err
+
+
+def test_a_hub_id_is_reported_as_not_checked_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {id: some-org/some-model}\nmethod: {name: dense}\n"
+                    "evaluation: {perplexity: []}\n")  # fmt: skip
+    code = main(["validate", str(path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "is a Hugging Face hub id: not checked offline" in out

@@ -607,6 +607,33 @@ def load_documents(source: CorpusSource) -> list[str]:
     return list(docs)
 
 
+def max_tokens(source: CorpusSource) -> int | None:
+    """An upper bound on the tokens any tokenizer can make of the corpus, from file sizes
+    alone (nothing is read): ``validate`` refuses a request the text cannot hold before any
+    weight loads. None for a hub dataset (not checked offline) or when no bound is known.
+
+    Every byte-level or byte-fallback tokenizer makes at most one token per UTF-8 byte; the
+    joined text is at most twice the file's bytes (a one-byte line end can become ``"\n\n"``);
+    plus one BOS. A gzip file's size is its trailer's uncompressed size.
+    """
+    if source.kind == "hub":
+        return None
+    path = Path(source.location)
+    try:
+        size = path.stat().st_size
+        if path.suffix == ".gz":
+            if size < 18:  # not even a gzip header and trailer: nothing in it
+                return 0
+            if size >= (1 << 32) // 1032:  # the trailer holds the size modulo 2**32
+                return None
+            with open(path, "rb") as handle:
+                handle.seek(-4, os.SEEK_END)
+                size = int.from_bytes(handle.read(4), "little")
+    except OSError:
+        return None
+    return 2 * size + 1
+
+
 def _join_rule(source: CorpusSource) -> str:
     if source.dataset is not None and source.dataset in DATASETS:
         return DATASETS[source.dataset].join
