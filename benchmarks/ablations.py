@@ -3,8 +3,9 @@
 Every number in the report is read from the sweeps' summaries (``runs/ablations/<name>/
 summary.json``, written by ``prunekit sweep``); only the prose (what each ablation tests and
 the paper's claim) is typed. Whether a claim holds is decided from those numbers: each claim is a
-list of pairs "A has lower perplexity than B", and a pair holds when A's mean is lower, and
-*clearly* when every seed of A is below every seed of B.
+list of pairs "A has lower perplexity than B", compared seed by seed (a seed fixes both the
+calibration draw and the evaluation windows): it holds when A is lower for every seed, does
+not hold when it is lower for none, and is mixed otherwise.
 
     python benchmarks/ablations.py                    # run every sweep (skipping finished cells), render
     python benchmarks/ablations.py --only fusion      # one ablation
@@ -105,27 +106,42 @@ def fmt(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def paired(a: dict, b: dict) -> list[tuple[float, float]]:
+    """(a, b) perplexities of the seeds both have: the same seed means the same calibration
+    draw and the same evaluation windows, so the pair differs only by the variant."""
+    av = dict(zip(a.get("seeds", []), a["values"], strict=False))
+    bv = dict(zip(b.get("seeds", []), b["values"], strict=False))
+    return [(av[s], bv[s]) for s in av if s in bv]
+
+
 def verdict(rows: dict[str, dict], lower: str, higher: str) -> str | None:
+    """Whether ``lower`` has the lower perplexity than ``higher``, seed by seed."""
     a, b = rows.get(lower), rows.get(higher)
     if not a or not b or not a["n"] or not b["n"]:
         return None
-    if a["mean"] >= b["mean"]:
-        return (f"**does not hold**: {lower} {fmt(a['mean'])} is not below {higher} "
-                f"{fmt(b['mean'])}")
-    if a["max"] < b["min"]:
-        return f"holds: {lower} {fmt(a['mean'])} < {higher} {fmt(b['mean'])}, every seed"
-    return (f"holds in the mean only: {lower} {fmt(a['mean'])} < {higher} {fmt(b['mean'])}, "
-            "but the seeds' ranges overlap")
+    pairs = paired(a, b)
+    if not pairs:
+        return None
+    wins = sum(x < y for x, y in pairs)
+    gap = sum(100 * (x / y - 1) for x, y in pairs) / len(pairs)
+    said = (f"{lower} {fmt(a['mean'])} vs {higher} {fmt(b['mean'])}, {gap:+.1f}% on average "
+            f"over the same seeds, lower in {wins} of {len(pairs)}")
+    if wins == len(pairs):
+        return f"holds: {said}"
+    if wins == 0:
+        return f"**does not hold**: {said}"
+    return f"mixed: {said}"
 
 
 def render_one(name: str, summary: dict) -> list[str]:
     title, varies, claim, pairs = ABLATIONS[name]
     rows = {r["labels"].get("variant", ""): r for r in summary["rows"]}
-    stats = {v: r["metrics"][METRIC] for v, r in rows.items()}
+    stats = {v: {**r["metrics"][METRIC], "seeds": r["seeds"]} for v, r in rows.items()}
     default = stats.get("default") or {}
     lines = [f"## {title}", "", f"Varies {varies}. Recipe: "
              f"[`recipes/ablations/{name}.yaml`](../recipes/ablations/{name}.yaml).", "",
-             "| variant | seeds | WikiText-2 perplexity | min-max | vs default | MACs kept |",
+             "| variant | seeds | WikiText-2 perplexity | per seed | vs default (same seeds) | "
+             "MACs kept |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for variant, r in rows.items():
         s = stats[variant]
@@ -134,9 +150,10 @@ def render_one(name: str, summary: dict) -> list[str]:
             why = "; ".join(r["failed"]) or "not run yet"
             lines.append(f"| {variant} | 0 | - | - | - | - ({why}) |")
             continue
-        spread = f"{fmt(s['min'])}-{fmt(s['max'])}" if s["n"] > 1 else "-"
-        delta = ("" if variant == "default" or not default.get("n")
-                 else f"{100 * (s['mean'] / default['mean'] - 1):+.1f}%")  # fmt: skip
+        spread = ", ".join(fmt(v) for v in s["values"])
+        same = paired(s, default) if default.get("n") and variant != "default" else []
+        delta = (f"{sum(100 * (x / y - 1) for x, y in same) / len(same):+.1f}%"
+                 if same else "")  # fmt: skip
         std = f" ± {fmt(s['std'])}" if s["n"] > 1 else ""
         lines.append(f"| {variant} | {s['n']} | {fmt(s['mean'])}{std} | {spread} | {delta} | "
                      f"{fmt(macs, 3)} |")  # fmt: skip
@@ -199,9 +216,12 @@ def render(names: list[str]) -> str:
         "number below is read from the sweeps' summaries. The typed text is only what each "
         "ablation tests and the claim it checks, which is the paper's unless marked otherwise.",
         "",
-        "A claim *holds* when its better variant has the lower mean perplexity, and holds "
-        "*clearly* when every seed of the better variant is below every seed of the other. "
-        "With two seeds, a difference inside the seed spread is not evidence either way.",
+        "Variants are compared **seed by seed**: a seed fixes both the calibration draw and "
+        "the 40 evaluation windows, so the two runs of one seed differ only by the variant, "
+        "while different seeds differ by far more (different windows). A claim *holds* when "
+        "its better variant has the lower perplexity for every seed, *does not hold* when it "
+        "has it for none, and is *mixed* otherwise. With two seeds, a small average gap is "
+        "weak evidence either way.",
         "",
     ]
     missing = []
