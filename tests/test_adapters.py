@@ -260,3 +260,23 @@ def test_layer_wrapper_names_positional_arguments():
 
     with pytest.raises(TypeError, match="no named hidden_states"):
         _as_keywords(only_args, "H", ("M",), {})
+
+
+def test_an_edited_remote_code_file_is_reported_and_never_run(tmp_path):
+    """load_pruned runs the installed prunekit's modelling code, and says when the
+    checkpoint's own modeling_prunekit_*.py (what trust_remote_code would run) differs."""
+    import warnings
+
+    outcome = _prune("qwen2", "flap", skip_layers=[0])
+    outcome.save(str(tmp_path / "m"))
+    (remote,) = (tmp_path / "m").glob("modeling_prunekit_*.py")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the untouched file: no warning
+        prunekit.load_pruned(str(tmp_path / "m"))
+    remote.write_text(remote.read_text() + "\nraise RuntimeError('checkpoint code ran')\n")
+    with pytest.warns(UserWarning, match="differs from the installed prunekit"):
+        model = prunekit.load_pruned(str(tmp_path / "m"))  # and it did not raise
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, outcome.model(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)  # fmt: skip

@@ -214,6 +214,25 @@ def save_pruned(model, tokenizer, path: str, provenance: dict) -> None:
     (out / "prunekit.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
+def _check_remote_code(path: Path, module) -> None:
+    """Compare the checkpoint's ``modeling_prunekit_*.py`` (what ``from_pretrained(...,
+    trust_remote_code=True)`` would run) with the installed prunekit's copy, which is what
+    :func:`load_pruned` runs instead. A difference is reported, never executed: the file was
+    written by another prunekit version, or edited."""
+    import hashlib
+    import warnings
+
+    ours = Path(module.__file__).read_bytes()
+    for candidate in sorted(path.glob("modeling_prunekit_*.py")):
+        if hashlib.sha256(candidate.read_bytes()).digest() != hashlib.sha256(ours).digest():
+            warnings.warn(f"{candidate} differs from the installed prunekit's "
+                          f"{Path(module.__file__).name}; load_pruned uses the installed copy and "
+                          "never runs the checkpoint's, but from_pretrained(..., "
+                          "trust_remote_code=True) would run the checkpoint's file: re-save the "
+                          "model with this prunekit, or inspect the file", UserWarning,
+                          stacklevel=3)  # fmt: skip
+
+
 def load_pruned(path, dtype=None, device: str | None = None):
     """Reload a model saved by prunekit (any per-layer shapes), without remote code.
 
@@ -243,7 +262,8 @@ def load_pruned(path, dtype=None, device: str | None = None):
             adapter_cls = next((e.factory for e in adapter_order(registry)
                                 if e.factory.modeling and e.factory.supports(config)),
                                None) or adapter_class_for(config, registry)  # fmt: skip
-        _, cls = _modeling_class(adapter_cls)
+        module, cls = _modeling_class(adapter_cls)
+        _check_remote_code(Path(path), module)
         model = cls.from_pretrained(path, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
