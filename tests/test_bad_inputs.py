@@ -134,3 +134,14 @@ def test_a_hub_id_is_reported_as_not_checked_offline(tmp_path, capsys, monkeypat
     code = main(["validate", str(path)])
     out = capsys.readouterr().out
     assert code == 0 and "is a Hugging Face hub id: not checked offline" in out
+
+
+@pytest.mark.parametrize("text", ['seed: !!python/object/apply:os.system ["touch {marker}"]\n',
+                                  "seed: !!python/name:os.system\n", "seed: !custom 3\n"])
+def test_a_recipe_is_data_yaml_tags_construct_nothing(tmp_path, capsys, text):
+    marker = tmp_path / "ran"
+    path = tmp_path / "r.yaml"
+    path.write_text(text.format(marker=marker))
+    code, err = _validate(capsys, path)
+    assert code == 2 and "could not determine a constructor" in err
+    assert not marker.exists()
