@@ -93,6 +93,8 @@ NOT_RUN = {
     "calibration_size": "512 and 2,000 calibration windows of 512 tokens take about 20 and 80 "
                         "minutes of calibration per seed on a 2-core CPU; run it on a larger "
                         "machine (`prunekit sweep recipes/ablations/calibration_size.yaml -j N`)",
+    "granularity": "queued last when this report was generated, and not reached; `pp-seq` "
+                   "runs one probe per row, so it costs more than `pp` on CPU",
 }
 
 
