@@ -8,8 +8,14 @@ sweep``) and puts each method's perplexity against its *achieved* decoder MACs
 perplexity at the MACs the uniform methods keep at each nominal ratio. Every number is read from
 the sweep's summary; nothing is typed.
 
-    prunekit sweep recipes/sweeps/equal_compute_smollm2.yaml    # the cells (~40 min on 2 cores)
+    prunekit sweep recipes/sweeps/equal_compute_smollm2.yaml    # the cells (~80 min on 2 cores)
+    python benchmarks/equal_compute.py --time                   # timing stage (~15 min), alone
     python benchmarks/equal_compute.py                          # table + figure
+
+The timing stage rebuilds every finished cell's pruned model from the cell's own resolved
+recipe in one process (checking that it has the structure the cell measured), loads the dense
+model once, and times them all interleaved on the same evaluation batches (one dense time for
+the whole table): benchmarks/results/equal_compute_time.json. It needs the machine to itself.
 
 Writes benchmarks/equal_compute.md, docs/img/equal_compute.png, and the equal-compute section of
 docs/benchmarks.md (between its markers; benchmarks/paper_table.py keeps that section when it
@@ -26,7 +32,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SUMMARY = ROOT / "runs" / "equal_compute" / "summary.json"
+SWEEP_DIR = ROOT / "runs" / "equal_compute"
+SUMMARY = SWEEP_DIR / "summary.json"
+TIMES = HERE / "results" / "equal_compute_time.json"
 PPL, MACS = "wikitext2-test.ppl", "reduction.flops_kept_fraction"
 START, END = "<!-- equal-compute:start -->", "<!-- equal-compute:end -->"
 
@@ -72,7 +80,108 @@ def targets(lines: dict[str, list]) -> list[tuple[float, float]]:
     return sorted(((r, m) for r, m, _ in lines[reference]), key=lambda p: p[0])
 
 
-def markdown(summary: dict, image: str | None) -> str:
+def time_cells(sweep_dir: Path, rounds: int, batches: int | None) -> dict:
+    """Rebuild every finished cell's model from its own recipe and time them all, with the
+    dense model, interleaved in this process on the same evaluation batches."""
+    import gc
+    import platform
+    import statistics
+
+    import torch
+
+    import prunekit
+    from prunekit.evaluation.runtime import Contender, time_interleaved
+    from prunekit.models.loading import load_model
+    from prunekit.runner import perplexity_windows, prepare, structure_reduction
+    from prunekit.sweep import cell_state, load_sweep
+
+    _, cells = load_sweep(sweep_dir)
+    done = [c for c in cells if cell_state(c) == "done"]
+    if not done:
+        raise SystemExit(f"{sweep_dir}: no finished cell to time; run the sweep first")
+    contenders, rows, windows, first = [], [], None, None
+    for cell in done:
+        result = cell.result()
+        prepared = prepare(cell.dir / "recipe.yaml")  # the cell's resolved recipe, as it ran
+        seq_len = result["reduction"]["seq_len"]
+        got = structure_reduction(prepared.loaded.adapter, prepared.outcome.structure, seq_len)
+        if abs(got["decoder_macs_per_token"] - result["reduction"]["decoder_macs_per_token"]) > 0.5:
+            raise SystemExit(f"cell {cell.key} ({cell.labels}): the rebuilt model keeps "
+                             f"{got['decoder_macs_per_token']} decoder MACs per token, the cell "
+                             f"measured {result['reduction']['decoder_macs_per_token']}; the "
+                             "cells are stale (re-run the sweep with --force)")  # fmt: skip
+        if windows is None:
+            first = prepared
+            windows, _ = perplexity_windows(prepared.plan, 0, prepared.tokenizer,
+                                            prepared.loaded.adapter)  # fmt: skip
+            size = prepared.plan.recipe.evaluation.perplexity[0].batch_size
+            windows = list(torch.split(windows, size))[:batches]
+        name = ", ".join(f"{k}={v}" for k, v in cell.labels.items()) + f", seed {cell.seed}"
+        contenders.append(Contender(name, prepared.model))
+        rows.append({"key": cell.key, "labels": cell.labels, "seed": cell.seed, "name": name,
+                     "dynamic": prepared.outcome.dynamic,
+                     "flops_kept_fraction": result["reduction"]["flops_kept_fraction"]})
+        print(f"rebuilt {name}", file=sys.stderr, flush=True)
+        gc.collect()
+    recipe = first.plan.recipe
+    dense = load_model(recipe.model.id, dtype=recipe.model.dtype, device=recipe.model.device).model
+    contenders.insert(0, Contender("dense", dense))
+    timed = time_interleaved(contenders, windows, rounds=rounds, warmup=1)
+    dense_s = timed["dense"]["s_all"]
+    dense_median = statistics.median(dense_s)
+    for row in rows:
+        s_all = timed[row["name"]]["s_all"]
+        ratios = [t / d for t, d in zip(s_all, dense_s, strict=True)]  # paired: same batch
+        row.update(s_all=s_all, s_median=statistics.median(s_all),
+                   time_vs_dense=statistics.median(s_all) / dense_median,
+                   time_vs_dense_spread=[min(ratios), max(ratios)])  # fmt: skip
+    return {
+        "command": "python benchmarks/equal_compute.py " + " ".join(sys.argv[1:]),
+        "sweep": str(sweep_dir.relative_to(ROOT) if sweep_dir.is_relative_to(ROOT) else sweep_dir),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__, "prunekit": prunekit.__version__,
+        "model": recipe.model.id, "dtype": recipe.model.dtype, "device": recipe.model.device,
+        "batches": [list(b.shape) for b in windows], "rounds": rounds, "warmup": 1,
+        "dense": {"s_all": dense_s, "s_median": dense_median},
+        "rows": rows,
+    }  # fmt: skip
+
+
+def time_points(times: dict | None) -> dict[tuple[str, float], dict]:
+    """(method, nominal ratio) -> timing row (seed 0's when there are several)."""
+    out: dict[tuple[str, float], dict] = {}
+    for row in (times or {}).get("rows", []):
+        key = (row["labels"]["variant"], float(row["labels"]["method.ratio"]))
+        if key not in out or row["seed"] < out[key]["seed"]:
+            out[key] = row
+    return out
+
+
+def time_table(summary: dict, times: dict | None) -> list[str]:
+    """The measured time per batch relative to dense, per method and nominal ratio."""
+    if not times:
+        return ["", "Measured time is not on this table: run the timing stage "
+                "(`python benchmarks/equal_compute.py --time`, the machine to itself)."]
+    points, lines_ = time_points(times), curves(summary)
+    ratios = sorted({r for pts in lines_.values() for r, _, _ in pts})
+    shape = " and ".join("x".join(str(d) for d in b) for b in times["batches"])
+    out = ["", f"Time per batch relative to dense (median over {times['rounds']} interleaved "
+           f"rounds on the evaluation batches ({shape} tokens), min-max of the paired ratios "
+           f"in brackets; one dense time, {times['dense']['s_median']:.2f} s per batch; "
+           f"{times['machine']}, {times['dtype']}, {times['device']}; "
+           f"`{times['command'].strip()}`):", "",
+           "| nominal ratio | " + " | ".join(lines_) + " |", "|---|" + "---|" * len(lines_)]
+    for ratio in ratios:
+        cells = []
+        for m in lines_:
+            row = points.get((m, ratio))
+            cells.append("-" if row is None else "{:.3f} [{:.3f}-{:.3f}]".format(
+                row["time_vs_dense"], *row["time_vs_dense_spread"]))
+        out.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
+    return out
+
+
+def markdown(summary: dict, image: str | None, times: dict | None = None) -> str:
     lines_ = curves(summary)
     methods = list(lines_)
     out = [START, "", "## Methods at equal compute", "",
@@ -98,15 +207,17 @@ def markdown(summary: dict, image: str | None) -> str:
     failed = [f"{r['labels']}: {'; '.join(r['failed'])}" for r in summary["rows"] if r["failed"]]
     if failed:
         out += ["", "Failed cells: " + " / ".join(failed)]
+    out += time_table(summary, times)
     if image:
-        out += ["", f"![perplexity against decoder MACs kept]({image})"]
-    out += ["", "Measured time is not on this figure yet: timing every cell needs the machine to "
-            "itself (see the paper table's timing stage), so the time axis is left to a timing "
-            "stage of its own.", "", END]  # fmt: skip
+        what = "decoder MACs kept and measured time" if times else "decoder MACs kept"
+        out += ["", f"![perplexity against {what}]({image})"]
+    out += ["", END]
     return "\n".join(out) + "\n"
 
 
-def plot(summary: dict, path: Path) -> bool:
+def plot(summary: dict, path: Path, times: dict | None = None) -> bool:
+    """Perplexity against decoder MACs kept, and (with the timing stage) against measured time
+    relative to dense: one figure, every method."""
     try:
         import matplotlib
 
@@ -114,20 +225,29 @@ def plot(summary: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    timed = time_points(times)
+    panels = 2 if timed else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 4.4), squeeze=False)
     for method, points in curves(summary).items():
-        ax.plot([100 * x for _, x, _ in points], [y for *_, y in points], marker="o",
-                label=method)  # fmt: skip
-        for r, x, y in points:
-            ax.annotate(f"{r:g}", (100 * x, y), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("decoder MACs kept (%)")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.set_yscale("log")
-    ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("SmolLM2-135M: perplexity at equal compute (labels: nominal ratio)", fontsize=9)
+        series = [("decoder MACs kept (%)", [(r, 100 * x, y) for r, x, y in points])]
+        if timed:
+            series.append(("time per batch / dense (%)",
+                           [(r, 100 * timed[(method, r)]["time_vs_dense"], y)
+                            for r, _, y in points if (method, r) in timed]))  # fmt: skip
+        for ax, (xlabel, pts) in zip(axes[0], series, strict=False):
+            pts = sorted(pts, key=lambda p: p[1])
+            ax.plot([x for _, x, _ in pts], [y for *_, y in pts], marker="o", label=method)
+            for r, x, y in pts:
+                ax.annotate(f"{r:g}", (x, y), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+            ax.set_xlabel(xlabel)
+    for ax in axes[0]:
+        ax.set_ylabel("WikiText-2 perplexity")
+        ax.set_yscale("log")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("SmolLM2-135M: perplexity at equal compute (labels: nominal ratio)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -148,18 +268,31 @@ def splice(doc: Path, section: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--summary", type=Path, default=SUMMARY)
+    parser.add_argument("--time", action="store_true",
+                        help="timing stage: rebuild and time every finished cell (the machine "
+                        "to itself), then render")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="evaluation batches to time (default: all)")  # fmt: skip
+    parser.add_argument("--times", type=Path, default=TIMES,
+                        help="timing stage results (read when present)")  # fmt: skip
     args = parser.parse_args(argv)
     if not args.summary.is_file():
         raise SystemExit(f"{args.summary} not found: run prunekit sweep "
                          "recipes/sweeps/equal_compute_smollm2.yaml first")  # fmt: skip
     summary = json.loads(args.summary.read_text())
+    if args.time:
+        measured = time_cells(args.summary.parent, args.rounds, args.batches)
+        args.times.parent.mkdir(parents=True, exist_ok=True)
+        args.times.write_text(json.dumps(measured, indent=1) + "\n")
+    times = json.loads(args.times.read_text()) if args.times.is_file() else None
     image = ROOT / "docs" / "img" / "equal_compute.png"
-    drawn = plot(summary, image)
+    drawn = plot(summary, image, times)
     (HERE / "equal_compute.md").write_text(
         "# Equal compute (SmolLM2)\n\n" + markdown(summary, "../docs/img/equal_compute.png"
-                                                   if drawn else None))  # fmt: skip
+                                                   if drawn else None, times))  # fmt: skip
     splice(ROOT / "docs" / "benchmarks.md", markdown(summary, "img/equal_compute.png"
-                                                     if drawn else None))  # fmt: skip
+                                                     if drawn else None, times))  # fmt: skip
     print("wrote benchmarks/equal_compute.md, docs/benchmarks.md (equal-compute section)")
     return 0
 

@@ -381,3 +381,36 @@ def test_sweeps_sharing_a_cells_directory_run_common_cells_once(workdir, tmp_pat
     assert sorted(p.name for p in shared.iterdir()) == sorted(c.key for c in second_sweep.cells)
     assert all(c.status()["attempt"] == 1 for c in second_sweep.cells)
     assert (tmp_path / "a" / "table.md").is_file() and (tmp_path / "b" / "table.md").is_file()
+
+
+def test_equal_compute_timing_stage_rebuilds_and_times_every_finished_cell(local_sweep):
+    """benchmarks/equal_compute.py --time: each finished cell rebuilt from its own recipe (its
+    structure checked against what the cell measured) and timed with one dense model."""
+    import importlib.util
+
+    _, out = local_sweep
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "equal_compute.py"
+    spec = importlib.util.spec_from_file_location("equal_compute", path)
+    ec = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ec)
+    times = ec.time_cells(out, rounds=2, batches=1)
+    _, cells = load_sweep(out)
+    done = {c.key for c in cells if c.status()["state"] == "done"}
+    assert {r["key"] for r in times["rows"]} == done and len(done) == 2  # the failed are left
+    assert len(times["dense"]["s_all"]) == 2 and times["batches"] == [[2, 16]]
+    for row in times["rows"]:
+        assert len(row["s_all"]) == 2 and row["time_vs_dense"] > 0
+        low, high = row["time_vs_dense_spread"]
+        assert low <= high
+    # a stale cell (its recorded MACs differ from its recipe's) is refused, not timed
+    cell = next(c for c in cells if c.key in done)
+    results = cell.run_dir / "results.json"
+    saved = results.read_text()
+    try:
+        data = json.loads(saved)
+        data["reduction"]["decoder_macs_per_token"] += 1000
+        results.write_text(json.dumps(data))
+        with pytest.raises(SystemExit, match="stale"):
+            ec.time_cells(out, rounds=1, batches=1)
+    finally:
+        results.write_text(saved)

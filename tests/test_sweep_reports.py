@@ -87,3 +87,30 @@ def test_equal_compute_table_compares_at_the_uniform_methods_macs(tmp_path):
     ec.splice(doc, text)  # replaced, not appended twice
     out = doc.read_text()
     assert out.startswith("# table\n\nkept\n") and out.count(ec.START) == 1
+
+
+def test_equal_compute_time_table_and_figure_come_from_the_timing_stage(tmp_path):
+    ec = _script("equal_compute")
+    summary = {"rows": [
+        _row({"variant": "pp", "method.ratio": "0.2"}, [20.0], [0.8]),
+        _row({"variant": "pp", "method.ratio": "0.4"}, [30.0], [0.6]),
+        _row({"variant": "flap", "method.ratio": "0.4"}, [40.0], [0.55]),
+    ]}  # fmt: skip
+    untimed = ec.markdown(summary, None)
+    assert "run the timing stage" in untimed
+    times = {"command": "python benchmarks/equal_compute.py --time", "rounds": 3,
+             "batches": [[20, 512]], "machine": "x86_64, 2 torch threads", "dtype": "float32",
+             "device": "cpu", "dense": {"s_all": [2.0, 2.0, 2.0], "s_median": 2.0},
+             "rows": [
+                 {"labels": {"variant": "pp", "method.ratio": "0.4"}, "seed": 0,
+                  "time_vs_dense": 0.75, "time_vs_dense_spread": [0.7, 0.8]},
+                 {"labels": {"variant": "pp", "method.ratio": "0.4"}, "seed": 1,
+                  "time_vs_dense": 0.5, "time_vs_dense_spread": [0.5, 0.5]},
+                 {"labels": {"variant": "flap", "method.ratio": "0.4"}, "seed": 0,
+                  "time_vs_dense": 0.6123, "time_vs_dense_spread": [0.6, 0.65]}]}  # fmt: skip
+    text = ec.markdown(summary, "img.png", times)
+    assert "| 0.4 | 0.750 [0.700-0.800] | 0.612 [0.600-0.650] |" in text  # seed 0's
+    assert "| 0.2 | - | - |" in text and "2.00 s per batch" in text
+    assert "measured time" in text
+    assert ec.plot(summary, tmp_path / "p.png", times)
+    assert (tmp_path / "p.png").stat().st_size > 1000
