@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from prunekit._files import atomic_path
 from prunekit.components import CalibrationStatistic, ModelAdapter
 from prunekit.devices import input_device
 from prunekit.hookspecs import hookimpl
@@ -120,16 +119,9 @@ def _save(path: Path, stats: LayerStats, key: dict) -> None:
 
     flat = {f"{layer}.{group}.{name}": t.contiguous()
             for (layer, group), d in stats.items() for name, t in d.items()}  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata={"key": json.dumps(key, sort_keys=True),
-                                       "sha256": _digest(flat)})  # fmt: skip
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, suffix=".tmp") as tmp:
+        save_file(flat, str(tmp), metadata={"key": json.dumps(key, sort_keys=True),
+                                            "sha256": _digest(flat)})  # fmt: skip
 
 
 def _load(path: Path, key: dict | None = None) -> LayerStats | None:

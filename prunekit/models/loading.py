@@ -33,7 +33,6 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from prunekit._files import file_lock, write_atomic
 from prunekit.devices import input_device, new_offload_folder, stored_tensor
 from prunekit.errors import ModelError, did_you_mean
 
@@ -554,30 +554,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 # alias conversion
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[bool]:
-    """Hold an exclusive advisory lock on ``lock_path``; yields whether locking worked.
-
-    Only saves duplicate work: correctness comes from the atomic rename. Where ``fcntl`` is
-    missing (Windows) or the filesystem refuses locks, runs unlocked.
-    """
-    try:
-        import fcntl
-    except ImportError:
-        yield False
-        return
-    with open(lock_path, "a+b") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        except OSError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _is_complete(directory: Path) -> bool:
     return (directory / COMPLETE_MARKER).is_file() and (directory / "config.json").is_file()
 
@@ -589,10 +565,8 @@ def _weight_hashes(directory: Path) -> dict[str, str]:
 
 def _write_marker(directory: Path) -> None:
     """The completion marker, recording the sha256 of every weight file (written last)."""
-    fd, tmp = tempfile.mkstemp(prefix=".marker-", dir=directory)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"weights_sha256": _weight_hashes(directory)}, handle, indent=2)
-    os.replace(tmp, directory / COMPLETE_MARKER)
+    write_atomic(directory / COMPLETE_MARKER,
+                 json.dumps({"weights_sha256": _weight_hashes(directory)}, indent=2))
 
 
 def _damage(directory: Path) -> str | None:
@@ -614,6 +588,15 @@ def _damage(directory: Path) -> str | None:
         if sha256_file(directory / name) != digest:
             return f"{name} does not have the sha256 recorded at conversion (truncated or altered)"
     return None
+
+
+def _marker_stamp(directory: Path) -> tuple[int, int] | None:
+    """The completion marker's inode and modification time (None without one)."""
+    try:
+        st = (directory / COMPLETE_MARKER).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _usable(directory: Path) -> bool:
@@ -737,12 +720,15 @@ def _converted_alias(alias: str, spec: GgufAlias, gguf: Path, root: Path) -> tup
         gguf_sha256 = sha256_file(gguf)
     models_dir = root / "models"
     target = models_dir / f"{spec.slug}-{gguf_sha256[:12]}"
+    seen = _marker_stamp(target)
     if _usable(target):
         return target, gguf_sha256
     try:
         models_dir.mkdir(parents=True, exist_ok=True)
-        with _exclusive_lock(models_dir / f".{target.name}.lock") as locked:
-            if _usable(target):  # converted by another process while we waited
+        with file_lock(models_dir / f".{target.name}.lock") as locked:
+            # converted by another process while we waited (checked, and a damaged checkpoint
+            # hashed and reported, again only when its marker changed)
+            if _marker_stamp(target) != seen and _usable(target):
                 return target, gguf_sha256
             if target.exists():  # no marker, or damaged weights: not ours to trust
                 _remove_tree(target)

@@ -34,7 +34,6 @@ import signal
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -46,6 +45,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from prunekit._files import atomic_path, file_lock, write_atomic
 from prunekit.errors import PrunekitError, RecipeError, Terminated, sigterm_as_exception
 from prunekit.recipe import LoadedRecipe, Recipe, SweepConfig, dump_recipe, load_recipe
 
@@ -69,20 +69,6 @@ class SweepFailed(PrunekitError):
 # --------------------------------------------------------------------------------------------
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place: a reader (or a
-    second sweep) sees the old content or the new, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
@@ -99,23 +85,9 @@ def read_json(path: Path) -> dict | None:
 def cell_lock(cell_dir: Path, wait: bool = True) -> Iterator[bool]:
     """Hold the cell's lock (``flock`` on ``cell_dir/.lock``) while the block runs; yields
     whether it was taken (always, when ``wait``). The lock dies with its process, so a killed
-    cell never leaves a stale one. Where ``fcntl`` does not exist (Windows) there is no lock."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield True
-        return
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    with open(cell_dir / ".lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    cell never leaves a stale one. Where locking is unavailable there is no lock (True)."""
+    with file_lock(cell_dir / ".lock", wait=wait) as taken:
+        yield taken is not False
 
 
 # --------------------------------------------------------------------------------------------
@@ -760,14 +732,11 @@ def plot(summary: dict, path: Path) -> str | None:
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".plot.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return str(path)
 
 

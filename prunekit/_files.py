@@ -1,0 +1,66 @@
+"""Files written whole or not at all, and advisory file locks.
+
+One implementation for everything prunekit writes in place for others to read while it runs:
+the calibration cache, converted models' markers, sweeps' status and tables. A reader sees the
+old content or the new, never half of it; a lock dies with its process, so a killed writer
+never leaves a stale one. Written here rather than taken from a package (``filelock``,
+``atomicwrites``) because each is a dozen lines of the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary file beside ``path`` (named ``.<name>.<random><suffix>``) for the block to
+    write; renamed onto ``path`` when the block succeeds, removed when it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # gone already after a successful rename
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool | None]:
+    """Hold an exclusive advisory lock (``flock``) on ``path`` while the block runs.
+
+    Yields True when the lock is held, False when ``wait`` is false and another process holds
+    it, and None when locking is unavailable (no ``fcntl``, as on Windows, or a filesystem that
+    refuses locks): the caller decides whether to go on unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield None
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        except OSError:  # the filesystem refuses locks (some network filesystems)
+            yield None
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
