@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -31,6 +33,41 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
 
     yield from rich_track(items, description=description, total=total,
                           console=Console(stderr=True), transient=True)  # fmt: skip
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str, start: int = 0,
+                 every_s: float = 30.0) -> Iterator[Callable[[int, str], None]]:  # fmt: skip
+    """A progress bar with a status text (e.g. the loss) on stderr; yields ``update(done,
+    status)``. Without a terminal, a line every ``every_s`` seconds and at the end; nothing
+    when quiet."""
+    if _QUIET:
+        yield lambda done, status="": None
+        return
+    if not sys.stderr.isatty():
+        last = [time.monotonic()]
+
+        def log(done: int, status: str = "") -> None:
+            if done >= total or time.monotonic() - last[0] >= every_s:
+                last[0] = time.monotonic()
+                info(f"{description}: {done}/{total} {status}".rstrip())
+
+        yield log
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[status]}"))  # fmt: skip
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total, completed=start, status="")
+        yield lambda done, status="": bar.update(task, completed=done, status=status)
 
 
 def info(message: str) -> None:

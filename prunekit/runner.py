@@ -70,6 +70,8 @@ class Plan:
     adapter_cls: type[ModelAdapter] | None = None
     calibration_source: Any = None
     perplexity_sources: list = field(default_factory=list)
+    #: the recovery corpus (``recovery:``), located at validate
+    recovery_source: Any = None
     #: (label, TaskConfig, TaskSource | JsonlTask) per evaluated task, groups expanded
     tasks: list = field(default_factory=list)
 
@@ -307,11 +309,59 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
                 method_cls.check_state(m.state.load, recipe)
             except StateError as exc:
                 raise loaded.error(("method", "state", "load"), str(exc)) from None
+    if recipe.recovery is not None:
+        _check_recovery(loaded, plan, check_files)
     if check_output:
         problem = output_problem(recipe.output_dir())
         if problem:
             raise loaded.error(("output", "dir"), problem)
     return plan
+
+
+def _check_recovery(loaded: LoadedRecipe, plan: Plan, check_files: bool) -> None:
+    """``recovery:``: a static method, peft installed, a corpus that is no evaluated text and
+    holds one window, a checkpoint directory that can be one."""
+    from importlib.util import find_spec
+
+    from prunekit.data import locate_calibration_corpus
+
+    recipe, r = loaded.recipe, loaded.recipe.recovery
+    if plan.method_cls.dynamic:
+        raise loaded.error(("recovery",), f"recovery fine-tunes the pruned weights of a static "
+                           f"method; {recipe.method.name!r} is dynamic (its kept sets change per "
+                           "batch): remove the recovery section or use a static method")  # fmt: skip
+    if find_spec("peft") is None:
+        raise loaded.error(("recovery",), "recovery needs peft, which is not installed: "
+                           "pip install 'prunekit[recovery]'")  # fmt: skip
+    if r.checkpoint_dir and Path(r.checkpoint_dir).exists() and not Path(r.checkpoint_dir).is_dir():
+        raise loaded.error(("recovery", "checkpoint_dir"),
+                           f"{r.checkpoint_dir!r} exists and is not a directory")  # fmt: skip
+    if not check_files:
+        return
+    key = ("recovery", "path" if r.path else "dataset")
+    try:
+        plan.recovery_source = locate_calibration_corpus(r.dataset, r.split, r.path, r.text_field,
+                                                         data_dir=recipe.data_dir)  # fmt: skip
+    except DataError as exc:
+        raise loaded.error(key, str(exc)) from None
+    source = plan.recovery_source
+    # the carve-out, where it can be seen from the sources: the same text (file and split) as
+    # an evaluated one is refused here; the runner also drops every training window that
+    # shares a run of tokens with an evaluated text (prunekit.recovery.carve_out)
+    for i, (cfg, other) in enumerate(zip(recipe.evaluation.perplexity, plan.perplexity_sources,
+                                         strict=False)):  # fmt: skip
+        if (other.location, other.split) == (source.location, source.split):
+            raise loaded.error(key, f"the recovery text {source.describe()} is the text "
+                               f"evaluation.perplexity[{i}] ({cfg.label}) measures: recovery "
+                               "would train on the evaluation text; train on another split or "
+                               "file (e.g. recovery.dataset: c4, whose calibration split holds "
+                               "other documents than its validation split)")  # fmt: skip
+    for i, task in enumerate(recipe.evaluation.tasks):
+        if task.path and source.kind == "file" and Path(task.path).resolve() == Path(source.location):
+            raise loaded.error(key, f"the recovery text is the file of evaluation.tasks[{i}] "
+                               f"({task.name}): recovery would train on evaluation questions; "
+                               "train on another file")  # fmt: skip
+    _check_text_amount(loaded, source, r.seq_len, None, key)
 
 
 def _check_text_amount(loaded: LoadedRecipe, source, seq_len: int, windows: int | None,
@@ -702,6 +752,7 @@ def prepare(recipe: str | os.PathLike | dict | Recipe | LoadedRecipe | Plan,
     with plugin_faults(stage="loading and pruning"):
         loaded = load(plan)
         ctx, outcome = prune_loaded(plan, loaded)
+        recover(plan, loaded, outcome, None)
     return Prepared(plan, loaded, ctx, outcome)
 
 
@@ -970,6 +1021,65 @@ def _time_generation(spec: GenerationBench, models: dict, ids, mask) -> dict:
                            rounds=spec.rounds, warmup=spec.warmup)  # fmt: skip
 
 
+def recover(plan: Plan, loaded: Loaded, outcome: PruneOutcome,
+            output_dir: Path | None) -> tuple[dict | None, Any]:  # fmt: skip
+    """The ``recovery:`` step on a pruned model: LoRA fine-tuning on the recovery corpus minus
+    anything an evaluation reads, merged into ``outcome.model``'s weights. Returns the
+    ``recovery`` section of results.json and the trainer (whose checkpoints the caller removes
+    once the results are safe), or ``(None, None)`` without a recovery section."""
+    from prunekit.data import calibration_windows, token_stream
+    from prunekit.recovery import (
+        OVERLAP_TOKENS,
+        LoraTrainer,
+        RecoveryError,
+        carve_out,
+        default_checkpoint_dir,
+    )
+
+    recipe, r = plan.recipe, plan.recipe.recovery
+    if r is None:
+        return None, None
+    t0 = time.perf_counter()
+    tokenizer = loaded.tokenizer
+    bos_id = sequence_bos(r.bos, loaded.adapter, tokenizer)
+    windows = calibration_windows(tokenizer, plan.recovery_source, r.samples, r.seq_len,
+                                  seed=recipe.seed, bos_id=bos_id)  # fmt: skip
+    excluded = {cfg.label: token_stream(tokenizer, src)
+                for cfg, src in zip(recipe.evaluation.perplexity, plan.perplexity_sources,
+                                    strict=True)}  # fmt: skip
+    kept, dropped = carve_out(windows, excluded)
+    if kept.shape[0] == 0:
+        raise RecoveryError(f"every one of the {r.samples} recovery windows shares text with an "
+                            f"evaluated corpus ({', '.join(excluded)}); train on another corpus")  # fmt: skip
+    if dropped:
+        info(f"recovery: {len(dropped)} of {r.samples} windows share {OVERLAP_TOKENS} tokens "
+             "with an evaluated text and are left out")  # fmt: skip
+    if r.checkpoint_every == 0:
+        ckpt = None
+    elif r.checkpoint_dir:
+        ckpt = Path(r.checkpoint_dir)
+    else:
+        ckpt = default_checkpoint_dir(output_dir) if output_dir is not None else None
+    identity = {"model": recipe.model.model_dump(mode="json"),
+                "method": recipe.method.model_dump(mode="json")}  # fmt: skip
+    trainer = LoraTrainer(outcome.model, r, kept, seed=recipe.seed, checkpoint_dir=ckpt,
+                          identity=identity)  # fmt: skip
+    record = trainer.train()
+    outcome.model, diff = trainer.merge(check=kept[:1].to(input_device(outcome.model)))
+    loaded.timings["recovery_s"] = time.perf_counter() - t0
+    record.update({
+        "corpus": plan.recovery_source.describe(),
+        "carve_out": {"excluded": list(excluded), "overlap_tokens": OVERLAP_TOKENS,
+                      "windows_dropped": len(dropped)},
+        "merged": True,
+        "merge_max_abs_logit_diff": diff,
+        "checkpoint_dir": None if ckpt is None else str(ckpt),
+    })  # fmt: skip
+    info(f"recovery: {record['steps']} steps, loss {record['loss_first']:.3f} -> "
+         f"{record['loss_last']:.3f}, merged (logits differ by at most {diff:.2e})")  # fmt: skip
+    return record, trainer
+
+
 def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
              generation: GenerationBench | None = None) -> dict:  # fmt: skip
     """Execute a validated plan, writing every output into ``output_dir`` atomically.
@@ -1006,6 +1116,8 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
                                                  *gen_inputs)  # fmt: skip
         with plugin_faults(pm, "calibration and pruning"):
             ctx, outcome = prune_loaded(plan, loaded)
+        with plugin_faults(pm, "recovery"):
+            recovery, trainer = recover(plan, loaded, outcome, output_dir)
         t2 = time.perf_counter()
         with plugin_faults(pm, "evaluation"):
             metrics, data_hashes = (
@@ -1018,6 +1130,8 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
             reduction = _reduction(plan, loaded, outcome)
             runtime = _runtime(plan, outcome, timing_batches, dense_ref, ctx.device, reduction)
         result = _result(plan, loaded, ctx, outcome, metrics, runtime, output_dir, reduction)
+        if recovery is not None:
+            result["recovery"] = recovery
         if generation is not None:
             with plugin_faults(pm, "timing generation"):
                 models = {"pruned": (outcome.model, False)}
@@ -1049,6 +1163,8 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if trainer is not None and not recipe.recovery.keep_checkpoints:
+        trainer.remove_checkpoints()  # the results are in place: nothing left to resume
     pm.hook.prunekit_result_ready(result=result, output_dir=str(output_dir))
     return result
 

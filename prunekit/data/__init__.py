@@ -17,6 +17,7 @@ from prunekit.data.corpora import (
     locate_corpus,
     source_sha256,
     start_with_bos,
+    token_stream,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "locate_corpus",
     "source_sha256",
     "start_with_bos",
+    "token_stream",
 ]

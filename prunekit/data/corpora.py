@@ -69,6 +69,7 @@ __all__ = [
     "load_documents",
     "locate_corpus",
     "source_sha256",
+    "token_stream",
 ]
 
 #: Environment variable naming a local data directory (layout of the shared data directory).
@@ -722,6 +723,12 @@ def _encode(tokenizer: Any, text: str) -> torch.Tensor:
             "expected a flat list of token ids"
         )
     return t
+
+
+def token_stream(tokenizer: Any, source: CorpusSource) -> torch.Tensor:
+    """The whole tokenized evaluation text of ``source`` (:func:`corpus_text`), 1-D int64,
+    memoized per tokenizer and source."""
+    return _token_stream(tokenizer, source)
 
 
 def _token_stream(tokenizer: Any, source: CorpusSource) -> torch.Tensor:
