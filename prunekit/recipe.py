@@ -30,6 +30,9 @@ from pydantic import (
 from prunekit.errors import RecipeError, did_you_mean
 
 DTYPES = ("float32", "bfloat16", "float16")
+#: top-level sections a recipe may leave out (None): a resolved recipe without one does not
+#: spell it out, so adding such a section to prunekit changes no existing recipe's identity
+OPTIONAL_SECTIONS = ("sweep", "recovery")
 
 
 class _Strict(BaseModel):
@@ -665,6 +668,7 @@ def load_recipe(
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML (every default spelled out)."""
     data = recipe.model_dump(mode="json", exclude_none=False)
-    if data.get("sweep") is None:  # a run's own recipe (and every sweep cell's) has none
-        data.pop("sweep", None)
+    for section in OPTIONAL_SECTIONS:  # optional sections a run does not have
+        if data.get(section) is None:
+            data.pop(section, None)
     return yaml.safe_dump(data, sort_keys=False)

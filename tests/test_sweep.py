@@ -414,3 +414,23 @@ def test_equal_compute_timing_stage_rebuilds_and_times_every_finished_cell(local
             ec.time_cells(out, rounds=1, batches=1)
     finally:
         results.write_text(saved)
+
+
+def test_an_absent_optional_section_changes_no_cell_key(workdir):
+    """Cells run before prunekit gained an optional section (recovery) keep their keys: a
+    recipe without it neither spells it out in its resolved form nor hashes it."""
+    import hashlib
+
+    from prunekit.recipe import dump_recipe, load_recipe
+    from prunekit.sweep import cell_key
+
+    recipe = load_recipe(workdir / "r.yaml").recipe
+    assert "recovery" not in yaml.safe_load(dump_recipe(recipe))
+    data = recipe.model_dump(mode="json")
+    for section in ("sweep", "recovery"):
+        data.pop(section)
+    data["output"].pop("dir")
+    before = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    assert cell_key(recipe) == before  # the key the section-less prunekit computed
+    with_recovery = load_recipe(workdir / "r.yaml", ["recovery.path=x.txt"]).recipe
+    assert cell_key(with_recovery) != before

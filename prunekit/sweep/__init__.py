@@ -47,7 +47,14 @@ from pydantic import ValidationError
 
 from prunekit._files import atomic_path, file_lock, write_atomic
 from prunekit.errors import PrunekitError, RecipeError, Terminated, sigterm_as_exception
-from prunekit.recipe import LoadedRecipe, Recipe, SweepConfig, dump_recipe, load_recipe
+from prunekit.recipe import (
+    OPTIONAL_SECTIONS,
+    LoadedRecipe,
+    Recipe,
+    SweepConfig,
+    dump_recipe,
+    load_recipe,
+)
 
 SWEEP_FILE = "sweep.json"
 CELL_FILE = "cell.json"
@@ -154,8 +161,13 @@ def _label(value: Any) -> str:
 
 def cell_key(recipe: Recipe) -> str:
     """The identity of a cell: a hash of its resolved recipe, every default spelled out,
-    without ``output.dir`` (where it is written) and without a ``sweep`` section."""
+    without ``output.dir`` (where it is written), without a ``sweep`` section, and without
+    the optional sections it does not have (so that a prunekit which adds one keeps the keys
+    of the cells run before)."""
     data = recipe.model_dump(mode="json")
+    for section in OPTIONAL_SECTIONS:
+        if data.get(section) is None:
+            data.pop(section, None)
     data.pop("sweep", None)
     data["output"].pop("dir", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
