@@ -300,19 +300,10 @@ class RuntimeConfig(_Strict):
         return self
 
 
-class RecoveryConfig(_Strict):
-    """``recovery:``: LoRA fine-tuning of the pruned model, merged back into its weights (see
-    docs/recovery.md). The text comes from the same sources as calibration (without a split,
-    the dataset's calibration split), never from an evaluated text."""
+class FineTuneConfig(_Strict):
+    """How a LoRA fine-tune runs (:class:`prunekit.recovery.LoraTrainer`): the ``recovery:``
+    section's training keys, and LoRAPrune's ``method.finetune``."""
 
-    dataset: str | None = "c4"
-    split: str | None = None
-    path: str | None = None
-    text_field: str = "text"  # (``path`` wins over ``dataset``, as for calibration)
-    #: training windows drawn from the corpus (cycled through in a seeded order)
-    samples: int = Field(1000, ge=1)
-    seq_len: int = Field(256, ge=2)
-    bos: Literal["auto"] | bool = "auto"
     #: optimizer steps; each sees batch_size x grad_accum windows
     steps: int = Field(200, ge=1)
     batch_size: int = Field(4, ge=1)
@@ -326,26 +317,56 @@ class RecoveryConfig(_Strict):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    #: ``all-linear`` (every linear layer of the decoder blocks) or module-name suffixes
+    #: ``all-linear`` (every linear layer but the LM head) or module-name suffixes
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     #: save the adapters, optimizer and RNG state every N steps (0: never); a run started
     #: again with the same recipe resumes from the last one
     checkpoint_every: int = Field(50, ge=0)
-    #: default: ``<output.dir>-recovery`` beside the output directory
+    #: default: beside the output directory (``<output.dir>-recovery``, ``-loraprune``)
     checkpoint_dir: str | None = None
     #: keep the checkpoints after a finished run (default: removed once results are written)
     keep_checkpoints: bool = False
 
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        from transformers import SchedulerType
+
+        names = [t.value for t in SchedulerType]
+        if v not in names:
+            raise ValueError(f"unknown scheduler {v!r}{did_you_mean(v, names)}; "
+                             f"transformers knows: {', '.join(names)}")  # fmt: skip
+        return v
+
     @model_validator(mode="after")
-    def _check(self) -> RecoveryConfig:
-        if self.dataset is None and self.path is None:
-            raise ValueError("recovery needs a text: give recovery.dataset or recovery.path")
+    def _check_training(self):
         if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ValueError("recovery.target_modules is empty: give module-name suffixes "
+            raise ValueError("target_modules is empty: give module-name suffixes "
                              "(e.g. [q_proj, v_proj]) or all-linear")  # fmt: skip
         if self.warmup_steps >= self.steps:
-            raise ValueError(f"recovery.warmup_steps ({self.warmup_steps}) must be below "
-                             f"recovery.steps ({self.steps})")  # fmt: skip
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps "
+                             f"({self.steps})")  # fmt: skip
+        return self
+
+
+class RecoveryConfig(FineTuneConfig):
+    """``recovery:``: LoRA fine-tuning of the pruned model, merged back into its weights (see
+    docs/recovery.md). The text comes from the same sources as calibration (without a split,
+    the dataset's calibration split), never from an evaluated text."""
+
+    dataset: str | None = "c4"
+    split: str | None = None
+    path: str | None = None
+    text_field: str = "text"  # (``path`` wins over ``dataset``, as for calibration)
+    #: training windows drawn from the corpus (cycled through in a seeded order)
+    samples: int = Field(1000, ge=1)
+    seq_len: int = Field(256, ge=2)
+    bos: Literal["auto"] | bool = "auto"
+
+    @model_validator(mode="after")
+    def _check_text(self) -> RecoveryConfig:
+        if self.dataset is None and self.path is None:
+            raise ValueError("recovery needs a text: give recovery.dataset or recovery.path")
         return self
 
 

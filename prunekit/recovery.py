@@ -138,7 +138,8 @@ class LoraTrainer:
     """LoRA fine-tuning of ``model`` on ``windows`` (``[N, T]`` token ids), seeded, with
     checkpoints and resumption.
 
-    :param settings: a :class:`~prunekit.recipe.RecoveryConfig` (or an object with its fields).
+    :param settings: a :class:`~prunekit.recipe.FineTuneConfig` (``recovery:``'s
+        :class:`~prunekit.recipe.RecoveryConfig` is one).
     :param checkpoint_dir: where checkpoints go (None: none are written or resumed).
     :param identity: what makes a checkpoint resumable (e.g. the recipe's model and method);
         combined with the settings, the base weights and the windows into the checkpoints' key.
@@ -361,10 +362,10 @@ def _settings_dump(settings) -> dict:
     return data
 
 
-def default_checkpoint_dir(output_dir: str | os.PathLike) -> Path:
-    """``<output.dir>-recovery`` beside the output directory (it outlives an interrupted run)."""
+def default_checkpoint_dir(output_dir: str | os.PathLike, what: str = "recovery") -> Path:
+    """``<output.dir>-<what>`` beside the output directory (it outlives an interrupted run)."""
     out = Path(output_dir)
-    return out.with_name(f"{out.name}-recovery")
+    return out.with_name(f"{out.name}-{what}")
 
 
 def loss_summary(losses: list[float], parts: int = 10) -> list[float]:

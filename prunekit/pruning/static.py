@@ -124,16 +124,25 @@ class StaticMethod(Method):
                     bias = compensator(layer, group, kept, stats.get((index, group), {}))
                 if bias is not None:
                     biases[(index, group)] = bias
+        return self.sliced_outcome(ctx, allocation, biases)
+
+    def sliced_outcome(self, ctx, allocation: Allocation,
+                       biases: dict[tuple[int, str], torch.Tensor] | None = None) -> PruneOutcome:  # fmt: skip
+        """Slice ``ctx.model`` physically to ``allocation`` (adding a compensator's
+        ``biases``) and return the outcome: structure, parameters kept, and a ``save`` that
+        writes a checkpoint :func:`load_pruned` reloads. For methods that decide their kept
+        sets their own way (e.g. during a fine-tune) and prune like every static method."""
+        adapter = ctx.adapter
         structure = allocation.structure(adapter)
         pruned = slice_model(adapter, allocation, biases)
         model = ctx.model
         if allocation.kept:
             setattr(model.config, PRUNED_LAYERS_KEY, pruned.layer_shapes())
         params = sum(p.numel() for p in model.parameters())
+        provenance = {"method": self.name, "ratio": self.settings.ratio, "structure": structure}
 
         def save(path: str) -> None:
-            save_pruned(type(pruned)(model), ctx.tokenizer, path,
-                        {"method": self.name, "ratio": settings.ratio, "structure": structure})  # fmt: skip
+            save_pruned(type(pruned)(model), ctx.tokenizer, path, provenance)
 
         return PruneOutcome(model=model, dynamic=False, structure=structure, params_kept=params,
                             save=save)  # fmt: skip
