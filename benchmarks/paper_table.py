@@ -44,7 +44,26 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data"
 METHODS = ["pp-fullbatch", "wanda-sp", "flap", "llm-pruner", "pp"]
 TITLES = {"dense": "Dense", "pp-fullbatch": "Full-batch probing", "wanda-sp": "Wanda-sp",
           "flap": "FLAP", "llm-pruner": "LLM-Pruner", "pp": "PP (Probe Pruning)",
-          "pp-calib": "PP metric, calibration only", "pp-history": "PP, history only"}  # fmt: skip
+          "pp-calib": "PP metric, calibration only", "pp-history": "PP, history only",
+          "loraprune": "LoRAPrune w/o LoRA", "loraprune+lora": "LoRAPrune with LoRA",
+          "llm-pruner+lora": "LLM-Pruner with LoRA recovery",
+          "wanda-sp+lora": "Wanda-sp with LoRA recovery"}  # fmt: skip
+#: the LoRA fine-tunes of the table's rows (CPU-sized: 200 steps of 4 C4 windows of 128 tokens;
+#: the paper's fine-tunes are far longer)
+FINETUNE = {"steps": 200, "batch_size": 4, "lr": 2.0e-4, "rank": 8, "alpha": 16,
+            "checkpoint_every": 0}  # fmt: skip
+RECOVERY = {"dataset": "c4", "samples": 1000, "seq_len": 128, **FINETUNE}
+#: rows that are not a method name alone: (method, its extra keys, a recovery section or None).
+#: LLM-Pruner "w/o LoRA" is the plain ``llm-pruner`` row.
+ROWS = {
+    "loraprune": ("loraprune", {"seq_len": 128, "keep_lora": False, "finetune": FINETUNE}, None),
+    "loraprune+lora": ("loraprune", {"seq_len": 128, "keep_lora": True, "finetune": FINETUNE},
+                       None),
+    "llm-pruner+lora": ("llm-pruner", {}, RECOVERY),
+    "wanda-sp+lora": ("wanda-sp", {}, RECOVERY),
+}
+#: sections of docs/benchmarks.md that other scripts write (kept when the table is rewritten)
+KEPT_SECTIONS = ("equal-compute", "recovery")
 TASK_TITLES = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS", "winogrande": "WinoG",
                "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}  # fmt: skip
 
@@ -85,14 +104,18 @@ def cell_recipe(settings: dict, method: str, ratio: float, seed: int, full: bool
     ppl["batch_size"] = min(ppl["batch_size"], ppl["windows"])
     runtime = settings["runtime"]
     tasks = [{"name": "commonsense", **settings["tasks"]}] if full else []
-    return {
+    name, extra, recovery = ROWS.get(method, (method, {}, None))
+    recipe = {
         "model": {"id": settings["model"], "dtype": settings["dtype"], "device": "cpu"},
         "calibration": settings["calibration"],
-        "method": {"name": method, "ratio": ratio, "skip_layers": settings["skip_layers"]},
+        "method": {"name": name, "ratio": ratio, "skip_layers": settings["skip_layers"], **extra},
         "evaluation": {"perplexity": [ppl], "tasks": tasks},
         "runtime": runtime,
         "seed": seed,
     }
+    if recovery is not None:
+        recipe["recovery"] = recovery
+    return recipe
 
 
 def cell_key(recipe: dict) -> str:
@@ -198,9 +221,12 @@ def run_timing(settings: dict, out_dir: Path, data_dir: str) -> dict:
         for method in ts["methods"]:
             name = f"{method}@{ratio:g}"
             print(f"timing: pruning {name}", file=sys.stderr, flush=True)
-            outcome = prunekit.prune(copy.deepcopy(dense), tokenizer, method=method, ratio=ratio,
+            # a recovered row has its method's shapes (recovery merges into them): its time
+            # is measured on the method's model, without the fine-tune
+            base, extra, _ = ROWS.get(method, (method, {}, None))
+            outcome = prunekit.prune(copy.deepcopy(dense), tokenizer, method=base, ratio=ratio,
                                      calibration=dict(ts["calibration"]), seed=ts["seed"],
-                                     skip_layers=ts["skip_layers"])  # fmt: skip
+                                     skip_layers=ts["skip_layers"], **extra)  # fmt: skip
             contenders.append(Contender(name, outcome.model))
             reductions[name] = structure_reduction(adapter, outcome.structure, ppl["seq_len"], head)
 
@@ -610,11 +636,14 @@ def main(argv=None) -> int:
     plot(report, png_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(report, image)
-    # the equal-compute section belongs to benchmarks/equal_compute.py: keep it
+    # the equal-compute and recovery sections belong to benchmarks/equal_compute.py and
+    # benchmarks/recovery.py: keep them
     old = md_path.read_text() if md_path.is_file() else ""
-    start, end = "<!-- equal-compute:start -->", "<!-- equal-compute:end -->"
-    if start in old and end in old:
-        text = text.rstrip("\n") + "\n\n" + old[old.index(start): old.index(end) + len(end)] + "\n"
+    for name in KEPT_SECTIONS:
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        if start in old and end in old:
+            text = (text.rstrip("\n") + "\n\n" + old[old.index(start): old.index(end) + len(end)]
+                    + "\n")  # fmt: skip
     md_path.write_text(text)
     print(f"wrote {json_path}, {md_path}, {png_path}", file=sys.stderr)
     if args.quick and not args.out:

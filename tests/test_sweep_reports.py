@@ -114,3 +114,29 @@ def test_equal_compute_time_table_and_figure_come_from_the_timing_stage(tmp_path
     assert "measured time" in text
     assert ec.plot(summary, tmp_path / "p.png", times)
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_recovery_table_reads_the_sweep_and_pairs_rows(tmp_path):
+    rec = _script("recovery")
+
+    def row(variant, ratio, ppl, loss=None, key="recovery"):
+        r = _row({"variant": variant, "method.ratio": ratio}, [ppl], [0.67])
+        if loss:
+            prefix = "recovery" if key == "recovery" else "loraprune.finetune"
+            r["metrics"][f"{prefix}.loss_first"] = _stats([loss[0]])
+            r["metrics"][f"{prefix}.loss_last"] = _stats([loss[1]])
+        return r
+
+    summary = {"rows": [row("llm-pruner", "0.4", 200.0),
+                        row("llm-pruner+lora", "0.4", 100.0, (4.0, 3.5)),
+                        row("loraprune", "0.4", 150.0, (3.9, 3.6), key="loraprune")]}  # fmt: skip
+    text = rec.markdown(summary)
+    assert "| 0.4 | llm-pruner+lora | 67.0% | 100.00 | 4.000 -> 3.500 |" in text
+    assert "| 0.4 | loraprune | 67.0% | 150.00 | 3.900 -> 3.600 |" in text
+    assert "| 0.4 | llm-pruner | 67.0% | 200.00 | - |" in text
+    assert "- ratio 0.4, llm-pruner: 200.00 -> 100.00 (-50.0%)" in text
+    doc = tmp_path / "b.md"
+    doc.write_text("# t\n")
+    rec.splice(doc, text)
+    rec.splice(doc, text)
+    assert doc.read_text().count(rec.START) == 1
