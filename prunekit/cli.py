@@ -403,6 +403,10 @@ def validate(
         parts.append(
             "components " + ", ".join(f"{k}={v['name']}" for k, v in plan.component_info.items())
         )
+    if r.recovery is not None:
+        rec = r.recovery
+        where = plan.recovery_source.describe() if plan.recovery_source else rec.path or rec.dataset
+        parts.append(f"recovery: {rec.steps} steps of LoRA rank {rec.rank} on {where}, merged")
     typer.echo("; ".join(parts))
 
 

@@ -35,6 +35,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -164,7 +165,10 @@ class LoraTrainer:
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
                             lora_dropout=settings.dropout, target_modules=self.targets,
                             bias="none", task_type="CAUSAL_LM")  # fmt: skip
-        self.peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft reads a property transformers 5 renamed
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                    category=FutureWarning)  # fmt: skip
+            self.peft_model = get_peft_model(model, config)
         self.trainable = [(n, p) for n, p in self.peft_model.named_parameters() if p.requires_grad]
         self.key = hashlib.sha256(json.dumps({
             "settings": _settings_dump(settings), "seed": self.seed, "identity": identity or {},
