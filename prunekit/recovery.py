@@ -115,8 +115,8 @@ def lora_targets(model: nn.Module, target_modules: str | list[str] = "all-linear
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
     missing = [s for s in wanted if not any(n == s or n.endswith("." + s) for n in linear)]
     if missing:
-        raise RecipeError(f"recovery.target_modules: {missing} name no linear layer of this model; "
-                          f"its linear layers end with {suffixes} (or use all-linear)")  # fmt: skip
+        raise RecipeError(f"target_modules {missing} name no linear layer of this model; its "
+                          f"linear layers end with {suffixes} (or use all-linear)")  # fmt: skip
     return out
 
 

@@ -336,6 +336,8 @@ def _check_recovery(loaded: LoadedRecipe, plan: Plan, check_files: bool) -> None
     if r.checkpoint_dir and Path(r.checkpoint_dir).exists() and not Path(r.checkpoint_dir).is_dir():
         raise loaded.error(("recovery", "checkpoint_dir"),
                            f"{r.checkpoint_dir!r} exists and is not a directory")  # fmt: skip
+    if isinstance(r.target_modules, list):
+        _check_target_modules(loaded, r.target_modules)
     if not check_files:
         return
     key = ("recovery", "path" if r.path else "dataset")
@@ -362,6 +364,29 @@ def _check_recovery(loaded: LoadedRecipe, plan: Plan, check_files: bool) -> None
                                f"({task.name}): recovery would train on evaluation questions; "
                                "train on another file")  # fmt: skip
     _check_text_amount(loaded, source, r.seq_len, None, key)
+
+
+def _check_target_modules(loaded: LoadedRecipe, suffixes: list[str]) -> None:
+    """``recovery.target_modules`` against the model's linear layers, from its config on the
+    meta device (no weight is read); skipped when the config or the model class cannot be
+    had without loading (the run checks again)."""
+    from prunekit.models.loading import peek_config
+    from prunekit.recovery import lora_targets
+
+    try:
+        config = peek_config(loaded.recipe.model.id)
+        if config is None or not hasattr(config, "to_dict"):
+            return
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # a config only the run can read (remote code, pruned shapes)
+        return
+    try:
+        lora_targets(skeleton, suffixes)
+    except RecipeError as exc:
+        raise loaded.error(("recovery", "target_modules"), str(exc)) from None
 
 
 def _check_text_amount(loaded: LoadedRecipe, source, seq_len: int, windows: int | None,

@@ -241,3 +241,9 @@ def test_recovery_records_its_settings_in_results_and_recipe(workdir, tmp_path):
     saved = yaml.safe_load((tmp_path / "o" / "recipe.yaml").read_text())
     assert saved["recovery"]["steps"] == 2
     assert json.loads((tmp_path / "o" / "results.json").read_text())["recovery"]["loss"]
+
+
+def test_target_modules_are_checked_at_validate_from_the_config(workdir):
+    with pytest.raises(RecipeError, match=r"recovery\.target_modules: target_modules .*x_proj.*q_proj"):
+        validate(_recipe(workdir, target_modules=["q_proj", "x_proj"]), check_output=False)
+    validate(_recipe(workdir, target_modules=["q_proj", "down_proj"]), check_output=False)
