@@ -32,6 +32,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _sections import splice  # noqa: E402  (a sibling module of this script)
+
 SWEEP_DIR = ROOT / "runs" / "equal_compute"
 SUMMARY = SWEEP_DIR / "summary.json"
 TIMES = HERE / "results" / "equal_compute_time.json"
@@ -253,16 +256,6 @@ def plot(summary: dict, path: Path, times: dict | None = None) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def splice(doc: Path, section: str) -> None:
-    """Replace the equal-compute section of ``doc`` (or append it)."""
-    text = doc.read_text() if doc.is_file() else ""
-    if START in text and END in text:
-        text = text[: text.index(START)] + section.rstrip("\n") + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    doc.write_text(text if text.endswith("\n") else text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

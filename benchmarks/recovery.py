@@ -18,6 +18,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _sections import splice  # noqa: E402  (a sibling module of this script)
+
 SUMMARY = ROOT / "runs" / "recovery" / "summary.json"
 PPL, MACS = "wikitext2-test.ppl", "reduction.flops_kept_fraction"
 LOSSES = (("recovery.loss_first", "recovery.loss_last"),
@@ -72,16 +75,6 @@ def markdown(summary: dict) -> str:
                            f"({100 * (b['ppl'] / a['ppl'] - 1):+.1f}%)")  # fmt: skip
     out += ["", END]
     return "\n".join(out) + "\n"
-
-
-def splice(doc: Path, section: str) -> None:
-    """Replace the recovery section of ``doc`` (or append it)."""
-    text = doc.read_text() if doc.is_file() else ""
-    if START in text and END in text:
-        text = text[: text.index(START)] + section.rstrip("\n") + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    doc.write_text(text if text.endswith("\n") else text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
