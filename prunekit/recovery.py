@@ -160,6 +160,16 @@ class LoraTrainer:
         self.description = description
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.targets = lora_targets(model, settings.target_modules)
+        from prunekit.devices import is_offloaded
+
+        modules = dict(model.named_modules())
+        offloaded = [n for n in self.targets if is_offloaded(modules[n])]
+        if offloaded:
+            raise RecoveryError(
+                f"{len(offloaded)} adapted layers (the first: {offloaded[0]}) are offloaded to "
+                "the CPU or the disk (model.device: auto), where LoRA cannot train them: give "
+                "model.max_memory room for the whole model on its devices, or adapt fewer "
+                "layers (target_modules)")  # fmt: skip
         base_digest = tensor_digest(model.state_dict().items())
         torch.manual_seed(self.seed)  # the adapters' initialisation
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,

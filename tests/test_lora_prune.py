@@ -168,3 +168,36 @@ def test_loraprune_then_recovery_saves_and_reloads(workdir, tmp_path):
     model = load_pruned(tmp_path / "out" / "model")
     assert model.model.layers[1].self_attn.q_proj.weight.shape[0] == (
         result["structure"][1]["heads"] * 16)  # fmt: skip
+
+
+def test_an_interrupted_loraprune_resumes_to_the_same_pruned_model(workdir, tmp_path, monkeypatch):
+    """The masks and scores are saved with each checkpoint: a resumed run prunes the same
+    units and ends with the same weights as an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    recipe = _recipe(workdir, finetune={"steps": 12, "batch_size": 2, "lr": 5e-3,
+                                        "dropout": 0.1, "checkpoint_every": 3})  # fmt: skip
+    recipe["output"] = {"save_model": True}
+    whole = apply(recipe, output=tmp_path / "whole")
+    calls = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def interrupted(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:  # after the checkpoint of step 6 and a mask decision at step 4
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        apply(recipe, output=tmp_path / "cut")
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    assert (tmp_path / "cut-loraprune" / "step-000006").is_dir()
+    resumed = apply(recipe, output=tmp_path / "cut")
+    assert resumed["loraprune"]["finetune"]["resumed_from_step"] == 6
+    assert resumed["loraprune"]["schedule"] == whole["loraprune"]["schedule"]
+    assert resumed["structure"] == whole["structure"]
+    a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut-loraprune").exists()  # removed once it finished
