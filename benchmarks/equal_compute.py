@@ -9,7 +9,7 @@ perplexity at the MACs the uniform methods keep at each nominal ratio. Every num
 the sweep's summary; nothing is typed.
 
     prunekit sweep recipes/sweeps/equal_compute_smollm2.yaml    # the cells (~80 min on 2 cores)
-    python benchmarks/equal_compute.py --time                   # timing stage (~15 min), alone
+    python benchmarks/equal_compute.py --time --batch-size 4    # timing stage (~15 min), alone
     python benchmarks/equal_compute.py                          # table + figure
 
 The timing stage rebuilds every finished cell's pruned model from the cell's own resolved
@@ -83,9 +83,11 @@ def targets(lines: dict[str, list]) -> list[tuple[float, float]]:
     return sorted(((r, m) for r, m, _ in lines[reference]), key=lambda p: p[0])
 
 
-def time_cells(sweep_dir: Path, rounds: int, batches: int | None) -> dict:
+def time_cells(sweep_dir: Path, rounds: int, batches: int | None,
+               batch_size: int | None = None) -> dict:  # fmt: skip
     """Rebuild every finished cell's model from its own recipe and time them all, with the
-    dense model, interleaved in this process on the same evaluation batches."""
+    dense model, interleaved in this process on the same evaluation batches (the first
+    ``batches`` batches of ``batch_size`` windows; default: the evaluation's batches)."""
     import gc
     import platform
     import statistics
@@ -117,7 +119,7 @@ def time_cells(sweep_dir: Path, rounds: int, batches: int | None) -> dict:
             first = prepared
             windows, _ = perplexity_windows(prepared.plan, 0, prepared.tokenizer,
                                             prepared.loaded.adapter)  # fmt: skip
-            size = prepared.plan.recipe.evaluation.perplexity[0].batch_size
+            size = batch_size or prepared.plan.recipe.evaluation.perplexity[0].batch_size
             windows = list(torch.split(windows, size))[:batches]
         name = ", ".join(f"{k}={v}" for k, v in cell.labels.items()) + f", seed {cell.seed}"
         contenders.append(Contender(name, prepared.model))
@@ -267,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--batches", type=int, default=None,
                         help="evaluation batches to time (default: all)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="windows per timed batch (default: the evaluation's; on 2 CPU "
+                        "cores a batch of 20 x 512 takes about a minute per model)")  # fmt: skip
     parser.add_argument("--times", type=Path, default=TIMES,
                         help="timing stage results (read when present)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                          "recipes/sweeps/equal_compute_smollm2.yaml first")  # fmt: skip
     summary = json.loads(args.summary.read_text())
     if args.time:
-        measured = time_cells(args.summary.parent, args.rounds, args.batches)
+        measured = time_cells(args.summary.parent, args.rounds, args.batches, args.batch_size)
         args.times.parent.mkdir(parents=True, exist_ok=True)
         args.times.write_text(json.dumps(measured, indent=1) + "\n")
     times = json.loads(args.times.read_text()) if args.times.is_file() else None

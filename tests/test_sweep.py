@@ -393,11 +393,11 @@ def test_equal_compute_timing_stage_rebuilds_and_times_every_finished_cell(local
     spec = importlib.util.spec_from_file_location("equal_compute", path)
     ec = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ec)
-    times = ec.time_cells(out, rounds=2, batches=1)
+    times = ec.time_cells(out, rounds=2, batches=1, batch_size=1)
     _, cells = load_sweep(out)
     done = {c.key for c in cells if c.status()["state"] == "done"}
     assert {r["key"] for r in times["rows"]} == done and len(done) == 2  # the failed are left
-    assert len(times["dense"]["s_all"]) == 2 and times["batches"] == [[2, 16]]
+    assert len(times["dense"]["s_all"]) == 2 and times["batches"] == [[1, 16]]
     for row in times["rows"]:
         assert len(row["s_all"]) == 2 and row["time_vs_dense"] > 0
         low, high = row["time_vs_dense_spread"]
