@@ -62,7 +62,8 @@ def markdown(summary: dict) -> str:
            "last step) |", "|---|---|---|---|---|"]  # fmt: skip
     for ratio in sorted(rows):
         for variant, v in rows[ratio].items():
-            ppl = "failed" if v["failed"] else ("-" if v["ppl"] is None else f"{v['ppl']:.2f}")
+            ppl = "failed" if v["failed"] else ("not run yet" if v["ppl"] is None
+                                                 else f"{v['ppl']:.2f}")  # fmt: skip
             macs = "-" if v["macs"] is None else f"{100 * v['macs']:.1f}%"
             loss = "-" if v["loss"] is None else f"{v['loss'][0]:.3f} -> {v['loss'][1]:.3f}"
             out.append(f"| {ratio:g} | {variant} | {macs} | {ppl} | {loss} |")
