@@ -2,7 +2,7 @@
 with LoRA, from the sweep ``recipes/sweeps/recovery_smollm2.yaml``. Every number is read from
 the sweep's summary; nothing is typed.
 
-    prunekit sweep recipes/sweeps/recovery_smollm2.yaml    # the cells (~1 h on 2 cores)
+    prunekit sweep recipes/sweeps/recovery_smollm2.yaml    # the cells (over 30 min each on 2 cores)
     python benchmarks/recovery.py                          # the table
 
 Writes benchmarks/recovery.md and the recovery section of docs/benchmarks.md (between its
