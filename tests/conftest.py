@@ -75,3 +75,31 @@ def install_plugin_package(tmp_path_factory):
         return target
 
     return install
+
+
+@pytest.fixture
+def interrupted_apply():
+    """``run(recipe, output, at_step)``: ``prunekit.apply`` interrupted (KeyboardInterrupt, as
+    Ctrl-C) during the ``at_step``-th optimizer step of a fine-tune; asserts that it was."""
+    import torch
+
+    from prunekit.runner import apply
+
+    def run(recipe, output, at_step: int) -> None:
+        calls = {"n": 0}
+        original = torch.optim.AdamW.step
+
+        def step(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == at_step:
+                raise KeyboardInterrupt
+            return original(self, *a, **k)
+
+        torch.optim.AdamW.step = step
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                apply(recipe, output=output)
+        finally:
+            torch.optim.AdamW.step = original
+
+    return run

@@ -170,7 +170,8 @@ def test_loraprune_then_recovery_saves_and_reloads(workdir, tmp_path):
         result["structure"][1]["heads"] * 16)  # fmt: skip
 
 
-def test_an_interrupted_loraprune_resumes_to_the_same_pruned_model(workdir, tmp_path, monkeypatch):
+def test_an_interrupted_loraprune_resumes_to_the_same_pruned_model(workdir, tmp_path,
+                                                                  interrupted_apply):
     """The masks and scores are saved with each checkpoint: a resumed run prunes the same
     units and ends with the same weights as an uninterrupted one."""
     from safetensors.torch import load_file
@@ -179,19 +180,8 @@ def test_an_interrupted_loraprune_resumes_to_the_same_pruned_model(workdir, tmp_
                                         "dropout": 0.1, "checkpoint_every": 3})  # fmt: skip
     recipe["output"] = {"save_model": True}
     whole = apply(recipe, output=tmp_path / "whole")
-    calls = {"n": 0}
-    original = torch.optim.AdamW.step
-
-    def interrupted(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 8:  # after the checkpoint of step 6 and a mask decision at step 4
-            raise KeyboardInterrupt
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        apply(recipe, output=tmp_path / "cut")
-    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    # interrupted during step 8: after the checkpoint of step 6 and a mask decision at step 4
+    interrupted_apply(recipe, tmp_path / "cut", at_step=8)
     assert (tmp_path / "cut-loraprune" / "step-000006").is_dir()
     resumed = apply(recipe, output=tmp_path / "cut")
     assert resumed["loraprune"]["finetune"]["resumed_from_step"] == 6

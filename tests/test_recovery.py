@@ -189,24 +189,12 @@ def test_saved_recovered_model_reloads_identically_in_a_fresh_process(workdir, t
         assert not torch.allclose(plain(input_ids=ids).logits, here)
 
 
-def test_an_interrupted_recovery_resumes_to_the_same_weights(workdir, tmp_path, monkeypatch):
+def test_an_interrupted_recovery_resumes_to_the_same_weights(workdir, tmp_path, interrupted_apply):
     recipe = _recipe(workdir, steps=7, checkpoint_every=2)
     recipe["output"] = {"save_model": True}
     whole = apply(recipe, output=tmp_path / "whole")
 
-    calls = {"n": 0}
-    original = torch.optim.AdamW.step
-
-    def interrupted(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:  # during step 6: checkpoints at 2 and 4 are written
-            raise KeyboardInterrupt
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        apply(recipe, output=tmp_path / "cut")
-    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    interrupted_apply(recipe, tmp_path / "cut", at_step=6)  # checkpoints at 2 and 4 written
     assert not (tmp_path / "cut").exists()  # nothing half-written
     ckpts = sorted(p.name for p in (tmp_path / "cut-recovery").iterdir())
     assert ckpts == ["step-000004"]
