@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from prunekit._files import atomic_path
+from prunekit._files import tensor_sha256 as _digest
 from prunekit.components import CalibrationStatistic, ModelAdapter
 from prunekit.devices import input_device
 from prunekit.hookspecs import hookimpl
@@ -101,16 +102,6 @@ def _cache_file(key: dict) -> Path:
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_root() / "calibration" / f"{key['statistic']}-{digest}.safetensors"
-
-
-def _digest(flat: dict[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(flat):
-        t = flat[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _save(path: Path, stats: LayerStats, key: dict) -> None:

@@ -30,18 +30,18 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from prunekit._files import tensor_sha256
 from prunekit.errors import PrunekitError, RecipeError
 from prunekit.progress import info, progress_bar
 
@@ -120,16 +120,6 @@ def lora_targets(model: nn.Module, target_modules: str | list[str] = "all-linear
     return out
 
 
-def tensor_digest(tensors: Iterator[tuple[str, torch.Tensor]]) -> str:
-    """sha256 of named tensors (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
@@ -170,7 +160,7 @@ class LoraTrainer:
                 "the CPU or the disk (model.device: auto), where LoRA cannot train them: give "
                 "model.max_memory room for the whole model on its devices, or adapt fewer "
                 "layers (target_modules)")  # fmt: skip
-        base_digest = tensor_digest(model.state_dict().items())
+        base_digest = tensor_sha256(dict(model.state_dict()))
         torch.manual_seed(self.seed)  # the adapters' initialisation
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
                             lora_dropout=settings.dropout, target_modules=self.targets,
@@ -182,7 +172,7 @@ class LoraTrainer:
         self.trainable = [(n, p) for n, p in self.peft_model.named_parameters() if p.requires_grad]
         self.key = hashlib.sha256(json.dumps({
             "settings": _settings_dump(settings), "seed": self.seed, "identity": identity or {},
-            "base": base_digest, "windows": tensor_digest(iter([("w", self.windows)])),
+            "base": base_digest, "windows": tensor_sha256({"w": self.windows}),
             "trainable": [(n, list(p.shape)) for n, p in self.trainable],
         }, sort_keys=True, default=str).encode()).hexdigest()[:16]  # fmt: skip
         self.losses: list[float] = []
@@ -382,15 +372,5 @@ def default_checkpoint_dir(output_dir: str | os.PathLike, what: str = "recovery"
     return out.with_name(f"{out.name}-{what}")
 
 
-def loss_summary(losses: list[float], parts: int = 10) -> list[float]:
-    """The loss curve averaged over ``parts`` equal spans of steps (for tables)."""
-    if not losses:
-        return []
-    size = math.ceil(len(losses) / parts)
-    return [sum(losses[i:i + size]) / len(losses[i:i + size])
-            for i in range(0, len(losses), size)]  # fmt: skip
-
-
 __all__ = ["OVERLAP_TOKENS", "LoraTrainer", "RecoveryError", "carve_out",
-           "default_checkpoint_dir", "lora_targets", "loss_summary", "ngram_hashes",
-           "tensor_digest"]  # fmt: skip
+           "default_checkpoint_dir", "lora_targets", "ngram_hashes"]  # fmt: skip
