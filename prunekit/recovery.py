@@ -93,6 +93,21 @@ def carve_out(windows: torch.Tensor, excluded: dict[str, torch.Tensor],
     return windows[~hits], dropped
 
 
+def evaluated_token_streams(recipe, tokenizer, sources=None) -> dict[str, torch.Tensor]:
+    """Label -> token stream of every perplexity corpus ``recipe`` evaluates: what
+    :func:`carve_out` keeps out of any text a model is trained on. ``sources`` are the located
+    corpora when the caller has them (the runner's plan); otherwise they are located here
+    from the recipe, as ``validate`` does."""
+    from prunekit.data import locate_corpus, token_stream
+
+    entries = recipe.evaluation.perplexity
+    if sources is None:
+        sources = [locate_corpus(p.dataset, p.split, p.path, p.text_field,
+                                 data_dir=recipe.data_dir) for p in entries]  # fmt: skip
+    return {cfg.label: token_stream(tokenizer, src)
+            for cfg, src in zip(entries, sources, strict=True)}  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------
 # The adapters
 # --------------------------------------------------------------------------------------------
@@ -118,6 +133,32 @@ def lora_targets(model: nn.Module, target_modules: str | list[str] = "all-linear
         raise RecipeError(f"target_modules {missing} name no linear layer of this model; its "
                           f"linear layers end with {suffixes} (or use all-linear)")  # fmt: skip
     return out
+
+
+def check_target_modules(model_id: str, target_modules: str | list[str]) -> str | None:
+    """Why ``target_modules`` names no linear layer of ``model_id`` (None when it does, or
+    when it cannot be told without loading weights): the model is built from its config on
+    the meta device, so ``validate`` catches a misspelt suffix in a second. A config only the
+    run can read (remote code, pruned shapes) is left for the run to check."""
+    if target_modules == "all-linear":
+        return None
+    from prunekit.models.loading import peek_config
+
+    try:
+        config = peek_config(model_id)
+        if config is None or not hasattr(config, "to_dict"):
+            return None
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - anything the config cannot give is the run's to check
+        return None
+    try:
+        lora_targets(skeleton, target_modules)
+    except RecipeError as exc:
+        return str(exc)
+    return None
 
 
 # --------------------------------------------------------------------------------------------

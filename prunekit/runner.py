@@ -324,6 +324,7 @@ def _check_recovery(loaded: LoadedRecipe, plan: Plan, check_files: bool) -> None
     from importlib.util import find_spec
 
     from prunekit.data import locate_calibration_corpus
+    from prunekit.recovery import check_target_modules
 
     recipe, r = loaded.recipe, loaded.recipe.recovery
     if plan.method_cls.dynamic:
@@ -336,8 +337,9 @@ def _check_recovery(loaded: LoadedRecipe, plan: Plan, check_files: bool) -> None
     if r.checkpoint_dir and Path(r.checkpoint_dir).exists() and not Path(r.checkpoint_dir).is_dir():
         raise loaded.error(("recovery", "checkpoint_dir"),
                            f"{r.checkpoint_dir!r} exists and is not a directory")  # fmt: skip
-    if isinstance(r.target_modules, list):
-        _check_target_modules(loaded, r.target_modules)
+    problem = check_target_modules(recipe.model.id, r.target_modules)
+    if problem:
+        raise loaded.error(("recovery", "target_modules"), problem)
     if not check_files:
         return
     key = ("recovery", "path" if r.path else "dataset")
@@ -366,36 +368,17 @@ def _check_recovery(loaded: LoadedRecipe, plan: Plan, check_files: bool) -> None
     _check_text_amount(loaded, source, r.seq_len, None, key)
 
 
-def _check_target_modules(loaded: LoadedRecipe, suffixes: list[str]) -> None:
-    """``recovery.target_modules`` against the model's linear layers, from its config on the
-    meta device (no weight is read); skipped when the config or the model class cannot be
-    had without loading (the run checks again)."""
-    from prunekit.models.loading import peek_config
-    from prunekit.recovery import lora_targets
-
-    try:
-        config = peek_config(loaded.recipe.model.id)
-        if config is None or not hasattr(config, "to_dict"):
-            return
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-    except Exception:  # a config only the run can read (remote code, pruned shapes)
-        return
-    try:
-        lora_targets(skeleton, suffixes)
-    except RecipeError as exc:
-        raise loaded.error(("recovery", "target_modules"), str(exc)) from None
-
-
 def _check_text_amount(loaded: LoadedRecipe, source, seq_len: int, windows: int | None,
                        key: tuple) -> None:  # fmt: skip
     """Refuse, before any weight loads, a corpus that cannot hold what the recipe asks of it
     (empty, shorter than one window, or fewer tokens than ``windows`` x ``seq_len`` with any
     tokenizer). The exact count needs the tokenizer and is checked when the windows are cut."""
-    from prunekit.data.corpora import max_tokens
+    from prunekit.data.corpora import check_head, max_tokens
 
+    try:
+        check_head(source)
+    except DataError as exc:
+        raise loaded.error(key, str(exc)) from None
     bound = max_tokens(source)
     if bound is None:
         return
@@ -1052,13 +1035,14 @@ def recover(plan: Plan, loaded: Loaded, outcome: PruneOutcome,
     anything an evaluation reads, merged into ``outcome.model``'s weights. Returns the
     ``recovery`` section of results.json and the trainer (whose checkpoints the caller removes
     once the results are safe), or ``(None, None)`` without a recovery section."""
-    from prunekit.data import calibration_windows, token_stream
+    from prunekit.data import calibration_windows
     from prunekit.recovery import (
         OVERLAP_TOKENS,
         LoraTrainer,
         RecoveryError,
         carve_out,
         default_checkpoint_dir,
+        evaluated_token_streams,
     )
 
     recipe, r = plan.recipe, plan.recipe.recovery
@@ -1069,9 +1053,7 @@ def recover(plan: Plan, loaded: Loaded, outcome: PruneOutcome,
     bos_id = sequence_bos(r.bos, loaded.adapter, tokenizer)
     windows = calibration_windows(tokenizer, plan.recovery_source, r.samples, r.seq_len,
                                   seed=recipe.seed, bos_id=bos_id)  # fmt: skip
-    excluded = {cfg.label: token_stream(tokenizer, src)
-                for cfg, src in zip(recipe.evaluation.perplexity, plan.perplexity_sources,
-                                    strict=True)}  # fmt: skip
+    excluded = evaluated_token_streams(recipe, tokenizer, plan.perplexity_sources)
     kept, dropped = carve_out(windows, excluded)
     if kept.shape[0] == 0:
         raise RecoveryError(f"every one of the {r.samples} recovery windows shares text with an "

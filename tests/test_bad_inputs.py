@@ -125,6 +125,24 @@ def test_text_too_short_for_the_request_fails_at_validate(tmp_path, capsys, text
     assert code == 2 and needle in err and "evaluation.perplexity.0" in err
 
 
+@pytest.mark.parametrize("rows, needle", [
+    ('{"text": "a b c"}\n{"text": "d e\n', "t.jsonl:2: not valid JSON"),
+    ('{"text": "a b c"}\n[1, 2]\n', "t.jsonl:2: expected a JSON object"),
+    ('{"body": "a b c"}\n', "t.jsonl:1: row has no field 'text'"),
+    ('{"text": 3}\n', "t.jsonl:1: field 'text' is int, expected a string"),
+])  # fmt: skip
+def test_a_malformed_jsonl_corpus_fails_at_validate(tmp_path, capsys, rows, needle):
+    """The first rows of a JSON-lines corpus are read at validate, so a broken file is
+    reported with its line before any weight loads, not at evaluation."""
+    (tmp_path / "t.jsonl").write_text(rows + '{"text": "more words"}\n' * 40)
+    path = tmp_path / "r.yaml"
+    ppl = {"path": str(tmp_path / "t.jsonl"), "seq_len": 16, "windows": 2}
+    path.write_text(f"method: {{name: dense}}\nevaluation: {{perplexity: [{ppl!r}]}}\n"
+                    .replace("'", '"'))  # fmt: skip
+    code, err = _validate(capsys, path)
+    assert code == 2 and needle in err and "evaluation.perplexity.0.path" in err
+
+
 def test_a_hub_id_is_reported_as_not_checked_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from prunekit.components import ATTN, MLP, MethodSettings
-from prunekit.errors import RecipeError
+from prunekit.errors import PrunekitError, RecipeError
 from prunekit.pruning.allocation import Uniform
 from prunekit.registry import resolve_adapter
 from prunekit.runner import apply, prepare, validate
@@ -148,10 +148,37 @@ def test_bad_loraprune_options_fail_at_validate(workdir):
              ({"finetune": {"stepz": 3}}, "method.finetune"),
              ({"prune_every": 0}, "prune_every"),
              ({"start": 0.6, "end": 0.5}, "start"),
-             ({"seq_len": 99}, "seq_len")]  # fmt: skip
+             ({"seq_len": 99}, "seq_len"),
+             ({"finetune": {"target_modules": ["q_proj", "x_proj"]}},
+              r"method\.finetune\.target_modules: target_modules \['x_proj'\]")]  # fmt: skip
     for method, match in cases:
         with pytest.raises(RecipeError, match=match):
             validate(_recipe(workdir, **method), check_output=False)
+
+
+def test_with_lora_never_trains_on_an_evaluated_text(workdir, tmp_path):
+    """keep_lora: true keeps trained weights, so calibration windows sharing a run of tokens
+    with an evaluated text are dropped (and counted), as in recovery; a calibration text that
+    is all evaluation text is refused. Without LoRA every window is used."""
+    mixed = tmp_path / "mixed.txt"  # half evaluation text, half other text
+    eval_rows = (workdir / "eval.txt").read_text().splitlines()
+    train_rows = (workdir / "text.txt").read_text().splitlines()
+    mixed.write_text("\n".join(eval_rows + train_rows[: len(eval_rows)]))
+    recipe = _recipe(workdir, keep_lora=True)
+    recipe["calibration"]["path"] = str(mixed)
+    info = apply(recipe, output=tmp_path / "with")["loraprune"]
+    dropped = info["carve_out"]["windows_dropped"]
+    assert info["carve_out"]["checked"] and 0 < dropped < 16
+    assert info["finetune"]["windows"] == 16 - dropped
+    recipe = _recipe(workdir)  # w/o LoRA: nothing trained survives, every window is used
+    recipe["calibration"]["path"] = str(mixed)
+    info = apply(recipe, output=tmp_path / "without")["loraprune"]
+    assert info["carve_out"] == {"windows_dropped": 0, "overlap_tokens": 32, "checked": False}
+    recipe = _recipe(workdir, keep_lora=True)
+    recipe["calibration"]["path"] = str(workdir / "eval.txt")
+    recipe["calibration"]["samples"] = 4
+    with pytest.raises(PrunekitError, match="would train on the evaluation text"):
+        apply(recipe, output=tmp_path / "all")
 
 
 def test_loraprune_then_recovery_saves_and_reloads(workdir, tmp_path):

@@ -21,7 +21,9 @@ so it is really smaller and faster (the reference only masks).
 
 **w/o LoRA, with LoRA.** ``keep_lora: false`` (the default, the paper's "w/o LoRA" rows)
 drops the adapters: the pruned structure with the original weights. ``keep_lora: true`` merges
-them into the kept weights first. ``recovery:`` can fine-tune either afterwards.
+them into the kept weights first; then, as in ``recovery:``, no calibration window that shares
+a run of 32 tokens with an evaluated text is trained on (the count dropped is recorded).
+``recovery:`` can fine-tune either afterwards.
 
 The fine-tune is prunekit's :class:`prunekit.recovery.LoraTrainer` (seeded, checkpointed,
 resumable); ``method.finetune`` takes its keys (steps, batch_size, lr, rank, alpha, ...).
@@ -103,11 +105,17 @@ class LoraPrune(StaticMethod):
         o = {**cls.option_defaults, **recipe.method.options}
         problems = []
         try:
-            FineTuneConfig(**(o["finetune"] or {}))
+            finetune = FineTuneConfig(**(o["finetune"] or {}))
         except (ValidationError, TypeError) as exc:
             detail = "; ".join(e["msg"] + f" ({'.'.join(map(str, e['loc']))})"
                                for e in exc.errors()) if isinstance(exc, ValidationError) else exc  # fmt: skip
             problems.append(f"method.finetune: {detail}")
+        else:
+            from prunekit.recovery import check_target_modules
+
+            problem = check_target_modules(recipe.model.id, finetune.target_modules)
+            if problem:
+                problems.append(f"method.finetune.target_modules: {problem}")
         if not isinstance(o["prune_every"], int) or o["prune_every"] < 1:
             problems.append(f"method.prune_every: a positive number of steps (got {o['prune_every']!r})")
         for key in ("start", "end"):
@@ -134,7 +142,14 @@ class LoraPrune(StaticMethod):
         return []
 
     def prune(self, ctx):
-        from prunekit.recovery import LoraTrainer, default_checkpoint_dir
+        from prunekit.recovery import (
+            OVERLAP_TOKENS,
+            LoraTrainer,
+            RecoveryError,
+            carve_out,
+            default_checkpoint_dir,
+            evaluated_token_streams,
+        )
 
         settings, o = self.settings, {**self.option_defaults, **self.settings.options}
         if settings.ratio == 0:
@@ -144,6 +159,20 @@ class LoraPrune(StaticMethod):
         windows = ctx.calibration_windows()
         if o["seq_len"]:
             windows = windows[:, : o["seq_len"]]
+        dropped: list[int] = []
+        # without a tokenizer (prune() given windows as a tensor) no evaluated text is known
+        checked = bool(o["keep_lora"]) and ctx.tokenizer is not None
+        if checked:
+            # the merged adapters are trained weights: like recovery, never train them on an
+            # evaluated text. Without them (w/o LoRA) the windows only steer which units are
+            # kept, as every method's calibration text does, and all of them are used.
+            excluded = evaluated_token_streams(ctx.recipe, ctx.tokenizer)
+            windows, dropped = carve_out(windows, excluded)
+            if windows.shape[0] == 0:
+                raise RecoveryError(
+                    f"every calibration window shares {OVERLAP_TOKENS} tokens with an evaluated "
+                    f"corpus ({', '.join(excluded)}): loraprune with keep_lora: true would train "
+                    "on the evaluation text; calibrate on another corpus or split")  # fmt: skip
         ckpt = None
         if finetune.checkpoint_every:
             ckpt = finetune.checkpoint_dir or default_checkpoint_dir(
@@ -235,6 +264,8 @@ class LoraPrune(StaticMethod):
         outcome = self.sliced_outcome(ctx, allocation)
         outcome.extra["loraprune"] = {
             "keep_lora": bool(o["keep_lora"]), "schedule": events,
+            "carve_out": {"windows_dropped": len(dropped), "overlap_tokens": OVERLAP_TOKENS,
+                          "checked": checked},
             "finetune": {k: v for k, v in record.items() if k != "settings"},
             "finetune_settings": record["settings"],
         }  # fmt: skip

@@ -506,7 +506,10 @@ def json_records(path: Path, expected: str = "a JSON object") -> Iterator[tuple[
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    rows: list[str] = []
+    return list(_iter_jsonl(path, text_field))
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
     for lineno, row in json_records(path, f"a JSON object with a {text_field!r} field"):
         if text_field not in row:
             present = ", ".join(repr(k) for k in row) or "none"
@@ -521,8 +524,23 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
                 f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, "
                 "expected a string"
             )
-        rows.append(value)
-    return rows
+        yield value
+
+
+def check_head(source: CorpusSource, rows: int = 64) -> None:
+    """Read the first ``rows`` rows of a local JSON-lines corpus and raise the DataError that
+    loading it would raise there (not JSON, not an object, no text field, not UTF-8, not gzip):
+    ``validate`` reports a malformed file before any weight loads, not at evaluation. A damaged
+    row further down is still found when the corpus is read. Bundled and hub corpora are not
+    read here."""
+    if source.kind not in ("file", "local") or not source.text_field:
+        return
+    path = Path(source.location)
+    if not _is_jsonl_name(path):
+        return
+    for i, _ in enumerate(_iter_jsonl(path, source.text_field)):
+        if i + 1 >= rows:
+            break
 
 
 def _read_lines(path: Path) -> list[str]:
