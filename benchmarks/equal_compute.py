@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -169,9 +171,10 @@ def time_table(summary: dict, times: dict | None) -> list[str]:
                 "(`python benchmarks/equal_compute.py --time --batch-size 4`, about 15 minutes with the machine to itself; a batch of 20 x 512 takes about a minute per model on 2 cores)."]
     points, lines_ = time_points(times), curves(summary)
     ratios = sorted({r for pts in lines_.values() for r, _, _ in pts})
-    shape = " and ".join("x".join(str(d) for d in b) for b in times["batches"])
+    shapes = Counter("x".join(str(d) for d in b) for b in times["batches"])
+    shape = ", ".join(f"{n} batch{'es' if n > 1 else ''} of {s}" for s, n in shapes.items())
     out = ["", f"Time per batch relative to dense (median over {times['rounds']} interleaved "
-           f"rounds on the evaluation batches ({shape} tokens), min-max of the paired ratios "
+           f"rounds on the first evaluation windows ({shape} tokens), min-max of the paired ratios "
            f"in brackets; one dense time, {times['dense']['s_median']:.2f} s per batch; "
            f"{times['machine']}, {times['dtype']}, {times['device']}; "
            f"`{times['command'].strip()}`):", "",
@@ -183,7 +186,27 @@ def time_table(summary: dict, times: dict | None) -> list[str]:
             cells.append("-" if row is None else "{:.3f} [{:.3f}-{:.3f}]".format(
                 row["time_vs_dense"], *row["time_vs_dense_spread"]))
         out.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
-    return out
+    return out + overhead_lines(times)
+
+
+def overhead_lines(times: dict) -> list[str]:
+    """Each dynamic method's time against the static methods' that keep the same decoder
+    MACs (within 0.1 point): what its own per-batch work (probe, scores, gathers) costs."""
+    rows = [r for r in times["rows"] if r["seed"] == min(x["seed"] for x in times["rows"])]
+    out = []
+    for dyn in sorted({r["labels"]["variant"] for r in rows if r["dynamic"]}):
+        extra = []
+        for row in (r for r in rows if r["labels"]["variant"] == dyn):
+            same = [r["time_vs_dense"] for r in rows if not r["dynamic"]
+                    and abs(r["flops_kept_fraction"] - row["flops_kept_fraction"]) < 1e-3]  # fmt: skip
+            if same:
+                extra.append((row["time_vs_dense"] / statistics.median(same) - 1) * 100)
+        if extra:
+            out.append(f"- At the same decoder MACs, {dyn}'s time per batch is {min(extra):+.1f}% "
+                       f"to {max(extra):+.1f}% against the static methods' (the median of those "
+                       f"keeping those MACs; {len(extra)} ratios): the cost of its own "
+                       "per-batch work (probe, scores, gathers) on these batches.")  # fmt: skip
+    return ["", *out] if out else []
 
 
 def markdown(summary: dict, image: str | None, times: dict | None = None) -> str:

@@ -103,14 +103,23 @@ def test_equal_compute_time_table_and_figure_come_from_the_timing_stage(tmp_path
              "device": "cpu", "dense": {"s_all": [2.0, 2.0, 2.0], "s_median": 2.0},
              "rows": [
                  {"labels": {"variant": "pp", "method.ratio": "0.4"}, "seed": 0,
+                  "dynamic": True, "flops_kept_fraction": 0.6,
                   "time_vs_dense": 0.75, "time_vs_dense_spread": [0.7, 0.8]},
                  {"labels": {"variant": "pp", "method.ratio": "0.4"}, "seed": 1,
+                  "dynamic": True, "flops_kept_fraction": 0.6,
                   "time_vs_dense": 0.5, "time_vs_dense_spread": [0.5, 0.5]},
                  {"labels": {"variant": "flap", "method.ratio": "0.4"}, "seed": 0,
-                  "time_vs_dense": 0.6123, "time_vs_dense_spread": [0.6, 0.65]}]}  # fmt: skip
+                  "dynamic": False, "flops_kept_fraction": 0.55,
+                  "time_vs_dense": 0.6123, "time_vs_dense_spread": [0.6, 0.65]},
+                 {"labels": {"variant": "wanda-sp", "method.ratio": "0.4"}, "seed": 0,
+                  "dynamic": False, "flops_kept_fraction": 0.6,
+                  "time_vs_dense": 0.6, "time_vs_dense_spread": [0.6, 0.6]}]}  # fmt: skip
     text = ec.markdown(summary, "img.png", times)
     assert "| 0.4 | 0.750 [0.700-0.800] | 0.612 [0.600-0.650] |" in text  # seed 0's
     assert "| 0.2 | - | - |" in text and "2.00 s per batch" in text
+    assert "1 batch of 20x512 tokens" in text
+    # pp against the static method keeping its MACs (wanda-sp, not flap): 0.75 / 0.6
+    assert "pp's time per batch is +25.0% to +25.0% against the static methods'" in text
     assert "measured time" in text
     assert ec.plot(summary, tmp_path / "p.png", times)
     assert (tmp_path / "p.png").stat().st_size > 1000
