@@ -108,6 +108,22 @@ def evaluated_token_streams(recipe, tokenizer, sources=None) -> dict[str, torch.
             for cfg, src in zip(entries, sources, strict=True)}  # fmt: skip
 
 
+def keep_out_evaluated(windows: torch.Tensor, recipe, tokenizer, sources=None,
+                       what: str = "recovery") -> tuple[torch.Tensor, list[int], list[str]]:  # fmt: skip
+    """``windows`` minus every one sharing a run of :data:`OVERLAP_TOKENS` tokens with a text
+    ``recipe`` evaluates (:func:`carve_out` against :func:`evaluated_token_streams`): the kept
+    rows, the dropped row indices and the evaluated labels. A RecoveryError when none is left:
+    ``what`` (the step training on the windows) would train on the evaluation text."""
+    excluded = evaluated_token_streams(recipe, tokenizer, sources)
+    kept, dropped = carve_out(windows, excluded)
+    if kept.shape[0] == 0:
+        raise RecoveryError(f"every one of the {windows.shape[0]} {what} windows shares a run of "
+                            f"{OVERLAP_TOKENS} tokens with an evaluated corpus "
+                            f"({', '.join(excluded)}): {what} would train on the evaluation "
+                            "text; train on another corpus or split")  # fmt: skip
+    return kept, dropped, list(excluded)
+
+
 # --------------------------------------------------------------------------------------------
 # The adapters
 # --------------------------------------------------------------------------------------------

@@ -1039,10 +1039,8 @@ def recover(plan: Plan, loaded: Loaded, outcome: PruneOutcome,
     from prunekit.recovery import (
         OVERLAP_TOKENS,
         LoraTrainer,
-        RecoveryError,
-        carve_out,
         default_checkpoint_dir,
-        evaluated_token_streams,
+        keep_out_evaluated,
     )
 
     recipe, r = plan.recipe, plan.recipe.recovery
@@ -1053,11 +1051,8 @@ def recover(plan: Plan, loaded: Loaded, outcome: PruneOutcome,
     bos_id = sequence_bos(r.bos, loaded.adapter, tokenizer)
     windows = calibration_windows(tokenizer, plan.recovery_source, r.samples, r.seq_len,
                                   seed=recipe.seed, bos_id=bos_id)  # fmt: skip
-    excluded = evaluated_token_streams(recipe, tokenizer, plan.perplexity_sources)
-    kept, dropped = carve_out(windows, excluded)
-    if kept.shape[0] == 0:
-        raise RecoveryError(f"every one of the {r.samples} recovery windows shares text with an "
-                            f"evaluated corpus ({', '.join(excluded)}); train on another corpus")  # fmt: skip
+    kept, dropped, excluded = keep_out_evaluated(windows, recipe, tokenizer,
+                                                 plan.perplexity_sources)  # fmt: skip
     if dropped:
         info(f"recovery: {len(dropped)} of {r.samples} windows share {OVERLAP_TOKENS} tokens "
              "with an evaluated text and are left out")  # fmt: skip
@@ -1076,7 +1071,7 @@ def recover(plan: Plan, loaded: Loaded, outcome: PruneOutcome,
     loaded.timings["recovery_s"] = time.perf_counter() - t0
     record.update({
         "corpus": plan.recovery_source.describe(),
-        "carve_out": {"excluded": list(excluded), "overlap_tokens": OVERLAP_TOKENS,
+        "carve_out": {"excluded": excluded, "overlap_tokens": OVERLAP_TOKENS,
                       "windows_dropped": len(dropped)},
         "merged": True,
         "merge_max_abs_logit_diff": diff,

@@ -18,6 +18,7 @@ from prunekit.recipe import RecoveryConfig
 from prunekit.recovery import (
     OVERLAP_TOKENS,
     LoraTrainer,
+    RecoveryError,
     carve_out,
     lora_targets,
     ngram_hashes,
@@ -158,6 +159,18 @@ def test_windows_sharing_evaluation_text_are_left_out(workdir, tmp_path):
     carve = result["recovery"]["carve_out"]
     assert carve["windows_dropped"] > 0 and carve["excluded"] == ["eval"]
     assert result["recovery"]["windows"] == 60 - carve["windows_dropped"]
+
+
+def test_a_recovery_text_made_only_of_evaluation_text_is_refused_at_run_time(workdir, tmp_path):
+    """Another file than the evaluated one (so validate lets it through) but holding only its
+    text: every window is dropped and the run stops, naming the evaluated corpus."""
+    copy = tmp_path / "copy.txt"
+    copy.write_text((workdir / "eval.txt").read_text())
+    with pytest.raises(RecoveryError, match=r"every one of the 4 recovery windows .*\(eval\)"
+                                            r".*would train on the evaluation text"):
+        apply(_recipe(workdir, path=str(copy), samples=4, steps=2, checkpoint_every=0),
+              output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_saved_recovered_model_reloads_identically_in_a_fresh_process(workdir, tmp_path):

@@ -145,10 +145,8 @@ class LoraPrune(StaticMethod):
         from prunekit.recovery import (
             OVERLAP_TOKENS,
             LoraTrainer,
-            RecoveryError,
-            carve_out,
             default_checkpoint_dir,
-            evaluated_token_streams,
+            keep_out_evaluated,
         )
 
         settings, o = self.settings, {**self.option_defaults, **self.settings.options}
@@ -166,13 +164,8 @@ class LoraPrune(StaticMethod):
             # the merged adapters are trained weights: like recovery, never train them on an
             # evaluated text. Without them (w/o LoRA) the windows only steer which units are
             # kept, as every method's calibration text does, and all of them are used.
-            excluded = evaluated_token_streams(ctx.recipe, ctx.tokenizer)
-            windows, dropped = carve_out(windows, excluded)
-            if windows.shape[0] == 0:
-                raise RecoveryError(
-                    f"every calibration window shares {OVERLAP_TOKENS} tokens with an evaluated "
-                    f"corpus ({', '.join(excluded)}): loraprune with keep_lora: true would train "
-                    "on the evaluation text; calibrate on another corpus or split")  # fmt: skip
+            windows, dropped, _ = keep_out_evaluated(windows, ctx.recipe, ctx.tokenizer,
+                                                     what="loraprune (keep_lora: true)")  # fmt: skip
         ckpt = None
         if finetune.checkpoint_every:
             ckpt = finetune.checkpoint_dir or default_checkpoint_dir(
