@@ -3,9 +3,10 @@
 Every number in the report is read from the sweeps' summaries (``runs/ablations/<name>/
 summary.json``, written by ``prunekit sweep``); only the prose (what each ablation tests and
 the paper's claim) is typed. Whether a claim holds is decided from those numbers: each claim is a
-list of pairs "A has lower perplexity than B", compared seed by seed (a seed fixes both the
-calibration draw and the evaluation windows): it holds when A is lower for every seed, does
-not hold when it is lower for none, and is mixed otherwise.
+list of pairs "A has lower perplexity than B" (or, for a claim of no effect, "A is within a
+stated percentage of B"), compared seed by seed (a seed fixes both the calibration draw and the
+evaluation windows): it holds when it is true for every seed, does not hold when it is true for
+none, and is mixed otherwise.
 
     python benchmarks/ablations.py                    # run every sweep (skipping finished cells), render
     python benchmarks/ablations.py --only fusion      # one ablation
@@ -27,6 +28,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RECIPES = ROOT / "recipes" / "ablations"
 METRIC = "wikitext2-test.ppl"
+#: "changes little": the largest change of perplexity, on any seed, that a claim of no effect
+#: allows (a typed threshold, stated in the report)
+CLOSE_PERCENT = 5.0
 
 #: name -> (title, what it varies, the paper's claim, the claim as (lower, higher) pairs)
 ABLATIONS: dict[str, tuple[str, str, str, list[tuple[str, str]]]] = {
@@ -82,8 +86,9 @@ ABLATIONS: dict[str, tuple[str, str, str, list[tuple[str, str]]]] = {
     "calibration_size": (
         "Calibration size",
         "the number of 512-token C4 windows the history starts from",
-        "PP needs only a small calibration set: more calibration windows change little.",
-        [],
+        "PP needs only a small calibration set: more calibration windows change little. "
+        f"Taken here as: within {CLOSE_PERCENT:g}% of the default's perplexity on every seed.",
+        [("calib-512", "default", CLOSE_PERCENT), ("calib-2000", "default", CLOSE_PERCENT)],
     ),
 }
 
@@ -143,6 +148,26 @@ def verdict(rows: dict[str, dict], lower: str, higher: str) -> str | None:
     return f"mixed: {said}"
 
 
+def close(rows: dict[str, dict], a: str, b: str, percent: float) -> str | None:
+    """Whether ``a``'s perplexity stays within ``percent`` of ``b``'s, seed by seed."""
+    x, y = rows.get(a), rows.get(b)
+    if not x or not y or not x["n"] or not y["n"]:
+        return None
+    pairs = paired(x, y)
+    if not pairs:
+        return None
+    gaps = [100 * (u / v - 1) for u, v in pairs]
+    inside = sum(abs(g) <= percent for g in gaps)
+    said = (f"{a} {fmt(x['mean'])} vs {b} {fmt(y['mean'])}, "
+            f"{', '.join(f'{g:+.1f}%' for g in gaps)} over the same seeds, "
+            f"within {percent:g}% in {inside} of {len(pairs)}")  # fmt: skip
+    if inside == len(pairs):
+        return f"holds: {said}"
+    if inside == 0:
+        return f"**does not hold**: {said}"
+    return f"mixed: {said}"
+
+
 def render_one(name: str, summary: dict) -> list[str]:
     title, varies, claim, pairs = ABLATIONS[name]
     rows = {r["labels"].get("variant", ""): r for r in summary["rows"]}
@@ -171,7 +196,13 @@ def render_one(name: str, summary: dict) -> list[str]:
     if pairs:
         lines.append("**Here** (lower perplexity is better):")
         lines.append("")
-        for lower, higher in pairs:
+        for pair in pairs:
+            if len(pair) == 3:  # a claim of no effect: within a tolerance
+                a, b, percent = pair
+                v = close(stats, a, b, percent)
+                lines.append(f"- {a} within {percent:g}% of {b}: {v or 'not measured yet'}")
+                continue
+            lower, higher = pair
             v = verdict(stats, lower, higher)
             lines.append(f"- {lower} below {higher}: {v or 'not measured yet'}")
         lines.append("")

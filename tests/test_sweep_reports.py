@@ -46,6 +46,28 @@ def test_ablation_verdicts_read_the_numbers():
     assert ab.verdict(rows, "default", "missing") is None
 
 
+def test_a_claim_of_no_effect_holds_within_its_tolerance_on_every_seed():
+    ab = _script("ablations")
+
+    def seeded(values):
+        return {"n": len(values), "mean": sum(values) / len(values), "values": values,
+                "seeds": list(range(len(values)))}  # fmt: skip
+
+    rows = {"default": seeded([100.0, 120.0]), "near": seeded([104.0, 115.0]),
+            "far": seeded([110.0, 140.0]), "half": seeded([104.0, 140.0])}  # fmt: skip
+    assert ab.close(rows, "near", "default", 5).startswith("holds: ")
+    assert "+4.0%, -4.2% over the same seeds, within 5% in 2 of 2" in ab.close(
+        rows, "near", "default", 5)  # fmt: skip
+    assert ab.close(rows, "far", "default", 5).startswith("**does not hold**")
+    assert ab.close(rows, "half", "default", 5).startswith("mixed: ")
+    assert ab.close(rows, "missing", "default", 5) is None
+    summary = {"rows": [_row({"variant": "default"}, [100.0, 120.0], [0.7, 0.7]),
+                        _row({"variant": "calib-512"}, [104.0, 115.0], [0.7, 0.7])]}  # fmt: skip
+    text = "\n".join(ab.render_one("calibration_size", summary))
+    assert "- calib-512 within 5% of default: holds: " in text
+    assert "- calib-2000 within 5% of default: not measured yet" in text
+
+
 def test_ablation_section_shows_the_summary_values():
     ab = _script("ablations")
     summary = {"rows": [
