@@ -94,10 +94,15 @@ ABLATIONS: dict[str, tuple[str, str, str, list[tuple[str, str]]]] = {
 
 
 #: why a sweep may be missing from the report (shown only while it has no results)
+#: (``<sweep>`` or ``<sweep>/<variant>``; a variant's reason shows in its table row)
 NOT_RUN = {
     "calibration_size": "512 and 2,000 calibration windows of 512 tokens take about 20 and 80 "
                         "minutes of calibration per seed on a 2-core CPU; run it on a larger "
                         "machine (`prunekit sweep recipes/ablations/calibration_size.yaml -j N`)",
+    "calibration_size/calib-2000": "not run yet: 2,000 windows take about 90 minutes of "
+                                   "calibration per seed on a 2-core CPU (512 took 23); "
+                                   "`prunekit sweep recipes/ablations/calibration_size.yaml` "
+                                   "runs only the missing cells",
     "granularity": "queued last when this report was generated, and not reached; `pp-seq` "
                    "runs one probe per row, so it costs more than `pp` on CPU",
 }
@@ -182,7 +187,7 @@ def render_one(name: str, summary: dict) -> list[str]:
         s = stats[variant]
         macs = r["metrics"].get("reduction.flops_kept_fraction", {}).get("mean")
         if not s["n"]:
-            why = "; ".join(r["failed"]) or "not run yet"
+            why = "; ".join(r["failed"]) or NOT_RUN.get(f"{name}/{variant}", "not run yet")
             lines.append(f"| {variant} | 0 | - | - | - | - ({why}) |")
             continue
         spread = ", ".join(fmt(v) for v in s["values"])
