@@ -134,43 +134,46 @@ def paired(a: dict, b: dict) -> list[tuple[float, float]]:
     return [(av[s], bv[s]) for s in av if s in bv]
 
 
+def seed_pairs(rows: dict[str, dict], a: str, b: str) -> list[tuple[float, float]]:
+    """:func:`paired` values of variants ``a`` and ``b`` (empty when either has none)."""
+    x, y = rows.get(a), rows.get(b)
+    if not x or not y or not x["n"] or not y["n"]:
+        return []
+    return paired(x, y)
+
+
+def decide(true_for: int, pairs: int, said: str) -> str:
+    """A claim checked seed by seed: true for every seed, for none, or for some."""
+    if true_for == pairs:
+        return f"holds: {said}"
+    if true_for == 0:
+        return f"**does not hold**: {said}"
+    return f"mixed: {said}"
+
+
 def verdict(rows: dict[str, dict], lower: str, higher: str) -> str | None:
     """Whether ``lower`` has the lower perplexity than ``higher``, seed by seed."""
-    a, b = rows.get(lower), rows.get(higher)
-    if not a or not b or not a["n"] or not b["n"]:
-        return None
-    pairs = paired(a, b)
+    pairs = seed_pairs(rows, lower, higher)
     if not pairs:
         return None
     wins = sum(x < y for x, y in pairs)
     gap = sum(100 * (x / y - 1) for x, y in pairs) / len(pairs)
-    said = (f"{lower} {fmt(a['mean'])} vs {higher} {fmt(b['mean'])}, {gap:+.1f}% on average "
-            f"over the same seeds, lower in {wins} of {len(pairs)}")
-    if wins == len(pairs):
-        return f"holds: {said}"
-    if wins == 0:
-        return f"**does not hold**: {said}"
-    return f"mixed: {said}"
+    said = (f"{lower} {fmt(rows[lower]['mean'])} vs {higher} {fmt(rows[higher]['mean'])}, "
+            f"{gap:+.1f}% on average over the same seeds, lower in {wins} of {len(pairs)}")
+    return decide(wins, len(pairs), said)
 
 
 def close(rows: dict[str, dict], a: str, b: str, percent: float) -> str | None:
     """Whether ``a``'s perplexity stays within ``percent`` of ``b``'s, seed by seed."""
-    x, y = rows.get(a), rows.get(b)
-    if not x or not y or not x["n"] or not y["n"]:
-        return None
-    pairs = paired(x, y)
+    pairs = seed_pairs(rows, a, b)
     if not pairs:
         return None
     gaps = [100 * (u / v - 1) for u, v in pairs]
     inside = sum(abs(g) <= percent for g in gaps)
-    said = (f"{a} {fmt(x['mean'])} vs {b} {fmt(y['mean'])}, "
+    said = (f"{a} {fmt(rows[a]['mean'])} vs {b} {fmt(rows[b]['mean'])}, "
             f"{', '.join(f'{g:+.1f}%' for g in gaps)} over the same seeds, "
             f"within {percent:g}% in {inside} of {len(pairs)}")  # fmt: skip
-    if inside == len(pairs):
-        return f"holds: {said}"
-    if inside == 0:
-        return f"**does not hold**: {said}"
-    return f"mixed: {said}"
+    return decide(inside, len(pairs), said)
 
 
 def render_one(name: str, summary: dict) -> list[str]:
