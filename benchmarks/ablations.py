@@ -32,8 +32,9 @@ METRIC = "wikitext2-test.ppl"
 #: allows (a typed threshold, stated in the report)
 CLOSE_PERCENT = 5.0
 
-#: name -> (title, what it varies, the paper's claim, the claim as (lower, higher) pairs)
-ABLATIONS: dict[str, tuple[str, str, str, list[tuple[str, str]]]] = {
+#: name -> (title, what it varies, the paper's claim, the claim as (lower, higher) pairs or,
+#: for a claim of no effect, (variant, reference, tolerance in percent) triples)
+ABLATIONS: dict[str, tuple[str, str, str, list[tuple[str, str] | tuple[str, str, float]]]] = {
     "probe_size": (
         "Probe size",
         "the share of positions (`ratio_seq`, default 0.5) and of samples (`ratio_batch`, "

@@ -192,7 +192,7 @@ def time_table(summary: dict, times: dict | None) -> list[str]:
 def overhead_lines(times: dict) -> list[str]:
     """Each dynamic method's time against the static methods' that keep the same decoder
     MACs (within 0.1 point): what its own per-batch work (probe, scores, gathers) costs."""
-    rows = [r for r in times["rows"] if r["seed"] == min(x["seed"] for x in times["rows"])]
+    rows = list(time_points(times).values())  # each cell's lowest seed, as in the table
     out = []
     for dyn in sorted({r["labels"]["variant"] for r in rows if r["dynamic"]}):
         extra = []

@@ -430,4 +430,5 @@ def default_checkpoint_dir(output_dir: str | os.PathLike, what: str = "recovery"
 
 
 __all__ = ["OVERLAP_TOKENS", "LoraTrainer", "RecoveryError", "carve_out",
-           "default_checkpoint_dir", "lora_targets", "ngram_hashes"]  # fmt: skip
+           "check_target_modules", "default_checkpoint_dir", "evaluated_token_streams",
+           "keep_out_evaluated", "lora_targets", "ngram_hashes"]  # fmt: skip
