@@ -19,13 +19,15 @@ The sweeps share ``runs/ablations/cells``, so the common ``default`` cell runs o
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _snapshots import snapshot_path, sweep_summary  # noqa: E402  (a sibling module)
+
 RECIPES = ROOT / "recipes" / "ablations"
 METRIC = "wikitext2-test.ppl"
 #: "changes little": the largest change of perplexity, on any seed, that a claim of no effect
@@ -119,8 +121,7 @@ def run_sweeps(names: list[str], extra: list[str]) -> None:
 
 
 def load(name: str) -> dict | None:
-    path = ROOT / "runs" / "ablations" / name / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return sweep_summary(ROOT / "runs" / "ablations" / name / "summary.json", f"ablations-{name}")
 
 
 def fmt(v: float | None, digits: int = 2) -> str:
@@ -304,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(ABLATIONS)
     if not args.render_only:
         run_sweeps(names, args.sweep_args.split())
+    missing = [n for n in ABLATIONS if load(n) is None]
+    if missing:  # rendering without them would blank their sections of a committed report
+        raise SystemExit("no summary for " + ", ".join(
+            f"{n} (runs/ablations/{n}/summary.json, {snapshot_path(f'ablations-{n}').relative_to(ROOT)})"
+            for n in missing) + ": run python benchmarks/ablations.py --only NAME first")  # fmt: skip
     args.out.write_text(render(list(ABLATIONS)))
     print(f"wrote {args.out}")
     return 0

@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from _sections import splice  # noqa: E402  (a sibling module of this script)
+from _snapshots import sweep_summary  # noqa: E402
 
 SWEEP_DIR = ROOT / "runs" / "equal_compute"
 SUMMARY = SWEEP_DIR / "summary.json"
@@ -298,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--times", type=Path, default=TIMES,
                         help="timing stage results (read when present)")  # fmt: skip
     args = parser.parse_args(argv)
-    if not args.summary.is_file():
-        raise SystemExit(f"{args.summary} not found: run prunekit sweep "
-                         "recipes/sweeps/equal_compute_smollm2.yaml first")  # fmt: skip
-    summary = json.loads(args.summary.read_text())
+    summary = sweep_summary(args.summary, "equal_compute")
+    if summary is None:
+        raise SystemExit(f"{args.summary} not found (nor its committed copy): run prunekit "
+                         "sweep recipes/sweeps/equal_compute_smollm2.yaml first")  # fmt: skip
     if args.time:
         measured = time_cells(args.summary.parent, args.rounds, args.batches, args.batch_size)
         args.times.parent.mkdir(parents=True, exist_ok=True)

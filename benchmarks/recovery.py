@@ -12,7 +12,6 @@ markers; benchmarks/paper_table.py keeps that section when it rewrites the file)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from _sections import splice  # noqa: E402  (a sibling module of this script)
+from _snapshots import sweep_summary  # noqa: E402
 
 SUMMARY = ROOT / "runs" / "recovery" / "summary.json"
 PPL, MACS = "wikitext2-test.ppl", "reduction.flops_kept_fraction"
@@ -82,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--summary", type=Path, default=SUMMARY)
     args = parser.parse_args(argv)
-    if not args.summary.is_file():
-        raise SystemExit(f"{args.summary} not found: run prunekit sweep "
-                         "recipes/sweeps/recovery_smollm2.yaml first")  # fmt: skip
-    section = markdown(json.loads(args.summary.read_text()))
+    summary = sweep_summary(args.summary, "recovery")
+    if summary is None:
+        raise SystemExit(f"{args.summary} not found (nor its committed copy): run prunekit "
+                         "sweep recipes/sweeps/recovery_smollm2.yaml first")  # fmt: skip
+    section = markdown(summary)
     (HERE / "recovery.md").write_text("# Recovery (SmolLM2)\n\n" + section)
     splice(ROOT / "docs" / "benchmarks.md", section)
     print("wrote benchmarks/recovery.md, docs/benchmarks.md (recovery section)")

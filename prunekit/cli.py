@@ -14,7 +14,14 @@ from typing import Annotated
 
 import typer
 
-from prunekit.errors import PrunekitError, Terminated, sigterm_as_exception
+from prunekit.errors import (
+    PrunekitError,
+    StorageError,
+    Terminated,
+    sigterm_as_exception,
+    storage_error,
+    storage_failure,
+)
 
 app = typer.Typer(
     name="prunekit",
@@ -506,12 +513,16 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("terminated by SIGTERM (the run's partial outputs were removed)", file=sys.stderr)
         return 143
-    except Exception as exc:  # click usage errors
+    except Exception as exc:  # click usage errors, a full disk outside any plugin's code
         import click
 
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
             return 2
+        reason = storage_failure(exc)
+        if reason is not None:
+            print(f"error: {storage_error(reason, 'the run')}", file=sys.stderr)
+            return StorageError.exit_code
         raise
     return 0
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
+import os
 import signal
 from collections.abc import Iterable, Iterator
 
@@ -37,6 +39,41 @@ class PluginError(PrunekitError):
 
 class StateError(PrunekitError):
     """A saved method state or pruned checkpoint does not match the run."""
+
+
+class StorageError(PrunekitError):
+    """The disk refused a write: full, over quota or read-only. Not a bug of prunekit or of a
+    plugin, whichever of them was writing."""
+
+
+#: errno values of a disk that refuses writes, and the OS's messages for them, which libraries
+#: wrapping the OSError in their own type keep (safetensors: "I/O error: No space left on
+#: device (os error 28)")
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_STORAGE_MESSAGES = tuple(os.strerror(e) for e in _STORAGE_ERRNOS)
+
+
+def storage_failure(exc: BaseException | None) -> str | None:
+    """The OS's reason when ``exc``, or an exception it was raised from, is the disk refusing a
+    write (no space, quota, read-only); else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+            return os.strerror(exc.errno)
+        text = str(exc)
+        for message in _STORAGE_MESSAGES:
+            if message in text:
+                return message
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def storage_error(reason: str, stage: str) -> StorageError:
+    """The user-facing error for a write the disk refused during ``stage``."""
+    return StorageError(f"the disk refused a write during {stage} ({reason}): free some space, "
+                        "or point the output (--output, output.dir) and the cache "
+                        "(PRUNEKIT_CACHE_DIR) at a disk with room, then run again")  # fmt: skip
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

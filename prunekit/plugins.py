@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import pluggy
 
 from prunekit import hookspecs
-from prunekit.errors import PluginError, PrunekitError
+from prunekit.errors import PluginError, PrunekitError, storage_error, storage_failure
 
 ENTRY_POINT_GROUP = "prunekit"
 BUILTIN_DISTRIBUTION = "prunekit"
@@ -209,6 +209,9 @@ def plugin_faults(pm: PrunekitPluginManager | None = None, stage: str = "the run
     except Exception as exc:
         if isinstance(exc, (PrunekitError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
             raise
+        reason = storage_failure(exc)
+        if reason is not None:  # a full disk is the machine's, not the plugin's fault
+            raise storage_error(reason, stage) from exc
         found = blame(exc, pm)
         if found is None:
             raise

@@ -59,8 +59,12 @@ def _tiny(config_cls, model_cls, attn_implementation: str, seed: int, dtype, **f
 def tiny_llama(*, heads: int = 4, kv_heads: int | None = None, layers: int = 4,
                hidden: int | None = None, intermediate: int = 96, vocab: int = 128,
                seed: int = 0, attn_implementation: str = "sdpa",
-               dtype: torch.dtype = torch.float32):  # fmt: skip
-    """A small random ``LlamaForCausalLM`` (GQA when ``kv_heads < heads``), in eval mode."""
+               dtype: torch.dtype = torch.float32, init_std: float = 0.2):  # fmt: skip
+    """A small random ``LlamaForCausalLM`` (GQA when ``kv_heads < heads``), in eval mode.
+
+    ``init_std``: the 2-D weights' standard deviation. The default 0.2 (the historical init)
+    makes pruning decisions well separated; 0.02 (Hugging Face's init, the scale of trained
+    LLMs' weights) keeps activations, and so float32 rounding, at a real model's scale."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -72,10 +76,10 @@ def tiny_llama(*, heads: int = 4, kv_heads: int | None = None, layers: int = 4,
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype)
-    with torch.no_grad():  # the historical init: 2-D weights widened, norms left at 1
+    with torch.no_grad():  # 2-D weights at init_std, norms left at 1
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0.0, 0.2)
+                p.normal_(0.0, init_std)
     return model.eval()
 
 

@@ -11,7 +11,7 @@ import torch
 
 import prunekit
 from prunekit.components import MLP, DynamicProtocol, Method, MethodSettings, PruneOutcome
-from prunekit.errors import PluginError, RecipeError
+from prunekit.errors import PluginError, RecipeError, StorageError, storage_failure
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.pruning.allocation import top_units
 from prunekit.pruning.dynamic import DynamicModel
@@ -374,6 +374,83 @@ def test_an_error_inside_a_component_names_its_plugin(prunekit_pm, tmp_path):
     with pytest.raises(RecipeError):
         _apply_tiny(tmp_path, "ranked", ["method.ranker.name=down_norm", "method.ranker.pwr=1"])
 
+
+
+def test_a_full_disk_is_a_storage_error_not_a_plugin_bug(prunekit_pm, tmp_path):
+    """safetensors wraps ENOSPC in its own exception type ("I/O error: No space left on device
+    (os error 28)"); whoever was writing, the user is told the disk is full and how to make
+    room, not to report a bug, and the run leaves nothing behind."""
+
+    class Writing(DownNorm):
+        def rank(self, layer):
+            raise RuntimeError("Error while serializing: I/O error: No space left on device "
+                               "(os error 28)")  # fmt: skip
+
+    class Plugin(RankerPlugin):
+        @prunekit.hookimpl
+        def prunekit_register_components(self, register):
+            register("ranker", "down_norm", DownNorm)
+            register("ranker", "writing", Writing)
+            register("method", "ranked", RankedPrune)
+
+    prunekit_pm.register_plugin(Plugin(), "writer")
+    with pytest.raises(StorageError, match=r"during calibration and pruning \(No space left on "
+                       r"device\): free some space.*PRUNEKIT_CACHE_DIR") as err:  # fmt: skip
+        _apply_tiny(tmp_path, "ranked", ["method.ranker.name=writing"])
+    assert "writer" not in str(err.value) and "report" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_storage_failures_are_recognised_by_errno_message_and_cause():
+    import errno
+    import os
+
+    assert storage_failure(OSError(errno.EROFS, "x")) == os.strerror(errno.EROFS)
+    assert storage_failure(OSError(errno.ENOENT, "missing")) is None
+    assert storage_failure(ValueError("bad value")) is None
+    try:
+        try:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        except OSError as inner:
+            raise RuntimeError("could not save") from inner
+    except RuntimeError as outer:
+        assert storage_failure(outer) == os.strerror(errno.EDQUOT)
+
+
+def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
+    """A write refused outside any plugin's code (the runner's own results.json) is one line
+    on stderr and exit status 2, not a traceback; the staging directory is gone."""
+    import errno
+    import os
+
+    import yaml
+
+    from prunekit import cli, runner
+
+    _save_tiny(tmp_path / "tiny")
+    rows = _ids(7, rows=40, cols=50).tolist()
+    (tmp_path / "text.txt").write_text("\n".join(" ".join(f"w{i}" for i in r) for r in rows))
+    text = str(tmp_path / "text.txt")
+    recipe = {"model": {"id": str(tmp_path / "tiny"), "dtype": "float32"},
+              "method": {"name": "wanda-sp", "ratio": 0.5, "skip_layers": []},
+              "calibration": {"path": text, "samples": 4, "seq_len": 16, "batch_size": 4},
+              "evaluation": {"perplexity": [{"path": text, "seq_len": 16, "windows": 4,
+                                              "batch_size": 2}]},
+              "runtime": {"batches": 0},
+              "output": {"dir": str(tmp_path / "out"), "save_model": False}}  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(runner, "_write_json", full)
+    assert cli.main(["apply", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err  # (with the loader's progress bars)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: the disk refused a write"), err
+    assert "Traceback" not in err and "No space left on device" in lines[0]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 # -- helpers -------------------------------------------------------------------------------
 

@@ -169,11 +169,13 @@ def test_with_lora_never_trains_on_an_evaluated_text(workdir, tmp_path):
     info = apply(recipe, output=tmp_path / "with")["loraprune"]
     dropped = info["carve_out"]["windows_dropped"]
     assert info["carve_out"]["checked"] and 0 < dropped < 16
+    assert len(info["carve_out"]["excluded"]) == 1  # the one evaluated text, by its label
     assert info["finetune"]["windows"] == 16 - dropped
     recipe = _recipe(workdir)  # w/o LoRA: nothing trained survives, every window is used
     recipe["calibration"]["path"] = str(mixed)
     info = apply(recipe, output=tmp_path / "without")["loraprune"]
-    assert info["carve_out"] == {"windows_dropped": 0, "overlap_tokens": 32, "checked": False}
+    assert info["carve_out"] == {"windows_dropped": 0, "overlap_tokens": 32, "checked": False,
+                                 "excluded": []}
     recipe = _recipe(workdir, keep_lora=True)
     recipe["calibration"]["path"] = str(workdir / "eval.txt")
     recipe["calibration"]["samples"] = 4

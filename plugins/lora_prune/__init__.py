@@ -158,13 +158,14 @@ class LoraPrune(StaticMethod):
         if o["seq_len"]:
             windows = windows[:, : o["seq_len"]]
         dropped: list[int] = []
+        excluded: list[str] = []
         # without a tokenizer (prune() given windows as a tensor) no evaluated text is known
         checked = bool(o["keep_lora"]) and ctx.tokenizer is not None
         if checked:
             # the merged adapters are trained weights: like recovery, never train them on an
             # evaluated text. Without them (w/o LoRA) the windows only steer which units are
             # kept, as every method's calibration text does, and all of them are used.
-            windows, dropped, _ = keep_out_evaluated(windows, ctx.recipe, ctx.tokenizer,
+            windows, dropped, excluded = keep_out_evaluated(windows, ctx.recipe, ctx.tokenizer,
                                                      what="loraprune (keep_lora: true)")  # fmt: skip
         ckpt = None
         if finetune.checkpoint_every:
@@ -257,8 +258,8 @@ class LoraPrune(StaticMethod):
         outcome = self.sliced_outcome(ctx, allocation)
         outcome.extra["loraprune"] = {
             "keep_lora": bool(o["keep_lora"]), "schedule": events,
-            "carve_out": {"windows_dropped": len(dropped), "overlap_tokens": OVERLAP_TOKENS,
-                          "checked": checked},
+            "carve_out": {"checked": checked, "excluded": list(excluded),
+                          "overlap_tokens": OVERLAP_TOKENS, "windows_dropped": len(dropped)},
             "finetune": {k: v for k, v in record.items() if k != "settings"},
             "finetune_settings": record["settings"],
         }  # fmt: skip
