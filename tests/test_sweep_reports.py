@@ -171,3 +171,26 @@ def test_recovery_table_reads_the_sweep_and_pairs_rows(tmp_path):
     rec.splice(doc, text)
     rec.splice(doc, text)
     assert doc.read_text().count(rec.START) == 1
+
+
+def test_a_report_reads_the_committed_copy_of_a_summary_when_runs_is_gone(tmp_path, monkeypatch):
+    """runs/ is not committed: a live summary refreshes its copy under benchmarks/results/
+    sweeps, and without the live file the copy is read, the same numbers."""
+    import json
+
+    snaps = _script("_snapshots")
+    monkeypatch.setattr(snaps, "SNAPSHOTS", tmp_path / "sweeps")
+    live = tmp_path / "runs" / "summary.json"
+    assert snaps.sweep_summary(live, "demo") is None
+    summary = {"rows": [_row({"variant": "a"}, [20.0], [0.8])]}
+    live.parent.mkdir()
+    live.write_text(json.dumps(summary))
+    assert snaps.sweep_summary(live, "demo") == summary
+    assert json.loads((tmp_path / "sweeps" / "demo.json").read_text()) == summary
+    live.unlink()
+    assert snaps.sweep_summary(live, "demo") == summary
+    summary["rows"][0]["metrics"]["wikitext2-test.ppl"]["mean"] = 21.0  # a re-run: copy refreshed
+    live.write_text(json.dumps(summary))
+    snaps.sweep_summary(live, "demo")
+    live.unlink()
+    assert snaps.sweep_summary(live, "demo")["rows"][0]["metrics"]["wikitext2-test.ppl"]["mean"] == 21.0
