@@ -357,14 +357,7 @@ def test_an_error_inside_a_component_names_its_plugin(prunekit_pm, tmp_path):
         def rank(self, layer):
             raise ZeroDivisionError("boom")
 
-    class Plugin(RankerPlugin):
-        @prunekit.hookimpl
-        def prunekit_register_components(self, register):
-            register("ranker", "down_norm", DownNorm)
-            register("ranker", "exploding", Exploding)
-            register("method", "ranked", RankedPrune)
-
-    prunekit_pm.register_plugin(Plugin(), "explosives")
+    _register_ranker(prunekit_pm, "explosives", "exploding", Exploding)
     with pytest.raises(PluginError, match=r"plugin 'explosives' \(distribution \?\) failed "
                        r"during calibration and pruning: ZeroDivisionError: boom \(raised at "
                        r".*test_contracts.py:\d+\)"):  # fmt: skip
@@ -373,7 +366,6 @@ def test_an_error_inside_a_component_names_its_plugin(prunekit_pm, tmp_path):
     # a user's mistake stays a user error
     with pytest.raises(RecipeError):
         _apply_tiny(tmp_path, "ranked", ["method.ranker.name=down_norm", "method.ranker.pwr=1"])
-
 
 
 def test_a_full_disk_is_a_storage_error_not_a_plugin_bug(prunekit_pm, tmp_path):
@@ -386,14 +378,7 @@ def test_a_full_disk_is_a_storage_error_not_a_plugin_bug(prunekit_pm, tmp_path):
             raise RuntimeError("Error while serializing: I/O error: No space left on device "
                                "(os error 28)")  # fmt: skip
 
-    class Plugin(RankerPlugin):
-        @prunekit.hookimpl
-        def prunekit_register_components(self, register):
-            register("ranker", "down_norm", DownNorm)
-            register("ranker", "writing", Writing)
-            register("method", "ranked", RankedPrune)
-
-    prunekit_pm.register_plugin(Plugin(), "writer")
+    _register_ranker(prunekit_pm, "writer", "writing", Writing)
     with pytest.raises(StorageError, match=r"during calibration and pruning \(No space left on "
                        r"device\): free some space.*PRUNEKIT_CACHE_DIR") as err:  # fmt: skip
         _apply_tiny(tmp_path, "ranked", ["method.ranker.name=writing"])
@@ -453,6 +438,19 @@ def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _register_ranker(pm, plugin_name: str, ranker_name: str, ranker) -> None:
+    """A plugin ``plugin_name`` registering ``ranker`` (beside down_norm) and the ranked method."""
+
+    class Plugin(RankerPlugin):
+        @prunekit.hookimpl
+        def prunekit_register_components(self, register):
+            register("ranker", "down_norm", DownNorm)
+            register("ranker", ranker_name, ranker)
+            register("method", "ranked", RankedPrune)
+
+    pm.register_plugin(Plugin(), plugin_name)
 
 
 def _ctx(model):
