@@ -32,6 +32,7 @@ def sweep_summary(live: Path, name: str) -> dict | None:
             fd, tmp = tempfile.mkstemp(dir=snap.parent, suffix=".tmp")
             with os.fdopen(fd, "w") as fh:
                 fh.write(text)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would follow the file into git
             os.replace(tmp, snap)
         return summary
     return json.loads(snap.read_text()) if snap.is_file() else None
