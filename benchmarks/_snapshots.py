@@ -9,9 +9,9 @@ the committed copy is read. Either way every number in a report still comes from
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from prunekit._files import write_atomic
 
 SNAPSHOTS = Path(__file__).resolve().parent / "results" / "sweeps"
 
@@ -28,11 +28,6 @@ def sweep_summary(live: Path, name: str) -> dict | None:
         text = live.read_text()
         summary = json.loads(text)
         if not snap.is_file() or snap.read_text() != text:
-            snap.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=snap.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would follow the file into git
-            os.replace(tmp, snap)
+            write_atomic(snap, text)
         return summary
     return json.loads(snap.read_text()) if snap.is_file() else None

@@ -295,6 +295,13 @@ def render(names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def lost_sections(report: Path) -> list[str]:
+    """Sweeps that ``report`` shows with results but whose summary is gone (neither runs/ nor
+    the committed copy); a sweep never run is rendered as "not run yet", as before."""
+    text = report.read_text() if report.is_file() else ""
+    return [n for n in ABLATIONS if f"\n## {ABLATIONS[n][0]}\n" in text and load(n) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=list(ABLATIONS))
@@ -305,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(ABLATIONS)
     if not args.render_only:
         run_sweeps(names, args.sweep_args.split())
-    missing = [n for n in ABLATIONS if load(n) is None]
-    if missing:  # rendering without them would blank their sections of a committed report
+    lost = lost_sections(args.out)
+    if lost:  # their results would turn into "not run yet" in a committed report
         raise SystemExit("no summary for " + ", ".join(
             f"{n} (runs/ablations/{n}/summary.json, {snapshot_path(f'ablations-{n}').relative_to(ROOT)})"
-            for n in missing) + ": run python benchmarks/ablations.py --only NAME first")  # fmt: skip
+            for n in lost) + f", whose results {args.out.name} shows: run python "
+            "benchmarks/ablations.py --only NAME first")  # fmt: skip
     args.out.write_text(render(list(ABLATIONS)))
     print(f"wrote {args.out}")
     return 0

@@ -18,6 +18,17 @@ from pathlib import Path
 import torch
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the umask (mkstemp's own is 0o600,
+    which would make every result unreadable to the rest of a group on a shared cluster)."""
+    mask = os.umask(0)  # the only way to read it; set back at once, at import (one thread)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_NEW_FILE_MODE = _new_file_mode()
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     """A temporary file beside ``path`` (named ``.<name>.<random><suffix>``) for the block to
@@ -26,6 +37,7 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _NEW_FILE_MODE)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -194,3 +194,29 @@ def test_a_report_reads_the_committed_copy_of_a_summary_when_runs_is_gone(tmp_pa
     snaps.sweep_summary(live, "demo")
     live.unlink()
     assert snaps.sweep_summary(live, "demo")["rows"][0]["metrics"]["wikitext2-test.ppl"]["mean"] == 21.0
+
+
+def test_render_only_refuses_to_blank_a_section_whose_summary_is_lost(tmp_path, monkeypatch):
+    """A sweep the report shows with results but whose summary is gone stops the render; a
+    sweep never run is still written as "not run yet"."""
+    ab = _script("ablations")
+    name, other = list(ab.ABLATIONS)[:2]
+    report = tmp_path / "ablations.md"
+    report.write_text(f"# Ablations\n\n## {ab.ABLATIONS[name][0]}\n\n| variant |\n")
+    monkeypatch.setattr(ab, "load", lambda n: None)
+    assert ab.lost_sections(report) == [name]
+    with pytest.raises(SystemExit, match=f"no summary for {name} "):
+        ab.main(["--render-only", "--out", str(report)])
+    report.write_text("# Ablations\n")  # nothing shown yet: every sweep is "not run yet"
+    assert ab.main(["--render-only", "--out", str(report)]) == 0
+    assert f"- `{other}`" in report.read_text()
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    """mkstemp's 0600 would make sweep tables, summaries and caches unreadable to a group."""
+    from prunekit._files import write_atomic
+
+    write_atomic(tmp_path / "atomic.txt", "x")
+    with open(tmp_path / "plain.txt", "w") as fh:
+        fh.write("x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode

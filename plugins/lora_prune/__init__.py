@@ -258,7 +258,7 @@ class LoraPrune(StaticMethod):
         outcome = self.sliced_outcome(ctx, allocation)
         outcome.extra["loraprune"] = {
             "keep_lora": bool(o["keep_lora"]), "schedule": events,
-            "carve_out": {"checked": checked, "excluded": list(excluded),
+            "carve_out": {"checked": checked, "excluded": excluded,
                           "overlap_tokens": OVERLAP_TOKENS, "windows_dropped": len(dropped)},
             "finetune": {k: v for k, v in record.items() if k != "settings"},
             "finetune_settings": record["settings"],
