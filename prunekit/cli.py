@@ -244,7 +244,7 @@ def generate_cmd(
     from prunekit.errors import RecipeError
     from prunekit.evaluation.generation import left_padded
     from prunekit.evaluation.zeroshot import _pad_id
-    from prunekit.runner import prepare, sequence_bos
+    from prunekit.runner import model_context, prepare, sequence_bos
 
     _quiet(quiet)
     if not prompt:
@@ -255,6 +255,12 @@ def generate_cmd(
         raise RecipeError(f"{recipe}: the model has no tokenizer, so prompts cannot be encoded")
     bos = sequence_bos("auto", prepared.loaded.adapter, tokenizer)
     ids, mask = left_padded(tokenizer, prompt, bos)
+    context = model_context(getattr(model, "config", None))
+    if context is not None and ids.shape[1] + max_new_tokens > context:
+        raise RecipeError(f"the longest prompt ({ids.shape[1]} tokens) plus --max-new-tokens "
+                          f"{max_new_tokens} is {ids.shape[1] + max_new_tokens} tokens, past "
+                          f"the model's context ({context} positions); shorten the prompt or "
+                          f"lower --max-new-tokens")  # fmt: skip
     from prunekit.devices import input_device
 
     device = input_device(model)

@@ -16,6 +16,7 @@ import copy
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -84,6 +85,20 @@ def _requirement(req: str | tuple[str, ...]) -> tuple[str, ...]:
     return (req,) if isinstance(req, str) else tuple(req)
 
 
+#: the ``key.path`` a problem string starts with (``method.start``, ``recovery.target_modules``)
+_KEY_PATH = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*")
+
+
+def problem_error(loaded, problem: str):
+    """The error for a method's ``"key.path: message"`` problem string, located at that key;
+    a problem that names no key (a third-party method may write one) is located at
+    ``method`` with its whole text, never cut at its first colon."""
+    key, sep, message = problem.partition(": ")
+    if not sep or not message.strip() or not _KEY_PATH.fullmatch(key):
+        key, message = "method", problem
+    return loaded.error(key, message)
+
+
 def unmet_needs(method_cls: type[Method], method_entry, components: dict[str, Any],
                 info: dict[str, dict], registry) -> str | None:  # fmt: skip
     """The first requirement (``needs``) of the method or a slot component that nothing in
@@ -129,9 +144,10 @@ def unmet_needs(method_cls: type[Method], method_entry, components: dict[str, An
     return None
 
 
-def _model_adapter(loaded: LoadedRecipe, registry, model=None) -> tuple[type | None, int | None]:
-    """(adapter class, decoder layer count) of the recipe's model, without loading weights;
-    ``(None, None)`` for a hub model whose config is not cached (not checked offline)."""
+def _model_adapter(loaded: LoadedRecipe, registry, model=None) -> tuple[type | None, int | None, Any]:
+    """(adapter class, decoder layer count, config) of the recipe's model, without loading
+    weights; ``(None, None, None)`` for a hub model whose config is not cached (not checked
+    offline)."""
     from prunekit.models.loading import peek_config
     from prunekit.registry import adapter_class_for
 
@@ -141,15 +157,51 @@ def _model_adapter(loaded: LoadedRecipe, registry, model=None) -> tuple[type | N
     except ModelError as exc:
         raise loaded.error(("model", "id"), str(exc)) from None
     if config is None and not m.adapter:
-        return None, None
+        return None, None, None
     try:
         adapter_cls = adapter_class_for(config, registry, m.adapter)
     except ModelError as exc:
         raise loaded.error(("model", "adapter" if m.adapter else "id"), str(exc)) from None
     if model is not None:
-        return adapter_cls, adapter_cls(model).num_layers
+        return adapter_cls, adapter_cls(model).num_layers, config
     layers = getattr(config, "num_hidden_layers", None)
-    return adapter_cls, int(layers) if layers is not None else None
+    return adapter_cls, int(layers) if layers is not None else None, config
+
+
+def model_context(config) -> int | None:
+    """The longest sequence the model takes (``max_position_embeddings``, transformers' name
+    for it on every architecture, of the text model for a composite config); None when the
+    config states none."""
+    if config is None:
+        return None
+    with contextlib.suppress(AttributeError, TypeError, ValueError):
+        config = config.get_text_config()
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def _check_context(loaded: LoadedRecipe, method_cls: type[Method], context: int | None) -> None:
+    """Every window the run feeds the model fits its context: past it, learned positions
+    (OPT) fail with an IndexError in the middle of calibration and rotary ones silently
+    leave the lengths the model was trained on, so both are refused here, before weights
+    load."""
+    if context is None:
+        return
+    r = loaded.recipe
+    lengths: list[tuple[tuple, int]] = []
+    if method_cls.uses_calibration:
+        lengths.append((("calibration", "seq_len"), r.calibration.seq_len))
+    lengths += [(("evaluation", "perplexity", i, "seq_len"), p.seq_len)
+                for i, p in enumerate(r.evaluation.perplexity)]  # fmt: skip
+    lengths += [(("evaluation", "tasks", i, "max_length"), t.max_length)
+                for i, t in enumerate(r.evaluation.tasks)]  # fmt: skip
+    if r.recovery is not None:
+        lengths.append((("recovery", "seq_len"), r.recovery.seq_len))
+    for key, n in lengths:
+        if n > context:
+            raise loaded.error(key, f"{n} tokens is longer than the model's context "
+                               f"({context} positions, max_position_embeddings of "
+                               f"{r.model.id}); use at most {context}")  # fmt: skip
 
 
 def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), registry=None,
@@ -218,8 +270,7 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
         component_info[slot] = {"name": name, "plugin": comp_entry.plugin, "options": options}
     problem = unmet_needs(method_cls, entry, components, component_info, registry)
     if problem:
-        key, _, message = problem.partition(": ")
-        raise loaded.error(key, message)
+        raise problem_error(loaded, problem)
 
     settings = MethodSettings(
         name=m.name,
@@ -238,7 +289,8 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
             resolve_device(recipe.model.device)
         except ModelError as exc:
             raise loaded.error(("model", "device"), str(exc)) from None
-    adapter_cls, num_layers = _model_adapter(loaded, registry, model)
+    adapter_cls, num_layers, config = _model_adapter(loaded, registry, model)
+    _check_context(loaded, method_cls, model_context(config))
     if num_layers is not None:
         bad = [i for i in m.skip_layers if i >= num_layers]
         if bad:
@@ -260,8 +312,7 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
                                    f"skip fewer layers")  # fmt: skip
     for problem in [*method_cls.check_recipe(recipe, num_layers),
                     *method_cls.check_components(components)]:  # fmt: skip
-        key, _, message = problem.partition(": ")
-        raise loaded.error(key, message)
+        raise problem_error(loaded, problem)
 
     # data
     data_dir = recipe.data_dir

@@ -163,3 +163,44 @@ def test_a_recipe_is_data_yaml_tags_construct_nothing(tmp_path, capsys, text):
     code, err = _validate(capsys, path)
     assert code == 2 and "could not determine a constructor" in err
     assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """Saved tiny OPT (learned positions) and LLaMA (rotary), both with a 512-position
+    context; configs only are read at validate."""
+    from prunekit.testing import tiny_llama, tiny_opt
+
+    root = tmp_path_factory.mktemp("tiny-context")
+    for name, model in (("opt", tiny_opt()), ("llama", tiny_llama(layers=4))):
+        model.save_pretrained(root / name)
+    return root
+
+
+@pytest.mark.parametrize("model", ["opt", "llama"])
+@pytest.mark.parametrize("section, key", [
+    ("calibration: {path: TEXT, samples: 2, seq_len: 1024}\nmethod: {name: wanda-sp, ratio: 0.2, "
+     "skip_layers: []}\nevaluation: {perplexity: []}\n", "calibration.seq_len"),
+    ("method: {name: dense}\nevaluation: {perplexity: [{path: TEXT, seq_len: 600, windows: 1}]}\n",
+     "evaluation.perplexity.0.seq_len"),
+    ("method: {name: dense}\nevaluation: {perplexity: [], tasks: [{name: piqa, "
+     "max_length: 513}]}\n", "evaluation.tasks.0.max_length"),
+])  # fmt: skip
+def test_a_window_longer_than_the_models_context_fails_at_validate(tmp_path, capsys, tiny_dirs,
+                                                                    model, section, key):  # fmt: skip
+    """Past max_position_embeddings, OPT's learned positions raised an IndexError in the middle
+    of calibration (reported as a prunekit bug) and rotary models ran outside the lengths they
+    were trained on: both are refused from the config alone, naming the key."""
+    (tmp_path / "t.txt").write_text("word " * 5000)
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{id: {tiny_dirs / model}}}\n"
+                    + section.replace("TEXT", str(tmp_path / "t.txt")))  # fmt: skip
+    code, err = _validate(capsys, path)
+    assert code == 2 and f"{key}: " in err
+    assert "longer than the model's context (512 positions, max_position_embeddings" in err
+    assert "use at most 512" in err
+    # at the limit it validates
+    path.write_text(path.read_text().replace("1024", "512").replace("600", "512")
+                    .replace("513", "512"))  # fmt: skip
+    code, err = _validate(capsys, path)
+    assert code == 0, err

@@ -126,6 +126,30 @@ def test_a_method_whose_kind_is_missing_fails_at_validate(prunekit_pm):
         prunekit.prune(tiny_llama(), method="ranked", ratio=0.5)
 
 
+@pytest.mark.parametrize("problem, expected", [
+    # the documented form: located at the key, the message whole (colons inside kept)
+    ("method.power: 2 is too high: use at most 1", r"method\.power: 2 is too high: use at most 1$"),
+    # no key (a third-party method may write one): located at `method`, never cut short
+    ("this model is too small to rank", r"method: this model is too small to rank$"),
+    ("the ranker failed: see above", r"method: the ranker failed: see above$"),
+])  # fmt: skip
+def test_a_methods_recipe_problem_is_reported_whole(prunekit_pm, problem, expected):
+    class Picky(RankedPrune):
+        @classmethod
+        def check_recipe(cls, recipe, num_layers):
+            return [problem]
+
+    class Plugin(RankerPlugin):
+        @prunekit.hookimpl
+        def prunekit_register_components(self, register):
+            register("ranker", "down_norm", DownNorm)
+            register("method", "ranked", Picky)
+
+    prunekit_pm.register_plugin(Plugin(), "picky")
+    with pytest.raises(RecipeError, match=expected):
+        prunekit.prune(tiny_llama(layers=2), method="ranked", ratio=0.5, skip_layers=[])
+
+
 def test_kind_declared_twice_and_unknown_kinds_name_the_plugins(prunekit_pm):
     class Again:
         @prunekit.hookimpl

@@ -122,6 +122,22 @@ def test_generate_needs_a_prompt(capsys):
     assert "--prompt" in capsys.readouterr().err
 
 
+def test_generate_past_the_models_context_is_refused_before_generating(tmp_path, capsys):
+    model_dir = tmp_path / "tiny"  # 512 positions
+    tiny_llama(layers=4).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{id: {model_dir}}}\nmethod: {{name: dense}}\n"
+                      "evaluation: {perplexity: []}\n")  # fmt: skip
+    args = ["generate", str(recipe), "-q", "--prompt", "the cat sat"]
+    assert main([*args, "-n", "600"]) == 2
+    err = capsys.readouterr().err
+    assert "plus --max-new-tokens 600" in err and "past the model's context (512 positions)" in err
+    assert "Traceback" not in err
+    assert main([*args, "-n", "2"]) == 0
+    assert "> the cat sat" in capsys.readouterr().out
+
+
 @pytest.mark.smollm2
 def test_generate_at_ratio_zero_prints_the_dense_continuation(smollm2, capsys):
     prompts = ["The capital of France is", "Water boils at"]

@@ -147,7 +147,8 @@ def test_bad_loraprune_options_fail_at_validate(workdir):
     cases = [({"finetune": {"steps": 0}}, "method.finetune"),
              ({"finetune": {"stepz": 3}}, "method.finetune"),
              ({"prune_every": 0}, "prune_every"),
-             ({"start": 0.6, "end": 0.5}, "start"),
+             ({"start": 0.6, "end": 0.5},
+              r"method\.end: method\.start \+ method\.end \(0\.6 \+ 0\.5\) must be below 1"),
              ({"seq_len": 99}, "seq_len"),
              ({"finetune": {"target_modules": ["q_proj", "x_proj"]}},
               r"method\.finetune\.target_modules: target_modules \['x_proj'\]")]  # fmt: skip

@@ -122,7 +122,8 @@ class LoraPrune(StaticMethod):
             if not isinstance(o[key], (int, float)) or not 0 <= o[key] < 1:
                 problems.append(f"method.{key}: a fraction of the steps in [0, 1) (got {o[key]!r})")
         if not problems and o["start"] + o["end"] >= 1:
-            problems.append("method.start + method.end must leave steps to prune in (below 1)")
+            problems.append(f"method.end: method.start + method.end ({o['start']} + {o['end']}) "
+                            "must be below 1 to leave steps to prune in; lower one of them")
         if not isinstance(o["ema"], (int, float)) or not 0 <= o["ema"] < 1:
             problems.append(f"method.ema: in [0, 1) (got {o['ema']!r})")
         seq = o["seq_len"]

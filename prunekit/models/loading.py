@@ -371,7 +371,8 @@ def peek_config(model_id: str, cache_dir: str | os.PathLike[str] | None = None) 
     """The model's Hugging Face config, read without loading any weight, or None if unknown.
 
     * alias: the converted checkpoint's ``config.json`` when it is cached; otherwise a minimal
-      config from the GGUF metadata (``model_type`` and ``num_hidden_layers`` only);
+      config from the GGUF metadata (``model_type``, ``num_hidden_layers`` and
+      ``max_position_embeddings`` only);
     * local directory: its ``config.json``;
     * hub id: the config in the local Hugging Face cache, if any (never the network).
 
@@ -388,9 +389,9 @@ def peek_config(model_id: str, cache_dir: str | os.PathLike[str] | None = None) 
                 return _auto_config(str(converted))
         from types import SimpleNamespace
 
-        layers = _gguf_block_count(Path(location["path"])) if location.get("path") else None
+        meta = _gguf_metadata(Path(location["path"])) if location.get("path") else {}
         return SimpleNamespace(model_type=spec.model_type,
-                               num_hidden_layers=layers or spec.num_layers)  # fmt: skip
+                               **{"num_hidden_layers": spec.num_layers, **meta})  # fmt: skip
     if source == "local":
         config = _auto_config(location["path"])
         if config is None:  # a model type this transformers does not know: the raw keys
@@ -412,20 +413,27 @@ def _auto_config(path: str, **kwargs) -> Any | None:
         return None
 
 
-def _gguf_block_count(path: Path) -> int | None:
-    """Layer count from a GGUF file's metadata (memory-mapped; no tensor is read)."""
+def _gguf_metadata(path: Path) -> dict[str, int]:
+    """``num_hidden_layers`` and ``max_position_embeddings`` from a GGUF file's metadata
+    (``<arch>.block_count``, ``<arch>.context_length``; memory-mapped, no tensor is read);
+    the keys it lacks are left out."""
     if not path.is_file():
-        return None
+        return {}
     try:
         from gguf import GGUFReader
 
         fields = GGUFReader(str(path)).fields
         arch_field = fields["general.architecture"]
         arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-        count = fields[f"{arch}.block_count"]
-        return int(count.parts[count.data[0]][0])
     except Exception:
-        return None
+        return {}
+    out = {}
+    for key, name in (("block_count", "num_hidden_layers"),
+                      ("context_length", "max_position_embeddings")):  # fmt: skip
+        with contextlib.suppress(Exception):
+            field = fields[f"{arch}.{key}"]
+            out[name] = int(field.parts[field.data[0]][0])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
