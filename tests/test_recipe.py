@@ -148,3 +148,46 @@ def test_duplicate_perplexity_labels_rejected():
 def test_c4_calibration_defaults_to_the_train_carve_out():
     plan = validate(load_recipe(None, ["method.name=pp", "method.ratio=0.2"]))
     assert plan.calibration_source.dataset == "c4" and plan.calibration_source.split == "train"
+
+
+def _committed_sweeps():
+    return sorted([*(ROOT / "recipes" / "ablations").glob("*.yaml"),
+                   *(ROOT / "recipes" / "sweeps").glob("*.yaml")])  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", _committed_sweeps(), ids=lambda p: p.stem)
+def test_every_cell_of_the_committed_sweeps_validates(recipe, tmp_path, monkeypatch):
+    """A sweep runs its valid cells and records the others as invalid, so a cell broken by a
+    change would only show up hours into a sweep: every cell is checked here (no weights)."""
+    from prunekit.sweep import resolve_sweep, validate_cells
+
+    monkeypatch.chdir(tmp_path)  # the recipes' relative runs/ paths land here
+    sweep = resolve_sweep(recipe, output=tmp_path / "sweep")
+    assert len(sweep.cells) >= 2
+    assert validate_cells(sweep) == {}
+
+
+def test_every_row_of_the_paper_table_script_validates():
+    """benchmarks/paper_table.py builds its cells' recipes itself (the LoRA rows add
+    method.finetune or a recovery section): each row at each ratio validates, quick or not."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_table",
+                                                  ROOT / "benchmarks" / "paper_table.py")  # fmt: skip
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    methods = [*table.METHODS, *table.ROWS]
+    assert set(table.ROWS) <= set(table.TITLES)
+    for quick in (True, False):
+        args = argparse.Namespace(quick=quick, dtype="bfloat16", methods=methods,
+                                  ratios=[0.2, 0.4], seeds=[0], windows=None, limit=None,
+                                  timing_dtype="float32", timing_ratios=None)  # fmt: skip
+        settings = table.settings_from(args)
+        for method, ratio, seed, full in table.cells_of(settings):
+            recipe = table.cell_recipe(settings, method, ratio, seed, full)
+            validate(load_recipe(recipe), check_output=False)
+            if method in table.ROWS:
+                name, _, recovery = table.ROWS[method]
+                assert recipe["method"]["name"] == name
+                assert ("recovery" in recipe) == (recovery is not None)

@@ -413,12 +413,25 @@ def _auto_config(path: str, **kwargs) -> Any | None:
         return None
 
 
+#: GGUF metadata by (path, size, mtime): GGUFReader indexes every tensor (~4 s for SmolLM2),
+#: and a sweep validates each of its cells before an alias is first converted
+_GGUF_META_MEMO: dict[tuple[str, int, int], dict[str, int]] = {}
+
+
 def _gguf_metadata(path: Path) -> dict[str, int]:
     """``num_hidden_layers`` and ``max_position_embeddings`` from a GGUF file's metadata
     (``<arch>.block_count``, ``<arch>.context_length``; memory-mapped, no tensor is read);
-    the keys it lacks are left out."""
+    the keys it lacks are left out. Memoised in-process."""
     if not path.is_file():
         return {}
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _GGUF_META_MEMO:
+        _GGUF_META_MEMO[key] = _read_gguf_metadata(path)
+    return dict(_GGUF_META_MEMO[key])
+
+
+def _read_gguf_metadata(path: Path) -> dict[str, int]:
     try:
         from gguf import GGUFReader
 
