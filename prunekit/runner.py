@@ -148,7 +148,7 @@ def _model_adapter(loaded: LoadedRecipe, registry, model=None) -> tuple[type | N
     """(adapter class, decoder layer count, config) of the recipe's model, without loading
     weights; ``(None, None, None)`` for a hub model whose config is not cached (not checked
     offline)."""
-    from prunekit.models.loading import peek_config
+    from prunekit.models.loading import local_checkpoint_problem, peek_config
     from prunekit.registry import adapter_class_for
 
     m = loaded.recipe.model
@@ -164,6 +164,11 @@ def _model_adapter(loaded: LoadedRecipe, registry, model=None) -> tuple[type | N
         raise loaded.error(("model", "adapter" if m.adapter else "id"), str(exc)) from None
     if model is not None:
         return adapter_cls, adapter_cls(model).num_layers, config
+    # a supported architecture, but is the directory complete? (after the adapter: an
+    # unsupported model is the first thing to hear about)
+    problem = local_checkpoint_problem(m.id)
+    if problem:
+        raise loaded.error(("model", "id"), problem)
     layers = getattr(config, "num_hidden_layers", None)
     return adapter_cls, int(layers) if layers is not None else None, config
 
@@ -493,6 +498,10 @@ def _resolve_tasks(loaded: LoadedRecipe, taken: dict[str, int]) -> list[tuple]:
                 raise loaded.error((*where, "path"),
                                    f"task file {cfg.path!r} does not exist (relative paths are "
                                    f"taken from {os.getcwd()!r})")  # fmt: skip
+            try:  # every question the run evaluates, built now (no tokenizer, no weights)
+                task.check_records(cfg.limit)
+            except DataError as exc:
+                raise loaded.error((*where, "path"), str(exc)) from None
             entries = [(cfg.name, task)]
         else:
             try:

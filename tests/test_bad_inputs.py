@@ -169,11 +169,12 @@ def test_a_recipe_is_data_yaml_tags_construct_nothing(tmp_path, capsys, text):
 def tiny_dirs(tmp_path_factory):
     """Saved tiny OPT (learned positions) and LLaMA (rotary), both with a 512-position
     context; configs only are read at validate."""
-    from prunekit.testing import tiny_llama, tiny_opt
+    from prunekit.testing import tiny_llama, tiny_opt, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("tiny-context")
     for name, model in (("opt", tiny_opt()), ("llama", tiny_llama(layers=4))):
         model.save_pretrained(root / name)
+        tiny_tokenizer().save_pretrained(root / name)
     return root
 
 
@@ -204,3 +205,77 @@ def test_a_window_longer_than_the_models_context_fails_at_validate(tmp_path, cap
                     .replace("513", "512"))  # fmt: skip
     code, err = _validate(capsys, path)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("rows, limit, needle", [
+    ('{"q": "a", "opts": ["x", "y"], "label": 5}\n', None,
+     "t.jsonl:1: task mine: gold value 5 gives index 5, out of range for 2 choices"),
+    ('{"q": "a", "opts": ["x", "y"], "label": 0}\n{"qq": "b", "opts": ["x"], "label": 0}\n',
+     None, "t.jsonl:2: task mine: the record has no field 'q'"),
+    ('{"q": "a", "opts": "x y", "label": 0}\n', None, "field 'opts' must be a list of strings"),
+    ("", None, "holds no records"),
+])  # fmt: skip
+def test_a_broken_task_file_fails_at_validate(tmp_path, capsys, rows, limit, needle):
+    """Every question a task file gives the run is built at validate (no tokenizer, no
+    weights), so a bad row is reported with its line before the model loads."""
+    (tmp_path / "t.jsonl").write_text(rows)
+    path = tmp_path / "r.yaml"
+    path.write_text("method: {name: dense}\nevaluation:\n  perplexity: []\n  tasks:\n"
+                    f"    - {{name: mine, path: {tmp_path / 't.jsonl'}, context: '{{q}}', "
+                    "choices: opts, gold: label}\n")  # fmt: skip
+    code, err = _validate(capsys, path)
+    assert code == 2 and needle in err and "evaluation.tasks.0.path" in err
+
+
+def test_task_rows_past_the_limit_are_not_checked(tmp_path, capsys):
+    """`limit: 1` evaluates the first question only, so a bad second row is no error."""
+    (tmp_path / "t.jsonl").write_text('{"q": "a", "opts": ["x", "y"], "label": 0}\n'
+                                      '{"q": "b", "opts": ["x", "y"], "label": 9}\n')  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text("method: {name: dense}\nevaluation:\n  perplexity: []\n  tasks:\n"
+                    f"    - {{name: mine, limit: 1, path: {tmp_path / 't.jsonl'}, context: "
+                    "'{q}', choices: opts, gold: label}\n")  # fmt: skip
+    code, err = _validate(capsys, path)
+    assert code == 0, err
+    path.write_text(path.read_text().replace("limit: 1", "limit: 2"))
+    code, err = _validate(capsys, path)
+    assert code == 2 and "t.jsonl:2: task mine: gold value 9" in err
+
+
+def _incomplete(directory, what: str) -> None:
+    import json
+
+    if what == "weights":
+        for p in directory.glob("*.safetensors"):
+            p.unlink()
+    elif what == "tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (directory / name).unlink()
+    else:  # a sharded checkpoint whose index names a shard that is not there
+        weights = directory / "model.safetensors"
+        weights.rename(directory / "model-00001-of-00002.safetensors")
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+
+
+@pytest.mark.parametrize("what, needle", [
+    ("weights", "has config.json but no weights"),
+    ("tokenizer", "has no tokenizer"),
+    ("shard", "model.safetensors.index.json names 1 shard(s) that are missing "
+              "(model-00002-of-00002.safetensors)"),
+])  # fmt: skip
+def test_an_incomplete_local_checkpoint_fails_at_validate(tmp_path, capsys, tiny_dirs, what,
+                                                          needle):  # fmt: skip
+    """A directory copied without its weights, a shard or its tokenizer failed only once
+    `apply` was loading it; its file names tell at validate."""
+    import shutil
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_dirs / "llama", model_dir)
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{id: {model_dir}}}\nmethod: {{name: dense}}\n"
+                    "evaluation: {perplexity: []}\n")  # fmt: skip
+    assert _validate(capsys, path)[0] == 0
+    _incomplete(model_dir, what)
+    code, err = _validate(capsys, path)
+    assert code == 2 and f"{path}:1: model.id: " in err and needle in err

@@ -166,6 +166,14 @@ def test_recovery_table_reads_the_sweep_and_pairs_rows(tmp_path):
     assert "| 0.4 | loraprune | 67.0% | 150.00 | 3.900 -> 3.600 |" in text
     assert "| 0.4 | llm-pruner | 67.0% | 200.00 | - |" in text
     assert "- ratio 0.4, llm-pruner: 200.00 -> 100.00 (-50.0%)" in text
+    assert "PP without any fine-tune" not in text  # no pp row in this summary
+    summary["rows"].append(row("pp", "0.4", 120.0))
+    text = rec.markdown(summary)
+    assert "PP without any fine-tune at 0.4 (120.00) against each row" in text
+    assert "- below llm-pruner (200.00, PP -40.0%)" in text
+    assert "- above llm-pruner+lora (100.00, PP +20.0%)" in text
+    assert "- below loraprune (150.00, PP -20.0%)" in text
+    assert "PP without fine-tuning is below 0 of the 1 fine-tuned rows" in text
     doc = tmp_path / "b.md"
     doc.write_text("# t\n")
     rec.splice(doc, text)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import re
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -428,19 +428,26 @@ class JsonlTask:
         return Question.shared_context(context, continuations, gold, record.get("id"))
 
     def load(self, limit: int | None = None) -> list[Question]:
+        return list(self._questions(limit))
+
+    def check_records(self, limit: int | None = None) -> None:
+        """Build every question the run will evaluate (the first ``limit``), keeping none:
+        a missing field, a bad gold value or a broken line is a DataError naming its line
+        before any weight loads (streamed: no tokenizer, constant memory)."""
+        for _ in self._questions(limit):
+            pass
+
+    def _questions(self, limit: int | None) -> Iterator[Question]:
         path = Path(self.path).expanduser()
         if not path.is_file():
             raise DataError(f"task {self.name}: file {str(path)!r} does not exist; check the "
                             f"`path:` setting (relative paths are taken from {os.getcwd()!r})")  # fmt: skip
-        records = list(json_records(path))
-        if not records:
-            raise DataError(f"task {self.name}: {path} holds no records")
-        if limit is not None:
-            records = records[:limit]
-        out = []
-        for lineno, record in records:
+        count = 0
+        for lineno, record in json_records(path):
+            if limit is not None and count >= limit:
+                return
             try:
-                out.append(self.build(record))
+                question = self.build(record)
             except KeyError as exc:
                 missing = exc.args[0]
                 raise DataError(f"{path}:{lineno}: task {self.name}: the record has no field "
@@ -448,4 +455,7 @@ class JsonlTask:
                                 f"present: {', '.join(map(repr, record))}") from None  # fmt: skip
             except (ValueError, IndexError, AttributeError) as exc:
                 raise DataError(f"{path}:{lineno}: task {self.name}: {exc}") from None
-        return out
+            count += 1
+            yield question
+        if not count:
+            raise DataError(f"task {self.name}: {path} holds no records")

@@ -367,6 +367,45 @@ def locate_model(model_id: str) -> dict[str, Any]:
     return {"source": "hub", "path": model_id}
 
 
+#: weight files ``from_pretrained`` reads from a directory (single files, shards, indexes)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt.index")
+#: files ``AutoTokenizer`` builds a tokenizer from (any one suffices)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
+                    "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "merges.txt")  # fmt: skip
+
+
+def local_checkpoint_problem(model_id: str) -> str | None:
+    """What a local model directory lacks for :func:`load_model` (weights, a shard its index
+    names, a tokenizer), read from its file names only; None when complete or not a local
+    directory. Without it the run would fail only once it started loading."""
+    location = locate_model(model_id)
+    if location["source"] != "local":
+        return None
+    path = Path(location["path"])
+    names = {p.name for p in path.iterdir() if p.is_file()}
+    fix = "save the model with model.save_pretrained(dir) and its tokenizer with " \
+          "tokenizer.save_pretrained(dir)"  # fmt: skip
+    if not any(n.endswith(_WEIGHT_SUFFIXES) for n in names):
+        return (f"local model directory {model_id!r} has config.json but no weights "
+                f"(model.safetensors, pytorch_model.bin or a sharded index): {fix}")  # fmt: skip
+    for index in sorted(n for n in names if n.endswith(".index.json")):
+        try:
+            shards = set(json.loads((path / index).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return (f"local model directory {model_id!r}: {index} is not a weight index (no "
+                    f"readable weight_map): {fix}")  # fmt: skip
+        missing = sorted(str(x) for x in shards if not (path / str(x)).is_file())
+        if missing:
+            return (f"local model directory {model_id!r}: {index} names {len(missing)} shard(s) "
+                    f"that are missing ({', '.join(missing[:3])}"
+                    f"{', ...' if len(missing) > 3 else ''}): copy the whole checkpoint")  # fmt: skip
+    if not (names & set(_TOKENIZER_FILES) or any(n.endswith(".tiktoken") for n in names)):
+        return (f"local model directory {model_id!r} has no tokenizer (none of "
+                f"{', '.join(_TOKENIZER_FILES[:4])}, ...), which every run needs to read text: "
+                f"{fix}")  # fmt: skip
+    return None
+
+
 def peek_config(model_id: str, cache_dir: str | os.PathLike[str] | None = None) -> Any | None:
     """The model's Hugging Face config, read without loading any weight, or None if unknown.
 
