@@ -180,7 +180,17 @@ def bench(
                                prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
                                rounds=repeats or MIN_TIMED_CALLS,
                                warmup=warmup if warmup is not None else 1)  # fmt: skip
-        result = run_plan(run_validate(loaded), out_dir, evaluate=False, generation=spec)
+        plan = run_validate(loaded)
+        from prunekit.models.loading import peek_config
+        from prunekit.runner import model_context
+
+        context = model_context(peek_config(loaded.recipe.model.id))
+        if context is not None and prompt_tokens + max_new_tokens > context:
+            raise RecipeError(f"--prompt-tokens {prompt_tokens} plus --max-new-tokens "
+                              f"{max_new_tokens} is {prompt_tokens + max_new_tokens} tokens, "
+                              f"past the model's context ({context} positions); lower one "
+                              "of them")  # fmt: skip
+        result = run_plan(plan, out_dir, evaluate=False, generation=spec)
         _print_generation(result["generation"], result)
         typer.echo(f"  results: {out_dir / 'results.json'}")
         return

@@ -136,6 +136,13 @@ def test_generate_past_the_models_context_is_refused_before_generating(tmp_path,
     assert "Traceback" not in err
     assert main([*args, "-n", "2"]) == 0
     assert "> the cat sat" in capsys.readouterr().out
+    # prunekit bench --generate: prompts cut to --prompt-tokens, checked before weights load
+    bench = ["bench", str(recipe), "--generate", "-q", "-o", str(tmp_path / "b"),
+             "--prompt-tokens", "500", "-n", "13", "--prompt", "the cat sat"]  # fmt: skip
+    assert main(bench) == 2
+    err = capsys.readouterr().err
+    assert "--prompt-tokens 500 plus --max-new-tokens 13 is 513 tokens" in err
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.smollm2
