@@ -109,7 +109,8 @@ def reference_lines(rows: dict[float, dict[str, dict]]) -> list[str]:
             continue
         below = [v for v, r in others if ref["ppl"] < r["ppl"]]
         out += ["", f"PP without any fine-tune at {ratio:g} ({ref['ppl']:.2f}) against each row "
-                "(one seed, so a gap of a few percent is within the seed-to-seed spread):", ""]  # fmt: skip
+                "(seed 0: every row on the same windows, but one calibration draw and one fine-tune "
+                "each, so a gap of a few percent is weak evidence):", ""]  # fmt: skip
         for variant, r in others:
             word = "below" if ref["ppl"] < r["ppl"] else "above"
             out.append(f"- {word} {variant} ({r['ppl']:.2f}, PP {100 * (ref['ppl'] / r['ppl'] - 1):+.1f}%)")
