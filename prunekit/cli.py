@@ -181,10 +181,7 @@ def bench(
                                rounds=repeats or MIN_TIMED_CALLS,
                                warmup=warmup if warmup is not None else 1)  # fmt: skip
         plan = run_validate(loaded)
-        from prunekit.models.loading import peek_config
-        from prunekit.runner import model_context
-
-        context = model_context(peek_config(loaded.recipe.model.id))
+        context = plan.context  # read from the config by validate
         if context is not None and prompt_tokens + max_new_tokens > context:
             raise RecipeError(f"--prompt-tokens {prompt_tokens} plus --max-new-tokens "
                               f"{max_new_tokens} is {prompt_tokens + max_new_tokens} tokens, "

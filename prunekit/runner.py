@@ -75,6 +75,8 @@ class Plan:
     recovery_source: Any = None
     #: (label, TaskConfig, TaskSource | JsonlTask) per evaluated task, groups expanded
     tasks: list = field(default_factory=list)
+    #: the model's context in tokens (:func:`model_context`), None when its config is unknown
+    context: int | None = None
 
     @property
     def recipe(self) -> Recipe:
@@ -295,7 +297,8 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
         except ModelError as exc:
             raise loaded.error(("model", "device"), str(exc)) from None
     adapter_cls, num_layers, config = _model_adapter(loaded, registry, model)
-    _check_context(loaded, method_cls, model_context(config))
+    context = model_context(config)
+    _check_context(loaded, method_cls, context)
     if num_layers is not None:
         bad = [i for i in m.skip_layers if i >= num_layers]
         if bad:
@@ -323,7 +326,8 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
     data_dir = recipe.data_dir
     if data_dir and not Path(data_dir).is_dir():
         raise loaded.error(("data_dir",), f"directory {data_dir!r} does not exist")
-    plan = Plan(loaded, method_cls, components, component_info, settings, num_layers, adapter_cls)
+    plan = Plan(loaded, method_cls, components, component_info, settings, num_layers, adapter_cls,
+                context=context)  # fmt: skip
     if check_files:
         c = recipe.calibration
         if method_cls.uses_calibration:
