@@ -14,11 +14,17 @@ none, and is mixed otherwise.
     python benchmarks/ablations.py --sweep-args='--grid calibration.samples=128,512'
 
 The sweeps share ``runs/ablations/cells``, so the common ``default`` cell runs once per seed.
+
+A section whose sweep has no summary on this machine (neither ``runs/`` nor the committed copy
+under ``benchmarks/results/sweeps/``) is kept as the existing report has it: it was generated
+from a summary when that sweep ran, and one sweep can then be re-run and re-rendered alone
+without blanking the others. A sweep that the report has never shown is listed as not run.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +32,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _snapshots import snapshot_path, sweep_summary  # noqa: E402  (a sibling module)
+from _snapshots import sweep_summary  # noqa: E402  (a sibling module)
+
+from prunekit._files import write_atomic  # noqa: E402
 
 RECIPES = ROOT / "recipes" / "ablations"
 METRIC = "wikitext2-test.ppl"
@@ -219,9 +227,12 @@ def render_one(name: str, summary: dict) -> list[str]:
     return lines
 
 
+FLAP_TITLE = "FLAP as the paper ran it"
+
+
 def render_flap(summary: dict | None) -> list[str]:
     """FLAP with its own running mean and with the PP reference code's, at each ratio."""
-    lines = ["## FLAP as the paper ran it", "",
+    lines = [f"## {FLAP_TITLE}", "",
              "FLAP's fluctuation statistic with FLAP's own running mean (`flap`, prunekit's "
              "default) and with the PP reference code's update (`reference`), whose baseline "
              "tends to the mean divided by the calibration batch size. The paper's FLAP rows "
@@ -251,7 +262,19 @@ def render_flap(summary: dict | None) -> list[str]:
     return [*lines, ""]
 
 
-def render(names: list[str]) -> str:
+def report_sections(text: str) -> dict[str, list[str]]:
+    """The sections of a report by title: each from its ``## Title`` line up to the next."""
+    sections = {}
+    for part in re.split(r"(?m)^(?=## )", text)[1:]:
+        lines = part.rstrip("\n").split("\n")
+        sections[lines[0][3:].strip()] = lines
+    return sections
+
+
+def render(names: list[str], old: str = "") -> str:
+    """The report from the sweeps' summaries; a sweep without one keeps its section of ``old``
+    (the report as it stands), or is listed as not run when ``old`` has none."""
+    kept = report_sections(old)
     lines = [
         "# Ablations of Probe Pruning on SmolLM2",
         "",
@@ -278,11 +301,21 @@ def render(names: list[str]) -> str:
     missing = []
     for name in names:
         summary = load(name)
-        if summary is None:
+        if summary is not None:
+            lines += render_one(name, summary)
+        elif ABLATIONS[name][0] in kept:
+            lines += [*kept[ABLATIONS[name][0]], ""]
+            print(f"{name}: no summary here; its section is kept as the report has it",
+                  file=sys.stderr)  # fmt: skip
+        else:
             missing.append(name)
-            continue
-        lines += render_one(name, summary)
-    lines += render_flap(load("flap_running_mean"))
+    flap = load("flap_running_mean")
+    if flap is None and FLAP_TITLE in kept:
+        lines += [*kept[FLAP_TITLE], ""]
+        print("flap_running_mean: no summary here; its section is kept as the report has it",
+              file=sys.stderr)  # fmt: skip
+    else:
+        lines += render_flap(flap)
     if missing:
         lines += ["## Not run yet", "",
                   "These sweeps have no results in this report yet (their recipes are in "
@@ -295,13 +328,6 @@ def render(names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def lost_sections(report: Path) -> list[str]:
-    """Sweeps that ``report`` shows with results but whose summary is gone (neither runs/ nor
-    the committed copy); a sweep never run is rendered as "not run yet", as before."""
-    text = report.read_text() if report.is_file() else ""
-    return [n for n in ABLATIONS if f"\n## {ABLATIONS[n][0]}\n" in text and load(n) is None]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=list(ABLATIONS))
@@ -312,13 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(ABLATIONS)
     if not args.render_only:
         run_sweeps(names, args.sweep_args.split())
-    lost = lost_sections(args.out)
-    if lost:  # their results would turn into "not run yet" in a committed report
-        raise SystemExit("no summary for " + ", ".join(
-            f"{n} (runs/ablations/{n}/summary.json, {snapshot_path(f'ablations-{n}').relative_to(ROOT)})"
-            for n in lost) + f", whose results {args.out.name} shows: run python "
-            "benchmarks/ablations.py --only NAME first")  # fmt: skip
-    args.out.write_text(render(list(ABLATIONS)))
+    old = args.out.read_text() if args.out.is_file() else ""
+    write_atomic(args.out, render(list(ABLATIONS), old))
     print(f"wrote {args.out}")
     return 0
 

@@ -204,20 +204,29 @@ def test_a_report_reads_the_committed_copy_of_a_summary_when_runs_is_gone(tmp_pa
     assert snaps.sweep_summary(live, "demo")["rows"][0]["metrics"]["wikitext2-test.ppl"]["mean"] == 21.0
 
 
-def test_render_only_refuses_to_blank_a_section_whose_summary_is_lost(tmp_path, monkeypatch):
-    """A sweep the report shows with results but whose summary is gone stops the render; a
-    sweep never run is still written as "not run yet"."""
+def test_render_keeps_a_section_whose_summary_is_not_here(tmp_path, monkeypatch):
+    """A sweep the report shows but whose summary is not on this machine keeps its section
+    word for word (re-rendering one sweep never blanks the others); a sweep with a summary is
+    rendered from it; a sweep the report never showed is listed as not run."""
     ab = _script("ablations")
-    name, other = list(ab.ABLATIONS)[:2]
+    lost, fresh, never = list(ab.ABLATIONS)[:3]
+    lost_section = (f"## {ab.ABLATIONS[lost][0]}\n\n| variant | seeds |\n|---|---|\n"
+                    "| default | 2 | 111.29 |\n\n**Here**: holds\n")  # fmt: skip
+    flap_section = f"## {ab.FLAP_TITLE}\n\n| running mean |\n| flap | 0.2 | 60.94 |\n"
     report = tmp_path / "ablations.md"
-    report.write_text(f"# Ablations\n\n## {ab.ABLATIONS[name][0]}\n\n| variant |\n")
-    monkeypatch.setattr(ab, "load", lambda n: None)
-    assert ab.lost_sections(report) == [name]
-    with pytest.raises(SystemExit, match=f"no summary for {name} "):
-        ab.main(["--render-only", "--out", str(report)])
-    report.write_text("# Ablations\n")  # nothing shown yet: every sweep is "not run yet"
+    report.write_text(f"# Ablations\n\nintro\n\n{lost_section}\n"
+                      f"## {ab.ABLATIONS[fresh][0]}\n\nold numbers 1.00\n\n{flap_section}")
+    summary = {"rows": [_row({"variant": "default"}, [20.0, 22.0], [0.7, 0.7])]}
+    monkeypatch.setattr(ab, "load", lambda n: summary if n == fresh else None)
     assert ab.main(["--render-only", "--out", str(report)]) == 0
-    assert f"- `{other}`" in report.read_text()
+    text = report.read_text()
+    assert lost_section in text and flap_section in text
+    assert "old numbers" not in text and "| default | 2 | 21.00 ± 1.41 |" in text
+    assert f"- `{never}`" in text and f"- `{lost}`" not in text
+    assert text.index(ab.ABLATIONS[lost][0]) < text.index(ab.ABLATIONS[fresh][0])
+    report.write_text("# Ablations\n")  # nothing shown yet: every sweep but one is not run
+    assert ab.main(["--render-only", "--out", str(report)]) == 0
+    assert f"- `{lost}`" in report.read_text() and "Not run yet." in report.read_text()
 
 
 def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
