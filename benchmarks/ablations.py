@@ -24,6 +24,7 @@ without blanking the others. A sweep that the report has never shown is listed a
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -210,7 +211,10 @@ def render_one(name: str, summary: dict) -> list[str]:
         std = f" ± {fmt(s['std'])}" if s["n"] > 1 else ""
         lines.append(f"| {variant} | {s['n']} | {fmt(s['mean'])}{std} | {spread} | {delta} | "
                      f"{fmt(macs, 3)} |")  # fmt: skip
-    lines += ["", f"**The claim.** {claim}", ""]
+    lines.append("")
+    if name in EXTRAS:
+        lines += EXTRAS[name]()
+    lines += [f"**The claim.** {claim}", ""]
     if pairs:
         lines.append("**Here** (lower perplexity is better):")
         lines.append("")
@@ -226,6 +230,40 @@ def render_one(name: str, summary: dict) -> list[str]:
         lines.append("")
     return lines
 
+
+#: benchmarks/calibration_coverage.py's measure of the calibration windows' distinct text
+COVERAGE = HERE / "results" / "calibration_coverage.json"
+
+
+def render_coverage(data: dict | None) -> list[str]:
+    """How much distinct text each calibration-size variant's windows hold (a bounded corpus
+    re-draws its documents: more windows is not proportionally more text)."""
+    if not data or not data.get("rows"):
+        return []
+    rows = data["rows"]
+    first = rows[0]
+    lines = ["**The calibration text.** Each window draws a document *with replacement* among "
+             "those longer than the window, then an offset (GPTQ's C4 protocol). The "
+             f"calibration corpus, {first['corpus']}, has {first['pool_documents']} documents "
+             f"longer than {first['seq_len']} tokens ({first['pool_tokens']:,} tokens), so more "
+             "windows re-draw the same text and overlap; on the full C4 corpus every window "
+             "would be new text. Measured by "
+             "[`benchmarks/calibration_coverage.py`](../benchmarks/calibration_coverage.py) "
+             f"(`{data['command']}`) on the windows each cell draws:", "",
+             "| variant | seed | windows | tokens drawn | documents | distinct tokens | "
+             "distinct / drawn | pool covered |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['labels'].get('variant', '')} | {r['seed']} | {r['windows']} | "
+                     f"{r['tokens_drawn']:,} | {r['distinct_documents']} of "
+                     f"{r['pool_documents']} | {r['distinct_tokens']:,} | "
+                     f"{100 * r['distinct_share']:.1f}% | {100 * r['pool_share_covered']:.1f}% |")
+    return [*lines, ""]
+
+
+#: sections with more than the sweep's table: name -> lines after the table
+EXTRAS = {"calibration_size": lambda: render_coverage(
+    json.loads(COVERAGE.read_text()) if COVERAGE.is_file() else None)}
 
 FLAP_TITLE = "FLAP as the paper ran it"
 

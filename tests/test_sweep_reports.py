@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,3 +238,38 @@ def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
     with open(tmp_path / "plain.txt", "w") as fh:
         fh.write("x")
     assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+
+
+def test_calibration_coverage_finds_each_window_and_counts_distinct_text():
+    """benchmarks/calibration_coverage.py: windows located in their documents, overlaps and
+    re-drawn documents counted once, the pool being the documents longer than a window."""
+    cc = _script("calibration_coverage")
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(5, 1000, (n,), generator=g) for n in (40, 12, 25, 8)]
+    seq_len = 10
+    index = cc._window_index(docs, seq_len, probe=4)
+    places = [(0, 3), (0, 8), (2, 0), (0, 3)]  # overlapping, and one window drawn twice
+    windows = torch.stack([docs[d][j : j + seq_len] for d, j in places])
+    windows[:, 0] = 1  # a BOS in front: located from the tokens after it
+    assert cc.locate(windows, docs, index, probe=4) == places
+    got = cc.coverage(places, docs, seq_len)
+    assert got["distinct_documents"] == 2 and got["pool_documents"] == 3  # 8 tokens: too short
+    assert got["tokens_drawn"] == 40 and got["distinct_tokens"] == 15 + 10
+    assert got["pool_tokens"] == 40 + 12 + 25
+    assert got["distinct_share"] == 25 / 40
+    stray = torch.randint(1000, 2000, (1, seq_len))
+    with pytest.raises(SystemExit, match="matches no document"):
+        cc.locate(stray, docs, index, probe=4)
+
+
+def test_calibration_size_section_shows_the_measured_coverage():
+    ab = _script("ablations")
+    row = {"labels": {"variant": "calib-2000"}, "seed": 0, "corpus": "c4/train (c4.jsonl)",
+           "seq_len": 512, "windows": 2000, "tokens_drawn": 1024000, "distinct_documents": 277,
+           "distinct_tokens": 252928, "distinct_share": 0.247, "pool_documents": 277,
+           "pool_tokens": 314893, "pool_share_covered": 0.803}  # fmt: skip
+    text = "\n".join(ab.render_coverage({"command": "python benchmarks/calibration_coverage.py",
+                                         "rows": [row]}))  # fmt: skip
+    assert "corpus, c4/train (c4.jsonl), has 277 documents longer than 512 tokens (314,893 tokens)" in text
+    assert "| calib-2000 | 0 | 2000 | 1,024,000 | 277 of 277 | 252,928 | 24.7% | 80.3% |" in text
+    assert ab.render_coverage(None) == []
