@@ -64,15 +64,13 @@ def locate(windows: torch.Tensor, docs: list[torch.Tensor], index: dict,
 def coverage(places: list[tuple[int, int]], docs: list[torch.Tensor], seq_len: int) -> dict:
     """Distinct documents and tokens among windows at ``places`` against the pool they are
     drawn from (every document longer than ``seq_len``)."""
-    covered: dict[int, torch.Tensor] = {}
-    for d, j in places:
-        mask = covered.setdefault(d, torch.zeros(int(docs[d].numel()), dtype=torch.bool))
-        mask[j : j + seq_len] = True
+    from prunekit.data.corpora import distinct_tokens
+
     eligible = [int(t.numel()) for t in docs if int(t.numel()) > seq_len]
     drawn = len(places) * seq_len
-    distinct = int(sum(int(m.sum()) for m in covered.values()))
+    distinct = distinct_tokens(places, seq_len)
     return {"windows": len(places), "tokens_drawn": drawn,
-            "distinct_documents": len(covered), "distinct_tokens": distinct,
+            "distinct_documents": len({d for d, _ in places}), "distinct_tokens": distinct,
             "distinct_share": distinct / drawn,
             "pool_documents": len(eligible), "pool_tokens": sum(eligible),
             "pool_share_covered": distinct / sum(eligible)}  # fmt: skip

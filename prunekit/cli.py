@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -503,9 +504,43 @@ def components(
                    + (f"\n{'':<32}options: {opts}" if opts else ""))  # fmt: skip
 
 
+def _own_code() -> tuple[str, ...]:
+    """The folders of prunekit's own code: the package and its built-in plugins."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("prunekit_plugins")
+    folders = [Path(__file__).resolve().parent]
+    if spec is not None and spec.submodule_search_locations:
+        folders += [Path(p).resolve() for p in spec.submodule_search_locations]
+    return tuple(str(f) + os.sep for f in folders)
+
+
+def _warning_printer(previous):
+    """``warnings.showwarning`` for the command line: a warning raised from prunekit's own code
+    is a message to the user, printed as ``warning: ...`` like errors are, without the file,
+    line and source line Python adds; any other warning (torch, transformers, a third-party
+    plugin) is shown as ``previous`` shows it."""
+
+    own = _own_code()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(Path(filename).resolve()).startswith(own):
+            print(f"warning: {message}", file=file or sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the app, turning user errors into exit status 2, Ctrl-C into
     130 and SIGTERM into 143, in each case after the run has removed its partial outputs."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(warnings.showwarning)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         with sigterm_as_exception():
             # typer turns Ctrl-C into Exit(130) and, outside standalone mode, returns the code

@@ -44,6 +44,31 @@ def test_broken_plugin_is_isolated(monkeypatch):
     assert ("method", "dense") in build_registry(pm)  # the others still load
 
 
+def test_cli_prints_prunekit_warnings_as_messages(monkeypatch, capsys):
+    """The command line shows prunekit's own warnings as ``warning: ...`` lines (no file, line
+    or source line); warnings from other code keep Python's format."""
+    import warnings
+
+    from prunekit.cli import _warning_printer
+
+    broken = md.EntryPoint("broken", "prunekit_no_such_module_xyz", "prunekit")
+    _fake_entry_points(monkeypatch, [broken])
+    monkeypatch.setattr(plugins_mod, "_PM", None)  # the next command loads the entry points
+    before = warnings.showwarning
+    assert main(["plugins"]) == 0
+    assert warnings.showwarning is before  # main() puts the previous printer back
+    err = capsys.readouterr().err
+    assert "warning: plugin 'broken' (prunekit_no_such_module_xyz" in err
+    assert "RuntimeWarning" not in err and "warnings.warn" not in err
+
+    shown = []
+    show = _warning_printer(lambda *args: shown.append(args))
+    show(UserWarning("from torch"), UserWarning, "/elsewhere/torch/nn.py", 7)
+    assert shown and shown[0][2:4] == ("/elsewhere/torch/nn.py", 7)
+    show(RuntimeWarning("ours"), RuntimeWarning, prunekit.__file__, 1)
+    assert len(shown) == 1 and capsys.readouterr().err == "warning: ours\n"
+
+
 def test_broken_plugin_is_fatal_in_strict_mode(monkeypatch):
     broken = md.EntryPoint("broken", "prunekit_no_such_module_xyz", "prunekit")
     _fake_entry_points(monkeypatch, [broken])

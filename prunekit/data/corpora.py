@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -914,8 +915,9 @@ def calibration_windows(
                 f"{source.describe()} has only {n_tokens} tokens with this tokenizer, fewer "
                 f"than one calibration window of seq_len={seq_len}; use a smaller seq_len"
             )
-        out = _gather(stream, _random_starts(n_tokens, seq_len, samples, gen_seed), seq_len)
-        return start_with_bos(out, bos_id)
+        starts = _random_starts(n_tokens, seq_len, samples, gen_seed)
+        _warn_repeated_text([(0, int(j)) for j in starts], seq_len, source, n_tokens=n_tokens)
+        return start_with_bos(_gather(stream, starts, seq_len), bos_id)
 
     docs = load_documents(source)
     n_docs = len(docs)
@@ -925,6 +927,7 @@ def calibration_windows(
     gen = torch.Generator().manual_seed(gen_seed)
     too_short: set[int] = set()
     out = torch.empty(samples, seq_len, dtype=torch.long)
+    places: list[tuple[int, int]] = []
     for s in range(samples):
         while True:
             i = int(torch.randint(0, n_docs, (1,), generator=gen))
@@ -944,7 +947,58 @@ def calibration_windows(
                 )
         j = int(torch.randint(0, int(ids.numel()) - seq_len, (1,), generator=gen))
         out[s] = ids[j : j + seq_len]
+        places.append((i, j))
+    _warn_repeated_text(places, seq_len, source)
     return start_with_bos(out, bos_id)
+
+
+#: :func:`calibration_windows` warns when less than this share of the tokens it draws is
+#: distinct text (windows drawn with replacement from a bounded corpus overlap).
+DISTINCT_SHARE_WARNING = 0.5
+
+
+def distinct_tokens(places: list[tuple[int, int]], seq_len: int) -> int:
+    """The number of distinct tokens among windows of ``seq_len`` tokens cut at ``places``,
+    each a ``(document, offset)`` pair (a single-text corpus is document 0): the length of the
+    union of the intervals ``[offset, offset + seq_len)`` of each document."""
+    by_doc: dict[int, list[int]] = {}
+    for d, j in places:
+        by_doc.setdefault(d, []).append(j)
+    distinct = 0
+    for offsets in by_doc.values():
+        end = None  # the end of the union of the intervals seen so far
+        for j in sorted(offsets):
+            stop = j + seq_len
+            distinct += seq_len if end is None or j >= end else max(0, stop - end)
+            end = stop if end is None else max(end, stop)
+    return distinct
+
+
+def distinct_share(places: list[tuple[int, int]], seq_len: int) -> float:
+    """:func:`distinct_tokens` over the tokens drawn: 1.0 when no two windows overlap,
+    ``1 / len(places)`` when all are the same window."""
+    return distinct_tokens(places, seq_len) / (len(places) * seq_len) if places else 1.0
+
+
+def _warn_repeated_text(places: list[tuple[int, int]], seq_len: int, source: CorpusSource,
+                        n_tokens: int | None = None) -> None:  # fmt: skip
+    """Warn when the calibration windows mostly repeat each other's text, so that asking for
+    more windows no longer gives more calibration data (the numbers are not changed)."""
+    share = distinct_share(places, seq_len)
+    if share >= DISTINCT_SHARE_WARNING:
+        return
+    if n_tokens is not None:
+        pool = f"its {n_tokens:,} tokens"
+    else:
+        pool = f"{len({d for d, _ in places})} distinct documents longer than {seq_len} tokens"
+    warnings.warn(
+        f"calibration: the {len(places)} windows of {seq_len} tokens drawn from "
+        f"{source.describe()} hold only {share:.0%} distinct text (they are drawn with "
+        f"replacement from {pool}), so more windows mostly repeat the same text; use fewer "
+        "calibration.samples or a larger corpus (calibration.path)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def start_with_bos(windows: torch.Tensor, bos_id: int | None) -> torch.Tensor:
