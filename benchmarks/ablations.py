@@ -108,11 +108,11 @@ ABLATIONS: dict[str, tuple[str, str, str, list[tuple[str, str] | tuple[str, str,
 #: why a sweep may be missing from the report (shown only while it has no results)
 #: (``<sweep>`` or ``<sweep>/<variant>``; a variant's reason shows in its table row)
 NOT_RUN = {
-    "calibration_size": "512 and 2,000 calibration windows of 512 tokens take about 13 and 41 "
+    "calibration_size": "512 and 2,000 calibration windows of 512 tokens take about 11 and 42 "
                         "minutes per seed on a 2-core CPU (measured); run it on a larger "
                         "machine (`prunekit sweep recipes/ablations/calibration_size.yaml -j N`)",
-    "calibration_size/calib-2000": "not run yet: 2,000 windows take about 41 minutes per seed "
-                                   "on a 2-core CPU (512 take about 13); "
+    "calibration_size/calib-2000": "not run yet: 2,000 windows take about 42 minutes per seed "
+                                   "on a 2-core CPU (512 take about 11); "
                                    "`prunekit sweep recipes/ablations/calibration_size.yaml` "
                                    "runs only the missing cells",
     "granularity": "queued last when this report was generated, and not reached; `pp-seq` "
