@@ -47,6 +47,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -966,11 +967,9 @@ def distinct_tokens(places: list[tuple[int, int]], seq_len: int) -> int:
         by_doc.setdefault(d, []).append(j)
     distinct = 0
     for offsets in by_doc.values():
-        end = None  # the end of the union of the intervals seen so far
-        for j in sorted(offsets):
-            stop = j + seq_len
-            distinct += seq_len if end is None or j >= end else max(0, stop - end)
-            end = stop if end is None else max(end, stop)
+        # the windows have one length: in offset order each adds what lies past the previous
+        starts = sorted(offsets)
+        distinct += seq_len + sum(min(seq_len, b - a) for a, b in pairwise(starts))
     return distinct
 
 
