@@ -229,8 +229,13 @@ def _print_generation(gen: dict, result: dict) -> None:
                      f"{g['prefill_tokens_per_s']:.0f} tok/s), decode {g['decode_s']:.3f} s "
                      f"({spread(g['decode_s_all'])}, {g['decode_tokens_per_s']:.1f} tok/s)")  # fmt: skip
     lines.append(f"  speed-up: prefill {gen['prefill_speedup']:.2f}x, decode "
-                 f"{gen['decode_speedup']:.2f}x"
+                 f"{gen['decode_speedup']:.2f}x (bytes limit {gen['decode_bytes_limit']:.2f}x)"
                  + ("" if gen["interleaved"] else " (dense timed before pruning)"))  # fmt: skip
+    step = gen["pruned"]["step"]
+    lines.append(f"  a decoding step reads {step['weight_bytes'] / 2**20:.1f} MiB of weights "
+                 f"(dense {gen['dense']['step']['weight_bytes'] / 2**20:.1f}) and "
+                 f"{step['kv_bytes'] / 2**20:.1f} MiB of KV cache; gathered weights held for "
+                 f"the continuation: {step['held_weight_bytes'] / 2**20:.1f} MiB")  # fmt: skip
     typer.echo("\n".join(lines))
 
 

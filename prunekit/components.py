@@ -97,10 +97,9 @@ class BlockDriver(Protocol):
         :param residual: the residual stream entering the group.
         :param run: ``run(weights, observe=False)`` returns the group's output, and with
             ``observe=True`` the pair ``(output, output-projection input)``.
-            ``run(weights, observe, rows=rows, cache_view=view)`` runs only the batch rows
-            ``rows`` (per-sequence kept sets): the input and the layer's keyword arguments are
-            restricted to those rows (:func:`prunekit.rows.row_kwargs`) and a KV cache
-            among them is replaced by ``view(cache)``.
+            ``run(weights, observe, unit_mask=mask)`` runs the whole batch with a per-row
+            ``[B, units]`` mask on the gathered units (per-sequence kept sets as a union, see
+            :mod:`prunekit.rows`; the adapter must declare ``row_masks``).
         """
 
 
@@ -139,6 +138,11 @@ class LayerAdapter(ABC):
     module: nn.Module
     #: the order in which the groups run inside the layer
     groups: tuple[str, ...] = (ATTN, MLP)
+    #: whether :meth:`run` takes ``unit_mask``: a ``[B, units]`` tensor (the gathered units'
+    #: order, values 1 or 0) multiplying each row's units at the input of the output
+    #: projection, so one batched run gives every row its own kept set (per-sequence dynamic
+    #: methods need it; see :mod:`prunekit.rows`)
+    row_masks: ClassVar[bool] = False
 
     # -- prunable groups ---------------------------------------------------------------------
     def units(self, group: str) -> int:
@@ -169,6 +173,17 @@ class LayerAdapter(ABC):
     def kv_heads_of(self, heads: torch.Tensor) -> torch.Tensor:
         """The K/V head each of the query ``heads`` attends with (default: consecutive groups)."""
         return heads // (self.num_heads // self.num_kv_heads)
+
+    @property
+    def cache_layer(self) -> int:
+        """The index of this layer's entry in a KV cache (default: the layer index)."""
+        return self.index
+
+    def cached_kv_heads(self, kept_heads: torch.Tensor | None) -> torch.Tensor | None:
+        """The heads whose keys and values the KV cache receives when attention runs on
+        ``kept_heads`` (None: every head): with multi-head attention K/V are pruned with their
+        query head, so the kept heads; with GQA K/V are never pruned, so None."""
+        return None if kept_heads is None or self.shares_kv else kept_heads
 
     @abstractmethod
     def output_projection(self, group: str) -> nn.Linear:
@@ -222,6 +237,8 @@ class LayerAdapter(ABC):
 
         :param observe: also return the output projection's input ``[B, T, C_kept]``, as the
             pair ``(output, activations)``.
+        :param unit_mask: passed only to adapters that declare :attr:`row_masks`, and only
+            when set (see there).
         :param layer_kwargs: what the model passes its decoder layers (``attention_mask``,
             ``position_embeddings``, the cache...).
         """
@@ -247,14 +264,11 @@ class LayerAdapter(ABC):
             else:
                 x, sq_mean = self.normalized(group, h)
 
-                def run(weights, observe=False, rows=None, cache_view=None, _group=group, _x=x):
-                    if rows is None:
+                def run(weights, observe=False, unit_mask=None, _group=group, _x=x):
+                    if unit_mask is None:
                         return self.run(_group, _x, weights, observe=observe, **layer_kwargs)
-                    from prunekit.rows import row_kwargs
-
-                    kw = row_kwargs(layer_kwargs, rows, _x.shape[0], cache_view)
-                    return self.run(_group, _x.index_select(0, rows), weights, observe=observe,
-                                    **kw)  # fmt: skip
+                    return self.run(_group, _x, weights, observe=observe, unit_mask=unit_mask,
+                                    **layer_kwargs)  # fmt: skip
 
                 y = driver(self, group, x, h, run, residual_sq_mean=sq_mean)
             h = self.add_output(group, h, y)
@@ -516,6 +530,8 @@ class PruneOutcome:
 
 #: when a dynamic method decides its kept sets (see :class:`DynamicProtocol`)
 DECISION_POINTS: tuple[str, ...] = ("batch", "sequence", "prompt")
+#: where a scored request's prompt ends for a method that decides on the prompt
+PROMPT_SPLITS: tuple[str, ...] = ("context", "last_token")
 
 
 @dataclass(frozen=True)
@@ -555,8 +571,17 @@ class DynamicProtocol:
     #: history), so batch order matters: its controller must then have ``snapshot()`` and
     #: ``restore(state)`` (warm-up and timing leave no trace) and, with ``reset``, ``reset()``
     stateful: bool = False
+    #: with ``decides="prompt"``, where a scored request's prompt ends (zero-shot scoring, the
+    #: lm-eval bridge's loglikelihood): ``"context"`` (the question is the prompt and the whole
+    #: answer runs pruned through its cache) or ``"last_token"`` (GRIFFIN's reference
+    #: classification mode: every input token but the last is the prompt, and only the last
+    #: one runs pruned, so only the final prediction is affected)
+    prompt_split: str = "context"
 
     def __post_init__(self) -> None:
+        if self.prompt_split not in PROMPT_SPLITS:
+            raise ValueError(f"DynamicProtocol.prompt_split={self.prompt_split!r}: one of "
+                             f"{', '.join(PROMPT_SPLITS)}")  # fmt: skip
         if self.decides not in DECISION_POINTS:
             raise ValueError(f"DynamicProtocol.decides={self.decides!r}: this prunekit version "
                              f"decides per {', '.join(DECISION_POINTS)}")  # fmt: skip
@@ -592,6 +617,10 @@ class Method(ABC):
     needs: ClassVar[tuple[str | tuple[str, ...], ...]] = ()
     #: a dynamic method's decision and evaluation protocol
     protocol: ClassVar[DynamicProtocol] = DynamicProtocol()
+    #: the layers the method leaves dense when the recipe sets no ``method.skip_layers``
+    #: (None: the recipe's default, ``[0, 1, 2]``, the PP reference's); e.g. ``[]`` for a
+    #: method that prunes every layer at one density
+    default_skip_layers: ClassVar[list[int] | None] = None
     #: the method returns the model unchanged (the dense baseline): the runner then times
     #: nothing against it
     baseline: ClassVar[bool] = False

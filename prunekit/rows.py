@@ -1,166 +1,143 @@
-"""Per-sequence kept sets: rows of a batch that run a block on their own weights.
+"""Per-sequence kept sets: every row of a batch keeps its own units, the batch runs as one.
 
-A per-sequence decision is a ``[B, k]`` LongTensor (row ``b`` keeps units ``kept[b]``; every row
-keeps the same number of units, so the block's outputs, its observed activations and its K/V
-keep one shape across rows). The runtime groups rows by their kept set
-(:func:`row_groups`): one group (all rows agree) runs as a per-batch decision, the fast path;
-otherwise each group runs the block through the adapter on its own rows (``x[rows]``,
-:func:`row_kwargs` slices the layer's keyword arguments) with weights gathered once per group,
-and the outputs are put back in row order.
+A per-sequence decision is a ``[B, k]`` LongTensor (row ``b`` keeps units ``kept[b]``). When
+every row keeps the same units it is a per-batch decision (the fast path). Otherwise the block
+runs **once, for the whole batch, on the union of the rows' kept units** (:func:`row_union`),
+with a per-row mask that zeroes each row's unkept units at the input of the output projection
+(:meth:`~prunekit.components.LayerAdapter.run`'s ``unit_mask``). A masked unit adds exactly
+zero, so each row gets what its own kept set gives (GRIFFIN's own semantics), and:
 
-KV caches: a group updates only its rows. :class:`RowCacheView` stands in for the cache while a
-group runs: each cache layer is split to the group's rows, updated by the layer's own
-``update`` (so dynamic, sliding-window and static layers keep their semantics), and the groups'
-rows are merged back into the real cache once every group of the block has run
-(:meth:`RowCacheView.commit`). This is written here rather than taken from transformers,
-which has no per-row cache update.
+* one gathered copy of each block's weights, never larger than the dense block, serves every
+  row (no per-row copies held for a generation);
+* one batched matmul per projection (a decoding step is bound by reading weights, so the union
+  costs at most a dense step, and less when the rows agree);
+* the KV cache is updated once per layer with the whole batch, so every cache class keeps its
+  own semantics (dynamic, static, sliding-window, offloaded, quantized);
+* no layer argument is ever split by rows, so nothing has to guess which arguments are
+  per-row (attention masks, flex attention's ``BlockMask``, cache positions pass whole).
+
+:func:`select_cache_heads` narrows a cache layer to a subset of the heads it holds: a method
+that decides on the prompt runs the prompt dense, so with multi-head attention (K/V pruned with
+their heads) the first continuation keeps only the cached heads it still uses. This is written
+here rather than taken from transformers, which has no head selection on its cache layers.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-#: the cache-layer attributes that hold per-row states ([B, heads, positions, head_dim])
-_STATE_ATTRS = ("keys", "values")
+__all__ = ["RowUnion", "pooled_topk", "row_union", "select_cache_heads"]
 
 
 @dataclass
-class RowGroup:
-    """Rows of a batch (sorted LongTensor) that share one kept set (``kept``: 1-D)."""
+class RowUnion:
+    """A per-sequence decision as the union of its rows' kept units plus per-row masks."""
 
-    rows: torch.Tensor
-    kept: torch.Tensor
+    #: the union of the rows' kept units, sorted ascending (1-D)
+    units: torch.Tensor
+    #: ``[B, k]``: where each row's kept units sit in :attr:`units`
+    index: torch.Tensor
+    #: ``[B, len(units)]`` bool: whether row ``b`` keeps union unit ``u``
+    mask: torch.Tensor
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """The ``[B, k]`` decision this union was built from (rows sorted)."""
+        return self.units[self.index]
+
+    def select(self, rows: torch.Tensor) -> RowUnion:
+        """The same union for the batch rows ``rows`` (beam search reorders, a server drops
+        finished rows): the gathered weights of :attr:`units` stay valid for any subset."""
+        rows = rows.to(self.index.device)
+        return RowUnion(self.units, self.index.index_select(0, rows),
+                        self.mask.index_select(0, rows))  # fmt: skip
 
 
-def row_groups(kept: torch.Tensor) -> list[RowGroup]:
-    """Group the rows of a ``[B, k]`` per-sequence decision by identical kept sets.
-
-    Kept sets are compared as sets: each row is sorted first, so that the same units in
-    another order share a group (and gather the same weights).
-    """
+def row_union(kept: torch.Tensor) -> torch.Tensor | RowUnion:
+    """A ``[B, k]`` per-sequence decision as a 1-D kept set when every row agrees (compared as
+    sets), else as a :class:`RowUnion`."""
     if kept.dim() != 2:
         raise ValueError(f"a per-sequence decision is a [batch, kept] tensor, got {tuple(kept.shape)}")
     kept = kept.sort(dim=1).values
-    unique, inverse = torch.unique(kept, dim=0, return_inverse=True)
-    if unique.shape[0] == 1:
-        return [RowGroup(torch.arange(kept.shape[0], device=kept.device), unique[0])]
-    order = torch.argsort(inverse, stable=True)
-    counts = torch.bincount(inverse, minlength=unique.shape[0]).tolist()
-    groups, start = [], 0
-    for u, n in enumerate(counts):
-        groups.append(RowGroup(order[start:start + n], unique[u]))
-        start += n
-    return groups
+    if kept.shape[0] == 1 or bool((kept == kept[:1]).all()):
+        return kept[0]
+    units, index = torch.unique(kept, sorted=True, return_inverse=True)
+    if bool((index[:, 1:] == index[:, :-1]).any()):
+        raise ValueError("a per-sequence decision keeps a unit twice in one row")
+    mask = torch.zeros(kept.shape[0], units.numel(), dtype=torch.bool, device=kept.device)
+    mask.scatter_(1, index, True)
+    return RowUnion(units, index, mask)
 
 
-def _is_cache(value: Any) -> bool:
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(value, Cache)
+def pooled_topk(scores: torch.Tensor, keep: int, pool: int | None = None) -> torch.Tensor:
+    """Each row's ``keep`` best units (``[B, keep]``, rows sorted ascending), chosen inside the
+    batch's ``pool`` best units when ``pool`` is given.
+
+    The batch's pool ranks units by their mean over rows of each row's scores scaled to its
+    largest magnitude (so that no row dominates by scale); every row then keeps its own top
+    ``keep`` among them. The union of the rows' kept sets is at most ``pool`` units, so a
+    batch that decodes on the union (:func:`row_union`) reads at most that many units'
+    weights. ``pool`` below ``keep`` counts as ``keep`` (every row keeps the pool).
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [batch, units], got {tuple(scores.shape)}")
+    units = scores.shape[1]
+    if keep >= units:
+        return torch.arange(units, device=scores.device).expand(scores.shape[0], units)
+    s = scores.float()
+    if pool is None or pool >= units:
+        return torch.topk(s, keep, dim=1, sorted=False).indices.sort(dim=1).values
+    scaled = s / s.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+    candidates = torch.topk(scaled.mean(0), max(pool, keep), sorted=False).indices
+    pick = torch.topk(s.index_select(1, candidates), keep, dim=1, sorted=False).indices
+    return candidates[pick].sort(dim=1).values
 
 
-def slice_rows(value: Any, rows: torch.Tensor, batch_size: int) -> Any:
-    """``value`` restricted to ``rows``: tensors with a leading batch dimension (2-D or more,
-    first size ``batch_size``) are indexed, tuples and lists recursively; anything else (1-D
-    tensors such as ``cache_position``, broadcast tensors of batch 1, scalars) passes as is."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() >= 2 and value.shape[0] == batch_size:
-            return value.index_select(0, rows.to(value.device))
-        return value
-    if isinstance(value, tuple | list):
-        return type(value)(slice_rows(v, rows, batch_size) for v in value)
-    return value
+def _cache_layer_classes() -> tuple[dict[type, tuple[str, ...]], type]:
+    """Cache layer classes whose K/V states prunekit can narrow to a subset of heads, with the
+    attributes that hold them (``[B, heads, positions, head_dim]``)."""
+    from transformers import cache_utils as cu
+
+    known: dict[type, tuple[str, ...]] = {}
+    for name in ("DynamicLayer", "DynamicSlidingWindowLayer", "StaticLayer",
+                 "StaticSlidingWindowLayer"):  # fmt: skip
+        cls = getattr(cu, name, None)
+        if cls is not None:
+            known[cls] = ("keys", "values")
+    fp8 = getattr(cu, "Fp8QuantizedLayer", None)
+    if fp8 is not None:  # (fp8 tensor, per-tensor scale) pairs; keys/values hold the dtype
+        known[fp8] = ("_quantized_keys", "_quantized_values")
+    return known, cu.Cache
 
 
-def row_kwargs(kwargs: dict[str, Any], rows: torch.Tensor, batch_size: int,
-               cache_view=None) -> dict[str, Any]:  # fmt: skip
-    """A decoder layer's keyword arguments for the batch rows ``rows``; a KV cache among them is
-    replaced by ``cache_view(cache)`` (a :class:`RowCacheView`)."""
-    out = {}
-    for name, value in kwargs.items():
-        if _is_cache(value):
-            if cache_view is None:
-                raise ValueError("a per-sequence block with a KV cache needs a cache view")
-            out[name] = cache_view(value)
-        else:
-            out[name] = slice_rows(value, rows, batch_size)
-    return out
+def select_cache_heads(cache, layer_idx: int, index: torch.Tensor, where: str) -> None:
+    """Keep only the heads at positions ``index`` (1-D, among the heads the cache holds) of
+    layer ``layer_idx`` of a transformers ``Cache``, in place.
 
-
-class RowCacheView:
-    """A KV cache as one group of rows sees it (see the module docstring)."""
-
-    def __init__(self, cache, rows: torch.Tensor, batch_size: int, pending: list) -> None:
-        self._cache = cache
-        self._rows = rows
-        self._batch_size = batch_size
-        self._pending = pending  # (layer_idx, rows, split layer), shared by the block's groups
-
-    def _layer(self, layer_idx: int):
-        cache = self._cache
-        replicate = getattr(cache, "layer_class_to_replicate", None)
-        if replicate is not None:  # what Cache.update does for caches built without a config
-            while len(cache.layers) <= layer_idx:
-                cache.layers.append(replicate())
-        layer = cache.layers[layer_idx]
-        extra = [name for name, v in vars(layer).items()
-                 if name not in _STATE_ATTRS and isinstance(v, torch.Tensor) and v.dim() >= 2
-                 and v.shape[0] == self._batch_size]  # fmt: skip
-        if extra:
-            raise NotImplementedError(
-                f"per-sequence kept sets cannot split a {type(layer).__name__} cache layer by "
-                f"rows (it keeps per-row state in {', '.join(extra)}); use a dynamic or static "
-                "KV cache, or a method that decides per batch"
-            )
-        return layer
-
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        layer = self._layer(layer_idx)
-        part = copy.copy(layer)
-        for name in _STATE_ATTRS:
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == self._batch_size:
-                setattr(part, name, t.index_select(0, self._rows.to(t.device)))
-        keys, values = part.update(key_states, value_states, *args, **kwargs)
-        self._pending.append((layer_idx, self._rows, part))
-        return keys, values
-
-    def __getattr__(self, name: str):
-        return getattr(self._cache, name)
-
-    @staticmethod
-    def commit(cache, pending: list, batch_size: int) -> None:
-        """Merge the groups' split layers back into ``cache`` (every row of the batch)."""
-        by_layer: dict[int, list] = {}
-        for layer_idx, rows, part in pending:
-            by_layer.setdefault(layer_idx, []).append((rows, part))
-        for layer_idx, parts in by_layer.items():
-            layer = cache.layers[layer_idx]
-            first = parts[0][1]
-            merged = {}
-            for name in _STATE_ATTRS:
-                pieces = [(rows, getattr(part, name)) for rows, part in parts]
-                ref = pieces[0][1]
-                shapes = {tuple(t.shape[1:]) for _, t in pieces}
-                if len(shapes) != 1:
-                    raise RuntimeError(
-                        f"cache layer {layer_idx}: row groups cached {name} of different shapes "
-                        f"{sorted(shapes)}; per-sequence kept sets must keep as many K/V heads "
-                        "in every row"
-                    )
-                out = ref.new_empty((batch_size, *ref.shape[1:]))
-                for rows, t in pieces:
-                    out.index_copy_(0, rows.to(out.device), t)
-                merged[name] = out
-            for name, value in vars(first).items():  # lengths, flags, devices: equal across rows
-                if name not in _STATE_ATTRS:
-                    setattr(layer, name, value)
-            for name, value in merged.items():
-                setattr(layer, name, value)
-        pending.clear()
+    :param where: names the block, for the error when the cache layer's class keeps its K/V in
+        a form this cannot select from (quantized with quanto or HQQ, indexed layers).
+    """
+    known, _ = _cache_layer_classes()
+    layer = cache.layers[layer_idx]
+    attrs = known.get(type(layer))
+    if attrs is None:
+        raise NotImplementedError(
+            f"{where}: the KV cache holds every attention head of the prompt (it ran dense) and "
+            f"the continuation keeps fewer, but a {type(layer).__name__} cache layer cannot be "
+            "narrowed to a subset of heads; use a dynamic, static, sliding-window, offloaded "
+            "or fp8-quantized cache, or a method that does not prune the attention heads of a "
+            "multi-head-attention model"
+        )
+    if not getattr(layer, "is_initialized", True):
+        return
+    for name in attrs:
+        state = getattr(layer, name, None)
+        if isinstance(state, tuple):  # (quantized tensor, scale)
+            tensor, scale = state
+            setattr(layer, name, (tensor.index_select(1, index.to(tensor.device)), scale))
+        elif isinstance(state, torch.Tensor) and state.dim() == 4:
+            setattr(layer, name, state.index_select(1, index.to(state.device)))
+    if hasattr(layer, "num_heads"):  # static layers record their head count
+        layer.num_heads = int(index.numel())

@@ -231,6 +231,8 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
     m = recipe.method
     entry = registry.get("method", m.name, where=loaded.where(("method", "name")))
     method_cls: type[Method] = entry.factory
+    if method_cls.default_skip_layers is not None and "skip_layers" not in m.model_fields_set:
+        m.skip_layers = list(method_cls.default_skip_layers)
 
     # method-specific options and slots (the engine's kinds and those plugins declare)
     slot_kinds = registry.slot_kinds()
@@ -1075,6 +1077,15 @@ def _generation_inputs(plan: Plan, loaded: Loaded, spec: GenerationBench):
     return ids.to(device), mask.to(device)
 
 
+def _generation_bytes(spec: GenerationBench, models: dict, ids, mask) -> dict:
+    """What a decoding step of each model reads (weights, KV cache) and holds beyond its own
+    weights (:func:`prunekit.evaluation.generation.decode_bytes`)."""
+    from prunekit.evaluation.generation import decode_bytes
+
+    return {name: decode_bytes(model, ids, mask, spec.max_new_tokens, dense=dense)
+            for name, (model, dense) in models.items()}  # fmt: skip
+
+
 def _time_generation(spec: GenerationBench, models: dict, ids, mask) -> dict:
     from prunekit.evaluation.generation import greedy, time_generation
 
@@ -1180,6 +1191,8 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
                 if dense_ref.times is not None:  # not interleaved: time dense before pruning
                     gen_dense = _time_generation(generation, {"dense": (loaded.model, False)},
                                                  *gen_inputs)  # fmt: skip
+                    gen_dense["dense"]["step"] = _generation_bytes(
+                        generation, {"dense": (loaded.model, False)}, *gen_inputs)["dense"]
         with plugin_faults(pm, "calibration and pruning"):
             ctx, outcome = prune_loaded(plan, loaded)
         with plugin_faults(pm, "recovery"):
@@ -1205,6 +1218,8 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
                     dense_model = dense_ref.model or outcome.model
                     models = {"dense": (dense_model, dense_ref.model is None), **models}
                 timed = _time_generation(generation, models, *gen_inputs)
+                for name, step in _generation_bytes(generation, models, *gen_inputs).items():
+                    timed[name]["step"] = step
             timed = {**(gen_dense or {}), **timed}
             result["generation"] = {
                 "batch": int(gen_inputs[0].shape[0]),
@@ -1214,6 +1229,8 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
                 "interleaved": gen_dense is None,
                 **timed,
                 "decode_speedup": timed["dense"]["decode_s"] / timed["pruned"]["decode_s"],
+                "decode_bytes_limit": (timed["dense"]["step"]["total_bytes"]
+                                       / timed["pruned"]["step"]["total_bytes"]),
                 "prefill_speedup": timed["dense"]["prefill_s"] / timed["pruned"]["prefill_s"],
             }  # fmt: skip
         dense_ref = None  # the dense copy is not needed any more

@@ -18,7 +18,7 @@ import prunekit
 from prunekit.components import ATTN, MLP, DynamicProtocol
 from prunekit.pruning.dynamic import DynamicModel
 from prunekit.registry import resolve_adapter
-from prunekit.rows import row_groups
+from prunekit.rows import RowUnion, row_union
 from prunekit.testing import tiny_gemma3, tiny_llama, tiny_mistral, tiny_opt
 
 ATOL = 1e-5
@@ -91,12 +91,22 @@ def _prompts(vocab, n=3, seq=10, seed=4):
     return torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def test_row_groups_group_identical_sets():
-    kept = torch.tensor([[3, 1], [0, 2], [1, 3], [2, 0]])
-    groups = row_groups(kept)
-    assert [g.rows.tolist() for g in groups] == [[1, 3], [0, 2]]
-    assert [g.kept.tolist() for g in groups] == [[0, 2], [1, 3]]
-    assert len(row_groups(torch.tensor([[1, 2], [2, 1]]))) == 1  # the fast path
+def _distinct(kept):
+    return torch.unique(kept.sort(dim=1).values, dim=0).shape[0]
+
+
+def test_row_union_masks_each_rows_units():
+    kept = torch.tensor([[3, 1], [0, 2], [1, 3], [2, 5]])
+    union = row_union(kept)
+    assert isinstance(union, RowUnion)
+    assert union.units.tolist() == [0, 1, 2, 3, 5]
+    assert union.mask.tolist() == [[0, 1, 0, 1, 0], [1, 0, 1, 0, 0], [0, 1, 0, 1, 0],
+                                   [0, 0, 1, 0, 1]]  # fmt: skip
+    assert torch.equal(union.kept, kept.sort(dim=1).values)
+    beams = union.select(torch.tensor([3, 3, 0]))
+    assert beams.kept.tolist() == [[2, 5], [2, 5], [1, 3]] and beams.units is union.units
+    same = row_union(torch.tensor([[1, 2], [2, 1]]))  # every row agrees: the fast path
+    assert not isinstance(same, RowUnion) and same.tolist() == [1, 2]
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -109,7 +119,7 @@ def test_each_row_gets_the_logits_it_gets_alone(name):
         together = dyn(input_ids=ids).logits
         kept = dyn.decisions[(1, MLP)]
         assert kept.shape[0] == 4 and torch.equal(kept[0], kept[3])
-        assert len(row_groups(kept)) == 3  # three distinct sets: really per row
+        assert _distinct(kept) == 3  # three distinct sets: really per row
         for b in range(ids.shape[0]):
             alone = dyn(input_ids=ids[b:b + 1]).logits
             torch.testing.assert_close(together[b:b + 1], alone, atol=ATOL, rtol=0)
@@ -164,7 +174,7 @@ def test_pp_seq_rows_match_running_alone(heads, kv):
         dyn.reset_state()
         together = dyn(input_ids=ids).logits
         kept = dyn.decisions[(1, MLP)]
-        assert kept.shape == (4, dyn.controller.counts[(1, MLP)]) and len(row_groups(kept)) > 1
+        assert kept.shape == (4, dyn.controller.counts[(1, MLP)]) and _distinct(kept) > 1
         for b in range(ids.shape[0]):
             dyn.reset_state()  # each row alone from the same history
             alone = dyn(input_ids=ids[b:b + 1]).logits
@@ -238,3 +248,32 @@ def test_a_padded_batch_generates_what_each_prompt_generates_alone():
             alone = dyn.generate(p[None], max_new_tokens=5, do_sample=False,
                                  pad_token_id=0)[:, p.numel():]  # fmt: skip
             assert torch.equal(batch[b:b + 1], alone), b
+
+
+def test_pooled_topk_keeps_each_row_inside_the_batchs_pool():
+    from prunekit.rows import pooled_topk
+
+    scores = torch.tensor([[9.0, 8.0, 1.0, 0.0, 7.0],
+                           [0.0, 1.0, 90.0, 80.0, 70.0]])  # fmt: skip
+    # no pool: each row's own top 2
+    assert pooled_topk(scores, 2).tolist() == [[0, 1], [2, 3]]
+    # pool of 3 by the mean of each row's scores scaled to its max:
+    # [0.5, 0.456, 0.556, 0.444, 0.778] -> units 4, 2, 0
+    assert pooled_topk(scores, 2, 3).tolist() == [[0, 4], [2, 4]]
+    assert pooled_topk(scores, 2, 1).tolist() == [[2, 4], [2, 4]]  # a pool under keep: keep
+    assert pooled_topk(scores, 5, 2).tolist() == [[0, 1, 2, 3, 4]] * 2
+
+
+def test_pp_seq_pool_bounds_the_union_and_is_checked():
+    from prunekit.errors import PrunekitError
+
+    model = tiny_llama(heads=4, kv_heads=4, intermediate=96)
+    dyn = _pp(model, "pp-seq", pool=0.6).model
+    ids = _prompts(model.config.vocab_size, n=6, seq=16)
+    with torch.no_grad():
+        dyn(input_ids=ids)
+    keep = dyn.controller.counts[(1, MLP)]
+    kept = dyn.decisions[(1, MLP)]
+    assert kept.shape == (6, keep) and torch.unique(kept).numel() <= max(keep, 58)
+    with pytest.raises(PrunekitError, match=r"method.pool: 0 is not a fraction"):
+        _pp(tiny_llama(), "pp-seq", pool=0)

@@ -12,7 +12,7 @@ import torch
 from prunekit.cli import main
 from prunekit.components import MLP, DynamicProtocol
 from prunekit.evaluation.generation import greedy, left_padded
-from prunekit.evaluation.perplexity import perplexity
+from prunekit.evaluation.perplexity import cache_keyword, output_cache, perplexity
 from prunekit.evaluation.zeroshot import score_requests
 from prunekit.pruning.dynamic import DynamicModel
 from prunekit.recipe import load_recipe
@@ -174,4 +174,35 @@ def test_bench_generate_writes_a_generation_section(smollm2, tmp_path, capsys):
     for name in ("dense", "pruned"):
         assert len(gen[name]["prefill_s_all"]) == len(gen[name]["decode_s_all"]) == 1
         assert gen[name]["decode_tokens_per_s"] > 0
-    assert "decode" in capsys.readouterr().out
+    # pp at 0.4: a decoding step reads the gathered weights, held once for the continuation
+    dense, pruned = gen["dense"]["step"], gen["pruned"]["step"]
+    assert pruned["weight_bytes"] < 0.8 * dense["weight_bytes"] and dense["held_weight_bytes"] == 0
+    assert 0 < pruned["held_weight_bytes"] < dense["weight_bytes"]
+    assert gen["decode_bytes_limit"] == pytest.approx(dense["total_bytes"] / pruned["total_bytes"])
+    out = capsys.readouterr().out
+    assert "decode" in out and "bytes limit" in out and "MiB of weights" in out
+
+
+def test_last_token_split_scores_all_but_the_last_answer_token_dense():
+    """GRIFFIN's reference classification mode: everything but the last input token is the
+    prompt, so every answer token but the last is predicted densely and the last one by the
+    pruned token (checked against direct forwards)."""
+    import dataclasses
+
+    model = tiny_llama(intermediate=96)
+    pairs = [([5, 6, 7, 8], [9, 10, 11]), ([11, 12], [13]), ([14, 15, 16], [17, 18])]
+    dyn, _ = _prompt_method(model, keep=12)
+    dyn.runtime.protocol = dataclasses.replace(dyn.protocol, prompt_split="last_token")
+    got = score_requests(dyn, pairs, batch_size=3)
+    with torch.no_grad():
+        for (ctx, cont), score in zip(pairs, got, strict=True):
+            full = torch.tensor([ctx + cont])
+            with dyn.dense():
+                dense = model(input_ids=full).logits[0].log_softmax(-1)
+            want = sum(dense[len(ctx) - 1 + j, cont[j]].item() for j in range(len(cont) - 1))
+            out = dyn(input_ids=full[:, :-2], use_cache=True)
+            step = dyn(input_ids=full[:, -2:-1], use_cache=True,
+                       **{cache_keyword(dyn): output_cache(out)}).logits
+            want += step[0, -1].log_softmax(-1)[cont[-1]].item()
+            assert score.logprob == pytest.approx(want, abs=1e-4)
+            assert score.tokens == len(cont)

@@ -185,6 +185,30 @@ with torch.no_grad():
     assert (dense_step - both).abs().max() > 1e-3, "the continuation ran dense"
 print("griffin: generation, decisions and per-row continuation OK")
 
+# (a) GRIFFIN prunes every layer at one density unless the recipe skips some; `pool` keeps
+# each row inside the batch's best channels; `mode: classification` is the reference's
+# scoring protocol
+every = prunekit.prune(tiny_llama(), None, method="griffin", ratio=0.5, round_to=1)
+assert [r["channels"] for r in every.structure] == [48] * LAYERS, every.structure
+pooled = prunekit.prune(tiny_llama(), None, method="griffin", ratio=0.5, round_to=1, pool=0.6)
+rows = torch.randint(3, 128, (4, 9), generator=gen)
+with torch.no_grad():
+    pooled.model(input_ids=rows)
+for i in range(LAYERS):
+    kept = pooled.model.decisions[(i, "mlp")]
+    assert kept.shape == (4, 48) and torch.unique(kept).numel() <= 58, (i, kept)
+assert every.model.protocol.prompt_split == "context", every.model.protocol
+classify = prunekit.prune(tiny_llama(), None, method="griffin", ratio=0.5, mode="classification")
+assert classify.model.protocol.prompt_split == "last_token", classify.model.protocol
+for bad, words in (({{"mode": "class"}}, "not a GRIFFIN mode"), ({{"pool": 1.5}}, "(0, 1]")):
+    try:
+        prunekit.prune(tiny_llama(), None, method="griffin", ratio=0.5, **bad)
+    except prunekit.PrunekitError as exc:
+        assert words in str(exc), str(exc)
+    else:
+        raise AssertionError(f"{{bad}} was accepted")
+print("griffin: every layer, pool and modes OK")
+
 # (b) the probe swap: pp with the installed `input_norm` probe selector in its probe slot
 calibration = torch.randint(3, 128, (16, 16), generator=gen)
 outcome = prunekit.prune(tiny_llama(), None, method="pp", ratio=0.4, calibration=calibration,
@@ -323,7 +347,8 @@ def test_without_the_plugin_the_recipe_names_griffin_and_the_installed_methods(t
 
 #: what an outside package may import from prunekit
 PUBLIC = {"prunekit", "prunekit.components", "prunekit.pruning.dynamic",
-          "prunekit.pruning.allocation", "prunekit.hookspecs", "prunekit.testing"}  # fmt: skip
+          "prunekit.pruning.allocation", "prunekit.hookspecs", "prunekit.testing",
+          "prunekit.rows"}  # fmt: skip
 
 
 def test_the_package_imports_prunekit_public_api_torch_and_the_standard_library_only():

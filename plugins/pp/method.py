@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from prunekit.models.loading import sha256_file
 from prunekit.pruning.allocation import top_units
 from prunekit.pruning.dynamic import DynamicModel, Timers
 from prunekit.pruning.static import StaticMethod
+from prunekit.rows import pooled_topk
 
 MODES = ("sync", "async_intra")
 STATE_FORMAT = "prunekit-dynamic-state"
@@ -207,7 +209,13 @@ class SequenceController(PPController):
             S = self._row_importance(key, layer, group, x, residual, batch)
         with self.timers("score", x.device):
             scorer, keep = self.scorers[key], self.counts[key]
-            return torch.stack([top_units(scorer({"S": s}), keep) for s in S])
+            pool = self.settings.options.get("pool")
+            if pool is None:
+                return torch.stack([top_units(scorer({"S": s}), keep) for s in S])
+            # each row inside the batch's best fraction: the union the batch decodes on shrinks
+            units = layer.units(group)
+            scores = torch.stack([scorer({"S": s}) for s in S])
+            return pooled_topk(scores, keep, math.ceil(pool * units))
 
     def _row_importance(self, key, layer, group, x, residual, batch) -> list[torch.Tensor]:
         xs, rank, _ = self._probe_inputs(layer, group, x, residual, batch)
@@ -285,6 +293,11 @@ class ProbePruning(Method):
         mode = recipe.method.options.get("mode", "sync")
         if mode not in MODES:
             problems.append(f"method.mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        pool = recipe.method.options.get("pool")
+        if "pool" in cls.option_defaults and pool is not None and (
+                isinstance(pool, bool) or not isinstance(pool, int | float) or not 0 < pool <= 1):
+            problems.append(f"method.pool: {pool!r} is not a fraction of a block's units in "
+                            "(0, 1]; give e.g. 0.6, or null for no pool")  # fmt: skip
         if "history" in cls.slots:
             cal = recipe.calibration.seq_len
             for i, p in enumerate(recipe.evaluation.perplexity):
@@ -378,6 +391,9 @@ class SequenceProbePruning(ProbePruning):
 
     name = "pp-seq"
     slot_options = {"probe": {"ratio_seq": 0.1}}
+    #: ``pool``: each row keeps its units inside the batch's best ``pool`` fraction of each
+    #: block's units (None: anywhere), so that the union a batch decodes on stays small
+    option_defaults = {"mode": "sync", "pool": None}
     protocol = DynamicProtocol(decides="sequence", observes=("activations",), reset=True,
                                warmup_batches=1, stateful=True)  # fmt: skip
     controller_class = SequenceController

@@ -78,7 +78,9 @@ class ResidualRank:
         token of ``rank_source`` when the caller has it (PP passes the one its layer's RMSNorm
         computed); otherwise it is computed here."""
         if norms is None:
-            norms = torch.linalg.vector_norm(rank_source, dim=-1, dtype=torch.float32)
+            # fp32 at least (a float64 model keeps float64: vector_norm refuses to narrow)
+            dtype = torch.promote_types(rank_source.dtype, torch.float32)
+            norms = torch.linalg.vector_norm(rank_source, dim=-1, dtype=dtype)
         s = torch.where(token_mask, norms, 0.0)
         if self.order == "seq_first":
             cols = self._cols(s, token_mask.any(0))

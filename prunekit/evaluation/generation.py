@@ -86,6 +86,65 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return torch.stack(tokens, 1), prefill, time.perf_counter() - start
 
 
+def _cache_bytes(cache) -> int:
+    """Bytes of the K/V tensors a cache holds (what attention reads per step)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            t = getattr(layer, name, None)
+            t = t[0] if isinstance(t, tuple) else t
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights a decoding step of a plain (dense or statically pruned) model
+    reads: every parameter, but an input embedding not tied to the output one (indexed)."""
+    from prunekit.pruning.dynamic import _outside_blocks_bytes
+
+    return _outside_blocks_bytes(model, set())
+
+
+@torch.no_grad()
+def decode_bytes(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int, dense: bool = False) -> dict:  # fmt: skip
+    """What a greedy generation of ``max_new_tokens`` tokens reads per decoding step, measured
+    on a prefill and one step: ``weight_bytes`` (the weights a step's matmuls read: a dynamic
+    model's gathered ones), ``kv_bytes`` (the K/V cache attention reads, averaged over the
+    steps) and ``held_weight_bytes`` (gathered weights held for the continuation, beyond the
+    model's own). ``dense``: a dynamic model through its ``dense()`` layers.
+
+    Decoding is bound by reading these bytes, so ``dense total / pruned total`` is the limit a
+    decode speed-up can reach (the *bytes limit*).
+    """
+    import contextlib
+
+    keyword = cache_keyword(model)
+    keep = getattr(model, "preserved_state", None)
+    dense_ctx = model.dense() if dense else contextlib.nullcontext()
+    with dense_ctx, (keep() if keep else contextlib.nullcontext()):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                    position_ids=true_positions(attention_mask, input_ids.shape[1]))  # fmt: skip
+        cache = output_cache(out)
+        before = _cache_bytes(cache)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+        token = out.logits[:, -1:].argmax(-1)
+        model(input_ids=token, attention_mask=mask, use_cache=True,
+              position_ids=true_positions(mask, 1), **{keyword: cache})  # fmt: skip
+        after = _cache_bytes(cache)
+        if hasattr(model, "step_weight_bytes") and not dense:
+            weights, held = model.step_weight_bytes(cache), model.held_weight_bytes()
+        else:
+            target = getattr(model, "model", model) if hasattr(model, "runtime") else model
+            weights, held = weight_bytes(target), 0
+    per_token = after - before
+    # steps 1..n-1 read the cache at prompt + 1 .. prompt + n - 1 tokens
+    kv = before + per_token * max_new_tokens / 2
+    return {"weight_bytes": int(weights), "kv_bytes": int(kv), "held_weight_bytes": int(held),
+            "total_bytes": int(weights + kv)}  # fmt: skip
+
+
 def time_generation(runs: dict[str, Callable[[], tuple[torch.Tensor, float, float]]],
                     prompt_tokens: int, new_tokens: int, rounds: int = 3,
                     warmup: int = 1) -> dict:  # fmt: skip

@@ -40,18 +40,19 @@ def output_cache(output):
 
 
 def continuation_logits(model, input_ids: torch.Tensor, prompt_tokens: int,
-                        attention_mask: torch.Tensor | None = None):  # fmt: skip
-    """``(prompt's last logits [B, 1, V], continuation logits)``: the prompt
+                        attention_mask: torch.Tensor | None = None, last: int = 1):  # fmt: skip
+    """``(prompt's last logits [B, last, V], continuation logits)``: the prompt
     ``input_ids[:, :prompt_tokens]`` runs with a KV cache and the continuation
     ``input_ids[:, prompt_tokens:]`` through that cache (a dynamic method decides on the prompt
     and every continuation token reuses those decisions, as in generation).
 
     :param attention_mask: ``[B, T]`` over prompt and continuation (e.g. left-padded prompts,
         right-padded continuations).
+    :param last: how many of the prompt's last positions to return.
     """
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask[:, :prompt_tokens]}
     out = model(input_ids=input_ids[:, :prompt_tokens], use_cache=True, **kwargs)
-    cache, last = output_cache(out), out.logits[:, -1:].clone()
+    cache, last = output_cache(out), out.logits[:, -last:].clone()
     del out  # the prompt's full logits are not kept through the continuation
     if cache is None:
         raise RuntimeError(f"{type(model).__name__} returned no KV cache; prompt_tokens needs a "

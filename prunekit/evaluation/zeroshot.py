@@ -116,22 +116,36 @@ def _make_batch(pairs, max_length: int, pad_id: int):
     return ids, mask, spans
 
 
-def _prompt_then_continuation(model, pairs, max_length: int, pad_id: int, device):
+def _prompt_then_continuation(model, pairs, max_length: int, pad_id: int, device,
+                              split: str = "context"):  # fmt: skip
     """For a method that decides on the prompt: each context runs as a (left-padded) prompt,
     then its continuation (right-padded) through the prompt's KV cache, as in generation.
 
-    Returns the logits over ``[last context token, continuation...]`` and, per row,
-    ``(start, targets)`` as :func:`_make_batch` does (the first continuation token is
-    predicted by the prompt's last position, as generation's first new token is).
+    With ``split="last_token"`` (GRIFFIN's reference classification mode) the prompt is every
+    input token but the last (``context + continuation[:-1]`` minus its last token) and only
+    that last input token runs through the cache: the continuation's earlier tokens are
+    predicted by the (dense) prompt, its last one by the pruned token.
+
+    Returns the logits and, per row, ``(start, targets)`` as :func:`_make_batch` does (the
+    first continuation token is predicted by the prompt's last position, as generation's first
+    new token is).
     """
     from prunekit.evaluation.perplexity import continuation_logits
 
-    contexts, continuations = [], []
+    contexts, continuations, targets = [], [], []
     for ctx, cont in pairs:
         full = (list(ctx) + list(cont))[-(max_length + 1):]
         n = min(len(cont), len(full) - 1)
-        contexts.append(full[:len(full) - n])
-        continuations.append(full[len(full) - n:])
+        targets.append(full[len(full) - n:])
+        if split == "last_token":
+            if len(full) < 3:
+                raise ValueError("the last_token protocol needs at least 3 tokens of context "
+                                 "and continuation, so that the prompt has one")  # fmt: skip
+            contexts.append(full[:-2])
+            continuations.append(full[-2:-1])  # the last input token: runs pruned
+        else:
+            contexts.append(full[:len(full) - n])
+            continuations.append(full[len(full) - n:])
     bsz = len(pairs)
     p_width, c_width = max(map(len, contexts)), max(map(len, continuations))
     ids = torch.full((bsz, p_width + c_width), pad_id, dtype=torch.long)
@@ -140,6 +154,12 @@ def _prompt_then_continuation(model, pairs, max_length: int, pad_id: int, device
         ids[i, p_width - len(ctx):p_width] = torch.tensor(ctx, dtype=torch.long)
         ids[i, p_width:p_width + len(cont)] = torch.tensor(cont, dtype=torch.long)
         mask[i, p_width - len(ctx):p_width + len(cont)] = 1
+    if split == "last_token":  # the prompt predicts every target but the last
+        k = max(len(t) for t in targets) - 1
+        last, rest = continuation_logits(model, ids.to(device), p_width, mask.to(device),
+                                         max(k, 1))  # fmt: skip
+        logits = torch.cat([last[:, last.shape[1] - k:], rest[:, :1]], 1)
+        return logits, [(k - len(t) + 1, t) for t in targets]
     last, rest = continuation_logits(model, ids.to(device), p_width, mask.to(device))
     logits = torch.cat([last, rest], 1)
     spans = [(0, cont) for cont in continuations]
@@ -177,7 +197,8 @@ def score_requests(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], 
     on_prompt = getattr(getattr(model, "protocol", None), "decides", None) == "prompt"
     for group in track(groups, description, total=len(groups)):
         if on_prompt:
-            logits, spans = _prompt_then_continuation(model, group, max_length, pad_id, device)
+            logits, spans = _prompt_then_continuation(model, group, max_length, pad_id, device,
+                                                      model.protocol.prompt_split)  # fmt: skip
         else:
             ids, mask, spans = _make_batch(group, max_length, pad_id)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits

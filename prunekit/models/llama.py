@@ -182,14 +182,22 @@ class LlamaLayerAdapter(LayerAdapter):
         return MlpWeights(gw, uw, d.weight.index_select(1, kept), gb, ub, d.bias)
 
     # -- running ---------------------------------------------------------------------------
+    #: the gathered forwards take ``unit_mask`` (per-sequence kept sets, :mod:`prunekit.rows`)
+    row_masks = True
+
     def run(self, group, x, weights, *, observe=False, position_embeddings=None,
-            attention_mask=None, cache=None, **kwargs):  # fmt: skip
+            attention_mask=None, cache=None, unit_mask=None, **kwargs):  # fmt: skip
         if group == MLP:
-            return mlp_forward(x, weights, self.mlp.act_fn, return_down_input=observe)
+            return mlp_forward(x, weights, self.mlp.act_fn, return_down_input=observe,
+                               unit_mask=unit_mask)  # fmt: skip
         if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
         return self.attention_fn(x, weights, position_embeddings, attention_mask, self.kernel,
-                                 cache, return_o_input=observe, **kwargs)  # fmt: skip
+                                 cache, return_o_input=observe, unit_mask=unit_mask, **kwargs)  # fmt: skip
+
+    @property
+    def cache_layer(self) -> int:
+        return self.kernel.layer_idx
 
     # -- probing (dynamic methods) ------------------------------------------------------------
     def probe(self, group, x, position_ids, token_mask=None):

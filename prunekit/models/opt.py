@@ -118,14 +118,21 @@ class OptLayerAdapter(LayerAdapter):
         o = kit.unit_columns(a.out_proj.weight, kept, self.head_dim)
         return OptAttentionWeights(q, k, v, o, qb, kb, vb, a.out_proj.bias, self.head_dim)
 
+    #: the gathered forwards take ``unit_mask`` (per-sequence kept sets, :mod:`prunekit.rows`)
+    row_masks = True
+
     def run(self, group, x, weights, *, observe=False, attention_mask=None, cache=None,
-            **kwargs):  # fmt: skip
+            unit_mask=None, **kwargs):  # fmt: skip
         if group == MLP:
-            return opt_mlp_forward(x, weights, self.layer.activation_fn, observe)
+            return opt_mlp_forward(x, weights, self.layer.activation_fn, observe, unit_mask)
         if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
         return opt_attention_forward(x, weights, attention_mask, self.kernel, cache,
-                                     return_out_input=observe, **kwargs)  # fmt: skip
+                                     return_out_input=observe, unit_mask=unit_mask, **kwargs)  # fmt: skip
+
+    @property
+    def cache_layer(self) -> int:
+        return self.kernel.layer_idx
 
     # -- probing -----------------------------------------------------------------------------
     def probe(self, group, x, position_ids, token_mask=None):

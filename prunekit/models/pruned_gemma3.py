@@ -86,9 +86,9 @@ def project_qkv(x: torch.Tensor, w: Gemma3AttentionWeights, cos, sin):
 
 def gemma3_attention_forward(x, w: Gemma3AttentionWeights, position_embeddings, attention_mask,
                              kernel: Gemma3Kernel, cache=None, return_o_input: bool = False,
-                             **kwargs):  # fmt: skip
+                             unit_mask: torch.Tensor | None = None, **kwargs):  # fmt: skip
     """Gemma-3 attention of ``x`` [B, T, d] with the weights ``w``; with ``return_o_input``
-    also the input of o_proj."""
+    also the input of o_proj; ``unit_mask`` ([B, heads]) removes heads per row."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
 
@@ -109,6 +109,9 @@ def gemma3_attention_forward(x, w: Gemma3AttentionWeights, position_embeddings, 
         out, _ = fn(kernel, q, k, v, attention_mask, dropout=0.0, scaling=kernel.scaling,
                     sliding_window=kernel.sliding_window, **kw)  # fmt: skip
         out = out.reshape(bsz, seq, -1).contiguous()
+        if unit_mask is not None:  # this file imports no prunekit module (see the docstring)
+            m = unit_mask.to(out.dtype)[:, None, :, None]
+            out = (out.view(bsz, seq, -1, w.head_dim) * m).view(bsz, seq, -1)
     y = F.linear(out, w.o, w.o_bias)
     return (y, out) if return_o_input else y
 

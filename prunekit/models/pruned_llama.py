@@ -72,10 +72,24 @@ class MlpWeights:
     down_bias: torch.Tensor | None = None
 
 
-def mlp_forward(x: torch.Tensor, w: MlpWeights, act, return_down_input: bool = False):
+def mask_units(h: torch.Tensor, unit_mask: torch.Tensor | None, width: int = 1) -> torch.Tensor:
+    """``h`` ([B, T, units * width], an output projection's input) with each row's units
+    multiplied by ``unit_mask`` ([B, units]; 1 keeps a unit, 0 removes it from that row)."""
+    if unit_mask is None:
+        return h
+    bsz, seq = h.shape[:2]
+    m = unit_mask.to(h.dtype)
+    if width == 1:
+        return h * m[:, None, :]
+    return (h.view(bsz, seq, -1, width) * m[:, None, :, None]).view(bsz, seq, -1)
+
+
+def mlp_forward(x: torch.Tensor, w: MlpWeights, act, return_down_input: bool = False,
+                unit_mask: torch.Tensor | None = None):  # fmt: skip
     """``down(act(gate(x)) * up(x))`` with the weights ``w``; with ``return_down_input`` also
-    the input of down_proj."""
+    the input of down_proj; ``unit_mask`` ([B, channels]) removes channels per row."""
     h = act(F.linear(x, w.gate, w.gate_bias)) * F.linear(x, w.up, w.up_bias)
+    h = mask_units(h, unit_mask)
     y = F.linear(h, w.down, w.down_bias)
     return (y, h) if return_down_input else y
 
@@ -117,13 +131,14 @@ def project_qkv(x: torch.Tensor, w: AttentionWeights, cos, sin):
 
 def attention_forward(x, w: AttentionWeights, position_embeddings, attention_mask,
                       kernel: KernelModule, cache=None, return_o_input: bool = False,
-                      **kwargs):  # fmt: skip
+                      unit_mask: torch.Tensor | None = None, **kwargs):  # fmt: skip
     """Attention of normalised input ``x`` [B, T, d] with the weights ``w``.
 
     Runs real matmuls of the given (possibly gathered) shapes; the attention kernel is Hugging
     Face's (``config._attn_implementation``), fed with K/V expanded to one KV head per query
     head through ``kv_index``. Returns the block output, and with ``return_o_input`` also the
-    input of o_proj ([B, T, heads * head_dim]).
+    input of o_proj ([B, T, heads * head_dim]). ``unit_mask`` ([B, heads]) removes heads per
+    row (their output is zeroed before o_proj).
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -147,7 +162,7 @@ def attention_forward(x, w: AttentionWeights, position_embeddings, attention_mas
             kw["sliding_window"] = kernel.sliding_window
         scaling = kernel.scaling if kernel.scaling is not None else hd**-0.5
         out, _ = fn(kernel, q, k, v, attention_mask, dropout=0.0, scaling=scaling, **kw)
-        out = out.reshape(bsz, seq, -1).contiguous()
+        out = mask_units(out.reshape(bsz, seq, -1).contiguous(), unit_mask, hd)
     y = F.linear(out, w.o, w.o_bias)
     return (y, out) if return_o_input else y
 

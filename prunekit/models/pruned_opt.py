@@ -72,9 +72,11 @@ def opt_project_qkv(x: torch.Tensor, w: OptAttentionWeights):
 
 
 def opt_attention_forward(x, w: OptAttentionWeights, attention_mask, kernel: OptKernel,
-                          cache=None, return_out_input: bool = False, **kwargs):  # fmt: skip
+                          cache=None, return_out_input: bool = False,
+                          unit_mask: torch.Tensor | None = None, **kwargs):  # fmt: skip
     """OPT attention of ``x`` [B, T, d] with weights ``w``; with ``return_out_input`` also the
-    input of out_proj. The query is scaled after its projection, as OPT does."""
+    input of out_proj. The query is scaled after its projection, as OPT does. ``unit_mask``
+    ([B, heads]) removes heads per row (their output is zeroed before out_proj)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.opt.modeling_opt import eager_attention_forward
 
@@ -90,14 +92,29 @@ def opt_attention_forward(x, w: OptAttentionWeights, attention_mask, kernel: Opt
         )
         kw = {k_: v_ for k_, v_ in kwargs.items() if k_ not in ("position_ids", "use_cache")}
         out, _ = fn(kernel, q, k, v, attention_mask, dropout=0.0, scaling=1.0, **kw)
-        out = out.reshape(bsz, seq, -1).contiguous()
+        out = _mask_units(out.reshape(bsz, seq, -1).contiguous(), unit_mask, w.head_dim)
     y = F.linear(out, w.out, w.out_bias)
     return (y, out) if return_out_input else y
 
 
-def opt_mlp_forward(x, w: OptMlpWeights, act, return_fc2_input: bool = False):
-    """``fc2(act(fc1(x)))``; with ``return_fc2_input`` also the input of fc2."""
-    h = act(F.linear(x, w.fc1, w.fc1_bias))
+def _mask_units(h: torch.Tensor, unit_mask: torch.Tensor | None, width: int = 1) -> torch.Tensor:
+    """``h`` ([B, T, units * width]) with each row's units multiplied by ``unit_mask``
+    ([B, units]); the same as ``pruned_llama.mask_units`` (this file imports no prunekit
+    module, see the docstring)."""
+    if unit_mask is None:
+        return h
+    bsz, seq = h.shape[:2]
+    m = unit_mask.to(h.dtype)
+    if width == 1:
+        return h * m[:, None, :]
+    return (h.view(bsz, seq, -1, width) * m[:, None, :, None]).view(bsz, seq, -1)
+
+
+def opt_mlp_forward(x, w: OptMlpWeights, act, return_fc2_input: bool = False,
+                    unit_mask: torch.Tensor | None = None):  # fmt: skip
+    """``fc2(act(fc1(x)))``; with ``return_fc2_input`` also the input of fc2; ``unit_mask``
+    ([B, channels]) removes channels per row."""
+    h = _mask_units(act(F.linear(x, w.fc1, w.fc1_bias)), unit_mask)
     y = F.linear(h, w.fc2, w.fc2_bias)
     return (y, h) if return_fc2_input else y
 

@@ -11,7 +11,19 @@ prompt runs with the full model; for every pruned MLP, the activations ``Z`` of 
 and the top-``k`` channels by ``s`` are the kept set of that sequence for the whole
 generation: every decoding step runs the MLP on those ``k`` channels only. Attention is never
 pruned. ``k`` comes from the recipe's ratio through the allocator (``method.allocator``,
-``uniform`` by default): the fraction of MLP channels removed in every non-skipped layer.
+``uniform`` by default): the fraction of MLP channels removed in every layer, as GRIFFIN
+prunes every layer at one density (``method.skip_layers`` defaults to ``[]`` here; a recipe
+that names skipped layers gets PP's inflation of the others' ratio).
+
+Options (``method.<name>`` in a recipe):
+
+* ``mode``: ``generation`` (default; a scored multiple-choice answer is the continuation of
+  its question, every answer token runs pruned) or ``classification`` (the reference's
+  ``--mode class``: the statistic comes from every input token but the last, and only that
+  last token runs pruned; see ``DynamicProtocol.prompt_split``);
+* ``pool``: each prompt keeps its channels inside the batch's best ``pool`` fraction of them
+  (None: anywhere), so that a batch of prompts decodes on a smaller union of channels
+  (:func:`prunekit.rows.pooled_topk`).
 
 In prunekit this is a dynamic method with ``DynamicProtocol(decides="prompt")``: the runtime
 (``prunekit.pruning.dynamic``) runs the prompt dense, shows the controller each MLP's
@@ -21,10 +33,17 @@ reuses them on every forward that continues the prompt's KV cache.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
 from prunekit.components import MLP, DynamicProtocol, Method, PruneOutcome
 from prunekit.pruning.dynamic import DynamicModel, Timers
+from prunekit.rows import pooled_topk
+
+#: ``method.mode`` -> where a scored request's prompt ends (``DynamicProtocol.prompt_split``)
+MODES = {"generation": "context", "classification": "last_token"}
 
 __all__ = ["Griffin", "GriffinController", "griffin_keep", "griffin_scores"]
 
@@ -45,10 +64,14 @@ def griffin_scores(activations: torch.Tensor, token_mask: torch.Tensor) -> torch
     return torch.linalg.vector_norm(z_bar, dim=1)
 
 
-def griffin_keep(activations: torch.Tensor, token_mask: torch.Tensor, k: int) -> torch.Tensor:
+def griffin_keep(activations: torch.Tensor, token_mask: torch.Tensor, k: int,
+                 pool: int | None = None) -> torch.Tensor:  # fmt: skip
     """The ``k`` top channels of every sequence by :func:`griffin_scores`: ``[B, k]``, each row
-    sorted ascending (the runtime's per-sequence kept-set format)."""
+    sorted ascending (the runtime's per-sequence kept-set format); with ``pool``, inside the
+    batch's ``pool`` best channels (:func:`prunekit.rows.pooled_topk`)."""
     scores = griffin_scores(activations, token_mask)
+    if pool is not None:
+        return pooled_topk(scores, k, pool)
     return torch.topk(scores, k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
@@ -62,8 +85,10 @@ class GriffinController:
     only until ``decide`` is called for the same block, right after.
     """
 
-    def __init__(self, keep: dict[int, int]) -> None:
+    def __init__(self, keep: dict[int, int], pool: dict[int, int] | None = None) -> None:
         self.keep = dict(keep)
+        #: per layer, the batch's pool of channels each row chooses in (None: no pool)
+        self.pool = dict(pool or {})
         self._observed: dict[int, torch.Tensor] = {}
         self.timers = Timers()  # replaced by the runtime's own (phases in runtime overhead)
 
@@ -85,7 +110,8 @@ class GriffinController:
             # from the block's input with the full weights
             activations = layer.probe(MLP, x, batch.position_ids, batch.token_mask)
         with self.timers("griffin_select", x.device):
-            return griffin_keep(activations, batch.token_mask, self.keep[layer.index])
+            return griffin_keep(activations, batch.token_mask, self.keep[layer.index],
+                                self.pool.get(layer.index))  # fmt: skip
 
 
 def kept_parameters(adapter, keep: dict[int, int], model) -> int:
@@ -116,6 +142,22 @@ class Griffin(Method):
     protocol = DynamicProtocol(
         decides="prompt", observes=("activations",), reset=False, warmup_batches=0, stateful=False
     )
+    #: GRIFFIN prunes every layer at one density
+    default_skip_layers = []
+    option_defaults = {"mode": "generation", "pool": None}
+
+    @classmethod
+    def check_recipe(cls, recipe, num_layers):
+        options, problems = recipe.method.options, []
+        if options.get("mode", "generation") not in MODES:
+            problems.append(f"method.mode: {options['mode']!r} is not a GRIFFIN mode; choose "
+                            f"one of {', '.join(MODES)}")  # fmt: skip
+        pool = options.get("pool")
+        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int | float)
+                                 or not 0 < pool <= 1):  # fmt: skip
+            problems.append(f"method.pool: {pool!r} is not a fraction of a layer's MLP "
+                            "channels in (0, 1]; give e.g. 0.6, or null for no pool")  # fmt: skip
+        return problems
 
     @classmethod
     def check_components(cls, components):
@@ -135,8 +177,15 @@ class Griffin(Method):
         # the pruned layers and their k; a layer that keeps every channel runs dense
         keep = {i: counts[(i, MLP)] for i in width if counts[(i, MLP)] < width[i]}
         params_kept = kept_parameters(adapter, keep, ctx.model)
-        controller = GriffinController(keep)
-        model = DynamicModel(ctx.model, adapter, controller, protocol=self.protocol)
+        options = self.settings.options
+        fraction = options.get("pool")
+        pool = ({i: math.ceil(fraction * width[i]) for i in keep} if fraction is not None
+                else None)  # fmt: skip
+        controller = GriffinController(keep, pool)
+        protocol = dataclasses.replace(
+            self.protocol, prompt_split=MODES[options.get("mode", "generation")]
+        )
+        model = DynamicModel(ctx.model, adapter, controller, protocol=protocol)
         structure = [
             {
                 "layer": la.index,
