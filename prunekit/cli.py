@@ -404,6 +404,62 @@ def _print_sweep(summary: dict) -> None:
     typer.echo("  written: " + ", ".join(str(where / f) for f in files))
 
 
+@app.command("export")
+def export_cmd(
+    source: Annotated[Path, typer.Argument(
+        help="A run directory written with output.save_model: true, or its model directory.")],
+    to: Annotated[str, typer.Option("--to", help="The format: gguf (llama.cpp).")] = "gguf",
+    type_: Annotated[str, typer.Option(
+        "--type", help="Tensor type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0.")] = "f16",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="The file to write (default: beside the model directory).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    tokenizer_from: Annotated[Path | None, typer.Option(
+        "--tokenizer-from", help="A GGUF file whose tokenizer the export carries (default: "
+        "the GGUF the dense model came from, else the model's Hugging Face tokenizer).")] = None,
+    vocab: Annotated[str, typer.Option(
+        "--vocab", help="auto, or none: no tokenizer (a file read by token ids).")] = "auto",
+    check: Annotated[bool, typer.Option(
+        "--check", help="Run the file in llama.cpp and compare logits, perplexity and greedy "
+        "tokens with the model's own (needs llama-cpp-python).")] = False,
+    check_windows: Annotated[int, typer.Option(
+        "--check-windows", min=1, help="Windows compared by --check.")] = 4,
+    check_tokens: Annotated[int, typer.Option(
+        "--check-tokens", min=2, help="Tokens per window compared by --check.")] = 128,
+    quiet: QuietOption = False,
+) -> None:  # fmt: skip
+    """Export a saved (statically pruned) model to a serving engine's format: GGUF for
+    llama.cpp, per-layer shapes through its deci architecture, quantized with the gguf
+    package. Nothing is written when it fails."""
+    from prunekit.export import export
+
+    _quiet(quiet)
+    report = export(source, to, type_, output, force=force, tokenizer_from=tokenizer_from,
+                    vocab=vocab, check=check, check_windows=check_windows,
+                    check_tokens=check_tokens)  # fmt: skip
+    types = ", ".join(f"{n} {k}" for k, n in report["tensor_types"].items())
+    lines = [f"{report['path']}: {report['arch']} ({report['type']}), "
+             f"{report['bytes'] / 2**20:.1f} MiB, tensors {types}; tokenizer: {report['tokenizer']}"]  # fmt: skip
+    if report["f16_fallback"]:
+        lines.append(f"  {len(report['f16_fallback'])} matrices kept in F16 (their rows are "
+                     f"not a multiple of the {report['type']} block): "
+                     f"{', '.join(report['f16_fallback'][:4])}"
+                     + (" ..." if len(report["f16_fallback"]) > 4 else ""))  # fmt: skip
+    if report["legalization"]:
+        lg = report["legalization"]
+        lines.append(f"  legalized for llama.cpp, exactly: {lg['padded_query_heads']} zero query "
+                     f"heads padding uneven GQA groups, {lg['dropped_kv_heads']} unused K/V heads "
+                     f"dropped, {lg['extra_parameters']} extra parameters")  # fmt: skip
+    c = report.get("check")
+    if c:
+        lines.append(f"  llama.cpp check on {c['windows']}: max |logit difference| "
+                     f"{c['max_abs_logit_diff']:.2e}; perplexity {c['ppl_llamacpp']:.4f} vs "
+                     f"prunekit {c['ppl_prunekit']:.4f} ({100 * c['ppl_rel_diff']:+.3f}%); "
+                     f"greedy tokens {'the same' if c['greedy_same'] else 'DIFFER'} "
+                     f"({c['greedy_tokens']} tokens)")  # fmt: skip
+    typer.echo("\n".join(lines))
+
+
 @app.command()
 def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],

@@ -414,6 +414,19 @@ class ModelAdapter(ABC):
         layout and :attr:`modeling` are used)."""
         return None
 
+    # -- exporting to serving engines ----------------------------------------------------------
+    def gguf_model(self) -> Any:
+        """The (possibly pruned) model as llama.cpp reads it, a
+        :class:`prunekit.export.gguf.GgufModel` (``prunekit export --to gguf``): the llama.cpp
+        architecture, its metadata, the tensors in llama.cpp's layout, and the exact
+        legalization of shapes it cannot hold. Raise :class:`prunekit.errors.ExportError`
+        naming the shape that is not expressible and what would be (the default: this
+        adapter has no GGUF export)."""
+        from prunekit.errors import ExportError
+
+        raise ExportError(f"adapter {self.name!r} has no GGUF export: llama.cpp reads the "
+                          "LLaMA family (llama, mistral, qwen2 adapters) from prunekit")  # fmt: skip
+
 
 # --------------------------------------------------------------------------------------------
 # Calibration statistics, metrics, allocators, compensators

@@ -41,6 +41,11 @@ class StateError(PrunekitError):
     """A saved method state or pruned checkpoint does not match the run."""
 
 
+class ExportError(PrunekitError):
+    """A model cannot be exported as asked: no saved model, a dynamic method, an architecture
+    or shape the target engine cannot hold, an existing output, an unknown type."""
+
+
 class StorageError(PrunekitError):
     """The disk refused a write: full, over quota or read-only. Not a bug of prunekit or of a
     plugin, whichever of them was writing."""

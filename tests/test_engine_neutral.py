@@ -12,7 +12,8 @@ import pytest
 import prunekit
 
 ROOT = Path(prunekit.__file__).parent
-ENGINE = sorted([*ROOT.glob("pruning/*.py"), *ROOT.glob("evaluation/*.py"), ROOT / "runner.py",
+ENGINE = sorted([*ROOT.glob("pruning/*.py"), *ROOT.glob("evaluation/*.py"),
+                 *ROOT.glob("export/*.py"), ROOT / "runner.py",
                  ROOT / "calibration.py", ROOT / "components.py", ROOT / "registry.py",
                  ROOT / "ratios.py", ROOT / "rows.py"])  # fmt: skip
 #: architecture-neutral modules under prunekit.models

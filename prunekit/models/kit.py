@@ -120,6 +120,10 @@ def plain_config(config, drop: tuple[str, ...] = (), **updates):
         return type(config).from_dict(data)
     except (ValueError, TypeError):
         return None
+    except Exception as exc:  # huggingface_hub's strict config validation (transformers 5.25)
+        if type(exc).__name__.startswith("StrictDataclass"):
+            return None
+        raise
 
 
 def plain_model_from(model: nn.Module, config) -> nn.Module:

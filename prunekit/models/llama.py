@@ -338,6 +338,13 @@ class LlamaAdapter(ModelAdapter):
                                  intermediate_size=inter, **bias_keys)  # fmt: skip
         return kit.plain_model_from(self.model, plain) if plain is not None else None
 
+    def gguf_model(self):
+        """llama.cpp's ``llama`` architecture for one shape in every layer, ``deci`` for
+        per-layer shapes (:mod:`prunekit.models.gguf_llama`)."""
+        from prunekit.models.gguf_llama import llama_gguf_model
+
+        return llama_gguf_model(self, "llama")
+
     def plain_bias_keys(self, config, o_bias: bool, down_bias: bool) -> dict | None:
         """Config keys that give o_proj / down_proj (compensation) biases in a standard
         checkpoint, or None when the family's config cannot express them. LLaMA:

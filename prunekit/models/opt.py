@@ -182,6 +182,13 @@ class OptAdapter(ModelAdapter):
         self._layers = [OptLayerAdapter(layer, i, model.config)
                         for i, layer in enumerate(self.decoder_layers)]  # fmt: skip
 
+    def gguf_model(self):
+        from prunekit.errors import ExportError
+
+        raise ExportError("OPT does not export to GGUF: llama.cpp has no OPT architecture "
+                          "(learned positions, LayerNorm and ReLU MLPs match none of its "
+                          "architectures), whatever the shapes")  # fmt: skip
+
     @property
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.model.decoder.layers

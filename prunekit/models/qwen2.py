@@ -18,6 +18,13 @@ class Qwen2Adapter(LlamaAdapter):
     model_types = ("qwen2",)
     modeling = "prunekit.models.pruned_llama:PrunekitQwen2ForCausalLM"
 
+    def gguf_model(self):
+        """llama.cpp's ``qwen2`` architecture holds only the unpruned shape (heads times head
+        size equal to the hidden size, no output biases): ``deci`` otherwise."""
+        from prunekit.models.gguf_llama import llama_gguf_model
+
+        return llama_gguf_model(self, "qwen2", own_arch_pruned=False, rotate_half=True)
+
     def plain_bias_keys(self, config, o_bias, down_bias):
         # Qwen2's o_proj and MLP never carry a bias: a compensation bias needs the per-layer
         # layout

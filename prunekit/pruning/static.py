@@ -140,6 +140,11 @@ class StaticMethod(Method):
             setattr(model.config, PRUNED_LAYERS_KEY, pruned.layer_shapes())
         params = sum(p.numel() for p in model.parameters())
         provenance = {"method": self.name, "ratio": self.settings.ratio, "structure": structure}
+        # the dense model it came from: `prunekit export` takes a GGUF's tokenizer from there
+        source = {k: v for k, v in (getattr(ctx, "model_info", None) or {}).items()
+                  if k in ("id", "name", "source", "gguf_file", "gguf_path", "gguf_sha256")}  # fmt: skip
+        if source:
+            provenance["source_model"] = source
 
         def save(path: str) -> None:
             save_pruned(type(pruned)(model), ctx.tokenizer, path, provenance)

@@ -1,0 +1,197 @@
+"""``prunekit export --to gguf``: checked by llama.cpp itself, not by prunekit.
+
+Every static method's saved model on every exportable adapter (tiny random models: MHA, GQA,
+Qwen2's q/k/v biases, Mistral), uniform and per-layer shapes, is loaded by llama.cpp
+(``llama-cpp-python``) and must give the fp32 model's logits and greedy tokens. CI installs
+the bindings (``.ci/run``) and sets ``PRUNEKIT_REQUIRE_LLAMA_CPP=1``, so these tests cannot be
+skipped there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.cli import main
+from prunekit.errors import ExportError
+from prunekit.export import export
+from prunekit.testing import tiny_gemma3, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2
+
+if os.environ.get("PRUNEKIT_REQUIRE_LLAMA_CPP") == "1":
+    import llama_cpp  # noqa: F401  (CI: a missing binding is a failure, not a skip)
+else:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+
+MODELS = {
+    "llama-mha": lambda: tiny_llama(heads=4, kv_heads=4, layers=4),
+    "llama-gqa": lambda: tiny_llama(heads=6, kv_heads=2, layers=4),
+    "qwen2": lambda: tiny_qwen2(layers=4, sliding_window=None),
+    "mistral": lambda: tiny_mistral(layers=4, sliding_window=None),
+}
+#: (method, options): per-layer shapes (FLAP, skipped layers) and one shape for every layer
+CASES = {
+    "flap": ("flap", {}),
+    "wanda-sp": ("wanda-sp", {}),
+    "llm-pruner": ("llm-pruner", {}),
+    "pp-calib": ("pp-calib", {}),
+    "wanda-sp-uniform": ("wanda-sp", {"skip_layers": [],
+                                      "allocator": {"name": "uniform", "balanced_kv": True}}),
+}
+ATOL = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _saved(tmp_path: Path, model_name: str, method: str, **options) -> Path:
+    model = MODELS[model_name]()
+    calibration = torch.randint(3, 128, (32, 32), generator=torch.Generator().manual_seed(1))
+    options = {"skip_layers": [0], "round_to": 1, **options}
+    outcome = prunekit.prune(model, None, method=method, ratio=0.4, calibration=calibration,
+                             **options)  # fmt: skip
+    path = tmp_path / "run" / "model"
+    outcome.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_llama_cpp_computes_what_prunekit_computes(tmp_path, model_name, case):
+    method, options = CASES[case]
+    path = _saved(tmp_path, model_name, method, **options)
+    report = export(path, type="f32", vocab="none", check=True, check_windows=2,
+                    check_tokens=24, threads=1)  # fmt: skip
+    check = report["check"]
+    assert check["max_abs_logit_diff"] < ATOL, check
+    assert check["greedy_same"], check
+    assert abs(check["ppl_rel_diff"]) < 1e-4, check
+    if case != "wanda-sp-uniform":  # per-layer shapes: llama.cpp's deci
+        assert report["arch"] == "deci", report
+    elif model_name == "qwen2":  # balanced GQA at 0.4 keeps all 4 heads: qwen2 holds that
+        assert report["arch"] == "qwen2", report
+    else:
+        assert report["arch"] == "llama", report
+    assert not list(path.parent.glob(".*.tmp")), "a temporary file was left"
+
+
+def test_uneven_gqa_groups_are_padded_exactly_and_the_cost_reported(tmp_path):
+    """Kept query heads uneven across K/V groups (legal in prunekit, not in a GGUF): each
+    group is padded with zero query heads; the exported model computes the same function."""
+    from prunekit.components import ATTN, Allocation
+    from prunekit.pruning.static import save_pruned, slice_model
+    from prunekit.registry import resolve_adapter
+
+    model = tiny_llama(heads=6, kv_heads=2, layers=2)
+    kept = {(1, ATTN): torch.tensor([0, 1, 2, 4])}  # layer 1: groups of 3 and 1 query heads
+    pruned = slice_model(resolve_adapter(model), Allocation(kept))
+    path = tmp_path / "model"
+    save_pruned(pruned, None, str(path), {})
+    report = export(path, type="f32", vocab="none", check=True, check_windows=2,
+                    check_tokens=16, threads=1)  # fmt: skip
+    assert report["arch"] == "llama"  # padded to 2 groups of 3: layer 0's shape again
+    lg = report["legalization"]
+    assert lg["padded_query_heads"] == 2 and lg["dropped_kv_heads"] == 0
+    assert lg["extra_parameters"] == 2 * 2 * 96 * 16  # 2 heads x (q rows + o columns), d=96
+    assert report["check"]["max_abs_logit_diff"] < ATOL
+
+
+def test_quantized_types_shrink_the_file_and_stay_close(tmp_path):
+    path = _saved(tmp_path, "llama-gqa", "flap")
+    f32 = export(path, type="f32", vocab="none")
+    q8 = export(path, type="q8_0", vocab="none", check=True, check_windows=2, check_tokens=24,
+                threads=1)  # fmt: skip
+    assert q8["bytes"] < 0.45 * f32["bytes"]
+    assert q8["tensor_types"].get("Q8_0", 0) >= 1
+    # round_to 1: matrices whose rows are not a multiple of 32 stay F16, listed
+    assert all(name.startswith("blk.") for name in q8["f16_fallback"])
+    # a random model's activations are far larger than a trained one's, and llama.cpp also
+    # rounds activations to 8 bits: a loose bound here, the 2% one on SmolLM2 below
+    assert abs(q8["check"]["ppl_rel_diff"]) < 0.05, q8["check"]
+
+
+def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys):
+    path = _saved(tmp_path, "llama-gqa", "wanda-sp")
+    out = tmp_path / "out.gguf"
+    assert main(["export", str(path), "--type", "q3_k", "-o", str(out)]) == 2
+    assert "unknown type 'q3_k'" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(path), "--to", "onnx", "-o", str(out)]) == 2
+    assert "unknown format 'onnx'" in capsys.readouterr().err
+    out.write_text("keep me")
+    assert main(["export", str(path), "-o", str(out), "--vocab", "none"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_text() == "keep me"
+    assert main(["export", str(path), "-o", str(out), "--vocab", "none", "--force", "-q"]) == 0
+    assert out.stat().st_size > 10_000
+    # a run directory that saved no model, a dynamic method's run, no directory at all
+    run = tmp_path / "nosave"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"method": "flap", "dynamic": False}))
+    assert main(["export", str(run)]) == 2
+    assert "saved no model" in capsys.readouterr().err
+    (run / "results.json").write_text(json.dumps({"method": "pp", "dynamic": True}))
+    assert main(["export", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "dynamic" in err and "pp-calib" in err and "Traceback" not in err
+    assert main(["export", str(tmp_path / "missing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    # a tiny word-level tokenizer has no llama.cpp equivalent: said, with the ways out
+    from prunekit.testing import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(path)
+    assert main(["export", str(path), "-o", str(tmp_path / "t.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "--tokenizer-from" in err and "--vocab none" in err
+    assert not list(tmp_path.glob("*.gguf.*")) and not (tmp_path / "t.gguf").exists()
+
+
+@pytest.mark.parametrize("factory,words", [
+    (lambda: tiny_opt(), "llama.cpp has no OPT architecture"),
+    (lambda: tiny_gemma3(), "Gemma-3 does not export"),
+    (lambda: tiny_mistral(sliding_window=5), "sliding window of 5 tokens"),
+])  # fmt: skip
+def test_architectures_llama_cpp_cannot_hold_are_refused_before_writing(tmp_path, factory,
+                                                                        words):  # fmt: skip
+    path = tmp_path / "model"
+    factory().save_pretrained(path)
+    with pytest.raises(ExportError, match=words):
+        export(path, type="f32", vocab="none", output=tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("*gguf*"))
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_smollm2_export_carries_its_gguf_tokenizer_and_matches_in_llama_cpp(smollm2,
+                                                                            tmp_path):  # fmt: skip
+    """A SmolLM2 FLAP model at 0.4 (per-layer shapes): exported f16 and q8_0 with the source
+    GGUF's tokenizer; llama.cpp's perplexity on WikiText-2 windows within 0.5% (f16) and 2%
+    (q8_0) of prunekit's fp32 model, the same greedy tokens in f16."""
+    import copy
+
+    model = copy.deepcopy(smollm2.model)
+    outcome = prunekit.prune(model, smollm2.tokenizer, method="flap", ratio=0.4,
+                             calibration={"samples": 16, "seq_len": 128})  # fmt: skip
+    path = tmp_path / "model"
+    outcome.save(str(path))
+    source = smollm2.info["gguf_path"]  # a run directory's provenance names it by itself
+    for type_name, tolerance in (("f16", 0.005), ("q8_0", 0.02)):
+        report = export(path, type=type_name, check=True, check_windows=2, check_tokens=128,
+                        tokenizer_from=source)  # fmt: skip
+        assert report["arch"] == "deci" and report["tokenizer"].endswith(".gguf")
+        c = report["check"]
+        assert abs(c["ppl_rel_diff"]) < tolerance, (type_name, c)
+        assert "WikiText-2" in c["windows"]
+        if type_name == "f16":
+            assert c["greedy_same"], c
+    from gguf import GGUFReader
+
+    fields = GGUFReader(report["path"]).fields
+    assert "tokenizer.chat_template" in fields and "tokenizer.ggml.merges" in fields
