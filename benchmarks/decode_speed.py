@@ -166,7 +166,7 @@ def main() -> None:
             }  # fmt: skip
         tables[str(bsz)] = table
     report = {
-        "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:]),
+        "command": ("python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:])).strip(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__, "prunekit": prunekit.__version__,
         "model": loaded.info["name"], "date": time.strftime("%Y-%m-%d"),

@@ -168,9 +168,10 @@ def markdown(report: dict) -> str:
         f"Generation: greedy, {s['gen_batch']} prompts of {s['gen_prompt']} tokens, "
         f"{s['new_tokens']} new tokens each; every model warmed up once, then {s['rounds']} "
         "interleaved rounds; medians, one dense time for the table; spread = min-max over rounds. "
-        f"Calibration (pp, pp-seq): {s['calibration_samples']} C4 windows. Ratio: the fraction of "
-        "MLP channels removed per pruned layer, and of heads for pp/pp-seq (GRIFFIN leaves "
-        "attention whole); layers 0-2 dense.",
+        f"Calibration (pp, pp-seq): {s['calibration_samples']} C4 windows. Ratio: the nominal "
+        "ratio r. pp and pp-seq: layers 0-2 dense, the other layers pruned at round(L/(L-3) r, "
+        "2) (PP's rule), heads and MLP channels, MLP counts rounded up to a multiple of 64. "
+        "GRIFFIN: the MLP channels of every layer at r (its default; attention whole).",
         "",
         f"Dense: continuation PPL {d['ppl']:.3f}; prefill {g['prefill_s']:.3f} s "
         f"({g['prefill_tokens_per_s']:.0f} tok/s), decode {g['decode_s']:.3f} s "

@@ -63,7 +63,7 @@ ROWS = {
     "wanda-sp+lora": ("wanda-sp", {}, RECOVERY),
 }
 #: sections of docs/benchmarks.md that other scripts write (kept when the table is rewritten)
-KEPT_SECTIONS = ("equal-compute", "recovery")
+KEPT_SECTIONS = ("equal-compute", "recovery", "deployment")
 TASK_TITLES = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS", "winogrande": "WinoG",
                "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}  # fmt: skip
 
@@ -636,8 +636,8 @@ def main(argv=None) -> int:
     plot(report, png_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(report, image)
-    # the equal-compute and recovery sections belong to benchmarks/equal_compute.py and
-    # benchmarks/recovery.py: keep them
+    # the equal-compute, recovery and deployment sections belong to benchmarks/equal_compute.py,
+    # benchmarks/recovery.py and benchmarks/llama_cpp_export.py: keep them
     old = md_path.read_text() if md_path.is_file() else ""
     for name in KEPT_SECTIONS:
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

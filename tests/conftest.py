@@ -103,3 +103,16 @@ def interrupted_apply():
             torch.optim.AdamW.step = original
 
     return run
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    batch-vs-alone and prunekit-vs-llama.cpp comparisons then see summation order, not the
+    BLAS splitting a matmul differently by its row count (up to ~1e-5 in fp32)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -38,12 +38,7 @@ MODELS = {
 MHA = ["llama-mha", "opt", "gemma3-mha"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _full_attention_only(model) -> bool:

@@ -24,15 +24,7 @@ from prunekit.testing import tiny_gemma3, tiny_llama, tiny_mistral, tiny_opt
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Batch-vs-alone comparisons run single-threaded: with several threads the dense model
-    itself differs by up to ~1e-5 between a row in a batch and the row alone (the BLAS splits
-    the matmuls by their row count), which would hide what these tests check."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: the cache keyword of this transformers version (``cache`` from 5.24, ``past_key_values`` before)
 CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else (
@@ -125,22 +117,29 @@ def test_each_row_gets_the_logits_it_gets_alone(name):
             torch.testing.assert_close(together[b:b + 1], alone, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("step_tokens", [3, 1])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_cached_decoding_matches_a_full_forward_with_the_same_kept_sets(name):
-    """The KV cache stays consistent with each row's kept heads: a continuation forward
-    through the cache equals a cache-free forward of prompt + continuation with the prompt's
-    kept sets held (in float64, where both are exact: fp32 differs by kernel noise only)."""
+def test_cached_decoding_matches_a_full_forward_with_the_same_kept_sets(name, step_tokens):
+    """The KV cache stays consistent with each row's kept heads: continuation forwards
+    through the cache (3 tokens at once, or one at a time as decoding runs, where uneven GQA
+    groups run as zero-padded query slots on the cache as it is) equal a cache-free forward
+    of prompt + continuation with the prompt's kept sets held (in float64, where both are
+    exact: fp32 differs by kernel noise only)."""
     model = MODELS[name]().double()
     dyn, _ = _dynamic(model)
     vocab = model.config.vocab_size
     prompt, more = _prompts(vocab, seq=7), _prompts(vocab, seq=3, seed=9)
     with torch.no_grad():
         out = dyn(input_ids=prompt, use_cache=True)
-        step = dyn(input_ids=more, use_cache=True, **{CACHE: _cache_of(out)}).logits
+        steps = []
+        for i in range(0, 3, step_tokens):
+            out = dyn(input_ids=more[:, i:i + step_tokens], use_cache=True,
+                      **{CACHE: _cache_of(out)})  # fmt: skip
+            steps.append(out.logits)
         with dyn.hold():
             dyn(input_ids=prompt)  # decides on the prompt, as above
             full = dyn(input_ids=torch.cat([prompt, more], 1)).logits
-    torch.testing.assert_close(step, full[:, -3:], atol=1e-10, rtol=0)
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, -3:], atol=1e-10, rtol=0)
 
 
 def test_a_continuation_needs_its_prompts_decisions():
@@ -197,7 +196,7 @@ def test_pp_seq_history_update_averages_the_rows_that_kept_each_channel():
     torch.testing.assert_close(history, want)
 
 
-@pytest.mark.parametrize("method", ["pp", "pp-seq"])
+@pytest.mark.parametrize("method", ["pp", "pp-seq", "pp-fullbatch", "pp-history"])
 def test_greedy_generation_at_ratio_zero_is_dense(method):
     model = tiny_llama(heads=4, kv_heads=4)
     prompt = _prompts(model.config.vocab_size, n=2, seq=8)

@@ -45,12 +45,7 @@ CASES = {
 ATOL = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _saved(tmp_path: Path, model_name: str, method: str, **options) -> Path:
@@ -195,3 +190,33 @@ def test_smollm2_export_carries_its_gguf_tokenizer_and_matches_in_llama_cpp(smol
 
     fields = GGUFReader(report["path"]).fields
     assert "tokenizer.chat_template" in fields and "tokenizer.ggml.merges" in fields
+
+
+def test_a_loraprune_run_directory_exports_with_its_merged_weights(tmp_path):
+    """LoRAPrune (per-layer shapes after an iterative fine-tune, LoRA merged): the export reads
+    the run directory, finds its saved model and matches in llama.cpp."""
+    pytest.importorskip("peft")
+    from prunekit.testing import tiny_tokenizer
+
+    tiny_llama(layers=3, seed=4).save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randint(0, 60, (40, 60), generator=g).tolist()
+    (tmp_path / "text.txt").write_text("\n".join(" ".join(f"w{i}" for i in r) for r in rows))
+    recipe = {
+        "model": {"id": str(tmp_path / "tiny"), "dtype": "float32"},
+        "method": {"name": "loraprune", "ratio": 0.5, "skip_layers": [0], "round_to": 1,
+                   "prune_every": 4, "start": 0.1, "end": 0.2, "keep_lora": True,
+                   "finetune": {"steps": 12, "batch_size": 2, "lr": 5e-3, "dropout": 0.0,
+                                "checkpoint_every": 0}},  # fmt: skip
+        "calibration": {"path": str(tmp_path / "text.txt"), "samples": 16, "seq_len": 16},
+        "evaluation": {"perplexity": []},
+        "runtime": {"batches": 0},
+        "output": {"save_model": True},
+    }
+    prunekit.apply(recipe, output=tmp_path / "run")
+    report = export(tmp_path / "run", type="f32", vocab="none", check=True, check_windows=2,
+                    check_tokens=16, threads=1)  # fmt: skip
+    assert report["source"] == str(tmp_path / "run" / "model")
+    assert report["arch"] == "deci" and report["check"]["max_abs_logit_diff"] < ATOL
+    assert report["check"]["greedy_same"]

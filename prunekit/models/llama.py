@@ -37,9 +37,11 @@ from prunekit.models.pruned_llama import (
     PrunedLlamaAttention,
     attention_forward,
     head_dim_of,
+    kv_slots,
     layer_sliding_window,
     mlp_forward,
     project_qkv,
+    regular_kv_repeat,
 )
 
 __all__ = ["AttentionWeights", "LlamaAdapter", "LlamaLayerAdapter", "MlpWeights",
@@ -170,7 +172,17 @@ class LlamaLayerAdapter(LayerAdapter):
         return q, k, v, o, qb, kb, vb, a.o_proj.bias, kv_index
 
     def attention_weights(self, kept_heads: torch.Tensor | None) -> AttentionWeights:
-        return AttentionWeights(*self._attention_parts(kept_heads), self.head_dim)
+        w = AttentionWeights(*self._attention_parts(kept_heads), self.head_dim)
+        if w.kv_index is not None:
+            n_kv = w.k.shape[0] // self.head_dim
+            # every query head of plain GQA: the kernel repeats K/V (no copy per step); else
+            # the slots of the kept heads in equal groups, for decoding steps
+            repeat = regular_kv_repeat(w.kv_index, n_kv) if kept_heads is None else None
+            if repeat:
+                w.kv_index, w.kv_repeat = None, repeat
+            else:
+                w.kv_slots, w.kv_repeat = kv_slots(w.kv_index, n_kv)
+        return w
 
     def mlp_weights(self, kept: torch.Tensor | None) -> MlpWeights:
         m = self.mlp

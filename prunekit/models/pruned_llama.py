@@ -55,9 +55,41 @@ class AttentionWeights:
     k_bias: torch.Tensor | None
     v_bias: torch.Tensor | None
     o_bias: torch.Tensor | None
-    #: KV head used by each kept query head (None: one KV head per query head, in order)
+    #: KV head used by each kept query head (None: one KV head per query head, in order, or
+    #: ``kv_repeat`` consecutive query heads per KV head)
     kv_index: torch.Tensor | None
     head_dim: int
+    #: with ``kv_index`` None: consecutive query heads per K/V head (GQA left whole), handed
+    #: to the attention kernel (``num_key_value_groups``) instead of copying K/V per query head
+    kv_repeat: int = 1
+    #: with ``kv_index`` (uneven groups): each kept query head's slot in a layout of
+    #: ``kv_repeat`` slots per K/V head (:func:`kv_slots`), so that a decoding step can run the
+    #: kernel on zero-padded queries against the cached K/V as they are, instead of copying
+    #: the cache per query head
+    kv_slots: torch.Tensor | None = None
+
+
+def kv_slots(kv_index: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, int]:
+    """``(slots, g)``: with ``g`` the largest number of query heads on one K/V head, query head
+    ``i`` goes to slot ``kv_index[i] * g + (its rank among the heads on that K/V head)``."""
+    ranks: list[int] = []
+    seen: dict[int, int] = {}
+    for j in kv_index.tolist():
+        ranks.append(seen.get(j, 0))
+        seen[j] = ranks[-1] + 1
+    g = max(seen.values(), default=1)
+    return kv_index * g + torch.tensor(ranks, dtype=kv_index.dtype, device=kv_index.device), g
+
+
+def regular_kv_repeat(kv_index: torch.Tensor, num_kv_heads: int) -> int | None:
+    """``g`` when ``kv_index`` is ``[0]*g + [1]*g + ...`` over all ``num_kv_heads`` heads
+    (plain GQA), else None."""
+    n = kv_index.numel()
+    if num_kv_heads < 1 or n % num_kv_heads:
+        return None
+    g = n // num_kv_heads
+    grouped = torch.arange(num_kv_heads, device=kv_index.device).repeat_interleave(g)
+    return g if torch.equal(kv_index, grouped) else None
 
 
 @dataclass
@@ -148,8 +180,16 @@ def attention_forward(x, w: AttentionWeights, position_embeddings, attention_mas
     q, k, v = project_qkv(x, w, *position_embeddings)
     if cache is not None:
         k, v = cache.update(k, v, kernel.layer_idx, kwargs=kwargs)
-    if w.kv_index is not None:
+    repeat, slots = w.kv_repeat, None
+    if w.kv_index is not None and w.kv_slots is not None and seq == 1 and q.shape[1]:
+        # a decoding step: the cache is far larger than the query, so pad the queries into
+        # equal groups (zero queries, dropped after) and let the kernel repeat K/V itself
+        slots, repeat = w.kv_slots, w.kv_repeat
+        padded = q.new_zeros(bsz, k.shape[1] * repeat, seq, hd)
+        q = padded.index_copy_(1, slots, q)
+    elif w.kv_index is not None:
         k, v = k.index_select(1, w.kv_index), v.index_select(1, w.kv_index)
+        repeat = 1
     if q.shape[1] == 0:  # every head pruned: the block contributes only its bias
         out = torch.zeros(bsz, seq, 0, dtype=x.dtype, device=x.device)
     else:
@@ -160,8 +200,12 @@ def attention_forward(x, w: AttentionWeights, position_embeddings, attention_mas
               if k_ not in ("position_ids", "use_cache", "sliding_window")}  # fmt: skip
         if kernel.sliding_window is not None:
             kw["sliding_window"] = kernel.sliding_window
+        # the kernel repeats K/V itself (sdpa's enable_gqa without a mask, no copy)
+        kernel.num_key_value_groups = repeat
         scaling = kernel.scaling if kernel.scaling is not None else hd**-0.5
         out, _ = fn(kernel, q, k, v, attention_mask, dropout=0.0, scaling=scaling, **kw)
+        if slots is not None:  # [B, T, slots, d]: the kept heads' own outputs
+            out = out.index_select(2, slots)
         out = mask_units(out.reshape(bsz, seq, -1).contiguous(), unit_mask, hd)
     y = F.linear(out, w.o, w.o_bias)
     return (y, out) if return_o_input else y

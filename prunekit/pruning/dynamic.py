@@ -263,6 +263,19 @@ class DynamicDecoderLayer(nn.Module):
     def runtime(self) -> Runtime:
         return self._runtime[0]
 
+    def _dispatched(self) -> bool:
+        """Whether accelerate hooks this layer or a module of it. Asked per forward, but the
+        walk over the layer's modules is done again only when their set changes (a model
+        dispatched after it was wrapped), not on every decoding step."""
+        modules = self.layer._modules
+        key = (id(self.layer), len(modules), hasattr(self.layer, "_hf_hook"))
+        cached = getattr(self, "_dispatch_cache", None)
+        if cached is None or cached[0] != key:
+            found = any(hasattr(m, "_hf_hook") for m in self.layer.modules())
+            self._dispatch_cache = (key, found)
+            return found
+        return cached[1]
+
     def _plan(self, la: LayerAdapter, group: str, kept: torch.Tensor | None,
               device: torch.device) -> Plan:  # fmt: skip
         """Gathered weights for ``kept``: None or 1-D (or rows that all agree) as one kept set,
@@ -428,7 +441,7 @@ class DynamicDecoderLayer(nn.Module):
                 batch.cache = cache
                 if not batch.continuing:
                     rt.bind(batch)
-        if any(hasattr(m, "_hf_hook") for m in self.layer.modules()):  # accelerate's
+        if self._dispatched():  # accelerate's
             out = _run_dispatched(self.layer, batch, la.index, hidden_states, kwargs,
                                   lambda h, kw: la.run_block(h, driver=self._drive, **kw))  # fmt: skip
         else:
