@@ -62,13 +62,15 @@ MEMORY_SCRIPT = """
 import resource, sys
 import numpy as np
 import llama_cpp
-llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_batch=512,
-                      n_threads=int(sys.argv[3]), verbose=False)
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_batch=int(sys.argv[2]),
+                      n_ubatch=512, n_threads=int(sys.argv[3]), verbose=False)
 tokens = list(np.random.default_rng(0).integers(0, llm.n_vocab(), int(sys.argv[4])))
 llm.eval(tokens)
 for _ in range(int(sys.argv[5])):
     llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM: the peak of this address space (ru_maxrss would keep the forking parent's across exec)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+print(int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
@@ -98,8 +100,10 @@ class Timed:
     def __init__(self, path: Path, n_ctx: int, threads: int) -> None:
         import llama_cpp
 
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512,
-                                   n_threads=threads, n_threads_batch=threads,
+        # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of last-token logits, indexed
+        # by position, when it does not keep every position's (logits_all)
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx,
+                                   n_ubatch=512, n_threads=threads, n_threads_batch=threads,
                                    verbose=False)  # fmt: skip
 
     def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float]:
@@ -147,36 +151,10 @@ def kv_bytes_per_step(shapes: dict, context: float, elem: int = 2) -> float:
     return sum(2 * k * shapes["head_dim"] * context * elem for k in kv)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
-    parser.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_0"])
-    parser.add_argument("--windows", type=int, default=40)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--workdir", default=None, help="keep the exported files here")
-    parser.add_argument("--quick", action="store_true", help="smoke test, not a result")
-    args = parser.parse_args()
-    calibration = dict(CALIBRATION)
-    if args.quick:
-        args.windows, args.seq_len, args.prompt_tokens, args.new_tokens = 2, 64, 64, 8
-        args.rounds, args.ratios, args.methods, args.types = 1, [0.4], args.methods[:1], ["q8_0"]
-        calibration.update(samples=16, seq_len=64)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="llama_cpp_export-"))
-    work.mkdir(parents=True, exist_ok=True)
-    loaded = load_model("smollm2-135m-instruct", dtype="float32")
-    tokenizer, source_gguf = loaded.tokenizer, loaded.info["gguf_path"]
-    adapter = resolve_adapter(loaded.model)
-    windows = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), args.seq_len,
-                           args.windows, "random", seed=0, batch_size=20)  # fmt: skip
-    prompt = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), args.prompt_tokens, 1,
-                          "random", seed=1, batch_size=1)[0].tolist()  # fmt: skip
-
-    # 1. prune, save, evaluate in prunekit (fp32), export every type
+def quality(args, work: Path, calibration: dict, tokenizer, source_gguf, adapter, loaded,
+            windows: torch.Tensor, batch: int) -> list[dict]:  # fmt: skip
+    """Prune, save, evaluate in prunekit (fp32) and export every model at every type; then
+    every file's perplexity through llama.cpp and what a decoding step reads."""
     models: list[dict] = []
     for method, ratio in [("dense", 0.0)] + [(m, r) for r in args.ratios for m in args.methods]:
         model = load_model("smollm2-135m-instruct", dtype="float32").model
@@ -184,7 +162,7 @@ def main() -> None:
                                  calibration=calibration)  # fmt: skip
         directory = work / f"{method}-{ratio}" / "model"
         outcome.save(str(directory))
-        ppl = perplexity(outcome.model, windows, 20, description=f"{method} {ratio}")["ppl"]
+        ppl = perplexity(outcome.model, windows, batch, description=f"{method} {ratio}")["ppl"]
         reduction = structure_reduction(adapter, outcome.structure, args.prompt_tokens,
                                         head_macs(loaded.model))  # fmt: skip
         row = {"method": method, "ratio": ratio, "ppl_prunekit_fp32": ppl,
@@ -201,7 +179,7 @@ def main() -> None:
         del model, outcome
         gc.collect()
 
-    # 2. quality through llama.cpp
+    # quality through llama.cpp
     for row in models:
         for type_name, f in row["files"].items():
             f["ppl_llamacpp"] = llama_ppl(Path(f["path"]), windows, args.threads)
@@ -213,7 +191,12 @@ def main() -> None:
             log(f"{row['method']} {row['ratio']} {type_name}: llama.cpp ppl "
                 f"{f['ppl_llamacpp']:.3f} ({100 * f['ppl_rel_diff']:+.2f}%)")
 
-    # 3. speed, interleaved: every file loaded, one warm-up round, then the timed rounds
+    return models
+
+
+def speed(args, models: list[dict], prompt: list[int]) -> None:
+    """Every file timed in interleaved rounds, then its peak memory in a fresh process."""
+    # interleaved: every file loaded, one warm-up round, then the timed rounds
     n_ctx = args.prompt_tokens + args.new_tokens + 8
     timed = {(i, t): Timed(Path(f["path"]), n_ctx, args.threads)
              for i, row in enumerate(models) for t, f in row["files"].items()}  # fmt: skip
@@ -233,7 +216,7 @@ def main() -> None:
         f["prefill_tokens_per_s"] = args.prompt_tokens / statistics.median(tt["prefill"])
         f["decode_tokens_per_s"] = args.new_tokens / statistics.median(tt["decode"])
 
-    # 4. peak memory of a fresh process per file
+    # peak memory of a fresh process per file
     for row in models:
         for f in row["files"].values():
             out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, f["path"], str(n_ctx),
@@ -241,6 +224,52 @@ def main() -> None:
                                   str(args.new_tokens)],
                                  capture_output=True, text=True, check=True)  # fmt: skip
             f["peak_rss_bytes"] = int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
+    parser.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_0"])
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--workdir", default=None, help="keep the exported files here")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the workdir's exported files and quality results (quality.json) "
+                             "from an earlier run with the same settings; time them again")
+    parser.add_argument("--quick", action="store_true", help="smoke test, not a result")
+    args = parser.parse_args()
+    calibration = dict(CALIBRATION)
+    if args.quick:
+        args.windows, args.seq_len, args.prompt_tokens, args.new_tokens = 2, 64, 64, 8
+        args.rounds, args.ratios, args.methods, args.types = 1, [0.4], args.methods[:1], ["q8_0"]
+        calibration.update(samples=16, seq_len=64)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="llama_cpp_export-"))
+    work.mkdir(parents=True, exist_ok=True)
+    loaded = load_model("smollm2-135m-instruct", dtype="float32")
+    tokenizer, source_gguf = loaded.tokenizer, loaded.info["gguf_path"]
+    adapter = resolve_adapter(loaded.model)
+    batch = min(20, args.windows)
+    windows = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), args.seq_len,
+                           args.windows, "random", seed=0, batch_size=batch)  # fmt: skip
+    prompt = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), args.prompt_tokens, 1,
+                          "random", seed=1, batch_size=1)[0].tolist()  # fmt: skip
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("quick", "workdir", "resume",
+                                                                "rounds")}  # fmt: skip
+    cached = work / "quality.json"
+    if args.resume and cached.is_file() and json.loads(cached.read_text())["settings"] == settings:
+        models = json.loads(cached.read_text())["models"]
+        log(f"reusing {cached}: the pruned models, exports and perplexities")
+    else:
+        models = quality(args, work, calibration, tokenizer, source_gguf, adapter, loaded,
+                         windows, batch)  # fmt: skip
+        cached.write_text(json.dumps({"settings": settings, "models": models}, indent=1) + "\n")
+    speed(args, models, prompt)
 
     # speed-ups and limits against dense of the same type
     dense = models[0]["files"]

@@ -190,6 +190,17 @@ def test_smollm2_export_carries_its_gguf_tokenizer_and_matches_in_llama_cpp(smol
 
     fields = GGUFReader(report["path"]).fields
     assert "tokenizer.chat_template" in fields and "tokenizer.ggml.merges" in fields
+    # without a source GGUF: the model directory's Hugging Face BPE tokenizer, converted; llama.cpp
+    # then tokenizes text as the tokenizer does
+    import llama_cpp
+
+    hf = export(path, type="q8_0", output=tmp_path / "hf.gguf")
+    assert hf["tokenizer"] == "hf"
+    llm = llama_cpp.Llama(model_path=hf["path"], vocab_only=True, verbose=False)
+    text = "The capital of France is Paris; it has 2,165,423 inhabitants."
+    want = smollm2.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == want
+    llm.close()
 
 
 def test_a_loraprune_run_directory_exports_with_its_merged_weights(tmp_path):
