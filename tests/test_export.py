@@ -1,7 +1,8 @@
 """``prunekit export --to gguf``: checked by llama.cpp itself, not by prunekit.
 
 Every static method's saved model on every exportable adapter (tiny random models: MHA, GQA,
-Qwen2's q/k/v biases, Mistral), uniform and per-layer shapes, is loaded by llama.cpp
+Qwen2's q/k/v biases, Mistral; Gemma-3 with one shape per layer), uniform and per-layer shapes,
+is loaded by llama.cpp
 (``llama-cpp-python``) and must give the fp32 model's logits and greedy tokens. CI installs
 the bindings (``.ci/run``) and sets ``PRUNEKIT_REQUIRE_LLAMA_CPP=1``, so these tests cannot be
 skipped there.
@@ -150,7 +151,7 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys):
 
 @pytest.mark.parametrize("factory,words", [
     (lambda: tiny_opt(), "llama.cpp has no OPT architecture"),
-    (lambda: tiny_gemma3(), "Gemma-3 does not export"),
+    (lambda: tiny_gemma3(), "query_pre_attn_scalar is 24, not the head size 32"),
     (lambda: tiny_mistral(sliding_window=5), "sliding window of 5 tokens"),
 ])  # fmt: skip
 def test_architectures_llama_cpp_cannot_hold_are_refused_before_writing(tmp_path, factory,
@@ -231,3 +232,59 @@ def test_a_loraprune_run_directory_exports_with_its_merged_weights(tmp_path):
     assert report["source"] == str(tmp_path / "run" / "model")
     assert report["arch"] == "deci" and report["check"]["max_abs_logit_diff"] < ATOL
     assert report["check"]["greedy_same"]
+
+
+def _gemma3():
+    model = tiny_gemma3(layers=3, sliding_window=4)
+    model.config.query_pre_attn_scalar = model.config.head_dim  # what llama.cpp's gemma3 scales by
+    return model
+
+
+class _TableGelu(torch.nn.Module):
+    """llama.cpp's CPU GELU (GGML_GELU_FP16): tanh-GELU read from a table indexed by the input
+    rounded to fp16, stored in fp16; exact beyond |x| >= 10."""
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        y = F.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_gemma3_with_one_shape_in_every_layer_exports_as_gemma3(tmp_path, pruned):
+    """Gemma-3 dense, or pruned to one shape in every layer, as llama.cpp's gemma3 (sandwich
+    and q/k norms as 1 + weight, sliding windows, local RoPE base): its logits are the model's
+    with llama.cpp's own GELU (an fp16 table) within 1e-3, and within 5e-3 of exact GELU."""
+    model = _gemma3()
+    path = tmp_path / "model"
+    if pruned:
+        calibration = torch.randint(3, 128, (32, 32), generator=torch.Generator().manual_seed(1))
+        outcome = prunekit.prune(model, None, method="wanda-sp", ratio=0.4, round_to=1,
+                                 calibration=calibration, skip_layers=[],
+                                 allocator={"name": "uniform", "balanced_kv": True})  # fmt: skip
+        assert {(r["heads"], r["channels"]) for r in outcome.structure} == {(3, 58)}
+        outcome.save(str(path))
+    else:
+        model.save_pretrained(path)
+    report = export(path, type="f32", vocab="none", check=True, check_windows=2,
+                    check_tokens=24, threads=1)  # fmt: skip
+    assert report["arch"] == "gemma3"
+    assert report["check"]["max_abs_logit_diff"] < 5e-3 and report["check"]["greedy_same"]
+    from prunekit.export.check import check_gguf
+
+    reloaded = prunekit.load_pruned(str(path), dtype=torch.float32)
+    for layer in reloaded.model.layers:
+        layer.mlp.act_fn = _TableGelu()
+    table = check_gguf(report["path"], reloaded, windows=2, tokens=24, threads=1)
+    assert table["max_abs_logit_diff"] < 1e-3, table
+
+
+def test_gemma3_with_per_layer_shapes_is_refused_with_what_would_export(tmp_path):
+    calibration = torch.randint(3, 128, (32, 32), generator=torch.Generator().manual_seed(1))
+    outcome = prunekit.prune(_gemma3(), None, method="wanda-sp", ratio=0.4, round_to=1,
+                             calibration=calibration, skip_layers=[0])  # fmt: skip
+    outcome.save(str(tmp_path / "model"))
+    with pytest.raises(ExportError, match="per-layer shapes .*skip_layers: \\[\\]"):
+        export(tmp_path / "model", vocab="none", output=tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()

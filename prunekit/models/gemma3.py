@@ -84,15 +84,11 @@ class Gemma3Adapter(LlamaAdapter):
     needs_bos = True
 
     def gguf_model(self):
-        from prunekit.errors import ExportError
+        """llama.cpp's ``gemma3`` architecture, for one shape in every layer
+        (:func:`prunekit.models.gguf_llama.gemma3_gguf_model`)."""
+        from prunekit.models.gguf_llama import gemma3_gguf_model
 
-        raise ExportError(
-            "Gemma-3 does not export to GGUF from prunekit yet: llama.cpp's gemma3 architecture "
-            "holds one head count and FFN width for every layer (a uniformly pruned Gemma-3 "
-            "would be expressible there, which prunekit does not write yet), and per-layer "
-            "shapes are not expressible at all (llama.cpp's deci architecture, which reads them, "
-            "has no Gemma-3 sandwich norms, embedding scale or sliding-window layers)"
-        )
+        return gemma3_gguf_model(self)
 
     def plain_bias_keys(self, config, o_bias, down_bias):
         # an o_proj bias needs attention_bias (zero q/k/v biases with it); the MLP has no switch
