@@ -70,13 +70,28 @@ def resolve_source(source: str | Path) -> tuple[Path, dict, dict]:
     return model_dir, meta, provenance
 
 
-def _source_gguf(meta: dict, provenance: dict) -> Path | None:
-    """The GGUF file the dense model was loaded from, when it is still on this machine."""
-    for record in (meta.get("source_model") or {}, provenance.get("model") or {}):
+def _source_gguf(meta: dict, provenance: dict) -> Path | str | None:
+    """The GGUF file the dense model was loaded from when it is still on this machine, else
+    the model alias it came from (whose file can be assembled again), else None."""
+    from prunekit.models.loading import ALIASES
+
+    records = (meta.get("source_model") or {}, provenance.get("model") or {})
+    for record in records:
         path = record.get("gguf_path")
         if path and Path(path).is_file():
             return Path(path)
+    for record in records:
+        if record.get("source") == "alias" and record.get("id") in ALIASES:
+            return str(record["id"])
     return None
+
+
+def _alias_tokenizer_fields(alias: str):
+    from prunekit.export.gguf import tokenizer_fields_from_gguf
+    from prunekit.models.loading import alias_gguf
+
+    with alias_gguf(alias) as path:
+        return tokenizer_fields_from_gguf(path)
 
 
 def _default_output(model_dir: Path, type_name: str) -> Path:
@@ -136,8 +151,13 @@ def export(source: str | Path, to: str = "gguf", type: str = "f16",
                 raise ExportError(f"--tokenizer-from {gguf_source}: no such file")
         else:
             gguf_source = _source_gguf(meta, provenance)
-        tokenizer_fields = (tokenizer_fields_from_gguf(gguf_source) if gguf_source is not None
-                            else None)  # fmt: skip
+        if isinstance(gguf_source, str):  # an alias: its GGUF assembled again, then removed
+            tokenizer_fields = _alias_tokenizer_fields(gguf_source)
+            gguf_source = f"model alias {gguf_source}"
+        elif gguf_source is not None:
+            tokenizer_fields = tokenizer_fields_from_gguf(gguf_source)
+        else:
+            tokenizer_fields = None
     else:
         tokenizer_fields = []
 
@@ -183,6 +203,5 @@ def export(source: str | Path, to: str = "gguf", type: str = "f16",
 
         report["check"] = check_gguf(out, model, adapter, windows=check_windows,
                                      tokens=check_tokens, threads=threads,
-                                     text=tokenizer_fields is not None and vocab != "none"
-                                     and gguf_source is not None, model_dir=model_dir)  # fmt: skip
+                                     text=vocab != "none", model_dir=model_dir)  # fmt: skip
     return report

@@ -78,17 +78,24 @@ def _nll(logits: np.ndarray, tokens: list[int]) -> tuple[float, int]:
 
 
 def check_windows(model_dir: Path | None, vocab: int, windows: int, tokens: int,
-                  text: bool, seed: int = 0) -> tuple[torch.Tensor, str]:  # fmt: skip
-    """The windows to compare on: random WikiText-2 test windows when the file has the
-    model's tokenizer, else random token ids."""
+                  text: bool, seed: int = 0, adapter=None) -> tuple[torch.Tensor, str]:  # fmt: skip
+    """The windows to compare on: random WikiText-2 test windows (starting with BOS where the
+    adapter needs it) when the model directory has its tokenizer, else random token ids."""
+    tokenizer = None
     if text and model_dir is not None:
         from transformers import AutoTokenizer
 
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        except (OSError, ValueError):
+            tokenizer = None
+    if tokenizer is not None:
         from prunekit.data import eval_windows, locate_corpus
+        from prunekit.runner import sequence_bos
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        bos = sequence_bos("auto", adapter, tokenizer) if adapter is not None else None
         ids = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), tokens, windows,
-                           "random", seed=seed, batch_size=windows)  # fmt: skip
+                           "random", seed=seed, batch_size=windows, bos_id=bos)  # fmt: skip
         return ids, f"{windows} random WikiText-2 test windows of {tokens} tokens (seed {seed})"
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (windows, tokens), generator=g)
@@ -102,10 +109,9 @@ def check_gguf(path: str | Path, model, adapter=None, *, windows: int = 4, token
     """Run the GGUF at ``path`` in llama.cpp and ``model`` (fp32, prunekit) on the same
     windows: the largest absolute logit difference, both perplexities, and whether a greedy
     continuation of the first window's first half gives the same tokens."""
-    del adapter  # the model answers like a Hugging Face causal LM
     vocab = model.get_input_embeddings().weight.shape[0]
     if ids is None:
-        ids, described = check_windows(model_dir, vocab, windows, tokens, text)
+        ids, described = check_windows(model_dir, vocab, windows, tokens, text, adapter=adapter)
     else:
         described = f"{ids.shape[0]} given windows of {ids.shape[1]} tokens"
     model = model.float().eval()

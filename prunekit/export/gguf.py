@@ -99,6 +99,14 @@ def tokenizer_fields_from_hf(tokenizer, vocab_size: int) -> list[tuple[str, Any,
                           "--tokenizer-from a GGUF file of the dense model")  # fmt: skip
     spec = json.loads(backend.to_str())
     model = spec.get("model", {})
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if not any(p.get("type") == "ByteLevel" for p in parts) or model.get("byte_fallback"):
+        raise ExportError("the tokenizer is not a byte-level BPE (GPT-2 style: it splits on "
+                          "spaces or falls back to bytes, as SentencePiece-style ones do), which "
+                          "llama.cpp reads as another tokenizer kind; pass --tokenizer-from a "
+                          "GGUF file of the dense model (llama.cpp's convert_hf_to_gguf.py "
+                          "writes one), or --vocab none")  # fmt: skip
     if model.get("type") != "BPE" or not isinstance(model.get("merges"), list):
         raise ExportError(f"the {model.get('type')} tokenizer has no llama.cpp equivalent "
                           "prunekit can write; pass --tokenizer-from a GGUF file of the dense "

