@@ -358,6 +358,12 @@ def markdown(report: dict) -> str:
                 f"({lo:.2f}-{hi:.2f}) | {f['decode_bytes_limit']:.2f} | "
                 f"{100 * f['of_bytes_limit']:.0f}% |"
             )
+    lines += [
+        "",
+        "Speed-ups of one type's files timed apart (only those files in the process) at several "
+        "context lengths: `python benchmarks/llama_cpp_context.py --type TYPE`, "
+        "[llama_cpp_context.md](llama_cpp_context.md).",
+    ]
     return "\n".join(lines) + "\n"
 
 
