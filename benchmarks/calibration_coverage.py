@@ -78,8 +78,9 @@ def coverage(places: list[tuple[int, int]], docs: list[torch.Tensor], seq_len: i
 
 def main(argv: list[str] | None = None) -> int:
     from prunekit._files import write_atomic
+    from prunekit.context import PruneContext
     from prunekit.data.corpora import _encode, load_documents
-    from prunekit.runner import PruneContext, load, validate
+    from prunekit.runner import load, validate
     from prunekit.sweep import resolve_sweep
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if plan.recipe.model.id != plans[0][1].recipe.model.id:
             raise SystemExit(f"{args.recipe}: its cells use several models; run it per model")
         ctx = PruneContext(model=loaded.model, tokenizer=loaded.tokenizer,
-                           adapter=loaded.adapter, settings=plan.settings, recipe=plan.recipe,
+                           adapter=loaded.adapter, settings=plan.settings, run_recipe=plan.recipe,
                            calibration_source=plan.calibration_source, use_cache=False)  # fmt: skip
         windows = ctx.calibration_windows()
         seq_len = windows.shape[1]

@@ -43,12 +43,11 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.data import eval_windows, locate_corpus
+from prunekit.data import eval_windows, locate_corpus, sequence_bos
 from prunekit.evaluation.generation import decode_bytes, greedy
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.models.loading import load_model
 from prunekit.registry import resolve_adapter
-from prunekit.runner import sequence_bos
 
 HERE = Path(__file__).resolve().parent
 

@@ -35,14 +35,14 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.data import eval_windows, locate_corpus
+from prunekit.data import eval_windows, locate_corpus, sequence_bos
 from prunekit.data.tasks import load_questions, locate_task
+from prunekit.evaluation.costs import structure_reduction
 from prunekit.evaluation.generation import greedy, time_generation
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.evaluation.zeroshot import evaluate_questions
 from prunekit.models.loading import load_model
 from prunekit.registry import resolve_adapter
-from prunekit.runner import sequence_bos, structure_reduction
 
 HERE = Path(__file__).resolve().parent
 TASKS = ["arc_easy", "piqa", "boolq"]

@@ -98,9 +98,11 @@ def time_cells(sweep_dir: Path, rounds: int, batches: int | None,
     import torch
 
     import prunekit
+    from prunekit.evaluation.costs import structure_reduction
     from prunekit.evaluation.runtime import Contender, time_interleaved
     from prunekit.models.loading import load_model
-    from prunekit.runner import perplexity_windows, prepare, structure_reduction
+    from prunekit.plan import perplexity_windows
+    from prunekit.runner import prepare
     from prunekit.sweep import cell_state, load_sweep
 
     _, cells = load_sweep(sweep_dir)

@@ -47,6 +47,7 @@ import torch
 
 import prunekit
 from prunekit.components import ATTN, MLP
+from prunekit.evaluation.costs import head_macs, structure_reduction
 from prunekit.evaluation.runtime import (
     Contender,
     describe_speedup,
@@ -59,7 +60,6 @@ from prunekit.evaluation.runtime import (
 from prunekit.pruning.dynamic import BatchState
 from prunekit.pruning.static import same_shape
 from prunekit.registry import resolve_adapter
-from prunekit.runner import head_macs, structure_reduction
 
 HERE = Path(__file__).resolve().parent
 #: LLaMA-2-7B's shape (meta-llama/Llama-2-7b-hf config.json)

@@ -44,12 +44,12 @@ import torch
 
 import prunekit
 from prunekit.data import eval_windows, locate_corpus
+from prunekit.evaluation.costs import head_macs, structure_reduction
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.export import export
 from prunekit.export.check import LlamaCppRunner
 from prunekit.models.loading import load_model
 from prunekit.registry import resolve_adapter
-from prunekit.runner import head_macs, structure_reduction
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

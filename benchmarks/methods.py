@@ -38,12 +38,12 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.data import eval_windows, locate_corpus
+from prunekit.data import eval_windows, locate_corpus, sequence_bos
+from prunekit.evaluation.costs import structure_reduction
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.evaluation.runtime import Contender, time_interleaved
 from prunekit.models.loading import load_model
 from prunekit.registry import resolve_adapter
-from prunekit.runner import sequence_bos, structure_reduction
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["pp-fullbatch", "pp", "pp-history", "pp-calib", "wanda-sp", "flap", "llm-pruner"]

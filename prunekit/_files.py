@@ -10,6 +10,7 @@ never leaves a stale one. Written here rather than taken from a package (``filel
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -90,3 +91,23 @@ def tensor_sha256(flat: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+#: sha256 memo of files by (path, size, mtime): a run hashes the same data files often
+_FILE_HASH_MEMO: dict[tuple[str, int, int], str] = {}
+_HASH_BLOCK = 1 << 22  # bytes per read
+
+
+def sha256_file(path: Path) -> str:
+    """Streamed sha256 of a file, memoised in-process by (path, size, mtime)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    cached = _FILE_HASH_MEMO.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    _FILE_HASH_MEMO[key] = digest.hexdigest()
+    return _FILE_HASH_MEMO[key]

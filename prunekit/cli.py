@@ -254,10 +254,12 @@ def generate_cmd(
     """
     import torch
 
+    from prunekit.data import sequence_bos
     from prunekit.errors import RecipeError
     from prunekit.evaluation.generation import left_padded
     from prunekit.evaluation.zeroshot import _pad_id
-    from prunekit.runner import model_context, prepare, sequence_bos
+    from prunekit.plan import model_context
+    from prunekit.runner import prepare
 
     _quiet(quiet)
     if not prompt:

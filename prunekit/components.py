@@ -684,7 +684,7 @@ class Method(ABC):
 
     @abstractmethod
     def prune(self, ctx: Any) -> PruneOutcome:
-        """Prune ``ctx.model`` (see :class:`prunekit.runner.PruneContext`)."""
+        """Prune ``ctx.model`` (see :class:`prunekit.context.PruneContext`)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -553,10 +553,10 @@ def test_bos_auto_follows_the_adapter_and_true_needs_a_bos_token():
 
     import pytest
 
+    from prunekit.data import sequence_bos
     from prunekit.errors import DataError
     from prunekit.models.gemma3 import Gemma3Adapter
     from prunekit.models.llama import LlamaAdapter
-    from prunekit.runner import sequence_bos
 
     tok = SimpleNamespace(bos_token_id=2)
     assert sequence_bos("auto", Gemma3Adapter, tok) == 2

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from prunekit import hookimpl
-from prunekit.components import Method, PruneOutcome
+from prunekit.plugin import Method, PruneOutcome, hookimpl
 
 
 class Dense(Method):

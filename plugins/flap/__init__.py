@@ -18,10 +18,17 @@ from typing import Any
 
 import torch
 
-from prunekit import hookimpl
-from prunekit.components import ATTN, MLP, Allocation
-from prunekit.pruning.allocation import kept_channels, per_layer_ratio, top_units
-from prunekit.pruning.static import StaticMethod
+from prunekit.plugin import (
+    ATTN,
+    MLP,
+    Allocation,
+    RecipeError,
+    StaticMethod,
+    hookimpl,
+    kept_channels,
+    per_layer_ratio,
+    top_units,
+)
 
 
 class Fluctuation:
@@ -87,8 +94,6 @@ class Fluctuation:
 
     def finalize(self, state) -> dict[str, torch.Tensor]:
         if int(state["batches"]) < 2:
-            from prunekit.errors import RecipeError
-
             raise RecipeError(
                 "calibration: the fluctuation statistic needs at least 2 calibration batches "
                 "(the first batch only feeds the running mean); raise calibration.samples above "

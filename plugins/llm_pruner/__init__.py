@@ -29,10 +29,14 @@ import time
 
 import torch
 
-from prunekit import hookimpl
-from prunekit.devices import input_device, is_offloaded
-from prunekit.errors import ModelError, RecipeError
-from prunekit.pruning.static import StaticMethod
+from prunekit.plugin import (
+    ModelError,
+    RecipeError,
+    StaticMethod,
+    hookimpl,
+    input_device,
+    is_offloaded,
+)
 
 
 def unit_taylor(layer, group: str) -> torch.Tensor:
@@ -163,16 +167,7 @@ class LlmPruner(StaticMethod):
     def _grad_windows(self, ctx) -> torch.Tensor:
         n = int(self.settings.options.get("grad_samples", 10))
         seq = int(self.settings.options.get("grad_seq_len", 128))
-        if ctx.calibration_windows_override is not None:
-            return ctx.calibration_windows_override[:n, :seq]
-        from prunekit.data import calibration_windows, locate_calibration_corpus
-
-        c = ctx.recipe.calibration
-        source = ctx.calibration_source or locate_calibration_corpus(
-            c.dataset, c.split, c.path, c.text_field, data_dir=ctx.recipe.data_dir
-        )
-        return calibration_windows(ctx.tokenizer, source, n, seq, seed=ctx.recipe.seed,
-                                   bos_id=ctx.calibration_bos_id())  # fmt: skip
+        return ctx.calibration_windows(n, seq)
 
     def statistics(self):
         return []

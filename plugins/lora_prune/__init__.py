@@ -38,10 +38,15 @@ import time
 import torch
 from pydantic import ValidationError
 
-from prunekit import hookimpl
-from prunekit.components import Allocation
-from prunekit.pruning.static import StaticMethod
-from prunekit.recipe import FineTuneConfig
+from prunekit.plugin import (
+    OVERLAP_TOKENS,
+    Allocation,
+    FineTuneConfig,
+    LoraTrainer,
+    StaticMethod,
+    check_target_modules,
+    hookimpl,
+)
 
 #: the reference's EMA weight of the previous importance
 EMA = 0.9
@@ -111,8 +116,6 @@ class LoraPrune(StaticMethod):
                                for e in exc.errors()) if isinstance(exc, ValidationError) else exc  # fmt: skip
             problems.append(f"method.finetune: {detail}")
         else:
-            from prunekit.recovery import check_target_modules
-
             problem = check_target_modules(recipe.model.id, finetune.target_modules)
             if problem:
                 problems.append(f"method.finetune.target_modules: {problem}")
@@ -143,13 +146,6 @@ class LoraPrune(StaticMethod):
         return []
 
     def prune(self, ctx):
-        from prunekit.recovery import (
-            OVERLAP_TOKENS,
-            LoraTrainer,
-            default_checkpoint_dir,
-            keep_out_evaluated,
-        )
-
         settings, o = self.settings, {**self.option_defaults, **self.settings.options}
         if settings.ratio == 0:
             return super().prune(ctx)
@@ -166,17 +162,13 @@ class LoraPrune(StaticMethod):
             # the merged adapters are trained weights: like recovery, never train them on an
             # evaluated text. Without them (w/o LoRA) the windows only steer which units are
             # kept, as every method's calibration text does, and all of them are used.
-            windows, dropped, excluded = keep_out_evaluated(windows, ctx.recipe, ctx.tokenizer,
-                                                     what="loraprune (keep_lora: true)")  # fmt: skip
+            windows, dropped, excluded = ctx.keep_out_evaluated(
+                windows, what="loraprune (keep_lora: true)")  # fmt: skip
         ckpt = None
         if finetune.checkpoint_every:
-            ckpt = finetune.checkpoint_dir or default_checkpoint_dir(
-                ctx.recipe.output_dir(), "loraprune")  # fmt: skip
-        identity = {"model": ctx.recipe.model.model_dump(mode="json"),
-                    "method": ctx.recipe.method.model_dump(mode="json"),
-                    "calibration": ctx.recipe.calibration.model_dump(mode="json")}  # fmt: skip
+            ckpt = ctx.checkpoint_dir("loraprune", finetune.checkpoint_dir)
         trainer = LoraTrainer(ctx.model, finetune, windows, seed=ctx.seed, checkpoint_dir=ckpt,
-                              identity=identity, description="loraprune")  # fmt: skip
+                              identity=ctx.identity(), description="loraprune")  # fmt: skip
         adapter = type(ctx.adapter)(ctx.model)  # sees the LoRA layers in place
         lora_of = {id(m.get_base_layer().weight): m for m in trainer.peft_model.modules()
                    if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")}  # fmt: skip

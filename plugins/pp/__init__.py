@@ -9,7 +9,7 @@ Declares the component kinds ``probe``, ``fusion`` and ``history`` (protocols in
 
 from __future__ import annotations
 
-from prunekit import hookimpl
+from prunekit.plugin import hookimpl
 
 from .fusion import FixedRatio, HistoryOnly, ImportanceScaled, ProbeOnly
 from .history import Ema, Frozen, RunningMean

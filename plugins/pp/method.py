@@ -27,14 +27,24 @@ from typing import Any
 
 import torch
 
-from prunekit.components import ATTN, MLP, DynamicProtocol, Method, PruneOutcome
-from prunekit.devices import execution_device, onloaded
-from prunekit.errors import RecipeError, StateError
-from prunekit.models.loading import sha256_file
-from prunekit.pruning.allocation import top_units
-from prunekit.pruning.dynamic import DynamicModel, Timers
-from prunekit.pruning.static import StaticMethod
-from prunekit.rows import pooled_topk
+from prunekit.plugin import (
+    ATTN,
+    MLP,
+    DynamicModel,
+    DynamicProtocol,
+    Method,
+    PruneOutcome,
+    RecipeError,
+    StateError,
+    StaticMethod,
+    Timers,
+    __version__,
+    execution_device,
+    onloaded,
+    pooled_topk,
+    sha256_file,
+    top_units,
+)
 
 MODES = ("sync", "async_intra")
 STATE_FORMAT = "prunekit-dynamic-state"
@@ -331,7 +341,7 @@ class ProbePruning(Method):
     def _history(self, ctx, active_keys) -> dict[tuple[int, str], torch.Tensor]:
         """The calibration history of every block (kept for all blocks, so that a saved state
         serves any ratio or skipped-layer setting); only active blocks are ever updated."""
-        load = ctx.recipe.method.state.load
+        load = ctx.run.method.state.load
         if load:
             history = load_state(load, ctx, self)
             missing = sorted(set(active_keys) - set(history))
@@ -366,7 +376,7 @@ class ProbePruning(Method):
         history = self._history(ctx, active) if self.uses_history else None
         controller = self.controller_class(adapter, settings, self.components, history,
                                   mode=settings.options.get("mode", "sync"),
-                                  calibration_samples=ctx.recipe.calibration.samples)  # fmt: skip
+                                  calibration_samples=ctx.run.calibration.samples)  # fmt: skip
         model = DynamicModel(ctx.model, adapter, controller, protocol=self.protocol)
         structure = [{"layer": la.index, "heads": counts[(la.index, ATTN)],
                       "channels": counts[(la.index, MLP)]} for la in adapter.layers()]  # fmt: skip
@@ -440,18 +450,16 @@ class CalibrationOnly(StaticMethod):
 
 
 def _state_meta(ctx, method: Method) -> dict:
-    from prunekit import __version__
-
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "prunekit": __version__,
         "method": method.name,
         "statistic": getattr(method.components.get("statistic"), "name", None),
-        "model_id": ctx.recipe.model.id,
+        "model_id": ctx.run.model.id,
         "model_fingerprint": ctx.model_info.get("fingerprint"),
-        "calibration": ctx.recipe.calibration.model_dump(mode="json"),
-        "seed": ctx.recipe.seed,
+        "calibration": ctx.identity()["calibration"],
+        "seed": ctx.run.seed,
     }
 
 
@@ -502,8 +510,6 @@ def check_state_file(path: str, meta: dict) -> Path:
 
 
 def check_state_meta(meta: dict, path: str, model_id: str | None, method: str | None) -> None:
-    from prunekit import __version__
-
     if meta.get("version") != STATE_VERSION or meta.get("prunekit") != __version__:
         raise StateError(
             f"{path}: state written by prunekit {meta.get('prunekit')} (state format "
@@ -519,7 +525,7 @@ def load_state(path: str, ctx, method: Method) -> dict[tuple[int, str], torch.Te
     from safetensors.torch import load_file
 
     meta = read_state_meta(path)
-    check_state_meta(meta, path, ctx.recipe.model.id, method.name)
+    check_state_meta(meta, path, ctx.run.model.id, method.name)
     fingerprint = ctx.model_info.get("fingerprint")
     if fingerprint and meta.get("model_fingerprint") not in (None, fingerprint):
         raise StateError(

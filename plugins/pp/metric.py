@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.components import ATTN
+from prunekit.plugin import ATTN
 
 
 class PPScore:

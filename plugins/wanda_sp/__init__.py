@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from prunekit import hookimpl
-from prunekit.components import ATTN
-from prunekit.pruning.static import StaticMethod
+from prunekit.plugin import ATTN, StaticMethod, hookimpl
 
 
 class WandaSpScore:

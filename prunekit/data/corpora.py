@@ -56,6 +56,7 @@ import torch
 from prunekit.errors import DataError, did_you_mean
 
 __all__ = [
+    "sequence_bos",
     "BUNDLED_DIR",
     "DATASETS",
     "DATA_DIR_ENV",
@@ -1029,3 +1030,19 @@ def locate_calibration_corpus(
     if split is None and dataset is not None and path is None:
         split = _resolve_dataset_id(dataset).calibration_split
     return locate_corpus(dataset, split, path, text_field, data_dir=data_dir)
+
+
+def sequence_bos(setting, adapter, tokenizer) -> int | None:
+    """The BOS id every window starts with, or None.
+
+    :param setting: a recipe's ``bos``: ``"auto"`` (when the adapter ``needs_bos``), ``True``
+        or ``False``.
+    :param adapter: the model adapter (class or instance), or None.
+    """
+    wanted = bool(getattr(adapter, "needs_bos", False)) if setting == "auto" else bool(setting)
+    bos = getattr(tokenizer, "bos_token_id", None) if wanted else None
+    if wanted and bos is None and setting is True:
+        raise DataError("bos: true, but the tokenizer has no BOS token to start windows with; "
+                        "set bos: false (or auto)")  # fmt: skip
+    return None if bos is None else int(bos)
+

@@ -22,15 +22,17 @@ input is cut from the left to ``max_length`` tokens, keeping the continuation.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from prunekit.data.tasks import Question
+from prunekit.data.tasks import Question, TaskSource, load_questions
 from prunekit.devices import input_device
-from prunekit.progress import track
+from prunekit.progress import info, track
 from prunekit.pruning.dynamic import begin_evaluation
 
 __all__ = ["ChoiceScore", "accuracy", "encode_pair", "evaluate_questions", "score_requests"]
@@ -256,3 +258,39 @@ def evaluate_questions(model, tokenizer, questions: Sequence[Question], *, batch
     result.update(batch_size=batch_size, max_length=max_length,
                   tokens_scored=sum(c.tokens for c in scores))  # fmt: skip
     return result
+
+
+#: ``metrics`` key of the average over the evaluated tasks (reserved: no task may use it).
+AVERAGE_KEY = "tasks_average"
+
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[tuple], output_dir: Path | None = None) -> dict:
+    """Accuracy metrics of every planned task, and their average when there are several."""
+    metrics: dict[str, dict] = {}
+    for label, cfg, source in tasks:
+        if isinstance(source, TaskSource):
+            questions = load_questions(source, cfg.limit)
+            origin = {"source": source.kind, "location": source.location}
+        else:
+            questions = source.load(cfg.limit)
+            origin = {"source": "file", "location": str(Path(source.path).resolve())}
+        result = evaluate_questions(model, tokenizer, questions, batch_size=cfg.batch_size,
+                                    max_length=cfg.max_length, description=f"accuracy {label}")  # fmt: skip
+        records = result.pop("records")
+        if output_dir is not None:
+            (output_dir / "predictions").mkdir(exist_ok=True)
+            with open(output_dir / "predictions" / f"{label}.jsonl", "w") as fh:
+                for rec in records:
+                    fh.write(json.dumps(rec) + "\n")
+        metrics[label] = {**result, "limit": cfg.limit, **origin}
+        info(f"{label}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} over "
+             f"{result['questions']} questions")  # fmt: skip
+    if len(metrics) > 1:
+        metrics[AVERAGE_KEY] = {
+            "acc_norm": sum(m["acc_norm"] for m in metrics.values()) / len(metrics),
+            "acc": sum(m["acc"] for m in metrics.values()) / len(metrics),
+            "tasks": list(metrics),
+        }
+    return metrics
+

@@ -90,8 +90,7 @@ def check_windows(model_dir: Path | None, vocab: int, windows: int, tokens: int,
         except (OSError, ValueError):
             tokenizer = None
     if tokenizer is not None:
-        from prunekit.data import eval_windows, locate_corpus
-        from prunekit.runner import sequence_bos
+        from prunekit.data import eval_windows, locate_corpus, sequence_bos
 
         bos = sequence_bos("auto", adapter, tokenizer) if adapter is not None else None
         ids = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), tokens, windows,

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from prunekit._files import file_lock, write_atomic
+from prunekit._files import file_lock, sha256_file, write_atomic
 from prunekit.devices import input_device, new_offload_folder, stored_tensor
 from prunekit.errors import ModelError, did_you_mean
 
@@ -76,7 +76,6 @@ COMPLETE_MARKER = ".prunekit-complete"
 CONVERSION_FORMAT = 1
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-_HASH_BLOCK = 1 << 22  # bytes per read when hashing files
 
 
 @dataclass(frozen=True)
@@ -491,23 +490,6 @@ def _read_gguf_metadata(path: Path) -> dict[str, int]:
 
 # --------------------------------------------------------------------------------------------
 # hashing
-
-_FILE_HASH_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def sha256_file(path: Path) -> str:
-    """Streamed sha256 of a file, memoised in-process by (path, size, mtime)."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    cached = _FILE_HASH_MEMO.get(key)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_HASH_BLOCK):
-            digest.update(block)
-    _FILE_HASH_MEMO[key] = digest.hexdigest()
-    return _FILE_HASH_MEMO[key]
 
 
 def _weights_sha256(directory: Path) -> str | None:

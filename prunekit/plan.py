@@ -1,0 +1,517 @@
+"""``validate(recipe) -> Plan``: everything about a run that can be checked before weights load.
+
+The recipe against the registry (the method, its options and component slots), the model's
+config (its adapter, depth and context), the data (every corpus and task located, its size
+bounded), the recovery section and the output location. A :class:`Plan` is what
+:func:`prunekit.runner.run_plan` executes; nothing here loads weights or runs a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.components import Method, MethodSettings, ModelAdapter
+from prunekit.data import eval_windows, locate_calibration_corpus, locate_corpus, sequence_bos
+from prunekit.data.corpora import check_head, max_tokens
+from prunekit.data.tasks import JsonlTask, expand_task_names, locate_task
+from prunekit.errors import DataError, ModelError, StateError, did_you_mean
+from prunekit.evaluation.zeroshot import AVERAGE_KEY
+from prunekit.models.loading import local_checkpoint_problem, peek_config, resolve_device
+from prunekit.recipe import LoadedRecipe, Recipe, load_recipe
+from prunekit.recovery import check_target_modules
+from prunekit.registry import RESERVED_METHOD_KEYS, adapter_class_for, get_registry
+from prunekit.views import RunView
+
+
+@dataclass
+class Plan:
+    """A validated run: the method class, its components (built once) and the data sources."""
+
+    loaded: LoadedRecipe
+    method_cls: type[Method]
+    components: dict[str, Any]
+    component_info: dict[str, dict]
+    settings: MethodSettings
+    num_layers: int | None
+    #: the adapter serving the model, when its config could be read before loading
+    adapter_cls: type[ModelAdapter] | None = None
+    calibration_source: Any = None
+    perplexity_sources: list = field(default_factory=list)
+    #: the recovery corpus (``recovery:``), located at validate
+    recovery_source: Any = None
+    #: (label, TaskConfig, TaskSource | JsonlTask) per evaluated task, groups expanded
+    tasks: list = field(default_factory=list)
+    #: the model's context in tokens (:func:`model_context`), None when its config is unknown
+    context: int | None = None
+    #: what plugins read of the recipe (:class:`~prunekit.views.RunView`)
+    run: RunView | None = None
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.loaded.recipe
+
+
+def _requirement(req: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (req,) if isinstance(req, str) else tuple(req)
+
+
+#: the ``key.path`` a problem string starts with (``method.start``, ``recovery.target_modules``)
+_KEY_PATH = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*")
+
+
+def problem_error(loaded, problem: str):
+    """The error for a method's ``"key.path: message"`` problem string, located at that key;
+    a problem that names no key (a third-party method may write one) is located at
+    ``method`` with its whole text, never cut at its first colon."""
+    key, sep, message = problem.partition(": ")
+    if not sep or not message.strip() or not _KEY_PATH.fullmatch(key):
+        key, message = "method", problem
+    return loaded.error(key, message)
+
+
+def unmet_needs(method_cls: type[Method], method_entry, components: dict[str, Any],
+                info: dict[str, dict], registry) -> str | None:  # fmt: skip
+    """The first requirement (``needs``) of the method or a slot component that nothing in
+    the run provides (``provides`` of the method and its statistic), as ``"key.path:
+    message"``; None when all are met or a provider declares nothing (then nothing is
+    known)."""
+    statistic = components.get("statistic")
+    provided = set(method_cls.provides)
+    if statistic is not None:
+        stat_provides = getattr(statistic, "provides", None)
+        if stat_provides is None:
+            return None
+        provided |= set(stat_provides)
+    stat_desc = (f"method.statistic {info['statistic']['name']!r} (plugin "
+                 f"{info['statistic']['plugin']!r}) provides "
+                 f"{', '.join(getattr(statistic, 'provides', ())) or 'nothing'}; "
+                 if statistic is not None else "the method has no statistic slot; ")  # fmt: skip
+    method_desc = (f"method {method_cls.name!r} (plugin {method_entry.plugin!r}) provides "
+                   f"{', '.join(method_cls.provides) or 'nothing'}")  # fmt: skip
+    method_key = "method.statistic" if "statistic" in method_cls.slots else "method.name"
+    needers = [(method_key, f"method {method_cls.name!r} (plugin {method_entry.plugin!r})",
+                method_cls.needs)]  # fmt: skip
+    for slot, component in components.items():
+        needs = getattr(component, "needs", ())
+        if needs:
+            needers.append((f"method.{slot}", f"{slot} {info[slot]['name']!r} (plugin "
+                            f"{info[slot]['plugin']!r})", needs))  # fmt: skip
+    for key, who, needs in needers:
+        for req in needs:
+            alternatives = _requirement(req)
+            if provided.intersection(alternatives):
+                continue
+            wanted = " or ".join(repr(a) for a in alternatives)
+            candidates = sorted(
+                e.name for e in registry.entries("statistic")
+                if set(getattr(e.factory, "provides", ()) or ()).intersection(alternatives)
+            )
+            fix = (f"choose a statistic that provides it ({', '.join(candidates)})"
+                   if candidates and "statistic" in method_cls.slots else
+                   "choose another component for this slot, or a method that provides it")
+            return (f"{key}: {who} needs {wanted}, which this run does not provide: "
+                    f"{stat_desc}{method_desc}. {fix[0].upper()}{fix[1:]}.")
+    return None
+
+
+def _model_adapter(loaded: LoadedRecipe, registry, model=None) -> tuple[type | None, int | None, Any]:
+    """(adapter class, decoder layer count, config) of the recipe's model, without loading
+    weights; ``(None, None, None)`` for a hub model whose config is not cached (not checked
+    offline)."""
+    m = loaded.recipe.model
+    try:
+        config = model.config if model is not None else peek_config(m.id)
+    except ModelError as exc:
+        raise loaded.error(("model", "id"), str(exc)) from None
+    if config is None and not m.adapter:
+        return None, None, None
+    try:
+        adapter_cls = adapter_class_for(config, registry, m.adapter)
+    except ModelError as exc:
+        raise loaded.error(("model", "adapter" if m.adapter else "id"), str(exc)) from None
+    if model is not None:
+        return adapter_cls, adapter_cls(model).num_layers, config
+    # a supported architecture, but is the directory complete? (after the adapter: an
+    # unsupported model is the first thing to hear about)
+    problem = local_checkpoint_problem(m.id)
+    if problem:
+        raise loaded.error(("model", "id"), problem)
+    layers = getattr(config, "num_hidden_layers", None)
+    return adapter_cls, int(layers) if layers is not None else None, config
+
+
+def model_context(config) -> int | None:
+    """The longest sequence the model takes (``max_position_embeddings``, transformers' name
+    for it on every architecture, of the text model for a composite config); None when the
+    config states none."""
+    if config is None:
+        return None
+    with contextlib.suppress(AttributeError, TypeError, ValueError):
+        config = config.get_text_config()
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def _check_context(loaded: LoadedRecipe, method_cls: type[Method], context: int | None) -> None:
+    """Every window the run feeds the model fits its context: past it, learned positions
+    (OPT) fail with an IndexError in the middle of calibration and rotary ones silently
+    leave the lengths the model was trained on, so both are refused here, before weights
+    load."""
+    if context is None:
+        return
+    r = loaded.recipe
+    lengths: list[tuple[tuple, int]] = []
+    if method_cls.uses_calibration:
+        lengths.append((("calibration", "seq_len"), r.calibration.seq_len))
+    lengths += [(("evaluation", "perplexity", i, "seq_len"), p.seq_len)
+                for i, p in enumerate(r.evaluation.perplexity)]  # fmt: skip
+    lengths += [(("evaluation", "tasks", i, "max_length"), t.max_length)
+                for i, t in enumerate(r.evaluation.tasks)]  # fmt: skip
+    if r.recovery is not None:
+        lengths.append((("recovery", "seq_len"), r.recovery.seq_len))
+    for key, n in lengths:
+        if n > context:
+            raise loaded.error(key, f"{n} tokens is longer than the model's context "
+                               f"({context} positions, max_position_embeddings of "
+                               f"{r.model.id}); use at most {context}")  # fmt: skip
+
+
+def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), registry=None,
+             check_files: bool = True, model=None, check_output: bool = True) -> Plan:  # fmt: skip
+    """Check a recipe against the registry, the method, the model, the data files and the
+    output location.
+
+    :param model: an already loaded model (``prunekit.prune``): its depth is used and
+        ``model.id`` is not looked up.
+    :param check_output: check that ``output.dir`` can be written (off for ``prunekit.prune``,
+        which writes nothing).
+    """
+    if not isinstance(loaded, LoadedRecipe):
+        loaded = load_recipe(loaded, overrides)
+    recipe = loaded.recipe
+    registry = registry or get_registry()
+    entry = registry.get("method", recipe.method.name, where=loaded.where(("method", "name")))
+    method_cls: type[Method] = entry.factory
+    if (method_cls.default_skip_layers is not None
+            and "skip_layers" not in recipe.method.model_fields_set):  # fmt: skip
+        recipe.method.skip_layers = list(method_cls.default_skip_layers)
+    settings = _method_settings(loaded, registry, method_cls)
+    components, component_info = _components(loaded, registry, entry, method_cls)
+    run = RunView.of(recipe, registry.slot_kinds())
+
+    # the device (one this machine has), the model (its adapter, from its config), and what
+    # depends on its depth
+    if model is None:
+        try:
+            resolve_device(recipe.model.device)
+        except ModelError as exc:
+            raise loaded.error(("model", "device"), str(exc)) from None
+    adapter_cls, num_layers, config = _model_adapter(loaded, registry, model)
+    context = model_context(config)
+    _check_context(loaded, method_cls, context)
+    _check_depth(loaded, method_cls, num_layers, run)
+    for problem in [*method_cls.check_recipe(run, num_layers),
+                    *method_cls.check_components(components)]:  # fmt: skip
+        raise problem_error(loaded, problem)
+
+    if recipe.data_dir and not Path(recipe.data_dir).is_dir():
+        raise loaded.error(("data_dir",), f"directory {recipe.data_dir!r} does not exist")
+    plan = Plan(loaded, method_cls, components, component_info, settings, num_layers, adapter_cls,
+                context=context, run=run)  # fmt: skip
+    if check_files:
+        _locate_data(loaded, plan)
+    if recipe.recovery is not None:
+        _check_recovery(loaded, plan, check_files)
+    if check_output:
+        problem = output_problem(recipe.output_dir())
+        if problem:
+            raise loaded.error(("output", "dir"), problem)
+    return plan
+
+
+def _method_settings(loaded: LoadedRecipe, registry, method_cls: type[Method]) -> MethodSettings:
+    """The method's settings: its own options (declared in ``option_defaults``; an unknown key
+    is refused with the keys it takes) over their defaults."""
+    m = loaded.recipe.method
+    slot_kinds = registry.slot_kinds()
+    allowed_options = dict(method_cls.option_defaults)
+    method_options = {k: v for k, v in m.options.items() if k not in slot_kinds}
+    for key in method_options:
+        if key not in allowed_options:
+            candidates = [*RESERVED_METHOD_KEYS, *method_cls.slots, *allowed_options]
+            raise loaded.error(("method", key),
+                               f"unknown key {key!r} for method {m.name!r}{did_you_mean(key, candidates)};"
+                               f" allowed keys: {', '.join(candidates)}")  # fmt: skip
+    return MethodSettings(name=m.name, ratio=m.ratio, skip_layers=list(m.skip_layers),
+                          round_to=m.round_to, options={**allowed_options, **method_options})  # fmt: skip
+
+
+def _components(loaded: LoadedRecipe, registry, entry,
+                method_cls: type[Method]) -> tuple[dict[str, Any], dict[str, dict]]:  # fmt: skip
+    """The method's slot components, built once (the recipe's or the slot's default), and
+    what each is (name, plugin, options); every requirement (``needs``) met."""
+    m = loaded.recipe.method
+    slot_kinds = registry.slot_kinds()
+    for slot in method_cls.slots:
+        if slot not in slot_kinds:
+            raise loaded.error(("method", "name"),
+                               f"method {m.name!r} (plugin {entry.plugin!r}) has a slot {slot!r}, "
+                               f"but no installed plugin declares that component kind; kinds: "
+                               f"{', '.join(slot_kinds)}")  # fmt: skip
+    components: dict[str, Any] = {}
+    component_info: dict[str, dict] = {}
+    for slot in slot_kinds:
+        try:
+            cfg = m.slot(slot)
+        except ValueError as exc:
+            raise loaded.error(("method", slot), str(exc)) from None
+        if cfg is not None and slot not in method_cls.slots:
+            raise loaded.error(("method", slot),
+                               f"method {m.name!r} has no slot {slot!r}; its slots: "
+                               f"{', '.join(method_cls.slots) or '(none)'}")  # fmt: skip
+        if slot not in method_cls.slots:
+            continue
+        default = method_cls.slots[slot] or registry.kinds[slot].default
+        name = cfg.name if cfg is not None and cfg.name else default
+        if name is None:
+            raise loaded.error(("method", slot),
+                               f"method {m.name!r} leaves slot {slot!r} to the kind's default, "
+                               f"and kind {slot!r} declares none; name one with "
+                               f"method.{slot}.name (registered: "
+                               f"{', '.join(registry.names(slot)) or '(none)'})")  # fmt: skip
+        options = {**(method_cls.slot_options.get(slot, {}) if name == default else {}),
+                   **(cfg.options if cfg is not None else {})}  # fmt: skip
+        where = loaded.where(("method", slot) if cfg is not None else ("method", "name"))
+        components[slot] = registry.create(slot, name, options, where=where)
+        comp_entry = registry.get(slot, name)
+        component_info[slot] = {"name": name, "plugin": comp_entry.plugin, "options": options}
+    problem = unmet_needs(method_cls, entry, components, component_info, registry)
+    if problem:
+        raise problem_error(loaded, problem)
+    return components, component_info
+
+
+def _check_depth(loaded: LoadedRecipe, method_cls: type[Method], num_layers: int | None,
+                 run: RunView) -> None:  # fmt: skip
+    """``skip_layers`` name layers the model has, and leave some ratio below 1 to prune."""
+    m = loaded.recipe.method
+    if num_layers is None:
+        return
+    bad = [i for i in m.skip_layers if i >= num_layers]
+    if bad:
+        raise loaded.error(("method", "skip_layers"),
+                           f"layers {bad} do not exist: the model has {num_layers} layers "
+                           f"(0..{num_layers - 1})")  # fmt: skip
+    if m.ratio <= 0:
+        return
+    try:
+        r = method_cls.layer_ratio(run, num_layers)
+    except ValueError:
+        raise loaded.error(
+            ("method", "skip_layers"), "every layer is skipped, so nothing can be pruned"
+        ) from None
+    if r >= 1:
+        raise loaded.error(("method", "ratio"),
+                           f"ratio {m.ratio} becomes {r} per pruned layer once the "
+                           f"{len(m.skip_layers)} skipped layers are compensated "
+                           f"(L/(L-skipped)·r with L={num_layers}); lower the ratio or "
+                           f"skip fewer layers")  # fmt: skip
+
+
+def _locate_data(loaded: LoadedRecipe, plan: Plan) -> None:
+    """Every corpus, task and saved state the run reads, located and bounded in size (into
+    ``plan``)."""
+    recipe, m = loaded.recipe, loaded.recipe.method
+    data_dir = recipe.data_dir
+    c = recipe.calibration
+    if plan.method_cls.uses_calibration:
+        key = ("calibration", "path" if c.path else "dataset")
+        try:
+            plan.calibration_source = locate_calibration_corpus(
+                c.dataset, c.split, c.path, c.text_field, data_dir=data_dir
+            )
+        except DataError as exc:
+            raise loaded.error(key, str(exc)) from None
+        _check_text_amount(loaded, plan.calibration_source, c.seq_len, None, key)
+    labels: dict[str, int] = {}
+    for i, p in enumerate(recipe.evaluation.perplexity):
+        if p.label in labels:
+            raise loaded.error(("evaluation", "perplexity", i),
+                               f"entry {i} has the same label {p.label!r} as entry "
+                               f"{labels[p.label]}: their metrics would overwrite each other; "
+                               "evaluate each dataset/split once")  # fmt: skip
+        labels[p.label] = i
+        key = ("evaluation", "perplexity", i, "path" if p.path else "dataset")
+        try:
+            source = locate_corpus(p.dataset, p.split, p.path, p.text_field, data_dir=data_dir)
+        except DataError as exc:
+            raise loaded.error(key, str(exc)) from None
+        plan.perplexity_sources.append(source)
+        _check_text_amount(loaded, source, p.seq_len, None if p.windows == "all" else p.windows,
+                           key)  # fmt: skip
+    plan.tasks = _resolve_tasks(loaded, labels)
+    if m.state.load and not Path(m.state.load).exists():
+        raise loaded.error(("method", "state", "load"),
+                           f"saved state {m.state.load!r} not found: give the directory "
+                           f"written by a run with output.save_model: true")  # fmt: skip
+    if m.state.load:
+        try:
+            plan.method_cls.check_state(m.state.load, plan.run)
+        except StateError as exc:
+            raise loaded.error(("method", "state", "load"), str(exc)) from None
+
+
+def _check_recovery(loaded: LoadedRecipe, plan: Plan, check_files: bool) -> None:
+    """``recovery:``: a static method, peft installed, a corpus that is no evaluated text and
+    holds one window, a checkpoint directory that can be one."""
+    recipe, r = loaded.recipe, loaded.recipe.recovery
+    if plan.method_cls.dynamic:
+        raise loaded.error(("recovery",), f"recovery fine-tunes the pruned weights of a static "
+                           f"method; {recipe.method.name!r} is dynamic (its kept sets change per "
+                           "batch): remove the recovery section or use a static method")  # fmt: skip
+    if find_spec("peft") is None:
+        raise loaded.error(("recovery",), "recovery needs peft, which is not installed: "
+                           "pip install 'prunekit[recovery]'")  # fmt: skip
+    if r.checkpoint_dir and Path(r.checkpoint_dir).exists() and not Path(r.checkpoint_dir).is_dir():
+        raise loaded.error(("recovery", "checkpoint_dir"),
+                           f"{r.checkpoint_dir!r} exists and is not a directory")  # fmt: skip
+    problem = check_target_modules(recipe.model.id, r.target_modules)
+    if problem:
+        raise loaded.error(("recovery", "target_modules"), problem)
+    if not check_files:
+        return
+    key = ("recovery", "path" if r.path else "dataset")
+    try:
+        plan.recovery_source = locate_calibration_corpus(r.dataset, r.split, r.path, r.text_field,
+                                                         data_dir=recipe.data_dir)  # fmt: skip
+    except DataError as exc:
+        raise loaded.error(key, str(exc)) from None
+    source = plan.recovery_source
+    # the carve-out, where it can be seen from the sources: the same text (file and split) as
+    # an evaluated one is refused here; the runner also drops every training window that
+    # shares a run of tokens with an evaluated text (prunekit.recovery.carve_out)
+    for i, (cfg, other) in enumerate(zip(recipe.evaluation.perplexity, plan.perplexity_sources,
+                                         strict=False)):  # fmt: skip
+        if (other.location, other.split) == (source.location, source.split):
+            raise loaded.error(key, f"the recovery text {source.describe()} is the text "
+                               f"evaluation.perplexity[{i}] ({cfg.label}) measures: recovery "
+                               "would train on the evaluation text; train on another split or "
+                               "file (e.g. recovery.dataset: c4, whose calibration split holds "
+                               "other documents than its validation split)")  # fmt: skip
+    for i, task in enumerate(recipe.evaluation.tasks):
+        if task.path and source.kind == "file" and Path(task.path).resolve() == Path(source.location):
+            raise loaded.error(key, f"the recovery text is the file of evaluation.tasks[{i}] "
+                               f"({task.name}): recovery would train on evaluation questions; "
+                               "train on another file")  # fmt: skip
+    _check_text_amount(loaded, source, r.seq_len, None, key)
+
+
+def _check_text_amount(loaded: LoadedRecipe, source, seq_len: int, windows: int | None,
+                       key: tuple) -> None:  # fmt: skip
+    """Refuse, before any weight loads, a corpus that cannot hold what the recipe asks of it
+    (empty, shorter than one window, or fewer tokens than ``windows`` x ``seq_len`` with any
+    tokenizer). The exact count needs the tokenizer and is checked when the windows are cut."""
+    try:
+        check_head(source)
+    except DataError as exc:
+        raise loaded.error(key, str(exc)) from None
+    bound = max_tokens(source)
+    if bound is None:
+        return
+    where = source.describe()
+    if bound <= 1:
+        raise loaded.error(key, f"{where} is empty; give a file with text in it")
+    if bound < seq_len:
+        raise loaded.error(key, f"{where} holds at most {bound} tokens with any tokenizer, "
+                                f"fewer than one window of seq_len={seq_len}; use a larger file "
+                                "or a smaller seq_len")  # fmt: skip
+    if windows is not None and bound < windows * seq_len:
+        raise loaded.error(key[:-1] + ("windows",),
+                           f"{windows} windows of {seq_len} tokens need {windows * seq_len} "
+                           f"tokens, but {where} holds at most {bound} with any tokenizer; ask "
+                           f"for fewer windows (at most {bound // seq_len}), windows: all, or a "
+                           "smaller seq_len")  # fmt: skip
+
+
+def output_problem(out: Path) -> str | None:
+    """Why a run could not write its outputs into ``out`` (None when it can): checked before
+    any weight loads, so that a bad location fails in a second, not after the run."""
+    if out.exists() and not out.is_dir():
+        return (f"{str(out)!r} is an existing file, not a directory; give a directory "
+                "(created if missing; a finished run's outputs in it are replaced)")
+    parent = out
+    while not parent.exists():  # the nearest existing ancestor is where mkdir starts
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        return (f"{str(out)!r} cannot be created: {str(parent)!r} is a file; choose another "
+                "directory")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        return f"{str(out)!r} cannot be written: {str(parent)!r} is not writable"
+    return None
+
+
+def _resolve_tasks(loaded: LoadedRecipe, taken: dict[str, int]) -> list[tuple]:
+    """Expand ``evaluation.tasks`` (groups, aliases), locate every task's data, check labels."""
+    recipe = loaded.recipe
+    out: list[tuple] = []
+    seen: dict[str, int] = {}
+    for i, cfg in enumerate(recipe.evaluation.tasks):
+        where = ("evaluation", "tasks", i)
+        if cfg.path is not None:
+            task = JsonlTask(name=cfg.name, path=cfg.path, context=cfg.context,
+                             choices=cfg.choices if isinstance(cfg.choices, str)
+                             else tuple(cfg.choices), gold=cfg.gold,
+                             continuation=cfg.continuation, gold_base=cfg.gold_base)  # fmt: skip
+            try:
+                task.check()
+            except DataError as exc:
+                raise loaded.error(where, str(exc)) from None
+            if not Path(cfg.path).expanduser().is_file():
+                raise loaded.error((*where, "path"),
+                                   f"task file {cfg.path!r} does not exist (relative paths are "
+                                   f"taken from {os.getcwd()!r})")  # fmt: skip
+            try:  # every question the run evaluates, built now (no tokenizer, no weights)
+                task.check_records(cfg.limit)
+            except DataError as exc:
+                raise loaded.error((*where, "path"), str(exc)) from None
+            entries = [(cfg.name, task)]
+        else:
+            try:
+                names = expand_task_names(cfg.name)
+                entries = [(n, locate_task(n, recipe.data_dir)) for n in names]
+            except DataError as exc:
+                raise loaded.error((*where, "name"), str(exc)) from None
+        for label, source in entries:
+            if label == AVERAGE_KEY:
+                raise loaded.error((*where, "name"), f"{AVERAGE_KEY!r} is reserved for the "
+                                   "average over the tasks; rename the task")  # fmt: skip
+            if label in taken or label in seen:
+                other = (f"evaluation.perplexity entry {taken[label]}" if label in taken
+                         else f"evaluation.tasks entry {seen[label]}")  # fmt: skip
+                raise loaded.error(where, f"task {label!r} is already evaluated by {other}: "
+                                   "their metrics would overwrite each other")  # fmt: skip
+            seen[label] = i
+            out.append((label, cfg, source))
+    return out
+
+
+def perplexity_windows(plan: Plan, index: int, tokenizer,
+                       adapter) -> tuple[torch.Tensor, int | None]:  # fmt: skip
+    """The token windows of ``evaluation.perplexity[index]`` and the BOS id they start with
+    (None): what evaluation scores and, for entry 0, what the runtime times."""
+    cfg, source = plan.recipe.evaluation.perplexity[index], plan.perplexity_sources[index]
+    bos_id = sequence_bos(cfg.bos, adapter, tokenizer)
+    windows = eval_windows(tokenizer, source, cfg.seq_len, cfg.windows, cfg.sampling,
+                           seed=plan.recipe.seed, bos_id=bos_id,
+                           batch_size=cfg.batch_size if cfg.sampling == "random" else None)  # fmt: skip
+    return windows, bos_id
