@@ -46,7 +46,7 @@ import prunekit
 from prunekit.data import eval_windows, locate_corpus, sequence_bos
 from prunekit.evaluation.generation import decode_bytes, greedy
 from prunekit.evaluation.perplexity import perplexity
-from prunekit.models.loading import load_model
+from prunekit.loading import load_model
 from prunekit.registry import resolve_adapter
 
 HERE = Path(__file__).resolve().parent

@@ -41,7 +41,7 @@ from prunekit.evaluation.costs import structure_reduction
 from prunekit.evaluation.generation import greedy, time_generation
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.evaluation.zeroshot import evaluate_questions
-from prunekit.models.loading import load_model
+from prunekit.loading import load_model
 from prunekit.registry import resolve_adapter
 
 HERE = Path(__file__).resolve().parent

@@ -100,7 +100,7 @@ def time_cells(sweep_dir: Path, rounds: int, batches: int | None,
     import prunekit
     from prunekit.evaluation.costs import structure_reduction
     from prunekit.evaluation.runtime import Contender, time_interleaved
-    from prunekit.models.loading import load_model
+    from prunekit.loading import load_model
     from prunekit.plan import perplexity_windows
     from prunekit.runner import prepare
     from prunekit.sweep import cell_state, load_sweep

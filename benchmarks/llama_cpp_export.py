@@ -48,7 +48,7 @@ from prunekit.evaluation.costs import head_macs, structure_reduction
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.export import export
 from prunekit.export.check import LlamaCppRunner
-from prunekit.models.loading import load_model
+from prunekit.loading import load_model
 from prunekit.registry import resolve_adapter
 
 HERE = Path(__file__).resolve().parent

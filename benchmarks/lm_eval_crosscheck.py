@@ -121,7 +121,7 @@ def run(args) -> dict:
     from prunekit.data.tasks import load_questions, locate_task
     from prunekit.evaluation.zeroshot import encode_pair, evaluate_questions
     from prunekit.integrations.lm_eval import PrunekitLM
-    from prunekit.models.loading import load_model
+    from prunekit.loading import load_model
 
     data_dir = args.data_dir or os.environ.get("PRUNEKIT_DATA_DIR")
     if not data_dir:

@@ -42,7 +42,7 @@ from prunekit.data import eval_windows, locate_corpus, sequence_bos
 from prunekit.evaluation.costs import structure_reduction
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.evaluation.runtime import Contender, time_interleaved
-from prunekit.models.loading import load_model
+from prunekit.loading import load_model
 from prunekit.registry import resolve_adapter
 
 HERE = Path(__file__).resolve().parent

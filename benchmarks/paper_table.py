@@ -198,7 +198,7 @@ def run_timing(settings: dict, out_dir: Path, data_dir: str) -> dict:
     from prunekit.data import eval_windows, locate_corpus
     from prunekit.evaluation.costs import head_macs, structure_reduction
     from prunekit.evaluation.runtime import Contender, flop_limit, phase_medians, time_interleaved
-    from prunekit.models.loading import load_model
+    from prunekit.loading import load_model
     from prunekit.registry import resolve_adapter
 
     ts = timing_settings(settings)

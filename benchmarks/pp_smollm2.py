@@ -28,7 +28,7 @@ import prunekit
 from prunekit.data import eval_windows, locate_corpus
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.evaluation.runtime import Contender, phase_medians, time_interleaved
-from prunekit.models.loading import load_model
+from prunekit.loading import load_model
 from prunekit.pruning.static import same_shape
 
 HERE = Path(__file__).resolve().parent

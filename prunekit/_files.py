@@ -111,3 +111,11 @@ def sha256_file(path: Path) -> str:
             digest.update(block)
     _FILE_HASH_MEMO[key] = digest.hexdigest()
     return _FILE_HASH_MEMO[key]
+
+
+def cache_root() -> Path:
+    """prunekit's cache directory: ``$PRUNEKIT_CACHE_DIR``, else ``~/.cache/prunekit``."""
+    env = os.environ.get("PRUNEKIT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "prunekit"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from prunekit._files import atomic_path
+from prunekit._files import atomic_path, cache_root
 from prunekit._files import tensor_sha256 as _digest
 from prunekit.components import CalibrationStatistic, ModelAdapter
 from prunekit.devices import input_device
@@ -98,8 +98,6 @@ def _stream(model, adapter: ModelAdapter, windows: torch.Tensor, batch_size: int
 
 
 def _cache_file(key: dict) -> Path:
-    from prunekit.models.loading import cache_root
-
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_root() / "calibration" / f"{key['statistic']}-{digest}.safetensors"
 

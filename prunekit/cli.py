@@ -475,7 +475,7 @@ def validate(
     plan = run_validate(recipe, set_ or ())
     r = plan.recipe
     parts = [f"{recipe}: valid", f"method {r.method.name} (ratio {r.method.ratio:g})"]
-    from prunekit.models.loading import locate_model, peek_config
+    from prunekit.loading import locate_model, peek_config
 
     if locate_model(r.model.id)["source"] == "hub":
         cached = peek_config(r.model.id) is not None

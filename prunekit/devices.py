@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunekit._files import cache_root
+
 __all__ = ["execution_device", "input_device", "is_offloaded", "new_offload_folder", "onloaded",
            "restored", "stored_tensor"]  # fmt: skip
 
@@ -226,8 +228,6 @@ def new_offload_folder(owner: object | None = None) -> Path:
     ``owner`` is garbage-collected, and in any case when the process exits. Folders left by
     processes of this machine that no longer run (killed before they could clean up) are
     deleted first."""
-    from prunekit.models.loading import cache_root
-
     root = cache_root() / "offload"
     root.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()

@@ -24,7 +24,7 @@ from prunekit.data.corpora import check_head, max_tokens
 from prunekit.data.tasks import JsonlTask, expand_task_names, locate_task
 from prunekit.errors import DataError, ModelError, StateError, did_you_mean
 from prunekit.evaluation.zeroshot import AVERAGE_KEY
-from prunekit.models.loading import local_checkpoint_problem, peek_config, resolve_device
+from prunekit.loading import local_checkpoint_problem, peek_config, resolve_device
 from prunekit.recipe import LoadedRecipe, Recipe, load_recipe
 from prunekit.recovery import check_target_modules
 from prunekit.registry import RESERVED_METHOD_KEYS, adapter_class_for, get_registry

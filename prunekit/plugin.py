@@ -145,3 +145,24 @@ __all__ = [
     "top_units",
     "track",
 ]
+
+#: built-in architecture adapters a third-party adapter may extend (a family member that
+#: differs in a detail, as IBM Granite does from LLaMA); imported when first asked for, so
+#: that importing this module imports no architecture
+_ADAPTER_BASES = {
+    "LlamaAdapter": "prunekit.models.llama",
+    "LlamaLayerAdapter": "prunekit.models.llama",
+}
+
+
+def __getattr__(name: str):
+    module = _ADAPTER_BASES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib  # lazily: see _ADAPTER_BASES
+
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_ADAPTER_BASES])

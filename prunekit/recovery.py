@@ -158,7 +158,7 @@ def check_target_modules(model_id: str, target_modules: str | list[str]) -> str 
     run can read (remote code, pruned shapes) is left for the run to check."""
     if target_modules == "all-linear":
         return None
-    from prunekit.models.loading import peek_config
+    from prunekit.loading import peek_config
 
     try:
         config = peek_config(model_id)

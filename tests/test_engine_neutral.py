@@ -1,7 +1,8 @@
 """The engine is architecture-neutral: the adapters own every architecture detail.
 
 Read from the imports (top-level and inside functions) of the engine's modules: none imports an
-architecture module (``prunekit.models.<anything but loading and kit>``) or a built-in plugin.
+architecture module (``prunekit.models.<anything but kit>``) or a built-in plugin; and the house
+has no import circle.
 """
 
 import ast
@@ -13,11 +14,13 @@ import prunekit
 
 ROOT = Path(prunekit.__file__).parent
 ENGINE = sorted([*ROOT.glob("pruning/*.py"), *ROOT.glob("evaluation/*.py"),
-                 *ROOT.glob("export/*.py"), ROOT / "runner.py",
-                 ROOT / "calibration.py", ROOT / "components.py", ROOT / "registry.py",
-                 ROOT / "ratios.py", ROOT / "rows.py"])  # fmt: skip
+                 *ROOT.glob("export/*.py"), *ROOT.glob("data/*.py"), *ROOT.glob("sweep/*.py"),
+                 *(ROOT / f"{name}.py" for name in (
+                     "runner", "plan", "context", "views", "timing", "plugin", "loading",
+                     "devices", "calibration", "components", "registry", "ratios", "rows",
+                     "recipe", "recovery", "cli"))])  # fmt: skip
 #: architecture-neutral modules under prunekit.models
-NEUTRAL_MODELS = {"prunekit.models", "prunekit.models.loading", "prunekit.models.kit"}
+NEUTRAL_MODELS = {"prunekit.models", "prunekit.models.kit"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -58,3 +61,60 @@ def test_saved_modelling_files_import_only_torch_and_transformers(path):
     roots = {name.split(".")[0] for name in _imports(path)}
     allowed = {"torch", "transformers", "__future__", *sys.stdlib_module_names}
     assert roots <= allowed, f"{path.name} imports {sorted(roots - allowed)}"
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """prunekit module -> the prunekit modules it imports (top-level and inside functions),
+    leaving out type-only imports (``if TYPE_CHECKING:``) and the lazy public API of a
+    package's ``__getattr__``."""
+    mods = {}
+    for p in ROOT.rglob("*.py"):
+        name = ".".join(p.relative_to(ROOT.parent).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = p
+
+    class Visitor(ast.NodeVisitor):
+        def __init__(self) -> None:
+            self.out: set[str] = set()
+
+        def visit_If(self, node):
+            if not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
+                self.generic_visit(node)
+
+        def visit_FunctionDef(self, node):
+            if node.name != "__getattr__":
+                self.generic_visit(node)
+
+        def visit_ImportFrom(self, node):
+            if node.level == 0 and node.module in mods:
+                self.out.add(node.module)
+                self.out.update(f"{node.module}.{a.name}" for a in node.names
+                                if f"{node.module}.{a.name}" in mods)  # fmt: skip
+
+        def visit_Import(self, node):
+            self.out.update(a.name for a in node.names if a.name in mods)
+
+    graph = {}
+    for name, path in mods.items():
+        v = Visitor()
+        v.visit(ast.parse(path.read_text()))
+        graph[name] = v.out - {name}
+    return graph
+
+
+def test_no_import_circle():
+    graph = _module_graph()
+    assert "prunekit.loading" in graph and "prunekit.devices" in graph
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            cycle = path[path.index(node):] + [node]
+            pytest.fail(f"import circle: {' -> '.join(cycle)}")
+        if node in done:
+            return
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt, [*path, node])
+        done.add(node)
+
+    for name in sorted(graph):
+        visit(name, [])

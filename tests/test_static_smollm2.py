@@ -39,7 +39,7 @@ def _fresh_logits(path, ids_path, out_path, how):
 
 def test_flap_per_layer_shapes_reload_everywhere(smollm2, tmp_path):
     import prunekit
-    from prunekit.models.loading import load_model
+    from prunekit.loading import load_model
     from prunekit.pruning.static import save_pruned
 
     fresh = load_model("smollm2-135m-instruct", cache_dir=Path(smollm2.info["path"]).parents[1])

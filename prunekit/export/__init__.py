@@ -73,7 +73,7 @@ def resolve_source(source: str | Path) -> tuple[Path, dict, dict]:
 def _source_gguf(meta: dict, provenance: dict) -> Path | str | None:
     """The GGUF file the dense model was loaded from when it is still on this machine, else
     the model alias it came from (whose file can be assembled again), else None."""
-    from prunekit.models.loading import ALIASES
+    from prunekit.loading import ALIASES
 
     records = (meta.get("source_model") or {}, provenance.get("model") or {})
     for record in records:
@@ -88,7 +88,7 @@ def _source_gguf(meta: dict, provenance: dict) -> Path | str | None:
 
 def _alias_tokenizer_fields(alias: str):
     from prunekit.export.gguf import tokenizer_fields_from_gguf
-    from prunekit.models.loading import alias_gguf
+    from prunekit.loading import alias_gguf
 
     with alias_gguf(alias) as path:
         return tokenizer_fields_from_gguf(path)

@@ -9,13 +9,13 @@ its ``pyproject.toml``):
   ``probe`` kind that the built-in ``pp`` plugin declares: ``method: {name: pp, probe:
   input_norm}`` swaps it into Probe Pruning.
 
-It imports prunekit's public API only (``prunekit``, ``prunekit.components``,
-``prunekit.pruning.dynamic``) and torch; nothing from ``prunekit_plugins``.
+It imports prunekit's plugin front only (``prunekit.plugin``) and torch; nothing from
+``prunekit_plugins`` (``tests/test_plugin_front.py`` checks it).
 """
 
 from __future__ import annotations
 
-from prunekit import hookimpl
+from prunekit.plugin import hookimpl
 
 from .griffin import Griffin, GriffinController, griffin_keep, griffin_scores
 from .probes import InputNormProbe

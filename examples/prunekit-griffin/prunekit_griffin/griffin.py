@@ -38,9 +38,15 @@ import math
 
 import torch
 
-from prunekit.components import MLP, DynamicProtocol, Method, PruneOutcome
-from prunekit.pruning.dynamic import DynamicModel, Timers
-from prunekit.rows import pooled_topk
+from prunekit.plugin import (
+    MLP,
+    DynamicModel,
+    DynamicProtocol,
+    Method,
+    PruneOutcome,
+    Timers,
+    pooled_topk,
+)
 
 #: ``method.mode`` -> where a scored request's prompt ends (``DynamicProtocol.prompt_split``)
 MODES = {"generation": "context", "classification": "last_token"}

@@ -1,7 +1,7 @@
 """prunekit-granite: a third-party prunekit plugin adding a model adapter for IBM Granite.
 
 An example for plugin authors: an architecture that no built-in adapter serves, supported
-from outside prunekit with its public API only. The package's ``pyproject.toml`` exposes this
+from outside prunekit with its plugin front (``prunekit.plugin``) only. The package's ``pyproject.toml`` exposes this
 module under the ``prunekit`` entry-point group::
 
     [project.entry-points.prunekit]
@@ -25,8 +25,7 @@ Hence the adapter is the LLaMA one with two changes in its layer adapter: the at
 
 from __future__ import annotations
 
-import prunekit
-from prunekit.models.llama import LlamaAdapter, LlamaLayerAdapter
+from prunekit.plugin import LlamaAdapter, LlamaLayerAdapter, hookimpl
 
 __all__ = ["GraniteAdapter", "GraniteLayerAdapter", "prunekit_register_adapters"]
 
@@ -57,7 +56,7 @@ class GraniteAdapter(LlamaAdapter):
     modeling = None
 
 
-@prunekit.hookimpl
+@hookimpl
 def prunekit_register_adapters(register):
     register(
         "granite",
