@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prunekit.errors import ModelError
 from prunekit import loading
+from prunekit.errors import ModelError
 from prunekit.loading import (
     ALIASES,
     LoadedModel,
