@@ -6,7 +6,7 @@ default component name per slot; a recipe may replace any single slot
 ablation study does. Components are plain objects, constructed once per run from their options;
 the hot loop calls them directly, never through a hook.
 
-Kinds and their job (see ``docs/plugins.md`` for worked examples). The engine declares the
+Kinds and their job (see ``docs/plugins-tutorial.md`` for worked examples). The engine declares the
 kinds every method needs:
 
 =============== =========================================================================
@@ -47,6 +47,8 @@ from prunekit.ratios import per_layer_ratio
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from prunekit.views import RunView
 
 #: the engine's slot kinds, in a stable order (recipe keys ``method.<slot>``); plugins declare
 #: more (``prunekit_register_kinds``), listed by ``Registry.slot_kinds()``
@@ -643,10 +645,11 @@ class Method(ABC):
         self.components = components
 
     @classmethod
-    def check_recipe(cls, recipe: Any, num_layers: int | None) -> list[str]:
+    def check_recipe(cls, recipe: RunView, num_layers: int | None) -> list[str]:
         """Problems known before running, as ``"key.path: message"`` strings.
 
-        :param recipe: the validated :class:`prunekit.recipe.Recipe`.
+        :param recipe: the run's typed view (:class:`prunekit.views.RunView`: the recipe's
+            paths ``method.options``, ``calibration.seq_len``, ``model.id``... read only).
         :param num_layers: the model's decoder layer count, or None when unknown offline.
         """
         return []
@@ -658,8 +661,9 @@ class Method(ABC):
         return []
 
     @classmethod
-    def layer_ratio(cls, recipe: Any, num_layers: int) -> float:
-        """The ratio a pruned layer is pruned at (validated to stay below 1).
+    def layer_ratio(cls, recipe: RunView, num_layers: int) -> float:
+        """The ratio a pruned layer is pruned at (validated to stay below 1); ``recipe`` is the
+        run's typed view (:class:`prunekit.views.RunView`).
 
         Default: the reference's inflation ``round(L / (L - skipped) * r, 2)``.
         """
@@ -670,9 +674,10 @@ class Method(ABC):
         return per_layer_ratio(m.ratio, num_layers, m.skip_layers)
 
     @classmethod
-    def check_state(cls, path: str, recipe: Any) -> None:
+    def check_state(cls, path: str, recipe: RunView) -> None:
         """Raise :class:`prunekit.errors.StateError` if the saved state at ``path`` cannot be
-        used by this recipe (called by ``validate`` for ``method.state.load``)."""
+        used by this run (``recipe``: its :class:`prunekit.views.RunView`; called by
+        ``validate`` for ``method.state.load``)."""
         from prunekit.errors import StateError
 
         raise StateError(f"method {cls.name!r} has no saved state to load")

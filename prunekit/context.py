@@ -127,7 +127,9 @@ class PruneContext:
                 "tokenizer": getattr(self.tokenizer, "name_or_path", "")}  # fmt: skip
 
     def statistics(self, stats=None) -> dict:
-        """Calibration statistics (default: the method's), collected once and cached on disk."""
+        """The calibration statistics ``stats`` (a method passes its own:
+        ``ctx.statistics(self.statistics())``), collected over the calibration windows and
+        cached on disk."""
         stats = list(stats or [])
         start = time.perf_counter()
         out = collect_statistics(self.model, self.adapter, self.calibration_windows(), stats,

@@ -45,8 +45,8 @@ class ModelConfig(_Strict):
     device: str = "cpu"
     attn_implementation: str | None = None
     #: the model adapter, by name (default: the first adapter that supports the model's
-    #: config, third-party adapters asked before the built-in ones; see docs/plugins.md,
-    #: "Adapter resolution")
+    #: config, third-party adapters asked before the built-in ones; see
+    #: docs/plugins-reference.md, "Adapter resolution")
     adapter: str | None = None
     #: with ``device: auto``: the most memory each device may hold (GPU index, ``cpu`` or
     #: ``disk`` -> a size such as ``20GiB``, or bytes), normalised to bytes

@@ -410,7 +410,7 @@ def adapter_class_for(config: Any, registry: Registry | None = None, name: str |
     raise ModelError(
         f"no model adapter supports model type {model_type!r}; supported: "
         f"{supported_architectures(registry)}. Install a plugin that registers one "
-        f"(prunekit_register_adapters), or see docs/plugins.md to write it."
+        f"(prunekit_register_adapters), or see docs/plugins-tutorial.md to write it."
     )
 
 

@@ -493,13 +493,13 @@ def method_needs_tokenizer(plan: Plan, calibration) -> bool:
 
 #: names that lived here before the runner was split, and where they live now; importing
 #: them from here still works for one release, with a DeprecationWarning
+#: (the runner still imports and serves sequence_bos, structure_reduction, head_macs,
+#: perplexity_windows and evaluate_tasks itself; they now live in prunekit.data,
+#: prunekit.evaluation.costs, prunekit.plan and prunekit.evaluation.zeroshot)
 _MOVED = {
     "problem_error": "prunekit.plan", "unmet_needs": "prunekit.plan",
     "model_context": "prunekit.plan", "output_problem": "prunekit.plan",
-    "perplexity_windows": "prunekit.plan", "AVERAGE_KEY": "prunekit.evaluation.zeroshot",
-    "evaluate_tasks": "prunekit.evaluation.zeroshot", "sequence_bos": "prunekit.data",
-    "structure_reduction": "prunekit.evaluation.costs", "head_macs": "prunekit.evaluation.costs",
-    "DenseTiming": "prunekit.timing",
+    "AVERAGE_KEY": "prunekit.evaluation.zeroshot", "DenseTiming": "prunekit.timing",
 }  # fmt: skip
 
 

@@ -14,13 +14,14 @@ import prunekit
 from prunekit.context import PruneContext
 from prunekit.data import calibration_windows
 from prunekit.plan import validate
+from prunekit.ratios import per_layer_ratio
 from prunekit.recipe import load_recipe
 from prunekit.registry import resolve_adapter
 from prunekit.testing import tiny_llama, tiny_tokenizer
 from prunekit.views import RunView
 
 RECIPE = {
-    "calibration": {"dataset": "c4", "samples": 6, "seq_len": 24, "batch_size": 2},
+    "calibration": {"dataset": "c4", "samples": 6, "seq_len": 32, "batch_size": 2},
     "method": {"name": "pp", "ratio": 0.4, "skip_layers": [0], "mode": "sync",
                "probe": {"name": "residual_rank"}},
     "evaluation": {"perplexity": [{"dataset": "wikitext2", "split": "test", "seq_len": 32,
@@ -44,10 +45,10 @@ def _context(override=None, recipe=RECIPE):
 def test_calibration_windows_of_any_size_are_the_corpus_draw():
     ctx, plan = _context()
     default = ctx.calibration_windows()
-    assert default.shape == (6, 24)
+    assert default.shape == (6, 32)
     assert ctx.calibration_windows() is default  # drawn once per run
-    assert ctx.calibration_windows(6, 24) is default
-    want = calibration_windows(ctx.tokenizer, plan.calibration_source, 6, 24, seed=3)
+    assert ctx.calibration_windows(6, 32) is default
+    want = calibration_windows(ctx.tokenizer, plan.calibration_source, 6, 32, seed=3)
     assert torch.equal(default, want)
     other = ctx.calibration_windows(3, 10)
     assert torch.equal(other, calibration_windows(ctx.tokenizer, plan.calibration_source, 3, 10,
@@ -68,7 +69,7 @@ def test_the_run_view_is_typed_frozen_and_keeps_the_recipes_paths():
     assert (run.model.id, run.seed, run.method.name, run.method.ratio) == (
         plan.recipe.model.id, 3, "pp", 0.4)
     assert run.method.skip_layers == (0,)
-    assert run.calibration.seq_len == 24 and run.evaluation.perplexity[0].seq_len == 32
+    assert run.calibration.seq_len == 32 and run.evaluation.perplexity[0].seq_len == 32
     assert run.evaluation.perplexity[0].label == plan.recipe.evaluation.perplexity[0].label
     # an option is not a slot; a plugin-declared slot is
     assert run.method.options["mode"] == "sync" and run.method.slot("mode") is None
@@ -109,12 +110,12 @@ def test_class_level_checks_receive_the_view(monkeypatch):
 
     def layer_ratio(klass, run, num_layers):
         seen["layer_ratio"] = run
-        return 0.5
+        return per_layer_ratio(run.method.ratio, num_layers, run.method.skip_layers)
 
     monkeypatch.setattr(cls, "check_recipe", classmethod(check_recipe))
     monkeypatch.setattr(cls, "layer_ratio", classmethod(layer_ratio))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="PruneContext.recipe")
-        prunekit.prune(tiny_llama(), method="wanda-sp", ratio=0.4,
+        prunekit.prune(tiny_llama(), method="wanda-sp", ratio=0.4, skip_layers=[],
                        calibration=torch.randint(0, 128, (4, 8)))  # fmt: skip
     assert isinstance(seen["check_recipe"], RunView) and isinstance(seen["layer_ratio"], RunView)

@@ -5,7 +5,7 @@ Read from the syntax trees of the built-in methods (``plugins/``, installed as
 GRIFFIN example, the Granite test package): every prunekit import is from ``prunekit.plugin``
 (top-level and inside functions), and no plugin reads the recipe (``ctx.recipe``) or dumps
 pydantic sections (``model_dump``). The entry points in pyproject.toml follow the documented
-split (docs/plugins.md): methods under plugins/, architecture adapters under prunekit/models/,
+split (docs/plugins-reference.md): methods under plugins/, architecture adapters under prunekit/models/,
 the engine's own component defaults in the engine.
 """
 
@@ -97,9 +97,9 @@ def test_entry_points_follow_the_documented_split():
         assert hooks == {"prunekit_register_adapters"}, (module, hooks)
     for name in methods:
         assert (REPO / "plugins" / name / "__init__.py").is_file(), name
-    docs = (REPO / "docs" / "plugins.md").read_text()
+    docs = (REPO / "docs" / "plugins-reference.md").read_text()
     for name, module in points.items():  # the docs list every entry point
-        assert f"`{module}`" in docs, f"docs/plugins.md does not list the entry point {name} = {module}"
+        assert f"`{module}`" in docs, f"docs/plugins-reference.md does not list the entry point {name} = {module}"
 
 
 def test_moved_runner_names_warn_and_resolve():
@@ -107,13 +107,13 @@ def test_moved_runner_names_warn_and_resolve():
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        from prunekit.runner import sequence_bos, structure_reduction  # noqa: F401
+        from prunekit.runner import model_context, output_problem  # noqa: F401
     assert {str(w.message).split(" moved")[0] for w in caught
-            if w.category is DeprecationWarning} >= {"prunekit.runner.sequence_bos",
-                                                     "prunekit.runner.structure_reduction"}  # fmt: skip
-    from prunekit.data import sequence_bos as new
+            if w.category is DeprecationWarning} >= {"prunekit.runner.model_context",
+                                                     "prunekit.runner.output_problem"}  # fmt: skip
+    from prunekit.plan import problem_error as new
 
     with pytest.warns(DeprecationWarning):
-        assert runner.sequence_bos is new
+        assert runner.problem_error is new
     with pytest.raises(AttributeError):
         runner.no_such_name  # noqa: B018

@@ -3,7 +3,7 @@
 What most adapters repeat: smaller copies of ``nn.Linear`` layers, the coupled slices of a
 projection, attention among a probe's tokens with their true positions, and a standard Hugging
 Face model built around pruned weights. The built-in adapters use these; so can a third-party
-adapter (see docs/plugins.md, "Writing a model adapter").
+adapter (see docs/plugins-reference.md, "The toolkit").
 """
 
 from __future__ import annotations

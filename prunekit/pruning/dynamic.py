@@ -291,7 +291,7 @@ class DynamicDecoderLayer(nn.Module):
                             f"layer {la.index} {group}: the rows of this batch keep different "
                             f"units, but {type(la).__name__} does not declare row_masks (its "
                             "run() takes no per-row unit_mask); per-sequence dynamic methods "
-                            "need an adapter that does (see docs/plugins.md)"
+                            "need an adapter that does (see docs/plugins-reference.md, 'Per-row masks')"
                         )
                     union, kept = rows, rows.units
                 else:
@@ -602,7 +602,7 @@ class DynamicModel(nn.Module):
                     f"a method that decides per {protocol.decides} runs the rows of a batch "
                     f"with their own kept units, which needs an adapter whose run() takes a "
                     f"per-row unit_mask; {', '.join(lacking)} does not declare row_masks "
-                    "(see docs/plugins.md, 'Per-row masks')"
+                    "(see docs/plugins-reference.md, 'Per-row masks')"
                 )
         self.runtime = Runtime(controller, adapter, protocol)
         if hasattr(controller, "timers"):
