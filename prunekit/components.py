@@ -53,8 +53,9 @@ if TYPE_CHECKING:
 #: the engine's slot kinds, in a stable order (recipe keys ``method.<slot>``); plugins declare
 #: more (``prunekit_register_kinds``), listed by ``Registry.slot_kinds()``
 SLOTS: tuple[str, ...] = ("statistic", "metric", "allocator", "compensator")
-#: the engine's component kinds, in a stable order
-KINDS: tuple[str, ...] = ("adapter", *SLOTS, "method", "executor")
+#: the engine's component kinds, in a stable order; ``corpus`` and ``task`` are data sources
+#: (perplexity corpora and multiple-choice tasks), registered like components
+KINDS: tuple[str, ...] = ("adapter", *SLOTS, "method", "executor", "corpus", "task")
 
 #: the two prunable groups of a decoder layer
 ATTN, MLP = "attn", "mlp"

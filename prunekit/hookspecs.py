@@ -162,6 +162,35 @@ def prunekit_register_executors(register: RegisterFn) -> None:
     """
 
 
+@hookspec
+def prunekit_register_corpora(register: RegisterFn) -> None:
+    """Register text corpora: what a recipe names with ``dataset:`` in ``calibration``,
+    ``evaluation.perplexity`` and ``recovery`` (the built-in ``wikitext2``, ``ptb`` and ``c4``
+    are registered this way).
+
+    :param register: call ``register(name, info, description=None)`` with a
+        :class:`prunekit.data.DatasetInfo` whose ``id`` is ``name``: its splits (a file
+        under a data directory and/or a Hugging Face hub source each), default and
+        calibration splits, and how rows are joined.
+
+    Called once, when the registry is built.
+    """
+
+
+@hookspec
+def prunekit_register_tasks(register: RegisterFn) -> None:
+    """Register multiple-choice tasks: what a recipe names in ``evaluation.tasks`` (the seven
+    built-in commonsense tasks are registered this way).
+
+    :param register: call ``register(name, spec, description=None)`` with a
+        :class:`prunekit.data.tasks.TaskSpec` whose ``name`` is ``name``: where its split
+        lives (a file under a data directory, the hub) and how a record becomes a
+        :class:`~prunekit.data.tasks.Question`.
+
+    Called once, when the registry is built.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # Run observers
 # --------------------------------------------------------------------------------------------

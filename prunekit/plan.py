@@ -53,6 +53,8 @@ class Plan:
     context: int | None = None
     #: what plugins read of the recipe (:class:`~prunekit.views.RunView`)
     run: RunView | None = None
+    #: lm-eval's task index for ``evaluation.lm_eval`` (built at validate, reused to evaluate)
+    lm_eval_manager: Any = None
 
     @property
     def recipe(self) -> Recipe:
@@ -358,6 +360,8 @@ def _locate_data(loaded: LoadedRecipe, plan: Plan) -> None:
         _check_text_amount(loaded, source, p.seq_len, None if p.windows == "all" else p.windows,
                            key)  # fmt: skip
     plan.tasks = _resolve_tasks(loaded, labels)
+    if recipe.evaluation.lm_eval is not None:
+        plan.lm_eval_manager = _check_lm_eval(loaded, {*labels, *(t[0] for t in plan.tasks)})
     if m.state.load and not Path(m.state.load).exists():
         raise loaded.error(("method", "state", "load"),
                            f"saved state {m.state.load!r} not found: give the directory "
@@ -367,6 +371,41 @@ def _locate_data(loaded: LoadedRecipe, plan: Plan) -> None:
             plan.method_cls.check_state(m.state.load, plan.run)
         except StateError as exc:
             raise loaded.error(("method", "state", "load"), str(exc)) from None
+
+
+def _check_lm_eval(loaded: LoadedRecipe, taken: set[str]):
+    """``evaluation.lm_eval``: lm-eval installed, the include path a directory, every task
+    name known to lm-eval's index (returned, so the run does not index again)."""
+    cfg = loaded.recipe.evaluation.lm_eval
+    where = ("evaluation", "lm_eval")
+    if find_spec("lm_eval") is None:
+        raise loaded.error(where, "lm-eval tasks need EleutherAI's lm-evaluation-harness, "
+                           "which is not installed: pip install 'prunekit[lm-eval]'")  # fmt: skip
+    if cfg.include_path is not None and not Path(cfg.include_path).expanduser().is_dir():
+        raise loaded.error((*where, "include_path"),
+                           f"{cfg.include_path!r} is not a directory of lm-eval task configs "
+                           f"(relative paths are taken from {os.getcwd()!r})")  # fmt: skip
+    if cfg.include_path is None and not cfg.include_defaults:
+        raise loaded.error((*where, "include_defaults"), "include_defaults: false leaves no "
+                           "task to run without an include_path")  # fmt: skip
+    from prunekit.integrations.lm_eval import task_manager  # optional dependency
+
+    include = None if cfg.include_path is None else Path(cfg.include_path).expanduser()
+    manager = task_manager(include, cfg.include_defaults)
+    known = set(manager.all_tasks)
+    for i, name in enumerate(cfg.tasks):
+        if name not in known:
+            where_found = (f"lm-eval's tasks{' and ' if include else ''}" if cfg.include_defaults
+                           else "")
+            where_found += f"the configs under {str(include)!r}" if include else ""
+            raise loaded.error((*where, "tasks", i),
+                               f"lm-eval knows no task {name!r}{did_you_mean(name, known)} "
+                               f"(looked in {where_found}); `python -m lm_eval ls tasks` lists "
+                               "them")  # fmt: skip
+        if f"lm_eval:{name}" in taken:
+            raise loaded.error((*where, "tasks", i), f"task {name!r} is listed twice")
+        taken.add(f"lm_eval:{name}")
+    return manager
 
 
 def _check_recovery(loaded: LoadedRecipe, plan: Plan, check_files: bool) -> None:
@@ -469,9 +508,10 @@ def _resolve_tasks(loaded: LoadedRecipe, taken: dict[str, int]) -> list[tuple]:
         where = ("evaluation", "tasks", i)
         if cfg.path is not None:
             task = JsonlTask(name=cfg.name, path=cfg.path, context=cfg.context,
-                             choices=cfg.choices if isinstance(cfg.choices, str)
+                             choices=cfg.choices if isinstance(cfg.choices, str | None)
                              else tuple(cfg.choices), gold=cfg.gold,
-                             continuation=cfg.continuation, gold_base=cfg.gold_base)  # fmt: skip
+                             continuation=cfg.continuation, gold_base=cfg.gold_base,
+                             choice_fields=tuple(cfg.choice_fields or ()))  # fmt: skip
             try:
                 task.check()
             except DataError as exc:

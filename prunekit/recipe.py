@@ -227,7 +227,12 @@ class PerplexityConfig(_Strict):
 class TaskConfig(_Strict):
     """One entry of ``evaluation.tasks``: a built-in task (or the group ``commonsense``), or a
     user multiple-choice task from a JSON-lines file (``path``, ``context``, ``choices``,
-    ``gold``). A bare string ``boolq`` is short for ``{name: boolq}``."""
+    ``gold``). A bare string ``boolq`` is short for ``{name: boolq}``.
+
+    The choices of a file's record are one list field (``choices: endings``), a fixed list
+    for every question (``choices: [yes, no]``), or one field per choice
+    (``choice_fields: [answerA, answerB, answerC]``, SocialIQA's layout; ``[sol1, sol2]``,
+    PIQA's)."""
 
     name: str
     limit: int | None = Field(None, ge=1)
@@ -236,6 +241,8 @@ class TaskConfig(_Strict):
     path: str | None = None
     context: str | None = None
     choices: str | list[str] | None = None
+    #: the record's fields holding the choice texts, one per choice, in order
+    choice_fields: list[str] | None = None
     gold: str | None = None
     continuation: str = " {choice}"
     gold_base: int = Field(0, ge=0)
@@ -247,26 +254,65 @@ class TaskConfig(_Strict):
 
     @model_validator(mode="after")
     def _custom(self):
-        custom = {"context": self.context, "choices": self.choices, "gold": self.gold}
+        custom = {"context": self.context, "choices": self.choices,
+                  "choice_fields": self.choice_fields, "gold": self.gold}  # fmt: skip
         if self.path is None:
             given = [k for k, value in custom.items() if value is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} only apply to a task read from a file: "
                                  "add `path:` (a JSON-lines file)")  # fmt: skip
         else:
+            if self.choices is not None and self.choice_fields is not None:
+                raise ValueError("give either `choices:` (one list field, or a fixed list) or "
+                                 "`choice_fields:` (one field per choice), not both")  # fmt: skip
+            if self.choices is None and self.choice_fields is None:
+                custom.pop("choice_fields")
+            else:
+                custom.pop("choices" if self.choices is None else "choice_fields")
             missing = [k for k, value in custom.items() if value is None]
             if missing:
                 raise ValueError(f"a task read from `path:` also needs {', '.join(missing)} "
-                                 "(the context template, the choices field or list, the gold "
-                                 "field)")  # fmt: skip
+                                 "(the context template, the choices field or list or "
+                                 "choice_fields, the gold field)")  # fmt: skip
             if isinstance(self.choices, list) and len(self.choices) < 2:
                 raise ValueError("`choices:` as a list needs at least two choices")
+            if self.choice_fields is not None and len(self.choice_fields) < 2:
+                raise ValueError("`choice_fields:` needs at least two fields (one per choice)")
         return self
+
+
+class LmEvalConfig(_Strict):
+    """``evaluation.lm_eval``: tasks of EleutherAI's lm-evaluation-harness, by name, scored
+    through the bridge (:mod:`prunekit.integrations.lm_eval`; ``pip install
+    'prunekit[lm-eval]'``). A list of names is short for ``{tasks: [...]}``.
+
+    ``include_path`` is a directory of lm-eval task configs (YAML) to add, e.g. tasks that
+    read local files; ``include_defaults: false`` leaves out lm-eval's own tasks (faster to
+    index). Each task's metrics are reported under ``lm_eval:<task>``."""
+
+    tasks: list[str] = Field(min_length=1)
+    include_path: str | None = None
+    include_defaults: bool = True
+    limit: int | None = Field(None, ge=1)
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(20, ge=1)
+    max_length: int = Field(512, ge=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, v):
+        return {"tasks": v} if isinstance(v, list | str) else v
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _one_name(cls, v):
+        return [v] if isinstance(v, str) else v
 
 
 class EvaluationConfig(_Strict):
     perplexity: list[PerplexityConfig] = Field(default_factory=lambda: [PerplexityConfig()])
     tasks: list[TaskConfig] = Field(default_factory=list)
+    lm_eval: LmEvalConfig | None = None
 
 
 #: the fewest timed calls per model a time is reported from (median and spread)

@@ -31,6 +31,8 @@ HOOKS: dict[str, str] = {
     "compensator": "prunekit_register_compensators",
     "method": "prunekit_register_methods",
     "executor": "prunekit_register_executors",
+    "corpus": "prunekit_register_corpora",
+    "task": "prunekit_register_tasks",
 }
 assert set(HOOKS) == set(KINDS)
 #: fixed keys of a recipe's ``method`` section (in the order messages list them), which no
@@ -71,7 +73,13 @@ def engine_kinds() -> dict[str, Kind]:
         "method": Kind("method", None, "pruning methods", slot=False),
         "executor": Kind("executor", Executor, "sweep executors (where prunekit sweep runs "
                          "its cells)", slot=False),  # fmt: skip
+        "corpus": Kind("corpus", None, "text corpora (recipe dataset: names)", slot=False),
+        "task": Kind("task", None, "multiple-choice tasks (evaluation.tasks names)", slot=False),
     }
+
+#: the kinds whose entries are data descriptions (not factories), and the attribute of each
+#: that must equal its registered name
+DATA_KINDS: dict[str, str] = {"corpus": "id", "task": "name"}
 
 
 def protocol_members(protocol: type) -> list[str]:
@@ -103,7 +111,7 @@ class Entry:
 
         Slot components and executors take recipe options; adapters and methods report none.
         """
-        if self.kind in ("adapter", "method"):
+        if self.kind in ("adapter", "method", *DATA_KINDS):
             return {}
         return factory_options(self.factory)
 
@@ -189,6 +197,8 @@ class Registry:
             )
         if not isinstance(entry.name, str) or not entry.name:
             raise PluginError(f"plugin {entry.plugin!r} registered a {entry.kind} without a name")
+        if entry.kind in DATA_KINDS:
+            _check_data_entry(entry)
         key = (entry.kind, entry.name)
         if key in self._entries:
             first = self._entries[key]
@@ -258,6 +268,25 @@ class Registry:
                 + f"; a {kind} must implement {protocol.__module__}.{protocol.__qualname__}"
             )
         return component
+
+
+def _check_data_entry(entry: Entry) -> None:
+    """A corpus is a :class:`prunekit.data.DatasetInfo`, a task a
+    :class:`prunekit.data.tasks.TaskSpec`, each registered under its own name (checked by
+    their fields, so that the registry does not import the data modules that read it)."""
+    fields = {"corpus": ("id", "splits", "default_split", "calibration_split", "join",
+                         "calibration"),
+              "task": ("name", "title", "split", "file", "hub", "build")}[entry.kind]  # fmt: skip
+    want = "prunekit.data.DatasetInfo" if entry.kind == "corpus" else "prunekit.data.tasks.TaskSpec"
+    missing = [f for f in fields if not hasattr(entry.factory, f)]
+    if missing:
+        raise PluginError(f"plugin {entry.plugin!r} registered {entry.kind} {entry.name!r} as a "
+                          f"{type(entry.factory).__name__}, which lacks {', '.join(missing)}; "
+                          f"a {entry.kind} is a {want}")  # fmt: skip
+    own = getattr(entry.factory, DATA_KINDS[entry.kind])
+    if own != entry.name:
+        raise PluginError(f"plugin {entry.plugin!r} registered {entry.kind} {entry.name!r}, whose "
+                          f"{DATA_KINDS[entry.kind]} is {own!r}; register it under {own!r}")  # fmt: skip
 
 
 def _call_hook(impl, hook_name: str, register: Callable[..., None]) -> None:

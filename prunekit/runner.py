@@ -214,6 +214,17 @@ def evaluate_model(plan: Plan, model, tokenizer, staging: Path | None = None,
                               "sampling": cfg.sampling, "bos": bos_id is not None}  # fmt: skip
         data_hashes[cfg.label] = source_sha256(source)
         info(f"{cfg.label}: perplexity {result['ppl']:.3f} over {result['tokens']} tokens")
+    lm = recipe.evaluation.lm_eval
+    if lm is not None:
+        from prunekit.integrations.lm_eval import evaluate_by_name  # optional dependency
+
+        results = evaluate_by_name(model, tokenizer, lm.tasks, manager=plan.lm_eval_manager,
+                                   include_path=lm.include_path,
+                                   include_defaults=lm.include_defaults, limit=lm.limit,
+                                   num_fewshot=lm.num_fewshot, batch_size=lm.batch_size,
+                                   max_length=lm.max_length, seed=recipe.seed)  # fmt: skip
+        metrics.update(results)
+        data_hashes.update(dict.fromkeys(results))  # lm-eval keeps its data: no file to hash
     if plan.tasks:
         save_to = staging if recipe.output.save_predictions else None
         metrics.update(evaluate_tasks(model, tokenizer, plan.tasks, save_to))

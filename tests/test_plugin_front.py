@@ -30,11 +30,12 @@ PLUGIN_FILES = sorted([
 ])  # fmt: skip
 #: the entry points of the engine's own components: each kind's default, shipped with the
 #: engine (calibration statistics, the uniform allocator, the no-op compensator, the local and
-#: submitit executors)
+#: submitit executors, the built-in corpora and tasks)
 ENGINE_DEFAULTS = {"calibration": "prunekit.calibration",
                    "allocation": "prunekit.pruning.allocation",
                    "static": "prunekit.pruning.static",
-                   "executors": "prunekit.sweep.executors"}  # fmt: skip
+                   "executors": "prunekit.sweep.executors",
+                   "data": "prunekit.data.builtin"}  # fmt: skip
 
 
 def _prunekit_imports(tree: ast.AST) -> list[tuple[int, str]]:

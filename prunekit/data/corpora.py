@@ -54,11 +54,13 @@ from typing import Any
 import torch
 
 from prunekit.errors import DataError, did_you_mean
+from prunekit.registry import get_registry
 
 __all__ = [
     "sequence_bos",
     "BUNDLED_DIR",
     "DATASETS",
+    "registered_corpora",
     "DATA_DIR_ENV",
     "CorpusSource",
     "DatasetInfo",
@@ -164,7 +166,9 @@ _WIKITEXT_HUB = ("wikitext", "wikitext-2-raw-v1")
 _C4_VAL_SHARD = "en/c4-validation.00000-of-00008.json.gz"
 _C4_TRAIN_SHARD = "en/c4-train.00000-of-01024.json.gz"
 
-#: The known corpus ids. ``DATASETS[id].splits`` lists their splits.
+#: The built-in corpora (``DATASETS[id].splits`` lists their splits), registered by the
+#: built-in data plugin (:mod:`prunekit.data.builtin`) like any plugin's corpus; what a recipe
+#: can name is :func:`registered_corpora`.
 DATASETS: dict[str, DatasetInfo] = {
     "wikitext2": DatasetInfo(
         id="wikitext2",
@@ -252,7 +256,17 @@ DATASETS: dict[str, DatasetInfo] = {
     ),
 }
 
-_ALIASES: dict[str, str] = {a: info.id for info in DATASETS.values() for a in info.aliases}
+
+
+def registered_corpora() -> dict[str, DatasetInfo]:
+    """Every corpus a recipe can name, by id: the registered ones (kind ``corpus``: the
+    built-ins of :data:`DATASETS` and those plugins register with
+    ``prunekit_register_corpora``)."""
+    return {e.name: e.factory for e in get_registry().entries("corpus")}
+
+
+def _aliases(known: Mapping[str, DatasetInfo]) -> dict[str, str]:
+    return {a: info.id for info in known.values() for a in info.aliases}
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,14 +338,18 @@ def _local_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
 
 
 def _resolve_dataset_id(dataset: str) -> DatasetInfo:
+    known = registered_corpora()
+    aliases = _aliases(known)
     key = str(dataset).strip()
-    key = _ALIASES.get(key.lower(), key.lower())
-    if key in DATASETS:
-        return DATASETS[key]
-    known = ", ".join(f"{k} (splits: {', '.join(v.splits)})" for k, v in DATASETS.items())
+    key = aliases.get(key.lower(), key if key in known else key.lower())
+    if key in known:
+        return known[key]
+    listed = ", ".join(f"{k} (splits: {', '.join(v.splits)})" for k, v in known.items())
     raise DataError(
-        f"unknown dataset {dataset!r}{did_you_mean(dataset, [*DATASETS, *_ALIASES])}; "
-        f"known datasets: {known}; or give a file with `path:` (.txt, .jsonl, .jsonl.gz)"
+        f"unknown dataset {dataset!r}{did_you_mean(dataset, [*known, *aliases])}; "
+        f"known datasets: {listed or '(none: no corpus is registered)'}; or give a file with "
+        "`path:` (.txt, .jsonl, .jsonl.gz), or install a plugin that registers the corpus "
+        "(prunekit_register_corpora)"
     )
 
 
@@ -384,7 +402,7 @@ def locate_corpus(
         )
     if dataset is None:
         raise DataError(
-            f"no corpus given: set `dataset:` (one of {', '.join(DATASETS)}) or `path:` "
+            f"no corpus given: set `dataset:` (one of {', '.join(registered_corpora())}) or `path:` "
             "(a .txt or .jsonl file)"
         )
     info = _resolve_dataset_id(dataset)
@@ -559,7 +577,8 @@ def _read_whole(path: Path) -> str:
 
 def _load_hub(source: CorpusSource) -> list[str]:
     assert source.dataset is not None
-    spec = DATASETS[source.dataset].splits[source.split].hub
+    info = registered_corpora()[source.dataset]
+    spec = info.splits[source.split].hub
     assert spec is not None
     try:
         import datasets  # heavy; only imported when the hub is needed
@@ -572,12 +591,12 @@ def _load_hub(source: CorpusSource) -> list[str]:
             ds = ds.select(range(min(spec.limit, len(ds))))
         rows = list(ds[spec.text_field])
     except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear user error
-        rel = DATASETS[source.dataset].splits[source.split].file
+        rel = info.splits[source.split].file
         hint = (
             f"or copy the file to <dir>/{rel} and set {DATA_DIR_ENV}=<dir>"
             if rel
             else "or use a split that is available offline: "
-            + ", ".join(s for s, i in DATASETS[source.dataset].splits.items() if i.file)
+            + ", ".join(s for s, i in info.splits.items() if i.file)
         )
         raise DataError(
             f"could not load {source.dataset}/{source.split} from the Hugging Face hub "
@@ -609,9 +628,10 @@ def load_documents(source: CorpusSource) -> list[str]:
         p = Path(source.location)
         docs = _read_jsonl(p, source.text_field) if source.text_field else [_read_whole(p)]
     elif source.kind in ("local", "bundled"):
-        if source.dataset not in DATASETS or source.split not in DATASETS[source.dataset].splits:
+        info = registered_corpora().get(source.dataset)
+        if info is None or source.split not in info.splits:
             raise DataError(f"unknown corpus {source.dataset}/{source.split} in {source!r}")
-        spec = DATASETS[source.dataset].splits[source.split]
+        spec = info.splits[source.split]
         p = Path(source.location)
         docs = _read_jsonl(p, source.text_field) if source.text_field else _read_lines(p)
         if spec.doc_range is not None:
@@ -657,8 +677,9 @@ def max_tokens(source: CorpusSource) -> int | None:
 
 
 def _join_rule(source: CorpusSource) -> str:
-    if source.dataset is not None and source.dataset in DATASETS:
-        return DATASETS[source.dataset].join
+    info = registered_corpora().get(source.dataset) if source.dataset is not None else None
+    if info is not None:
+        return info.join
     return "\n\n"
 
 
@@ -880,8 +901,9 @@ def _doc_tokens(tokenizer: Any, source: CorpusSource) -> dict[int, torch.Tensor]
 
 
 def _uses_documents(source: CorpusSource) -> bool:
-    if source.dataset is not None and source.dataset in DATASETS:
-        return DATASETS[source.dataset].calibration == "documents"
+    info = registered_corpora().get(source.dataset) if source.dataset is not None else None
+    if info is not None:
+        return info.calibration == "documents"
     return source.kind == "file" and source.text_field is not None
 
 

@@ -45,6 +45,7 @@ from prunekit.data.corpora import (
     json_records,
 )
 from prunekit.errors import DataError, did_you_mean
+from prunekit.registry import get_registry
 
 __all__ = [
     "GROUPS",
@@ -56,6 +57,7 @@ __all__ = [
     "expand_task_names",
     "load_questions",
     "locate_task",
+    "registered_tasks",
 ]
 
 
@@ -161,6 +163,8 @@ class TaskSpec:
     labels_file: str | None = None  # PIQA: gold labels in a separate line-aligned file
 
 
+#: The built-in tasks, registered by the built-in data plugin (:mod:`prunekit.data.builtin`)
+#: like any plugin's task; what a recipe can name is :func:`registered_tasks`.
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
@@ -237,18 +241,39 @@ def canonical_name(name: str) -> str:
     return _ALIASES.get(key, key)
 
 
+def registered_tasks() -> dict[str, TaskSpec]:
+    """Every task a recipe can name: the registered ones (kind ``task``: the built-ins of
+    :data:`TASKS` and those plugins register with ``prunekit_register_tasks``)."""
+    return {e.name: e.factory for e in get_registry().entries("task")}
+
+
+def _spec(name: str) -> TaskSpec:
+    known = registered_tasks()
+    key = name if name in known else canonical_name(name)
+    if key not in known:
+        raise DataError(f"task {name!r} is not registered (is the plugin that registers it "
+                        "installed?)")  # fmt: skip
+    return known[key]
+
+
 def expand_task_names(name: str) -> tuple[str, ...]:
-    """``commonsense`` -> the 7 tasks; a built-in name -> itself; else an error."""
+    """``commonsense`` -> the 7 built-in tasks; a registered task's name -> itself; else an
+    error."""
+    known = registered_tasks()
+    if name in known:  # a plugin's task, by its exact name
+        return (name,)
     key = canonical_name(name)
-    if key in GROUPS:
+    if key in GROUPS and all(t in known for t in GROUPS[key]):
         return GROUPS[key]
-    if key in TASKS:
+    if key in known:
         return (key,)
-    known = [*TASKS, *GROUPS]
+    names = [*known, *(g for g, members in GROUPS.items() if all(t in known for t in members))]
     raise DataError(
-        f"unknown task {name!r}{did_you_mean(key, [*known, *_ALIASES])}; built-in tasks: "
-        f"{', '.join(known)}; for your own data give `path:` (a JSON-lines file) with "
-        "`context:`, `choices:` and `gold:`"
+        f"unknown task {name!r}{did_you_mean(key, [*names, *_ALIASES])}; registered tasks: "
+        f"{', '.join(names) or '(none)'}; for your own data give `path:` (a JSON-lines file) "
+        "with `context:`, `choices:` (or `choice_fields:`) and `gold:`, a task of "
+        "lm-evaluation-harness by name under `evaluation.lm_eval`, or install a plugin that "
+        "registers the task (prunekit_register_tasks)"
     )
 
 
@@ -271,8 +296,8 @@ class TaskSource:
 
 
 def locate_task(name: str, data_dir: str | os.PathLike[str] | None = None) -> TaskSource:
-    """Find a built-in task's split in the local data directory, else name its hub source."""
-    spec = TASKS[canonical_name(name)]
+    """Find a registered task's split in the local data directory, else name its hub source."""
+    spec = _spec(name)
     local = _local_data_dir(data_dir)
     if local is not None:
         found = _find_in(local, spec.file)
@@ -308,8 +333,8 @@ def _hub_records(spec: TaskSpec) -> list[tuple[int, dict]]:
 
 
 def load_questions(source: TaskSource, limit: int | None = None) -> list[Question]:
-    """The first ``limit`` questions (all if None) of a built-in task, in file order."""
-    spec = TASKS[source.task]
+    """The first ``limit`` questions (all if None) of a registered task, in file order."""
+    spec = _spec(source.task)
     where = source.location
     if source.kind == "hub":
         records = _hub_records(spec)
@@ -367,7 +392,9 @@ class JsonlTask:
     :param context: ``str.format`` template over a record's fields, e.g.
         ``"Question: {question}\\nAnswer:"``.
     :param choices: the field holding the list of choice texts, or a fixed list of choices for
-        every question (e.g. ``["yes", "no"]``).
+        every question (e.g. ``["yes", "no"]``); None with ``choice_fields``.
+    :param choice_fields: the fields holding one choice text each, in order (SocialIQA's
+        ``answerA``/``answerB``/``answerC``, PIQA's ``sol1``/``sol2``).
     :param gold: the field holding the answer: an index into the choices (an int, or a string
         of digits; counted from ``gold_base``), the text of one choice, or a letter (``A`` is
         the first choice) when no choice text matches.
@@ -378,10 +405,11 @@ class JsonlTask:
     name: str
     path: str
     context: str
-    choices: str | tuple[str, ...]
+    choices: str | tuple[str, ...] | None
     gold: str
     continuation: str = " {choice}"
     gold_base: int = 0
+    choice_fields: tuple[str, ...] = ()
 
     def check(self) -> None:
         """Template syntax errors, found before any data is read."""
@@ -410,7 +438,16 @@ class JsonlTask:
         return index
 
     def build(self, record: dict) -> Question:
-        if isinstance(self.choices, str):
+        if self.choice_fields:
+            choices = []
+            for name in self.choice_fields:
+                if name not in record:
+                    raise KeyError(name)
+                if not isinstance(record[name], str):
+                    raise ValueError(f"field {name!r} must hold a choice text (a string), not "
+                                     f"{type(record[name]).__name__} {record[name]!r}")  # fmt: skip
+                choices.append(record[name])
+        elif isinstance(self.choices, str):
             if self.choices not in record:
                 raise KeyError(self.choices)
             choices = record[self.choices]

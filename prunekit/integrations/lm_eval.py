@@ -85,7 +85,7 @@ from prunekit.evaluation.zeroshot import (
     score_requests,
 )
 
-__all__ = ["PrunekitLM", "main"]
+__all__ = ["PrunekitLM", "evaluate_by_name", "main", "task_manager"]
 
 logger = logging.getLogger(__name__)
 
@@ -350,6 +350,53 @@ class PrunekitLM(LM):
             self.cache_hook.add_partial("generate_until", req.args, text)
             out.append(text)
         return out
+
+
+def task_manager(include_path: str | os.PathLike | None = None, include_defaults: bool = True):
+    """lm-eval's task index: its own tasks (``include_defaults``) and the task configs under
+    ``include_path``. Indexing lm-eval's own tasks reads thousands of YAML files (seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=None if include_path is None else str(include_path),
+                       include_defaults=include_defaults)  # fmt: skip
+
+
+def _metric_name(key: str) -> str:
+    """lm-eval's ``"acc,none"`` -> ``acc``; ``"exact_match,strict-match"`` ->
+    ``exact_match_strict-match`` (the filter named when it is not the default one)."""
+    metric, _, flt = key.partition(",")
+    return metric if flt in ("", "none") else f"{metric}_{flt}"
+
+
+def evaluate_by_name(model, tokenizer, tasks: Sequence[str], *, manager=None,
+                     include_path: str | os.PathLike | None = None, include_defaults: bool = True,
+                     limit: int | None = None, num_fewshot: int | None = None,
+                     batch_size: int = 20, max_length: int = 512, seed: int = 0) -> dict[str, dict]:  # fmt: skip
+    """Run lm-eval tasks by name on ``model`` through :class:`PrunekitLM` (what a recipe's
+    ``evaluation.lm_eval`` asks for): ``{"lm_eval:<task>": {metric: value, ...}}`` for every
+    task and group lm-eval reports, with the numbers of questions scored (``samples``) and
+    the task's version. Seeds are the run's."""
+    from lm_eval import simple_evaluate
+
+    manager = manager or task_manager(include_path, include_defaults)
+    lm = PrunekitLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                          task_manager=manager, log_samples=False, random_seed=seed,
+                          numpy_random_seed=seed, torch_random_seed=seed,
+                          fewshot_random_seed=seed)  # fmt: skip
+    metrics: dict[str, dict] = {}
+    samples = out.get("n-samples", {})
+    for name, values in out["results"].items():
+        entry: dict[str, Any] = {
+            _metric_name(k): v for k, v in values.items()
+            if k != "alias" and isinstance(v, int | float) and not isinstance(v, bool)
+        }  # fmt: skip
+        if name in samples:
+            entry["samples"] = samples[name].get("effective")
+        entry["version"] = out.get("versions", {}).get(name)
+        entry.update({"source": "lm-eval", "limit": limit, "num_fewshot": num_fewshot})
+        metrics[f"lm_eval:{name}"] = entry
+    return metrics
 
 
 def main() -> None:
