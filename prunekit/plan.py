@@ -388,7 +388,7 @@ def _check_lm_eval(loaded: LoadedRecipe, taken: set[str]):
     if cfg.include_path is None and not cfg.include_defaults:
         raise loaded.error((*where, "include_defaults"), "include_defaults: false leaves no "
                            "task to run without an include_path")  # fmt: skip
-    from prunekit.integrations.lm_eval import task_manager  # optional dependency
+    from prunekit.evaluation.lm_eval import task_manager  # optional dependency
 
     include = None if cfg.include_path is None else Path(cfg.include_path).expanduser()
     manager = task_manager(include, cfg.include_defaults)

@@ -12,20 +12,24 @@ Everything the CLI does is a thin layer over :func:`apply`, :func:`validate` and
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata as md
 import json
 import os
 import platform
+import random
 import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from prunekit.components import ModelAdapter, PruneOutcome
+from prunekit.components import PruneOutcome
 from prunekit.context import PruneContext
 from prunekit.data import calibration_windows, sequence_bos, source_sha256
 from prunekit.devices import input_device
@@ -46,6 +50,7 @@ from prunekit.recovery import (
     keep_out_evaluated,
 )
 from prunekit.registry import resolve_adapter
+from prunekit.stages import Loaded
 from prunekit.timing import (
     GenerationBench,
     dense_generation,
@@ -69,10 +74,6 @@ def _reduction(plan: Plan, loaded: Loaded, outcome: PruneOutcome) -> dict:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (every run starts here)."""
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -80,8 +81,6 @@ def seed_everything(seed: int) -> None:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
     out = {"python": platform.python_version()}
     for dist in ("prunekit", "torch", "transformers", "pluggy", "datasets", "gguf"):
         try:
@@ -94,21 +93,6 @@ def _versions() -> dict:
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-
-@dataclass
-class Loaded:
-    """The load stage's result: the dense model, its tokenizer and adapter, provenance."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    adapter: ModelAdapter
-    info: dict
-    params: int
-    timings: dict = field(default_factory=dict)
-    #: MACs per token of the LM head, taken before pruning (see :func:`head_macs`)
-    head_macs: float = 0.0
 
 
 
@@ -216,7 +200,7 @@ def evaluate_model(plan: Plan, model, tokenizer, staging: Path | None = None,
         info(f"{cfg.label}: perplexity {result['ppl']:.3f} over {result['tokens']} tokens")
     lm = recipe.evaluation.lm_eval
     if lm is not None:
-        from prunekit.integrations.lm_eval import evaluate_by_name  # optional dependency
+        from prunekit.evaluation.lm_eval import evaluate_by_name  # optional dependency
 
         results = evaluate_by_name(model, tokenizer, lm.tasks, manager=plan.lm_eval_manager,
                                    include_path=lm.include_path,
@@ -518,8 +502,6 @@ def __getattr__(name: str):
     module = _MOVED.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
     warnings.warn(f"prunekit.runner.{name} moved to {module}.{name}; import it from there "
                   "(the old path goes in the next release)", DeprecationWarning, stacklevel=2)  # fmt: skip
     return getattr(importlib.import_module(module), name)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,9 +25,7 @@ from prunekit.evaluation.runtime import (
 )
 from prunekit.plan import Plan, perplexity_windows
 from prunekit.progress import info
-
-if TYPE_CHECKING:
-    from prunekit.runner import Loaded
+from prunekit.stages import Loaded
 
 
 def timing_batches(plan: Plan, loaded: Loaded) -> list[torch.Tensor]:

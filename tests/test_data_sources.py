@@ -117,7 +117,7 @@ def test_a_plugin_task_is_named_from_a_recipe(tmp_path, tiny_dir):
 
 
 @pytest.mark.parametrize("bad, match", [
-    ("not a spec", "lacks name, title"),
+    ("not a spec", "registered task .mine. as a str, which lacks name, file, hub, build"),
     (TaskSpec("other", "t", "dev", "f", ("x", None, "dev"), lambda d: d), "register it under 'other'"),
 ])  # fmt: skip
 def test_a_malformed_data_registration_names_the_plugin(bad, match):

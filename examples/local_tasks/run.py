@@ -13,7 +13,7 @@ whose answers sit in separate fields, and an lm-eval task by name.
    (``benchmarks/lm_eval_tasks``), scored through the bridge. lm-eval's ``acc`` must equal
    the built-in ``piqa``'s. Its ``acc_norm`` normalises by characters, prunekit's by tokens.
 
-    PRUNEKIT_DATA_DIR=../shared/data python examples/local_tasks/run.py          # ~3 min, 2 cores
+    PRUNEKIT_DATA_DIR=../shared/data python examples/local_tasks/run.py          # ~8 min, 2 cores
     PRUNEKIT_DATA_DIR=../shared/data python examples/local_tasks/run.py --limit 20   # quick
 
 The recipe is dense SmolLM2 (``--method``/``--ratio`` prune it first). The script writes
@@ -57,10 +57,13 @@ def prepare(work: Path) -> dict:
     with open(arc) as src, open(fields, "w") as f_out, open(listed, "w") as l_out:
         for line in src:
             rec = json.loads(line)
-            labels, texts = rec["choices"]["label"], rec["choices"]["text"]
-            if len(texts) != 4 or rec["answerKey"] not in labels:
+            if isinstance(rec["choices"], dict):  # the hub's layout: {text, label} + answerKey
+                texts = rec["choices"]["text"]
+                gold = [str(x) for x in rec["choices"]["label"]].index(str(rec["answerKey"]))
+            else:  # the shared data's: a list + a 0-based gold index
+                texts, gold = rec["choices"], int(rec["gold"])
+            if len(texts) != 4:
                 continue
-            gold = labels.index(rec["answerKey"])
             f_out.write(json.dumps({"question": rec["question"],
                                     **{f"answer{'ABCD'[i]}": t for i, t in enumerate(texts)},
                                     "label": str(gold + 1)}) + "\n")  # fmt: skip
