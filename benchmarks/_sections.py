@@ -13,7 +13,7 @@ def splice(doc: Path, section: str) -> None:
     start, end = lines[0], lines[-1]
     text = doc.read_text() if doc.is_file() else ""
     if start in text and end in text:
-        text = text[: text.index(start)] + section.rstrip("\n") + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + section.rstrip("\n") + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     doc.write_text(text if text.endswith("\n") else text + "\n")

@@ -53,8 +53,12 @@ ABLATIONS: dict[str, tuple[str, str, str, list[tuple[str, str] | tuple[str, str,
         "A probe of about 1.5% of the batch's FLOPs is enough, and a larger probe brings the "
         "result closer to full-batch probing: fewer positions should cost perplexity and more "
         "samples should gain a little.",
-        [("default", "tokens-0.1"), ("tokens-0.25", "tokens-0.1"), ("default", "tokens-0.25"),
-         ("samples-0.2", "default")],
+        [
+            ("default", "tokens-0.1"),
+            ("tokens-0.25", "tokens-0.1"),
+            ("default", "tokens-0.25"),
+            ("samples-0.2", "default"),
+        ],
     ),
     "probe_ranking": (
         "Probe ranking",
@@ -89,8 +93,7 @@ ABLATIONS: dict[str, tuple[str, str, str, list[tuple[str, str] | tuple[str, str,
     ),
     "granularity": (
         "Per batch or per sequence",
-        "one kept set per batch (`pp`) against one per sequence (`pp-seq`, each row its own "
-        "probe)",
+        "one kept set per batch (`pp`) against one per sequence (`pp-seq`, each row its own probe)",
         "(not in the paper) A kept set per sequence fits each sequence better than one shared "
         "by the batch.",
         [("per-sequence", "default")],
@@ -109,14 +112,14 @@ ABLATIONS: dict[str, tuple[str, str, str, list[tuple[str, str] | tuple[str, str,
 #: (``<sweep>`` or ``<sweep>/<variant>``; a variant's reason shows in its table row)
 NOT_RUN = {
     "calibration_size": "512 and 2,000 calibration windows of 512 tokens take about 11 and 42 "
-                        "minutes per seed on a 2-core CPU (measured); run it on a larger "
-                        "machine (`prunekit sweep recipes/ablations/calibration_size.yaml -j N`)",
+    "minutes per seed on a 2-core CPU (measured); run it on a larger "
+    "machine (`prunekit sweep recipes/ablations/calibration_size.yaml -j N`)",
     "calibration_size/calib-2000": "not run yet: 2,000 windows take about 42 minutes per seed "
-                                   "on a 2-core CPU (512 take about 11); "
-                                   "`prunekit sweep recipes/ablations/calibration_size.yaml` "
-                                   "runs only the missing cells",
+    "on a 2-core CPU (512 take about 11); "
+    "`prunekit sweep recipes/ablations/calibration_size.yaml` "
+    "runs only the missing cells",
     "granularity": "queued last when this report was generated, and not reached; `pp-seq` "
-                   "runs one probe per row, so it costs more than `pp` on CPU",
+    "runs one probe per row, so it costs more than `pp` on CPU",
 }
 
 
@@ -169,8 +172,10 @@ def verdict(rows: dict[str, dict], lower: str, higher: str) -> str | None:
         return None
     wins = sum(x < y for x, y in pairs)
     gap = sum(100 * (x / y - 1) for x, y in pairs) / len(pairs)
-    said = (f"{lower} {fmt(rows[lower]['mean'])} vs {higher} {fmt(rows[higher]['mean'])}, "
-            f"{gap:+.1f}% on average over the same seeds, lower in {wins} of {len(pairs)}")
+    said = (
+        f"{lower} {fmt(rows[lower]['mean'])} vs {higher} {fmt(rows[higher]['mean'])}, "
+        f"{gap:+.1f}% on average over the same seeds, lower in {wins} of {len(pairs)}"
+    )
     return decide(wins, len(pairs), said)
 
 
@@ -181,9 +186,11 @@ def close(rows: dict[str, dict], a: str, b: str, percent: float) -> str | None:
         return None
     gaps = [100 * (u / v - 1) for u, v in pairs]
     inside = sum(abs(g) <= percent for g in gaps)
-    said = (f"{a} {fmt(rows[a]['mean'])} vs {b} {fmt(rows[b]['mean'])}, "
-            f"{', '.join(f'{g:+.1f}%' for g in gaps)} over the same seeds, "
-            f"within {percent:g}% in {inside} of {len(pairs)}")  # fmt: skip
+    said = (
+        f"{a} {fmt(rows[a]['mean'])} vs {b} {fmt(rows[b]['mean'])}, "
+        f"{', '.join(f'{g:+.1f}%' for g in gaps)} over the same seeds, "
+        f"within {percent:g}% in {inside} of {len(pairs)}"
+    )
     return decide(inside, len(pairs), said)
 
 
@@ -192,11 +199,16 @@ def render_one(name: str, summary: dict) -> list[str]:
     rows = {r["labels"].get("variant", ""): r for r in summary["rows"]}
     stats = {v: {**r["metrics"][METRIC], "seeds": r["seeds"]} for v, r in rows.items()}
     default = stats.get("default") or {}
-    lines = [f"## {title}", "", f"Varies {varies}. Recipe: "
-             f"[`recipes/ablations/{name}.yaml`](../recipes/ablations/{name}.yaml).", "",
-             "| variant | seeds | WikiText-2 perplexity | per seed | vs default (same seeds) | "
-             "MACs kept |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"## {title}",
+        "",
+        f"Varies {varies}. Recipe: "
+        f"[`recipes/ablations/{name}.yaml`](../recipes/ablations/{name}.yaml).",
+        "",
+        "| variant | seeds | WikiText-2 perplexity | per seed | vs default (same seeds) | "
+        "MACs kept |",
+        "|---|---|---|---|---|---|",
+    ]
     for variant, r in rows.items():
         s = stats[variant]
         macs = r["metrics"].get("reduction.flops_kept_fraction", {}).get("mean")
@@ -206,11 +218,12 @@ def render_one(name: str, summary: dict) -> list[str]:
             continue
         spread = ", ".join(fmt(v) for v in s["values"])
         same = paired(s, default) if default.get("n") and variant != "default" else []
-        delta = (f"{sum(100 * (x / y - 1) for x, y in same) / len(same):+.1f}%"
-                 if same else "")  # fmt: skip
+        delta = f"{sum(100 * (x / y - 1) for x, y in same) / len(same):+.1f}%" if same else ""
         std = f" ± {fmt(s['std'])}" if s["n"] > 1 else ""
-        lines.append(f"| {variant} | {s['n']} | {fmt(s['mean'])}{std} | {spread} | {delta} | "
-                     f"{fmt(macs, 3)} |")  # fmt: skip
+        lines.append(
+            f"| {variant} | {s['n']} | {fmt(s['mean'])}{std} | {spread} | {delta} | "
+            f"{fmt(macs, 3)} |"
+        )
     lines.append("")
     if name in EXTRAS:
         lines += EXTRAS[name]()
@@ -242,61 +255,80 @@ def render_coverage(data: dict | None) -> list[str]:
         return []
     rows = data["rows"]
     first = rows[0]
-    lines = ["**The calibration text.** Each window draws a document *with replacement* among "
-             "those longer than the window, then an offset (GPTQ's C4 protocol). The "
-             f"calibration corpus, {first['corpus']}, has {first['pool_documents']} documents "
-             f"longer than {first['seq_len']} tokens ({first['pool_tokens']:,} tokens), so more "
-             "windows re-draw the same text and overlap; on the full C4 corpus every window "
-             "would be new text. Measured by "
-             "[`benchmarks/calibration_coverage.py`](../benchmarks/calibration_coverage.py) "
-             f"(`{data['command']}`) on the windows each cell draws:", "",
-             "| variant | seed | windows | tokens drawn | documents | distinct tokens | "
-             "distinct / drawn | pool covered |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "**The calibration text.** Each window draws a document *with replacement* among "
+        "those longer than the window, then an offset (GPTQ's C4 protocol). The "
+        f"calibration corpus, {first['corpus']}, has {first['pool_documents']} documents "
+        f"longer than {first['seq_len']} tokens ({first['pool_tokens']:,} tokens), so more "
+        "windows re-draw the same text and overlap; on the full C4 corpus every window "
+        "would be new text. Measured by "
+        "[`benchmarks/calibration_coverage.py`](../benchmarks/calibration_coverage.py) "
+        f"(`{data['command']}`) on the windows each cell draws:",
+        "",
+        "| variant | seed | windows | tokens drawn | documents | distinct tokens | "
+        "distinct / drawn | pool covered |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['labels'].get('variant', '')} | {r['seed']} | {r['windows']} | "
-                     f"{r['tokens_drawn']:,} | {r['distinct_documents']} of "
-                     f"{r['pool_documents']} | {r['distinct_tokens']:,} | "
-                     f"{100 * r['distinct_share']:.1f}% | {100 * r['pool_share_covered']:.1f}% |")
+        lines.append(
+            f"| {r['labels'].get('variant', '')} | {r['seed']} | {r['windows']} | "
+            f"{r['tokens_drawn']:,} | {r['distinct_documents']} of "
+            f"{r['pool_documents']} | {r['distinct_tokens']:,} | "
+            f"{100 * r['distinct_share']:.1f}% | {100 * r['pool_share_covered']:.1f}% |"
+        )
     return [*lines, ""]
 
 
 #: sections with more than the sweep's table: name -> lines after the table
-EXTRAS = {"calibration_size": lambda: render_coverage(
-    json.loads(COVERAGE.read_text()) if COVERAGE.is_file() else None)}
+EXTRAS = {
+    "calibration_size": lambda: render_coverage(
+        json.loads(COVERAGE.read_text()) if COVERAGE.is_file() else None
+    )
+}
 
 FLAP_TITLE = "FLAP as the paper ran it"
 
 
 def render_flap(summary: dict | None) -> list[str]:
     """FLAP with its own running mean and with the PP reference code's, at each ratio."""
-    lines = [f"## {FLAP_TITLE}", "",
-             "FLAP's fluctuation statistic with FLAP's own running mean (`flap`, prunekit's "
-             "default) and with the PP reference code's update (`reference`), whose baseline "
-             "tends to the mean divided by the calibration batch size. The paper's FLAP rows "
-             "come from the reference code ([methods.md](methods.md#flap)). Recipe: "
-             "[`recipes/ablations/flap_running_mean.yaml`]"
-             "(../recipes/ablations/flap_running_mean.yaml).", ""]  # fmt: skip
+    lines = [
+        f"## {FLAP_TITLE}",
+        "",
+        "FLAP's fluctuation statistic with FLAP's own running mean (`flap`, prunekit's "
+        "default) and with the PP reference code's update (`reference`), whose baseline "
+        "tends to the mean divided by the calibration batch size. The paper's FLAP rows "
+        "come from the reference code ([methods.md](methods.md#flap)). Recipe: "
+        "[`recipes/ablations/flap_running_mean.yaml`]"
+        "(../recipes/ablations/flap_running_mean.yaml).",
+        "",
+    ]
     if summary is None:
         return [*lines, "Not run yet.", ""]
-    lines += ["| running mean | ratio | seeds | WikiText-2 perplexity | decoder MACs kept |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "| running mean | ratio | seeds | WikiText-2 perplexity | decoder MACs kept |",
+        "|---|---|---|---|---|",
+    ]
     by: dict[tuple[str, str], dict] = {}
     for r in summary["rows"]:
         s = r["metrics"][METRIC]
         macs = r["metrics"].get("reduction.flops_kept_fraction", {}).get("mean")
         by[(r["labels"].get("variant", ""), r["labels"].get("method.ratio", ""))] = s
-        value = "-" if not s["n"] else fmt(s["mean"]) + (f" ± {fmt(s['std'])}" if s["n"] > 1
-                                                         else "")  # fmt: skip
-        lines.append(f"| {r['labels'].get('variant')} | {r['labels'].get('method.ratio')} | "
-                     f"{s['n']} | {value} | {fmt(macs, 3)} |")  # fmt: skip
+        value = (
+            "-" if not s["n"] else fmt(s["mean"]) + (f" ± {fmt(s['std'])}" if s["n"] > 1 else "")
+        )
+        lines.append(
+            f"| {r['labels'].get('variant')} | {r['labels'].get('method.ratio')} | "
+            f"{s['n']} | {value} | {fmt(macs, 3)} |"
+        )
     lines.append("")
     for ratio in sorted({k[1] for k in by}):
         own, ref = by.get(("flap", ratio)), by.get(("reference", ratio))
         if own and ref and own["n"] and ref["n"]:
-            lines.append(f"- At {ratio}: the reference's running mean gives "
-                         f"{100 * (ref['mean'] / own['mean'] - 1):+.1f}% perplexity against "
-                         "FLAP's own.")  # fmt: skip
+            lines.append(
+                f"- At {ratio}: the reference's running mean gives "
+                f"{100 * (ref['mean'] / own['mean'] - 1):+.1f}% perplexity against "
+                "FLAP's own."
+            )
     return [*lines, ""]
 
 
@@ -343,26 +375,40 @@ def render(names: list[str], old: str = "") -> str:
             lines += render_one(name, summary)
         elif ABLATIONS[name][0] in kept:
             lines += [*kept[ABLATIONS[name][0]], ""]
-            print(f"{name}: no summary here; its section is kept as the report has it",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"{name}: no summary here; its section is kept as the report has it",
+                file=sys.stderr,
+            )
         else:
             missing.append(name)
     flap = load("flap_running_mean")
     if flap is None and FLAP_TITLE in kept:
         lines += [*kept[FLAP_TITLE], ""]
-        print("flap_running_mean: no summary here; its section is kept as the report has it",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "flap_running_mean: no summary here; its section is kept as the report has it",
+            file=sys.stderr,
+        )
     else:
         lines += render_flap(flap)
     if missing:
-        lines += ["## Not run yet", "",
-                  "These sweeps have no results in this report yet (their recipes are in "
-                  "`recipes/ablations/`):", ""]  # fmt: skip
+        lines += [
+            "## Not run yet",
+            "",
+            "These sweeps have no results in this report yet (their recipes are in "
+            "`recipes/ablations/`):",
+            "",
+        ]
         lines += [f"- `{m}`" + (f": {NOT_RUN[m]}" if m in NOT_RUN else "") for m in missing]
         lines.append("")
-    lines += ["## Reproducing", "", "```",
-              "python benchmarks/ablations.py           # runs every sweep, then writes this file",
-              "python benchmarks/ablations.py --render-only", "```", ""]  # fmt: skip
+    lines += [
+        "## Reproducing",
+        "",
+        "```",
+        "python benchmarks/ablations.py           # runs every sweep, then writes this file",
+        "python benchmarks/ablations.py --render-only",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

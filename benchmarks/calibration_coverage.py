@@ -45,8 +45,9 @@ def _window_index(docs: list[torch.Tensor], seq_len: int, probe: int = 16) -> di
     return index
 
 
-def locate(windows: torch.Tensor, docs: list[torch.Tensor], index: dict,
-           probe: int = 16) -> list[tuple[int, int]]:  # fmt: skip
+def locate(
+    windows: torch.Tensor, docs: list[torch.Tensor], index: dict, probe: int = 16
+) -> list[tuple[int, int]]:
     """The (document, offset) each window was cut from (its tokens compared in full)."""
     seq_len = windows.shape[1]
     found = []
@@ -56,8 +57,10 @@ def locate(windows: torch.Tensor, docs: list[torch.Tensor], index: dict,
                 found.append((d, j))
                 break
         else:
-            raise SystemExit("a calibration window matches no document: the calibration "
-                             "sampling changed; update this script")  # fmt: skip
+            raise SystemExit(
+                "a calibration window matches no document: the calibration "
+                "sampling changed; update this script"
+            )
     return found
 
 
@@ -69,11 +72,16 @@ def coverage(places: list[tuple[int, int]], docs: list[torch.Tensor], seq_len: i
     eligible = [int(t.numel()) for t in docs if int(t.numel()) > seq_len]
     drawn = len(places) * seq_len
     distinct = distinct_tokens(places, seq_len)
-    return {"windows": len(places), "tokens_drawn": drawn,
-            "distinct_documents": len({d for d, _ in places}), "distinct_tokens": distinct,
-            "distinct_share": distinct / drawn,
-            "pool_documents": len(eligible), "pool_tokens": sum(eligible),
-            "pool_share_covered": distinct / sum(eligible)}  # fmt: skip
+    return {
+        "windows": len(places),
+        "tokens_drawn": drawn,
+        "distinct_documents": len({d for d, _ in places}),
+        "distinct_tokens": distinct,
+        "distinct_share": distinct / drawn,
+        "pool_documents": len(eligible),
+        "pool_tokens": sum(eligible),
+        "pool_share_covered": distinct / sum(eligible),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,9 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     for cell, plan in plans:
         if plan.recipe.model.id != plans[0][1].recipe.model.id:
             raise SystemExit(f"{args.recipe}: its cells use several models; run it per model")
-        ctx = PruneContext(model=loaded.model, tokenizer=loaded.tokenizer,
-                           adapter=loaded.adapter, settings=plan.settings, run_recipe=plan.recipe,
-                           calibration_source=plan.calibration_source, use_cache=False)  # fmt: skip
+        ctx = PruneContext(
+            model=loaded.model,
+            tokenizer=loaded.tokenizer,
+            adapter=loaded.adapter,
+            settings=plan.settings,
+            run_recipe=plan.recipe,
+            calibration_source=plan.calibration_source,
+            use_cache=False,
+        )
         windows = ctx.calibration_windows()
         seq_len = windows.shape[1]
         source = ctx.calibration_source
@@ -110,19 +124,36 @@ def main(argv: list[str] | None = None) -> int:
             corpora[key] = (docs, _window_index(docs, seq_len))
         docs, index = corpora[key]
         corpus = (f"{source.dataset}/{source.split}" if source.dataset else "file") + (
-            f" ({Path(source.location).name})" if source.kind != "hub" else f" ({source.location})")
-        rows.append({"labels": cell.labels, "seed": cell.seed, "corpus": corpus,
-                     "seq_len": seq_len,
-                     **coverage(locate(windows, docs, index), docs, seq_len)})  # fmt: skip
+            f" ({Path(source.location).name})" if source.kind != "hub" else f" ({source.location})"
+        )
+        rows.append(
+            {
+                "labels": cell.labels,
+                "seed": cell.seed,
+                "corpus": corpus,
+                "seq_len": seq_len,
+                **coverage(locate(windows, docs, index), docs, seq_len),
+            }
+        )
         r = rows[-1]
-        print(f"{cell.labels} seed {cell.seed}: {r['windows']} windows, "
-              f"{r['distinct_documents']} of {r['pool_documents']} documents, "
-              f"{r['distinct_share']:.1%} of the tokens drawn distinct", file=sys.stderr)
+        print(
+            f"{cell.labels} seed {cell.seed}: {r['windows']} windows, "
+            f"{r['distinct_documents']} of {r['pool_documents']} documents, "
+            f"{r['distinct_share']:.1%} of the tokens drawn distinct",
+            file=sys.stderr,
+        )
     command = "python benchmarks/calibration_coverage.py " + shlex.quote(
-        str(args.recipe.resolve().relative_to(ROOT)) if args.recipe.resolve().is_relative_to(ROOT)
-        else str(args.recipe))  # fmt: skip
-    write_atomic(args.out, json.dumps({"command": command, "model": plans[0][1].recipe.model.id,
-                                       "rows": rows}, indent=2) + "\n")  # fmt: skip
+        str(args.recipe.resolve().relative_to(ROOT))
+        if args.recipe.resolve().is_relative_to(ROOT)
+        else str(args.recipe)
+    )
+    write_atomic(
+        args.out,
+        json.dumps(
+            {"command": command, "model": plans[0][1].recipe.model.id, "rows": rows}, indent=2
+        )
+        + "\n",
+    )
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

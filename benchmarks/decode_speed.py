@@ -83,41 +83,74 @@ def main() -> None:
     if args.quick:
         args.new_tokens, args.rounds, args.ppl_windows, args.calibration_samples = 8, 1, 8, 8
         args.prompt_tokens = 32
-    calibration = {"dataset": "c4", "samples": args.calibration_samples, "seq_len": 512,
-                   "batch_size": 16}  # fmt: skip
+    calibration = {
+        "dataset": "c4",
+        "samples": args.calibration_samples,
+        "seq_len": 512,
+        "batch_size": 16,
+    }
 
     loaded = load_model(args.model, dtype="float32")
     dense_model, tokenizer = loaded.model, loaded.tokenizer
     adapter = resolve_adapter(dense_model)
     bos_id = sequence_bos("auto", adapter, tokenizer)
     source = locate_corpus("wikitext2", "test")
-    ppl_windows = eval_windows(tokenizer, source, args.ppl_seq_len, args.ppl_windows, "random",
-                               seed=args.seed, batch_size=args.ppl_batch, bos_id=bos_id)  # fmt: skip
-    prompts = eval_windows(tokenizer, source, args.prompt_tokens, max(args.batches), "random",
-                           seed=args.seed + 1, batch_size=max(args.batches), bos_id=bos_id)  # fmt: skip
+    ppl_windows = eval_windows(
+        tokenizer,
+        source,
+        args.ppl_seq_len,
+        args.ppl_windows,
+        "random",
+        seed=args.seed,
+        batch_size=args.ppl_batch,
+        bos_id=bos_id,
+    )
+    prompts = eval_windows(
+        tokenizer,
+        source,
+        args.prompt_tokens,
+        max(args.batches),
+        "random",
+        seed=args.seed + 1,
+        batch_size=max(args.batches),
+        bos_id=bos_id,
+    )
 
     def quality(model, name: str) -> float:
-        return perplexity(model, ppl_windows, args.ppl_batch, description=name,
-                          prompt_tokens=args.prompt_tokens)["ppl"]  # fmt: skip
+        return perplexity(
+            model, ppl_windows, args.ppl_batch, description=name, prompt_tokens=args.prompt_tokens
+        )["ppl"]
 
     models: dict[str, torch.nn.Module] = {"dense": dense_model}
-    rows: dict[str, dict] = {"dense": {"method": "dense", "ratio": 0.0, "options": {},
-                                       "batches": list(args.batches),
-                                       "ppl": quality(dense_model, "dense")}}  # fmt: skip
+    rows: dict[str, dict] = {
+        "dense": {
+            "method": "dense",
+            "ratio": 0.0,
+            "options": {},
+            "batches": list(args.batches),
+            "ppl": quality(dense_model, "dense"),
+        }
+    }
     for name in args.configs:
         method, ratio, options, batches = CONFIGS[name]
         model = load_model(args.model, dtype="float32").model
         kw = dict(options)
         if method != "griffin":
             kw["calibration"] = calibration
-        outcome = prunekit.prune(model, tokenizer, method=method, ratio=ratio, seed=args.seed,
-                                 **kw)  # fmt: skip
+        outcome = prunekit.prune(model, tokenizer, method=method, ratio=ratio, seed=args.seed, **kw)
         models[name] = outcome.model
-        rows[name] = {"method": method, "ratio": ratio, "options": options,
-                      "batches": [b for b in batches if b in args.batches],
-                      "pruned_layers": [r["layer"] for r in outcome.structure
-                                        if r["channels"] < adapter.layers()[r["layer"]].units("mlp")],
-                      "ppl": quality(outcome.model, name)}  # fmt: skip
+        rows[name] = {
+            "method": method,
+            "ratio": ratio,
+            "options": options,
+            "batches": [b for b in batches if b in args.batches],
+            "pruned_layers": [
+                r["layer"]
+                for r in outcome.structure
+                if r["channels"] < adapter.layers()[r["layer"]].units("mlp")
+            ],
+            "ppl": quality(outcome.model, name),
+        }
         log(f"{name}: continuation ppl {rows[name]['ppl']:.3f}")
         gc.collect()
 
@@ -150,30 +183,39 @@ def main() -> None:
             limit = step["dense"]["total_bytes"] / step[n]["total_bytes"]
             speedup = dense_decode / statistics.median(d)
             table[n] = {
-                "decode_s": statistics.median(d), "decode_s_all": d,
-                "prefill_s": statistics.median(p), "prefill_s_all": p,
+                "decode_s": statistics.median(d),
+                "decode_s_all": d,
+                "prefill_s": statistics.median(p),
+                "prefill_s_all": p,
                 "decode_tokens_per_s": bsz * (args.new_tokens - 1) / statistics.median(d),
                 "prefill_tokens_per_s": bsz * args.prompt_tokens / statistics.median(p),
                 "decode_speedup": speedup,
                 "decode_speedup_spread": [dense_decode / max(d), dense_decode / min(d)],
                 "prefill_speedup": dense_prefill / statistics.median(p),
-                "bytes_limit": limit, "of_limit": speedup / limit,
+                "bytes_limit": limit,
+                "of_limit": speedup / limit,
                 "step": step[n],
-                "memory_bytes": _param_bytes(models[n]) + step[n]["held_weight_bytes"]
-                                + step[n]["kv_bytes"],
+                "memory_bytes": _param_bytes(models[n])
+                + step[n]["held_weight_bytes"]
+                + step[n]["kv_bytes"],
                 "same_tokens_as_dense": bool(torch.equal(tokens[n], tokens["dense"])),
-            }  # fmt: skip
+            }
         tables[str(bsz)] = table
     report = {
-        "command": ("python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:])).strip(),
+        "command": (
+            "python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:])
+        ).strip(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__, "prunekit": prunekit.__version__,
-        "model": loaded.info["name"], "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "prunekit": prunekit.__version__,
+        "model": loaded.info["name"],
+        "date": time.strftime("%Y-%m-%d"),
         "num_layers": adapter.num_layers,
         "settings": {k: v for k, v in vars(args).items() if k != "quick"},
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "rows": rows, "tables": tables,
-    }  # fmt: skip
+        "rows": rows,
+        "tables": tables,
+    }
     suffix = "_quick" if args.quick else ""
     out = HERE / "results" / f"decode_speed{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

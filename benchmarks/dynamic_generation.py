@@ -75,28 +75,46 @@ def main() -> None:
         args.windows, args.batch_size, args.limit, args.rounds = 4, 2, 8, 1
         args.ratios, args.tasks, args.gen_batch, args.new_tokens = [0.5], args.tasks[:1], 2, 4
         args.calibration_samples = 16
-    calibration = {"dataset": "c4", "samples": args.calibration_samples,
-                   "seq_len": args.seq_len, "batch_size": 16}  # fmt: skip
+    calibration = {
+        "dataset": "c4",
+        "samples": args.calibration_samples,
+        "seq_len": args.seq_len,
+        "batch_size": 16,
+    }
 
     loaded = load_model(args.model, dtype="float32")
     dense_model, tokenizer = loaded.model, loaded.tokenizer
     adapter = resolve_adapter(dense_model)
     bos_id = sequence_bos("auto", adapter, tokenizer)
-    windows = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), args.seq_len,
-                           args.windows, "random", seed=args.seed, batch_size=args.batch_size,
-                           bos_id=bos_id)  # fmt: skip
+    windows = eval_windows(
+        tokenizer,
+        locate_corpus("wikitext2", "test"),
+        args.seq_len,
+        args.windows,
+        "random",
+        seed=args.seed,
+        batch_size=args.batch_size,
+        bos_id=bos_id,
+    )
     questions = {t: load_questions(locate_task(t), args.limit) for t in args.tasks}
     gen_ids = windows[: args.gen_batch, : args.gen_prompt]
     gen_mask = torch.ones_like(gen_ids)
 
     def evaluate(model, name: str) -> dict:
-        ppl = perplexity(model, windows, args.batch_size, description=name,
-                         prompt_tokens=args.prompt_tokens)["ppl"]  # fmt: skip
-        acc = {t: evaluate_questions(model, tokenizer, q, batch_size=20,
-                                     description=f"{name} {t}")["acc_norm"]
-               for t, q in questions.items()}  # fmt: skip
-        return {"ppl": ppl, "acc_norm": acc,
-                "acc_norm_mean": statistics.mean(acc.values()) if acc else None}  # fmt: skip
+        ppl = perplexity(
+            model, windows, args.batch_size, description=name, prompt_tokens=args.prompt_tokens
+        )["ppl"]
+        acc = {
+            t: evaluate_questions(model, tokenizer, q, batch_size=20, description=f"{name} {t}")[
+                "acc_norm"
+            ]
+            for t, q in questions.items()
+        }
+        return {
+            "ppl": ppl,
+            "acc_norm": acc,
+            "acc_norm_mean": statistics.mean(acc.values()) if acc else None,
+        }
 
     dense = evaluate(dense_model, "dense")
     log(f"dense: {dense}")
@@ -104,8 +122,14 @@ def main() -> None:
     for ratio in args.ratios:
         for method in args.methods:
             model = load_model(args.model, dtype="float32").model
-            outcome = prunekit.prune(model, tokenizer, method=method, ratio=ratio,
-                                     calibration=calibration, seed=args.seed)  # fmt: skip
+            outcome = prunekit.prune(
+                model,
+                tokenizer,
+                method=method,
+                ratio=ratio,
+                calibration=calibration,
+                seed=args.seed,
+            )
             row = {"method": method, "ratio": ratio, **evaluate(outcome.model, method)}
             reduction = structure_reduction(adapter, outcome.structure, args.seq_len)
             row["decoder_macs_kept_fraction"] = reduction["flops_kept_fraction"]
@@ -121,25 +145,33 @@ def main() -> None:
         with keep() if keep else contextlib.nullcontext():
             return greedy(model, gen_ids, gen_mask, args.new_tokens)
 
-    speeds = time_generation({name: (lambda m=model: run(m)) for name, model in models.items()},
-                             int(gen_mask.sum()), args.gen_batch * (args.new_tokens - 1),
-                             rounds=args.rounds, warmup=1)  # fmt: skip
+    speeds = time_generation(
+        {name: (lambda m=model: run(m)) for name, model in models.items()},
+        int(gen_mask.sum()),
+        args.gen_batch * (args.new_tokens - 1),
+        rounds=args.rounds,
+        warmup=1,
+    )
 
     dense["generation"] = speeds["dense"]
     for row in rows:
         g = row["generation"] = speeds[f"{row['method']}@{row['ratio']}"]
         row["decode_speedup"] = dense["generation"]["decode_s"] / g["decode_s"]
-        row["decode_speedup_spread"] = [dense["generation"]["decode_s"] / max(g["decode_s_all"]),
-                                        dense["generation"]["decode_s"] / min(g["decode_s_all"])]  # fmt: skip
+        row["decode_speedup_spread"] = [
+            dense["generation"]["decode_s"] / max(g["decode_s_all"]),
+            dense["generation"]["decode_s"] / min(g["decode_s_all"]),
+        ]
         row["prefill_speedup"] = dense["generation"]["prefill_s"] / g["prefill_s"]
     report = {
         "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__, "prunekit": prunekit.__version__,
+        "torch": torch.__version__,
+        "prunekit": prunekit.__version__,
         "model": loaded.info["name"],
         "settings": {k: v for k, v in vars(args).items() if k != "quick"},
-        "dense": dense, "rows": rows,
-    }  # fmt: skip
+        "dense": dense,
+        "rows": rows,
+    }
     suffix = "_quick" if args.quick else ""
     out = HERE / "results" / f"dynamic_generation{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,10 +210,12 @@ def markdown(report: dict) -> str:
         f"({g['decode_tokens_per_s']:.1f} tok/s).",
         "",
         "| method | decides | ratio | continuation PPL | "
-        + " | ".join(tasks) + (" | " if tasks else "")
+        + " | ".join(tasks)
+        + (" | " if tasks else "")
         + "mean acc_norm | decoder MACs kept | decode speed-up (spread) | prefill speed-up |",
         "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|",
-        "| dense | - | 0 | " + f"{d['ppl']:.3f} | "
+        "| dense | - | 0 | "
+        + f"{d['ppl']:.3f} | "
         + "".join(f"{100 * d['acc_norm'][t]:.1f} | " for t in tasks)
         + (f"{100 * d['acc_norm_mean']:.1f}" if d["acc_norm_mean"] is not None else "-")
         + " | 1.000 | 1.00 | 1.00 |",

@@ -54,7 +54,8 @@ def curves(summary: dict) -> dict[str, list[tuple[float, float, float]]]:
             continue
         method = row["labels"]["variant"]
         out.setdefault(method, []).append(
-            (float(row["labels"]["method.ratio"]), macs["mean"], ppl["mean"]))
+            (float(row["labels"]["method.ratio"]), macs["mean"], ppl["mean"])
+        )
     return {m: sorted(points, key=lambda p: p[1]) for m, points in out.items()}
 
 
@@ -86,8 +87,9 @@ def targets(lines: dict[str, list]) -> list[tuple[float, float]]:
     return sorted(((r, m) for r, m, _ in lines[reference]), key=lambda p: p[0])
 
 
-def time_cells(sweep_dir: Path, rounds: int, batches: int | None,
-               batch_size: int | None = None) -> dict:  # fmt: skip
+def time_cells(
+    sweep_dir: Path, rounds: int, batches: int | None, batch_size: int | None = None
+) -> dict:
     """Rebuild every finished cell's model from its own recipe and time them all, with the
     dense model, interleaved in this process on the same evaluation batches (the first
     ``batches`` batches of ``batch_size`` windows; default: the evaluation's batches)."""
@@ -116,21 +118,31 @@ def time_cells(sweep_dir: Path, rounds: int, batches: int | None,
         seq_len = result["reduction"]["seq_len"]
         got = structure_reduction(prepared.loaded.adapter, prepared.outcome.structure, seq_len)
         if abs(got["decoder_macs_per_token"] - result["reduction"]["decoder_macs_per_token"]) > 0.5:
-            raise SystemExit(f"cell {cell.key} ({cell.labels}): the rebuilt model keeps "
-                             f"{got['decoder_macs_per_token']} decoder MACs per token, the cell "
-                             f"measured {result['reduction']['decoder_macs_per_token']}; the "
-                             "cells are stale (re-run the sweep with --force)")  # fmt: skip
+            raise SystemExit(
+                f"cell {cell.key} ({cell.labels}): the rebuilt model keeps "
+                f"{got['decoder_macs_per_token']} decoder MACs per token, the cell "
+                f"measured {result['reduction']['decoder_macs_per_token']}; the "
+                "cells are stale (re-run the sweep with --force)"
+            )
         if windows is None:
             first = prepared
-            windows, _ = perplexity_windows(prepared.plan, 0, prepared.tokenizer,
-                                            prepared.loaded.adapter)  # fmt: skip
+            windows, _ = perplexity_windows(
+                prepared.plan, 0, prepared.tokenizer, prepared.loaded.adapter
+            )
             size = batch_size or prepared.plan.recipe.evaluation.perplexity[0].batch_size
             windows = list(torch.split(windows, size))[:batches]
         name = ", ".join(f"{k}={v}" for k, v in cell.labels.items()) + f", seed {cell.seed}"
         contenders.append(Contender(name, prepared.model))
-        rows.append({"key": cell.key, "labels": cell.labels, "seed": cell.seed, "name": name,
-                     "dynamic": prepared.outcome.dynamic,
-                     "flops_kept_fraction": result["reduction"]["flops_kept_fraction"]})
+        rows.append(
+            {
+                "key": cell.key,
+                "labels": cell.labels,
+                "seed": cell.seed,
+                "name": name,
+                "dynamic": prepared.outcome.dynamic,
+                "flops_kept_fraction": result["reduction"]["flops_kept_fraction"],
+            }
+        )
         print(f"rebuilt {name}", file=sys.stderr, flush=True)
         gc.collect()
     recipe = first.plan.recipe
@@ -142,19 +154,27 @@ def time_cells(sweep_dir: Path, rounds: int, batches: int | None,
     for row in rows:
         s_all = timed[row["name"]]["s_all"]
         ratios = [t / d for t, d in zip(s_all, dense_s, strict=True)]  # paired: same batch
-        row.update(s_all=s_all, s_median=statistics.median(s_all),
-                   time_vs_dense=statistics.median(s_all) / dense_median,
-                   time_vs_dense_spread=[min(ratios), max(ratios)])  # fmt: skip
+        row.update(
+            s_all=s_all,
+            s_median=statistics.median(s_all),
+            time_vs_dense=statistics.median(s_all) / dense_median,
+            time_vs_dense_spread=[min(ratios), max(ratios)],
+        )
     return {
         "command": "python benchmarks/equal_compute.py " + " ".join(sys.argv[1:]),
         "sweep": str(sweep_dir.relative_to(ROOT) if sweep_dir.is_relative_to(ROOT) else sweep_dir),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__, "prunekit": prunekit.__version__,
-        "model": recipe.model.id, "dtype": recipe.model.dtype, "device": recipe.model.device,
-        "batches": [list(b.shape) for b in windows], "rounds": rounds, "warmup": 1,
+        "torch": torch.__version__,
+        "prunekit": prunekit.__version__,
+        "model": recipe.model.id,
+        "dtype": recipe.model.dtype,
+        "device": recipe.model.device,
+        "batches": [list(b.shape) for b in windows],
+        "rounds": rounds,
+        "warmup": 1,
         "dense": {"s_all": dense_s, "s_median": dense_median},
         "rows": rows,
-    }  # fmt: skip
+    }
 
 
 def time_points(times: dict | None) -> dict[tuple[str, float], dict]:
@@ -170,24 +190,37 @@ def time_points(times: dict | None) -> dict[tuple[str, float], dict]:
 def time_table(summary: dict, times: dict | None) -> list[str]:
     """The measured time per batch relative to dense, per method and nominal ratio."""
     if not times:
-        return ["", "Measured time is not on this table: run the timing stage "
-                "(`python benchmarks/equal_compute.py --time --batch-size 4`, about 15 minutes with the machine to itself; a batch of 20 x 512 takes about a minute per model on 2 cores)."]
+        return [
+            "",
+            "Measured time is not on this table: run the timing stage "
+            "(`python benchmarks/equal_compute.py --time --batch-size 4`, about 15 minutes with the machine to itself; a batch of 20 x 512 takes about a minute per model on 2 cores).",
+        ]
     points, lines_ = time_points(times), curves(summary)
     ratios = sorted({r for pts in lines_.values() for r, _, _ in pts})
     shapes = Counter("x".join(str(d) for d in b) for b in times["batches"])
     shape = ", ".join(f"{n} batch{'es' if n > 1 else ''} of {s}" for s, n in shapes.items())
-    out = ["", f"Time per batch relative to dense (median over {times['rounds']} interleaved "
-           f"rounds on the first evaluation windows ({shape} tokens), min-max of the paired ratios "
-           f"in brackets; one dense time, {times['dense']['s_median']:.2f} s per batch; "
-           f"{times['machine']}, {times['dtype']}, {times['device']}; "
-           f"`{times['command'].strip()}`):", "",
-           "| nominal ratio | " + " | ".join(lines_) + " |", "|---|" + "---|" * len(lines_)]
+    out = [
+        "",
+        f"Time per batch relative to dense (median over {times['rounds']} interleaved "
+        f"rounds on the first evaluation windows ({shape} tokens), min-max of the paired ratios "
+        f"in brackets; one dense time, {times['dense']['s_median']:.2f} s per batch; "
+        f"{times['machine']}, {times['dtype']}, {times['device']}; "
+        f"`{times['command'].strip()}`):",
+        "",
+        "| nominal ratio | " + " | ".join(lines_) + " |",
+        "|---|" + "---|" * len(lines_),
+    ]
     for ratio in ratios:
         cells = []
         for m in lines_:
             row = points.get((m, ratio))
-            cells.append("-" if row is None else "{:.3f} [{:.3f}-{:.3f}]".format(
-                row["time_vs_dense"], *row["time_vs_dense_spread"]))
+            cells.append(
+                "-"
+                if row is None
+                else "{:.3f} [{:.3f}-{:.3f}]".format(
+                    row["time_vs_dense"], *row["time_vs_dense_spread"]
+                )
+            )
         out.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
     return out + overhead_lines(times)
 
@@ -200,31 +233,45 @@ def overhead_lines(times: dict) -> list[str]:
     for dyn in sorted({r["labels"]["variant"] for r in rows if r["dynamic"]}):
         extra = []
         for row in (r for r in rows if r["labels"]["variant"] == dyn):
-            same = [r["time_vs_dense"] for r in rows if not r["dynamic"]
-                    and abs(r["flops_kept_fraction"] - row["flops_kept_fraction"]) < 1e-3]  # fmt: skip
+            same = [
+                r["time_vs_dense"]
+                for r in rows
+                if not r["dynamic"]
+                and abs(r["flops_kept_fraction"] - row["flops_kept_fraction"]) < 1e-3
+            ]
             if same:
                 extra.append((row["time_vs_dense"] / statistics.median(same) - 1) * 100)
         if extra:
-            out.append(f"- At the same decoder MACs, {dyn}'s time per batch is {min(extra):+.1f}% "
-                       f"to {max(extra):+.1f}% against the static methods' (the median of those "
-                       f"keeping those MACs; {len(extra)} ratios): the cost of its own "
-                       "per-batch work (probe, scores, gathers) on these batches.")  # fmt: skip
+            out.append(
+                f"- At the same decoder MACs, {dyn}'s time per batch is {min(extra):+.1f}% "
+                f"to {max(extra):+.1f}% against the static methods' (the median of those "
+                f"keeping those MACs; {len(extra)} ratios): the cost of its own "
+                "per-batch work (probe, scores, gathers) on these batches."
+            )
     return ["", *out] if out else []
 
 
 def markdown(summary: dict, image: str | None, times: dict | None = None) -> str:
     lines_ = curves(summary)
     methods = list(lines_)
-    out = [START, "", "## Methods at equal compute", "",
-           "At one nominal ratio the methods do not remove the same compute. This table puts each "
-           "method's WikiText-2 perplexity (40 random test windows of 512 tokens, batches of 20, "
-           "seed 0; fp32, CPU) at the **decoder MACs it really keeps**. Each method's perplexity "
-           "is interpolated (log-linearly, between its two measured ratios around that point; "
-           "`-` outside its measured range) at the MACs the uniform methods keep at each nominal "
-           "ratio. Generated by `benchmarks/equal_compute.py` from the sweep "
-           "`recipes/sweeps/equal_compute_smollm2.yaml`.", ""]  # fmt: skip
-    out += ["| nominal ratio | decoder MACs kept | " + " | ".join(methods) + " |",
-            "|---|---|" + "---|" * len(methods)]  # fmt: skip
+    out = [
+        START,
+        "",
+        "## Methods at equal compute",
+        "",
+        "At one nominal ratio the methods do not remove the same compute. This table puts each "
+        "method's WikiText-2 perplexity (40 random test windows of 512 tokens, batches of 20, "
+        "seed 0; fp32, CPU) at the **decoder MACs it really keeps**. Each method's perplexity "
+        "is interpolated (log-linearly, between its two measured ratios around that point; "
+        "`-` outside its measured range) at the MACs the uniform methods keep at each nominal "
+        "ratio. Generated by `benchmarks/equal_compute.py` from the sweep "
+        "`recipes/sweeps/equal_compute_smollm2.yaml`.",
+        "",
+    ]
+    out += [
+        "| nominal ratio | decoder MACs kept | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
     for ratio, macs in targets(lines_):
         cells = []
         for m in methods:
@@ -262,15 +309,21 @@ def plot(summary: dict, path: Path, times: dict | None = None) -> bool:
     for method, points in curves(summary).items():
         series = [("decoder MACs kept (%)", [(r, 100 * x, y) for r, x, y in points])]
         if timed:
-            series.append(("time per batch / dense (%)",
-                           [(r, 100 * timed[(method, r)]["time_vs_dense"], y)
-                            for r, _, y in points if (method, r) in timed]))  # fmt: skip
+            series.append(
+                (
+                    "time per batch / dense (%)",
+                    [
+                        (r, 100 * timed[(method, r)]["time_vs_dense"], y)
+                        for r, _, y in points
+                        if (method, r) in timed
+                    ],
+                )
+            )
         for ax, (xlabel, pts) in zip(axes[0], series, strict=False):
             pts = sorted(pts, key=lambda p: p[1])
             ax.plot([x for _, x, _ in pts], [y for *_, y in pts], marker="o", label=method)
             for r, x, y in pts:
-                ax.annotate(f"{r:g}", (x, y), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")  # fmt: skip
+                ax.annotate(f"{r:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
             ax.set_xlabel(xlabel)
     for ax in axes[0]:
         ax.set_ylabel("WikiText-2 perplexity")
@@ -289,22 +342,33 @@ def plot(summary: dict, path: Path, times: dict | None = None) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--summary", type=Path, default=SUMMARY)
-    parser.add_argument("--time", action="store_true",
-                        help="timing stage: rebuild and time every finished cell (the machine "
-                        "to itself), then render")  # fmt: skip
+    parser.add_argument(
+        "--time",
+        action="store_true",
+        help="timing stage: rebuild and time every finished cell (the machine "
+        "to itself), then render",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
-    parser.add_argument("--batches", type=int, default=None,
-                        help="evaluation batches to time (default: all)")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="windows per timed batch (default: the evaluation's; on 2 CPU "
-                        "cores a batch of 20 x 512 takes about a minute per model)")  # fmt: skip
-    parser.add_argument("--times", type=Path, default=TIMES,
-                        help="timing stage results (read when present)")  # fmt: skip
+    parser.add_argument(
+        "--batches", type=int, default=None, help="evaluation batches to time (default: all)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="windows per timed batch (default: the evaluation's; on 2 CPU "
+        "cores a batch of 20 x 512 takes about a minute per model)",
+    )
+    parser.add_argument(
+        "--times", type=Path, default=TIMES, help="timing stage results (read when present)"
+    )
     args = parser.parse_args(argv)
     summary = sweep_summary(args.summary, "equal_compute")
     if summary is None:
-        raise SystemExit(f"{args.summary} not found (nor its committed copy): run prunekit "
-                         "sweep recipes/sweeps/equal_compute_smollm2.yaml first")  # fmt: skip
+        raise SystemExit(
+            f"{args.summary} not found (nor its committed copy): run prunekit "
+            "sweep recipes/sweeps/equal_compute_smollm2.yaml first"
+        )
     if args.time:
         measured = time_cells(args.summary.parent, args.rounds, args.batches, args.batch_size)
         args.times.parent.mkdir(parents=True, exist_ok=True)
@@ -313,10 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     image = ROOT / "docs" / "img" / "equal_compute.png"
     drawn = plot(summary, image, times)
     (HERE / "equal_compute.md").write_text(
-        "# Equal compute (SmolLM2)\n\n" + markdown(summary, "../docs/img/equal_compute.png"
-                                                   if drawn else None, times))  # fmt: skip
-    splice(ROOT / "docs" / "benchmarks.md", markdown(summary, "img/equal_compute.png"
-                                                     if drawn else None, times))  # fmt: skip
+        "# Equal compute (SmolLM2)\n\n"
+        + markdown(summary, "../docs/img/equal_compute.png" if drawn else None, times)
+    )
+    splice(
+        ROOT / "docs" / "benchmarks.md",
+        markdown(summary, "img/equal_compute.png" if drawn else None, times),
+    )
     print("wrote benchmarks/equal_compute.md, docs/benchmarks.md (equal-compute section)")
     return 0
 

@@ -63,14 +63,29 @@ from prunekit.registry import resolve_adapter
 
 HERE = Path(__file__).resolve().parent
 #: LLaMA-2-7B's shape (meta-llama/Llama-2-7b-hf config.json)
-LLAMA2_7B = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-             "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32,
-             "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-             "rope_theta": 10000.0}  # fmt: skip
+LLAMA2_7B = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "num_hidden_layers": 32,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
 #: ``--tiny``: seconds on a CPU
-TINY = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 352,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 4,
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}  # fmt: skip
+TINY = {
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 352,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 4,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
 #: timed calls of each block per round (a block is much shorter than a forward)
 BLOCK_CALLS = 10
 GB = 1024**3
@@ -90,8 +105,9 @@ def build_model(shape: dict, layers: int, device: torch.device, dtype: torch.dty
     on the CPU), with ``use_cache`` off."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, use_cache=False,
-                         tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        **{**shape, "num_hidden_layers": layers}, use_cache=False, tie_word_embeddings=False
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
@@ -114,17 +130,21 @@ def static_like(clone, structure):
 def live_shape(model) -> list[dict]:
     """Heads and MLP channels of every layer of ``model`` as its modules are now."""
     shapes = resolve_adapter(model).layer_shapes()
-    return [{"layer": i, "heads": h, "channels": c}
-            for i, (h, c) in enumerate(zip(shapes["num_heads"], shapes["intermediate_size"],
-                                           strict=True))]  # fmt: skip
+    return [
+        {"layer": i, "heads": h, "channels": c}
+        for i, (h, c) in enumerate(
+            zip(shapes["num_heads"], shapes["intermediate_size"], strict=True)
+        )
+    ]
 
 
 def prune_pp(model, ratio: float, calibration: torch.Tensor, args):
     keys = {"skip_layers": args.skip_layers} if args.skip_layers is not None else {}
     if args.round_to is not None:
         keys["round_to"] = args.round_to
-    return prunekit.prune(model, None, method="pp", ratio=ratio, calibration=calibration,
-                          seed=args.seed, **keys)  # fmt: skip
+    return prunekit.prune(
+        model, None, method="pp", ratio=ratio, calibration=calibration, seed=args.seed, **keys
+    )
 
 
 def state_bytes(pp_model) -> dict:
@@ -216,22 +236,28 @@ def block_macs(la, group: str, units: int, seq_len: int) -> float:
     return la.macs_per_token(h, units, seq_len) - la.macs_per_token(h, 0, seq_len)
 
 
-def time_blocks(dense_model, pp_models: dict, index: int, batch: torch.Tensor, args,
-                device: torch.device) -> dict:  # fmt: skip
+def time_blocks(
+    dense_model, pp_models: dict, index: int, batch: torch.Tensor, args, device: torch.device
+) -> dict:
     """Layer ``index``'s attention and MLP blocks: dense, on gathered kept weights, and pp's
     whole per-block work, timed in interleaved rounds."""
     h, kwargs = capture_layer_input(dense_model, index, batch)
     la = resolve_adapter(dense_model).layers()[index]
     bsz, seq = h.shape[:2]
-    state = BatchState(torch.ones(bsz, seq, dtype=torch.bool, device=h.device),
-                       torch.arange(seq, device=h.device).expand(bsz, seq))  # fmt: skip
+    state = BatchState(
+        torch.ones(bsz, seq, dtype=torch.bool, device=h.device),
+        torch.arange(seq, device=h.device).expand(bsz, seq),
+    )
     out = {"layer": index, "input_shape": list(h.shape)}
     residual = h
     for group in (ATTN, MLP):
         x = la.group_input(group, residual)
         full = la.gather(group, None)
-        contenders = [Contender("dense", BlockCall(
-            lambda g=group, x=x, w=full: la.run(g, x, w, **kwargs), device))]  # fmt: skip
+        contenders = [
+            Contender(
+                "dense", BlockCall(lambda g=group, x=x, w=full: la.run(g, x, w, **kwargs), device)
+            )
+        ]
         fractions, kept_units = {}, {}
         for ratio, pp_model in pp_models.items():
             ctl = pp_model.controller
@@ -248,23 +274,40 @@ def time_blocks(dense_model, pp_models: dict, index: int, batch: torch.Tensor, a
             whole = BlockCall(
                 _pp_block(pp_model, pla, group, x, residual, state, kwargs), device, pp_model
             )
-            contenders += [Contender(f"gathered@{ratio}", gathered),
-                           Contender(f"pp@{ratio}", whole)]  # fmt: skip
-        timed = time_interleaved(contenders, [batch[:1, :1]] * BLOCK_CALLS, args.rounds,
-                                 args.warmup)  # fmt: skip
+            contenders += [
+                Contender(f"gathered@{ratio}", gathered),
+                Contender(f"pp@{ratio}", whole),
+            ]
+        timed = time_interleaved(
+            contenders, [batch[:1, :1]] * BLOCK_CALLS, args.rounds, args.warmup
+        )
         dense_s = timed["dense"]["s_all"]
         rows = []
         for ratio in pp_models:
             for kind in ("gathered", "pp"):
                 rec = timed[f"{kind}@{ratio}"]
-                runtime = summarize(dense_s, rec["s_all"], (bsz, seq),
-                                    phase_medians(rec["phases_s_all"]) or None, args.rounds,
-                                    flops_kept_fraction=fractions[ratio])  # fmt: skip
-                rows.append({"kind": kind, "ratio": ratio, "kept": kept_units[ratio],
-                             "units": la.units(group), "runtime": runtime})  # fmt: skip
-        out[group] = {"dense_ms": 1e3 * statistics.median(dense_s),
-                      "dense_ms_spread": [1e3 * min(dense_s), 1e3 * max(dense_s)],
-                      "rows": rows}  # fmt: skip
+                runtime = summarize(
+                    dense_s,
+                    rec["s_all"],
+                    (bsz, seq),
+                    phase_medians(rec["phases_s_all"]) or None,
+                    args.rounds,
+                    flops_kept_fraction=fractions[ratio],
+                )
+                rows.append(
+                    {
+                        "kind": kind,
+                        "ratio": ratio,
+                        "kept": kept_units[ratio],
+                        "units": la.units(group),
+                        "runtime": runtime,
+                    }
+                )
+        out[group] = {
+            "dense_ms": 1e3 * statistics.median(dense_s),
+            "dense_ms_spread": [1e3 * min(dense_s), 1e3 * max(dense_s)],
+            "rows": rows,
+        }
         if group == ATTN:  # the MLP block's input: the residual after the dense attention
             with torch.no_grad():
                 residual = la.add_output(ATTN, h, la.run(ATTN, x, full, **kwargs))
@@ -299,12 +342,18 @@ def _pp_block(pp_model, la, group, x, residual, state, kwargs):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true",
-                        help="a tiny model (4 layers, hidden 128), batch 4 x 32, float32 on "
-                        "CPU")  # fmt: skip
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a tiny model (4 layers, hidden 128), batch 4 x 32, float32 on CPU",
+    )
     parser.add_argument("--device", default=None, help="default: cpu with --tiny, else cuda")
-    parser.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                        help="default: float16 (float32 with --tiny)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float16", "bfloat16", "float32"],
+        help="default: float16 (float32 with --tiny)",
+    )
     parser.add_argument("--layers", type=int, default=None, help="default 32 (4 with --tiny)")
     parser.add_argument("--batch", type=int, default=None, help="default 20 (4 with --tiny)")
     parser.add_argument("--seq-len", type=int, default=None, help="default 1024 (32 with --tiny)")
@@ -312,27 +361,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=2, help="timed batches per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per model")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
-    parser.add_argument("--calibration-samples", type=int, default=None,
-                        help="random calibration windows of --seq-len (default 32; 8 with "
-                        "--tiny)")  # fmt: skip
-    parser.add_argument("--skip-layers", nargs="*", type=int, default=None,
-                        help="layers pp leaves dense (default: prunekit's, 0 1 2; 0 with "
-                        "--tiny)")  # fmt: skip
-    parser.add_argument("--round-to", type=int, default=None,
-                        help="MLP channels kept in multiples of this (default: prunekit's, 64; "
-                        "8 with --tiny)")  # fmt: skip
-    parser.add_argument("--block-layer", type=int, default=None,
-                        help="the layer of the block timings (default: the middle "
-                        "one)")  # fmt: skip
+    parser.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=None,
+        help="random calibration windows of --seq-len (default 32; 8 with --tiny)",
+    )
+    parser.add_argument(
+        "--skip-layers",
+        nargs="*",
+        type=int,
+        default=None,
+        help="layers pp leaves dense (default: prunekit's, 0 1 2; 0 with --tiny)",
+    )
+    parser.add_argument(
+        "--round-to",
+        type=int,
+        default=None,
+        help="MLP channels kept in multiples of this (default: prunekit's, 64; 8 with --tiny)",
+    )
+    parser.add_argument(
+        "--block-layer",
+        type=int,
+        default=None,
+        help="the layer of the block timings (default: the middle one)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=HERE / "results",
-                        help="directory of the JSON (and, with --tiny, of the report)")  # fmt: skip
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=HERE / "results",
+        help="directory of the JSON (and, with --tiny, of the report)",
+    )
     args = parser.parse_args(argv)
     tiny = args.tiny
-    defaults = {"device": "cpu" if tiny else "cuda", "dtype": "float32" if tiny else "float16",
-                "layers": 4 if tiny else 32, "batch": 4 if tiny else 20,
-                "seq_len": 32 if tiny else 1024, "calibration_samples": 8 if tiny else 32,
-                "skip_layers": [0] if tiny else None, "round_to": 8 if tiny else None}  # fmt: skip
+    defaults = {
+        "device": "cpu" if tiny else "cuda",
+        "dtype": "float32" if tiny else "float16",
+        "layers": 4 if tiny else 32,
+        "batch": 4 if tiny else 20,
+        "seq_len": 32 if tiny else 1024,
+        "calibration_samples": 8 if tiny else 32,
+        "skip_layers": [0] if tiny else None,
+        "round_to": 8 if tiny else None,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -342,8 +414,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def device_name(device: torch.device) -> str:
     if _cuda(device):
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.machine()}, {platform.processor() or 'unknown'}), " \
-           f"{torch.get_num_threads()} torch threads"  # fmt: skip
+    return (
+        f"CPU ({platform.machine()}, {platform.processor() or 'unknown'}), "
+        f"{torch.get_num_threads()} torch threads"
+    )
 
 
 def run(args) -> dict:
@@ -356,8 +430,10 @@ def run(args) -> dict:
     shape = TINY if args.tiny else LLAMA2_7B
     gen = torch.Generator().manual_seed(args.seed)
     vocab = shape["vocab_size"]
-    batches = [torch.randint(3, vocab, (args.batch, args.seq_len), generator=gen)
-               for _ in range(args.batches)]  # fmt: skip
+    batches = [
+        torch.randint(3, vocab, (args.batch, args.seq_len), generator=gen)
+        for _ in range(args.batches)
+    ]
     calibration = torch.randint(3, vocab, (args.calibration_samples, args.seq_len), generator=gen)
 
     log(f"building the random model ({args.layers} layers, {args.dtype}) on {device}")
@@ -385,11 +461,13 @@ def run(args) -> dict:
         outcome = prune_pp(shared_clone(dense), ratio, calibration, args)
         pp_models[ratio] = outcome.model
         statics[ratio] = static_like(shared_clone(dense), outcome.structure)
-        structures[ratio] = {"pp": [{k: r[k] for k in ("layer", "heads", "channels")}
-                                    for r in outcome.structure],
-                             "static": live_shape(statics[ratio])}  # fmt: skip
-        structures[ratio]["static_matches_pp"] = (structures[ratio]["static"]
-                                                  == structures[ratio]["pp"])  # fmt: skip
+        structures[ratio] = {
+            "pp": [{k: r[k] for k in ("layer", "heads", "channels")} for r in outcome.structure],
+            "static": live_shape(statics[ratio]),
+        }
+        structures[ratio]["static_matches_pp"] = (
+            structures[ratio]["static"] == structures[ratio]["pp"]
+        )
         reductions[ratio] = structure_reduction(adapter, outcome.structure, args.seq_len, lm_head)
         _free(device)
     last = pp_models[args.ratios[-1]]
@@ -400,18 +478,23 @@ def run(args) -> dict:
 
     contenders = [Contender("dense", dense)]
     for ratio in args.ratios:
-        contenders += [Contender(f"pp@{ratio}", pp_models[ratio]),
-                       Contender(f"static@{ratio}", statics[ratio])]  # fmt: skip
+        contenders += [
+            Contender(f"pp@{ratio}", pp_models[ratio]),
+            Contender(f"static@{ratio}", statics[ratio]),
+        ]
     states = {ratio: state_bytes(m) for ratio, m in pp_models.items()}
     resident = None
     if _cuda(device):  # what stays allocated while each model runs: every model, and the
         # snapshot of each pp model's state that time_interleaved keeps meanwhile
         resident = torch.cuda.memory_allocated(device) + sum(v["live"] for v in states.values())
-    log(f"timing {len(contenders)} models: {args.batches} batch(es) of {args.batch} x "
+    log(
+        f"timing {len(contenders)} models: {args.batches} batch(es) of {args.batch} x "
         f"{args.seq_len}, {args.rounds} interleaved round(s) after {args.warmup} warm-up "
-        "call(s)")  # fmt: skip
-    timed = time_interleaved(contenders, batches, args.rounds, args.warmup,
-                             progress=lambda r, n: log(f"  round {r}/{n}"))  # fmt: skip
+        "call(s)"
+    )
+    timed = time_interleaved(
+        contenders, batches, args.rounds, args.warmup, progress=lambda r, n: log(f"  round {r}/{n}")
+    )
     dense_s = timed["dense"]["s_all"]
     batch_shape = (args.batch, args.seq_len)
 
@@ -431,28 +514,41 @@ def run(args) -> dict:
         fraction = reductions[ratio]["forward_flops_kept_fraction"]
         pp_s, static_s = timed[f"pp@{ratio}"]["s_all"], timed[f"static@{ratio}"]["s_all"]
         pp_vs_static = paired_speedups(pp_s, static_s)  # pp / static time, per call
-        rows.append({
-            "model": "pp", "ratio": ratio,
-            "runtime": summarize(dense_s, pp_s, batch_shape,
-                                 phase_medians(timed[f"pp@{ratio}"]["phases_s_all"]),
-                                 args.rounds, flops_kept_fraction=fraction),
-            "pp_vs_static_time": statistics.median(pp_s) / statistics.median(static_s),
-            "pp_vs_static_spread": [min(pp_vs_static), max(pp_vs_static)],
-            "probe_flops_fraction": pp_model.controller.probe_flops_fraction(*batch_shape),
-            "memory": memory(f"pp@{ratio}", pp_model, states[ratio]),
-        })  # fmt: skip
-        rows.append({
-            "model": "static", "ratio": ratio,
-            "runtime": summarize(dense_s, static_s, batch_shape, None, args.rounds,
-                                 flops_kept_fraction=fraction),
-            "memory": memory(f"static@{ratio}", static),
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": "pp",
+                "ratio": ratio,
+                "runtime": summarize(
+                    dense_s,
+                    pp_s,
+                    batch_shape,
+                    phase_medians(timed[f"pp@{ratio}"]["phases_s_all"]),
+                    args.rounds,
+                    flops_kept_fraction=fraction,
+                ),
+                "pp_vs_static_time": statistics.median(pp_s) / statistics.median(static_s),
+                "pp_vs_static_spread": [min(pp_vs_static), max(pp_vs_static)],
+                "probe_flops_fraction": pp_model.controller.probe_flops_fraction(*batch_shape),
+                "memory": memory(f"pp@{ratio}", pp_model, states[ratio]),
+            }
+        )
+        rows.append(
+            {
+                "model": "static",
+                "ratio": ratio,
+                "runtime": summarize(
+                    dense_s, static_s, batch_shape, None, args.rounds, flops_kept_fraction=fraction
+                ),
+                "memory": memory(f"static@{ratio}", static),
+            }
+        )
 
     index = args.block_layer
     if index is None:  # the middle layer, or the first pruned one after it
         skip = set(args.skip_layers if args.skip_layers is not None else [0, 1, 2])
-        index = next((i for i in range(args.layers // 2, args.layers) if i not in skip),
-                     args.layers // 2)  # fmt: skip
+        index = next(
+            (i for i in range(args.layers // 2, args.layers) if i not in skip), args.layers // 2
+        )
     log(f"timing layer {index}'s attention and MLP blocks")
     del statics, static, contenders  # the blocks need the dense and the pp models only
     _free(device)
@@ -490,20 +586,20 @@ def run(args) -> dict:
             "seed": args.seed,
             "weights": "random (LlamaConfig initializer_range 0.02)",
             "use_cache": False,
-        },  # fmt: skip
+        },
         "model": {
             "params": n_params,
             "param_bytes": memory_info(dense, device)["param_bytes"],
             "lm_head_macs_per_token": lm_head,
             "resident_bytes_before_timing": resident,
-        },  # fmt: skip
+        },
         "checks": checks,
         "dense": {
             "s_per_batch": statistics.median(dense_s),
             "s_spread": [min(dense_s), max(dense_s)],
             "s_all": dense_s,
             "memory": memory("dense", dense),
-        },  # fmt: skip
+        },
         "rows": rows,
         "reduction": {str(r): v for r, v in reductions.items()},
         "structures": {str(r): v for r, v in structures.items()},
@@ -570,10 +666,15 @@ def markdown(report: dict) -> str:
     for row in report["rows"]:
         rt, mem = row["runtime"], row["memory"]
         spread = rt["speedup_spread"]
-        phases = ", ".join(f"{k} {v:.4f}" for k, v in sorted(
-            (rt.get("overhead_s_per_batch") or {}).items()))  # fmt: skip
-        vs = (f"{row['pp_vs_static_time']:.3f} ({row['pp_vs_static_spread'][0]:.3f}-"
-              f"{row['pp_vs_static_spread'][1]:.3f})" if row["model"] == "pp" else "-")  # fmt: skip
+        phases = ", ".join(
+            f"{k} {v:.4f}" for k, v in sorted((rt.get("overhead_s_per_batch") or {}).items())
+        )
+        vs = (
+            f"{row['pp_vs_static_time']:.3f} ({row['pp_vs_static_spread'][0]:.3f}-"
+            f"{row['pp_vs_static_spread'][1]:.3f})"
+            if row["model"] == "pp"
+            else "-"
+        )
         lines.append(
             f"| {row['model']} | {row['ratio']} | {rt['pruned_s_per_batch']:.4f} | "
             f"{rt['speedup']:.3f}x ({spread[0]:.3f}-{spread[1]:.3f})"
@@ -593,10 +694,12 @@ def markdown(report: dict) -> str:
     ]
     for row in report["rows"]:
         if row["model"] == "pp":
-            lines.append(f"- pp {row['ratio']}: {describe_speedup(row['runtime'])}; PP overhead "
-                         f"{100 * (row['runtime'].get('overhead_fraction') or 0):.1f}% of its "
-                         f"batch time; probe FLOPs {100 * row['probe_flops_fraction']:.2f}% of "
-                         f"dense; state {_gb(row['memory']['state_bytes'])} GB.")  # fmt: skip
+            lines.append(
+                f"- pp {row['ratio']}: {describe_speedup(row['runtime'])}; PP overhead "
+                f"{100 * (row['runtime'].get('overhead_fraction') or 0):.1f}% of its "
+                f"batch time; probe FLOPs {100 * row['probe_flops_fraction']:.2f}% of "
+                f"dense; state {_gb(row['memory']['state_bytes'])} GB."
+            )
     b = report["blocks"]
     lines += [
         "",
@@ -617,16 +720,22 @@ def markdown(report: dict) -> str:
         for ratio in s["ratios"]:
             ga, pp = by[("gathered", ratio)], by[("pp", ratio)]
             gr, pr = ga["runtime"], pp["runtime"]
-            phases = ", ".join(f"{k} {1e3 * v:.3f}" for k, v in sorted(
-                (pr.get("overhead_s_per_batch") or {}).items()))  # fmt: skip
+            phases = ", ".join(
+                f"{k} {1e3 * v:.3f}"
+                for k, v in sorted((pr.get("overhead_s_per_batch") or {}).items())
+            )
             lines.append(
                 f"| {group} | {ratio} | {ga['kept']}/{ga['units']} | {g['dense_ms']:.3f} | "
                 f"{1e3 * gr['pruned_s_per_batch']:.3f} | {gr['time_ratio']:.3f} | "
                 f"{1e3 * pr['pruned_s_per_batch']:.3f} | {pr['time_ratio']:.3f} | "
                 f"{gr['flop_limit']:.3f}x | {phases} |"
             )
-    lines += ["", "FLOP limit of a block: dense block MACs / kept block MACs (its speed-up "
-              "cannot exceed it; time / dense cannot go below its inverse).", ""]  # fmt: skip
+    lines += [
+        "",
+        "FLOP limit of a block: dense block MACs / kept block MACs (its speed-up "
+        "cannot exceed it; time / dense cannot go below its inverse).",
+        "",
+    ]
     return "\n".join(lines)
 
 

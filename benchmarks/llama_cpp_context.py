@@ -50,14 +50,24 @@ def main() -> None:
     for r in rows:
         path = Path(r["files"][args.type]["path"])
         if not path.is_file():
-            sys.exit(f"error: {path} is gone: run benchmarks/llama_cpp_export.py with "
-                     "--workdir first (or point --report at a report whose files exist)")
+            sys.exit(
+                f"error: {path} is gone: run benchmarks/llama_cpp_export.py with "
+                "--workdir first (or point --report at a report whose files exist)"
+            )
         files[r["method"]] = path
     n_ctx = max(args.contexts) + args.new_tokens + 8
-    llms = {m: llama_cpp.Llama(model_path=str(p), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=512,
-                               n_threads=args.threads, n_threads_batch=args.threads,
-                               verbose=False)  # fmt: skip
-            for m, p in files.items()}  # fmt: skip
+    llms = {
+        m: llama_cpp.Llama(
+            model_path=str(p),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=512,
+            n_threads=args.threads,
+            n_threads_batch=args.threads,
+            verbose=False,
+        )
+        for m, p in files.items()
+    }
     rng = np.random.default_rng(0)
     vocab = next(iter(llms.values())).n_vocab()
     prompts = {c: [int(t) for t in rng.integers(0, vocab, c)] for c in args.contexts}
@@ -90,20 +100,29 @@ def main() -> None:
             read, _, s = shapes[m]
             limit = d_bytes / (read + kv_bytes_per_step(s, mean_context))
             speedup = statistics.median(dense_t) / statistics.median(t)
-            results.append({
-                "method": m, "context": c, "decode_s_all": t,
-                "tokens_per_s": args.new_tokens / statistics.median(t),
-                "speedup": speedup,
-                "speedup_spread": [min(dense_t) / max(t), max(dense_t) / min(t)],
-                "bytes_limit": limit, "of_limit": speedup / limit,
-            })  # fmt: skip
+            results.append(
+                {
+                    "method": m,
+                    "context": c,
+                    "decode_s_all": t,
+                    "tokens_per_s": args.new_tokens / statistics.median(t),
+                    "speedup": speedup,
+                    "speedup_spread": [min(dense_t) / max(t), max(dense_t) / min(t)],
+                    "bytes_limit": limit,
+                    "of_limit": speedup / limit,
+                }
+            )
     out = {
-        "command": ("python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:])).strip(),
+        "command": (
+            "python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:])
+        ).strip(),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-        "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d"),
         "llama_cpp_python": _version("llama_cpp_python"),
-        "settings": {k: v for k, v in vars(args).items()}, "results": results,
-    }  # fmt: skip
+        "settings": {k: v for k, v in vars(args).items()},
+        "results": results,
+    }
     (HERE / "results" / "llama_cpp_context.json").write_text(json.dumps(out, indent=2) + "\n")
     text = markdown(out)
     (HERE / "llama_cpp_context.md").write_text(text)

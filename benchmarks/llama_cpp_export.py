@@ -102,9 +102,15 @@ class Timed:
 
         # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of last-token logits, indexed
         # by position, when it does not keep every position's (logits_all)
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx,
-                                   n_ubatch=512, n_threads=threads, n_threads_batch=threads,
-                                   verbose=False)  # fmt: skip
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
 
     def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float]:
         llm = self.llm
@@ -139,8 +145,11 @@ def file_bytes(path: Path) -> tuple[int, int, dict]:
             return None
         return f.contents()
 
-    shapes = {"layers": field("block_count"), "head_count_kv": field("attention.head_count_kv"),
-              "head_dim": field("attention.key_length")}  # fmt: skip
+    shapes = {
+        "layers": field("block_count"),
+        "head_count_kv": field("attention.head_count_kv"),
+        "head_dim": field("attention.key_length"),
+    }
     return read, path.stat().st_size, shapes
 
 
@@ -151,29 +160,48 @@ def kv_bytes_per_step(shapes: dict, context: float, elem: int = 2) -> float:
     return sum(2 * k * shapes["head_dim"] * context * elem for k in kv)
 
 
-def quality(args, work: Path, calibration: dict, tokenizer, source_gguf, adapter, loaded,
-            windows: torch.Tensor, batch: int) -> list[dict]:  # fmt: skip
+def quality(
+    args,
+    work: Path,
+    calibration: dict,
+    tokenizer,
+    source_gguf,
+    adapter,
+    loaded,
+    windows: torch.Tensor,
+    batch: int,
+) -> list[dict]:
     """Prune, save, evaluate in prunekit (fp32) and export every model at every type; then
     every file's perplexity through llama.cpp and what a decoding step reads."""
     models: list[dict] = []
     for method, ratio in [("dense", 0.0)] + [(m, r) for r in args.ratios for m in args.methods]:
         model = load_model("smollm2-135m-instruct", dtype="float32").model
-        outcome = prunekit.prune(model, tokenizer, method=method, ratio=ratio,
-                                 calibration=calibration)  # fmt: skip
+        outcome = prunekit.prune(
+            model, tokenizer, method=method, ratio=ratio, calibration=calibration
+        )
         directory = work / f"{method}-{ratio}" / "model"
         outcome.save(str(directory))
         ppl = perplexity(outcome.model, windows, batch, description=f"{method} {ratio}")["ppl"]
-        reduction = structure_reduction(adapter, outcome.structure, args.prompt_tokens,
-                                        head_macs(loaded.model))  # fmt: skip
-        row = {"method": method, "ratio": ratio, "ppl_prunekit_fp32": ppl,
-               "decoder_macs_kept_fraction": reduction["flops_kept_fraction"],
-               "forward_macs_kept_fraction": reduction["forward_flops_kept_fraction"],
-               "params": sum(p.numel() for p in outcome.model.parameters()), "files": {}}  # fmt: skip
+        reduction = structure_reduction(
+            adapter, outcome.structure, args.prompt_tokens, head_macs(loaded.model)
+        )
+        row = {
+            "method": method,
+            "ratio": ratio,
+            "ppl_prunekit_fp32": ppl,
+            "decoder_macs_kept_fraction": reduction["flops_kept_fraction"],
+            "forward_macs_kept_fraction": reduction["forward_flops_kept_fraction"],
+            "params": sum(p.numel() for p in outcome.model.parameters()),
+            "files": {},
+        }
         for type_name in args.types:
             report = export(directory, type=type_name, tokenizer_from=source_gguf, force=True)
-            row["files"][type_name] = {"path": report["path"], "arch": report["arch"],
-                                       "legalization": report["legalization"],
-                                       "f16_fallback": len(report["f16_fallback"])}  # fmt: skip
+            row["files"][type_name] = {
+                "path": report["path"],
+                "arch": report["arch"],
+                "legalization": report["legalization"],
+                "f16_fallback": len(report["f16_fallback"]),
+            }
         models.append(row)
         log(f"{method} {ratio}: prunekit fp32 ppl {ppl:.3f}, exported {list(row['files'])}")
         del model, outcome
@@ -186,10 +214,13 @@ def quality(args, work: Path, calibration: dict, tokenizer, source_gguf, adapter
             f["ppl_rel_diff"] = f["ppl_llamacpp"] / row["ppl_prunekit_fp32"] - 1
             read, size, shapes = file_bytes(Path(f["path"]))
             context = args.prompt_tokens + args.new_tokens / 2
-            f.update(weight_bytes=read, file_bytes=size,
-                     kv_bytes=kv_bytes_per_step(shapes, context))  # fmt: skip
-            log(f"{row['method']} {row['ratio']} {type_name}: llama.cpp ppl "
-                f"{f['ppl_llamacpp']:.3f} ({100 * f['ppl_rel_diff']:+.2f}%)")
+            f.update(
+                weight_bytes=read, file_bytes=size, kv_bytes=kv_bytes_per_step(shapes, context)
+            )
+            log(
+                f"{row['method']} {row['ratio']} {type_name}: llama.cpp ppl "
+                f"{f['ppl_llamacpp']:.3f} ({100 * f['ppl_rel_diff']:+.2f}%)"
+            )
 
     return models
 
@@ -198,8 +229,11 @@ def speed(args, models: list[dict], prompt: list[int]) -> None:
     """Every file timed in interleaved rounds, then its peak memory in a fresh process."""
     # interleaved: every file loaded, one warm-up round, then the timed rounds
     n_ctx = args.prompt_tokens + args.new_tokens + 8
-    timed = {(i, t): Timed(Path(f["path"]), n_ctx, args.threads)
-             for i, row in enumerate(models) for t, f in row["files"].items()}  # fmt: skip
+    timed = {
+        (i, t): Timed(Path(f["path"]), n_ctx, args.threads)
+        for i, row in enumerate(models)
+        for t, f in row["files"].items()
+    }
     times = {key: {"prefill": [], "decode": []} for key in timed}
     for r in range(args.rounds + 1):
         for key, t in timed.items():
@@ -219,10 +253,21 @@ def speed(args, models: list[dict], prompt: list[int]) -> None:
     # peak memory of a fresh process per file
     for row in models:
         for f in row["files"].values():
-            out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, f["path"], str(n_ctx),
-                                  str(args.threads), str(args.prompt_tokens),
-                                  str(args.new_tokens)],
-                                 capture_output=True, text=True, check=True)  # fmt: skip
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    MEMORY_SCRIPT,
+                    f["path"],
+                    str(n_ctx),
+                    str(args.threads),
+                    str(args.prompt_tokens),
+                    str(args.new_tokens),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             f["peak_rss_bytes"] = int(out.stdout.strip().splitlines()[-1])
 
 
@@ -238,9 +283,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--workdir", default=None, help="keep the exported files here")
-    parser.add_argument("--resume", action="store_true",
-                        help="reuse the workdir's exported files and quality results (quality.json) "
-                             "from an earlier run with the same settings; time them again")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the workdir's exported files and quality results (quality.json) "
+        "from an earlier run with the same settings; time them again",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test, not a result")
     args = parser.parse_args()
     calibration = dict(CALIBRATION)
@@ -254,20 +302,36 @@ def main() -> None:
     tokenizer, source_gguf = loaded.tokenizer, loaded.info["gguf_path"]
     adapter = resolve_adapter(loaded.model)
     batch = min(20, args.windows)
-    windows = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), args.seq_len,
-                           args.windows, "random", seed=0, batch_size=batch)  # fmt: skip
-    prompt = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), args.prompt_tokens, 1,
-                          "random", seed=1, batch_size=1)[0].tolist()  # fmt: skip
+    windows = eval_windows(
+        tokenizer,
+        locate_corpus("wikitext2", "test"),
+        args.seq_len,
+        args.windows,
+        "random",
+        seed=0,
+        batch_size=batch,
+    )
+    prompt = eval_windows(
+        tokenizer,
+        locate_corpus("wikitext2", "test"),
+        args.prompt_tokens,
+        1,
+        "random",
+        seed=1,
+        batch_size=1,
+    )[0].tolist()
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("quick", "workdir", "resume",
-                                                                "rounds")}  # fmt: skip
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("quick", "workdir", "resume", "rounds")
+    }
     cached = work / "quality.json"
     if args.resume and cached.is_file() and json.loads(cached.read_text())["settings"] == settings:
         models = json.loads(cached.read_text())["models"]
         log(f"reusing {cached}: the pruned models, exports and perplexities")
     else:
-        models = quality(args, work, calibration, tokenizer, source_gguf, adapter, loaded,
-                         windows, batch)  # fmt: skip
+        models = quality(
+            args, work, calibration, tokenizer, source_gguf, adapter, loaded, windows, batch
+        )
         cached.write_text(json.dumps({"settings": settings, "models": models}, indent=1) + "\n")
     speed(args, models, prompt)
 
@@ -277,25 +341,36 @@ def main() -> None:
         for type_name, f in row["files"].items():
             d = dense[type_name]
             f["decode_speedup"] = statistics.median(d["decode_s_all"]) / statistics.median(
-                f["decode_s_all"])
-            f["decode_speedup_spread"] = [min(d["decode_s_all"]) / max(f["decode_s_all"]),
-                                          max(d["decode_s_all"]) / min(f["decode_s_all"])]  # fmt: skip
+                f["decode_s_all"]
+            )
+            f["decode_speedup_spread"] = [
+                min(d["decode_s_all"]) / max(f["decode_s_all"]),
+                max(d["decode_s_all"]) / min(f["decode_s_all"]),
+            ]
             f["prefill_speedup"] = statistics.median(d["prefill_s_all"]) / statistics.median(
-                f["prefill_s_all"])
-            f["decode_bytes_limit"] = ((d["weight_bytes"] + d["kv_bytes"])
-                                       / (f["weight_bytes"] + f["kv_bytes"]))  # fmt: skip
+                f["prefill_s_all"]
+            )
+            f["decode_bytes_limit"] = (d["weight_bytes"] + d["kv_bytes"]) / (
+                f["weight_bytes"] + f["kv_bytes"]
+            )
             f["prefill_macs_limit"] = 1 / row["forward_macs_kept_fraction"]
             f["of_bytes_limit"] = f["decode_speedup"] / f["decode_bytes_limit"]
     report = {
-        "command": ("python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:])).strip(),
+        "command": (
+            "python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:])
+        ).strip(),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-        "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__, "prunekit": prunekit.__version__,
-        "llama_cpp_python": _version("llama_cpp_python"), "gguf": _version("gguf"),
-        "model": loaded.info["name"], "calibration": calibration,
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "prunekit": prunekit.__version__,
+        "llama_cpp_python": _version("llama_cpp_python"),
+        "gguf": _version("gguf"),
+        "model": loaded.info["name"],
+        "calibration": calibration,
         "settings": {k: v for k, v in vars(args).items() if k not in ("quick", "workdir")},
         "models": models,
-    }  # fmt: skip
+    }
     suffix = "_quick" if args.quick else ""
     out = HERE / "results" / f"llama_cpp_export{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,18 +57,31 @@ def _lls(sample: dict) -> list[float]:
     return [float(r[0]) for r in sample["filtered_resps"]]
 
 
-def compare_task(task: str, questions, prunekit_result: dict, samples: list[dict],
-                 hflm_samples: list[dict] | None, hflm_pairs_differ: int | None) -> dict:  # fmt: skip
+def compare_task(
+    task: str,
+    questions,
+    prunekit_result: dict,
+    samples: list[dict],
+    hflm_samples: list[dict] | None,
+    hflm_pairs_differ: int | None,
+) -> dict:
     """Item-by-item comparison of one task (see the module docstring)."""
     records = prunekit_result["records"]
     samples = sorted(samples, key=lambda s: s["doc_id"])
     if len(samples) != len(questions):
-        raise RuntimeError(f"{task}: lm-eval scored {len(samples)} items, prunekit "
-                           f"{len(questions)}")  # fmt: skip
+        raise RuntimeError(
+            f"{task}: lm-eval scored {len(samples)} items, prunekit {len(questions)}"
+        )
     multiple_input = task == "winogrande"
-    out = {"requests_identical": 0, "gold_identical": 0, "acc_pred_agree": 0,
-           "acc_norm_pred_agree": None if multiple_input else 0, "token_norm_pred_agree": 0,
-           "max_abs_ll_diff": 0.0, "disagreements": []}  # fmt: skip
+    out = {
+        "requests_identical": 0,
+        "gold_identical": 0,
+        "acc_pred_agree": 0,
+        "acc_norm_pred_agree": None if multiple_input else 0,
+        "token_norm_pred_agree": 0,
+        "max_abs_ll_diff": 0.0,
+        "disagreements": [],
+    }
     hflm = None
     if hflm_samples is not None:
         hflm = {"acc_pred_agree": 0, "max_abs_ll_diff": 0.0}
@@ -80,15 +93,22 @@ def compare_task(task: str, questions, prunekit_result: dict, samples: list[dict
         out["gold_identical"] += gold == q.gold
         lls = _lls(s)
         pk_lls = [-x for x in rec["nll"]]
-        out["max_abs_ll_diff"] = max(out["max_abs_ll_diff"],
-                                     *(abs(a - b) for a, b in zip(lls, pk_lls, strict=True)))  # fmt: skip
+        out["max_abs_ll_diff"] = max(
+            out["max_abs_ll_diff"], *(abs(a - b) for a, b in zip(lls, pk_lls, strict=True))
+        )
         pred = _argmax(lls)
         out["acc_pred_agree"] += pred == rec["pred"]
         if pred != rec["pred"]:
             top = sorted(pk_lls, reverse=True)
-            out["disagreements"].append({"item": i, "gold": q.gold, "prunekit_pred": rec["pred"],
-                                         "lm_eval_pred": pred,
-                                         "prunekit_margin": top[0] - top[1]})  # fmt: skip
+            out["disagreements"].append(
+                {
+                    "item": i,
+                    "gold": q.gold,
+                    "prunekit_pred": rec["pred"],
+                    "lm_eval_pred": pred,
+                    "prunekit_margin": top[0] - top[1],
+                }
+            )
         if not multiple_input:  # lm-eval's acc_norm: log-likelihood per character of the choice
             lengths = [len(c) for c in s["doc"]["pk_choices"]]
             out["acc_norm_pred_agree"] += (
@@ -99,8 +119,9 @@ def compare_task(task: str, questions, prunekit_result: dict, samples: list[dict
         if hflm is not None:
             h_lls = _lls(hflm_samples[i])
             hflm["acc_pred_agree"] += _argmax(h_lls) == rec["pred"]
-            hflm["max_abs_ll_diff"] = max(hflm["max_abs_ll_diff"],
-                                          *(abs(a - b) for a, b in zip(h_lls, pk_lls, strict=True)))  # fmt: skip
+            hflm["max_abs_ll_diff"] = max(
+                hflm["max_abs_ll_diff"], *(abs(a - b) for a, b in zip(h_lls, pk_lls, strict=True))
+            )
     if hflm is not None:
         hflm["requests_tokenised_differently"] = hflm_pairs_differ
     out["hflm"] = hflm
@@ -135,48 +156,75 @@ def run(args) -> dict:
     questions, prunekit_results = {}, {}
     for task in tasks:
         questions[task] = load_questions(locate_task(task, data_dir), args.limit)
-        prunekit_results[task] = evaluate_questions(model, tokenizer, questions[task],
-                                                    batch_size=args.batch_size,
-                                                    max_length=args.max_length)  # fmt: skip
+        prunekit_results[task] = evaluate_questions(
+            model,
+            tokenizer,
+            questions[task],
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
     timings["prunekit_s"] = time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory(prefix="pk-lm-eval-tasks-") as tmp:
         _pk_tasks().render(tmp, data_dir, tuple(tasks))
         manager = TaskManager(include_path=tmp, include_defaults=False)
         names = [f"pk_{t}" for t in tasks]
-        common = {"tasks": names, "task_manager": manager, "limit": args.limit,
-                  "log_samples": True, "bootstrap_iters": 0}  # fmt: skip
+        common = {
+            "tasks": names,
+            "task_manager": manager,
+            "limit": args.limit,
+            "log_samples": True,
+            "bootstrap_iters": 0,
+        }
         t0 = time.perf_counter()
         bridge = lm_eval.simple_evaluate(
-            model=PrunekitLM(model, tokenizer, batch_size=args.batch_size,
-                             max_length=args.max_length), **common)  # fmt: skip
+            model=PrunekitLM(
+                model, tokenizer, batch_size=args.batch_size, max_length=args.max_length
+            ),
+            **common,
+        )
         timings["lm_eval_bridge_s"] = time.perf_counter() - t0
         hflm_result, hflm_differ = None, {t: None for t in tasks}
         if args.hflm:
             from lm_eval.models.huggingface import HFLM
 
-            hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size,
-                      max_length=args.max_length)  # fmt: skip
+            hf = HFLM(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+            )
             t0 = time.perf_counter()
             hflm_result = lm_eval.simple_evaluate(model=hf, **common)
             timings["lm_eval_hflm_s"] = time.perf_counter() - t0
             for task in tasks:
                 hflm_differ[task] = sum(
-                    tuple(map(list, hf._encode_pair(*a[:2])))
-                    != encode_pair(tokenizer, *a[:2])
-                    for s in hflm_result["samples"][f"pk_{task}"] for a in s["arguments"]
-                )  # fmt: skip
+                    tuple(map(list, hf._encode_pair(*a[:2]))) != encode_pair(tokenizer, *a[:2])
+                    for s in hflm_result["samples"][f"pk_{task}"]
+                    for a in s["arguments"]
+                )
 
     rows = []
     for task in tasks:
         pk = prunekit_results[task]
-        row = {"task": task, "questions": pk["questions"], "choices": pk["choices"],
-               "prunekit": {"acc": pk["acc"], "acc_norm": pk["acc_norm"]},
-               "lm_eval_bridge": _metrics(bridge, task),
-               "lm_eval_hflm": _metrics(hflm_result, task) if hflm_result else None}  # fmt: skip
-        row.update(compare_task(task, questions[task], pk, bridge["samples"][f"pk_{task}"],
-                                hflm_result["samples"][f"pk_{task}"] if hflm_result else None,
-                                hflm_differ[task]))  # fmt: skip
+        row = {
+            "task": task,
+            "questions": pk["questions"],
+            "choices": pk["choices"],
+            "prunekit": {"acc": pk["acc"], "acc_norm": pk["acc_norm"]},
+            "lm_eval_bridge": _metrics(bridge, task),
+            "lm_eval_hflm": _metrics(hflm_result, task) if hflm_result else None,
+        }
+        row.update(
+            compare_task(
+                task,
+                questions[task],
+                pk,
+                bridge["samples"][f"pk_{task}"],
+                hflm_result["samples"][f"pk_{task}"] if hflm_result else None,
+                hflm_differ[task],
+            )
+        )
         rows.append(row)
 
     argv = " ".join(sys.argv[1:])
@@ -184,17 +232,27 @@ def run(args) -> dict:
     return {
         "command": f"{env}python benchmarks/{Path(__file__).name} {argv}".strip(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"{platform.platform()}",
-        "versions": {"prunekit": prunekit.__version__, "torch": torch.__version__,
-                     "lm_eval": lm_eval.__version__,
-                     "transformers": __import__("transformers").__version__},
+        f"{platform.platform()}",
+        "versions": {
+            "prunekit": prunekit.__version__,
+            "torch": torch.__version__,
+            "lm_eval": lm_eval.__version__,
+            "transformers": __import__("transformers").__version__,
+        },
         "model": loaded.info.get("name", MODEL),
-        "settings": {"model": MODEL, "dtype": "float32", "device": "cpu", "limit": args.limit,
-                     "batch_size": args.batch_size, "max_length": args.max_length,
-                     "data_dir": str(data_dir), "hflm": args.hflm},
+        "settings": {
+            "model": MODEL,
+            "dtype": "float32",
+            "device": "cpu",
+            "limit": args.limit,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "data_dir": str(data_dir),
+            "hflm": args.hflm,
+        },
         "timings": timings,
         "tasks": rows,
-    }  # fmt: skip
+    }
 
 
 def _fmt(x) -> str:
@@ -221,7 +279,7 @@ def markdown(report: dict) -> str:
         "`benchmarks/lm_eval_tasks/pk_*.yaml` (prunekit's formatting, local files).  ",
         "Time: "
         + ", ".join(f"{k.removesuffix('_s')} {t:.0f} s" for k, t in report["timings"].items())
-        + ".",  # fmt: skip
+        + ".",
         "",
         "## Accuracy",
         "",
@@ -237,9 +295,11 @@ def markdown(report: dict) -> str:
         rule += "---|---|"
     lines += [head, rule]
     for r in report["tasks"]:
-        row = (f"| {r['task']} | {r['questions']} | {_fmt(r['prunekit']['acc'])} | "
-               f"{_fmt(r['lm_eval_bridge']['acc'])} | {_fmt(r['prunekit']['acc_norm'])} | "
-               f"{_fmt(r['lm_eval_bridge']['acc_norm'])} |")  # fmt: skip
+        row = (
+            f"| {r['task']} | {r['questions']} | {_fmt(r['prunekit']['acc'])} | "
+            f"{_fmt(r['lm_eval_bridge']['acc'])} | {_fmt(r['prunekit']['acc_norm'])} | "
+            f"{_fmt(r['lm_eval_bridge']['acc_norm'])} |"
+        )
         if hflm:
             row += f" {_fmt(r['lm_eval_hflm']['acc'])} | {_fmt(r['lm_eval_hflm']['acc_norm'])} |"
         lines.append(row)
@@ -255,8 +315,10 @@ def markdown(report: dict) -> str:
         "one choice's log-likelihood.",
         "",
     ]
-    head = ("| task | requests identical | gold identical | acc pred agree | acc_norm pred agree "
-            "(per char) | per-token pred agree | max abs Δ loglik |")  # fmt: skip
+    head = (
+        "| task | requests identical | gold identical | acc pred agree | acc_norm pred agree "
+        "(per char) | per-token pred agree | max abs Δ loglik |"
+    )
     rule = "|---|---|---|---|---|---|---|"
     if hflm:
         head += " hf acc pred agree | hf max abs Δ loglik | hf requests tokenised differently |"
@@ -264,14 +326,18 @@ def markdown(report: dict) -> str:
     lines += [head, rule]
     for r in report["tasks"]:
         n = r["questions"]
-        row = (f"| {r['task']} | {_count(r['requests_identical'], n)} | "
-               f"{_count(r['gold_identical'], n)} | {_count(r['acc_pred_agree'], n)} | "
-               f"{_count(r['acc_norm_pred_agree'], n)} | {_count(r['token_norm_pred_agree'], n)} | "
-               f"{r['max_abs_ll_diff']:.1e} |")  # fmt: skip
+        row = (
+            f"| {r['task']} | {_count(r['requests_identical'], n)} | "
+            f"{_count(r['gold_identical'], n)} | {_count(r['acc_pred_agree'], n)} | "
+            f"{_count(r['acc_norm_pred_agree'], n)} | {_count(r['token_norm_pred_agree'], n)} | "
+            f"{r['max_abs_ll_diff']:.1e} |"
+        )
         if hflm:
             h = r["hflm"]
-            row += (f" {_count(h['acc_pred_agree'], n)} | {h['max_abs_ll_diff']:.1e} | "
-                    f"{_count(h['requests_tokenised_differently'], r['choices'])} |")  # fmt: skip
+            row += (
+                f" {_count(h['acc_pred_agree'], n)} | {h['max_abs_ll_diff']:.1e} | "
+                f"{_count(h['requests_tokenised_differently'], r['choices'])} |"
+            )
         lines.append(row)
     lines += ["", "## Differences, explained", ""]
     lines += _explanations(report)
@@ -312,10 +378,15 @@ def _explanations(report: dict) -> list[str]:
     ]
     disagreements = [(r["task"], d) for r in rows for d in r["disagreements"]]
     if disagreements:
-        out.append("  Items predicted differently (near-ties: prunekit's margin between its "
-                   "two best choices): " + "; ".join(
-                       f"{t} item {d['item']} (margin {d['prunekit_margin']:.1e})"
-                       for t, d in disagreements) + ".")  # fmt: skip
+        out.append(
+            "  Items predicted differently (near-ties: prunekit's margin between its "
+            "two best choices): "
+            + "; ".join(
+                f"{t} item {d['item']} (margin {d['prunekit_margin']:.1e})"
+                for t, d in disagreements
+            )
+            + "."
+        )
     out += [
         f"- **acc_norm.** lm-eval divides each choice's log-likelihood by the choice's length in "
         f"characters, prunekit by its number of tokens; the normalised predictions agree on "
@@ -362,11 +433,13 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="default: $PRUNEKIT_DATA_DIR")
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--no-hflm", dest="hflm", action="store_false",
-                        help="skip the run of lm-eval's own HFLM")  # fmt: skip
+    parser.add_argument(
+        "--no-hflm", dest="hflm", action="store_false", help="skip the run of lm-eval's own HFLM"
+    )
     parser.add_argument("--out", default=str(JSON_OUT), help="JSON output path")
-    parser.add_argument("--render-only", action="store_true",
-                        help="only rewrite the Markdown report from the JSON")  # fmt: skip
+    parser.add_argument(
+        "--render-only", action="store_true", help="only rewrite the Markdown report from the JSON"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     if args.render_only:

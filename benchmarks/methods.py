@@ -58,8 +58,13 @@ def interleaved_times(models: dict, batches, rounds: int) -> dict[str, list[floa
     :func:`~prunekit.evaluation.runtime.time_interleaved`: one warm-up call each, then each
     batch on every model back to back, the order rotating each round)."""
     contenders = [Contender(name, model) for name, model in models.items()]
-    timed = time_interleaved(contenders, batches, rounds, warmup=1,
-                             progress=lambda d, t: log(f"timing round {d}/{t} done"))  # fmt: skip
+    timed = time_interleaved(
+        contenders,
+        batches,
+        rounds,
+        warmup=1,
+        progress=lambda d, t: log(f"timing round {d}/{t} done"),
+    )
     return {name: rec["s_all"] for name, rec in timed.items()}
 
 
@@ -70,8 +75,7 @@ def markdown(report: dict) -> str:
         f"# All methods on {report['model']} (CPU, {s['dtype']})",
         "",
         f"Command: `{report['command']}`  ",
-        f"Machine: {report['machine']}; torch {report['torch']}; prunekit {report['prunekit']}."
-        "  ",
+        f"Machine: {report['machine']}; torch {report['torch']}; prunekit {report['prunekit']}.  ",
         f"Protocol: WikiText-2 test, {s['windows']} random windows of {s['seq_len']} tokens "
         f"(seed {s['seed']}, the paper's protocol"
         + ("; every window starts with BOS, as the adapter asks" if s["bos_per_window"] else "")
@@ -116,9 +120,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--timing-batches", type=int, default=1)
-    parser.add_argument("--timing-batch-size", type=int, default=None,
-                        help="windows per timed batch (default: --batch-size); the first windows "
-                        "of the evaluation set, so every model is timed on the same tokens")
+    parser.add_argument(
+        "--timing-batch-size",
+        type=int,
+        default=None,
+        help="windows per timed batch (default: --batch-size); the first windows "
+        "of the evaluation set, so every model is timed on the same tokens",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -128,16 +136,27 @@ def main() -> None:
         args.windows, args.timing_batches, args.rounds, args.ratios = 4, 1, 1, [0.4]
         args.batch_size, args.calibration_samples = 2, 32
     name = args.name or args.model.split("/")[-1].split("-")[0]
-    calibration = {"dataset": "c4", "samples": args.calibration_samples,
-                   "seq_len": args.seq_len, "batch_size": 16}  # fmt: skip
+    calibration = {
+        "dataset": "c4",
+        "samples": args.calibration_samples,
+        "seq_len": args.seq_len,
+        "batch_size": 16,
+    }
 
     loaded = load_model(args.model, dtype=args.dtype)
     dense_model, tokenizer = loaded.model, loaded.tokenizer
     adapter = resolve_adapter(dense_model)
     bos_id = sequence_bos("auto", adapter, tokenizer)  # as a recipe's default: the adapter says
-    windows = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), args.seq_len,
-                           args.windows, "random", seed=args.seed, batch_size=args.batch_size,
-                           bos_id=bos_id)  # fmt: skip
+    windows = eval_windows(
+        tokenizer,
+        locate_corpus("wikitext2", "test"),
+        args.seq_len,
+        args.windows,
+        "random",
+        seed=args.seed,
+        batch_size=args.batch_size,
+        bos_id=bos_id,
+    )
     timing_size = args.timing_batch_size or args.batch_size
     timing = list(torch.split(windows, timing_size))[: args.timing_batches]
     dense = perplexity(dense_model, windows, args.batch_size, description="dense")
@@ -152,21 +171,34 @@ def main() -> None:
             model = load_model(args.model, dtype=args.dtype).model
             torch.manual_seed(args.seed)
             start = time.perf_counter()
-            outcome = prunekit.prune(model, tokenizer, method=method, ratio=ratio,
-                                     calibration=calibration, seed=args.seed)  # fmt: skip
+            outcome = prunekit.prune(
+                model,
+                tokenizer,
+                method=method,
+                ratio=ratio,
+                calibration=calibration,
+                seed=args.seed,
+            )
             prune_s = time.perf_counter() - start
             ppl = perplexity(outcome.model, windows, args.batch_size, description=method)["ppl"]
             reduction = structure_reduction(adapter, outcome.structure, args.seq_len)
-            rows.append({
-                "method": method, "ratio": ratio, "dynamic": outcome.dynamic, "ppl": ppl,
-                "prune_s": prune_s,
-                "params_kept_fraction": (outcome.params_kept or params) / params,
-                "decoder_macs_kept_fraction": reduction["flops_kept_fraction"],
-                "structure": outcome.structure,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "method": method,
+                    "ratio": ratio,
+                    "dynamic": outcome.dynamic,
+                    "ppl": ppl,
+                    "prune_s": prune_s,
+                    "params_kept_fraction": (outcome.params_kept or params) / params,
+                    "decoder_macs_kept_fraction": reduction["flops_kept_fraction"],
+                    "structure": outcome.structure,
+                }
+            )
             models[f"{method}@{ratio}"] = outcome.model
-            log(f"{method} r={ratio}: ppl {ppl:.3f}, MACs kept "
-                f"{reduction['flops_kept_fraction']:.3f}, prune {prune_s:.1f} s")  # fmt: skip
+            log(
+                f"{method} r={ratio}: ppl {ppl:.3f}, MACs kept "
+                f"{reduction['flops_kept_fraction']:.3f}, prune {prune_s:.1f} s"
+            )
             gc.collect()
 
     times = interleaved_times(models, timing, args.rounds)
@@ -184,18 +216,29 @@ def main() -> None:
         "prunekit": prunekit.__version__,
         "model": loaded.info["name"],
         "adapter": adapter.name,
-        "settings": {"dtype": args.dtype, "windows": int(windows.shape[0]),
-                     "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed,
-                     "timing_batches": len(timing), "timing_batch_size": timing_size,
-                     "rounds": args.rounds,
-                     "calibration": calibration, "sampling": "random",
-                     "bos_per_window": bos_id is not None},
+        "settings": {
+            "dtype": args.dtype,
+            "windows": int(windows.shape[0]),
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "timing_batches": len(timing),
+            "timing_batch_size": timing_size,
+            "rounds": args.rounds,
+            "calibration": calibration,
+            "sampling": "random",
+            "bos_per_window": bos_id is not None,
+        },
         "lm_head_macs_per_token": head.shape[0] * head.shape[1],
-        "dense": {"ppl": dense["ppl"], "s_per_batch": dense_median,
-                  "s_spread": [min(times["dense"]), max(times["dense"])],
-                  "s_all": times["dense"], "decoder_macs_per_token": dense_macs},
+        "dense": {
+            "ppl": dense["ppl"],
+            "s_per_batch": dense_median,
+            "s_spread": [min(times["dense"]), max(times["dense"])],
+            "s_all": times["dense"],
+            "decoder_macs_per_token": dense_macs,
+        },
         "rows": rows,
-    }  # fmt: skip
+    }
     suffix = "_quick" if args.quick else ""
     out = HERE / "results" / f"methods_{name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,13 +40,18 @@ def run_one(method, ratio, args, windows, timing, dense_model, dense_times):
     model = loaded.model
     params = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
-    outcome = prunekit.prune(model, loaded.tokenizer, method=method, ratio=ratio,
-                             calibration=CALIBRATION)  # fmt: skip
+    outcome = prunekit.prune(
+        model, loaded.tokenizer, method=method, ratio=ratio, calibration=CALIBRATION
+    )
     prune_s = time.perf_counter() - start
     result = perplexity(outcome.model, windows, args.batch_size, description=method)
     # interleaved with the one dense model of the table (kept in the process), 5 rounds
-    timed = time_interleaved([Contender("dense", dense_model), Contender("pruned", outcome.model)],
-                             timing, rounds=args.rounds, warmup=1)  # fmt: skip
+    timed = time_interleaved(
+        [Contender("dense", dense_model), Contender("pruned", outcome.model)],
+        timing,
+        rounds=args.rounds,
+        warmup=1,
+    )
     pruned_times = timed["pruned"]["s_all"]
     overhead = phase_medians(timed["pruned"]["phases_s_all"])
     pairs = [p / d for p, d in zip(pruned_times, timed["dense"]["s_all"], strict=True)]
@@ -65,8 +70,12 @@ def run_one(method, ratio, args, windows, timing, dense_model, dense_times):
         "overhead_s_per_batch": overhead,
         "structure_layer3": (outcome.structure or [{}] * 4)[3],
     }
-    print(f"{method} r={ratio}: ppl {row['ppl']:.3f}, time vs dense {row['time_vs_dense']:.3f}, "
-          f"prune {prune_s:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"{method} r={ratio}: ppl {row['ppl']:.3f}, time vs dense {row['time_vs_dense']:.3f}, "
+        f"prune {prune_s:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return row
 
 
@@ -101,15 +110,18 @@ def markdown(report) -> str:
         f"| dense | 0 | {report['dense']['ppl']:.3f} | 1.000 | 1.000 | 0 |",
     ]
     for r in report["rows"]:
-        lines.append(f"| {r['method']} | {r['ratio']} | {r['ppl']:.3f} | "
-                     f"{r['time_vs_dense']:.3f} | {r['params_kept_fraction']:.3f} | "
-                     f"{r['prune_s']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {r['method']} | {r['ratio']} | {r['ppl']:.3f} | "
+            f"{r['time_vs_dense']:.3f} | {r['params_kept_fraction']:.3f} | "
+            f"{r['prune_s']:.1f} |"
+        )
     lines += ["", f"Paper's ordering ({PAPER_ORDER}):", ""]
     for ratio, o in report["ordering"].items():
         verdict = "holds" if o["holds"] else "does not hold"
         failed = [k for k, v in o["checks"].items() if not v]
-        lines.append(f"- ratio {ratio}: {verdict}" + (f" (fails: {', '.join(failed)})"
-                                                     if failed else ""))  # fmt: skip
+        lines.append(
+            f"- ratio {ratio}: {verdict}" + (f" (fails: {', '.join(failed)})" if failed else "")
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -140,15 +152,21 @@ def main() -> None:
         "torch": torch.__version__,
         "prunekit": prunekit.__version__,
         "model": loaded.info["name"],
-        "settings": {"dtype": args.dtype, "windows": args.windows, "batch_size": args.batch_size,
-                     "timing_batches": args.timing_batches, "calibration": CALIBRATION},
+        "settings": {
+            "dtype": args.dtype,
+            "windows": args.windows,
+            "batch_size": args.batch_size,
+            "timing_batches": args.timing_batches,
+            "calibration": CALIBRATION,
+        },
         "dense": {"ppl": dense["ppl"]},
         "rows": [],
-    }  # fmt: skip
+    }
     for ratio in args.ratios:
         for method in args.methods:
-            report["rows"].append(run_one(method, ratio, args, windows, timing, loaded.model,
-                                          dense_times))  # fmt: skip
+            report["rows"].append(
+                run_one(method, ratio, args, windows, timing, loaded.model, dense_times)
+            )
     report["dense"]["s_per_batch"] = statistics.median(dense_times)
     if set(METHODS) <= set(args.methods):
         report["ordering"] = {str(r): ordering(report["rows"], r) for r in args.ratios}

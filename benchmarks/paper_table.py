@@ -42,30 +42,54 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 METHODS = ["pp-fullbatch", "wanda-sp", "flap", "llm-pruner", "pp"]
-TITLES = {"dense": "Dense", "pp-fullbatch": "Full-batch probing", "wanda-sp": "Wanda-sp",
-          "flap": "FLAP", "llm-pruner": "LLM-Pruner", "pp": "PP (Probe Pruning)",
-          "pp-calib": "PP metric, calibration only", "pp-history": "PP, history only",
-          "loraprune": "LoRAPrune w/o LoRA", "loraprune+lora": "LoRAPrune with LoRA",
-          "llm-pruner+lora": "LLM-Pruner with LoRA recovery",
-          "wanda-sp+lora": "Wanda-sp with LoRA recovery"}  # fmt: skip
+TITLES = {
+    "dense": "Dense",
+    "pp-fullbatch": "Full-batch probing",
+    "wanda-sp": "Wanda-sp",
+    "flap": "FLAP",
+    "llm-pruner": "LLM-Pruner",
+    "pp": "PP (Probe Pruning)",
+    "pp-calib": "PP metric, calibration only",
+    "pp-history": "PP, history only",
+    "loraprune": "LoRAPrune w/o LoRA",
+    "loraprune+lora": "LoRAPrune with LoRA",
+    "llm-pruner+lora": "LLM-Pruner with LoRA recovery",
+    "wanda-sp+lora": "Wanda-sp with LoRA recovery",
+}
 #: the LoRA fine-tunes of the table's rows (CPU-sized: 200 steps of 4 C4 windows of 128 tokens;
 #: the paper's fine-tunes are far longer)
-FINETUNE = {"steps": 200, "batch_size": 4, "lr": 2.0e-4, "rank": 8, "alpha": 16,
-            "checkpoint_every": 0}  # fmt: skip
+FINETUNE = {
+    "steps": 200,
+    "batch_size": 4,
+    "lr": 2.0e-4,
+    "rank": 8,
+    "alpha": 16,
+    "checkpoint_every": 0,
+}
 RECOVERY = {"dataset": "c4", "samples": 1000, "seq_len": 128, **FINETUNE}
 #: rows that are not a method name alone: (method, its extra keys, a recovery section or None).
 #: LLM-Pruner "w/o LoRA" is the plain ``llm-pruner`` row.
 ROWS = {
     "loraprune": ("loraprune", {"seq_len": 128, "keep_lora": False, "finetune": FINETUNE}, None),
-    "loraprune+lora": ("loraprune", {"seq_len": 128, "keep_lora": True, "finetune": FINETUNE},
-                       None),
+    "loraprune+lora": (
+        "loraprune",
+        {"seq_len": 128, "keep_lora": True, "finetune": FINETUNE},
+        None,
+    ),
     "llm-pruner+lora": ("llm-pruner", {}, RECOVERY),
     "wanda-sp+lora": ("wanda-sp", {}, RECOVERY),
 }
 #: sections of docs/benchmarks.md that other scripts write (kept when the table is rewritten)
 KEPT_SECTIONS = ("equal-compute", "recovery", "deployment")
-TASK_TITLES = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS", "winogrande": "WinoG",
-               "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}  # fmt: skip
+TASK_TITLES = {
+    "boolq": "BoolQ",
+    "piqa": "PIQA",
+    "hellaswag": "HellaS",
+    "winogrande": "WinoG",
+    "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c",
+    "openbookqa": "OBQA",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,18 +106,34 @@ def settings_from(args) -> dict:
         "methods": ["dense", *args.methods],
         "ratios": args.ratios,
         "seeds": args.seeds,
-        "calibration": {"dataset": "c4", "samples": 16 if quick else 128, "seq_len": 512,
-                        "batch_size": 8 if quick else 16},  # fmt: skip
-        "perplexity": {"dataset": "wikitext2", "split": "test", "seq_len": 512,
-                       "windows": args.windows or (4 if quick else 40), "batch_size": 20,
-                       "sampling": "random"},  # fmt: skip
-        "tasks": {"limit": args.limit or (2 if quick else 100), "batch_size": 20,
-                  "max_length": 512},  # fmt: skip
+        "calibration": {
+            "dataset": "c4",
+            "samples": 16 if quick else 128,
+            "seq_len": 512,
+            "batch_size": 8 if quick else 16,
+        },
+        "perplexity": {
+            "dataset": "wikitext2",
+            "split": "test",
+            "seq_len": 512,
+            "windows": args.windows or (4 if quick else 40),
+            "batch_size": 20,
+            "sampling": "random",
+        },
+        "tasks": {
+            "limit": args.limit or (2 if quick else 100),
+            "batch_size": 20,
+            "max_length": 512,
+        },
         # cells measure quality only; times come from one interleaved timing stage
         "runtime": {"batches": 0, "warmup": 0, "repeats": 1},
-        "timing": {"dtype": args.timing_dtype or args.dtype, "batches": 1,
-                   "rounds": 5 if not quick else 5, "warmup": 1,
-                   "ratios": args.timing_ratios or args.ratios},
+        "timing": {
+            "dtype": args.timing_dtype or args.dtype,
+            "batches": 1,
+            "rounds": 5 if not quick else 5,
+            "warmup": 1,
+            "ratios": args.timing_ratios or args.ratios,
+        },
         "skip_layers": [0, 1, 2],
     }
 
@@ -156,11 +196,22 @@ def run_cells(settings: dict, cells_dir: Path, data_dir: str) -> list[dict]:
             cell = json.loads(path.read_text())
             print(f"[{n}/{len(todo)}] {path.name}: cached", file=sys.stderr)
         else:
-            print(f"[{n}/{len(todo)}] {method} r={ratio:g} seed={seed} "
-                  f"({'full' if full else 'perplexity only'})", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[{n}/{len(todo)}] {method} r={ratio:g} seed={seed} "
+                f"({'full' if full else 'perplexity only'})",
+                file=sys.stderr,
+                flush=True,
+            )
             result = run_cell(recipe, data_dir)
-            cell = {"method": method, "ratio": ratio, "seed": seed, "full": full,
-                    "key": key, "recipe": recipe, "result": result}  # fmt: skip
+            cell = {
+                "method": method,
+                "ratio": ratio,
+                "seed": seed,
+                "full": full,
+                "key": key,
+                "recipe": recipe,
+                "result": result,
+            }
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(cell, indent=1, default=str))
             os.replace(tmp, path)  # a cell is either complete on disk or absent
@@ -177,11 +228,19 @@ def run_cells(settings: dict, cells_dir: Path, data_dir: str) -> list[dict]:
 def timing_settings(settings: dict) -> dict:
     """What the timing stage depends on (its cache key)."""
     t = settings["timing"]
-    return {"model": settings["model"], "dtype": t["dtype"], "methods": settings["methods"][1:],
-            "ratios": t["ratios"], "calibration": settings["calibration"],
-            "skip_layers": settings["skip_layers"], "perplexity": settings["perplexity"],
-            "batches": t["batches"], "rounds": t["rounds"], "warmup": t["warmup"],
-            "seed": settings["seeds"][0]}  # fmt: skip
+    return {
+        "model": settings["model"],
+        "dtype": t["dtype"],
+        "methods": settings["methods"][1:],
+        "ratios": t["ratios"],
+        "calibration": settings["calibration"],
+        "skip_layers": settings["skip_layers"],
+        "perplexity": settings["perplexity"],
+        "batches": t["batches"],
+        "rounds": t["rounds"],
+        "warmup": t["warmup"],
+        "seed": settings["seeds"][0],
+    }
 
 
 def run_timing(settings: dict, out_dir: Path, data_dir: str) -> dict:
@@ -212,9 +271,15 @@ def run_timing(settings: dict, out_dir: Path, data_dir: str) -> dict:
     loaded = load_model(ts["model"], dtype=ts["dtype"])
     dense, tokenizer = loaded.model, loaded.tokenizer
     adapter, head = resolve_adapter(dense), head_macs(dense)
-    windows = eval_windows(tokenizer, locate_corpus(ppl["dataset"], ppl["split"], data_dir=data_dir),
-                           ppl["seq_len"], ppl["windows"], ppl["sampling"], seed=ts["seed"],
-                           batch_size=ppl["batch_size"])  # fmt: skip
+    windows = eval_windows(
+        tokenizer,
+        locate_corpus(ppl["dataset"], ppl["split"], data_dir=data_dir),
+        ppl["seq_len"],
+        ppl["windows"],
+        ppl["sampling"],
+        seed=ts["seed"],
+        batch_size=ppl["batch_size"],
+    )
     batches = list(torch.split(windows, ppl["batch_size"]))[: ts["batches"]]
     contenders, reductions = [Contender("dense", dense)], {}
     for ratio in ts["ratios"]:
@@ -224,9 +289,16 @@ def run_timing(settings: dict, out_dir: Path, data_dir: str) -> dict:
             # a recovered row has its method's shapes (recovery merges into them): its time
             # is measured on the method's model, without the fine-tune
             base, extra, _ = ROWS.get(method, (method, {}, None))
-            outcome = prunekit.prune(copy.deepcopy(dense), tokenizer, method=base, ratio=ratio,
-                                     calibration=dict(ts["calibration"]), seed=ts["seed"],
-                                     skip_layers=ts["skip_layers"], **extra)  # fmt: skip
+            outcome = prunekit.prune(
+                copy.deepcopy(dense),
+                tokenizer,
+                method=base,
+                ratio=ratio,
+                calibration=dict(ts["calibration"]),
+                seed=ts["seed"],
+                skip_layers=ts["skip_layers"],
+                **extra,
+            )
             contenders.append(Contender(name, outcome.model))
             reductions[name] = structure_reduction(adapter, outcome.structure, ppl["seq_len"], head)
 
@@ -243,18 +315,26 @@ def run_timing(settings: dict, out_dir: Path, data_dir: str) -> dict:
         kept = reductions[name]["forward_flops_kept_fraction"]
         limit = flop_limit(kept)
         models[name] = {
-            "s_all": rec["s_all"], "s_per_batch": statistics.median(rec["s_all"]),
-            "time_ratio": statistics.median(pairs), "time_ratios": pairs,
+            "s_all": rec["s_all"],
+            "s_per_batch": statistics.median(rec["s_all"]),
+            "time_ratio": statistics.median(pairs),
+            "time_ratios": pairs,
             "time_ratio_spread": [min(pairs), max(pairs)],
             "overhead_s_per_batch": phase_medians(rec["phases_s_all"]) or None,
-            "forward_flops_kept_fraction": kept, "flop_limit": limit,
+            "forward_flops_kept_fraction": kept,
+            "flop_limit": limit,
             # a speed-up beyond what the kept FLOPs allow is timing noise, not a result
             "beyond_flop_limit": bool(limit and 1 / statistics.median(pairs) > limit),
-        }  # fmt: skip
-    result = {"settings": ts, "key": key, "batch_shape": list(batches[0].shape),
-              "timed_calls": len(d), "dense": {"s_all": d, "s_per_batch": statistics.median(d),
-                                               "s_spread": [min(d), max(d)]},
-              "models": models, "machine": machine()}  # fmt: skip
+        }
+    result = {
+        "settings": ts,
+        "key": key,
+        "batch_shape": list(batches[0].shape),
+        "timed_calls": len(d),
+        "dense": {"s_all": d, "s_per_batch": statistics.median(d), "s_spread": [min(d), max(d)]},
+        "models": models,
+        "machine": machine(),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -283,47 +363,65 @@ def aggregate(settings: dict, cells: list[dict], timing: dict | None) -> dict:
     by = {(c["method"], c["ratio"], c["seed"]): c for c in cells}
     seeds = settings["seeds"]
     first = seeds[0]
-    dense_ppl = {s: by[("dense", 0.0, s)]["result"]["metrics"]["wikitext2-test"]["ppl"]
-                 for s in seeds}  # fmt: skip
+    dense_ppl = {
+        s: by[("dense", 0.0, s)]["result"]["metrics"]["wikitext2-test"]["ppl"] for s in seeds
+    }
     timed_models = (timing or {}).get("models", {})
     rows = []
     for method in settings["methods"]:
         for ratio in [0.0] if method == "dense" else settings["ratios"]:
             full = by[(method, ratio, first)]["result"]
             metrics = full["metrics"]
-            ppls = [by[(method, ratio, s)]["result"]["metrics"]["wikitext2-test"]["ppl"]
-                    for s in seeds]  # fmt: skip
+            ppls = [
+                by[(method, ratio, s)]["result"]["metrics"]["wikitext2-test"]["ppl"] for s in seeds
+            ]
             timed = None if method == "dense" else timed_models.get(f"{method}@{ratio:g}")
             t_ratio = 1.0 if method == "dense" else (timed or {}).get("time_ratio")
             headline = spread = None
             if timed is not None:
                 loss = statistics.fmean(p - dense_ppl[s] for p, s in zip(ppls, seeds, strict=True))
                 headline = degradation_per_runtime_reduction(loss, 0.0, t_ratio, 1.0)
-                combos = [degradation_per_runtime_reduction(p, dense_ppl[s], r, 1.0)
-                          for p, s in zip(ppls, seeds, strict=True) for r in timed["time_ratios"]]
+                combos = [
+                    degradation_per_runtime_reduction(p, dense_ppl[s], r, 1.0)
+                    for p, s in zip(ppls, seeds, strict=True)
+                    for r in timed["time_ratios"]
+                ]
                 if headline is not None and all(h is not None for h in combos):
                     spread = [min(combos), max(combos)]
-            tasks = {t: {"acc": metrics[t]["acc"], "acc_norm": metrics[t]["acc_norm"],
-                         "questions": metrics[t]["questions"]}
-                     for t in TASK_TITLES if t in metrics}  # fmt: skip
+            tasks = {
+                t: {
+                    "acc": metrics[t]["acc"],
+                    "acc_norm": metrics[t]["acc_norm"],
+                    "questions": metrics[t]["questions"],
+                }
+                for t in TASK_TITLES
+                if t in metrics
+            }
             average = metrics.get("tasks_average", {})
             ppl_mean, ppl_std = _mean_std(ppls)
-            rows.append({
-                "method": method, "ratio": ratio, "dynamic": full["dynamic"],
-                "ppl": ppl_mean, "ppl_std": ppl_std, "ppl_seeds": ppls,
-                "tasks": tasks, "acc_norm_avg": average.get("acc_norm"),
-                "acc_avg": average.get("acc"),
-                "time_ratio": t_ratio,
-                "time_ratio_spread": (timed or {}).get("time_ratio_spread"),
-                "beyond_flop_limit": (timed or {}).get("beyond_flop_limit"),
-                "flop_limit": (timed or {}).get("flop_limit"),
-                "overhead_s_per_batch": (timed or {}).get("overhead_s_per_batch"),
-                "params_kept_fraction": full["reduction"]["params_kept_fraction"],
-                "flops_kept_fraction": full["reduction"]["flops_kept_fraction"],
-                "headline": headline,
-                "headline_spread": spread,
-                "cell_wall_s": full.get("cell_wall_s"),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "method": method,
+                    "ratio": ratio,
+                    "dynamic": full["dynamic"],
+                    "ppl": ppl_mean,
+                    "ppl_std": ppl_std,
+                    "ppl_seeds": ppls,
+                    "tasks": tasks,
+                    "acc_norm_avg": average.get("acc_norm"),
+                    "acc_avg": average.get("acc"),
+                    "time_ratio": t_ratio,
+                    "time_ratio_spread": (timed or {}).get("time_ratio_spread"),
+                    "beyond_flop_limit": (timed or {}).get("beyond_flop_limit"),
+                    "flop_limit": (timed or {}).get("flop_limit"),
+                    "overhead_s_per_batch": (timed or {}).get("overhead_s_per_batch"),
+                    "params_kept_fraction": full["reduction"]["params_kept_fraction"],
+                    "flops_kept_fraction": full["reduction"]["flops_kept_fraction"],
+                    "headline": headline,
+                    "headline_spread": spread,
+                    "cell_wall_s": full.get("cell_wall_s"),
+                }
+            )
     for ratio in settings["ratios"]:
         here = [r for r in rows if r["ratio"] == ratio]
         rel = relative_to({r["method"]: r["headline"] for r in here}, "pp")
@@ -343,8 +441,10 @@ def baselines(settings: dict, data_dir: str) -> dict:
     for task in TASK_TITLES:
         questions = load_questions(locate_task(task, data_dir), settings["tasks"]["limit"])
         counts = Counter(q.gold for q in questions)
-        out[task] = {"majority": max(counts.values()) / len(questions),
-                     "chance": statistics.fmean(1 / q.num_choices for q in questions)}  # fmt: skip
+        out[task] = {
+            "majority": max(counts.values()) / len(questions),
+            "chance": statistics.fmean(1 / q.num_choices for q in questions),
+        }
     return out
 
 
@@ -352,8 +452,9 @@ def verdict(rows: list[dict], ratio: float) -> dict:
     """PP's headline value vs the best (lowest) static method's at ``ratio``."""
     here = [r for r in rows if r["ratio"] == ratio]
     pp = next((r for r in here if r["method"] == "pp"), None)
-    static = [r for r in here if not r["dynamic"] and r["method"] != "dense"
-              and r["headline"] is not None]  # fmt: skip
+    static = [
+        r for r in here if not r["dynamic"] and r["method"] != "dense" and r["headline"] is not None
+    ]
     if pp is None or pp["headline"] is None or not static:
         return {"ratio": ratio, "holds": None, "reason": "PP or every static method has no value"}
     best = min(static, key=lambda r: r["headline"])
@@ -363,10 +464,18 @@ def verdict(rows: list[dict], ratio: float) -> dict:
     separated = None
     if pp_s and best_s:
         separated = pp_s[1] < best_s[0] or best_s[1] < pp_s[0]
-    return {"ratio": ratio, "pp": pp["headline"], "pp_spread": pp_s,
-            "best_static": best["method"], "best_static_value": best["headline"],
-            "best_static_spread": best_s, "factor": factor, "separated": separated,
-            "holds": factor is not None and factor > 1.0, "paper_factor": 2.56}  # fmt: skip
+    return {
+        "ratio": ratio,
+        "pp": pp["headline"],
+        "pp_spread": pp_s,
+        "best_static": best["method"],
+        "best_static_value": best["headline"],
+        "best_static_spread": best_s,
+        "factor": factor,
+        "separated": separated,
+        "holds": factor is not None and factor > 1.0,
+        "paper_factor": 2.56,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,12 +504,22 @@ def plot(report: dict, path: Path) -> None:
         if not pts:
             continue
         xs, ys = [r["time_ratio"] for r in pts], [r["ppl"] for r in pts]
-        ax.plot(xs, ys, marker="o", linestyle="-" if len(pts) > 1 else "",
-                label=TITLES.get(method, method))  # fmt: skip
+        ax.plot(
+            xs,
+            ys,
+            marker="o",
+            linestyle="-" if len(pts) > 1 else "",
+            label=TITLES.get(method, method),
+        )
         for r in pts:
             if r["method"] != "dense":
-                ax.annotate(f"{r['ratio']:.0%}", (r["time_ratio"], r["ppl"]), fontsize=7,
-                            xytext=(4, 2), textcoords="offset points")  # fmt: skip
+                ax.annotate(
+                    f"{r['ratio']:.0%}",
+                    (r["time_ratio"], r["ppl"]),
+                    fontsize=7,
+                    xytext=(4, 2),
+                    textcoords="offset points",
+                )
     ax.set_xlabel("time per batch / dense (same process, same batches)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_yscale("log")
@@ -424,8 +543,15 @@ def markdown(report: dict, image: str) -> str:
         "",
         "<!-- generated by benchmarks/paper_table.py; do not edit by hand -->",
         "",
-        *(["**Smoke test (`--quick`): a few windows and questions per cell, timings of one "
-           "small batch. Not a result.**", ""] if s.get("quick") else []),
+        *(
+            [
+                "**Smoke test (`--quick`): a few windows and questions per cell, timings of one "
+                "small batch. Not a result.**",
+                "",
+            ]
+            if s.get("quick")
+            else []
+        ),
         f"Command: `{report['command']}` ({report['elapsed_min']:.0f} min of cell time on "
         f"{report['machine']['cpu_count']} CPU cores, torch {report['machine']['torch']}, "
         f"prunekit {report['machine']['prunekit']}). Raw results: "
@@ -448,8 +574,11 @@ def markdown(report: dict, image: str) -> str:
         "formatting; accuracy is `acc_norm` (NLL per continuation token, the reference's "
         "plotted metric), in %. `acc` (summed NLL) is in the raw JSON and its average in the "
         "last accuracy column.",
-        *(_timing_lines(report) if report.get("timing") else
-          ["- Runtime: not measured (no timing stage in this report)."]),
+        *(
+            _timing_lines(report)
+            if report.get("timing")
+            else ["- Runtime: not measured (no timing stage in this report)."]
+        ),
         "- Headline: degradation per unit runtime reduction, `mean over seeds of (PPL - "
         "PPL_dense) / (1 - time)`, lower is better, with its min-max over every (seed, timed "
         "call) pair in brackets; `n/a` where a method is not faster than dense or was not "
@@ -482,30 +611,52 @@ def markdown(report: dict, image: str) -> str:
     if base:
         for key, title in (("chance", "Chance"), ("majority", "Majority class")):
             values = [base[t][key] for t in tasks]
-            lines.append(f"| *{title}* | — | — | " + " | ".join(_pct(x) for x in values)
-                         + f" | {_pct(statistics.fmean(values))} | — | — | — | — |")  # fmt: skip
+            lines.append(
+                f"| *{title}* | — | — | "
+                + " | ".join(_pct(x) for x in values)
+                + f" | {_pct(statistics.fmean(values))} | — | — | — | — |"
+            )
     v = agg["verdict"]
-    lines += ["", f"![perplexity vs runtime]({image})", "", "## Does PP's headline advantage hold?",
-              ""]  # fmt: skip
+    lines += [
+        "",
+        f"![perplexity vs runtime]({image})",
+        "",
+        "## Does PP's headline advantage hold?",
+        "",
+    ]
     if v.get("holds") is None:
         lines.append(f"Not decidable at {v['ratio']:.0%}: {v['reason']}.")
     else:
         word = "holds" if v["holds"] else "does not hold"
         ps, bs = v.get("pp_spread"), v.get("best_static_spread")
-        spreads = (f" (spreads over seeds and timed calls: PP {ps[0]:.1f}-{ps[1]:.1f}, "
-                   f"{TITLES[v['best_static']]} {bs[0]:.1f}-{bs[1]:.1f})") if ps and bs else ""  # fmt: skip
+        spreads = (
+            (
+                f" (spreads over seeds and timed calls: PP {ps[0]:.1f}-{ps[1]:.1f}, "
+                f"{TITLES[v['best_static']]} {bs[0]:.1f}-{bs[1]:.1f})"
+            )
+            if ps and bs
+            else ""
+        )
         lines.append(
             f"At {v['ratio']:.0%}, PP gives up {v['pp']:.1f} perplexity points per unit of "
             f"runtime reduction; the best static method, {TITLES[v['best_static']]}, gives up "
             f"{v['best_static_value']:.1f}{spreads}. "
-            + (f"PP's value is {v['factor']:.2f}× lower than the best static method's"
-               if v["factor"] is not None and v["holds"]
-               else f"PP's value is {1 / v['factor']:.2f}× higher than the best static "
-               "method's" if v["factor"] else "PP's value is not positive")
+            + (
+                f"PP's value is {v['factor']:.2f}× lower than the best static method's"
+                if v["factor"] is not None and v["holds"]
+                else f"PP's value is {1 / v['factor']:.2f}× higher than the best static method's"
+                if v["factor"]
+                else "PP's value is not positive"
+            )
             + f", so the advantage **{word}** on this model"
-            + (" and the two spreads do not overlap" if v.get("separated")
-               else " but the two spreads overlap: the timing and seed noise is as large as "
-               "the difference" if v.get("separated") is False else "")
+            + (
+                " and the two spreads do not overlap"
+                if v.get("separated")
+                else " but the two spreads overlap: the timing and seed noise is as large as "
+                "the difference"
+                if v.get("separated") is False
+                else ""
+            )
             + f" (the paper: {v['paper_factor']}× lower on LLaMA-2-7B)."
         )
     lines += [
@@ -518,13 +669,18 @@ def markdown(report: dict, image: str) -> str:
         "(BoolQ, ARC-c, OBQA), so accuracy differences between methods there are within the "
         f"noise of {s['tasks']['limit']} questions (standard errors per task are in the raw "
         "JSON).",
-        *([f"- The last two rows are what no model is needed for, on the same questions: "
-           "chance (1 / choices) and always answering the most frequent gold index. A pruned "
-           "model can beat the dense one on a task by shifting its prior over the choices: on "
-           f"BoolQ (yes/no) the majority class scores {_pct(base['boolq']['majority'])}% while "
-           f"dense scores {_pct(rows[0]['tasks']['boolq']['acc_norm'])}%, so BoolQ alone moves "
-           "the 7-task average by several points between methods."]
-          if base and "boolq" in rows[0]["tasks"] else []),
+        *(
+            [
+                f"- The last two rows are what no model is needed for, on the same questions: "
+                "chance (1 / choices) and always answering the most frequent gold index. A pruned "
+                "model can beat the dense one on a task by shifting its prior over the choices: on "
+                f"BoolQ (yes/no) the majority class scores {_pct(base['boolq']['majority'])}% while "
+                f"dense scores {_pct(rows[0]['tasks']['boolq']['acc_norm'])}%, so BoolQ alone moves "
+                "the 7-task average by several points between methods."
+            ]
+            if base and "boolq" in rows[0]["tasks"]
+            else []
+        ),
         "- Timings are CPU wall-clock on a 2-core machine; on this hardware a dynamic "
         "method's fixed costs (probe, scoring, gathering weights) weigh more than on a GPU. "
         "Full-batch probing runs every batch twice, so it is slower than dense and has no "
@@ -555,10 +711,14 @@ def _timing_lines(report: dict) -> list[str]:
         "call's ratio to the dense call of the same round, its min-max in brackets (lower is "
         "faster); ⚠ marks a speed-up beyond what the kept FLOPs allow (timing noise, not a "
         "result). Dynamic methods are timed with their state preserved."
-        + ("" if same else f" **Timed in {ts['dtype']}**, while perplexity and accuracy are "
-           f"{report['settings']['dtype']}: this machine has no native bf16 matmuls (AVX2 "
-           "only), where a bf16 batch is several times slower than fp32 and dominated by "
-           "emulation, not by the pruned shapes."),
+        + (
+            ""
+            if same
+            else f" **Timed in {ts['dtype']}**, while perplexity and accuracy are "
+            f"{report['settings']['dtype']}: this machine has no native bf16 matmuls (AVX2 "
+            "only), where a bf16 batch is several times slower than fp32 and dominated by "
+            "emulation, not by the pruned shapes."
+        ),
     ]
 
 
@@ -567,9 +727,13 @@ def machine() -> dict:
 
     import prunekit
 
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "prunekit": prunekit.__version__,
-            "python": platform.python_version()}  # fmt: skip
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "prunekit": prunekit.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def main(argv=None) -> int:
@@ -581,12 +745,21 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="questions per task")
     parser.add_argument("--windows", type=int, default=None, help="WikiText-2 windows")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--timing-dtype", default=None, choices=["bfloat16", "float32"],
-                        help="dtype of the timing stage (default: --dtype); on a CPU without "
-                        "native bf16 matmuls a bf16 batch takes minutes")  # fmt: skip
-    parser.add_argument("--timing-ratios", nargs="+", type=float, default=None,
-                        help="ratios the timing stage covers (default: --ratios); the others "
-                        "get no time and no headline")  # fmt: skip
+    parser.add_argument(
+        "--timing-dtype",
+        default=None,
+        choices=["bfloat16", "float32"],
+        help="dtype of the timing stage (default: --dtype); on a CPU without "
+        "native bf16 matmuls a bf16 batch takes minutes",
+    )
+    parser.add_argument(
+        "--timing-ratios",
+        nargs="+",
+        type=float,
+        default=None,
+        help="ratios the timing stage covers (default: --ratios); the others "
+        "get no time and no headline",
+    )
     parser.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR") or DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=None, help="results directory")
     parser.add_argument("--render-only", action="store_true", help="only rewrite the report")
@@ -594,18 +767,27 @@ def main(argv=None) -> int:
     if args.seeds is None:
         args.seeds = [0] if args.quick else [0, 1, 2]
     if not Path(args.data_dir).is_dir():
-        parser.error(f"data directory {args.data_dir} not found; give --data-dir (laid out like "
-                     "../shared/data)")  # fmt: skip
+        parser.error(
+            f"data directory {args.data_dir} not found; give --data-dir (laid out like "
+            "../shared/data)"
+        )
     os.environ.setdefault("PRUNEKIT_QUIET", "1")
     settings = settings_from(args)
     if args.quick:
         out = args.out or ROOT / "runs" / "paper_table_quick"
-        json_path, md_path, png_path = out / "paper_table.json", out / "benchmarks.md", out / "paper_table.png"
+        json_path, md_path, png_path = (
+            out / "paper_table.json",
+            out / "benchmarks.md",
+            out / "paper_table.png",
+        )
         image = "paper_table.png"
     else:
         out = args.out or HERE / "results"
         json_path = out / "paper_table.json"
-        md_path, png_path = ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "img" / "paper_table.png"
+        md_path, png_path = (
+            ROOT / "docs" / "benchmarks.md",
+            ROOT / "docs" / "img" / "paper_table.png",
+        )
         image = "img/paper_table.png"
     cells_dir = out / "paper_table_cells"
     command = "python benchmarks/paper_table.py" + " ".join(
@@ -626,11 +808,17 @@ def main(argv=None) -> int:
             "timing": timing,
             "aggregate": aggregate(settings, cells, timing),
             "baselines": baselines(settings, str(args.data_dir)),
-            "cells": [{k: c[k] for k in ("method", "ratio", "seed", "full", "key")}
-                      | {"metrics": c["result"]["metrics"], "runtime": c["result"].get("runtime"),
-                         "reduction": c["result"]["reduction"],
-                         "timings": c["result"]["timings"]} for c in cells],
-        }  # fmt: skip
+            "cells": [
+                {k: c[k] for k in ("method", "ratio", "seed", "full", "key")}
+                | {
+                    "metrics": c["result"]["metrics"],
+                    "runtime": c["result"].get("runtime"),
+                    "reduction": c["result"]["reduction"],
+                    "timings": c["result"]["timings"],
+                }
+                for c in cells
+            ],
+        }
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
     plot(report, png_path)
@@ -642,8 +830,12 @@ def main(argv=None) -> int:
     for name in KEPT_SECTIONS:
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
         if start in old and end in old:
-            text = (text.rstrip("\n") + "\n\n" + old[old.index(start): old.index(end) + len(end)]
-                    + "\n")  # fmt: skip
+            text = (
+                text.rstrip("\n")
+                + "\n\n"
+                + old[old.index(start) : old.index(end) + len(end)]
+                + "\n"
+            )
     md_path.write_text(text)
     print(f"wrote {json_path}, {md_path}, {png_path}", file=sys.stderr)
     if args.quick and not args.out:

@@ -46,10 +46,17 @@ def runtime_block(model, tokenizer, batches, ratio, rounds, warmup):
     pp_model = outcome.model
     static = static_like(clone, outcome.structure)
     # one interleaved table: dense (pp's own dense layers), pp and static on the same batches
-    timed = time_interleaved([Contender("dense", pp_model, dense=True), Contender("pp", pp_model),
-                              Contender("static", static)], batches, rounds, warmup,
-                             lambda done, total: print(f"  round {done}/{total}", file=sys.stderr,
-                                                       flush=True))  # fmt: skip
+    timed = time_interleaved(
+        [
+            Contender("dense", pp_model, dense=True),
+            Contender("pp", pp_model),
+            Contender("static", static),
+        ],
+        batches,
+        rounds,
+        warmup,
+        lambda done, total: print(f"  round {done}/{total}", file=sys.stderr, flush=True),
+    )
     times = {k: v["s_all"] for k, v in timed.items()}
     fraction = pp_model.controller.probe_flops_fraction(*batches[0].shape)
     pp_model.remove()
@@ -83,12 +90,18 @@ def _spread(values: list[float]) -> list[float]:
 
 
 def quality_block(model, tokenizer, windows, ratios, methods, batch_size):
-    rows = [{"method": "dense", "ratio": 0.0,
-             **perplexity(model, windows, batch_size, description="dense")}]  # fmt: skip
+    rows = [
+        {
+            "method": "dense",
+            "ratio": 0.0,
+            **perplexity(model, windows, batch_size, description="dense"),
+        }
+    ]
     for ratio in ratios:
         for method in methods:
-            outcome = prunekit.prune(model, tokenizer, method=method, ratio=ratio,
-                                     calibration=CALIBRATION)  # fmt: skip
+            outcome = prunekit.prune(
+                model, tokenizer, method=method, ratio=ratio, calibration=CALIBRATION
+            )
             try:
                 result = perplexity(outcome.model, windows, batch_size, description=method)
             finally:
@@ -112,8 +125,12 @@ def markdown(report) -> str:
         f"{CALIBRATION['seq_len']} (train carve-out).  ",
         f"Timing: {s['rounds']} interleaved rounds x {s['timing_batches']} batches per model "
         "(rows re-measured with --update: as their command says; "
-        + ", ".join(f"{d} {b['ratio']}: {b['rounds']} x {b['timing_batches']}"
-                    for d, rows in report["runtime"].items() for b in rows if "rounds" in b)
+        + ", ".join(
+            f"{d} {b['ratio']}: {b['rounds']} x {b['timing_batches']}"
+            for d, rows in report["runtime"].items()
+            for b in rows
+            if "rounds" in b
+        )
         + "), warm-up excluded, median seconds per batch; the static model has PP's kept "
         "counts, physically sliced. Compare ratios across rows measured by different commands, "
         "not seconds.",
@@ -137,10 +154,17 @@ def markdown(report) -> str:
                 f"{b['pp_vs_static']:.3f}{vs} | {100 * b['pp_overhead_fraction']:.2f}%{ov} | "
                 f"{100 * b['probe_flops_fraction']:.2f}% |"
             )
-    lines += ["", "PP overhead per batch (seconds): " + "; ".join(
-        f"{dtype} r={b['ratio']}: " + ", ".join(f"{k} {v:.3f}" for k, v in
-                                               sorted(b['pp_overhead_s_per_batch'].items()))
-        for dtype, blocks in report["runtime"].items() for b in blocks), ""]  # fmt: skip
+    lines += [
+        "",
+        "PP overhead per batch (seconds): "
+        + "; ".join(
+            f"{dtype} r={b['ratio']}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in sorted(b["pp_overhead_s_per_batch"].items()))
+            for dtype, blocks in report["runtime"].items()
+            for b in blocks
+        ),
+        "",
+    ]
     lines += [
         "Targets (issue 13: ratio 0.4, float32 and bfloat16): pp within 1.05x of the same-shape "
         "static model, PP's own overhead under 3% of its batch time, probe FLOPs under 2%. "
@@ -151,11 +175,15 @@ def markdown(report) -> str:
     for dtype, blocks in report["runtime"].items():
         for b in blocks:
             if b["ratio"] == 0.4:
-                checks = [("pp/static <= 1.05", b["pp_vs_static"] <= 1.05),
-                          ("overhead < 3%", b["pp_overhead_fraction"] < 0.03),
-                          ("probe FLOPs < 2%", b["probe_flops_fraction"] < 0.02)]  # fmt: skip
-                lines.append(f"- {dtype}, ratio 0.4: " + ", ".join(
-                    f"{name} {'met' if ok else 'NOT met'}" for name, ok in checks))  # fmt: skip
+                checks = [
+                    ("pp/static <= 1.05", b["pp_vs_static"] <= 1.05),
+                    ("overhead < 3%", b["pp_overhead_fraction"] < 0.03),
+                    ("probe FLOPs < 2%", b["probe_flops_fraction"] < 0.02),
+                ]
+                lines.append(
+                    f"- {dtype}, ratio 0.4: "
+                    + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in checks)
+                )
     lines.append("")
     q = report.get("quality")
     if q:
@@ -194,8 +222,11 @@ def main() -> None:
         action="store_true",
         help="rewrite the Markdown report from --out without measuring",
     )
-    parser.add_argument("--update", action="store_true",
-                        help="replace only the measured (dtype, ratio) runtime rows in --out")  # fmt: skip
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="replace only the measured (dtype, ratio) runtime rows in --out",
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "pp_smollm2.json"))
     args = parser.parse_args()
     if args.render_only:
@@ -209,13 +240,17 @@ def main() -> None:
     report = {
         "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-                   f"torch threads, {platform.platform()}",
+        f"torch threads, {platform.platform()}",
         "torch": torch.__version__,
         "prunekit": prunekit.__version__,
-        "settings": {"batch": [20, 512], "timing_batches": args.timing_batches,
-                     "rounds": args.rounds, "calibration": CALIBRATION},
+        "settings": {
+            "batch": [20, 512],
+            "timing_batches": args.timing_batches,
+            "rounds": args.rounds,
+            "calibration": CALIBRATION,
+        },
         "runtime": {},
-    }  # fmt: skip
+    }
     started = time.time()
     for dtype in args.dtypes:
         loaded = load_model("smollm2-135m-instruct", dtype=dtype)
@@ -233,11 +268,19 @@ def main() -> None:
         if dtype == args.quality_dtype and args.quality_windows:
             windows = eval_windows(loaded.tokenizer, source, 512, args.quality_windows)
             report["quality"] = {
-                "dtype": dtype, "windows": args.quality_windows, "seq_len": 512,
+                "dtype": dtype,
+                "windows": args.quality_windows,
+                "seq_len": 512,
                 "batch_size": 20,
-                "rows": quality_block(loaded.model, loaded.tokenizer, windows, args.ratios,
-                                      ["pp", "pp-fullbatch", "pp-history"], 20),
-            }  # fmt: skip
+                "rows": quality_block(
+                    loaded.model,
+                    loaded.tokenizer,
+                    windows,
+                    args.ratios,
+                    ["pp", "pp-fullbatch", "pp-history"],
+                    20,
+                ),
+            }
         del loaded
     report["elapsed_s"] = time.time() - started
     out = Path(args.out)

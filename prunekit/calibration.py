@@ -60,8 +60,14 @@ class SquaredMean:
         return {"sq_mean": (state["sum"] / count).float()}
 
 
-def _stream(model, adapter: ModelAdapter, windows: torch.Tensor, batch_size: int,
-            statistics: list[CalibrationStatistic], device) -> dict[str, LayerStats]:  # fmt: skip
+def _stream(
+    model,
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    batch_size: int,
+    statistics: list[CalibrationStatistic],
+    device,
+) -> dict[str, LayerStats]:
     positions = windows.shape[1]
     states: dict[str, dict[tuple[int, str], dict]] = {s.name: {} for s in statistics}
     current_mask: dict[str, torch.Tensor] = {}
@@ -106,11 +112,17 @@ def _save(path: Path, stats: LayerStats, key: dict) -> None:
     """Write a cache entry atomically, with the sha256 of its tensors in its metadata."""
     from safetensors.torch import save_file
 
-    flat = {f"{layer}.{group}.{name}": t.contiguous()
-            for (layer, group), d in stats.items() for name, t in d.items()}  # fmt: skip
+    flat = {
+        f"{layer}.{group}.{name}": t.contiguous()
+        for (layer, group), d in stats.items()
+        for name, t in d.items()
+    }
     with atomic_path(path, suffix=".tmp") as tmp:
-        save_file(flat, str(tmp), metadata={"key": json.dumps(key, sort_keys=True),
-                                            "sha256": _digest(flat)})  # fmt: skip
+        save_file(
+            flat,
+            str(tmp),
+            metadata={"key": json.dumps(key, sort_keys=True), "sha256": _digest(flat)},
+        )
 
 
 def _load(path: Path, key: dict | None = None) -> LayerStats | None:
@@ -147,8 +159,12 @@ def _load(path: Path, key: dict | None = None) -> LayerStats | None:
 def _warn_corrupt(path: Path, why: str) -> None:
     import warnings
 
-    warnings.warn(f"calibration cache entry {path} is not usable: {why}; computing the "
-                  "statistics again and replacing it", RuntimeWarning, stacklevel=3)  # fmt: skip
+    warnings.warn(
+        f"calibration cache entry {path} is not usable: {why}; computing the "
+        "statistics again and replacing it",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def collect_statistics(
@@ -177,8 +193,12 @@ def collect_statistics(
     missing = []
     for stat in statistics:
         if cache_key is not None:
-            key = {**cache_key, "statistic": stat.name, "options": stat.options(),
-                   "prunekit": __version__}  # fmt: skip
+            key = {
+                **cache_key,
+                "statistic": stat.name,
+                "options": stat.options(),
+                "prunekit": __version__,
+            }
             path = _cache_file(key)
             cached = _load(path, key) if path.is_file() else None
             if cached is not None:
@@ -190,8 +210,12 @@ def collect_statistics(
         for stat in missing:
             results[stat.name] = fresh[stat.name]
             if cache_key is not None:
-                key = {**cache_key, "statistic": stat.name, "options": stat.options(),
-                       "prunekit": __version__}  # fmt: skip
+                key = {
+                    **cache_key,
+                    "statistic": stat.name,
+                    "options": stat.options(),
+                    "prunekit": __version__,
+                }
                 _save(_cache_file(key), fresh[stat.name], key)
     return results
 

@@ -101,23 +101,32 @@ def _print_summary(result: dict, output: Path | None) -> None:
         if "ppl" in metric:
             lines.append(f"  {label} perplexity: {metric['ppl']:.4f} ({metric['tokens']} tokens)")
         elif "questions" in metric:
-            lines.append(f"  {label}: acc {100 * metric['acc']:.2f}%, acc_norm "
-                         f"{100 * metric['acc_norm']:.2f}% ({metric['questions']} questions)")  # fmt: skip
+            lines.append(
+                f"  {label}: acc {100 * metric['acc']:.2f}%, acc_norm "
+                f"{100 * metric['acc_norm']:.2f}% ({metric['questions']} questions)"
+            )
         elif "acc_norm" in metric:
-            lines.append(f"  average over {len(metric['tasks'])} tasks: acc_norm "
-                         f"{100 * metric['acc_norm']:.2f}%, acc {100 * metric['acc']:.2f}%")  # fmt: skip
+            lines.append(
+                f"  average over {len(metric['tasks'])} tasks: acc_norm "
+                f"{100 * metric['acc_norm']:.2f}%, acc {100 * metric['acc']:.2f}%"
+            )
     runtime = result.get("runtime") or {}
     if runtime.get("speedup"):
         from prunekit.evaluation.runtime import describe_speedup
 
-        lines.append(f"  time per batch (median): dense {runtime['dense_s_per_batch']:.3f} s, "
-                     f"pruned {runtime['pruned_s_per_batch']:.3f} s; speed-up "
-                     f"{describe_speedup(runtime)}")  # fmt: skip
+        lines.append(
+            f"  time per batch (median): dense {runtime['dense_s_per_batch']:.3f} s, "
+            f"pruned {runtime['pruned_s_per_batch']:.3f} s; speed-up "
+            f"{describe_speedup(runtime)}"
+        )
         if runtime.get("overhead_fraction") is not None:
-            parts = ", ".join(f"{k} {1000 * v:.1f} ms"
-                              for k, v in runtime["overhead_s_per_batch"].items())  # fmt: skip
-            lines.append(f"  method overhead: {100 * runtime['overhead_fraction']:.1f}% of the "
-                         f"pruned time ({parts})")  # fmt: skip
+            parts = ", ".join(
+                f"{k} {1000 * v:.1f} ms" for k, v in runtime["overhead_s_per_batch"].items()
+            )
+            lines.append(
+                f"  method overhead: {100 * runtime['overhead_fraction']:.1f}% of the "
+                f"pruned time ({parts})"
+            )
     typer.echo("\n".join(lines))
     if out_dir:
         typer.echo(f"  results: {Path(out_dir) / 'results.json'}")
@@ -136,22 +145,30 @@ def bench(
     ] = None,
     repeats: Annotated[
         int | None,
-        typer.Option(help="Interleaved rounds, each timing every batch once on dense and "
-                     "pruned (overrides runtime.repeats; default: enough for 5 timed calls, "
-                     "at least 3)."),
+        typer.Option(
+            help="Interleaved rounds, each timing every batch once on dense and "
+            "pruned (overrides runtime.repeats; default: enough for 5 timed calls, "
+            "at least 3)."
+        ),
     ] = None,
     warmup: Annotated[
         int | None, typer.Option(help="Untimed calls first (overrides runtime.warmup).")
     ] = None,
     generate: Annotated[
         bool,
-        typer.Option("--generate", help="Time greedy generation (prefill and decode tokens/s) "
-                     "instead of scoring batches."),
+        typer.Option(
+            "--generate",
+            help="Time greedy generation (prefill and decode tokens/s) instead of scoring batches.",
+        ),
     ] = False,
     prompt: PromptOption = None,
     prompt_tokens: Annotated[
-        int, typer.Option(min=1, help="With --generate: prompt length in tokens (prompts are "
-                          "cut to it; default prompts: the first perplexity batch).")
+        int,
+        typer.Option(
+            min=1,
+            help="With --generate: prompt length in tokens (prompts are "
+            "cut to it; default prompts: the first perplexity batch).",
+        ),
     ] = 64,
     max_new_tokens: MaxNewTokensOption = 32,
     quiet: QuietOption = False,
@@ -177,17 +194,22 @@ def bench(
         out_dir = Path(output or f"{loaded.recipe.output_dir()}-bench")
         loaded.recipe.output.dir = str(out_dir)
         rt.batches = 0  # generation only
-        spec = GenerationBench(prompts=list(prompt) if prompt else None,
-                               prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
-                               rounds=repeats or MIN_TIMED_CALLS,
-                               warmup=warmup if warmup is not None else 1)  # fmt: skip
+        spec = GenerationBench(
+            prompts=list(prompt) if prompt else None,
+            prompt_tokens=prompt_tokens,
+            max_new_tokens=max_new_tokens,
+            rounds=repeats or MIN_TIMED_CALLS,
+            warmup=warmup if warmup is not None else 1,
+        )
         plan = run_validate(loaded)
         context = plan.context  # read from the config by validate
         if context is not None and prompt_tokens + max_new_tokens > context:
-            raise RecipeError(f"--prompt-tokens {prompt_tokens} plus --max-new-tokens "
-                              f"{max_new_tokens} is {prompt_tokens + max_new_tokens} tokens, "
-                              f"past the model's context ({context} positions); lower one "
-                              "of them")  # fmt: skip
+            raise RecipeError(
+                f"--prompt-tokens {prompt_tokens} plus --max-new-tokens "
+                f"{max_new_tokens} is {prompt_tokens + max_new_tokens} tokens, "
+                f"past the model's context ({context} positions); lower one "
+                "of them"
+            )
         result = run_plan(plan, out_dir, evaluate=False, generation=spec)
         _print_generation(result["generation"], result)
         typer.echo(f"  results: {out_dir / 'results.json'}")
@@ -199,16 +221,24 @@ def bench(
     elif "runtime.repeats" not in explicit:
         n_rounds = max(rt.repeats, 3, -(-MIN_TIMED_CALLS // max(n_batches, 1)))
     if n_batches * n_rounds < MIN_TIMED_CALLS:
-        raise RecipeError(f"{recipe}: {n_batches} batch(es) x {n_rounds} round(s) gives "
-                          f"{n_batches * n_rounds} timed calls per model, too few for a time "
-                          f"with its spread; at least {MIN_TIMED_CALLS} (--batches, --repeats)")  # fmt: skip
-    loaded.recipe.runtime = RuntimeConfig(**{
-        **rt.model_dump(), "batches": n_batches, "repeats": n_rounds,
-        **({"warmup": warmup} if warmup is not None else {}),
-    })  # fmt: skip
+        raise RecipeError(
+            f"{recipe}: {n_batches} batch(es) x {n_rounds} round(s) gives "
+            f"{n_batches * n_rounds} timed calls per model, too few for a time "
+            f"with its spread; at least {MIN_TIMED_CALLS} (--batches, --repeats)"
+        )
+    loaded.recipe.runtime = RuntimeConfig(
+        **{
+            **rt.model_dump(),
+            "batches": n_batches,
+            "repeats": n_rounds,
+            **({"warmup": warmup} if warmup is not None else {}),
+        }
+    )
     if not loaded.recipe.evaluation.perplexity:
-        raise RecipeError(f"{recipe}: bench times the batches of evaluation.perplexity[0], "
-                          "and the recipe has no evaluation.perplexity entry; add one")  # fmt: skip
+        raise RecipeError(
+            f"{recipe}: bench times the batches of evaluation.perplexity[0], "
+            "and the recipe has no evaluation.perplexity entry; add one"
+        )
     out_dir = Path(output or f"{loaded.recipe.output_dir()}-bench")
     loaded.recipe.output.dir = str(out_dir)  # validated (and recorded) where bench writes
     plan = run_validate(loaded)
@@ -220,22 +250,30 @@ def _print_generation(gen: dict, result: dict) -> None:
     def spread(values: list[float]) -> str:
         return f"{min(values):.3f}-{max(values):.3f} s"
 
-    lines = [f"{result['method']} (ratio {result['ratio']:g}): greedy generation, "
-             f"{gen['batch']} prompts ({gen['prompt_tokens']} tokens), "
-             f"{gen['max_new_tokens']} new tokens each, median of {gen['rounds']}"]  # fmt: skip
+    lines = [
+        f"{result['method']} (ratio {result['ratio']:g}): greedy generation, "
+        f"{gen['batch']} prompts ({gen['prompt_tokens']} tokens), "
+        f"{gen['max_new_tokens']} new tokens each, median of {gen['rounds']}"
+    ]
     for name in ("dense", "pruned"):
         g = gen[name]
-        lines.append(f"  {name:<6} prefill {g['prefill_s']:.3f} s ({spread(g['prefill_s_all'])}, "
-                     f"{g['prefill_tokens_per_s']:.0f} tok/s), decode {g['decode_s']:.3f} s "
-                     f"({spread(g['decode_s_all'])}, {g['decode_tokens_per_s']:.1f} tok/s)")  # fmt: skip
-    lines.append(f"  speed-up: prefill {gen['prefill_speedup']:.2f}x, decode "
-                 f"{gen['decode_speedup']:.2f}x (bytes limit {gen['decode_bytes_limit']:.2f}x)"
-                 + ("" if gen["interleaved"] else " (dense timed before pruning)"))  # fmt: skip
+        lines.append(
+            f"  {name:<6} prefill {g['prefill_s']:.3f} s ({spread(g['prefill_s_all'])}, "
+            f"{g['prefill_tokens_per_s']:.0f} tok/s), decode {g['decode_s']:.3f} s "
+            f"({spread(g['decode_s_all'])}, {g['decode_tokens_per_s']:.1f} tok/s)"
+        )
+    lines.append(
+        f"  speed-up: prefill {gen['prefill_speedup']:.2f}x, decode "
+        f"{gen['decode_speedup']:.2f}x (bytes limit {gen['decode_bytes_limit']:.2f}x)"
+        + ("" if gen["interleaved"] else " (dense timed before pruning)")
+    )
     step = gen["pruned"]["step"]
-    lines.append(f"  a decoding step reads {step['weight_bytes'] / 2**20:.1f} MiB of weights "
-                 f"(dense {gen['dense']['step']['weight_bytes'] / 2**20:.1f}) and "
-                 f"{step['kv_bytes'] / 2**20:.1f} MiB of KV cache; gathered weights held for "
-                 f"the continuation: {step['held_weight_bytes'] / 2**20:.1f} MiB")  # fmt: skip
+    lines.append(
+        f"  a decoding step reads {step['weight_bytes'] / 2**20:.1f} MiB of weights "
+        f"(dense {gen['dense']['step']['weight_bytes'] / 2**20:.1f}) and "
+        f"{step['kv_bytes'] / 2**20:.1f} MiB of KV cache; gathered weights held for "
+        f"the continuation: {step['held_weight_bytes'] / 2**20:.1f} MiB"
+    )
     typer.echo("\n".join(lines))
 
 
@@ -272,47 +310,67 @@ def generate_cmd(
     ids, mask = left_padded(tokenizer, prompt, bos)
     context = model_context(getattr(model, "config", None))
     if context is not None and ids.shape[1] + max_new_tokens > context:
-        raise RecipeError(f"the longest prompt ({ids.shape[1]} tokens) plus --max-new-tokens "
-                          f"{max_new_tokens} is {ids.shape[1] + max_new_tokens} tokens, past "
-                          f"the model's context ({context} positions); shorten the prompt or "
-                          f"lower --max-new-tokens")  # fmt: skip
+        raise RecipeError(
+            f"the longest prompt ({ids.shape[1]} tokens) plus --max-new-tokens "
+            f"{max_new_tokens} is {ids.shape[1] + max_new_tokens} tokens, past "
+            f"the model's context ({context} positions); shorten the prompt or "
+            f"lower --max-new-tokens"
+        )
     from prunekit.devices import input_device
 
     device = input_device(model)
     with torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=_pad_id(tokenizer))  # fmt: skip
-    for text, row in zip(prompt, out[:, ids.shape[1]:], strict=True):
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=_pad_id(tokenizer),
+        )
+    for text, row in zip(prompt, out[:, ids.shape[1] :], strict=True):
         typer.echo(f"> {text}\n{tokenizer.decode(row, skip_special_tokens=True)}\n")
 
 
 @app.command()
 def sweep(
     recipe: Annotated[
-        Path | None, typer.Argument(help="Recipe YAML file (its sweep: section, if any, is "
-                                    "the default grid).")
+        Path | None,
+        typer.Argument(help="Recipe YAML file (its sweep: section, if any, is the default grid)."),
     ] = None,
     grid: Annotated[
         list[str] | None,
-        typer.Option("--grid", "-g", help="A grid axis: --grid method.ratio=0.2,0.4 (repeatable; "
-                     "the cells are the product of every axis)."),
+        typer.Option(
+            "--grid",
+            "-g",
+            help="A grid axis: --grid method.ratio=0.2,0.4 (repeatable; "
+            "the cells are the product of every axis).",
+        ),
     ] = None,
     seeds: Annotated[
-        int | None, typer.Option(min=1, help="Seeds per cell: seed, seed+1, ... (mean and "
-                                 "spread over them in the table).")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Seeds per cell: seed, seed+1, ... (mean and spread over them in the table).",
+        ),
     ] = None,
     jobs: Annotated[
         int | None, typer.Option("--jobs", "-j", min=1, help="Cells at once (local executor).")
     ] = None,
     executor: Annotated[
-        str | None, typer.Option(help="Where the cells run: local, submitit, or a plugin's "
-                                 "executor (prunekit components executor).")
+        str | None,
+        typer.Option(
+            help="Where the cells run: local, submitit, or a plugin's "
+            "executor (prunekit components executor)."
+        ),
     ] = None,
     executor_option: Annotated[
         list[str] | None,
-        typer.Option("--executor-option", "-x", help="An option of the executor: -x "
-                     "partition=gpu, -x cluster=local, -x sbatch={account: me} (repeatable)."),
+        typer.Option(
+            "--executor-option",
+            "-x",
+            help="An option of the executor: -x "
+            "partition=gpu, -x cluster=local, -x sbatch={account: me} (repeatable).",
+        ),
     ] = None,
     partition: Annotated[str | None, typer.Option(help="submitit: Slurm partition.")] = None,
     gpus_per_cell: Annotated[
@@ -327,27 +385,39 @@ def sweep(
     ] = None,
     sbatch: Annotated[
         list[str] | None,
-        typer.Option("--sbatch", help="submitit: an extra #SBATCH option, --sbatch "
-                     "account=myproj (repeatable)."),
+        typer.Option(
+            "--sbatch",
+            help="submitit: an extra #SBATCH option, --sbatch account=myproj (repeatable).",
+        ),
     ] = None,
     metric: Annotated[
         list[str] | None,
-        typer.Option("--metric", "-m", help="A results.json value to tabulate: wikitext2-test.ppl, "
-                     "reduction.flops_kept_fraction, runtime.speedup (repeatable)."),
+        typer.Option(
+            "--metric",
+            "-m",
+            help="A results.json value to tabulate: wikitext2-test.ppl, "
+            "reduction.flops_kept_fraction, runtime.speedup (repeatable).",
+        ),
     ] = None,
     set_: SetOption = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Sweep directory (overrides sweep.dir; "
-                                  "default runs/sweep-<recipe name>).")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Sweep directory (overrides sweep.dir; default runs/sweep-<recipe name>).",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Run finished cells again.")] = False,
     detach: Annotated[
-        bool, typer.Option("--detach", help="Submit and return (submitit); collect later with "
-                           "--status.")
+        bool,
+        typer.Option("--detach", help="Submit and return (submitit); collect later with --status."),
     ] = False,
     status: Annotated[
-        Path | None, typer.Option("--status", help="Report on a sweep directory and rewrite its "
-                                  "table, running nothing.")
+        Path | None,
+        typer.Option(
+            "--status", help="Report on a sweep directory and rewrite its table, running nothing."
+        ),
     ] = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -375,16 +445,23 @@ def sweep(
         if len(path) != 1:
             raise RecipeError(f"--executor-option {expr}: expected NAME=VALUE")
         options[path[0]] = value
-    flags = {"jobs": jobs, "partition": partition, "gpus_per_cell": gpus_per_cell,
-             "cpus_per_cell": cpus_per_cell, "mem_gb": mem_gb, "time_min": time_min}  # fmt: skip
+    flags = {
+        "jobs": jobs,
+        "partition": partition,
+        "gpus_per_cell": gpus_per_cell,
+        "cpus_per_cell": cpus_per_cell,
+        "mem_gb": mem_gb,
+        "time_min": time_min,
+    }
     options.update({k: v for k, v in flags.items() if v is not None})
     for expr in sbatch or ():
         key, eq, value = expr.partition("=")
         if not eq or not key.strip():
             raise RecipeError(f"--sbatch {expr}: expected OPTION=VALUE, e.g. --sbatch qos=high")
         options.setdefault("sbatch", {})[key.strip()] = value.strip()
-    resolved = resolve_sweep(recipe, set_ or (), grid or (), seeds, metric or (), output,
-                             executor, options)  # fmt: skip
+    resolved = resolve_sweep(
+        recipe, set_ or (), grid or (), seeds, metric or (), output, executor, options
+    )
     report = None if quiet else typer.echo
     summary = run_sweep(resolved, force=force, wait=not detach, report=report)
     if detach:
@@ -393,8 +470,10 @@ def sweep(
     _print_sweep(summary)
     failed = summary["states"]["failed"]
     if failed:
-        raise SweepFailed(f"{failed} of {summary['cells']} cells failed (the others finished); "
-                          f"their errors are in {Path(summary['dir']) / 'table.md'}")  # fmt: skip
+        raise SweepFailed(
+            f"{failed} of {summary['cells']} cells failed (the others finished); "
+            f"their errors are in {Path(summary['dir']) / 'table.md'}"
+        )
 
 
 def _print_sweep(summary: dict) -> None:
@@ -408,57 +487,97 @@ def _print_sweep(summary: dict) -> None:
 
 @app.command("export")
 def export_cmd(
-    source: Annotated[Path, typer.Argument(
-        help="A run directory written with output.save_model: true, or its model directory.")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A run directory written with output.save_model: true, or its model directory."
+        ),
+    ],
     to: Annotated[str, typer.Option("--to", help="The format: gguf (llama.cpp).")] = "gguf",
-    type_: Annotated[str, typer.Option(
-        "--type", help="Tensor type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0.")] = "f16",
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="The file to write (default: beside the model directory).")] = None,
+    type_: Annotated[
+        str,
+        typer.Option("--type", help="Tensor type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0."),
+    ] = "f16",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="The file to write (default: beside the model directory)."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
-    tokenizer_from: Annotated[Path | None, typer.Option(
-        "--tokenizer-from", help="A GGUF file whose tokenizer the export carries (default: "
-        "the GGUF the dense model came from, else the model's Hugging Face tokenizer).")] = None,
-    vocab: Annotated[str, typer.Option(
-        "--vocab", help="auto, or none: no tokenizer (a file read by token ids).")] = "auto",
-    check: Annotated[bool, typer.Option(
-        "--check", help="Run the file in llama.cpp and compare logits, perplexity and greedy "
-        "tokens with the model's own (needs llama-cpp-python).")] = False,
-    check_windows: Annotated[int, typer.Option(
-        "--check-windows", min=1, help="Windows compared by --check.")] = 4,
-    check_tokens: Annotated[int, typer.Option(
-        "--check-tokens", min=2, help="Tokens per window compared by --check.")] = 128,
+    tokenizer_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--tokenizer-from",
+            help="A GGUF file whose tokenizer the export carries (default: "
+            "the GGUF the dense model came from, else the model's Hugging Face tokenizer).",
+        ),
+    ] = None,
+    vocab: Annotated[
+        str, typer.Option("--vocab", help="auto, or none: no tokenizer (a file read by token ids).")
+    ] = "auto",
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Run the file in llama.cpp and compare logits, perplexity and greedy "
+            "tokens with the model's own (needs llama-cpp-python).",
+        ),
+    ] = False,
+    check_windows: Annotated[
+        int, typer.Option("--check-windows", min=1, help="Windows compared by --check.")
+    ] = 4,
+    check_tokens: Annotated[
+        int, typer.Option("--check-tokens", min=2, help="Tokens per window compared by --check.")
+    ] = 128,
     quiet: QuietOption = False,
-) -> None:  # fmt: skip
+) -> None:
     """Export a saved (statically pruned) model to a serving engine's format: GGUF for
     llama.cpp, per-layer shapes through its deci architecture, quantized with the gguf
     package. Nothing is written when it fails."""
     from prunekit.export import export
 
     _quiet(quiet)
-    report = export(source, to, type_, output, force=force, tokenizer_from=tokenizer_from,
-                    vocab=vocab, check=check, check_windows=check_windows,
-                    check_tokens=check_tokens)  # fmt: skip
+    report = export(
+        source,
+        to,
+        type_,
+        output,
+        force=force,
+        tokenizer_from=tokenizer_from,
+        vocab=vocab,
+        check=check,
+        check_windows=check_windows,
+        check_tokens=check_tokens,
+    )
     types = ", ".join(f"{n} {k}" for k, n in report["tensor_types"].items())
-    lines = [f"{report['path']}: {report['arch']} ({report['type']}), "
-             f"{report['bytes'] / 2**20:.1f} MiB, tensors {types}; tokenizer: {report['tokenizer']}"]  # fmt: skip
+    lines = [
+        f"{report['path']}: {report['arch']} ({report['type']}), "
+        f"{report['bytes'] / 2**20:.1f} MiB, tensors {types}; tokenizer: {report['tokenizer']}"
+    ]
     if report["f16_fallback"]:
-        lines.append(f"  {len(report['f16_fallback'])} matrices kept in F16 (their rows are "
-                     f"not a multiple of the {report['type']} block): "
-                     f"{', '.join(report['f16_fallback'][:4])}"
-                     + (" ..." if len(report["f16_fallback"]) > 4 else ""))  # fmt: skip
+        lines.append(
+            f"  {len(report['f16_fallback'])} matrices kept in F16 (their rows are "
+            f"not a multiple of the {report['type']} block): "
+            f"{', '.join(report['f16_fallback'][:4])}"
+            + (" ..." if len(report["f16_fallback"]) > 4 else "")
+        )
     if report["legalization"]:
         lg = report["legalization"]
-        lines.append(f"  legalized for llama.cpp, exactly: {lg['padded_query_heads']} zero query "
-                     f"heads padding uneven GQA groups, {lg['dropped_kv_heads']} unused K/V heads "
-                     f"dropped, {lg['extra_parameters']} extra parameters")  # fmt: skip
+        lines.append(
+            f"  legalized for llama.cpp, exactly: {lg['padded_query_heads']} zero query "
+            f"heads padding uneven GQA groups, {lg['dropped_kv_heads']} unused K/V heads "
+            f"dropped, {lg['extra_parameters']} extra parameters"
+        )
     c = report.get("check")
     if c:
-        lines.append(f"  llama.cpp check on {c['windows']}: max |logit difference| "
-                     f"{c['max_abs_logit_diff']:.2e}; perplexity {c['ppl_llamacpp']:.4f} vs "
-                     f"prunekit {c['ppl_prunekit']:.4f} ({100 * c['ppl_rel_diff']:+.3f}%); "
-                     f"greedy tokens {'the same' if c['greedy_same'] else 'DIFFER'} "
-                     f"({c['greedy_tokens']} tokens)")  # fmt: skip
+        lines.append(
+            f"  llama.cpp check on {c['windows']}: max |logit difference| "
+            f"{c['max_abs_logit_diff']:.2e}; perplexity {c['ppl_llamacpp']:.4f} vs "
+            f"prunekit {c['ppl_prunekit']:.4f} ({100 * c['ppl_rel_diff']:+.3f}%); "
+            f"greedy tokens {'the same' if c['greedy_same'] else 'DIFFER'} "
+            f"({c['greedy_tokens']} tokens)"
+        )
     typer.echo("\n".join(lines))
 
 
@@ -479,10 +598,15 @@ def validate(
 
     if locate_model(r.model.id)["source"] == "hub":
         cached = peek_config(r.model.id) is not None
-        parts.append(f"model.id {r.model.id!r} is a Hugging Face hub id: "
-                     + ("its cached config was checked; the download itself is not checked"
-                        if cached else "not checked offline (not in the local hub cache; "
-                        "it is downloaded when the run starts)"))  # fmt: skip
+        parts.append(
+            f"model.id {r.model.id!r} is a Hugging Face hub id: "
+            + (
+                "its cached config was checked; the download itself is not checked"
+                if cached
+                else "not checked offline (not in the local hub cache; "
+                "it is downloaded when the run starts)"
+            )
+        )
     if plan.component_info:
         parts.append(
             "components " + ", ".join(f"{k}={v['name']}" for k, v in plan.component_info.items())
@@ -532,8 +656,11 @@ def components(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     kinds: Annotated[
-        bool, typer.Option("--kinds", help="List the component kinds instead (who declared "
-                           "each, its protocol and default).")
+        bool,
+        typer.Option(
+            "--kinds",
+            help="List the component kinds instead (who declared each, its protocol and default).",
+        ),
     ] = False,
 ) -> None:
     """List the registered components (with their plugin and options)."""
@@ -549,8 +676,9 @@ def components(
         for r in rows:
             by = f"plugin {r['plugin']}" if r["plugin"] else "prunekit"
             extra = "".join(f", {k} {r[k]}" for k in ("protocol", "default") if r[k])
-            typer.echo(f"{r['kind']:<12} [{by}{', slot' if r['slot'] else ''}{extra}] "
-                       f"{r['description']}")  # fmt: skip
+            typer.echo(
+                f"{r['kind']:<12} [{by}{', slot' if r['slot'] else ''}{extra}] {r['description']}"
+            )
         return
     if kind is not None and kind not in registry.kinds:
         names = list(registry.kinds)
@@ -563,8 +691,10 @@ def components(
         return
     for e in entries:
         opts = ", ".join(f"{k}={v!r}" for k, v in e.as_dict()["options"].items())
-        typer.echo(f"{e.kind:<12} {e.name:<18} [{e.plugin}] {e.description}"
-                   + (f"\n{'':<32}options: {opts}" if opts else ""))  # fmt: skip
+        typer.echo(
+            f"{e.kind:<12} {e.name:<18} [{e.plugin}] {e.description}"
+            + (f"\n{'':<32}options: {opts}" if opts else "")
+        )
 
 
 def _own_code() -> tuple[str, ...]:

@@ -86,9 +86,16 @@ class BlockDriver(Protocol):
     """What decides a block's kept set while :meth:`LayerAdapter.run_block` runs the layer
     (the dynamic runtime implements it)."""
 
-    def __call__(self, layer: LayerAdapter, group: str, x: torch.Tensor,
-                 residual: torch.Tensor, run: Callable[..., Any], *,
-                 residual_sq_mean: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def __call__(
+        self,
+        layer: LayerAdapter,
+        group: str,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        run: Callable[..., Any],
+        *,
+        residual_sq_mean: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Decide the kept units of ``group``, gather them (``layer.gather``), and return the
         group's output ``run(weights, observe)``.
 
@@ -234,8 +241,9 @@ class LayerAdapter(ABC):
         block runs real, smaller matmuls."""
 
     @abstractmethod
-    def run(self, group: str, x: torch.Tensor, weights: Any, *, observe: bool = False,
-            **layer_kwargs) -> Any:  # fmt: skip
+    def run(
+        self, group: str, x: torch.Tensor, weights: Any, *, observe: bool = False, **layer_kwargs
+    ) -> Any:
         """The output of ``group`` on its input ``x`` with gathered ``weights``.
 
         :param observe: also return the output projection's input ``[B, T, C_kept]``, as the
@@ -251,8 +259,14 @@ class LayerAdapter(ABC):
         ``y`` first, a post-norm layer normalises the sum)."""
         return residual + y
 
-    def run_block(self, hidden_states: torch.Tensor, kept: dict[str, Any] | None = None, *,
-                  driver: BlockDriver | None = None, **layer_kwargs) -> torch.Tensor:  # fmt: skip
+    def run_block(
+        self,
+        hidden_states: torch.Tensor,
+        kept: dict[str, Any] | None = None,
+        *,
+        driver: BlockDriver | None = None,
+        **layer_kwargs,
+    ) -> torch.Tensor:
         """The whole decoder layer with kept sets (``{group: kept}``; a missing group runs
         whole), or with the kept sets a ``driver`` decides per group (dynamic methods).
 
@@ -270,8 +284,9 @@ class LayerAdapter(ABC):
                 def run(weights, observe=False, unit_mask=None, _group=group, _x=x):
                     if unit_mask is None:
                         return self.run(_group, _x, weights, observe=observe, **layer_kwargs)
-                    return self.run(_group, _x, weights, observe=observe, unit_mask=unit_mask,
-                                    **layer_kwargs)  # fmt: skip
+                    return self.run(
+                        _group, _x, weights, observe=observe, unit_mask=unit_mask, **layer_kwargs
+                    )
 
                 y = driver(self, group, x, h, run, residual_sq_mean=sq_mean)
             h = self.add_output(group, h, y)
@@ -279,8 +294,13 @@ class LayerAdapter(ABC):
 
     # -- probing (dynamic methods) -----------------------------------------------------------
     @abstractmethod
-    def probe(self, group: str, x: torch.Tensor, position_ids: torch.Tensor,
-              token_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def probe(
+        self,
+        group: str,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The output projection's input for a probe, computed with the full (unpruned) input
         projections: ``[b', t', C]``.
 
@@ -310,8 +330,13 @@ class LayerAdapter(ABC):
             with torch.no_grad():
                 proj.bias.add_(bias)
             return
-        new = nn.Linear(proj.in_features, proj.out_features, bias=True,
-                        device=proj.weight.device, dtype=proj.weight.dtype)  # fmt: skip
+        new = nn.Linear(
+            proj.in_features,
+            proj.out_features,
+            bias=True,
+            device=proj.weight.device,
+            dtype=proj.weight.dtype,
+        )
         with torch.no_grad():
             new.weight.copy_(proj.weight)
             new.bias.copy_(bias)
@@ -338,8 +363,11 @@ class LayerAdapter(ABC):
     def unit_macs(self, group: str, seq_len: int) -> float:
         """MACs per token that pruning one unit of ``group`` saves."""
         h, c = self.num_heads, self.intermediate_size
-        fewer = self.macs_per_token(h - 1, c, seq_len) if group == ATTN else (
-            self.macs_per_token(h, c - 1, seq_len))  # fmt: skip
+        fewer = (
+            self.macs_per_token(h - 1, c, seq_len)
+            if group == ATTN
+            else (self.macs_per_token(h, c - 1, seq_len))
+        )
         return self.macs_per_token(h, c, seq_len) - fewer
 
     @abstractmethod
@@ -427,8 +455,10 @@ class ModelAdapter(ABC):
         adapter has no GGUF export)."""
         from prunekit.errors import ExportError
 
-        raise ExportError(f"adapter {self.name!r} has no GGUF export: llama.cpp reads the "
-                          "LLaMA family (llama, mistral, qwen2 adapters) from prunekit")  # fmt: skip
+        raise ExportError(
+            f"adapter {self.name!r} has no GGUF export: llama.cpp reads the "
+            "LLaMA family (llama, mistral, qwen2 adapters) from prunekit"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,15 +626,20 @@ class DynamicProtocol:
 
     def __post_init__(self) -> None:
         if self.prompt_split not in PROMPT_SPLITS:
-            raise ValueError(f"DynamicProtocol.prompt_split={self.prompt_split!r}: one of "
-                             f"{', '.join(PROMPT_SPLITS)}")  # fmt: skip
+            raise ValueError(
+                f"DynamicProtocol.prompt_split={self.prompt_split!r}: one of "
+                f"{', '.join(PROMPT_SPLITS)}"
+            )
         if self.decides not in DECISION_POINTS:
-            raise ValueError(f"DynamicProtocol.decides={self.decides!r}: this prunekit version "
-                             f"decides per {', '.join(DECISION_POINTS)}")  # fmt: skip
+            raise ValueError(
+                f"DynamicProtocol.decides={self.decides!r}: this prunekit version "
+                f"decides per {', '.join(DECISION_POINTS)}"
+            )
         unknown = set(self.observes) - {"activations"}
         if unknown:
-            raise ValueError(f"DynamicProtocol.observes: unknown {sorted(unknown)}; "
-                             "known: activations")  # fmt: skip
+            raise ValueError(
+                f"DynamicProtocol.observes: unknown {sorted(unknown)}; known: activations"
+            )
         if self.warmup_batches < 0:
             raise ValueError("DynamicProtocol.warmup_batches must be >= 0")
 

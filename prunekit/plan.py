@@ -79,8 +79,13 @@ def problem_error(loaded, problem: str):
     return loaded.error(key, message)
 
 
-def unmet_needs(method_cls: type[Method], method_entry, components: dict[str, Any],
-                info: dict[str, dict], registry) -> str | None:  # fmt: skip
+def unmet_needs(
+    method_cls: type[Method],
+    method_entry,
+    components: dict[str, Any],
+    info: dict[str, dict],
+    registry,
+) -> str | None:
     """The first requirement (``needs``) of the method or a slot component that nothing in
     the run provides (``provides`` of the method and its statistic), as ``"key.path:
     message"``; None when all are met or a provider declares nothing (then nothing is
@@ -92,20 +97,35 @@ def unmet_needs(method_cls: type[Method], method_entry, components: dict[str, An
         if stat_provides is None:
             return None
         provided |= set(stat_provides)
-    stat_desc = (f"method.statistic {info['statistic']['name']!r} (plugin "
-                 f"{info['statistic']['plugin']!r}) provides "
-                 f"{', '.join(getattr(statistic, 'provides', ())) or 'nothing'}; "
-                 if statistic is not None else "the method has no statistic slot; ")  # fmt: skip
-    method_desc = (f"method {method_cls.name!r} (plugin {method_entry.plugin!r}) provides "
-                   f"{', '.join(method_cls.provides) or 'nothing'}")  # fmt: skip
+    stat_desc = (
+        f"method.statistic {info['statistic']['name']!r} (plugin "
+        f"{info['statistic']['plugin']!r}) provides "
+        f"{', '.join(getattr(statistic, 'provides', ())) or 'nothing'}; "
+        if statistic is not None
+        else "the method has no statistic slot; "
+    )
+    method_desc = (
+        f"method {method_cls.name!r} (plugin {method_entry.plugin!r}) provides "
+        f"{', '.join(method_cls.provides) or 'nothing'}"
+    )
     method_key = "method.statistic" if "statistic" in method_cls.slots else "method.name"
-    needers = [(method_key, f"method {method_cls.name!r} (plugin {method_entry.plugin!r})",
-                method_cls.needs)]  # fmt: skip
+    needers = [
+        (
+            method_key,
+            f"method {method_cls.name!r} (plugin {method_entry.plugin!r})",
+            method_cls.needs,
+        )
+    ]
     for slot, component in components.items():
         needs = getattr(component, "needs", ())
         if needs:
-            needers.append((f"method.{slot}", f"{slot} {info[slot]['name']!r} (plugin "
-                            f"{info[slot]['plugin']!r})", needs))  # fmt: skip
+            needers.append(
+                (
+                    f"method.{slot}",
+                    f"{slot} {info[slot]['name']!r} (plugin {info[slot]['plugin']!r})",
+                    needs,
+                )
+            )
     for key, who, needs in needers:
         for req in needs:
             alternatives = _requirement(req)
@@ -113,18 +133,25 @@ def unmet_needs(method_cls: type[Method], method_entry, components: dict[str, An
                 continue
             wanted = " or ".join(repr(a) for a in alternatives)
             candidates = sorted(
-                e.name for e in registry.entries("statistic")
+                e.name
+                for e in registry.entries("statistic")
                 if set(getattr(e.factory, "provides", ()) or ()).intersection(alternatives)
             )
-            fix = (f"choose a statistic that provides it ({', '.join(candidates)})"
-                   if candidates and "statistic" in method_cls.slots else
-                   "choose another component for this slot, or a method that provides it")
-            return (f"{key}: {who} needs {wanted}, which this run does not provide: "
-                    f"{stat_desc}{method_desc}. {fix[0].upper()}{fix[1:]}.")
+            fix = (
+                f"choose a statistic that provides it ({', '.join(candidates)})"
+                if candidates and "statistic" in method_cls.slots
+                else "choose another component for this slot, or a method that provides it"
+            )
+            return (
+                f"{key}: {who} needs {wanted}, which this run does not provide: "
+                f"{stat_desc}{method_desc}. {fix[0].upper()}{fix[1:]}."
+            )
     return None
 
 
-def _model_adapter(loaded: LoadedRecipe, registry, model=None) -> tuple[type | None, int | None, Any]:
+def _model_adapter(
+    loaded: LoadedRecipe, registry, model=None
+) -> tuple[type | None, int | None, Any]:
     """(adapter class, decoder layer count, config) of the recipe's model, without loading
     weights; ``(None, None, None)`` for a hub model whose config is not cached (not checked
     offline)."""
@@ -173,21 +200,34 @@ def _check_context(loaded: LoadedRecipe, method_cls: type[Method], context: int 
     lengths: list[tuple[tuple, int]] = []
     if method_cls.uses_calibration:
         lengths.append((("calibration", "seq_len"), r.calibration.seq_len))
-    lengths += [(("evaluation", "perplexity", i, "seq_len"), p.seq_len)
-                for i, p in enumerate(r.evaluation.perplexity)]  # fmt: skip
-    lengths += [(("evaluation", "tasks", i, "max_length"), t.max_length)
-                for i, t in enumerate(r.evaluation.tasks)]  # fmt: skip
+    lengths += [
+        (("evaluation", "perplexity", i, "seq_len"), p.seq_len)
+        for i, p in enumerate(r.evaluation.perplexity)
+    ]
+    lengths += [
+        (("evaluation", "tasks", i, "max_length"), t.max_length)
+        for i, t in enumerate(r.evaluation.tasks)
+    ]
     if r.recovery is not None:
         lengths.append((("recovery", "seq_len"), r.recovery.seq_len))
     for key, n in lengths:
         if n > context:
-            raise loaded.error(key, f"{n} tokens is longer than the model's context "
-                               f"({context} positions, max_position_embeddings of "
-                               f"{r.model.id}); use at most {context}")  # fmt: skip
+            raise loaded.error(
+                key,
+                f"{n} tokens is longer than the model's context "
+                f"({context} positions, max_position_embeddings of "
+                f"{r.model.id}); use at most {context}",
+            )
 
 
-def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), registry=None,
-             check_files: bool = True, model=None, check_output: bool = True) -> Plan:  # fmt: skip
+def validate(
+    loaded: LoadedRecipe | str | os.PathLike | dict,
+    overrides=(),
+    registry=None,
+    check_files: bool = True,
+    model=None,
+    check_output: bool = True,
+) -> Plan:
     """Check a recipe against the registry, the method, the model, the data files and the
     output location.
 
@@ -202,8 +242,10 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
     registry = registry or get_registry()
     entry = registry.get("method", recipe.method.name, where=loaded.where(("method", "name")))
     method_cls: type[Method] = entry.factory
-    if (method_cls.default_skip_layers is not None
-            and "skip_layers" not in recipe.method.model_fields_set):  # fmt: skip
+    if (
+        method_cls.default_skip_layers is not None
+        and "skip_layers" not in recipe.method.model_fields_set
+    ):
         recipe.method.skip_layers = list(method_cls.default_skip_layers)
     settings = _method_settings(loaded, registry, method_cls)
     components, component_info = _components(loaded, registry, entry, method_cls)
@@ -220,14 +262,25 @@ def validate(loaded: LoadedRecipe | str | os.PathLike | dict, overrides=(), regi
     context = model_context(config)
     _check_context(loaded, method_cls, context)
     _check_depth(loaded, method_cls, num_layers, run)
-    for problem in [*method_cls.check_recipe(run, num_layers),
-                    *method_cls.check_components(components)]:  # fmt: skip
+    for problem in [
+        *method_cls.check_recipe(run, num_layers),
+        *method_cls.check_components(components),
+    ]:
         raise problem_error(loaded, problem)
 
     if recipe.data_dir and not Path(recipe.data_dir).is_dir():
         raise loaded.error(("data_dir",), f"directory {recipe.data_dir!r} does not exist")
-    plan = Plan(loaded, method_cls, components, component_info, settings, num_layers, adapter_cls,
-                context=context, run=run)  # fmt: skip
+    plan = Plan(
+        loaded,
+        method_cls,
+        components,
+        component_info,
+        settings,
+        num_layers,
+        adapter_cls,
+        context=context,
+        run=run,
+    )
     if check_files:
         _locate_data(loaded, plan)
     if recipe.recovery is not None:
@@ -249,25 +302,35 @@ def _method_settings(loaded: LoadedRecipe, registry, method_cls: type[Method]) -
     for key in method_options:
         if key not in allowed_options:
             candidates = [*RESERVED_METHOD_KEYS, *method_cls.slots, *allowed_options]
-            raise loaded.error(("method", key),
-                               f"unknown key {key!r} for method {m.name!r}{did_you_mean(key, candidates)};"
-                               f" allowed keys: {', '.join(candidates)}")  # fmt: skip
-    return MethodSettings(name=m.name, ratio=m.ratio, skip_layers=list(m.skip_layers),
-                          round_to=m.round_to, options={**allowed_options, **method_options})  # fmt: skip
+            raise loaded.error(
+                ("method", key),
+                f"unknown key {key!r} for method {m.name!r}{did_you_mean(key, candidates)};"
+                f" allowed keys: {', '.join(candidates)}",
+            )
+    return MethodSettings(
+        name=m.name,
+        ratio=m.ratio,
+        skip_layers=list(m.skip_layers),
+        round_to=m.round_to,
+        options={**allowed_options, **method_options},
+    )
 
 
-def _components(loaded: LoadedRecipe, registry, entry,
-                method_cls: type[Method]) -> tuple[dict[str, Any], dict[str, dict]]:  # fmt: skip
+def _components(
+    loaded: LoadedRecipe, registry, entry, method_cls: type[Method]
+) -> tuple[dict[str, Any], dict[str, dict]]:
     """The method's slot components, built once (the recipe's or the slot's default), and
     what each is (name, plugin, options); every requirement (``needs``) met."""
     m = loaded.recipe.method
     slot_kinds = registry.slot_kinds()
     for slot in method_cls.slots:
         if slot not in slot_kinds:
-            raise loaded.error(("method", "name"),
-                               f"method {m.name!r} (plugin {entry.plugin!r}) has a slot {slot!r}, "
-                               f"but no installed plugin declares that component kind; kinds: "
-                               f"{', '.join(slot_kinds)}")  # fmt: skip
+            raise loaded.error(
+                ("method", "name"),
+                f"method {m.name!r} (plugin {entry.plugin!r}) has a slot {slot!r}, "
+                f"but no installed plugin declares that component kind; kinds: "
+                f"{', '.join(slot_kinds)}",
+            )
     components: dict[str, Any] = {}
     component_info: dict[str, dict] = {}
     for slot in slot_kinds:
@@ -276,21 +339,27 @@ def _components(loaded: LoadedRecipe, registry, entry,
         except ValueError as exc:
             raise loaded.error(("method", slot), str(exc)) from None
         if cfg is not None and slot not in method_cls.slots:
-            raise loaded.error(("method", slot),
-                               f"method {m.name!r} has no slot {slot!r}; its slots: "
-                               f"{', '.join(method_cls.slots) or '(none)'}")  # fmt: skip
+            raise loaded.error(
+                ("method", slot),
+                f"method {m.name!r} has no slot {slot!r}; its slots: "
+                f"{', '.join(method_cls.slots) or '(none)'}",
+            )
         if slot not in method_cls.slots:
             continue
         default = method_cls.slots[slot] or registry.kinds[slot].default
         name = cfg.name if cfg is not None and cfg.name else default
         if name is None:
-            raise loaded.error(("method", slot),
-                               f"method {m.name!r} leaves slot {slot!r} to the kind's default, "
-                               f"and kind {slot!r} declares none; name one with "
-                               f"method.{slot}.name (registered: "
-                               f"{', '.join(registry.names(slot)) or '(none)'})")  # fmt: skip
-        options = {**(method_cls.slot_options.get(slot, {}) if name == default else {}),
-                   **(cfg.options if cfg is not None else {})}  # fmt: skip
+            raise loaded.error(
+                ("method", slot),
+                f"method {m.name!r} leaves slot {slot!r} to the kind's default, "
+                f"and kind {slot!r} declares none; name one with "
+                f"method.{slot}.name (registered: "
+                f"{', '.join(registry.names(slot)) or '(none)'})",
+            )
+        options = {
+            **(method_cls.slot_options.get(slot, {}) if name == default else {}),
+            **(cfg.options if cfg is not None else {}),
+        }
         where = loaded.where(("method", slot) if cfg is not None else ("method", "name"))
         components[slot] = registry.create(slot, name, options, where=where)
         comp_entry = registry.get(slot, name)
@@ -301,17 +370,19 @@ def _components(loaded: LoadedRecipe, registry, entry,
     return components, component_info
 
 
-def _check_depth(loaded: LoadedRecipe, method_cls: type[Method], num_layers: int | None,
-                 run: RunView) -> None:  # fmt: skip
+def _check_depth(
+    loaded: LoadedRecipe, method_cls: type[Method], num_layers: int | None, run: RunView
+) -> None:
     """``skip_layers`` name layers the model has, and leave some ratio below 1 to prune."""
     m = loaded.recipe.method
     if num_layers is None:
         return
     bad = [i for i in m.skip_layers if i >= num_layers]
     if bad:
-        raise loaded.error(("method", "skip_layers"),
-                           f"layers {bad} do not exist: the model has {num_layers} layers "
-                           f"(0..{num_layers - 1})")  # fmt: skip
+        raise loaded.error(
+            ("method", "skip_layers"),
+            f"layers {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1})",
+        )
     if m.ratio <= 0:
         return
     try:
@@ -321,11 +392,13 @@ def _check_depth(loaded: LoadedRecipe, method_cls: type[Method], num_layers: int
             ("method", "skip_layers"), "every layer is skipped, so nothing can be pruned"
         ) from None
     if r >= 1:
-        raise loaded.error(("method", "ratio"),
-                           f"ratio {m.ratio} becomes {r} per pruned layer once the "
-                           f"{len(m.skip_layers)} skipped layers are compensated "
-                           f"(L/(L-skipped)·r with L={num_layers}); lower the ratio or "
-                           f"skip fewer layers")  # fmt: skip
+        raise loaded.error(
+            ("method", "ratio"),
+            f"ratio {m.ratio} becomes {r} per pruned layer once the "
+            f"{len(m.skip_layers)} skipped layers are compensated "
+            f"(L/(L-skipped)·r with L={num_layers}); lower the ratio or "
+            f"skip fewer layers",
+        )
 
 
 def _locate_data(loaded: LoadedRecipe, plan: Plan) -> None:
@@ -346,10 +419,12 @@ def _locate_data(loaded: LoadedRecipe, plan: Plan) -> None:
     labels: dict[str, int] = {}
     for i, p in enumerate(recipe.evaluation.perplexity):
         if p.label in labels:
-            raise loaded.error(("evaluation", "perplexity", i),
-                               f"entry {i} has the same label {p.label!r} as entry "
-                               f"{labels[p.label]}: their metrics would overwrite each other; "
-                               "evaluate each dataset/split once")  # fmt: skip
+            raise loaded.error(
+                ("evaluation", "perplexity", i),
+                f"entry {i} has the same label {p.label!r} as entry "
+                f"{labels[p.label]}: their metrics would overwrite each other; "
+                "evaluate each dataset/split once",
+            )
         labels[p.label] = i
         key = ("evaluation", "perplexity", i, "path" if p.path else "dataset")
         try:
@@ -357,15 +432,18 @@ def _locate_data(loaded: LoadedRecipe, plan: Plan) -> None:
         except DataError as exc:
             raise loaded.error(key, str(exc)) from None
         plan.perplexity_sources.append(source)
-        _check_text_amount(loaded, source, p.seq_len, None if p.windows == "all" else p.windows,
-                           key)  # fmt: skip
+        _check_text_amount(
+            loaded, source, p.seq_len, None if p.windows == "all" else p.windows, key
+        )
     plan.tasks = _resolve_tasks(loaded, labels)
     if recipe.evaluation.lm_eval is not None:
         plan.lm_eval_manager = _check_lm_eval(loaded, {*labels, *(t[0] for t in plan.tasks)})
     if m.state.load and not Path(m.state.load).exists():
-        raise loaded.error(("method", "state", "load"),
-                           f"saved state {m.state.load!r} not found: give the directory "
-                           f"written by a run with output.save_model: true")  # fmt: skip
+        raise loaded.error(
+            ("method", "state", "load"),
+            f"saved state {m.state.load!r} not found: give the directory "
+            f"written by a run with output.save_model: true",
+        )
     if m.state.load:
         try:
             plan.method_cls.check_state(m.state.load, plan.run)
@@ -379,15 +457,22 @@ def _check_lm_eval(loaded: LoadedRecipe, taken: set[str]):
     cfg = loaded.recipe.evaluation.lm_eval
     where = ("evaluation", "lm_eval")
     if find_spec("lm_eval") is None:
-        raise loaded.error(where, "lm-eval tasks need EleutherAI's lm-evaluation-harness, "
-                           "which is not installed: pip install 'prunekit[lm-eval]'")  # fmt: skip
+        raise loaded.error(
+            where,
+            "lm-eval tasks need EleutherAI's lm-evaluation-harness, "
+            "which is not installed: pip install 'prunekit[lm-eval]'",
+        )
     if cfg.include_path is not None and not Path(cfg.include_path).expanduser().is_dir():
-        raise loaded.error((*where, "include_path"),
-                           f"{cfg.include_path!r} is not a directory of lm-eval task configs "
-                           f"(relative paths are taken from {os.getcwd()!r})")  # fmt: skip
+        raise loaded.error(
+            (*where, "include_path"),
+            f"{cfg.include_path!r} is not a directory of lm-eval task configs "
+            f"(relative paths are taken from {os.getcwd()!r})",
+        )
     if cfg.include_path is None and not cfg.include_defaults:
-        raise loaded.error((*where, "include_defaults"), "include_defaults: false leaves no "
-                           "task to run without an include_path")  # fmt: skip
+        raise loaded.error(
+            (*where, "include_defaults"),
+            "include_defaults: false leaves no task to run without an include_path",
+        )
     from prunekit.evaluation.lm_eval import task_manager  # optional dependency
 
     include = None if cfg.include_path is None else Path(cfg.include_path).expanduser()
@@ -395,13 +480,16 @@ def _check_lm_eval(loaded: LoadedRecipe, taken: set[str]):
     known = set(manager.all_tasks)
     for i, name in enumerate(cfg.tasks):
         if name not in known:
-            where_found = (f"lm-eval's tasks{' and ' if include else ''}" if cfg.include_defaults
-                           else "")
+            where_found = (
+                f"lm-eval's tasks{' and ' if include else ''}" if cfg.include_defaults else ""
+            )
             where_found += f"the configs under {str(include)!r}" if include else ""
-            raise loaded.error((*where, "tasks", i),
-                               f"lm-eval knows no task {name!r}{did_you_mean(name, known)} "
-                               f"(looked in {where_found}); `python -m lm_eval ls tasks` lists "
-                               "them")  # fmt: skip
+            raise loaded.error(
+                (*where, "tasks", i),
+                f"lm-eval knows no task {name!r}{did_you_mean(name, known)} "
+                f"(looked in {where_found}); `python -m lm_eval ls tasks` lists "
+                "them",
+            )
         if f"lm_eval:{name}" in taken:
             raise loaded.error((*where, "tasks", i), f"task {name!r} is listed twice")
         taken.add(f"lm_eval:{name}")
@@ -413,15 +501,21 @@ def _check_recovery(loaded: LoadedRecipe, plan: Plan, check_files: bool) -> None
     holds one window, a checkpoint directory that can be one."""
     recipe, r = loaded.recipe, loaded.recipe.recovery
     if plan.method_cls.dynamic:
-        raise loaded.error(("recovery",), f"recovery fine-tunes the pruned weights of a static "
-                           f"method; {recipe.method.name!r} is dynamic (its kept sets change per "
-                           "batch): remove the recovery section or use a static method")  # fmt: skip
+        raise loaded.error(
+            ("recovery",),
+            f"recovery fine-tunes the pruned weights of a static "
+            f"method; {recipe.method.name!r} is dynamic (its kept sets change per "
+            "batch): remove the recovery section or use a static method",
+        )
     if find_spec("peft") is None:
-        raise loaded.error(("recovery",), "recovery needs peft, which is not installed: "
-                           "pip install 'prunekit[recovery]'")  # fmt: skip
+        raise loaded.error(
+            ("recovery",),
+            "recovery needs peft, which is not installed: pip install 'prunekit[recovery]'",
+        )
     if r.checkpoint_dir and Path(r.checkpoint_dir).exists() and not Path(r.checkpoint_dir).is_dir():
-        raise loaded.error(("recovery", "checkpoint_dir"),
-                           f"{r.checkpoint_dir!r} exists and is not a directory")  # fmt: skip
+        raise loaded.error(
+            ("recovery", "checkpoint_dir"), f"{r.checkpoint_dir!r} exists and is not a directory"
+        )
     problem = check_target_modules(recipe.model.id, r.target_modules)
     if problem:
         raise loaded.error(("recovery", "target_modules"), problem)
@@ -429,32 +523,45 @@ def _check_recovery(loaded: LoadedRecipe, plan: Plan, check_files: bool) -> None
         return
     key = ("recovery", "path" if r.path else "dataset")
     try:
-        plan.recovery_source = locate_calibration_corpus(r.dataset, r.split, r.path, r.text_field,
-                                                         data_dir=recipe.data_dir)  # fmt: skip
+        plan.recovery_source = locate_calibration_corpus(
+            r.dataset, r.split, r.path, r.text_field, data_dir=recipe.data_dir
+        )
     except DataError as exc:
         raise loaded.error(key, str(exc)) from None
     source = plan.recovery_source
     # the carve-out, where it can be seen from the sources: the same text (file and split) as
     # an evaluated one is refused here; the runner also drops every training window that
     # shares a run of tokens with an evaluated text (prunekit.recovery.carve_out)
-    for i, (cfg, other) in enumerate(zip(recipe.evaluation.perplexity, plan.perplexity_sources,
-                                         strict=False)):  # fmt: skip
+    for i, (cfg, other) in enumerate(
+        zip(recipe.evaluation.perplexity, plan.perplexity_sources, strict=False)
+    ):
         if (other.location, other.split) == (source.location, source.split):
-            raise loaded.error(key, f"the recovery text {source.describe()} is the text "
-                               f"evaluation.perplexity[{i}] ({cfg.label}) measures: recovery "
-                               "would train on the evaluation text; train on another split or "
-                               "file (e.g. recovery.dataset: c4, whose calibration split holds "
-                               "other documents than its validation split)")  # fmt: skip
+            raise loaded.error(
+                key,
+                f"the recovery text {source.describe()} is the text "
+                f"evaluation.perplexity[{i}] ({cfg.label}) measures: recovery "
+                "would train on the evaluation text; train on another split or "
+                "file (e.g. recovery.dataset: c4, whose calibration split holds "
+                "other documents than its validation split)",
+            )
     for i, task in enumerate(recipe.evaluation.tasks):
-        if task.path and source.kind == "file" and Path(task.path).resolve() == Path(source.location):
-            raise loaded.error(key, f"the recovery text is the file of evaluation.tasks[{i}] "
-                               f"({task.name}): recovery would train on evaluation questions; "
-                               "train on another file")  # fmt: skip
+        if (
+            task.path
+            and source.kind == "file"
+            and Path(task.path).resolve() == Path(source.location)
+        ):
+            raise loaded.error(
+                key,
+                f"the recovery text is the file of evaluation.tasks[{i}] "
+                f"({task.name}): recovery would train on evaluation questions; "
+                "train on another file",
+            )
     _check_text_amount(loaded, source, r.seq_len, None, key)
 
 
-def _check_text_amount(loaded: LoadedRecipe, source, seq_len: int, windows: int | None,
-                       key: tuple) -> None:  # fmt: skip
+def _check_text_amount(
+    loaded: LoadedRecipe, source, seq_len: int, windows: int | None, key: tuple
+) -> None:
     """Refuse, before any weight loads, a corpus that cannot hold what the recipe asks of it
     (empty, shorter than one window, or fewer tokens than ``windows`` x ``seq_len`` with any
     tokenizer). The exact count needs the tokenizer and is checked when the windows are cut."""
@@ -469,31 +576,39 @@ def _check_text_amount(loaded: LoadedRecipe, source, seq_len: int, windows: int 
     if bound <= 1:
         raise loaded.error(key, f"{where} is empty; give a file with text in it")
     if bound < seq_len:
-        raise loaded.error(key, f"{where} holds at most {bound} tokens with any tokenizer, "
-                                f"fewer than one window of seq_len={seq_len}; use a larger file "
-                                "or a smaller seq_len")  # fmt: skip
+        raise loaded.error(
+            key,
+            f"{where} holds at most {bound} tokens with any tokenizer, "
+            f"fewer than one window of seq_len={seq_len}; use a larger file "
+            "or a smaller seq_len",
+        )
     if windows is not None and bound < windows * seq_len:
-        raise loaded.error(key[:-1] + ("windows",),
-                           f"{windows} windows of {seq_len} tokens need {windows * seq_len} "
-                           f"tokens, but {where} holds at most {bound} with any tokenizer; ask "
-                           f"for fewer windows (at most {bound // seq_len}), windows: all, or a "
-                           "smaller seq_len")  # fmt: skip
+        raise loaded.error(
+            key[:-1] + ("windows",),
+            f"{windows} windows of {seq_len} tokens need {windows * seq_len} "
+            f"tokens, but {where} holds at most {bound} with any tokenizer; ask "
+            f"for fewer windows (at most {bound // seq_len}), windows: all, or a "
+            "smaller seq_len",
+        )
 
 
 def output_problem(out: Path) -> str | None:
     """Why a run could not write its outputs into ``out`` (None when it can): checked before
     any weight loads, so that a bad location fails in a second, not after the run."""
     if out.exists() and not out.is_dir():
-        return (f"{str(out)!r} is an existing file, not a directory; give a directory "
-                "(created if missing; a finished run's outputs in it are replaced)")
+        return (
+            f"{str(out)!r} is an existing file, not a directory; give a directory "
+            "(created if missing; a finished run's outputs in it are replaced)"
+        )
     parent = out
     while not parent.exists():  # the nearest existing ancestor is where mkdir starts
         if parent.parent == parent:
             break
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        return (f"{str(out)!r} cannot be created: {str(parent)!r} is a file; choose another "
-                "directory")
+        return (
+            f"{str(out)!r} cannot be created: {str(parent)!r} is a file; choose another directory"
+        )
     if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
         return f"{str(out)!r} cannot be written: {str(parent)!r} is not writable"
     return None
@@ -507,19 +622,26 @@ def _resolve_tasks(loaded: LoadedRecipe, taken: dict[str, int]) -> list[tuple]:
     for i, cfg in enumerate(recipe.evaluation.tasks):
         where = ("evaluation", "tasks", i)
         if cfg.path is not None:
-            task = JsonlTask(name=cfg.name, path=cfg.path, context=cfg.context,
-                             choices=cfg.choices if isinstance(cfg.choices, str | None)
-                             else tuple(cfg.choices), gold=cfg.gold,
-                             continuation=cfg.continuation, gold_base=cfg.gold_base,
-                             choice_fields=tuple(cfg.choice_fields or ()))  # fmt: skip
+            task = JsonlTask(
+                name=cfg.name,
+                path=cfg.path,
+                context=cfg.context,
+                choices=cfg.choices if isinstance(cfg.choices, str | None) else tuple(cfg.choices),
+                gold=cfg.gold,
+                continuation=cfg.continuation,
+                gold_base=cfg.gold_base,
+                choice_fields=tuple(cfg.choice_fields or ()),
+            )
             try:
                 task.check()
             except DataError as exc:
                 raise loaded.error(where, str(exc)) from None
             if not Path(cfg.path).expanduser().is_file():
-                raise loaded.error((*where, "path"),
-                                   f"task file {cfg.path!r} does not exist (relative paths are "
-                                   f"taken from {os.getcwd()!r})")  # fmt: skip
+                raise loaded.error(
+                    (*where, "path"),
+                    f"task file {cfg.path!r} does not exist (relative paths are "
+                    f"taken from {os.getcwd()!r})",
+                )
             try:  # every question the run evaluates, built now (no tokenizer, no weights)
                 task.check_records(cfg.limit)
             except DataError as exc:
@@ -533,25 +655,41 @@ def _resolve_tasks(loaded: LoadedRecipe, taken: dict[str, int]) -> list[tuple]:
                 raise loaded.error((*where, "name"), str(exc)) from None
         for label, source in entries:
             if label == AVERAGE_KEY:
-                raise loaded.error((*where, "name"), f"{AVERAGE_KEY!r} is reserved for the "
-                                   "average over the tasks; rename the task")  # fmt: skip
+                raise loaded.error(
+                    (*where, "name"),
+                    f"{AVERAGE_KEY!r} is reserved for the average over the tasks; rename the task",
+                )
             if label in taken or label in seen:
-                other = (f"evaluation.perplexity entry {taken[label]}" if label in taken
-                         else f"evaluation.tasks entry {seen[label]}")  # fmt: skip
-                raise loaded.error(where, f"task {label!r} is already evaluated by {other}: "
-                                   "their metrics would overwrite each other")  # fmt: skip
+                other = (
+                    f"evaluation.perplexity entry {taken[label]}"
+                    if label in taken
+                    else f"evaluation.tasks entry {seen[label]}"
+                )
+                raise loaded.error(
+                    where,
+                    f"task {label!r} is already evaluated by {other}: "
+                    "their metrics would overwrite each other",
+                )
             seen[label] = i
             out.append((label, cfg, source))
     return out
 
 
-def perplexity_windows(plan: Plan, index: int, tokenizer,
-                       adapter) -> tuple[torch.Tensor, int | None]:  # fmt: skip
+def perplexity_windows(
+    plan: Plan, index: int, tokenizer, adapter
+) -> tuple[torch.Tensor, int | None]:
     """The token windows of ``evaluation.perplexity[index]`` and the BOS id they start with
     (None): what evaluation scores and, for entry 0, what the runtime times."""
     cfg, source = plan.recipe.evaluation.perplexity[index], plan.perplexity_sources[index]
     bos_id = sequence_bos(cfg.bos, adapter, tokenizer)
-    windows = eval_windows(tokenizer, source, cfg.seq_len, cfg.windows, cfg.sampling,
-                           seed=plan.recipe.seed, bos_id=bos_id,
-                           batch_size=cfg.batch_size if cfg.sampling == "random" else None)  # fmt: skip
+    windows = eval_windows(
+        tokenizer,
+        source,
+        cfg.seq_len,
+        cfg.windows,
+        cfg.sampling,
+        seed=plan.recipe.seed,
+        bos_id=bos_id,
+        batch_size=cfg.batch_size if cfg.sampling == "random" else None,
+    )
     return windows, bos_id

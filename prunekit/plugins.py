@@ -197,7 +197,9 @@ def blame(exc: BaseException, pm: PrunekitPluginManager | None = None):
 
 
 @contextlib.contextmanager
-def plugin_faults(pm: PrunekitPluginManager | None = None, stage: str = "the run") -> Iterator[None]:
+def plugin_faults(
+    pm: PrunekitPluginManager | None = None, stage: str = "the run"
+) -> Iterator[None]:
     """Turn an unexpected exception raised inside a plugin's code (a component, an adapter,
     a method) into a :class:`PluginError` naming the plugin, its distribution and version,
     and where it raised. prunekit's own user-facing errors, interrupts and out-of-memory
@@ -207,7 +209,10 @@ def plugin_faults(pm: PrunekitPluginManager | None = None, stage: str = "the run
     except PluginError:
         raise
     except Exception as exc:
-        if isinstance(exc, (PrunekitError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
+        if (
+            isinstance(exc, (PrunekitError, MemoryError))
+            or type(exc).__name__ == "OutOfMemoryError"
+        ):
             raise
         reason = storage_failure(exc)
         if reason is not None:  # a full disk is the machine's, not the plugin's fault
@@ -218,8 +223,13 @@ def plugin_faults(pm: PrunekitPluginManager | None = None, stage: str = "the run
         info, where = found
         dist = f"distribution {info.distribution or '?'} {info.version or ''}".rstrip()
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        report = ("a prunekit bug: please report it" if info.builtin else
-                  f"report it to the plugin's authors, or disable the plugin with "
-                  f"PRUNEKIT_DISABLE_PLUGINS={info.name}")  # fmt: skip
-        raise PluginError(f"plugin {info.name!r} ({dist}) failed during {stage}: {detail} "
-                          f"(raised at {where}); {report}") from exc
+        report = (
+            "a prunekit bug: please report it"
+            if info.builtin
+            else f"report it to the plugin's authors, or disable the plugin with "
+            f"PRUNEKIT_DISABLE_PLUGINS={info.name}"
+        )
+        raise PluginError(
+            f"plugin {info.name!r} ({dist}) failed during {stage}: {detail} "
+            f"(raised at {where}); {report}"
+        ) from exc

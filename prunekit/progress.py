@@ -31,13 +31,15 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     from rich.console import Console
     from rich.progress import track as rich_track
 
-    yield from rich_track(items, description=description, total=total,
-                          console=Console(stderr=True), transient=True)  # fmt: skip
+    yield from rich_track(
+        items, description=description, total=total, console=Console(stderr=True), transient=True
+    )
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, description: str, start: int = 0,
-                 every_s: float = 30.0) -> Iterator[Callable[[int, str], None]]:  # fmt: skip
+def progress_bar(
+    total: int, description: str, start: int = 0, every_s: float = 30.0
+) -> Iterator[Callable[[int, str], None]]:
     """A progress bar with a status text (e.g. the loss) on stderr; yields ``update(done,
     status)``. Without a terminal, a line every ``every_s`` seconds and at the end; nothing
     when quiet."""
@@ -63,8 +65,13 @@ def progress_bar(total: int, description: str, start: int = 0,
         TimeRemainingColumn,
     )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[status]}"))  # fmt: skip
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=total, completed=start, status="")
         yield lambda done, status="": bar.update(task, completed=done, status=status)

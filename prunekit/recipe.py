@@ -65,16 +65,25 @@ class ModelConfig(_Strict):
     def _max_memory(cls, v: dict | None, info: ValidationInfo) -> dict[int | str, int] | None:
         device = info.data.get("device")
         if v is not None and device is not None and device != "auto":
-            raise ValueError(f"applies only with model.device: auto (device_map=\"auto\"), "
-                             f"not {device!r}; set model.device: auto or remove model.max_memory")  # fmt: skip
+            raise ValueError(
+                f'applies only with model.device: auto (device_map="auto"), '
+                f"not {device!r}; set model.device: auto or remove model.max_memory"
+            )
         if v is None:
             return None
         return {cls._memory_device(k): cls._memory_size(k, size) for k, size in v.items()}
 
     _SIZE_UNITS: ClassVar[dict[str, int]] = {
-        "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-        "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-    }  # fmt: skip
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
 
     @staticmethod
     def _memory_device(key: int | str) -> int | str:
@@ -85,8 +94,9 @@ class ModelConfig(_Strict):
             return int(text)
         if text in ("cpu", "disk"):
             return text
-        raise ValueError(f"unknown device {key!r}: use a GPU index (0, 1, ... or cuda:N), "
-                         "'cpu' or 'disk'")  # fmt: skip
+        raise ValueError(
+            f"unknown device {key!r}: use a GPU index (0, 1, ... or cuda:N), 'cpu' or 'disk'"
+        )
 
     @classmethod
     def _memory_size(cls, key: int | str, size: int | str) -> int:
@@ -95,8 +105,10 @@ class ModelConfig(_Strict):
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
         unit = (match.group(2).upper() or "B") if match else ""
         if not match or unit not in cls._SIZE_UNITS:
-            raise ValueError(f"{key}: {size!r} is not a memory size; give bytes or a number "
-                             "with a unit, e.g. 20GiB, 512MiB, 8GB")  # fmt: skip
+            raise ValueError(
+                f"{key}: {size!r} is not a memory size; give bytes or a number "
+                "with a unit, e.g. 20GiB, 512MiB, 8GB"
+            )
         return int(float(match.group(1)) * cls._SIZE_UNITS[unit])
 
 
@@ -177,8 +189,10 @@ class MethodConfig(BaseModel):
             return SlotConfig(name=raw)
         if isinstance(raw, dict) and isinstance(raw.get("name", ""), (str, type(None))):
             return SlotConfig(**raw)
-        raise ValueError(f"expected a mapping (name: and the component's options) or a "
-                         f"component name, got {raw!r}")  # fmt: skip
+        raise ValueError(
+            f"expected a mapping (name: and the component's options) or a "
+            f"component name, got {raw!r}"
+        )
 
 
 class PerplexityConfig(_Strict):
@@ -254,26 +268,36 @@ class TaskConfig(_Strict):
 
     @model_validator(mode="after")
     def _custom(self):
-        custom = {"context": self.context, "choices": self.choices,
-                  "choice_fields": self.choice_fields, "gold": self.gold}  # fmt: skip
+        custom = {
+            "context": self.context,
+            "choices": self.choices,
+            "choice_fields": self.choice_fields,
+            "gold": self.gold,
+        }
         if self.path is None:
             given = [k for k, value in custom.items() if value is not None]
             if given:
-                raise ValueError(f"{', '.join(given)} only apply to a task read from a file: "
-                                 "add `path:` (a JSON-lines file)")  # fmt: skip
+                raise ValueError(
+                    f"{', '.join(given)} only apply to a task read from a file: "
+                    "add `path:` (a JSON-lines file)"
+                )
         else:
             if self.choices is not None and self.choice_fields is not None:
-                raise ValueError("give either `choices:` (one list field, or a fixed list) or "
-                                 "`choice_fields:` (one field per choice), not both")  # fmt: skip
+                raise ValueError(
+                    "give either `choices:` (one list field, or a fixed list) or "
+                    "`choice_fields:` (one field per choice), not both"
+                )
             if self.choices is None and self.choice_fields is None:
                 custom.pop("choice_fields")
             else:
                 custom.pop("choices" if self.choices is None else "choice_fields")
             missing = [k for k, value in custom.items() if value is None]
             if missing:
-                raise ValueError(f"a task read from `path:` also needs {', '.join(missing)} "
-                                 "(the context template, the choices field or list or "
-                                 "choice_fields, the gold field)")  # fmt: skip
+                raise ValueError(
+                    f"a task read from `path:` also needs {', '.join(missing)} "
+                    "(the context template, the choices field or list or "
+                    "choice_fields, the gold field)"
+                )
             if isinstance(self.choices, list) and len(self.choices) < 2:
                 raise ValueError("`choices:` as a list needs at least two choices")
             if self.choice_fields is not None and len(self.choice_fields) < 2:
@@ -380,18 +404,23 @@ class FineTuneConfig(_Strict):
 
         names = [t.value for t in SchedulerType]
         if v not in names:
-            raise ValueError(f"unknown scheduler {v!r}{did_you_mean(v, names)}; "
-                             f"transformers knows: {', '.join(names)}")  # fmt: skip
+            raise ValueError(
+                f"unknown scheduler {v!r}{did_you_mean(v, names)}; "
+                f"transformers knows: {', '.join(names)}"
+            )
         return v
 
     @model_validator(mode="after")
     def _check_training(self):
         if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ValueError("target_modules is empty: give module-name suffixes "
-                             "(e.g. [q_proj, v_proj]) or all-linear")  # fmt: skip
+            raise ValueError(
+                "target_modules is empty: give module-name suffixes "
+                "(e.g. [q_proj, v_proj]) or all-linear"
+            )
         if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps "
-                             f"({self.steps})")  # fmt: skip
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})"
+            )
         return self
 
 
@@ -462,8 +491,10 @@ class SweepConfig(_Strict):
             if not values:
                 raise ValueError(f"grid key {key!r} has no values; give at least one")
             if key in ("seed", "sweep") or key.startswith("sweep."):
-                raise ValueError(f"grid key {key!r}: seeds are set with sweep.seeds, and a "
-                                 "cell has no sweep section")  # fmt: skip
+                raise ValueError(
+                    f"grid key {key!r}: seeds are set with sweep.seeds, and a "
+                    "cell has no sweep section"
+                )
         return grid
 
 
@@ -539,15 +570,18 @@ MAX_RECIPE_VALUES = 100_000
 
 def _read_recipe_text(path: Path) -> str:
     if path.is_dir():
-        raise RecipeError(f"recipe {path} is a directory; give a YAML file (recipes live in "
-                          "recipes/)")  # fmt: skip
+        raise RecipeError(
+            f"recipe {path} is a directory; give a YAML file (recipes live in recipes/)"
+        )
     if not path.is_file():
         raise RecipeError(f"recipe {path} not found: check the path (recipes live in recipes/)")
     try:
         size = path.stat().st_size
         if size > MAX_RECIPE_BYTES:
-            raise RecipeError(f"{path}: {size} bytes is not a recipe (a recipe is a YAML text "
-                              f"file of at most {MAX_RECIPE_BYTES} bytes); check the path")  # fmt: skip
+            raise RecipeError(
+                f"{path}: {size} bytes is not a recipe (a recipe is a YAML text "
+                f"file of at most {MAX_RECIPE_BYTES} bytes); check the path"
+            )
         raw = path.read_bytes()
     except OSError as exc:
         raise RecipeError(f"recipe {path} cannot be read: {exc.strerror or exc}") from None
@@ -555,8 +589,10 @@ def _read_recipe_text(path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise RecipeError(f"{path}:{line}: not a text file (byte {exc.start} is not UTF-8); a "
-                          "recipe is a YAML text file") from None
+        raise RecipeError(
+            f"{path}:{line}: not a text file (byte {exc.start} is not UTF-8); a "
+            "recipe is a YAML text file"
+        ) from None
 
 
 def _check_expansion(node, path: Path) -> None:
@@ -660,8 +696,15 @@ def _schema_keys(model_cls: type[BaseModel], path: tuple) -> list[str]:
         nxt = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if nxt is None:
             args = getattr(ann, "__args__", ())
-            nxt = next((a for x in args for a in getattr(x, "__args__", (x,))
-                        if isinstance(a, type) and issubclass(a, BaseModel)), None)  # fmt: skip
+            nxt = next(
+                (
+                    a
+                    for x in args
+                    for a in getattr(x, "__args__", (x,))
+                    if isinstance(a, type) and issubclass(a, BaseModel)
+                ),
+                None,
+            )
         if nxt is None:
             return []
         cls = nxt

@@ -79,8 +79,9 @@ def ngram_hashes(tokens: torch.Tensor, n: int = OVERLAP_TOKENS) -> torch.Tensor:
     return out
 
 
-def carve_out(windows: torch.Tensor, excluded: dict[str, torch.Tensor],
-              n: int = OVERLAP_TOKENS) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
+def carve_out(
+    windows: torch.Tensor, excluded: dict[str, torch.Tensor], n: int = OVERLAP_TOKENS
+) -> tuple[torch.Tensor, list[int]]:
     """``windows`` without every row that shares a run of ``n`` tokens with one of the
     ``excluded`` token streams (by label); returns the kept rows and the dropped row indices.
     Windows shorter than ``n`` are checked with runs of their own length."""
@@ -102,14 +103,18 @@ def evaluated_token_streams(recipe, tokenizer, sources=None) -> dict[str, torch.
 
     entries = recipe.evaluation.perplexity
     if sources is None:
-        sources = [locate_corpus(p.dataset, p.split, p.path, p.text_field,
-                                 data_dir=recipe.data_dir) for p in entries]  # fmt: skip
-    return {cfg.label: token_stream(tokenizer, src)
-            for cfg, src in zip(entries, sources, strict=True)}  # fmt: skip
+        sources = [
+            locate_corpus(p.dataset, p.split, p.path, p.text_field, data_dir=recipe.data_dir)
+            for p in entries
+        ]
+    return {
+        cfg.label: token_stream(tokenizer, src) for cfg, src in zip(entries, sources, strict=True)
+    }
 
 
-def keep_out_evaluated(windows: torch.Tensor, recipe, tokenizer, sources=None,
-                       what: str = "recovery") -> tuple[torch.Tensor, list[int], list[str]]:  # fmt: skip
+def keep_out_evaluated(
+    windows: torch.Tensor, recipe, tokenizer, sources=None, what: str = "recovery"
+) -> tuple[torch.Tensor, list[int], list[str]]:
     """``windows`` minus every one sharing a run of :data:`OVERLAP_TOKENS` tokens with a text
     ``recipe`` evaluates (:func:`carve_out` against :func:`evaluated_token_streams`): the kept
     rows, the dropped row indices and the evaluated labels. A RecoveryError when none is left:
@@ -117,10 +122,12 @@ def keep_out_evaluated(windows: torch.Tensor, recipe, tokenizer, sources=None,
     excluded = evaluated_token_streams(recipe, tokenizer, sources)
     kept, dropped = carve_out(windows, excluded)
     if kept.shape[0] == 0:
-        raise RecoveryError(f"every one of the {windows.shape[0]} {what} windows shares a run of "
-                            f"{OVERLAP_TOKENS} tokens with an evaluated corpus "
-                            f"({', '.join(excluded)}): {what} would train on the evaluation "
-                            "text; train on another corpus or split")  # fmt: skip
+        raise RecoveryError(
+            f"every one of the {windows.shape[0]} {what} windows shares a run of "
+            f"{OVERLAP_TOKENS} tokens with an evaluated corpus "
+            f"({', '.join(excluded)}): {what} would train on the evaluation "
+            "text; train on another corpus or split"
+        )
     return kept, dropped, list(excluded)
 
 
@@ -134,9 +141,11 @@ def lora_targets(model: nn.Module, target_modules: str | list[str] = "all-linear
     embedding (``all-linear``), or those whose name ends with one of ``target_modules``;
     layers pruned to nothing (a zero dimension) are left out."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear = [name for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) and m is not head
-              and m.in_features > 0 and m.out_features > 0]  # fmt: skip
+    linear = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m is not head and m.in_features > 0 and m.out_features > 0
+    ]
     if target_modules == "all-linear":
         if not linear:
             raise RecoveryError("the model has no linear layer for LoRA to adapt")
@@ -146,8 +155,10 @@ def lora_targets(model: nn.Module, target_modules: str | list[str] = "all-linear
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
     missing = [s for s in wanted if not any(n == s or n.endswith("." + s) for n in linear)]
     if missing:
-        raise RecipeError(f"target_modules {missing} name no linear layer of this model; its "
-                          f"linear layers end with {suffixes} (or use all-linear)")  # fmt: skip
+        raise RecipeError(
+            f"target_modules {missing} name no linear layer of this model; its "
+            f"linear layers end with {suffixes} (or use all-linear)"
+        )
     return out
 
 
@@ -193,16 +204,24 @@ class LoraTrainer:
         combined with the settings, the base weights and the windows into the checkpoints' key.
     """
 
-    def __init__(self, model: nn.Module, settings, windows: torch.Tensor, seed: int = 0,
-                 checkpoint_dir: str | os.PathLike | None = None, identity: dict | None = None,
-                 description: str = "recovery") -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        settings,
+        windows: torch.Tensor,
+        seed: int = 0,
+        checkpoint_dir: str | os.PathLike | None = None,
+        identity: dict | None = None,
+        description: str = "recovery",
+    ) -> None:
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError as exc:
             raise RecoveryError("recovery needs peft: pip install 'prunekit[recovery]'") from exc
         if windows.ndim != 2 or windows.shape[0] == 0:
-            raise RecoveryError(f"recovery needs a [N, T] tensor of windows, got "
-                                f"{tuple(windows.shape)}")  # fmt: skip
+            raise RecoveryError(
+                f"recovery needs a [N, T] tensor of windows, got {tuple(windows.shape)}"
+            )
         self.settings, self.windows, self.seed = settings, windows.long(), int(seed)
         self.description = description
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -216,22 +235,38 @@ class LoraTrainer:
                 f"{len(offloaded)} adapted layers (the first: {offloaded[0]}) are offloaded to "
                 "the CPU or the disk (model.device: auto), where LoRA cannot train them: give "
                 "model.max_memory room for the whole model on its devices, or adapt fewer "
-                "layers (target_modules)")  # fmt: skip
+                "layers (target_modules)"
+            )
         base_digest = tensor_sha256(dict(model.state_dict()))
         torch.manual_seed(self.seed)  # the adapters' initialisation
-        config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
-                            lora_dropout=settings.dropout, target_modules=self.targets,
-                            bias="none", task_type="CAUSAL_LM")  # fmt: skip
+        config = LoraConfig(
+            r=settings.rank,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=self.targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         with warnings.catch_warnings():  # peft reads a property transformers 5 renamed
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
-                                    category=FutureWarning)  # fmt: skip
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+            )
             self.peft_model = get_peft_model(model, config)
         self.trainable = [(n, p) for n, p in self.peft_model.named_parameters() if p.requires_grad]
-        self.key = hashlib.sha256(json.dumps({
-            "settings": _settings_dump(settings), "seed": self.seed, "identity": identity or {},
-            "base": base_digest, "windows": tensor_sha256({"w": self.windows}),
-            "trainable": [(n, list(p.shape)) for n, p in self.trainable],
-        }, sort_keys=True, default=str).encode()).hexdigest()[:16]  # fmt: skip
+        self.key = hashlib.sha256(
+            json.dumps(
+                {
+                    "settings": _settings_dump(settings),
+                    "seed": self.seed,
+                    "identity": identity or {},
+                    "base": base_digest,
+                    "windows": tensor_sha256({"w": self.windows}),
+                    "trainable": [(n, list(p.shape)) for n, p in self.trainable],
+                },
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()[:16]
         self.losses: list[float] = []
         self.step = 0
         self.resumed_from: int | None = None
@@ -257,8 +292,11 @@ class LoraTrainer:
         return cache[1]
 
     # -- the loop --------------------------------------------------------------------------
-    def train(self, on_gradients: Callable[[int], None] | None = None,
-              extra_state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None) -> dict:  # fmt: skip
+    def train(
+        self,
+        on_gradients: Callable[[int], None] | None = None,
+        extra_state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None,
+    ) -> dict:
         """Run (or resume) the fine-tune; returns its record (settings, losses, timing).
 
         :param on_gradients: ``f(step)`` after each step's accumulated backward pass, before
@@ -271,10 +309,12 @@ class LoraTrainer:
         s = self.settings
         model = self.peft_model
         device = next(p.device for _, p in self.trainable)
-        optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=s.lr,
-                                      weight_decay=s.weight_decay)  # fmt: skip
-        scheduler = get_scheduler(s.scheduler, optimizer, num_warmup_steps=s.warmup_steps,
-                                  num_training_steps=s.steps)  # fmt: skip
+        optimizer = torch.optim.AdamW(
+            [p for _, p in self.trainable], lr=s.lr, weight_decay=s.weight_decay
+        )
+        scheduler = get_scheduler(
+            s.scheduler, optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=s.steps
+        )
         torch.manual_seed(self.seed + 1)  # dropout
         self._resume(optimizer, scheduler, extra_state)
         t0 = time.perf_counter()
@@ -289,22 +329,28 @@ class LoraTrainer:
                         if not torch.isfinite(loss):
                             raise RecoveryError(
                                 f"the recovery loss is {loss.item()} at step {self.step + 1}: "
-                                "lower recovery.lr, or check the model's dtype (float32 is safest)")  # fmt: skip
+                                "lower recovery.lr, or check the model's dtype (float32 is safest)"
+                            )
                         (loss / s.grad_accum).backward()
                         total += loss.detach().double().cpu()
                     self.step += 1
                     if on_gradients is not None:
                         on_gradients(self.step)
                     if s.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable],
-                                                       s.max_grad_norm)  # fmt: skip
+                        torch.nn.utils.clip_grad_norm_(
+                            [p for _, p in self.trainable], s.max_grad_norm
+                        )
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     self.losses.append(float(total) / s.grad_accum)
                     update(self.step, f"loss {self.losses[-1]:.4f}")
-                    if (self.checkpoint_dir is not None and s.checkpoint_every
-                            and self.step % s.checkpoint_every == 0 and self.step < s.steps):
+                    if (
+                        self.checkpoint_dir is not None
+                        and s.checkpoint_every
+                        and self.step % s.checkpoint_every == 0
+                        and self.step < s.steps
+                    ):
                         self._save(optimizer, scheduler, extra_state)
         finally:
             model.eval()
@@ -312,16 +358,20 @@ class LoraTrainer:
 
     def record(self, seconds: float) -> dict:
         return {
-            "settings": _settings_dump(self.settings), "seed": self.seed,
+            "settings": _settings_dump(self.settings),
+            "seed": self.seed,
             "target_modules": sorted({n.rsplit(".", 1)[-1] for n in self.targets}),
             "adapted_layers": len(self.targets),
             "trainable_params": sum(p.numel() for _, p in self.trainable),
-            "windows": int(self.windows.shape[0]), "seq_len": int(self.windows.shape[1]),
-            "steps": self.step, "resumed_from_step": self.resumed_from,
-            "seconds": seconds, "loss": self.losses,
+            "windows": int(self.windows.shape[0]),
+            "seq_len": int(self.windows.shape[1]),
+            "steps": self.step,
+            "resumed_from_step": self.resumed_from,
+            "seconds": seconds,
+            "loss": self.losses,
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last": self.losses[-1] if self.losses else None,
-        }  # fmt: skip
+        }
 
     def merge(self, check: torch.Tensor | None = None) -> tuple[nn.Module, float | None]:
         """Merge the adapters into the weights and remove them; returns the plain model and,
@@ -356,13 +406,22 @@ class LoraTrainer:
         final = root / f"{STEP_PREFIX}{self.step:06d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
-            save_file({n: p.detach().cpu().contiguous() for n, p in self.trainable},
-                      str(tmp / "adapters.safetensors"))  # fmt: skip
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "extra": extra_state[0]() if extra_state else None}, tmp / "trainer.pt")  # fmt: skip
-            (tmp / "meta.json").write_text(json.dumps(
-                {"key": self.key, "step": self.step, "losses": self.losses}) + "\n")  # fmt: skip
+            save_file(
+                {n: p.detach().cpu().contiguous() for n, p in self.trainable},
+                str(tmp / "adapters.safetensors"),
+            )
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "extra": extra_state[0]() if extra_state else None,
+                },
+                tmp / "trainer.pt",
+            )
+            (tmp / "meta.json").write_text(
+                json.dumps({"key": self.key, "step": self.step, "losses": self.losses}) + "\n"
+            )
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -379,19 +438,24 @@ class LoraTrainer:
             try:
                 meta = json.loads((ckpt / "meta.json").read_text())
                 if meta.get("key") != self.key:
-                    logger.warning("recovery checkpoint %s is from another run (other model, "
-                                   "settings or data): starting from step 0", ckpt)  # fmt: skip
+                    logger.warning(
+                        "recovery checkpoint %s is from another run (other model, "
+                        "settings or data): starting from step 0",
+                        ckpt,
+                    )
                     return
                 adapters = load_file(str(ckpt / "adapters.safetensors"))
                 state = torch.load(ckpt / "trainer.pt", weights_only=True)
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                logger.warning("recovery checkpoint %s is unreadable (%s): trying an older one",
-                               ckpt, exc)  # fmt: skip
+                logger.warning(
+                    "recovery checkpoint %s is unreadable (%s): trying an older one", ckpt, exc
+                )
                 continue
             params = dict(self.trainable)
             if set(adapters) != set(params):
-                logger.warning("recovery checkpoint %s has other adapters: starting from step 0",
-                               ckpt)  # fmt: skip
+                logger.warning(
+                    "recovery checkpoint %s has other adapters: starting from step 0", ckpt
+                )
                 return
             with torch.no_grad():
                 for name, value in adapters.items():
@@ -416,8 +480,11 @@ class LoraTrainer:
 
 def _settings_dump(settings) -> dict:
     """The settings that change the trained weights (not where checkpoints go)."""
-    data = settings.model_dump(mode="json") if hasattr(settings, "model_dump") else dict(
-        vars(settings))  # fmt: skip
+    data = (
+        settings.model_dump(mode="json")
+        if hasattr(settings, "model_dump")
+        else dict(vars(settings))
+    )
     for key in ("checkpoint_every", "checkpoint_dir", "keep_checkpoints"):
         data.pop(key, None)
     return data
@@ -429,6 +496,15 @@ def default_checkpoint_dir(output_dir: str | os.PathLike, what: str = "recovery"
     return out.with_name(f"{out.name}-{what}")
 
 
-__all__ = ["OVERLAP_TOKENS", "LoraTrainer", "RecoveryError", "carve_out",
-           "check_target_modules", "default_checkpoint_dir", "evaluated_token_streams",
-           "keep_out_evaluated", "lora_targets", "ngram_hashes"]  # fmt: skip
+__all__ = [
+    "OVERLAP_TOKENS",
+    "LoraTrainer",
+    "RecoveryError",
+    "carve_out",
+    "check_target_modules",
+    "default_checkpoint_dir",
+    "evaluated_token_streams",
+    "keep_out_evaluated",
+    "lora_targets",
+    "ngram_hashes",
+]

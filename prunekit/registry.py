@@ -56,26 +56,38 @@ class Kind:
     plugin: str | None = None
 
     def as_dict(self) -> dict:
-        return {"kind": self.name, "plugin": self.plugin, "slot": self.slot,
-                "default": self.default, "description": self.description,
-                "protocol": None if self.protocol is None else
-                f"{self.protocol.__module__}.{self.protocol.__qualname__}"}  # fmt: skip
+        return {
+            "kind": self.name,
+            "plugin": self.plugin,
+            "slot": self.slot,
+            "default": self.default,
+            "description": self.description,
+            "protocol": None
+            if self.protocol is None
+            else f"{self.protocol.__module__}.{self.protocol.__qualname__}",
+        }
 
 
 def engine_kinds() -> dict[str, Kind]:
     return {
-        "adapter": Kind("adapter", None, "model adapters (one per architecture family)",
-                        slot=False),  # fmt: skip
+        "adapter": Kind(
+            "adapter", None, "model adapters (one per architecture family)", slot=False
+        ),
         "statistic": Kind("statistic", CalibrationStatistic, "calibration statistics"),
         "metric": Kind("metric", ImportanceMetric, "importance metrics"),
         "allocator": Kind("allocator", Allocator, "allocators (scores -> kept sets)"),
         "compensator": Kind("compensator", Compensator, "compensators (output bias)"),
         "method": Kind("method", None, "pruning methods", slot=False),
-        "executor": Kind("executor", Executor, "sweep executors (where prunekit sweep runs "
-                         "its cells)", slot=False),  # fmt: skip
+        "executor": Kind(
+            "executor",
+            Executor,
+            "sweep executors (where prunekit sweep runs its cells)",
+            slot=False,
+        ),
         "corpus": Kind("corpus", None, "text corpora (recipe dataset: names)", slot=False),
         "task": Kind("task", None, "multiple-choice tasks (evaluation.tasks names)", slot=False),
     }
+
 
 #: the kinds whose entries are data descriptions (not factories), and the attribute of each
 #: that must equal its registered name
@@ -167,21 +179,29 @@ class Registry:
 
     def add_kind(self, kind: Kind) -> None:
         if not isinstance(kind.name, str) or not kind.name.isidentifier():
-            raise PluginError(f"plugin {kind.plugin!r} declared a kind named {kind.name!r}; a "
-                              "kind name is an identifier (it becomes the recipe key "
-                              "method.<kind>)")  # fmt: skip
+            raise PluginError(
+                f"plugin {kind.plugin!r} declared a kind named {kind.name!r}; a "
+                "kind name is an identifier (it becomes the recipe key "
+                "method.<kind>)"
+            )
         if kind.name in RESERVED_METHOD_KEYS:
-            raise PluginError(f"plugin {kind.plugin!r} declared a kind named {kind.name!r}, "
-                              f"which is a fixed recipe key (method.{kind.name}); rename it")
+            raise PluginError(
+                f"plugin {kind.plugin!r} declared a kind named {kind.name!r}, "
+                f"which is a fixed recipe key (method.{kind.name}); rename it"
+            )
         first = self.kinds.get(kind.name)
         if first is not None:
             by = f"plugin {first.plugin!r}" if first.plugin else "prunekit itself"
-            raise PluginError(f"kind {kind.name!r} is declared twice: by {by} and by plugin "
-                              f"{kind.plugin!r}. Rename one of them, or disable a plugin with "
-                              f"PRUNEKIT_DISABLE_PLUGINS={kind.plugin}.")  # fmt: skip
+            raise PluginError(
+                f"kind {kind.name!r} is declared twice: by {by} and by plugin "
+                f"{kind.plugin!r}. Rename one of them, or disable a plugin with "
+                f"PRUNEKIT_DISABLE_PLUGINS={kind.plugin}."
+            )
         if kind.protocol is not None and not isinstance(kind.protocol, type):
-            raise PluginError(f"plugin {kind.plugin!r} declared kind {kind.name!r} with protocol "
-                              f"{kind.protocol!r}, which is not a class")  # fmt: skip
+            raise PluginError(
+                f"plugin {kind.plugin!r} declared kind {kind.name!r} with protocol "
+                f"{kind.protocol!r}, which is not a class"
+            )
         self.kinds[kind.name] = kind
 
     def slot_kinds(self) -> list[str]:
@@ -274,19 +294,24 @@ def _check_data_entry(entry: Entry) -> None:
     """A corpus is a :class:`prunekit.data.DatasetInfo`, a task a
     :class:`prunekit.data.tasks.TaskSpec`, each registered under its own name (checked by
     their fields, so that the registry does not import the data modules that read it)."""
-    fields = {"corpus": ("id", "splits", "default_split", "calibration_split", "join",
-                         "calibration"),
-              "task": ("name", "title", "split", "file", "hub", "build")}[entry.kind]  # fmt: skip
+    fields = {
+        "corpus": ("id", "splits", "default_split", "calibration_split", "join", "calibration"),
+        "task": ("name", "title", "split", "file", "hub", "build"),
+    }[entry.kind]
     want = "prunekit.data.DatasetInfo" if entry.kind == "corpus" else "prunekit.data.tasks.TaskSpec"
     missing = [f for f in fields if not hasattr(entry.factory, f)]
     if missing:
-        raise PluginError(f"plugin {entry.plugin!r} registered {entry.kind} {entry.name!r} as a "
-                          f"{type(entry.factory).__name__}, which lacks {', '.join(missing)}; "
-                          f"a {entry.kind} is a {want}")  # fmt: skip
+        raise PluginError(
+            f"plugin {entry.plugin!r} registered {entry.kind} {entry.name!r} as a "
+            f"{type(entry.factory).__name__}, which lacks {', '.join(missing)}; "
+            f"a {entry.kind} is a {want}"
+        )
     own = getattr(entry.factory, DATA_KINDS[entry.kind])
     if own != entry.name:
-        raise PluginError(f"plugin {entry.plugin!r} registered {entry.kind} {entry.name!r}, whose "
-                          f"{DATA_KINDS[entry.kind]} is {own!r}; register it under {own!r}")  # fmt: skip
+        raise PluginError(
+            f"plugin {entry.plugin!r} registered {entry.kind} {entry.name!r}, whose "
+            f"{DATA_KINDS[entry.kind]} is {own!r}; register it under {own!r}"
+        )
 
 
 def _call_hook(impl, hook_name: str, register: Callable[..., None]) -> None:
@@ -322,16 +347,18 @@ def build_registry(pm) -> Registry:
         for impl in hook.get_hookimpls():  # registration order (pluggy calls them LIFO)
 
             def register(name, factory, description=None, _kind=kind, _by=impl.plugin_name):
-                registry.add(Entry(_kind, name, factory, _by, description or _doc(factory),
-                                   is_builtin(_by)))  # fmt: skip
+                registry.add(
+                    Entry(_kind, name, factory, _by, description or _doc(factory), is_builtin(_by))
+                )
 
             _call_hook(impl, hook_name, register)
 
     for impl in pm.hook.prunekit_register_components.get_hookimpls():
 
         def register_any(kind, name, factory, description=None, _by=impl.plugin_name):
-            registry.add(Entry(kind, name, factory, _by, description or _doc(factory),
-                               is_builtin(_by)))  # fmt: skip
+            registry.add(
+                Entry(kind, name, factory, _by, description or _doc(factory), is_builtin(_by))
+            )
 
         # every kind is declared by now: a plugin can register a component of another
         # plugin's kind only when that plugin is installed (``if "probe" in register.kinds``)
@@ -353,12 +380,17 @@ def _warn_unknown_hooks(pm) -> None:
             continue
         hint = ""
         if name.startswith("prunekit_register_"):
-            hint = (" Components of a kind that a plugin declares (such as the pp plugin's "
-                    "probe, fusion and history) are registered with "
-                    "prunekit_register_components(register): register(kind, name, factory).")
-        warnings.warn(f"plugin(s) {', '.join(map(repr, plugins))} implement {name}, which is "
-                      f"not a prunekit hook, so it is never called.{hint}", RuntimeWarning,
-                      stacklevel=3)  # fmt: skip
+            hint = (
+                " Components of a kind that a plugin declares (such as the pp plugin's "
+                "probe, fusion and history) are registered with "
+                "prunekit_register_components(register): register(kind, name, factory)."
+            )
+        warnings.warn(
+            f"plugin(s) {', '.join(map(repr, plugins))} implement {name}, which is "
+            f"not a prunekit hook, so it is never called.{hint}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _doc(obj: Any) -> str:
@@ -421,8 +453,10 @@ def adapter_class_for(config: Any, registry: Registry | None = None, name: str |
     if name:
         if ("adapter", name) not in registry:
             available = registry.names("adapter")
-            raise ModelError(f"unknown adapter {name!r}{did_you_mean(name, available)}; "
-                             f"registered adapters: {', '.join(available) or '(none)'}")  # fmt: skip
+            raise ModelError(
+                f"unknown adapter {name!r}{did_you_mean(name, available)}; "
+                f"registered adapters: {', '.join(available) or '(none)'}"
+            )
         return registry.get("adapter", name).factory
     for entry in adapter_order(registry):
         try:

@@ -51,15 +51,18 @@ class RowUnion:
         """The same union for the batch rows ``rows`` (beam search reorders, a server drops
         finished rows): the gathered weights of :attr:`units` stay valid for any subset."""
         rows = rows.to(self.index.device)
-        return RowUnion(self.units, self.index.index_select(0, rows),
-                        self.mask.index_select(0, rows))  # fmt: skip
+        return RowUnion(
+            self.units, self.index.index_select(0, rows), self.mask.index_select(0, rows)
+        )
 
 
 def row_union(kept: torch.Tensor) -> torch.Tensor | RowUnion:
     """A ``[B, k]`` per-sequence decision as a 1-D kept set when every row agrees (compared as
     sets), else as a :class:`RowUnion`."""
     if kept.dim() != 2:
-        raise ValueError(f"a per-sequence decision is a [batch, kept] tensor, got {tuple(kept.shape)}")
+        raise ValueError(
+            f"a per-sequence decision is a [batch, kept] tensor, got {tuple(kept.shape)}"
+        )
     kept = kept.sort(dim=1).values
     if kept.shape[0] == 1 or bool((kept == kept[:1]).all()):
         return kept[0]
@@ -101,8 +104,12 @@ def _cache_layer_classes() -> tuple[dict[type, tuple[str, ...]], type]:
     from transformers import cache_utils as cu
 
     known: dict[type, tuple[str, ...]] = {}
-    for name in ("DynamicLayer", "DynamicSlidingWindowLayer", "StaticLayer",
-                 "StaticSlidingWindowLayer"):  # fmt: skip
+    for name in (
+        "DynamicLayer",
+        "DynamicSlidingWindowLayer",
+        "StaticLayer",
+        "StaticSlidingWindowLayer",
+    ):
         cls = getattr(cu, name, None)
         if cls is not None:
             known[cls] = ("keys", "values")

@@ -71,13 +71,11 @@ def _reduction(plan: Plan, loaded: Loaded, outcome: PruneOutcome) -> dict:
     return structure_reduction(loaded.adapter, outcome.structure, seq, loaded.head_macs)
 
 
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (every run starts here)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
 
 
 def _versions() -> dict:
@@ -90,10 +88,8 @@ def _versions() -> dict:
     return out
 
 
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
 
 
 @dataclass
@@ -119,32 +115,52 @@ class Prepared:
         return self.loaded.tokenizer
 
 
-
 def load(plan: Plan) -> Loaded:
     """Load the recipe's model and tokenizer and resolve its adapter."""
     recipe = plan.recipe
     t0 = time.perf_counter()
     info(f"loading {recipe.model.id} ({recipe.model.dtype}, {recipe.model.device})")
-    lm = load_model(recipe.model.id, dtype=recipe.model.dtype, device=recipe.model.device,
-                    attn_implementation=recipe.model.attn_implementation,
-                    max_memory=recipe.model.max_memory)  # fmt: skip
+    lm = load_model(
+        recipe.model.id,
+        dtype=recipe.model.dtype,
+        device=recipe.model.device,
+        attn_implementation=recipe.model.attn_implementation,
+        max_memory=recipe.model.max_memory,
+    )
     # the adapter validate resolved from the config; resolved here when it could not be read
-    adapter = (plan.adapter_cls(lm.model) if plan.adapter_cls is not None
-               else resolve_adapter(lm.model, name=recipe.model.adapter))  # fmt: skip
+    adapter = (
+        plan.adapter_cls(lm.model)
+        if plan.adapter_cls is not None
+        else resolve_adapter(lm.model, name=recipe.model.adapter)
+    )
     lm.info["adapter"] = adapter.name
     params = sum(p.numel() for p in lm.model.parameters())
-    return Loaded(lm.model, lm.tokenizer, adapter, lm.info, params,
-                  {"load_s": time.perf_counter() - t0}, head_macs(lm.model))  # fmt: skip
-
+    return Loaded(
+        lm.model,
+        lm.tokenizer,
+        adapter,
+        lm.info,
+        params,
+        {"load_s": time.perf_counter() - t0},
+        head_macs(lm.model),
+    )
 
 
 def prune_loaded(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome]:
     """Calibrate and prune with the plan's method (``loaded.model`` may be changed in place)."""
     timings = loaded.timings
-    ctx = PruneContext(model=loaded.model, tokenizer=loaded.tokenizer, adapter=loaded.adapter,
-                       settings=plan.settings, run_recipe=plan.recipe, run=plan.run,
-                       model_info=loaded.info, calibration_source=plan.calibration_source,
-                       perplexity_sources=plan.perplexity_sources, timings=timings)  # fmt: skip
+    ctx = PruneContext(
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        adapter=loaded.adapter,
+        settings=plan.settings,
+        run_recipe=plan.recipe,
+        run=plan.run,
+        model_info=loaded.info,
+        calibration_source=plan.calibration_source,
+        perplexity_sources=plan.perplexity_sources,
+        timings=timings,
+    )
     method = plan.method_cls(plan.settings, plan.components)
     t1 = time.perf_counter()
     info(f"pruning with {plan.settings.name} at ratio {plan.settings.ratio:g}")
@@ -154,9 +170,9 @@ def prune_loaded(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome
     return ctx, outcome
 
 
-
-def prepare(recipe: str | os.PathLike | dict | Recipe | LoadedRecipe | Plan,
-            overrides=()) -> Prepared:  # fmt: skip
+def prepare(
+    recipe: str | os.PathLike | dict | Recipe | LoadedRecipe | Plan, overrides=()
+) -> Prepared:
     """Validate a recipe, load its model and prune it: no evaluation, no output written.
 
     :param recipe: a YAML path, a dict, a :class:`Recipe`, a :class:`LoadedRecipe` or an
@@ -165,8 +181,10 @@ def prepare(recipe: str | os.PathLike | dict | Recipe | LoadedRecipe | Plan,
     """
     if isinstance(recipe, Plan):
         if overrides:
-            raise RecipeError("prepare(): overrides apply to a recipe, not to a validated Plan; "
-                              "pass the recipe (path, dict or Recipe) with the overrides")  # fmt: skip
+            raise RecipeError(
+                "prepare(): overrides apply to a recipe, not to a validated Plan; "
+                "pass the recipe (path, dict or Recipe) with the overrides"
+            )
         plan = recipe
     else:
         plan = validate(_as_loaded(recipe, overrides), check_output=False)  # writes nothing
@@ -178,9 +196,9 @@ def prepare(recipe: str | os.PathLike | dict | Recipe | LoadedRecipe | Plan,
     return Prepared(plan, loaded, ctx, outcome)
 
 
-
-def evaluate_model(plan: Plan, model, tokenizer, staging: Path | None = None,
-                   adapter=None) -> tuple[dict, dict]:  # fmt: skip
+def evaluate_model(
+    plan: Plan, model, tokenizer, staging: Path | None = None, adapter=None
+) -> tuple[dict, dict]:
     """Perplexity and task metrics of ``model`` (``(metrics, data sha256 per label)``).
 
     :param adapter: the model's adapter (default: the plan's), which decides ``bos: auto``.
@@ -189,24 +207,43 @@ def evaluate_model(plan: Plan, model, tokenizer, staging: Path | None = None,
     metrics: dict[str, dict] = {}
     data_hashes: dict[str, str | None] = {}
     adapter = adapter if adapter is not None else plan.adapter_cls
-    for i, (cfg, source) in enumerate(zip(recipe.evaluation.perplexity, plan.perplexity_sources,
-                                          strict=True)):  # fmt: skip
+    for i, (cfg, source) in enumerate(
+        zip(recipe.evaluation.perplexity, plan.perplexity_sources, strict=True)
+    ):
         windows, bos_id = perplexity_windows(plan, i, tokenizer, adapter)
-        result = perplexity(model, windows, cfg.batch_size, description=f"perplexity {cfg.label}",
-                            prompt_tokens=cfg.prompt_tokens)  # fmt: skip
-        metrics[cfg.label] = {**result, "dataset": source.dataset, "split": source.split,
-                              "sampling": cfg.sampling, "bos": bos_id is not None}  # fmt: skip
+        result = perplexity(
+            model,
+            windows,
+            cfg.batch_size,
+            description=f"perplexity {cfg.label}",
+            prompt_tokens=cfg.prompt_tokens,
+        )
+        metrics[cfg.label] = {
+            **result,
+            "dataset": source.dataset,
+            "split": source.split,
+            "sampling": cfg.sampling,
+            "bos": bos_id is not None,
+        }
         data_hashes[cfg.label] = source_sha256(source)
         info(f"{cfg.label}: perplexity {result['ppl']:.3f} over {result['tokens']} tokens")
     lm = recipe.evaluation.lm_eval
     if lm is not None:
         from prunekit.evaluation.lm_eval import evaluate_by_name  # optional dependency
 
-        results = evaluate_by_name(model, tokenizer, lm.tasks, manager=plan.lm_eval_manager,
-                                   include_path=lm.include_path,
-                                   include_defaults=lm.include_defaults, limit=lm.limit,
-                                   num_fewshot=lm.num_fewshot, batch_size=lm.batch_size,
-                                   max_length=lm.max_length, seed=recipe.seed)  # fmt: skip
+        results = evaluate_by_name(
+            model,
+            tokenizer,
+            lm.tasks,
+            manager=plan.lm_eval_manager,
+            include_path=lm.include_path,
+            include_defaults=lm.include_defaults,
+            limit=lm.limit,
+            num_fewshot=lm.num_fewshot,
+            batch_size=lm.batch_size,
+            max_length=lm.max_length,
+            seed=recipe.seed,
+        )
         metrics.update(results)
         data_hashes.update(dict.fromkeys(results))  # lm-eval keeps its data: no file to hash
     if plan.tasks:
@@ -214,15 +251,20 @@ def evaluate_model(plan: Plan, model, tokenizer, staging: Path | None = None,
         metrics.update(evaluate_tasks(model, tokenizer, plan.tasks, save_to))
         for label, _, _ in plan.tasks:
             m = metrics[label]
-            data_hashes[label] = (None if m["source"] == "hub"
-                                  else sha256_file(Path(m["location"])))  # fmt: skip
+            data_hashes[label] = None if m["source"] == "hub" else sha256_file(Path(m["location"]))
     return metrics, data_hashes
 
 
-
-def _result(plan: Plan, loaded: Loaded, ctx: PruneContext, outcome: PruneOutcome,
-            metrics: dict, runtime: dict | None, output_dir: Path,
-            reduction: dict) -> dict:  # fmt: skip
+def _result(
+    plan: Plan,
+    loaded: Loaded,
+    ctx: PruneContext,
+    outcome: PruneOutcome,
+    metrics: dict,
+    runtime: dict | None,
+    output_dir: Path,
+    reduction: dict,
+) -> dict:
     """The content of ``results.json``."""
     recipe = plan.recipe
     params = loaded.params
@@ -258,7 +300,6 @@ def _result(plan: Plan, loaded: Loaded, ctx: PruneContext, outcome: PruneOutcome
     }
 
 
-
 def _provenance(plan: Plan, loaded: Loaded, ctx: PruneContext, data_hashes: dict) -> dict:
     """The content of ``provenance.json``."""
     recipe = plan.recipe
@@ -277,9 +318,9 @@ def _provenance(plan: Plan, loaded: Loaded, ctx: PruneContext, data_hashes: dict
     }
 
 
-
-def recover(plan: Plan, loaded: Loaded, outcome: PruneOutcome,
-            output_dir: Path | None) -> tuple[dict | None, Any]:  # fmt: skip
+def recover(
+    plan: Plan, loaded: Loaded, outcome: PruneOutcome, output_dir: Path | None
+) -> tuple[dict | None, Any]:
     """The ``recovery:`` step on a pruned model: LoRA fine-tuning on the recovery corpus minus
     anything an evaluation reads, merged into ``outcome.model``'s weights. Returns the
     ``recovery`` section of results.json and the trainer (whose checkpoints the caller removes
@@ -290,42 +331,60 @@ def recover(plan: Plan, loaded: Loaded, outcome: PruneOutcome,
     t0 = time.perf_counter()
     tokenizer = loaded.tokenizer
     bos_id = sequence_bos(r.bos, loaded.adapter, tokenizer)
-    windows = calibration_windows(tokenizer, plan.recovery_source, r.samples, r.seq_len,
-                                  seed=recipe.seed, bos_id=bos_id)  # fmt: skip
-    kept, dropped, excluded = keep_out_evaluated(windows, recipe, tokenizer,
-                                                 plan.perplexity_sources)  # fmt: skip
+    windows = calibration_windows(
+        tokenizer, plan.recovery_source, r.samples, r.seq_len, seed=recipe.seed, bos_id=bos_id
+    )
+    kept, dropped, excluded = keep_out_evaluated(
+        windows, recipe, tokenizer, plan.perplexity_sources
+    )
     if dropped:
-        info(f"recovery: {len(dropped)} of {r.samples} windows share {OVERLAP_TOKENS} tokens "
-             "with an evaluated text and are left out")  # fmt: skip
+        info(
+            f"recovery: {len(dropped)} of {r.samples} windows share {OVERLAP_TOKENS} tokens "
+            "with an evaluated text and are left out"
+        )
     if r.checkpoint_every == 0:
         ckpt = None
     elif r.checkpoint_dir:
         ckpt = Path(r.checkpoint_dir)
     else:
         ckpt = default_checkpoint_dir(output_dir) if output_dir is not None else None
-    identity = {"model": recipe.model.model_dump(mode="json"),
-                "method": recipe.method.model_dump(mode="json")}  # fmt: skip
-    trainer = LoraTrainer(outcome.model, r, kept, seed=recipe.seed, checkpoint_dir=ckpt,
-                          identity=identity)  # fmt: skip
+    identity = {
+        "model": recipe.model.model_dump(mode="json"),
+        "method": recipe.method.model_dump(mode="json"),
+    }
+    trainer = LoraTrainer(
+        outcome.model, r, kept, seed=recipe.seed, checkpoint_dir=ckpt, identity=identity
+    )
     record = trainer.train()
     outcome.model, diff = trainer.merge(check=kept[:1].to(input_device(outcome.model)))
     loaded.timings["recovery_s"] = time.perf_counter() - t0
-    record.update({
-        "corpus": plan.recovery_source.describe(),
-        "carve_out": {"excluded": excluded, "overlap_tokens": OVERLAP_TOKENS,
-                      "windows_dropped": len(dropped)},
-        "merged": True,
-        "merge_max_abs_logit_diff": diff,
-        "checkpoint_dir": None if ckpt is None else str(ckpt),
-    })  # fmt: skip
-    info(f"recovery: {record['steps']} steps, loss {record['loss_first']:.3f} -> "
-         f"{record['loss_last']:.3f}, merged (logits differ by at most {diff:.2e})")  # fmt: skip
+    record.update(
+        {
+            "corpus": plan.recovery_source.describe(),
+            "carve_out": {
+                "excluded": excluded,
+                "overlap_tokens": OVERLAP_TOKENS,
+                "windows_dropped": len(dropped),
+            },
+            "merged": True,
+            "merge_max_abs_logit_diff": diff,
+            "checkpoint_dir": None if ckpt is None else str(ckpt),
+        }
+    )
+    info(
+        f"recovery: {record['steps']} steps, loss {record['loss_first']:.3f} -> "
+        f"{record['loss_last']:.3f}, merged (logits differ by at most {diff:.2e})"
+    )
     return record, trainer
 
 
-
-def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
-             generation: GenerationBench | None = None) -> dict:  # fmt: skip
+def run_plan(
+    plan: Plan,
+    output_dir: Path,
+    pm=None,
+    evaluate: bool = True,
+    generation: GenerationBench | None = None,
+) -> dict:
     """Execute a validated plan, writing every output into ``output_dir`` atomically.
 
     Stages: load, calibrate and prune, recover, evaluate, time dense and pruned interleaved,
@@ -349,8 +408,9 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
         with plugin_faults(pm, "loading the model"):
             loaded = load(plan)
             batches = timing_batches(plan, loaded)
-            dense_ref = dense_reference(plan, loaded, bool(batches) or generation is not None,
-                                        batches)  # fmt: skip
+            dense_ref = dense_reference(
+                plan, loaded, bool(batches) or generation is not None, batches
+            )
             gen_inputs = gen_dense = None
             if generation is not None:
                 gen_inputs = generation_inputs(plan, loaded, generation)
@@ -363,7 +423,8 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
         with plugin_faults(pm, "evaluation"):
             metrics, data_hashes = (
                 evaluate_model(plan, outcome.model, loaded.tokenizer, staging, loaded.adapter)
-                if evaluate else ({}, {})
+                if evaluate
+                else ({}, {})
             )
         loaded.timings["evaluation_s"] = time.perf_counter() - t2
         loaded.timings["total_s"] = time.perf_counter() - t0
@@ -375,8 +436,9 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
             result["recovery"] = recovery
         if generation is not None:
             with plugin_faults(pm, "timing generation"):
-                result["generation"] = generation_section(generation, outcome, dense_ref,
-                                                          gen_inputs, gen_dense)  # fmt: skip
+                result["generation"] = generation_section(
+                    generation, outcome, dense_ref, gen_inputs, gen_dense
+                )
         dense_ref = None  # the dense copy is not needed any more
         _write(plan, loaded, ctx, outcome, result, data_hashes, staging, output_dir, pm)
         _publish(staging, output_dir)
@@ -389,8 +451,17 @@ def run_plan(plan: Plan, output_dir: Path, pm=None, evaluate: bool = True,
     return result
 
 
-def _write(plan: Plan, loaded: Loaded, ctx: PruneContext, outcome: PruneOutcome, result: dict,
-           data_hashes: dict, staging: Path, output_dir: Path, pm) -> None:  # fmt: skip
+def _write(
+    plan: Plan,
+    loaded: Loaded,
+    ctx: PruneContext,
+    outcome: PruneOutcome,
+    result: dict,
+    data_hashes: dict,
+    staging: Path,
+    output_dir: Path,
+    pm,
+) -> None:
     """The write stage: the saved model (``output.save_model``), results.json, provenance.json
     and the recipe, into the staging directory."""
     provenance = _provenance(plan, loaded, ctx, data_hashes)
@@ -414,9 +485,11 @@ def _publish(staging: Path, output_dir: Path) -> None:
         os.replace(staging, output_dir)
 
 
-
-def apply(recipe: str | os.PathLike | dict | Recipe | LoadedRecipe, overrides=(),
-          output: str | os.PathLike | None = None) -> dict:  # fmt: skip
+def apply(
+    recipe: str | os.PathLike | dict | Recipe | LoadedRecipe,
+    overrides=(),
+    output: str | os.PathLike | None = None,
+) -> dict:
     """Run a recipe end to end and return the content of ``results.json``.
 
     :param recipe: a YAML path, a dict, a :class:`Recipe` or a :class:`LoadedRecipe`.
@@ -430,17 +503,21 @@ def apply(recipe: str | os.PathLike | dict | Recipe | LoadedRecipe, overrides=()
     return run_plan(plan, loaded.recipe.output_dir())
 
 
-
 def _as_loaded(recipe, overrides=()) -> LoadedRecipe:
     if isinstance(recipe, Recipe):
         recipe = recipe.model_dump(mode="json")
     return recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, overrides)
 
 
-
-def prune(model, tokenizer=None, method: str = "dense", ratio: float = 0.0,
-          calibration: dict | torch.Tensor | None = None, seed: int = 0,
-          **method_keys) -> PruneOutcome:  # fmt: skip
+def prune(
+    model,
+    tokenizer=None,
+    method: str = "dense",
+    ratio: float = 0.0,
+    calibration: dict | torch.Tensor | None = None,
+    seed: int = 0,
+    **method_keys,
+) -> PruneOutcome:
     """Prune an in-memory Hugging Face causal LM without a recipe file.
 
     :param method: a registered method name; ``method_keys`` are further ``method.*`` recipe
@@ -449,41 +526,52 @@ def prune(model, tokenizer=None, method: str = "dense", ratio: float = 0.0,
         token windows to calibrate on directly.
     :returns: a :class:`PruneOutcome` whose ``model`` answers like a Hugging Face causal LM.
     """
-    data: dict[str, Any] = {"method": {"name": method, "ratio": ratio, **method_keys},
-                            "seed": seed, "evaluation": {"perplexity": []}}  # fmt: skip
+    data: dict[str, Any] = {
+        "method": {"name": method, "ratio": ratio, **method_keys},
+        "seed": seed,
+        "evaluation": {"perplexity": []},
+    }
     if isinstance(calibration, dict):
         data["calibration"] = calibration
     elif isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
         # the windows given are the calibration set: methods read its size from the recipe
         # (e.g. a running-mean history counts them)
-        data["calibration"] = {"samples": int(calibration.shape[0]),
-                               "seq_len": max(int(calibration.shape[1]), 2)}  # fmt: skip
+        data["calibration"] = {
+            "samples": int(calibration.shape[0]),
+            "seq_len": max(int(calibration.shape[1]), 2),
+        }
     loaded = load_recipe(data)
-    plan = validate(loaded, check_files=not isinstance(calibration, torch.Tensor), model=model,
-                    check_output=False)  # fmt: skip
+    plan = validate(
+        loaded,
+        check_files=not isinstance(calibration, torch.Tensor),
+        model=model,
+        check_output=False,
+    )
     if isinstance(calibration, torch.Tensor):
         plan.calibration_source = None
     seed_everything(seed)
 
     # the fingerprint keys the calibration cache, so notebooks share statistics across calls
     info = {"fingerprint": model_fingerprint(model)} if plan.method_cls.uses_calibration else {}
-    ctx = PruneContext(model=model, tokenizer=tokenizer,
-                       adapter=plan.adapter_cls(model) if plan.adapter_cls else resolve_adapter(model),
-                       settings=plan.settings, run_recipe=loaded.recipe, run=plan.run,
-                       model_info=info,
-                       calibration_source=plan.calibration_source,
-                       calibration_windows_override=calibration
-                       if isinstance(calibration, torch.Tensor) else None)  # fmt: skip
+    ctx = PruneContext(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=plan.adapter_cls(model) if plan.adapter_cls else resolve_adapter(model),
+        settings=plan.settings,
+        run_recipe=loaded.recipe,
+        run=plan.run,
+        model_info=info,
+        calibration_source=plan.calibration_source,
+        calibration_windows_override=calibration if isinstance(calibration, torch.Tensor) else None,
+    )
     if tokenizer is None and method_needs_tokenizer(plan, calibration):
         raise RecipeError("prune(): give a tokenizer, or calibration windows as a tensor")
     with plugin_faults(stage="pruning"):
         return plan.method_cls(plan.settings, plan.components).prune(ctx)
 
 
-
 def method_needs_tokenizer(plan: Plan, calibration) -> bool:
     return plan.method_cls.uses_calibration and not isinstance(calibration, torch.Tensor)
-
 
 
 #: names that lived here before the runner was split, and where they live now; importing
@@ -492,21 +580,44 @@ def method_needs_tokenizer(plan: Plan, calibration) -> bool:
 #: perplexity_windows and evaluate_tasks itself; they now live in prunekit.data,
 #: prunekit.evaluation.costs, prunekit.plan and prunekit.evaluation.zeroshot)
 _MOVED = {
-    "problem_error": "prunekit.plan", "unmet_needs": "prunekit.plan",
-    "model_context": "prunekit.plan", "output_problem": "prunekit.plan",
-    "AVERAGE_KEY": "prunekit.evaluation.zeroshot", "DenseTiming": "prunekit.timing",
-}  # fmt: skip
+    "problem_error": "prunekit.plan",
+    "unmet_needs": "prunekit.plan",
+    "model_context": "prunekit.plan",
+    "output_problem": "prunekit.plan",
+    "AVERAGE_KEY": "prunekit.evaluation.zeroshot",
+    "DenseTiming": "prunekit.timing",
+}
 
 
 def __getattr__(name: str):
     module = _MOVED.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"prunekit.runner.{name} moved to {module}.{name}; import it from there "
-                  "(the old path goes in the next release)", DeprecationWarning, stacklevel=2)  # fmt: skip
+    warnings.warn(
+        f"prunekit.runner.{name} moved to {module}.{name}; import it from there "
+        "(the old path goes in the next release)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["GenerationBench", "Loaded", "Plan", "Prepared", "PruneContext", "PrunekitError", "apply",
-           "evaluate_model", "load", "per_layer_ratio", "prepare", "prune", "prune_loaded",
-           "resolve_adapter", "run_plan", "seed_everything", "validate"]  # fmt: skip
+__all__ = [
+    "GenerationBench",
+    "Loaded",
+    "Plan",
+    "Prepared",
+    "PruneContext",
+    "PrunekitError",
+    "apply",
+    "evaluate_model",
+    "load",
+    "per_layer_ratio",
+    "prepare",
+    "prune",
+    "prune_loaded",
+    "resolve_adapter",
+    "run_plan",
+    "seed_everything",
+    "validate",
+]

@@ -56,10 +56,19 @@ def _tiny(config_cls, model_cls, attn_implementation: str, seed: int, dtype, **f
     return _widen(model_cls(config), seed, dtype)
 
 
-def tiny_llama(*, heads: int = 4, kv_heads: int | None = None, layers: int = 4,
-               hidden: int | None = None, intermediate: int = 96, vocab: int = 128,
-               seed: int = 0, attn_implementation: str = "sdpa",
-               dtype: torch.dtype = torch.float32, init_std: float = 0.2):  # fmt: skip
+def tiny_llama(
+    *,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    layers: int = 4,
+    hidden: int | None = None,
+    intermediate: int = 96,
+    vocab: int = 128,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    init_std: float = 0.2,
+):
     """A small random ``LlamaForCausalLM`` (GQA when ``kv_heads < heads``), in eval mode.
 
     ``init_std``: the 2-D weights' standard deviation. The default 0.2 (the historical init)
@@ -68,11 +77,18 @@ def tiny_llama(*, heads: int = 4, kv_heads: int | None = None, layers: int = 4,
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden or heads * 16, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
-        max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+        vocab_size=vocab,
+        hidden_size=hidden or heads * 16,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
         eos_token_id=2,
-    )  # fmt: skip
+    )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype)
@@ -83,63 +99,152 @@ def tiny_llama(*, heads: int = 4, kv_heads: int | None = None, layers: int = 4,
     return model.eval()
 
 
-def tiny_mistral(*, heads: int = 4, kv_heads: int = 2, layers: int = 3, sliding_window: int = 5,
-                 intermediate: int = 64, vocab: int = 128, seed: int = 0,
-                 attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):  # fmt: skip
+def tiny_mistral(
+    *,
+    heads: int = 4,
+    kv_heads: int = 2,
+    layers: int = 3,
+    sliding_window: int = 5,
+    intermediate: int = 64,
+    vocab: int = 128,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
     """A small random ``MistralForCausalLM`` whose sliding window is shorter than test inputs."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    return _tiny(MistralConfig, MistralForCausalLM, attn_implementation, seed, dtype,
-                 vocab_size=vocab, hidden_size=heads * 16, intermediate_size=intermediate,
-                 num_hidden_layers=layers, num_attention_heads=heads,
-                 num_key_value_heads=kv_heads, head_dim=16, sliding_window=sliding_window,
-                 max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0)  # fmt: skip
+    return _tiny(
+        MistralConfig,
+        MistralForCausalLM,
+        attn_implementation,
+        seed,
+        dtype,
+        vocab_size=vocab,
+        hidden_size=heads * 16,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        sliding_window=sliding_window,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
 
 
-def tiny_qwen2(*, heads: int = 4, kv_heads: int = 2, layers: int = 3, sliding_window: int = 5,
-               intermediate: int = 64, vocab: int = 128, seed: int = 0,
-               attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):  # fmt: skip
+def tiny_qwen2(
+    *,
+    heads: int = 4,
+    kv_heads: int = 2,
+    layers: int = 3,
+    sliding_window: int = 5,
+    intermediate: int = 64,
+    vocab: int = 128,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
     """A small random ``Qwen2ForCausalLM`` (q/k/v biases; the layers from 1 on use a sliding
     window shorter than test inputs, layer 0 full attention)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return _tiny(Qwen2Config, Qwen2ForCausalLM, attn_implementation, seed, dtype,
-                 vocab_size=vocab, hidden_size=heads * 16, intermediate_size=intermediate,
-                 num_hidden_layers=layers, num_attention_heads=heads,
-                 num_key_value_heads=kv_heads, use_sliding_window=sliding_window is not None,
-                 sliding_window=sliding_window, max_window_layers=1,
-                 max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0)  # fmt: skip
+    return _tiny(
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        attn_implementation,
+        seed,
+        dtype,
+        vocab_size=vocab,
+        hidden_size=heads * 16,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        use_sliding_window=sliding_window is not None,
+        sliding_window=sliding_window,
+        max_window_layers=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
 
 
-def tiny_opt(*, heads: int = 4, layers: int = 3, hidden: int = 64, ffn: int = 96,
-             vocab: int = 128, seed: int = 0, attn_implementation: str = "sdpa",
-             dtype: torch.dtype = torch.float32):  # fmt: skip
+def tiny_opt(
+    *,
+    heads: int = 4,
+    layers: int = 3,
+    hidden: int = 64,
+    ffn: int = 96,
+    vocab: int = 128,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
     """A small random ``OPTForCausalLM`` (pre-LN, biases everywhere, ReLU, learned positions)."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    return _tiny(OPTConfig, OPTForCausalLM, attn_implementation, seed, dtype,
-                 vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
-                 num_attention_heads=heads, max_position_embeddings=512,
-                 word_embed_proj_dim=hidden, do_layer_norm_before=True, dropout=0.0,
-                 pad_token_id=1, bos_token_id=2, eos_token_id=2)  # fmt: skip
+    return _tiny(
+        OPTConfig,
+        OPTForCausalLM,
+        attn_implementation,
+        seed,
+        dtype,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        ffn_dim=ffn,
+        num_attention_heads=heads,
+        max_position_embeddings=512,
+        word_embed_proj_dim=hidden,
+        do_layer_norm_before=True,
+        dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+    )
 
 
-def tiny_gemma3(*, heads: int = 4, kv_heads: int = 1, layers: int = 3, head_dim: int = 32,
-                hidden: int = 64, intermediate: int = 96, sliding_window: int = 4,
-                vocab: int = 128, seed: int = 0, attn_implementation: str = "sdpa",
-                dtype: torch.dtype = torch.float32):  # fmt: skip
+def tiny_gemma3(
+    *,
+    heads: int = 4,
+    kv_heads: int = 1,
+    layers: int = 3,
+    head_dim: int = 32,
+    hidden: int = 64,
+    intermediate: int = 96,
+    sliding_window: int = 4,
+    vocab: int = 128,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
     """A small random ``Gemma3ForCausalLM`` (text): q/k norms, sliding and full layers (full
     every third), GELU-tanh gated MLP, head_dim independent of hidden, scaled embeddings and
     ``query_pre_attn_scalar`` different from ``head_dim``."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     types = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(layers)]
-    return _tiny(Gemma3TextConfig, Gemma3ForCausalLM, attn_implementation, seed, dtype,
-                 vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                 num_hidden_layers=layers, num_attention_heads=heads,
-                 num_key_value_heads=kv_heads, head_dim=head_dim, sliding_window=sliding_window,
-                 layer_types=types, query_pre_attn_scalar=head_dim * 3 // 4,
-                 max_position_embeddings=512, pad_token_id=0)  # fmt: skip
+    return _tiny(
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        attn_implementation,
+        seed,
+        dtype,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        sliding_window=sliding_window,
+        layer_types=types,
+        query_pre_attn_scalar=head_dim * 3 // 4,
+        max_position_embeddings=512,
+        pad_token_id=0,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,10 +264,16 @@ def tiny_tokenizer(*, add_bos: bool = False):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     if add_bos:
-        backend.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                               special_tokens=[("<s>", 1)])  # fmt: skip
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<unk>")  # fmt: skip
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 1)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+    )
 
 
 @contextlib.contextmanager
@@ -204,8 +315,16 @@ except ImportError:  # pragma: no cover
 # The adapter conformance kit
 # --------------------------------------------------------------------------------------------
 
-CHECKS = ("supports", "block_forward", "full_kept_set", "kept_set_zeroed", "probe",
-          "slicing", "cost_model", "reload")  # fmt: skip
+CHECKS = (
+    "supports",
+    "block_forward",
+    "full_kept_set",
+    "kept_set_zeroed",
+    "probe",
+    "slicing",
+    "cost_model",
+    "reload",
+)
 
 
 def _fail(check: str, layer: int | None, message: str):
@@ -292,8 +411,9 @@ torch.save(out, {path!r} + "/reloaded.pt")
 """
 
 
-def _check_reload(model_factory, adapter_cls, kept, atol: float, ids, tmp: Path,
-                  rtol: float = 0.0) -> None:  # fmt: skip
+def _check_reload(
+    model_factory, adapter_cls, kept, atol: float, ids, tmp: Path, rtol: float = 0.0
+) -> None:
     """A sliced model saved with ``save_pruned`` reloads identically in a fresh process."""
     from prunekit.components import Allocation
     from prunekit.pruning.static import save_pruned, slice_model
@@ -310,9 +430,16 @@ def _check_reload(model_factory, adapter_cls, kept, atol: float, ids, tmp: Path,
     layout = json.loads((path / "prunekit.json").read_text())["layout"]
     torch.save(ids, path / "ids.pt")
     script = _reload_script(str(path), layout == "remote_code", layout == "plain")
-    proc = subprocess.run([sys.executable, "-c", "import torch\nwith torch.no_grad():\n" +
-                           "\n".join("    " + line for line in script.splitlines())],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch\nwith torch.no_grad():\n"
+            + "\n".join("    " + line for line in script.splitlines()),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         _fail("reload", None, f"reloading in a fresh process failed:\n{proc.stderr[-2000:]}")
     for how, logits in torch.load(path / "reloaded.pt").items():
@@ -322,10 +449,15 @@ def _check_reload(model_factory, adapter_cls, kept, atol: float, ids, tmp: Path,
             raise AssertionError(f"{exc} (reloaded with {how}, {layout} layout)") from None
 
 
-def check_adapter(model_factory: Callable[[], torch.nn.Module],
-                  adapter_cls: type[ModelAdapter] | None = None, *, atol: float = 1e-5,
-                  rtol: float = 0.0, checks: tuple[str, ...] = CHECKS,
-                  tmp_dir: str | None = None) -> None:  # fmt: skip
+def check_adapter(
+    model_factory: Callable[[], torch.nn.Module],
+    adapter_cls: type[ModelAdapter] | None = None,
+    *,
+    atol: float = 1e-5,
+    rtol: float = 0.0,
+    checks: tuple[str, ...] = CHECKS,
+    tmp_dir: str | None = None,
+) -> None:
     """Check a model adapter on a tiny random model of its architecture (fp32).
 
     :param model_factory: builds a fresh model each call (slicing changes a model in place).
@@ -362,8 +494,12 @@ def check_adapter(model_factory: Callable[[], torch.nn.Module],
     model = model_factory()
     adapter_cls = adapter_cls or adapter_class_for(model.config)
     if "supports" in checks and not adapter_cls.supports(model.config):
-        _fail("supports", None, f"{adapter_cls.__name__}.supports() is False for "
-              f"model_type {getattr(model.config, 'model_type', None)!r}")  # fmt: skip
+        _fail(
+            "supports",
+            None,
+            f"{adapter_cls.__name__}.supports() is False for "
+            f"model_type {getattr(model.config, 'model_type', None)!r}",
+        )
     adapter = adapter_cls(model)
     ids = _inputs(model)
     io = _capture_layers(model, adapter, ids)
@@ -387,15 +523,23 @@ def check_adapter(model_factory: Callable[[], torch.nn.Module],
                 ref_layer = adapter_cls(ref).decoder_layers[la.index]
                 want = ref_layer(h, **kw)
                 want = want[0] if isinstance(want, tuple) else want
-                _close("kept_set_zeroed", la.index, la.run_block(h, layer_kept, **kw), want, atol, rtol)
+                _close(
+                    "kept_set_zeroed", la.index, la.run_block(h, layer_kept, **kw), want, atol, rtol
+                )
     if "slicing" in checks or "cost_model" in checks:
         sliced_model = model_factory()
         sliced = slice_model(adapter_cls(sliced_model), Allocation(dict(kept)))
         if "slicing" in checks:
             ref = _zeroed_copy(model_factory(), adapter_cls, kept)
             with torch.no_grad():
-                _close("slicing", None, sliced_model(input_ids=ids).logits,
-                       ref(input_ids=ids).logits, atol, rtol)  # fmt: skip
+                _close(
+                    "slicing",
+                    None,
+                    sliced_model(input_ids=ids).logits,
+                    ref(input_ids=ids).logits,
+                    atol,
+                    rtol,
+                )
             for la in adapter.layers():
                 n = sum(p.numel() for p in sliced.decoder_layers[la.index].parameters())
                 want = la.params(len(kept[(la.index, ATTN)]), len(kept[(la.index, MLP)]))
@@ -406,8 +550,14 @@ def check_adapter(model_factory: Callable[[], torch.nn.Module],
             with torch.no_grad():
                 for la in sliced.layers():
                     h, kw = sliced_io[la.index]["hidden"], sliced_io[la.index]["kwargs"]
-                    _close("slicing", la.index, la.run_block(h, **kw), sliced_io[la.index]["out"],
-                           atol, rtol)  # fmt: skip
+                    _close(
+                        "slicing",
+                        la.index,
+                        la.run_block(h, **kw),
+                        sliced_io[la.index]["out"],
+                        atol,
+                        rtol,
+                    )
                     _check_probe(la, h, kw, atol, rtol)
         if "cost_model" in checks:
             _check_cost(sliced_model, sliced, adapter, kept, ids)
@@ -485,8 +635,14 @@ class AdapterConformance:
             import pytest
 
             pytest.skip(f"{type(self).__name__} skips {', '.join(self.skip_checks)}")
-        check_adapter(self.make_model, self.adapter_class, atol=self.atol, rtol=self.rtol,
-                      checks=checks, tmp_dir=str(tmp_path) if tmp_path is not None else None)  # fmt: skip
+        check_adapter(
+            self.make_model,
+            self.adapter_class,
+            atol=self.atol,
+            rtol=self.rtol,
+            checks=checks,
+            tmp_dir=str(tmp_path) if tmp_path is not None else None,
+        )
 
     def test_supports(self):
         self._check("supports")

@@ -145,19 +145,44 @@ class RunView:
             if cfg is not None:
                 slots[kind] = SlotView(cfg.name, _frozen(cfg.options))
         return cls(
-            model=ModelView(recipe.model.id, recipe.model.dtype, recipe.model.device,
-                            recipe.model.adapter),  # fmt: skip
-            method=MethodView(m.name, m.ratio, tuple(m.skip_layers), m.round_to,
-                              _frozen(m.options), StateView(m.state.load),
-                              MappingProxyType(slots)),  # fmt: skip
-            calibration=CalibrationView(c.dataset, c.split, c.path, c.text_field, c.samples,
-                                        c.seq_len, c.batch_size, c.bos),  # fmt: skip
-            evaluation=EvaluationView(tuple(
-                PerplexityView(p.label, p.dataset, p.split, p.path, p.seq_len, p.windows,
-                               p.batch_size, p.sampling, p.bos, p.prompt_tokens)
-                for p in recipe.evaluation.perplexity)),  # fmt: skip
+            model=ModelView(
+                recipe.model.id, recipe.model.dtype, recipe.model.device, recipe.model.adapter
+            ),
+            method=MethodView(
+                m.name,
+                m.ratio,
+                tuple(m.skip_layers),
+                m.round_to,
+                _frozen(m.options),
+                StateView(m.state.load),
+                MappingProxyType(slots),
+            ),
+            calibration=CalibrationView(
+                c.dataset, c.split, c.path, c.text_field, c.samples, c.seq_len, c.batch_size, c.bos
+            ),
+            evaluation=EvaluationView(
+                tuple(
+                    PerplexityView(
+                        p.label,
+                        p.dataset,
+                        p.split,
+                        p.path,
+                        p.seq_len,
+                        p.windows,
+                        p.batch_size,
+                        p.sampling,
+                        p.bos,
+                        p.prompt_tokens,
+                    )
+                    for p in recipe.evaluation.perplexity
+                )
+            ),
             seed=recipe.seed,
-            _identity=_frozen({"model": recipe.model.model_dump(mode="json"),
-                               "method": m.model_dump(mode="json"),
-                               "calibration": c.model_dump(mode="json")}),  # fmt: skip
+            _identity=_frozen(
+                {
+                    "model": recipe.model.model_dump(mode="json"),
+                    "method": m.model_dump(mode="json"),
+                    "calibration": c.model_dump(mode="json"),
+                }
+            ),
         )

@@ -59,17 +59,29 @@ def install_plugin_package(tmp_path_factory):
     def install(package_dir: Path) -> Path:
         name = package_dir.name
         target = tmp_path_factory.mktemp(f"{name}-site")
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
-               "--disable-pip-version-check", "--target", str(target)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-input",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+        ]
         if importlib.util.find_spec("setuptools") is not None:
             cmd.append("--no-build-isolation")
         source = tmp_path_factory.mktemp(f"{name}-src") / name
-        shutil.copytree(package_dir, source,
-                        ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))  # fmt: skip
+        shutil.copytree(
+            package_dir, source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info")
+        )
         proc = subprocess.run([*cmd, str(source)], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            pytest.skip(f"could not pip-install {name} (no setuptools, and no network for build "
-                        f"isolation?):\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")  # fmt: skip
+            pytest.skip(
+                f"could not pip-install {name} (no setuptools, and no network for build "
+                f"isolation?):\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}"
+            )
         dist = name.replace("-", "_")
         assert list(target.glob(f"{dist}-*.dist-info")), sorted(os.listdir(target))
         return target

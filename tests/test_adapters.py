@@ -105,11 +105,13 @@ def test_ratio_zero_reproduces_dense_logits(arch, method):
     calibration = torch.randint(3, 128, (24, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         dense = model(input_ids=ids).logits
-        outcome = prunekit.prune(model, None, method=method, ratio=0.0, calibration=calibration,
-                                 skip_layers=[0])  # fmt: skip
+        outcome = prunekit.prune(
+            model, None, method=method, ratio=0.0, calibration=calibration, skip_layers=[0]
+        )
         for _ in range(2):  # dynamic methods: a second batch after a history update
-            torch.testing.assert_close(outcome.model(input_ids=ids).logits, dense, atol=1e-5,
-                                       rtol=0)  # fmt: skip
+            torch.testing.assert_close(
+                outcome.model(input_ids=ids).logits, dense, atol=1e-5, rtol=0
+            )
 
 
 def test_installed_adapter_takes_over_from_a_builtin(prunekit_pm):
@@ -135,8 +137,11 @@ def test_unsupported_architecture_fails_at_validate_with_the_supported_list(tmp_
     from transformers import GPT2Config
 
     GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path / "gpt2")
-    recipe = {"model": {"id": str(tmp_path / "gpt2")}, "method": {"name": "dense"},
-              "evaluation": {"perplexity": []}}  # fmt: skip
+    recipe = {
+        "model": {"id": str(tmp_path / "gpt2")},
+        "method": {"name": "dense"},
+        "evaluation": {"perplexity": []},
+    }
     with pytest.raises(prunekit.PrunekitError) as err:
         prunekit.validate(recipe)
     message = str(err.value)
@@ -146,8 +151,11 @@ def test_unsupported_architecture_fails_at_validate_with_the_supported_list(tmp_
 
 
 def test_recipe_can_name_the_adapter_and_a_wrong_name_is_an_error():
-    recipe = {"model": {"id": "smollm2-135m-instruct", "adapter": "lama"},
-              "method": {"name": "dense"}, "evaluation": {"perplexity": []}}  # fmt: skip
+    recipe = {
+        "model": {"id": "smollm2-135m-instruct", "adapter": "lama"},
+        "method": {"name": "dense"},
+        "evaluation": {"perplexity": []},
+    }
     with pytest.raises(prunekit.PrunekitError, match=r"model\.adapter.*did you mean 'llama'"):
         prunekit.validate(recipe)
 
@@ -158,8 +166,9 @@ STATIC = ["wanda-sp", "flap", "llm-pruner", "pp-calib"]
 def _prune(arch, method, ratio=0.4, **keys):
     model = TINY[arch]()
     calibration = torch.randint(3, 128, (24, 16), generator=torch.Generator().manual_seed(1))
-    return prunekit.prune(model, None, method=method, ratio=ratio, calibration=calibration,
-                          round_to=1, **keys)  # fmt: skip
+    return prunekit.prune(
+        model, None, method=method, ratio=ratio, calibration=calibration, round_to=1, **keys
+    )
 
 
 @pytest.mark.parametrize("method", STATIC)
@@ -182,8 +191,7 @@ def test_uniform_shapes_export_a_plain_checkpoint_where_the_config_allows(arch, 
     from transformers import AutoModelForCausalLM
 
     # ratio 0.5 keeps a head count that divides every tiny model's hidden size
-    outcome = _prune(arch, "wanda-sp", skip_layers=[], allocator={"balanced_kv": True},
-                     ratio=0.5)  # fmt: skip
+    outcome = _prune(arch, "wanda-sp", skip_layers=[], allocator={"balanced_kv": True}, ratio=0.5)
     outcome.save(str(tmp_path / "m"))
     layout = json.loads((tmp_path / "m" / "prunekit.json").read_text())["layout"]
     # OPTConfig derives head_dim from hidden / heads: pruned heads need the per-layer layout
@@ -200,8 +208,9 @@ def test_uniform_shapes_export_a_plain_checkpoint_where_the_config_allows(arch, 
 @pytest.mark.parametrize("arch", TINY)
 def test_dynamic_methods_prune_every_architecture(arch, method):
     outcome = _prune(arch, method, skip_layers=[0])
-    assert [row["heads"] < TINY[arch]().config.num_attention_heads
-            for row in outcome.structure] == [False] + [True] * (len(outcome.structure) - 1)  # fmt: skip
+    assert [
+        row["heads"] < TINY[arch]().config.num_attention_heads for row in outcome.structure
+    ] == [False] + [True] * (len(outcome.structure) - 1)
     ids = torch.randint(3, 128, (3, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         first = outcome.model(input_ids=ids).logits
@@ -226,14 +235,18 @@ def test_slicing_an_already_sliced_model_composes_the_kv_mapping(arch):
     second = Allocation({(1, ATTN): torch.tensor([1, 2]), (1, MLP): torch.arange(0, 64, 3)})
     slice_model(adapter, second)
     # the same as keeping heads [2, H-1] and channels 0, 3, ..., 63 of the original at once
-    once = slice_model(adapter_class_for(reference.config)(reference), Allocation({
-        (1, ATTN): torch.tensor([2, heads - 1]), (1, MLP): torch.arange(0, 64, 3)}))  # fmt: skip
+    once = slice_model(
+        adapter_class_for(reference.config)(reference),
+        Allocation({(1, ATTN): torch.tensor([2, heads - 1]), (1, MLP): torch.arange(0, 64, 3)}),
+    )
     assert once.layers()[1].kv_heads_of(torch.arange(2)).tolist() == (
-        adapter_class_for(model.config)(model).layers()[1].kv_heads_of(torch.arange(2)).tolist())
+        adapter_class_for(model.config)(model).layers()[1].kv_heads_of(torch.arange(2)).tolist()
+    )
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits,
-                                   atol=1e-5, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
 
 
 def test_load_pruned_without_prunekit_json_finds_an_adapter_with_modelling_code(tmp_path):
@@ -242,8 +255,12 @@ def test_load_pruned_without_prunekit_json_finds_an_adapter_with_modelling_code(
     (tmp_path / "m" / "prunekit.json").unlink()
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(prunekit.load_pruned(str(tmp_path / "m"))(input_ids=ids).logits,
-                                   outcome.model(input_ids=ids).logits, atol=1e-5, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            prunekit.load_pruned(str(tmp_path / "m"))(input_ids=ids).logits,
+            outcome.model(input_ids=ids).logits,
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_layer_wrapper_names_positional_arguments():
@@ -278,5 +295,6 @@ def test_an_edited_remote_code_file_is_reported_and_never_run(tmp_path):
         model = prunekit.load_pruned(str(tmp_path / "m"))  # and it did not raise
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, outcome.model(input_ids=ids).logits,
-                                   atol=1e-5, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, outcome.model(input_ids=ids).logits, atol=1e-5, rtol=0
+        )

@@ -49,20 +49,27 @@ def test_nested_yaml_aliases_are_refused(tmp_path, capsys):
 
 def test_aliases_that_stay_small_still_work(tmp_path, capsys):
     path = tmp_path / "recipe.yaml"
-    path.write_text("defaults: &w {dataset: wikitext2, seq_len: 128, windows: 4}\n"
-                    "evaluation:\n  perplexity: [*w]\n")  # fmt: skip
+    path.write_text(
+        "defaults: &w {dataset: wikitext2, seq_len: 128, windows: 4}\n"
+        "evaluation:\n  perplexity: [*w]\n"
+    )
     code, err = _validate(capsys, path)
     # the alias expanded fine; the unknown top-level key is what is reported
     assert code == 2 and "defaults" in err and "expands" not in err
 
 
-@pytest.mark.parametrize("make, needle", [
-    (lambda p: p.mkdir(), "is a directory; give a YAML file"),
-    (lambda p: p.write_bytes(b"#" * (1 << 20) + b"\n"), "is not a recipe (a recipe is a YAML "
-     "text file of at most 1048576 bytes)"),
-    (lambda p: p.write_text("[" * 5000 + "]" * 5000), "nested too deeply"),
-    (lambda p: p.write_text("- just\n- a list\n"), "the top level must be a mapping"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p: p.mkdir(), "is a directory; give a YAML file"),
+        (
+            lambda p: p.write_bytes(b"#" * (1 << 20) + b"\n"),
+            "is not a recipe (a recipe is a YAML text file of at most 1048576 bytes)",
+        ),
+        (lambda p: p.write_text("[" * 5000 + "]" * 5000), "nested too deeply"),
+        (lambda p: p.write_text("- just\n- a list\n"), "the top level must be a mapping"),
+    ],
+)
 def test_recipe_files_that_are_not_recipes(tmp_path, capsys, make, needle):
     path = tmp_path / "recipe.yaml"
     make(path)
@@ -70,25 +77,30 @@ def test_recipe_files_that_are_not_recipes(tmp_path, capsys, make, needle):
     assert code == 2 and needle in err
 
 
-@pytest.mark.parametrize("layout, needle", [
-    ("file", "is an existing file, not a directory"),
-    ("under-a-file", "cannot be created"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "layout, needle",
+    [
+        ("file", "is an existing file, not a directory"),
+        ("under-a-file", "cannot be created"),
+    ],
+)
 def test_an_output_dir_that_cannot_be_written_fails_at_validate(tmp_path, capsys, layout, needle):
     blocker = tmp_path / "taken"
     blocker.write_text("not a directory")
     out = blocker if layout == "file" else blocker / "run"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("method: {name: dense}\nevaluation: {perplexity: []}\n"
-                      f"output: {{dir: '{out}'}}\n")  # fmt: skip
+    recipe.write_text(
+        f"method: {{name: dense}}\nevaluation: {{perplexity: []}}\noutput: {{dir: '{out}'}}\n"
+    )
     code, err = _validate(capsys, recipe)
     assert code == 2 and "output.dir" in err and needle in err
     assert blocker.read_text() == "not a directory"
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:7"])
-def test_a_device_this_machine_does_not_have_fails_at_validate(tmp_path, capsys, monkeypatch,
-                                                               device):
+def test_a_device_this_machine_does_not_have_fails_at_validate(
+    tmp_path, capsys, monkeypatch, device
+):
     import torch
 
     if device == "cuda":
@@ -97,8 +109,9 @@ def test_a_device_this_machine_does_not_have_fails_at_validate(tmp_path, capsys,
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {{device: '{device}'}}\nmethod: {{name: dense}}\n"
-                      "evaluation: {perplexity: []}\n")  # fmt: skip
+    recipe.write_text(
+        f"model: {{device: '{device}'}}\nmethod: {{name: dense}}\nevaluation: {{perplexity: []}}\n"
+    )
     code, err = _validate(capsys, recipe)
     assert code == 2 and f"{recipe}:1: model.device" in err
     assert ("not available" in err) if device == "cuda" else ("cuda:0 to cuda:0" in err)
@@ -114,33 +127,41 @@ def _text_recipe(tmp_path, text: str, **evaluation) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("text, evaluation, needle", [
-    ("", {}, "is empty"),
-    ("hi\n", {}, "fewer than one window of seq_len=16"),
-    ("w " * 200, {"windows": 1000}, "1000 windows of 16 tokens need 16000 tokens"),
-])  # fmt: skip
-def test_text_too_short_for_the_request_fails_at_validate(tmp_path, capsys, text, evaluation,
-                                                          needle):  # fmt: skip
+@pytest.mark.parametrize(
+    "text, evaluation, needle",
+    [
+        ("", {}, "is empty"),
+        ("hi\n", {}, "fewer than one window of seq_len=16"),
+        ("w " * 200, {"windows": 1000}, "1000 windows of 16 tokens need 16000 tokens"),
+    ],
+)
+def test_text_too_short_for_the_request_fails_at_validate(
+    tmp_path, capsys, text, evaluation, needle
+):
     """Checked from the file's size alone (no tokenizer, no weights): at most one token per
     byte with any tokenizer."""
     code, err = _validate(capsys, _text_recipe(tmp_path, text, **evaluation))
     assert code == 2 and needle in err and "evaluation.perplexity.0" in err
 
 
-@pytest.mark.parametrize("rows, needle", [
-    ('{"text": "a b c"}\n{"text": "d e\n', "t.jsonl:2: not valid JSON"),
-    ('{"text": "a b c"}\n[1, 2]\n', "t.jsonl:2: expected a JSON object"),
-    ('{"body": "a b c"}\n', "t.jsonl:1: row has no field 'text'"),
-    ('{"text": 3}\n', "t.jsonl:1: field 'text' is int, expected a string"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "rows, needle",
+    [
+        ('{"text": "a b c"}\n{"text": "d e\n', "t.jsonl:2: not valid JSON"),
+        ('{"text": "a b c"}\n[1, 2]\n', "t.jsonl:2: expected a JSON object"),
+        ('{"body": "a b c"}\n', "t.jsonl:1: row has no field 'text'"),
+        ('{"text": 3}\n', "t.jsonl:1: field 'text' is int, expected a string"),
+    ],
+)
 def test_a_malformed_jsonl_corpus_fails_at_validate(tmp_path, capsys, rows, needle):
     """The first rows of a JSON-lines corpus are read at validate, so a broken file is
     reported with its line before any weight loads, not at evaluation."""
     (tmp_path / "t.jsonl").write_text(rows + '{"text": "more words"}\n' * 40)
     path = tmp_path / "r.yaml"
     ppl = {"path": str(tmp_path / "t.jsonl"), "seq_len": 16, "windows": 2}
-    path.write_text(f"method: {{name: dense}}\nevaluation: {{perplexity: [{ppl!r}]}}\n"
-                    .replace("'", '"'))  # fmt: skip
+    path.write_text(
+        f"method: {{name: dense}}\nevaluation: {{perplexity: [{ppl!r}]}}\n".replace("'", '"')
+    )
     code, err = _validate(capsys, path)
     assert code == 2 and needle in err and "evaluation.perplexity.0.path" in err
 
@@ -149,15 +170,22 @@ def test_a_hub_id_is_reported_as_not_checked_offline(tmp_path, capsys, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
     path = tmp_path / "r.yaml"
-    path.write_text("model: {id: some-org/some-model}\nmethod: {name: dense}\n"
-                    "evaluation: {perplexity: []}\n")  # fmt: skip
+    path.write_text(
+        "model: {id: some-org/some-model}\nmethod: {name: dense}\nevaluation: {perplexity: []}\n"
+    )
     code = main(["validate", str(path)])
     out = capsys.readouterr().out
     assert code == 0 and "is a Hugging Face hub id: not checked offline" in out
 
 
-@pytest.mark.parametrize("text", ['seed: !!python/object/apply:os.system ["touch {marker}"]\n',
-                                  "seed: !!python/name:os.system\n", "seed: !custom 3\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        'seed: !!python/object/apply:os.system ["touch {marker}"]\n',
+        "seed: !!python/name:os.system\n",
+        "seed: !custom 3\n",
+    ],
+)
 def test_a_recipe_is_data_yaml_tags_construct_nothing(tmp_path, capsys, text):
     marker = tmp_path / "ran"
     path = tmp_path / "r.yaml"
@@ -181,30 +209,44 @@ def tiny_dirs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", ["opt", "llama"])
-@pytest.mark.parametrize("section, key", [
-    ("calibration: {path: TEXT, samples: 2, seq_len: 1024}\nmethod: {name: wanda-sp, ratio: 0.2, "
-     "skip_layers: []}\nevaluation: {perplexity: []}\n", "calibration.seq_len"),
-    ("method: {name: dense}\nevaluation: {perplexity: [{path: TEXT, seq_len: 600, windows: 1}]}\n",
-     "evaluation.perplexity.0.seq_len"),
-    ("method: {name: dense}\nevaluation: {perplexity: [], tasks: [{name: piqa, "
-     "max_length: 513}]}\n", "evaluation.tasks.0.max_length"),
-])  # fmt: skip
-def test_a_window_longer_than_the_models_context_fails_at_validate(tmp_path, capsys, tiny_dirs,
-                                                                    model, section, key):  # fmt: skip
+@pytest.mark.parametrize(
+    "section, key",
+    [
+        (
+            "calibration: {path: TEXT, samples: 2, seq_len: 1024}\nmethod: {name: wanda-sp, ratio: 0.2, "
+            "skip_layers: []}\nevaluation: {perplexity: []}\n",
+            "calibration.seq_len",
+        ),
+        (
+            "method: {name: dense}\nevaluation: {perplexity: [{path: TEXT, seq_len: 600, windows: 1}]}\n",
+            "evaluation.perplexity.0.seq_len",
+        ),
+        (
+            "method: {name: dense}\nevaluation: {perplexity: [], tasks: [{name: piqa, "
+            "max_length: 513}]}\n",
+            "evaluation.tasks.0.max_length",
+        ),
+    ],
+)
+def test_a_window_longer_than_the_models_context_fails_at_validate(
+    tmp_path, capsys, tiny_dirs, model, section, key
+):
     """Past max_position_embeddings, OPT's learned positions raised an IndexError in the middle
     of calibration (reported as a prunekit bug) and rotary models ran outside the lengths they
     were trained on: both are refused from the config alone, naming the key."""
     (tmp_path / "t.txt").write_text("word " * 5000)
     path = tmp_path / "r.yaml"
-    path.write_text(f"model: {{id: {tiny_dirs / model}}}\n"
-                    + section.replace("TEXT", str(tmp_path / "t.txt")))  # fmt: skip
+    path.write_text(
+        f"model: {{id: {tiny_dirs / model}}}\n" + section.replace("TEXT", str(tmp_path / "t.txt"))
+    )
     code, err = _validate(capsys, path)
     assert code == 2 and f"{key}: " in err
     assert "longer than the model's context (512 positions, max_position_embeddings" in err
     assert "use at most 512" in err
     # at the limit it validates
-    path.write_text(path.read_text().replace("1024", "512").replace("600", "512")
-                    .replace("513", "512"))  # fmt: skip
+    path.write_text(
+        path.read_text().replace("1024", "512").replace("600", "512").replace("513", "512")
+    )
     code, err = _validate(capsys, path)
     assert code == 0, err
 
@@ -214,48 +256,65 @@ def test_calibration_on_too_little_text_warns_and_runs(tmp_path, capsys, tiny_di
     with replacement) but the user is told, in one line, that most of them repeat the text."""
     (tmp_path / "t.txt").write_text("word " * 400)
     path = tmp_path / "r.yaml"
-    path.write_text(f"model: {{id: {tiny_dirs / 'llama'}}}\n"
-                    f"calibration: {{path: {tmp_path / 't.txt'}, samples: 16, seq_len: 128, "
-                    "batch_size: 8}\nmethod: {name: wanda-sp, ratio: 0.2, skip_layers: []}\n"
-                    "evaluation: {perplexity: []}\n")  # fmt: skip
+    path.write_text(
+        f"model: {{id: {tiny_dirs / 'llama'}}}\n"
+        f"calibration: {{path: {tmp_path / 't.txt'}, samples: 16, seq_len: 128, "
+        "batch_size: 8}\nmethod: {name: wanda-sp, ratio: 0.2, skip_layers: []}\n"
+        "evaluation: {perplexity: []}\n"
+    )
     code = main(["apply", str(path), "-o", str(tmp_path / "out"), "-q"])
     err = capsys.readouterr().err
     assert code == 0, err
     lines = [line for line in err.splitlines() if "calibration:" in line]
-    assert len(lines) == 1 and lines[0].startswith("warning: calibration: the 16 windows of "
-                                                   "128 tokens drawn from file ")  # fmt: skip
+    assert len(lines) == 1 and lines[0].startswith(
+        "warning: calibration: the 16 windows of 128 tokens drawn from file "
+    )
     assert "distinct text" in lines[0] and "Traceback" not in err and "RuntimeWarning" not in err
     assert (tmp_path / "out" / "results.json").is_file()
 
 
-@pytest.mark.parametrize("rows, limit, needle", [
-    ('{"q": "a", "opts": ["x", "y"], "label": 5}\n', None,
-     "t.jsonl:1: task mine: gold value 5 gives index 5, out of range for 2 choices"),
-    ('{"q": "a", "opts": ["x", "y"], "label": 0}\n{"qq": "b", "opts": ["x"], "label": 0}\n',
-     None, "t.jsonl:2: task mine: the record has no field 'q'"),
-    ('{"q": "a", "opts": "x y", "label": 0}\n', None, "field 'opts' must be a list of strings"),
-    ("", None, "holds no records"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "rows, limit, needle",
+    [
+        (
+            '{"q": "a", "opts": ["x", "y"], "label": 5}\n',
+            None,
+            "t.jsonl:1: task mine: gold value 5 gives index 5, out of range for 2 choices",
+        ),
+        (
+            '{"q": "a", "opts": ["x", "y"], "label": 0}\n{"qq": "b", "opts": ["x"], "label": 0}\n',
+            None,
+            "t.jsonl:2: task mine: the record has no field 'q'",
+        ),
+        ('{"q": "a", "opts": "x y", "label": 0}\n', None, "field 'opts' must be a list of strings"),
+        ("", None, "holds no records"),
+    ],
+)
 def test_a_broken_task_file_fails_at_validate(tmp_path, capsys, rows, limit, needle):
     """Every question a task file gives the run is built at validate (no tokenizer, no
     weights), so a bad row is reported with its line before the model loads."""
     (tmp_path / "t.jsonl").write_text(rows)
     path = tmp_path / "r.yaml"
-    path.write_text("method: {name: dense}\nevaluation:\n  perplexity: []\n  tasks:\n"
-                    f"    - {{name: mine, path: {tmp_path / 't.jsonl'}, context: '{{q}}', "
-                    "choices: opts, gold: label}\n")  # fmt: skip
+    path.write_text(
+        "method: {name: dense}\nevaluation:\n  perplexity: []\n  tasks:\n"
+        f"    - {{name: mine, path: {tmp_path / 't.jsonl'}, context: '{{q}}', "
+        "choices: opts, gold: label}\n"
+    )
     code, err = _validate(capsys, path)
     assert code == 2 and needle in err and "evaluation.tasks.0.path" in err
 
 
 def test_task_rows_past_the_limit_are_not_checked(tmp_path, capsys):
     """`limit: 1` evaluates the first question only, so a bad second row is no error."""
-    (tmp_path / "t.jsonl").write_text('{"q": "a", "opts": ["x", "y"], "label": 0}\n'
-                                      '{"q": "b", "opts": ["x", "y"], "label": 9}\n')  # fmt: skip
+    (tmp_path / "t.jsonl").write_text(
+        '{"q": "a", "opts": ["x", "y"], "label": 0}\n{"q": "b", "opts": ["x", "y"], "label": 9}\n'
+    )
     path = tmp_path / "r.yaml"
-    path.write_text("method: {name: dense}\nevaluation:\n  perplexity: []\n  tasks:\n"
-                    f"    - {{name: mine, limit: 1, path: {tmp_path / 't.jsonl'}, context: "
-                    "'{q}', choices: opts, gold: label}\n")  # fmt: skip
+    path.write_text(
+        "method: {name: dense}\nevaluation:\n  perplexity: []\n  tasks:\n"
+        f"    - {{name: mine, limit: 1, path: {tmp_path / 't.jsonl'}, context: "
+        "'{q}', choices: opts, gold: label}\n"
+    )
     code, err = _validate(capsys, path)
     assert code == 0, err
     path.write_text(path.read_text().replace("limit: 1", "limit: 2"))
@@ -275,18 +334,33 @@ def _incomplete(directory, what: str) -> None:
     else:  # a sharded checkpoint whose index names a shard that is not there
         weights = directory / "model.safetensors"
         weights.rename(directory / "model-00001-of-00002.safetensors")
-        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-            "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps(
+                {
+                    "weight_map": {
+                        "a": "model-00001-of-00002.safetensors",
+                        "b": "model-00002-of-00002.safetensors",
+                    }
+                }
+            )
+        )
 
 
-@pytest.mark.parametrize("what, needle", [
-    ("weights", "has config.json but no weights"),
-    ("tokenizer", "has no tokenizer"),
-    ("shard", "model.safetensors.index.json names 1 shard(s) that are missing "
-              "(model-00002-of-00002.safetensors)"),
-])  # fmt: skip
-def test_an_incomplete_local_checkpoint_fails_at_validate(tmp_path, capsys, tiny_dirs, what,
-                                                          needle):  # fmt: skip
+@pytest.mark.parametrize(
+    "what, needle",
+    [
+        ("weights", "has config.json but no weights"),
+        ("tokenizer", "has no tokenizer"),
+        (
+            "shard",
+            "model.safetensors.index.json names 1 shard(s) that are missing "
+            "(model-00002-of-00002.safetensors)",
+        ),
+    ],
+)
+def test_an_incomplete_local_checkpoint_fails_at_validate(
+    tmp_path, capsys, tiny_dirs, what, needle
+):
     """A directory copied without its weights, a shard or its tokenizer failed only once
     `apply` was loading it; its file names tell at validate."""
     import shutil
@@ -294,8 +368,9 @@ def test_an_incomplete_local_checkpoint_fails_at_validate(tmp_path, capsys, tiny
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_dirs / "llama", model_dir)
     path = tmp_path / "r.yaml"
-    path.write_text(f"model: {{id: {model_dir}}}\nmethod: {{name: dense}}\n"
-                    "evaluation: {perplexity: []}\n")  # fmt: skip
+    path.write_text(
+        f"model: {{id: {model_dir}}}\nmethod: {{name: dense}}\nevaluation: {{perplexity: []}}\n"
+    )
     assert _validate(capsys, path)[0] == 0
     _incomplete(model_dir, what)
     code, err = _validate(capsys, path)

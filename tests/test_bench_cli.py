@@ -8,9 +8,14 @@ import pytest
 from prunekit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["calibration.samples=4", "calibration.seq_len=64", "calibration.batch_size=4",
-         "evaluation.perplexity.0.windows=4", "evaluation.perplexity.0.seq_len=64",
-         "evaluation.perplexity.0.batch_size=2"]  # fmt: skip
+SMALL = [
+    "calibration.samples=4",
+    "calibration.seq_len=64",
+    "calibration.batch_size=4",
+    "evaluation.perplexity.0.windows=4",
+    "evaluation.perplexity.0.seq_len=64",
+    "evaluation.perplexity.0.batch_size=2",
+]
 
 
 def _bench(out, *extra, sets=()):
@@ -58,8 +63,15 @@ def test_bench_static_model_has_fewer_param_bytes(smollm2, tmp_path):
 
 @pytest.mark.smollm2
 def test_bench_without_interleaving_says_so(smollm2, tmp_path):
-    assert _bench(tmp_path / "n", "--batches", "1",
-                  sets=["method.name=wanda-sp", "runtime.interleave=false"]) == 0  # fmt: skip
+    assert (
+        _bench(
+            tmp_path / "n",
+            "--batches",
+            "1",
+            sets=["method.name=wanda-sp", "runtime.interleave=false"],
+        )
+        == 0
+    )
     runtime = json.loads((tmp_path / "n" / "results.json").read_text())["runtime"]
     # dense timed before pruning, in place: not paired, and the result says so
     assert runtime["interleaved"] is False and len(runtime["dense_s_all"]) == 5

@@ -22,23 +22,37 @@ from prunekit.views import RunView
 
 RECIPE = {
     "calibration": {"dataset": "c4", "samples": 6, "seq_len": 32, "batch_size": 2},
-    "method": {"name": "pp", "ratio": 0.4, "skip_layers": [0], "mode": "sync",
-               "probe": {"name": "residual_rank"}},
-    "evaluation": {"perplexity": [{"dataset": "wikitext2", "split": "test", "seq_len": 32,
-                                   "windows": 2, "batch_size": 2}]},
+    "method": {
+        "name": "pp",
+        "ratio": 0.4,
+        "skip_layers": [0],
+        "mode": "sync",
+        "probe": {"name": "residual_rank"},
+    },
+    "evaluation": {
+        "perplexity": [
+            {"dataset": "wikitext2", "split": "test", "seq_len": 32, "windows": 2, "batch_size": 2}
+        ]
+    },
     "seed": 3,
-}  # fmt: skip
+}
 
 
 def _context(override=None, recipe=RECIPE):
     model, tokenizer = tiny_llama(), tiny_tokenizer()
     loaded = load_recipe(recipe)
     plan = validate(loaded, model=model, check_output=False)
-    ctx = PruneContext(model=model, tokenizer=tokenizer, adapter=resolve_adapter(model),
-                       settings=plan.settings, run_recipe=loaded.recipe, run=plan.run,
-                       calibration_source=plan.calibration_source,
-                       perplexity_sources=plan.perplexity_sources,
-                       calibration_windows_override=override)  # fmt: skip
+    ctx = PruneContext(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=resolve_adapter(model),
+        settings=plan.settings,
+        run_recipe=loaded.recipe,
+        run=plan.run,
+        calibration_source=plan.calibration_source,
+        perplexity_sources=plan.perplexity_sources,
+        calibration_windows_override=override,
+    )
     return ctx, plan
 
 
@@ -51,8 +65,9 @@ def test_calibration_windows_of_any_size_are_the_corpus_draw():
     want = calibration_windows(ctx.tokenizer, plan.calibration_source, 6, 32, seed=3)
     assert torch.equal(default, want)
     other = ctx.calibration_windows(3, 10)
-    assert torch.equal(other, calibration_windows(ctx.tokenizer, plan.calibration_source, 3, 10,
-                                                  seed=3))  # fmt: skip
+    assert torch.equal(
+        other, calibration_windows(ctx.tokenizer, plan.calibration_source, 3, 10, seed=3)
+    )
 
 
 def test_calibration_windows_given_as_a_tensor_are_cut_to_size():
@@ -67,7 +82,11 @@ def test_the_run_view_is_typed_frozen_and_keeps_the_recipes_paths():
     run = ctx.run
     assert isinstance(run, RunView) and run is plan.run
     assert (run.model.id, run.seed, run.method.name, run.method.ratio) == (
-        plan.recipe.model.id, 3, "pp", 0.4)
+        plan.recipe.model.id,
+        3,
+        "pp",
+        0.4,
+    )
     assert run.method.skip_layers == (0,)
     assert run.calibration.seq_len == 32 and run.evaluation.perplexity[0].seq_len == 32
     assert run.evaluation.perplexity[0].label == plan.recipe.evaluation.perplexity[0].label
@@ -79,9 +98,11 @@ def test_the_run_view_is_typed_frozen_and_keeps_the_recipes_paths():
     with pytest.raises(TypeError):
         run.method.options["mode"] = "async_intra"
     identity = ctx.identity()
-    assert identity == {"model": plan.recipe.model.model_dump(mode="json"),
-                        "method": plan.recipe.method.model_dump(mode="json"),
-                        "calibration": plan.recipe.calibration.model_dump(mode="json")}  # fmt: skip
+    assert identity == {
+        "model": plan.recipe.model.model_dump(mode="json"),
+        "method": plan.recipe.method.model_dump(mode="json"),
+        "calibration": plan.recipe.calibration.model_dump(mode="json"),
+    }
     identity["seed"] = 1  # a copy: the run's identity does not change
     assert "seed" not in ctx.identity()
 
@@ -116,6 +137,11 @@ def test_class_level_checks_receive_the_view(monkeypatch):
     monkeypatch.setattr(cls, "layer_ratio", classmethod(layer_ratio))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="PruneContext.recipe")
-        prunekit.prune(tiny_llama(), method="wanda-sp", ratio=0.4, skip_layers=[],
-                       calibration=torch.randint(0, 128, (4, 8)))  # fmt: skip
+        prunekit.prune(
+            tiny_llama(),
+            method="wanda-sp",
+            ratio=0.4,
+            skip_layers=[],
+            calibration=torch.randint(0, 128, (4, 8)),
+        )
     assert isinstance(seen["check_recipe"], RunView) and isinstance(seen["layer_ratio"], RunView)

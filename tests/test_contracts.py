@@ -95,23 +95,32 @@ def test_a_plugin_declares_a_kind_and_a_method_uses_it(prunekit_pm):
     assert registry.kinds["ranker"].plugin == "rankers"
     assert "ranker" in registry.slot_kinds()
     for name in ("down_norm", "reversed"):
-        out = prunekit.prune(tiny_llama(layers=2), method="ranked", ratio=0.5, skip_layers=[],
-                             ranker={"name": name, "power": 1.0})  # fmt: skip
+        out = prunekit.prune(
+            tiny_llama(layers=2),
+            method="ranked",
+            ratio=0.5,
+            skip_layers=[],
+            ranker={"name": name, "power": 1.0},
+        )
         assert all(row["channels"] == 48 for row in out.structure)
     # the default comes from the kind, a recipe line swaps it (string shorthand too)
     torch.manual_seed(0)
     model = tiny_llama(layers=2)
     default = prunekit.prune(copy.deepcopy(model), method="ranked", ratio=0.5, skip_layers=[])
-    swapped = prunekit.prune(copy.deepcopy(model), method="ranked", ratio=0.5, skip_layers=[],
-                             ranker="reversed")  # fmt: skip
+    swapped = prunekit.prune(
+        copy.deepcopy(model), method="ranked", ratio=0.5, skip_layers=[], ranker="reversed"
+    )
     x = _ids(0)
     assert not torch.allclose(default.model(input_ids=x).logits, swapped.model(input_ids=x).logits)
 
 
 def test_a_component_that_breaks_its_kinds_protocol_fails_at_validate(prunekit_pm):
     prunekit_pm.register_plugin(RankerPlugin(), "rankers")
-    with pytest.raises(PluginError, match=r"ranker 'not_a_ranker' of plugin 'rankers' is not a "
-                       r"ChannelRanker \(it lacks rank\)"):  # fmt: skip
+    with pytest.raises(
+        PluginError,
+        match=r"ranker 'not_a_ranker' of plugin 'rankers' is not a "
+        r"ChannelRanker \(it lacks rank\)",
+    ):
         prunekit.prune(tiny_llama(), method="ranked", ratio=0.5, ranker="not_a_ranker")
 
 
@@ -126,13 +135,19 @@ def test_a_method_whose_kind_is_missing_fails_at_validate(prunekit_pm):
         prunekit.prune(tiny_llama(), method="ranked", ratio=0.5)
 
 
-@pytest.mark.parametrize("problem, expected", [
-    # the documented form: located at the key, the message whole (colons inside kept)
-    ("method.power: 2 is too high: use at most 1", r"method\.power: 2 is too high: use at most 1$"),
-    # no key (a third-party method may write one): located at `method`, never cut short
-    ("this model is too small to rank", r"method: this model is too small to rank$"),
-    ("the ranker failed: see above", r"method: the ranker failed: see above$"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        # the documented form: located at the key, the message whole (colons inside kept)
+        (
+            "method.power: 2 is too high: use at most 1",
+            r"method\.power: 2 is too high: use at most 1$",
+        ),
+        # no key (a third-party method may write one): located at `method`, never cut short
+        ("this model is too small to rank", r"method: this model is too small to rank$"),
+        ("the ranker failed: see above", r"method: the ranker failed: see above$"),
+    ],
+)
 def test_a_methods_recipe_problem_is_reported_whole(prunekit_pm, problem, expected):
     class Picky(RankedPrune):
         @classmethod
@@ -157,8 +172,9 @@ def test_kind_declared_twice_and_unknown_kinds_name_the_plugins(prunekit_pm):
             register("probe")
 
     prunekit_pm.register_plugin(Again(), "again")
-    with pytest.raises(PluginError, match="kind 'probe' is declared twice: by plugin 'pp' and "
-                       "by plugin 'again'"):  # fmt: skip
+    with pytest.raises(
+        PluginError, match="kind 'probe' is declared twice: by plugin 'pp' and by plugin 'again'"
+    ):
         get_registry(prunekit_pm)
     prunekit_pm.unregister(name="again")
 
@@ -168,8 +184,9 @@ def test_kind_declared_twice_and_unknown_kinds_name_the_plugins(prunekit_pm):
             register("rankr", "x", DownNorm)
 
     prunekit_pm.register_plugin(Stray(), "stray")
-    with pytest.raises(PluginError, match="plugin 'stray' registered a component of unknown "
-                       "kind 'rankr'"):  # fmt: skip
+    with pytest.raises(
+        PluginError, match="plugin 'stray' registered a component of unknown kind 'rankr'"
+    ):
         get_registry(prunekit_pm)
 
 
@@ -180,8 +197,11 @@ def test_an_old_style_hook_is_reported_not_ignored(prunekit_pm):
             raise AssertionError("never called")
 
     prunekit_pm.register_plugin(OldStyle(), "old-style")
-    with pytest.warns(RuntimeWarning, match="prunekit_register_probes, which is not a prunekit "
-                      "hook.*prunekit_register_components"):  # fmt: skip
+    with pytest.warns(
+        RuntimeWarning,
+        match="prunekit_register_probes, which is not a prunekit "
+        "hook.*prunekit_register_components",
+    ):
         get_registry(prunekit_pm)
 
 
@@ -197,31 +217,52 @@ def test_the_pp_kinds_come_from_the_pp_plugin():
 # -- needs and provides -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method, swap, needle", [
-    ("wanda-sp", {"metric": "flap"}, "method.metric: metric 'flap' (plugin 'flap') needs "
-     "'fluctuation', which this run does not provide: method.statistic 'sq_mean' (plugin "
-     "'calibration') provides sq_mean"),
-    ("flap", {"statistic": "sq_mean"}, "Choose a statistic that provides it (fluctuation)"),
-    ("wanda-sp", {"compensator": "bias_mean"}, "compensator 'bias_mean' (plugin 'flap') needs "
-     "'mean'"),
-    ("pp-fullbatch", {"fusion": "history_only"}, "fusion 'history_only' (plugin 'pp') needs "
-     "'history'"),
-    ("wanda-sp", {"metric": "taylor"}, "needs 'gradients'"),
-    ("pp", {"statistic": "fluctuation"}, "method 'pp' (plugin 'pp') needs 'sq_mean'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "method, swap, needle",
+    [
+        (
+            "wanda-sp",
+            {"metric": "flap"},
+            "method.metric: metric 'flap' (plugin 'flap') needs "
+            "'fluctuation', which this run does not provide: method.statistic 'sq_mean' (plugin "
+            "'calibration') provides sq_mean",
+        ),
+        ("flap", {"statistic": "sq_mean"}, "Choose a statistic that provides it (fluctuation)"),
+        (
+            "wanda-sp",
+            {"compensator": "bias_mean"},
+            "compensator 'bias_mean' (plugin 'flap') needs 'mean'",
+        ),
+        (
+            "pp-fullbatch",
+            {"fusion": "history_only"},
+            "fusion 'history_only' (plugin 'pp') needs 'history'",
+        ),
+        ("wanda-sp", {"metric": "taylor"}, "needs 'gradients'"),
+        ("pp", {"statistic": "fluctuation"}, "method 'pp' (plugin 'pp') needs 'sq_mean'"),
+    ],
+)
 def test_a_swap_that_cannot_work_fails_at_validate_naming_both(method, swap, needle):
-    recipe = {"method": {"name": method, "ratio": 0.4, **{k: {"name": v} for k, v in swap.items()}},
-              "evaluation": {"perplexity": []}}  # fmt: skip
+    recipe = {
+        "method": {"name": method, "ratio": 0.4, **{k: {"name": v} for k, v in swap.items()}},
+        "evaluation": {"perplexity": []},
+    }
     with pytest.raises(RecipeError) as err:
         prunekit.validate(recipe, check_files=False)
     assert needle in str(err.value)
 
 
 def test_swaps_that_work_still_validate():
-    for method, swap in (("pp-calib", {"metric": "wanda_sp"}), ("wanda-sp", {"metric": "pp_score"}),
-                         ("flap", {"compensator": "none"}), ("pp", {"fusion": "fixed_ratio"})):  # fmt: skip
-        recipe = {"method": {"name": method, "ratio": 0.4, **{k: {"name": v} for k, v in swap.items()}},
-                  "evaluation": {"perplexity": []}}  # fmt: skip
+    for method, swap in (
+        ("pp-calib", {"metric": "wanda_sp"}),
+        ("wanda-sp", {"metric": "pp_score"}),
+        ("flap", {"compensator": "none"}),
+        ("pp", {"fusion": "fixed_ratio"}),
+    ):
+        recipe = {
+            "method": {"name": method, "ratio": 0.4, **{k: {"name": v} for k, v in swap.items()}},
+            "evaluation": {"perplexity": []},
+        }
         prunekit.validate(recipe, check_files=False)
 
 
@@ -281,11 +322,14 @@ def _running_method(protocol: DynamicProtocol):
     return Running
 
 
-@pytest.mark.parametrize("protocol", [
-    DynamicProtocol(reset=True, warmup_batches=2, stateful=True),
-    DynamicProtocol(reset=False, warmup_batches=0, stateful=True),
-    DynamicProtocol(observes=(), reset=True, warmup_batches=1),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "protocol",
+    [
+        DynamicProtocol(reset=True, warmup_batches=2, stateful=True),
+        DynamicProtocol(reset=False, warmup_batches=0, stateful=True),
+        DynamicProtocol(observes=(), reset=True, warmup_batches=1),
+    ],
+)
 def test_evaluation_follows_the_declared_protocol(protocol):
     method = _running_method(protocol)
     outcome = method(MethodSettings("running", 0.5), {}).prune(_ctx(tiny_llama(layers=2)))
@@ -313,7 +357,8 @@ def test_zero_shot_and_the_lm_eval_bridge_follow_the_declared_protocol():
 
     protocol = DynamicProtocol(reset=True, warmup_batches=3, stateful=True)
     outcome = _running_method(protocol)(MethodSettings("running", 0.5), {}).prune(
-        _ctx(tiny_llama(layers=2)))  # fmt: skip
+        _ctx(tiny_llama(layers=2))
+    )
     pairs = [([3, 4, 5], [6]), ([7], [8, 9]), ([10, 11], [12]), ([13], [14])]
     score_requests(outcome.model, pairs, batch_size=2)
     calls = outcome.model.controller.calls
@@ -328,7 +373,9 @@ def test_a_stateful_protocol_needs_snapshot_and_restore():
     model = tiny_llama(layers=2)
     adapter = prunekit.registry.resolve_adapter(model)
     with pytest.raises(TypeError, match="stateful dynamic method's controller needs snapshot"):
-        DynamicModel(model, adapter, Forgetful(adapter, 48), protocol=DynamicProtocol(stateful=True))
+        DynamicModel(
+            model, adapter, Forgetful(adapter, 48), protocol=DynamicProtocol(stateful=True)
+        )
 
 
 def test_protocol_values_are_checked():
@@ -338,8 +385,9 @@ def test_protocol_values_are_checked():
         DynamicProtocol(observes=("gradients",))
 
 
-def test_the_runner_reports_the_methods_figures_and_never_calls_hooks_per_batch(prunekit_pm,
-                                                                                 tmp_path):
+def test_the_runner_reports_the_methods_figures_and_never_calls_hooks_per_batch(
+    prunekit_pm, tmp_path
+):
     class Plugin:
         @prunekit.hookimpl
         def prunekit_register_methods(self, register):
@@ -363,8 +411,9 @@ def test_the_runner_reports_the_methods_figures_and_never_calls_hooks_per_batch(
     prunekit_pm.register_plugin(Plugin(), "running-plugin")
     prunekit_pm.register_plugin(Counting(), "counting")
     calls: list[str] = []
-    undo = prunekit_pm.add_hookcall_monitoring(lambda name, impls, kw: calls.append(name),
-                                               lambda *a: None)  # fmt: skip
+    undo = prunekit_pm.add_hookcall_monitoring(
+        lambda name, impls, kw: calls.append(name), lambda *a: None
+    )
     try:
         result = _apply_tiny(tmp_path, "running")
     finally:
@@ -382,9 +431,12 @@ def test_an_error_inside_a_component_names_its_plugin(prunekit_pm, tmp_path):
             raise ZeroDivisionError("boom")
 
     _register_ranker(prunekit_pm, "explosives", "exploding", Exploding)
-    with pytest.raises(PluginError, match=r"plugin 'explosives' \(distribution \?\) failed "
-                       r"during calibration and pruning: ZeroDivisionError: boom \(raised at "
-                       r".*test_contracts.py:\d+\)"):  # fmt: skip
+    with pytest.raises(
+        PluginError,
+        match=r"plugin 'explosives' \(distribution \?\) failed "
+        r"during calibration and pruning: ZeroDivisionError: boom \(raised at "
+        r".*test_contracts.py:\d+\)",
+    ):
         _apply_tiny(tmp_path, "ranked", ["method.ranker.name=exploding"])
     assert not (tmp_path / "out").exists()
     # a user's mistake stays a user error
@@ -399,12 +451,16 @@ def test_a_full_disk_is_a_storage_error_not_a_plugin_bug(prunekit_pm, tmp_path):
 
     class Writing(DownNorm):
         def rank(self, layer):
-            raise RuntimeError("Error while serializing: I/O error: No space left on device "
-                               "(os error 28)")  # fmt: skip
+            raise RuntimeError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
 
     _register_ranker(prunekit_pm, "writer", "writing", Writing)
-    with pytest.raises(StorageError, match=r"during calibration and pruning \(No space left on "
-                       r"device\): free some space.*PRUNEKIT_CACHE_DIR") as err:  # fmt: skip
+    with pytest.raises(
+        StorageError,
+        match=r"during calibration and pruning \(No space left on "
+        r"device\): free some space.*PRUNEKIT_CACHE_DIR",
+    ) as err:
         _apply_tiny(tmp_path, "ranked", ["method.ranker.name=writing"])
     assert "writer" not in str(err.value) and "report" not in str(err.value)
     assert not (tmp_path / "out").exists()
@@ -440,13 +496,16 @@ def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
     rows = _ids(7, rows=40, cols=50).tolist()
     (tmp_path / "text.txt").write_text("\n".join(" ".join(f"w{i}" for i in r) for r in rows))
     text = str(tmp_path / "text.txt")
-    recipe = {"model": {"id": str(tmp_path / "tiny"), "dtype": "float32"},
-              "method": {"name": "wanda-sp", "ratio": 0.5, "skip_layers": []},
-              "calibration": {"path": text, "samples": 4, "seq_len": 16, "batch_size": 4},
-              "evaluation": {"perplexity": [{"path": text, "seq_len": 16, "windows": 4,
-                                              "batch_size": 2}]},
-              "runtime": {"batches": 0},
-              "output": {"dir": str(tmp_path / "out"), "save_model": False}}  # fmt: skip
+    recipe = {
+        "model": {"id": str(tmp_path / "tiny"), "dtype": "float32"},
+        "method": {"name": "wanda-sp", "ratio": 0.5, "skip_layers": []},
+        "calibration": {"path": text, "samples": 4, "seq_len": 16, "batch_size": 4},
+        "evaluation": {
+            "perplexity": [{"path": text, "seq_len": 16, "windows": 4, "batch_size": 2}]
+        },
+        "runtime": {"batches": 0},
+        "output": {"dir": str(tmp_path / "out"), "save_model": False},
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
 
     def full(path, data):
@@ -460,6 +519,7 @@ def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
     assert "Traceback" not in err and "No space left on device" in lines[0]
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -503,8 +563,9 @@ def _apply_tiny(tmp_path, method, overrides=()):
         "model": {"id": str(model_dir), "dtype": "float32"},
         "method": {"name": method, "ratio": 0.5, "skip_layers": []},
         "calibration": {"path": text, "samples": 4, "seq_len": 16, "batch_size": 4},
-        "evaluation": {"perplexity": [{"path": text, "seq_len": 16, "windows": 4,
-                                        "batch_size": 2}]},  # fmt: skip
+        "evaluation": {
+            "perplexity": [{"path": text, "seq_len": 16, "windows": 4, "batch_size": 2}]
+        },
         "runtime": {"batches": 1, "warmup": 0, "repeats": 5},
         "output": {"dir": str(tmp_path / "out"), "save_model": False},
     }

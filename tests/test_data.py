@@ -503,8 +503,11 @@ def test_calibration_warns_when_windows_repeat_the_text(tmp_path):
     docs = ["x" * 300, "y" * 400]
     p = write_text(tmp_path / "d.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs))
     src = locate_corpus(path=p)
-    with pytest.warns(RuntimeWarning, match=r"50 windows of 100 tokens .* only \d+% distinct "
-                      r".* 2 distinct documents .* fewer calibration.samples"):  # fmt: skip
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"50 windows of 100 tokens .* only \d+% distinct "
+        r".* 2 distinct documents .* fewer calibration.samples",
+    ):
         many = calibration_windows(CharTokenizer(), src, samples=50, seq_len=100, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -561,6 +564,9 @@ def test_bos_auto_follows_the_adapter_and_true_needs_a_bos_token():
     tok = SimpleNamespace(bos_token_id=2)
     assert sequence_bos("auto", Gemma3Adapter, tok) == 2
     assert sequence_bos("auto", LlamaAdapter, tok) is None  # the reference protocol
-    assert sequence_bos(True, LlamaAdapter, tok) == 2 and sequence_bos(False, Gemma3Adapter, tok) is None
+    assert (
+        sequence_bos(True, LlamaAdapter, tok) == 2
+        and sequence_bos(False, Gemma3Adapter, tok) is None
+    )
     with pytest.raises(DataError, match="no BOS token"):
         sequence_bos(True, LlamaAdapter, SimpleNamespace(bos_token_id=None))

@@ -51,11 +51,19 @@ class LocalCorpusPlugin:
 
     @prunekit.hookimpl
     def prunekit_register_corpora(self, register):
-        register("mytext", DatasetInfo(
-            id="mytext", description="a corpus of a plugin",
-            splits={"test": SplitInfo(file="mytext/test.jsonl", text_field="body")},
-            default_split="test", calibration_split="test", join="\n\n",
-            calibration="stream", licence="CC0"))  # fmt: skip
+        register(
+            "mytext",
+            DatasetInfo(
+                id="mytext",
+                description="a corpus of a plugin",
+                splits={"test": SplitInfo(file="mytext/test.jsonl", text_field="body")},
+                default_split="test",
+                calibration_split="test",
+                join="\n\n",
+                calibration="stream",
+                licence="CC0",
+            ),
+        )
 
 
 def test_a_plugin_corpus_is_named_from_a_recipe(tmp_path, tiny_dir):
@@ -63,34 +71,54 @@ def test_a_plugin_corpus_is_named_from_a_recipe(tmp_path, tiny_dir):
     (tmp_path / "data" / "mytext").mkdir(parents=True)
     rows = [{"body": _text(rng, 80)} for _ in range(20)]
     (tmp_path / "data" / "mytext" / "test.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in rows))
+        "".join(json.dumps(r) + "\n" for r in rows)
+    )
     (tmp_path / "same.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with isolated_plugin_manager(LocalCorpusPlugin()):
         source = locate_corpus("mytext", data_dir=tmp_path / "data")
         assert (source.dataset, source.split, source.kind) == ("mytext", "test", "local")
-        common = {"model": {"id": str(tiny_dir)}, "method": {"name": "dense"},
-                  "runtime": {"batches": 0}, "data_dir": str(tmp_path / "data")}  # fmt: skip
+        common = {
+            "model": {"id": str(tiny_dir)},
+            "method": {"name": "dense"},
+            "runtime": {"batches": 0},
+            "data_dir": str(tmp_path / "data"),
+        }
         ppl = {"seq_len": 32, "windows": 4, "batch_size": 2}
-        by_name = prunekit.apply({**common, "evaluation": {"perplexity": [
-            {"dataset": "mytext", **ppl}]}}, output=tmp_path / "a")  # fmt: skip
-        by_file = prunekit.apply({**common, "evaluation": {"perplexity": [
-            {"path": str(tmp_path / "same.jsonl"), "text_field": "body", **ppl}]}},
-            output=tmp_path / "b")  # fmt: skip
+        by_name = prunekit.apply(
+            {**common, "evaluation": {"perplexity": [{"dataset": "mytext", **ppl}]}},
+            output=tmp_path / "a",
+        )
+        by_file = prunekit.apply(
+            {
+                **common,
+                "evaluation": {
+                    "perplexity": [
+                        {"path": str(tmp_path / "same.jsonl"), "text_field": "body", **ppl}
+                    ]
+                },
+            },
+            output=tmp_path / "b",
+        )
     a, b = by_name["metrics"]["mytext"], next(iter(by_file["metrics"].values()))
     assert a["ppl"] == b["ppl"] and a["tokens"] == b["tokens"]
     # without the plugin, the name is unknown at validate, with what is known
     with pytest.raises(RecipeError, match=r"unknown dataset 'mytext'.*wikitext2"):
-        validate({**common, "evaluation": {"perplexity": [{"dataset": "mytext", **ppl}]}},
-                 check_output=False)  # fmt: skip
+        validate(
+            {**common, "evaluation": {"perplexity": [{"dataset": "mytext", **ppl}]}},
+            check_output=False,
+        )
 
 
 def test_a_plugin_task_is_named_from_a_recipe(tmp_path, tiny_dir):
     rng = torch.Generator().manual_seed(1)
     (tmp_path / "data" / "mine").mkdir(parents=True)
-    records = [{"q": _text(rng, 6), "a": _text(rng, 2), "b": _text(rng, 2), "label": i % 2}
-               for i in range(6)]  # fmt: skip
+    records = [
+        {"q": _text(rng, 6), "a": _text(rng, 2), "b": _text(rng, 2), "label": i % 2}
+        for i in range(6)
+    ]
     (tmp_path / "data" / "mine" / "dev.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in records))
+        "".join(json.dumps(r) + "\n" for r in records)
+    )
 
     def build(doc):
         return Question.shared_context(doc["q"], [" " + doc["a"], " " + doc["b"]], doc["label"])
@@ -98,28 +126,57 @@ def test_a_plugin_task_is_named_from_a_recipe(tmp_path, tiny_dir):
     class TaskPlugin:
         @prunekit.hookimpl
         def prunekit_register_tasks(self, register):
-            register("mine", TaskSpec("mine", "My task", "dev", "mine/dev.jsonl",
-                                      ("nowhere", None, "dev"), build))  # fmt: skip
+            register(
+                "mine",
+                TaskSpec(
+                    "mine", "My task", "dev", "mine/dev.jsonl", ("nowhere", None, "dev"), build
+                ),
+            )
 
-    common = {"model": {"id": str(tiny_dir)}, "method": {"name": "dense"},
-              "runtime": {"batches": 0}, "data_dir": str(tmp_path / "data")}  # fmt: skip
+    common = {
+        "model": {"id": str(tiny_dir)},
+        "method": {"name": "dense"},
+        "runtime": {"batches": 0},
+        "data_dir": str(tmp_path / "data"),
+    }
     with isolated_plugin_manager(TaskPlugin()):
-        result = prunekit.apply({**common, "evaluation": {"perplexity": [], "tasks": ["mine"]}},
-                                output=tmp_path / "run")  # fmt: skip
-        by_file = prunekit.apply({**common, "evaluation": {"perplexity": [], "tasks": [{
-            "name": "same", "path": str(tmp_path / "data" / "mine" / "dev.jsonl"),
-            "context": "{q}", "choice_fields": ["a", "b"], "gold": "label"}]}},
-            output=tmp_path / "run2")  # fmt: skip
+        result = prunekit.apply(
+            {**common, "evaluation": {"perplexity": [], "tasks": ["mine"]}}, output=tmp_path / "run"
+        )
+        by_file = prunekit.apply(
+            {
+                **common,
+                "evaluation": {
+                    "perplexity": [],
+                    "tasks": [
+                        {
+                            "name": "same",
+                            "path": str(tmp_path / "data" / "mine" / "dev.jsonl"),
+                            "context": "{q}",
+                            "choice_fields": ["a", "b"],
+                            "gold": "label",
+                        }
+                    ],
+                },
+            },
+            output=tmp_path / "run2",
+        )
     got = result["metrics"]["mine"]
     assert got["questions"] == 6 and got["source"] == "local"
     assert got["acc"] == by_file["metrics"]["same"]["acc"]
     assert got["acc_norm"] == by_file["metrics"]["same"]["acc_norm"]
 
 
-@pytest.mark.parametrize("bad, match", [
-    ("not a spec", "registered task .mine. as a str, which lacks name, file, hub, build"),
-    (TaskSpec("other", "t", "dev", "f", ("x", None, "dev"), lambda d: d), "register it under 'other'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("not a spec", "registered task .mine. as a str, which lacks name, file, hub, build"),
+        (
+            TaskSpec("other", "t", "dev", "f", ("x", None, "dev"), lambda d: d),
+            "register it under 'other'",
+        ),
+    ],
+)
 def test_a_malformed_data_registration_names_the_plugin(bad, match):
     class Bad:
         @prunekit.hookimpl
@@ -142,23 +199,43 @@ def _loglik(model, tokenizer, context: str, continuation: str) -> float:
 
 def test_socialiqa_style_file_with_three_answer_fields(tmp_path, tiny_dir):
     rng = torch.Generator().manual_seed(2)
-    records = [{"context": _text(rng, 5), "question": _text(rng, 3), "answerA": _text(rng, 2),
-                "answerB": _text(rng, 3), "answerC": _text(rng, 1), "label": str(1 + i % 3)}
-               for i in range(9)]  # fmt: skip
+    records = [
+        {
+            "context": _text(rng, 5),
+            "question": _text(rng, 3),
+            "answerA": _text(rng, 2),
+            "answerB": _text(rng, 3),
+            "answerC": _text(rng, 1),
+            "label": str(1 + i % 3),
+        }
+        for i in range(9)
+    ]
     path = tmp_path / "siqa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    task = {"name": "siqa", "path": str(path), "context": "{context} {question}",
-            "choice_fields": ["answerA", "answerB", "answerC"], "gold": "label",
-            "gold_base": 1}  # fmt: skip
-    result = prunekit.apply({"model": {"id": str(tiny_dir)}, "method": {"name": "dense"},
-                             "runtime": {"batches": 0},
-                             "evaluation": {"perplexity": [], "tasks": [task]}},
-                            output=tmp_path / "run")  # fmt: skip
+    task = {
+        "name": "siqa",
+        "path": str(path),
+        "context": "{context} {question}",
+        "choice_fields": ["answerA", "answerB", "answerC"],
+        "gold": "label",
+        "gold_base": 1,
+    }
+    result = prunekit.apply(
+        {
+            "model": {"id": str(tiny_dir)},
+            "method": {"name": "dense"},
+            "runtime": {"batches": 0},
+            "evaluation": {"perplexity": [], "tasks": [task]},
+        },
+        output=tmp_path / "run",
+    )
     model, tokenizer = tiny_llama(seed=2), tiny_tokenizer()
     hits = 0
     for r in records:
-        scores = [_loglik(model, tokenizer, f"{r['context']} {r['question']}", " " + r[k])
-                  for k in ("answerA", "answerB", "answerC")]  # fmt: skip
+        scores = [
+            _loglik(model, tokenizer, f"{r['context']} {r['question']}", " " + r[k])
+            for k in ("answerA", "answerB", "answerC")
+        ]
         hits += int(max(range(3), key=lambda i: scores[i]) == int(r["label"]) - 1)
     got = result["metrics"]["siqa"]
     assert got["questions"] == 9
@@ -167,13 +244,25 @@ def test_socialiqa_style_file_with_three_answer_fields(tmp_path, tiny_dir):
 
 def test_wrong_choice_field_fails_at_validate_with_file_and_line(tmp_path, tiny_dir):
     path = tmp_path / "siqa.jsonl"
-    path.write_text(json.dumps({"q": "w3", "answerA": "w4", "answerB": "w5", "label": 1}) + "\n"
-                    + json.dumps({"q": "w3", "answerA": "w4", "answerb": "w5", "label": 1}) + "\n")
-    task = {"name": "siqa", "path": str(path), "context": "{q}",
-            "choice_fields": ["answerA", "answerB"], "gold": "label"}  # fmt: skip
+    path.write_text(
+        json.dumps({"q": "w3", "answerA": "w4", "answerB": "w5", "label": 1})
+        + "\n"
+        + json.dumps({"q": "w3", "answerA": "w4", "answerb": "w5", "label": 1})
+        + "\n"
+    )
+    task = {
+        "name": "siqa",
+        "path": str(path),
+        "context": "{q}",
+        "choice_fields": ["answerA", "answerB"],
+        "gold": "label",
+    }
     recipe = {"model": {"id": str(tiny_dir)}, "evaluation": {"perplexity": [], "tasks": [task]}}
-    with pytest.raises(RecipeError, match=rf"{path}:2: task siqa: the record has no field "
-                       r"'answerB' \(did you mean 'answerb'\?\)"):  # fmt: skip
+    with pytest.raises(
+        RecipeError,
+        match=rf"{path}:2: task siqa: the record has no field "
+        r"'answerB' \(did you mean 'answerb'\?\)",
+    ):
         validate(load_recipe(recipe), check_output=False)
     both = {**task, "choices": ["w4", "w5"]}
     with pytest.raises(RecipeError, match="either `choices:`.*or `choice_fields:`"):
@@ -205,21 +294,38 @@ metadata:
 def test_an_lm_eval_task_by_name_equals_prunekits_own_scoring(tmp_path, tiny_dir):
     pytest.importorskip("lm_eval")
     rng = torch.Generator().manual_seed(3)
-    records = [{"question": _text(rng, 6), "choices": [_text(rng, 2) for _ in range(3)],
-                "gold": i % 3} for i in range(8)]  # fmt: skip
+    records = [
+        {"question": _text(rng, 6), "choices": [_text(rng, 2) for _ in range(3)], "gold": i % 3}
+        for i in range(8)
+    ]
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     include = tmp_path / "tasks"
     include.mkdir()
     (include / "tiny_mc.yaml").write_text(LM_EVAL_TASK.format(data=data))
-    recipe = {"model": {"id": str(tiny_dir)}, "method": {"name": "dense"},
-              "runtime": {"batches": 0},
-              "evaluation": {"perplexity": [],
-                             "lm_eval": {"tasks": ["tiny_mc"], "include_path": str(include),
-                                         "include_defaults": False, "batch_size": 4},
-                             "tasks": [{"name": "own", "path": str(data),
-                                        "context": "{question}", "choices": "choices",
-                                        "gold": "gold"}]}}  # fmt: skip
+    recipe = {
+        "model": {"id": str(tiny_dir)},
+        "method": {"name": "dense"},
+        "runtime": {"batches": 0},
+        "evaluation": {
+            "perplexity": [],
+            "lm_eval": {
+                "tasks": ["tiny_mc"],
+                "include_path": str(include),
+                "include_defaults": False,
+                "batch_size": 4,
+            },
+            "tasks": [
+                {
+                    "name": "own",
+                    "path": str(data),
+                    "context": "{question}",
+                    "choices": "choices",
+                    "gold": "gold",
+                }
+            ],
+        },
+    }
     result = prunekit.apply(recipe, output=tmp_path / "run")
     lm, own = result["metrics"]["lm_eval:tiny_mc"], result["metrics"]["own"]
     assert lm["samples"] == 8 and lm["source"] == "lm-eval"
@@ -234,12 +340,22 @@ def test_an_unknown_lm_eval_task_fails_at_validate(tmp_path, tiny_dir):
     include = tmp_path / "tasks"
     include.mkdir()
     (include / "tiny_mc.yaml").write_text(LM_EVAL_TASK.format(data=tmp_path / "x.jsonl"))
-    recipe = {"model": {"id": str(tiny_dir)},
-              "evaluation": {"perplexity": [], "lm_eval": {
-                  "tasks": ["tiny_mcq"], "include_path": str(include),
-                  "include_defaults": False}}}  # fmt: skip
-    with pytest.raises(RecipeError, match=r"evaluation\.lm_eval\.tasks\.0.*no task 'tiny_mcq'.*"
-                       r"did you mean 'tiny_mc'"):  # fmt: skip
+    recipe = {
+        "model": {"id": str(tiny_dir)},
+        "evaluation": {
+            "perplexity": [],
+            "lm_eval": {
+                "tasks": ["tiny_mcq"],
+                "include_path": str(include),
+                "include_defaults": False,
+            },
+        },
+    }
+    with pytest.raises(
+        RecipeError,
+        match=r"evaluation\.lm_eval\.tasks\.0.*no task 'tiny_mcq'.*"
+        r"did you mean 'tiny_mc'",
+    ):
         validate(load_recipe(recipe), check_output=False)
     recipe["evaluation"]["lm_eval"]["include_path"] = str(tmp_path / "missing")
     with pytest.raises(RecipeError, match="is not a directory of lm-eval task configs"):

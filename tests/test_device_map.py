@@ -36,8 +36,13 @@ def _batch(seed=2, b=4, seq=24):
 
 
 def _module_names(layers=LAYERS):
-    return ["model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head",
-            *(f"model.layers.{i}" for i in range(layers))]  # fmt: skip
+    return [
+        "model.embed_tokens",
+        "model.rotary_emb",
+        "model.norm",
+        "lm_head",
+        *(f"model.layers.{i}" for i in range(layers)),
+    ]
 
 
 def _dispatch(model, offloaded: list[str], store: str, tmp_path):
@@ -52,17 +57,20 @@ def _dispatch(model, offloaded: list[str], store: str, tmp_path):
         state_dict=extract_submodules_state_dict(model.state_dict(), offloaded)
     )
     attach_align_device_hook_on_blocks(
-        model, execution_device={"": CPU, **dict.fromkeys(names, CPU)},
-        offload={name: name in offloaded for name in names}, weights_map=weights,
+        model,
+        execution_device={"": CPU, **dict.fromkeys(names, CPU)},
+        offload={name: name in offloaded for name in names},
+        weights_map=weights,
         skip_keys=model._skip_keys_device_placement,
-    )  # fmt: skip
+    )
     return model
 
 
 def _prune(model, method, **kw):
     kw.setdefault("skip_layers", [0])
-    return prunekit.prune(model, None, method=method, ratio=0.4, calibration=_calibration(),
-                          round_to=1, **kw)  # fmt: skip
+    return prunekit.prune(
+        model, None, method=method, ratio=0.4, calibration=_calibration(), round_to=1, **kw
+    )
 
 
 def _logits(model, ids):
@@ -71,8 +79,11 @@ def _logits(model, ids):
 
 
 def _meta_layers(model) -> set[int]:
-    return {i for i, layer in enumerate(model.model.layers)
-            if any(p.is_meta for p in layer.parameters())}  # fmt: skip
+    return {
+        i
+        for i, layer in enumerate(model.model.layers)
+        if any(p.is_meta for p in layer.parameters())
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -103,8 +114,9 @@ def test_onloaded_names_the_module_to_onload_instead():
     layer = model.model.layers[1]
     # one hook for the whole layer (accelerate's preload_module_classes): the projection
     # itself stores nothing
-    add_hook_to_module(layer, AlignDevicesHook(execution_device=CPU, offload=True,
-                                               place_submodules=True))  # fmt: skip
+    add_hook_to_module(
+        layer, AlignDevicesHook(execution_device=CPU, offload=True, place_submodules=True)
+    )
     with pytest.raises(RuntimeError, match="decoder layer"):
         with onloaded(layer.self_attn.o_proj):
             pass
@@ -132,8 +144,13 @@ def test_undispatched_modules_are_left_alone():
 def test_static_method_on_a_dispatched_model(method, store, tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path / "cache"))
     reference = tiny_llama(heads=6, kv_heads=2, layers=LAYERS)
-    offloaded = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.3",
-                 "lm_head"]  # fmt: skip
+    offloaded = [
+        "model.embed_tokens",
+        "model.layers.0",
+        "model.layers.1",
+        "model.layers.3",
+        "lm_head",
+    ]
     model = _dispatch(copy.deepcopy(reference), offloaded, store, tmp_path)
     ids = _batch()
     torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), rtol=0, atol=0)
@@ -198,9 +215,12 @@ def test_dynamic_generation_on_a_dispatched_model(tmp_path):
     reference = tiny_llama(heads=6, kv_heads=2, layers=LAYERS)
     model = _dispatch(copy.deepcopy(reference), ["model.layers.0", "lm_head"], "disk", tmp_path)
     ids = _batch(b=2, seq=12)
-    out = [_prune(m, "pp").model.generate(ids, attention_mask=torch.ones_like(ids),
-                                          max_new_tokens=4, do_sample=False)
-           for m in (reference, model)]  # fmt: skip
+    out = [
+        _prune(m, "pp").model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False
+        )
+        for m in (reference, model)
+    ]
     assert out[0].tolist() == out[1].tolist()
 
 
@@ -226,14 +246,14 @@ def tiny_checkpoint(tmp_path):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 128)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
-                            eos_token="</s>").save_pretrained(directory)  # fmt: skip
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="</s>"
+    ).save_pretrained(directory)
     layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     return model, directory, layer_bytes
 
 
-def test_auto_with_max_memory_offloads_to_disk_without_cuda(tiny_checkpoint, tmp_path,
-                                                             monkeypatch):  # fmt: skip
+def test_auto_with_max_memory_offloads_to_disk_without_cuda(tiny_checkpoint, tmp_path, monkeypatch):
     reference, directory, layer_bytes = tiny_checkpoint
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path / "cache"))
@@ -242,8 +262,9 @@ def test_auto_with_max_memory_offloads_to_disk_without_cuda(tiny_checkpoint, tmp
     assert loaded.info["device"] == "cpu"
     assert loaded.info["fingerprint"] == model_fingerprint(reference)
     ids = _batch()
-    torch.testing.assert_close(_logits(loaded.model, ids), _logits(reference, ids), rtol=0,
-                               atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        _logits(loaded.model, ids), _logits(reference, ids), rtol=0, atol=1e-5
+    )
     folders = list((tmp_path / "cache" / "offload").iterdir())
     assert len(folders) == 1
     del loaded
@@ -265,10 +286,15 @@ def test_max_memory_needs_device_auto(tiny_checkpoint):
 
 
 def test_recipe_max_memory():
-    model = load_recipe({"model": {"device": "auto", "max_memory": {
-        0: "20GiB", "cuda:1": "1.5GB", "cpu": 1024, "disk": "100 MiB"}}}).recipe.model  # fmt: skip
-    assert model.max_memory == {0: 20 * 2**30, 1: 1_500_000_000, "cpu": 1024,
-                                "disk": 100 * 2**20}  # fmt: skip
+    model = load_recipe(
+        {
+            "model": {
+                "device": "auto",
+                "max_memory": {0: "20GiB", "cuda:1": "1.5GB", "cpu": 1024, "disk": "100 MiB"},
+            }
+        }
+    ).recipe.model
+    assert model.max_memory == {0: 20 * 2**30, 1: 1_500_000_000, "cpu": 1024, "disk": 100 * 2**20}
     with pytest.raises(RecipeError) as error:
         load_recipe({"model": {"max_memory": {"cpu": "2GiB"}}})
     assert "model.max_memory: " in str(error.value)

@@ -90,8 +90,10 @@ def _blocks_of(page: str) -> list[Block]:
         kind, arg = "solo", ""
         if before.startswith("<!--"):
             m = MARKER.match(before)
-            assert m, (f"docs/{page}:{i}: unknown marker {before!r} (expected "
-                       "<!-- not run: REASON -->, <!-- run: NAME --> or <!-- module: NAME -->)")  # fmt: skip
+            assert m, (
+                f"docs/{page}:{i}: unknown marker {before!r} (expected "
+                "<!-- not run: REASON -->, <!-- run: NAME --> or <!-- module: NAME -->)"
+            )
             kind, arg = m.groups()
             assert arg, f"docs/{page}:{i}: {kind} marker without its argument"
         blocks.append(Block(page, start + 1, "\n".join(lines[start:end]) + "\n", kind, arg))
@@ -140,13 +142,15 @@ def _call_test(fn, what: str, tmp_path: Path, counter: list[int]) -> None:
             elif name == "prunekit_pm":
                 kwargs[name] = stack.enter_context(isolated_plugin_manager())
             else:
-                raise AssertionError(f"{what}: unknown fixture {name!r} (known: tmp_path, "
-                                     "prunekit_pm)")  # fmt: skip
+                raise AssertionError(
+                    f"{what}: unknown fixture {name!r} (known: tmp_path, prunekit_pm)"
+                )
         fn(**kwargs)
 
 
-def _run_tests(namespace: dict, names: list[str], block: Block, tmp_path: Path,
-               counter: list[int]) -> list[str]:  # fmt: skip
+def _run_tests(
+    namespace: dict, names: list[str], block: Block, tmp_path: Path, counter: list[int]
+) -> list[str]:
     ran = []
     for name in names:
         obj = namespace[name]
@@ -155,8 +159,9 @@ def _run_tests(namespace: dict, names: list[str], block: Block, tmp_path: Path,
             ran.append(name)
         elif name.startswith("Test") and inspect.isclass(obj):
             for method in sorted(n for n in dir(obj) if n.startswith("test_")):
-                _call_test(getattr(obj(), method), f"{block.where} {name}.{method}", tmp_path,
-                           counter)  # fmt: skip
+                _call_test(
+                    getattr(obj(), method), f"{block.where} {name}.{method}", tmp_path, counter
+                )
                 ran.append(f"{name}.{method}")
     return ran
 
@@ -167,8 +172,11 @@ def _exec(block: Block, namespace: dict) -> list[str]:
     # padded so that a traceback names the page's own line numbers
     code = compile("\n" * (block.line - 1) + block.code, str(DOCS / block.page), "exec")
     exec(code, namespace)
-    return [n for n, v in namespace.items()
-            if not n.startswith("__") and (n not in before or before[n] is not v)]  # fmt: skip
+    return [
+        n
+        for n, v in namespace.items()
+        if not n.startswith("__") and (n not in before or before[n] is not v)
+    ]
 
 
 def _run_unit(blocks: list[Block], tmp_path: Path) -> None:
@@ -182,7 +190,8 @@ def _run_unit(blocks: list[Block], tmp_path: Path) -> None:
                     module = modules.get(block.arg)
                     if module is None:
                         assert block.arg not in sys.modules, (
-                            f"{block.where}: module {block.arg!r} is already imported")
+                            f"{block.where}: module {block.arg!r} is already imported"
+                        )
                         module = modules[block.arg] = types.ModuleType(block.arg)
                         module.__file__ = str(DOCS / block.page)
                         sys.modules[block.arg] = module
@@ -193,8 +202,9 @@ def _run_unit(blocks: list[Block], tmp_path: Path) -> None:
                     defined = _exec(block, target)
                     _run_tests(target, defined, block, tmp_path, counter)
                 except Exception as exc:
-                    raise AssertionError(f"the block at {block.where} failed: "
-                                         f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+                    raise AssertionError(
+                        f"the block at {block.where} failed: {type(exc).__name__}: {exc}"
+                    ) from exc
     finally:
         for name in modules:
             sys.modules.pop(name, None)
@@ -226,10 +236,17 @@ def _prunekit_imports(tree: ast.AST) -> list[tuple[int, str]]:
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names
-                    if a.name == "prunekit" or a.name.startswith("prunekit.")]  # fmt: skip
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (
-                node.module == "prunekit" or node.module.startswith("prunekit.")):  # fmt: skip
+            out += [
+                (node.lineno, a.name)
+                for a in node.names
+                if a.name == "prunekit" or a.name.startswith("prunekit.")
+            ]
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and node.module
+            and (node.module == "prunekit" or node.module.startswith("prunekit."))
+        ):
             out.append((node.lineno, node.module))
     return out
 
@@ -239,12 +256,20 @@ def test_block_imports_only_the_front(block):
     """A runnable block imports prunekit, prunekit.plugin or prunekit.testing, and reads of
     the top-level ``prunekit`` module only its public names."""
     tree = ast.parse(block.code)
-    bad = [f"line {block.line + n - 1}: {m}" for n, m in _prunekit_imports(tree)
-           if m not in ALLOWED_MODULES]  # fmt: skip
+    bad = [
+        f"line {block.line + n - 1}: {m}"
+        for n, m in _prunekit_imports(tree)
+        if m not in ALLOWED_MODULES
+    ]
     public = {*prunekit.__all__, "plugin", "testing"}
-    bad += [f"line {block.line + n.lineno - 1}: prunekit.{n.attr}" for n in ast.walk(tree)
-            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
-            and n.value.id == "prunekit" and n.attr not in public]  # fmt: skip
+    bad += [
+        f"line {block.line + n.lineno - 1}: prunekit.{n.attr}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Name)
+        and n.value.id == "prunekit"
+        and n.attr not in public
+    ]
     assert not bad, f"{block.where} reaches past the plugin front: {bad}"
 
 
@@ -257,9 +282,12 @@ def _hookspecs() -> dict[str, list[str]]:
     """The hooks of prunekit/hookspecs.py (functions decorated with ``hookspec``) and their
     arguments, read from its syntax tree."""
     tree = ast.parse((REPO / "prunekit" / "hookspecs.py").read_text())
-    return {node.name: [a.arg for a in node.args.args] for node in tree.body
-            if isinstance(node, ast.FunctionDef)
-            and any(isinstance(d, ast.Name) and d.id == "hookspec" for d in node.decorator_list)}  # fmt: skip
+    return {
+        node.name: [a.arg for a in node.args.args]
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+        and any(isinstance(d, ast.Name) and d.id == "hookspec" for d in node.decorator_list)
+    }
 
 
 def test_the_reference_documents_every_hook_and_only_hooks():
@@ -270,10 +298,14 @@ def test_the_reference_documents_every_hook_and_only_hooks():
     assert {n for n in dir(hookspecs) if n.startswith("prunekit_")} == set(specs)
     text = (DOCS / "plugins-reference.md").read_text()
     headings = re.findall(r"^### `(\w+)\(([^)]*)\)`", text, flags=re.MULTILINE)
-    documented = {name: [a.strip() for a in args.split(",") if a.strip()]
-                  for name, args in headings if name.startswith("prunekit_")}  # fmt: skip
+    documented = {
+        name: [a.strip() for a in args.split(",") if a.strip()]
+        for name, args in headings
+        if name.startswith("prunekit_")
+    }
     assert len(documented) == len([h for h in headings if h[0].startswith("prunekit_")]), (
-        "a hook has two headings")
+        "a hook has two headings"
+    )
     missing = sorted(set(specs) - set(documented))
     assert not missing, f"docs/plugins-reference.md has no ### `name(...)` heading for {missing}"
     unknown = sorted(set(documented) - set(specs))
@@ -282,7 +314,9 @@ def test_the_reference_documents_every_hook_and_only_hooks():
         assert args == specs[name], f"{name}: documented ({args}), spec ({specs[name]})"
     # the count the page states
     m = re.search(r"prunekit has (\d+) hooks: (\d+) registration hooks", text)
-    assert m, "docs/plugins-reference.md does not state 'prunekit has N hooks: M registration hooks'"
+    assert m, (
+        "docs/plugins-reference.md does not state 'prunekit has N hooks: M registration hooks'"
+    )
     registration = [n for n in specs if n.startswith("prunekit_register_")]
     assert (int(m.group(1)), int(m.group(2))) == (len(specs), len(registration)), m.group(0)
 
@@ -319,8 +353,11 @@ def _check_link(source: Path, target: str, anchor: str | None, bad: list[str]) -
 def test_links_into_the_plugin_pages_resolve():
     """Every link of the docs and READMEs into the four pages names a page and heading that
     exist (after the split of docs/plugins.md into four pages)."""
-    sources = [REPO / "README.md", *sorted(DOCS.glob("*.md")),
-               *sorted((REPO / "examples").rglob("README.md"))]  # fmt: skip
+    sources = [
+        REPO / "README.md",
+        *sorted(DOCS.glob("*.md")),
+        *sorted((REPO / "examples").rglob("README.md")),
+    ]
     link = re.compile(r"\]\(([^)\s#]*plugins(?:-\w+)?\.md)(#[^)\s]*)?\)")
     bad: list[str] = []
     for source in sources:

@@ -44,7 +44,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _full_attention_only(model) -> bool:
     types = getattr(model.config, "layer_types", None)
     return getattr(model.config, "sliding_window", None) is None and (
-        types is None or set(types) == {"full_attention"})  # fmt: skip
+        types is None or set(types) == {"full_attention"}
+    )
 
 
 def _cache(kind: str, model, length: int):
@@ -113,8 +114,8 @@ def _batch(vocab, lengths=(8, 8, 5), seed=3):
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, r in enumerate(rows):
-        ids[b, width - r.numel():] = r
-        mask[b, width - r.numel():] = 1
+        ids[b, width - r.numel() :] = r
+        mask[b, width - r.numel() :] = 1
     return ids, mask, rows
 
 
@@ -124,8 +125,12 @@ def _steps(dyn, ids, mask, cache, follow):
     logits = [out.logits]
     for t in range(follow.shape[1]):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        out = dyn(input_ids=follow[:, t:t + 1], attention_mask=mask, **{CACHE: output_cache(out)},
-                  use_cache=True)  # fmt: skip
+        out = dyn(
+            input_ids=follow[:, t : t + 1],
+            attention_mask=mask,
+            **{CACHE: output_cache(out)},
+            use_cache=True,
+        )
         logits.append(out.logits)
     return logits
 
@@ -151,8 +156,13 @@ def test_every_cache_class_gives_each_row_its_own_logits(name, cache_kind):
         kept = dyn.decisions[(1, MLP)]
         assert not isinstance(row_union(kept), torch.Tensor)  # the rows really differ
         for b, row in enumerate(rows):
-            alone = _steps(dyn, row[None], torch.ones(1, row.numel(), dtype=torch.long),
-                           DynamicCache(config=model.config), follow[b:b + 1])  # fmt: skip
+            alone = _steps(
+                dyn,
+                row[None],
+                torch.ones(1, row.numel(), dtype=torch.long),
+                DynamicCache(config=model.config),
+                follow[b : b + 1],
+            )
             n = row.numel()
             if cache_kind == "fp8":  # quantized K/V: compared with the dense model's own error
                 continue
@@ -165,7 +175,9 @@ def test_every_cache_class_gives_each_row_its_own_logits(name, cache_kind):
             with dyn.dense():
                 dense_fp8 = _steps(dyn, ids, mask, _cache("fp8", model, length), follow)
                 dense = _steps(dyn, ids, mask, DynamicCache(config=model.config), follow)
-        noise = max((a - b).abs().max().item() for a, b in zip(dense_fp8[1:], dense[1:], strict=True))
+        noise = max(
+            (a - b).abs().max().item() for a, b in zip(dense_fp8[1:], dense[1:], strict=True)
+        )
         err = max((a - b).abs().max().item() for a, b in zip(got[1:], exact[1:], strict=True))
         assert err <= 4 * noise + 1e-6, (err, noise)
 
@@ -184,8 +196,8 @@ def test_generate_with_a_static_cache_matches_the_dynamic_cache(name):
         static = dyn.generate(ids, attention_mask=mask, cache_implementation="static", **kw)
         assert torch.equal(static, dynamic)
         for b, row in enumerate(rows):
-            alone = dyn.generate(row[None], **kw)[0, row.numel():]
-            assert torch.equal(dynamic[b, ids.shape[1]:], alone), b
+            alone = dyn.generate(row[None], **kw)[0, row.numel() :]
+            assert torch.equal(dynamic[b, ids.shape[1] :], alone), b
 
 
 @pytest.mark.parametrize("name", ["llama-mha", "llama-gqa", "opt"])
@@ -203,17 +215,27 @@ def test_interleaved_prompts_keep_their_own_kept_sets(name):
         out_a = dyn(input_ids=a, attention_mask=mask_a, use_cache=True)
         out_b = dyn(input_ids=b, attention_mask=mask_b, use_cache=True)
         dyn(input_ids=b[:2], use_cache=False)  # a scoring call in between
-        assert not torch.equal(dyn.decisions[(1, MLP)], dyn.decisions_for(output_cache(out_a))[(1, MLP)])
+        assert not torch.equal(
+            dyn.decisions[(1, MLP)], dyn.decisions_for(output_cache(out_a))[(1, MLP)]
+        )
         cache, mask = output_cache(out_a), mask_a
         for t in range(follow.shape[1]):
             mask = torch.cat([mask, mask.new_ones(3, 1)], 1)
-            step = dyn(input_ids=follow[:, t:t + 1], attention_mask=mask, **{CACHE: cache},
-                       use_cache=True)  # fmt: skip
+            step = dyn(
+                input_ids=follow[:, t : t + 1],
+                attention_mask=mask,
+                **{CACHE: cache},
+                use_cache=True,
+            )
             torch.testing.assert_close(step.logits, clean[t + 1], atol=ATOL, rtol=0)
             cache = output_cache(step)
         # B's cache still continues with B's kept sets
-        more = dyn(input_ids=follow[:, :1], **{CACHE: output_cache(out_b)}, use_cache=True,
-                   attention_mask=torch.cat([mask_b, mask_b.new_ones(3, 1)], 1))  # fmt: skip
+        more = dyn(
+            input_ids=follow[:, :1],
+            **{CACHE: output_cache(out_b)},
+            use_cache=True,
+            attention_mask=torch.cat([mask_b, mask_b.new_ones(3, 1)], 1),
+        )
         ref = _steps(dyn, b, mask_b, DynamicCache(config=model.config), follow[:, :1])
         torch.testing.assert_close(more.logits, ref[1], atol=ATOL, rtol=0)
 
@@ -234,8 +256,9 @@ def test_two_generations_alternating_on_one_model(method):
     what each produces alone."""
     model = tiny_llama(heads=4, kv_heads=4, intermediate=96, dtype=torch.float64)
     calibration = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(1))
-    dyn = prunekit.prune(model, None, method=method, ratio=0.4, calibration=calibration,
-                         skip_layers=[0], round_to=1).model  # fmt: skip
+    dyn = prunekit.prune(
+        model, None, method=method, ratio=0.4, calibration=calibration, skip_layers=[0], round_to=1
+    ).model
     g = torch.Generator().manual_seed(21)
     p1, p2 = torch.randint(3, 128, (2, 9), generator=g), torch.randint(3, 128, (3, 6), generator=g)
     with torch.no_grad(), dyn.preserved_state():
@@ -313,8 +336,10 @@ def test_prompt_decided_heads_on_mha_continue_on_a_narrowed_cache(name, cache_ki
                 layer.values = layer.values.index_select(1, heads)
             sliced = _sliced_copy(factory, kept)
             for t in range(follow.shape[1]):
-                out = sliced(input_ids=follow[b:b + 1, t:t + 1], **{CACHE: cache}, use_cache=True)
-                torch.testing.assert_close(got[t + 1][b:b + 1], out.logits, atol=ATOL, rtol=0)
+                out = sliced(
+                    input_ids=follow[b : b + 1, t : t + 1], **{CACHE: cache}, use_cache=True
+                )
+                torch.testing.assert_close(got[t + 1][b : b + 1], out.logits, atol=ATOL, rtol=0)
                 cache = output_cache(out)
 
 
@@ -340,8 +365,13 @@ def test_the_batch_runs_whole_and_no_argument_is_split_by_rows(name):
         run = la.run
 
         def spy(group, x, weights, *, _run=run, **kw):
-            seen.append((x.shape[0], kw.get("unit_mask") is not None,
-                         {k: getattr(v, "shape", None) for k, v in kw.items()}))  # fmt: skip
+            seen.append(
+                (
+                    x.shape[0],
+                    kw.get("unit_mask") is not None,
+                    {k: getattr(v, "shape", None) for k, v in kw.items()},
+                )
+            )
             return _run(group, x, weights, **kw)
 
         la.run = spy
@@ -368,8 +398,13 @@ def test_beam_search_reorders_the_per_row_kept_sets_with_the_cache():
         return out
 
     model._reorder_cache = spy
-    kw = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0,
-          "num_beams": 2}
+    kw = {
+        "max_new_tokens": 4,
+        "min_new_tokens": 4,
+        "do_sample": False,
+        "pad_token_id": 0,
+        "num_beams": 2,
+    }
     with torch.no_grad():
         together = dyn.generate(ids, attention_mask=mask, **kw)
         assert calls and all(calls)

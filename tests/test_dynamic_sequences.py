@@ -27,8 +27,11 @@ ATOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: the cache keyword of this transformers version (``cache`` from 5.24, ``past_key_values`` before)
-CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else (
-    "past_key_values")
+CACHE = (
+    "cache"
+    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+    else ("past_key_values")
+)
 
 
 def _cache_of(out):
@@ -92,8 +95,12 @@ def test_row_union_masks_each_rows_units():
     union = row_union(kept)
     assert isinstance(union, RowUnion)
     assert union.units.tolist() == [0, 1, 2, 3, 5]
-    assert union.mask.tolist() == [[0, 1, 0, 1, 0], [1, 0, 1, 0, 0], [0, 1, 0, 1, 0],
-                                   [0, 0, 1, 0, 1]]  # fmt: skip
+    assert union.mask.tolist() == [
+        [0, 1, 0, 1, 0],
+        [1, 0, 1, 0, 0],
+        [0, 1, 0, 1, 0],
+        [0, 0, 1, 0, 1],
+    ]
     assert torch.equal(union.kept, kept.sort(dim=1).values)
     beams = union.select(torch.tensor([3, 3, 0]))
     assert beams.kept.tolist() == [[2, 5], [2, 5], [1, 3]] and beams.units is union.units
@@ -113,8 +120,8 @@ def test_each_row_gets_the_logits_it_gets_alone(name):
         assert kept.shape[0] == 4 and torch.equal(kept[0], kept[3])
         assert _distinct(kept) == 3  # three distinct sets: really per row
         for b in range(ids.shape[0]):
-            alone = dyn(input_ids=ids[b:b + 1]).logits
-            torch.testing.assert_close(together[b:b + 1], alone, atol=ATOL, rtol=0)
+            alone = dyn(input_ids=ids[b : b + 1]).logits
+            torch.testing.assert_close(together[b : b + 1], alone, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("step_tokens", [3, 1])
@@ -133,8 +140,9 @@ def test_cached_decoding_matches_a_full_forward_with_the_same_kept_sets(name, st
         out = dyn(input_ids=prompt, use_cache=True)
         steps = []
         for i in range(0, 3, step_tokens):
-            out = dyn(input_ids=more[:, i:i + step_tokens], use_cache=True,
-                      **{CACHE: _cache_of(out)})  # fmt: skip
+            out = dyn(
+                input_ids=more[:, i : i + step_tokens], use_cache=True, **{CACHE: _cache_of(out)}
+            )
             steps.append(out.logits)
         with dyn.hold():
             dyn(input_ids=prompt)  # decides on the prompt, as above
@@ -157,8 +165,9 @@ def test_a_continuation_needs_its_prompts_decisions():
 def _pp(model, method, ratio=0.4, **kw):
     kw.setdefault("skip_layers", [0])
     kw.setdefault("round_to", 1)
-    calibration = torch.randint(3, model.config.vocab_size, (8, 32),
-                                generator=torch.Generator().manual_seed(1))  # fmt: skip
+    calibration = torch.randint(
+        3, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(1)
+    )
     return prunekit.prune(model, None, method=method, ratio=ratio, calibration=calibration, **kw)
 
 
@@ -176,8 +185,8 @@ def test_pp_seq_rows_match_running_alone(heads, kv):
         assert kept.shape == (4, dyn.controller.counts[(1, MLP)]) and _distinct(kept) > 1
         for b in range(ids.shape[0]):
             dyn.reset_state()  # each row alone from the same history
-            alone = dyn(input_ids=ids[b:b + 1]).logits
-            torch.testing.assert_close(together[b:b + 1], alone, atol=ATOL, rtol=0)
+            alone = dyn(input_ids=ids[b : b + 1]).logits
+            torch.testing.assert_close(together[b : b + 1], alone, atol=ATOL, rtol=0)
 
 
 def test_pp_seq_history_update_averages_the_rows_that_kept_each_channel():
@@ -236,24 +245,25 @@ def test_a_padded_batch_generates_what_each_prompt_generates_alone():
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, p in enumerate(prompts):  # left padding
-        ids[b, width - p.numel():] = p
-        mask[b, width - p.numel():] = 1
+        ids[b, width - p.numel() :] = p
+        mask[b, width - p.numel() :] = 1
     with torch.no_grad():
         dyn.reset_state()
-        batch = dyn.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                             pad_token_id=0)[:, width:]  # fmt: skip
+        batch = dyn.generate(
+            ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
+        )[:, width:]
         for b, p in enumerate(prompts):
             dyn.reset_state()
-            alone = dyn.generate(p[None], max_new_tokens=5, do_sample=False,
-                                 pad_token_id=0)[:, p.numel():]  # fmt: skip
-            assert torch.equal(batch[b:b + 1], alone), b
+            alone = dyn.generate(p[None], max_new_tokens=5, do_sample=False, pad_token_id=0)[
+                :, p.numel() :
+            ]
+            assert torch.equal(batch[b : b + 1], alone), b
 
 
 def test_pooled_topk_keeps_each_row_inside_the_batchs_pool():
     from prunekit.rows import pooled_topk
 
-    scores = torch.tensor([[9.0, 8.0, 1.0, 0.0, 7.0],
-                           [0.0, 1.0, 90.0, 80.0, 70.0]])  # fmt: skip
+    scores = torch.tensor([[9.0, 8.0, 1.0, 0.0, 7.0], [0.0, 1.0, 90.0, 80.0, 70.0]])
     # no pool: each row's own top 2
     assert pooled_topk(scores, 2).tolist() == [[0, 1], [2, 3]]
     # pool of 3 by the mean of each row's scores scaled to its max:

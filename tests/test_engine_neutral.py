@@ -13,12 +13,36 @@ import pytest
 import prunekit
 
 ROOT = Path(prunekit.__file__).parent
-ENGINE = sorted([*ROOT.glob("pruning/*.py"), *ROOT.glob("evaluation/*.py"),
-                 *ROOT.glob("export/*.py"), *ROOT.glob("data/*.py"), *ROOT.glob("sweep/*.py"),
-                 *(ROOT / f"{name}.py" for name in (
-                     "runner", "plan", "context", "views", "timing", "plugin", "loading",
-                     "devices", "calibration", "components", "registry", "ratios", "rows",
-                     "recipe", "recovery", "cli"))])  # fmt: skip
+ENGINE = sorted(
+    [
+        *ROOT.glob("pruning/*.py"),
+        *ROOT.glob("evaluation/*.py"),
+        *ROOT.glob("export/*.py"),
+        *ROOT.glob("data/*.py"),
+        *ROOT.glob("sweep/*.py"),
+        *(
+            ROOT / f"{name}.py"
+            for name in (
+                "runner",
+                "plan",
+                "context",
+                "views",
+                "timing",
+                "plugin",
+                "loading",
+                "devices",
+                "calibration",
+                "components",
+                "registry",
+                "ratios",
+                "rows",
+                "recipe",
+                "recovery",
+                "cli",
+            )
+        ),
+    ]
+)
 #: architecture-neutral modules under prunekit.models
 NEUTRAL_MODELS = {"prunekit.models", "prunekit.models.kit"}
 
@@ -37,11 +61,16 @@ def _imports(path: Path) -> set[str]:
 @pytest.mark.parametrize("path", ENGINE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_engine_module_imports_no_architecture(path):
     bad = sorted(
-        name for name in _imports(path)
-        if (name.startswith("prunekit.models.") and not any(
-            name == m or name.startswith(m + ".") for m in NEUTRAL_MODELS - {"prunekit.models"}))
+        name
+        for name in _imports(path)
+        if (
+            name.startswith("prunekit.models.")
+            and not any(
+                name == m or name.startswith(m + ".") for m in NEUTRAL_MODELS - {"prunekit.models"}
+            )
+        )
         or name.startswith(("prunekit_plugins", "transformers.models."))
-    )  # fmt: skip
+    )
     assert not bad, f"{path.relative_to(ROOT)} imports architecture or plugin modules: {bad}"
 
 
@@ -87,8 +116,11 @@ def _module_graph() -> dict[str, set[str]]:
         def visit_ImportFrom(self, node):
             if node.level == 0 and node.module in mods:
                 self.out.add(node.module)
-                self.out.update(f"{node.module}.{a.name}" for a in node.names
-                                if f"{node.module}.{a.name}" in mods)  # fmt: skip
+                self.out.update(
+                    f"{node.module}.{a.name}"
+                    for a in node.names
+                    if f"{node.module}.{a.name}" in mods
+                )
 
         def visit_Import(self, node):
             self.out.update(a.name for a in node.names if a.name in mods)
@@ -108,7 +140,7 @@ def test_no_import_circle():
 
     def visit(node: str, path: list[str]) -> None:
         if node in path:
-            cycle = path[path.index(node):] + [node]
+            cycle = path[path.index(node) :] + [node]
             pytest.fail(f"import circle: {' -> '.join(cycle)}")
         if node in done:
             return

@@ -40,8 +40,10 @@ CASES = {
     "wanda-sp": ("wanda-sp", {}),
     "llm-pruner": ("llm-pruner", {}),
     "pp-calib": ("pp-calib", {}),
-    "wanda-sp-uniform": ("wanda-sp", {"skip_layers": [],
-                                      "allocator": {"name": "uniform", "balanced_kv": True}}),
+    "wanda-sp-uniform": (
+        "wanda-sp",
+        {"skip_layers": [], "allocator": {"name": "uniform", "balanced_kv": True}},
+    ),
 }
 ATOL = 1e-3
 
@@ -53,8 +55,9 @@ def _saved(tmp_path: Path, model_name: str, method: str, **options) -> Path:
     model = MODELS[model_name]()
     calibration = torch.randint(3, 128, (32, 32), generator=torch.Generator().manual_seed(1))
     options = {"skip_layers": [0], "round_to": 1, **options}
-    outcome = prunekit.prune(model, None, method=method, ratio=0.4, calibration=calibration,
-                             **options)  # fmt: skip
+    outcome = prunekit.prune(
+        model, None, method=method, ratio=0.4, calibration=calibration, **options
+    )
     path = tmp_path / "run" / "model"
     outcome.save(str(path))
     return path
@@ -65,8 +68,9 @@ def _saved(tmp_path: Path, model_name: str, method: str, **options) -> Path:
 def test_llama_cpp_computes_what_prunekit_computes(tmp_path, model_name, case):
     method, options = CASES[case]
     path = _saved(tmp_path, model_name, method, **options)
-    report = export(path, type="f32", vocab="none", check=True, check_windows=2,
-                    check_tokens=24, threads=1)  # fmt: skip
+    report = export(
+        path, type="f32", vocab="none", check=True, check_windows=2, check_tokens=24, threads=1
+    )
     check = report["check"]
     assert check["max_abs_logit_diff"] < ATOL, check
     assert check["greedy_same"], check
@@ -92,8 +96,9 @@ def test_uneven_gqa_groups_are_padded_exactly_and_the_cost_reported(tmp_path):
     pruned = slice_model(resolve_adapter(model), Allocation(kept))
     path = tmp_path / "model"
     save_pruned(pruned, None, str(path), {})
-    report = export(path, type="f32", vocab="none", check=True, check_windows=2,
-                    check_tokens=16, threads=1)  # fmt: skip
+    report = export(
+        path, type="f32", vocab="none", check=True, check_windows=2, check_tokens=16, threads=1
+    )
     assert report["arch"] == "llama"  # padded to 2 groups of 3: layer 0's shape again
     lg = report["legalization"]
     assert lg["padded_query_heads"] == 2 and lg["dropped_kv_heads"] == 0
@@ -104,8 +109,9 @@ def test_uneven_gqa_groups_are_padded_exactly_and_the_cost_reported(tmp_path):
 def test_quantized_types_shrink_the_file_and_stay_close(tmp_path):
     path = _saved(tmp_path, "llama-gqa", "flap")
     f32 = export(path, type="f32", vocab="none")
-    q8 = export(path, type="q8_0", vocab="none", check=True, check_windows=2, check_tokens=24,
-                threads=1)  # fmt: skip
+    q8 = export(
+        path, type="q8_0", vocab="none", check=True, check_windows=2, check_tokens=24, threads=1
+    )
     assert q8["bytes"] < 0.45 * f32["bytes"]
     assert q8["tensor_types"].get("Q8_0", 0) >= 1
     # round_to 1: matrices whose rows are not a multiple of 32 stay F16, listed
@@ -149,13 +155,15 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys):
     assert not list(tmp_path.glob("*.gguf.*")) and not (tmp_path / "t.gguf").exists()
 
 
-@pytest.mark.parametrize("factory,words", [
-    (lambda: tiny_opt(), "llama.cpp has no OPT architecture"),
-    (lambda: tiny_gemma3(), "query_pre_attn_scalar is 24, not the head size 32"),
-    (lambda: tiny_mistral(sliding_window=5), "sliding window of 5 tokens"),
-])  # fmt: skip
-def test_architectures_llama_cpp_cannot_hold_are_refused_before_writing(tmp_path, factory,
-                                                                        words):  # fmt: skip
+@pytest.mark.parametrize(
+    "factory,words",
+    [
+        (lambda: tiny_opt(), "llama.cpp has no OPT architecture"),
+        (lambda: tiny_gemma3(), "query_pre_attn_scalar is 24, not the head size 32"),
+        (lambda: tiny_mistral(sliding_window=5), "sliding window of 5 tokens"),
+    ],
+)
+def test_architectures_llama_cpp_cannot_hold_are_refused_before_writing(tmp_path, factory, words):
     path = tmp_path / "model"
     factory().save_pretrained(path)
     with pytest.raises(ExportError, match=words):
@@ -165,22 +173,32 @@ def test_architectures_llama_cpp_cannot_hold_are_refused_before_writing(tmp_path
 
 @pytest.mark.smollm2
 @pytest.mark.slow
-def test_smollm2_export_carries_its_gguf_tokenizer_and_matches_in_llama_cpp(smollm2,
-                                                                            tmp_path):  # fmt: skip
+def test_smollm2_export_carries_its_gguf_tokenizer_and_matches_in_llama_cpp(smollm2, tmp_path):
     """A SmolLM2 FLAP model at 0.4 (per-layer shapes): exported f16 and q8_0 with the source
     GGUF's tokenizer; llama.cpp's perplexity on WikiText-2 windows within 0.5% (f16) and 2%
     (q8_0) of prunekit's fp32 model, the same greedy tokens in f16."""
     import copy
 
     model = copy.deepcopy(smollm2.model)
-    outcome = prunekit.prune(model, smollm2.tokenizer, method="flap", ratio=0.4,
-                             calibration={"samples": 16, "seq_len": 128})  # fmt: skip
+    outcome = prunekit.prune(
+        model,
+        smollm2.tokenizer,
+        method="flap",
+        ratio=0.4,
+        calibration={"samples": 16, "seq_len": 128},
+    )
     path = tmp_path / "model"
     outcome.save(str(path))
     source = smollm2.info["gguf_path"]  # a run directory's provenance names it by itself
     for type_name, tolerance in (("f16", 0.005), ("q8_0", 0.02)):
-        report = export(path, type=type_name, check=True, check_windows=2, check_tokens=128,
-                        tokenizer_from=source)  # fmt: skip
+        report = export(
+            path,
+            type=type_name,
+            check=True,
+            check_windows=2,
+            check_tokens=128,
+            tokenizer_from=source,
+        )
         assert report["arch"] == "deci" and report["tokenizer"].endswith(".gguf")
         c = report["check"]
         assert abs(c["ppl_rel_diff"]) < tolerance, (type_name, c)
@@ -217,18 +235,38 @@ def test_a_loraprune_run_directory_exports_with_its_merged_weights(tmp_path):
     (tmp_path / "text.txt").write_text("\n".join(" ".join(f"w{i}" for i in r) for r in rows))
     recipe = {
         "model": {"id": str(tmp_path / "tiny"), "dtype": "float32"},
-        "method": {"name": "loraprune", "ratio": 0.5, "skip_layers": [0], "round_to": 1,
-                   "prune_every": 4, "start": 0.1, "end": 0.2, "keep_lora": True,
-                   "finetune": {"steps": 12, "batch_size": 2, "lr": 5e-3, "dropout": 0.0,
-                                "checkpoint_every": 0}},  # fmt: skip
+        "method": {
+            "name": "loraprune",
+            "ratio": 0.5,
+            "skip_layers": [0],
+            "round_to": 1,
+            "prune_every": 4,
+            "start": 0.1,
+            "end": 0.2,
+            "keep_lora": True,
+            "finetune": {
+                "steps": 12,
+                "batch_size": 2,
+                "lr": 5e-3,
+                "dropout": 0.0,
+                "checkpoint_every": 0,
+            },
+        },
         "calibration": {"path": str(tmp_path / "text.txt"), "samples": 16, "seq_len": 16},
         "evaluation": {"perplexity": []},
         "runtime": {"batches": 0},
         "output": {"save_model": True},
     }
     prunekit.apply(recipe, output=tmp_path / "run")
-    report = export(tmp_path / "run", type="f32", vocab="none", check=True, check_windows=2,
-                    check_tokens=16, threads=1)  # fmt: skip
+    report = export(
+        tmp_path / "run",
+        type="f32",
+        vocab="none",
+        check=True,
+        check_windows=2,
+        check_tokens=16,
+        threads=1,
+    )
     assert report["source"] == str(tmp_path / "run" / "model")
     assert report["arch"] == "deci" and report["check"]["max_abs_logit_diff"] < ATOL
     assert report["check"]["greedy_same"]
@@ -260,15 +298,23 @@ def test_gemma3_with_one_shape_in_every_layer_exports_as_gemma3(tmp_path, pruned
     path = tmp_path / "model"
     if pruned:
         calibration = torch.randint(3, 128, (32, 32), generator=torch.Generator().manual_seed(1))
-        outcome = prunekit.prune(model, None, method="wanda-sp", ratio=0.4, round_to=1,
-                                 calibration=calibration, skip_layers=[],
-                                 allocator={"name": "uniform", "balanced_kv": True})  # fmt: skip
+        outcome = prunekit.prune(
+            model,
+            None,
+            method="wanda-sp",
+            ratio=0.4,
+            round_to=1,
+            calibration=calibration,
+            skip_layers=[],
+            allocator={"name": "uniform", "balanced_kv": True},
+        )
         assert {(r["heads"], r["channels"]) for r in outcome.structure} == {(3, 58)}
         outcome.save(str(path))
     else:
         model.save_pretrained(path)
-    report = export(path, type="f32", vocab="none", check=True, check_windows=2,
-                    check_tokens=24, threads=1)  # fmt: skip
+    report = export(
+        path, type="f32", vocab="none", check=True, check_windows=2, check_tokens=24, threads=1
+    )
     assert report["arch"] == "gemma3"
     assert report["check"]["max_abs_logit_diff"] < 5e-3 and report["check"]["greedy_same"]
     from prunekit.export.check import check_gguf
@@ -282,8 +328,15 @@ def test_gemma3_with_one_shape_in_every_layer_exports_as_gemma3(tmp_path, pruned
 
 def test_gemma3_with_per_layer_shapes_is_refused_with_what_would_export(tmp_path):
     calibration = torch.randint(3, 128, (32, 32), generator=torch.Generator().manual_seed(1))
-    outcome = prunekit.prune(_gemma3(), None, method="wanda-sp", ratio=0.4, round_to=1,
-                             calibration=calibration, skip_layers=[0])  # fmt: skip
+    outcome = prunekit.prune(
+        _gemma3(),
+        None,
+        method="wanda-sp",
+        ratio=0.4,
+        round_to=1,
+        calibration=calibration,
+        skip_layers=[0],
+    )
     outcome.save(str(tmp_path / "model"))
     with pytest.raises(ExportError, match="per-layer shapes .*skip_layers: \\[\\]"):
         export(tmp_path / "model", vocab="none", output=tmp_path / "x.gguf")

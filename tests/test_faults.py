@@ -33,8 +33,9 @@ def tiny(tmp_path_factory) -> Path:
         "model": {"id": str(root / "tiny"), "dtype": "float32"},
         "method": {"name": "wanda-sp", "ratio": 0.5, "skip_layers": []},
         "calibration": {"path": text, "samples": 4, "seq_len": 16, "batch_size": 4},
-        "evaluation": {"perplexity": [{"path": text, "seq_len": 16, "windows": 4,
-                                        "batch_size": 2}]},  # fmt: skip
+        "evaluation": {
+            "perplexity": [{"path": text, "seq_len": 16, "windows": 4, "batch_size": 2}]
+        },
         "runtime": {"batches": 0},
         "output": {"save_model": True},
     }
@@ -78,8 +79,9 @@ def _run(args: list[str], cache: Path, fault: tuple[str, str] | None = None, **k
         cmd = [sys.executable, "-m", "prunekit.cli", *args]
     else:
         cmd = [sys.executable, "-c", FAULT, fault[0], fault[1], *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)  # fmt: skip
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 def _finish(proc) -> tuple[int, str]:
@@ -89,8 +91,11 @@ def _finish(proc) -> tuple[int, str]:
 
 def _leftovers(directory: Path) -> list[str]:
     """Hidden staging directories and temporary files left in ``directory`` (recursive)."""
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                  if p.name.startswith(".") or p.suffix == ".tmp")  # fmt: skip
+    return sorted(
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.name.startswith(".") or p.suffix == ".tmp"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +109,9 @@ def reference(tiny, tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_sigterm_at_each_stage_leaves_nothing_and_the_next_run_works(tiny, reference, tmp_path,
-                                                                     stage):  # fmt: skip
+def test_sigterm_at_each_stage_leaves_nothing_and_the_next_run_works(
+    tiny, reference, tmp_path, stage
+):
     cache, work = tmp_path / "cache", tmp_path / "work"
     work.mkdir()
     out = work / "out"
@@ -128,8 +134,7 @@ def test_ctrl_c_during_evaluation_keeps_the_previous_outputs(tiny, reference, tm
     args = ["apply", str(tiny / "r.yaml"), "-o", str(out), "-q"]
     assert _finish(_run(args, tmp_path / "cache"))[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    code, err = _finish(_run(args, tmp_path / "cache",
-                             fault=(STAGES["evaluation"], "SIGINT")))  # fmt: skip
+    code, err = _finish(_run(args, tmp_path / "cache", fault=(STAGES["evaluation"], "SIGINT")))
     assert code == 130 and "interrupted" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert _leftovers(tmp_path) == []
@@ -137,8 +142,10 @@ def test_ctrl_c_during_evaluation_keeps_the_previous_outputs(tiny, reference, tm
 
 def test_two_runs_sharing_a_cache_at_once_both_succeed(tiny, reference, tmp_path):
     cache = tmp_path / "cache"  # fresh: both runs compute and write the calibration entry
-    procs = [_run(["apply", str(tiny / "r.yaml"), "-o", str(tmp_path / f"out{i}"), "-q"], cache)
-             for i in range(2)]  # fmt: skip
+    procs = [
+        _run(["apply", str(tiny / "r.yaml"), "-o", str(tmp_path / f"out{i}"), "-q"], cache)
+        for i in range(2)
+    ]
     for proc in procs:
         code, err = _finish(proc)
         assert code == 0, err
@@ -213,8 +220,15 @@ def test_an_altered_saved_state_is_refused_at_validate(tiny, tmp_path, monkeypat
     load = [*sets, f"method.state.load={state}"]
     assert main(["validate", str(tiny / "r.yaml"), *sum((["--set", s] for s in load), [])]) == 0
     _corrupt(state / "state.safetensors", "flip")
-    code = main(["apply", str(tiny / "r.yaml"), "-o", str(tmp_path / "x"),
-                 *sum((["--set", s] for s in load), [])])  # fmt: skip
+    code = main(
+        [
+            "apply",
+            str(tiny / "r.yaml"),
+            "-o",
+            str(tmp_path / "x"),
+            *sum((["--set", s] for s in load), []),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "sha256 differs" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()

@@ -91,15 +91,22 @@ def test_head_flops_weight_matches_the_reference_192():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def layer(kv):
-        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                             num_key_value_heads=kv, num_hidden_layers=1, vocab_size=8)  # fmt: skip
+        config = LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_attention_heads=32,
+            num_key_value_heads=kv,
+            num_hidden_layers=1,
+            vocab_size=8,
+        )
         with torch.device("meta"):
             return LlamaAdapter(LlamaForCausalLM(config)).layers()[0]
 
     assert head_flops_weight(layer(32), 1024) == pytest.approx(192.0)
     # GQA: K/V never pruned, factor 4 -> 2
     assert head_flops_weight(layer(8), 1024) == pytest.approx(
-        (1024 * 4096 * 128 * 2 + 2 * 1024**2 * 128) / (1024 * 4096 * 3))  # fmt: skip
+        (1024 * 4096 * 128 * 2 + 2 * 1024**2 * 128) / (1024 * 4096 * 3)
+    )
 
 
 def test_flap_global_allocation_on_a_constructed_case():
@@ -149,8 +156,9 @@ def test_flap_ratio_zero_and_physical_with_bias():
         dense = model(ids).logits
         prunekit.prune(model, None, method="flap", ratio=0.0, calibration=calib)
         torch.testing.assert_close(model(ids).logits, dense, atol=0, rtol=0)
-        outcome = prunekit.prune(model, None, method="flap", ratio=0.4, calibration=calib,
-                                 skip_layers=[0], round_to=1)  # fmt: skip
+        outcome = prunekit.prune(
+            model, None, method="flap", ratio=0.4, calibration=calib, skip_layers=[0], round_to=1
+        )
         assert torch.isfinite(model(ids).logits).all()
     pruned_layers = [r for r in outcome.structure if r["channels"] < 96 or r["heads"] < 6]
     assert pruned_layers and outcome.structure[0] == {"layer": 0, "heads": 6, "channels": 96}

@@ -74,10 +74,12 @@ def test_a_prompt_method_is_dense_on_the_prompt_and_pruned_on_the_continuation()
     dense = perplexity(model, windows, batch_size=3, prompt_tokens=8)["ppl"]
     dyn, controller = _prompt_method(model, keep=96)
     assert perplexity(dyn, windows, batch_size=3, prompt_tokens=8)["ppl"] == pytest.approx(
-        dense, rel=1e-5)  # all channels kept
+        dense, rel=1e-5
+    )  # all channels kept
     dyn.controller.keep = 24
     assert perplexity(dyn, windows, batch_size=3)["ppl"] == pytest.approx(
-        perplexity(model, windows, batch_size=3)["ppl"], rel=1e-5)  # whole window = prompt
+        perplexity(model, windows, batch_size=3)["ppl"], rel=1e-5
+    )  # whole window = prompt
     pruned = perplexity(dyn, windows, batch_size=3, prompt_tokens=8)["ppl"]
     assert pruned > dense * 1.01
     assert controller.observed and controller.decisions
@@ -105,8 +107,9 @@ def test_greedy_loop_matches_hf_generate_with_left_padding():
     assert mask[1, 0] == 0 and mask[1, -1] == 1
     ours, prefill, decode = greedy(model, ids, mask, 5)
     with torch.no_grad():
-        hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
-                            do_sample=False, pad_token_id=0)[:, ids.shape[1]:]  # fmt: skip
+        hf = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
+        )[:, ids.shape[1] :]
     assert torch.equal(ours, hf) and prefill > 0 and decode > 0
 
 
@@ -127,8 +130,9 @@ def test_generate_past_the_models_context_is_refused_before_generating(tmp_path,
     tiny_llama(layers=4).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {{id: {model_dir}}}\nmethod: {{name: dense}}\n"
-                      "evaluation: {perplexity: []}\n")  # fmt: skip
+    recipe.write_text(
+        f"model: {{id: {model_dir}}}\nmethod: {{name: dense}}\nevaluation: {{perplexity: []}}\n"
+    )
     args = ["generate", str(recipe), "-q", "--prompt", "the cat sat"]
     assert main([*args, "-n", "600"]) == 2
     err = capsys.readouterr().err
@@ -137,8 +141,20 @@ def test_generate_past_the_models_context_is_refused_before_generating(tmp_path,
     assert main([*args, "-n", "2"]) == 0
     assert "> the cat sat" in capsys.readouterr().out
     # prunekit bench --generate: prompts cut to --prompt-tokens, checked before weights load
-    bench = ["bench", str(recipe), "--generate", "-q", "-o", str(tmp_path / "b"),
-             "--prompt-tokens", "500", "-n", "13", "--prompt", "the cat sat"]  # fmt: skip
+    bench = [
+        "bench",
+        str(recipe),
+        "--generate",
+        "-q",
+        "-o",
+        str(tmp_path / "b"),
+        "--prompt-tokens",
+        "500",
+        "-n",
+        "13",
+        "--prompt",
+        "the cat sat",
+    ]
     assert main(bench) == 2
     err = capsys.readouterr().err
     assert "--prompt-tokens 500 plus --max-new-tokens 13 is 513 tokens" in err
@@ -148,9 +164,21 @@ def test_generate_past_the_models_context_is_refused_before_generating(tmp_path,
 @pytest.mark.smollm2
 def test_generate_at_ratio_zero_prints_the_dense_continuation(smollm2, capsys):
     prompts = ["The capital of France is", "Water boils at"]
-    args = ["generate", str(ROOT / "recipes" / "pp_smollm2.yaml"), "-n", "6", "-q",
-            "--set", "method.ratio=0", "--set", "calibration.samples=4",
-            "--set", "calibration.seq_len=64", "--set", "evaluation.perplexity.0.seq_len=64"]  # fmt: skip
+    args = [
+        "generate",
+        str(ROOT / "recipes" / "pp_smollm2.yaml"),
+        "-n",
+        "6",
+        "-q",
+        "--set",
+        "method.ratio=0",
+        "--set",
+        "calibration.samples=4",
+        "--set",
+        "calibration.seq_len=64",
+        "--set",
+        "evaluation.perplexity.0.seq_len=64",
+    ]
     for p in prompts:
         args += ["--prompt", p]
     assert main([*args, "--set", "method.name=dense"]) == 0
@@ -162,12 +190,32 @@ def test_generate_at_ratio_zero_prints_the_dense_continuation(smollm2, capsys):
 @pytest.mark.smollm2
 def test_bench_generate_writes_a_generation_section(smollm2, tmp_path, capsys):
     out = tmp_path / "g"
-    args = ["bench", str(ROOT / "recipes" / "pp_smollm2.yaml"), "--generate", "-o", str(out),
-            "--prompt-tokens", "16", "-n", "3", "--repeats", "1", "--warmup", "0", "-q",
-            "--set", "calibration.samples=4", "--set", "calibration.seq_len=64",
-            "--set", "evaluation.perplexity.0.batch_size=2",
-            "--set", "evaluation.perplexity.0.windows=2",
-            "--set", "evaluation.perplexity.0.seq_len=64"]  # fmt: skip
+    args = [
+        "bench",
+        str(ROOT / "recipes" / "pp_smollm2.yaml"),
+        "--generate",
+        "-o",
+        str(out),
+        "--prompt-tokens",
+        "16",
+        "-n",
+        "3",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "-q",
+        "--set",
+        "calibration.samples=4",
+        "--set",
+        "calibration.seq_len=64",
+        "--set",
+        "evaluation.perplexity.0.batch_size=2",
+        "--set",
+        "evaluation.perplexity.0.windows=2",
+        "--set",
+        "evaluation.perplexity.0.seq_len=64",
+    ]
     assert main(args) == 0
     gen = json.loads((out / "results.json").read_text())["generation"]
     assert gen["batch"] == 2 and gen["prompt_tokens"] == 32 and gen["interleaved"]
@@ -201,8 +249,9 @@ def test_last_token_split_scores_all_but_the_last_answer_token_dense():
                 dense = model(input_ids=full).logits[0].log_softmax(-1)
             want = sum(dense[len(ctx) - 1 + j, cont[j]].item() for j in range(len(cont) - 1))
             out = dyn(input_ids=full[:, :-2], use_cache=True)
-            step = dyn(input_ids=full[:, -2:-1], use_cache=True,
-                       **{cache_keyword(dyn): output_cache(out)}).logits
+            step = dyn(
+                input_ids=full[:, -2:-1], use_cache=True, **{cache_keyword(dyn): output_cache(out)}
+            ).logits
             want += step[0, -1].log_softmax(-1)[cont[-1]].item()
             assert score.logprob == pytest.approx(want, abs=1e-4)
             assert score.tokens == len(cont)

@@ -52,11 +52,21 @@ def test_tiny_run_writes_its_report(bench, tmp_path, one_thread):
     calls = s["timed_calls_per_model"]
     assert len(report["dense"]["s_all"]) == calls == 1
     assert [(r["model"], r["ratio"]) for r in report["rows"]] == [
-        ("pp", 0.2), ("static", 0.2), ("pp", 0.4), ("static", 0.4)]  # fmt: skip
+        ("pp", 0.2),
+        ("static", 0.2),
+        ("pp", 0.4),
+        ("static", 0.4),
+    ]
     for row in report["rows"]:
         rt = row["runtime"]
-        for key in ("speedup", "speedup_spread", "time_ratio", "flop_limit",
-                    "beyond_flop_limit", "forward_flops_kept_fraction"):  # fmt: skip
+        for key in (
+            "speedup",
+            "speedup_spread",
+            "time_ratio",
+            "flop_limit",
+            "beyond_flop_limit",
+            "forward_flops_kept_fraction",
+        ):
             assert key in rt, key
         assert rt["dense_s_all"] == report["dense"]["s_all"]
         assert len(rt["pruned_s_all"]) == calls
@@ -99,7 +109,8 @@ def test_tiny_run_writes_its_report(bench, tmp_path, one_thread):
             assert len(r["runtime"]["pruned_s_all"]) == bench.BLOCK_CALLS
             if r["kind"] == "pp":  # pp's own per-block phases
                 assert {"probe", "score", "gather", "run", "history"} <= set(
-                    r["runtime"]["overhead_s_per_batch"])  # fmt: skip
+                    r["runtime"]["overhead_s_per_batch"]
+                )
         # the MLP block's FLOP limit is exactly channels / kept channels
         for r in g["rows"]:
             if group == "mlp":
@@ -116,8 +127,10 @@ def test_shared_clone_shares_weights_and_static_slices_a_copy(bench, one_thread)
     ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    structure = [{"layer": 0, "heads": 4, "channels": 352},
-                 {"layer": 1, "heads": 2, "channels": 128}]  # fmt: skip
+    structure = [
+        {"layer": 0, "heads": 4, "channels": 352},
+        {"layer": 1, "heads": 2, "channels": 128},
+    ]
     static = bench.static_like(clone, structure)
     assert bench.live_shape(static) == structure
     assert bench.live_shape(model)[1] == {"layer": 1, "heads": 4, "channels": 352}
@@ -131,7 +144,7 @@ def test_pp_at_ratio_zero_gives_the_dense_logits(bench, one_thread):
     calib = torch.randint(3, 512, (4, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         dense = model(input_ids=ids).logits
-        outcome = prunekit.prune(bench.shared_clone(model), method="pp", ratio=0.0,
-                                 calibration=calib, skip_layers=[0])  # fmt: skip
-        torch.testing.assert_close(outcome.model(input_ids=ids).logits, dense, rtol=0,
-                                   atol=1e-5)  # fmt: skip
+        outcome = prunekit.prune(
+            bench.shared_clone(model), method="pp", ratio=0.0, calibration=calib, skip_layers=[0]
+        )
+        torch.testing.assert_close(outcome.model(input_ids=ids).logits, dense, rtol=0, atol=1e-5)

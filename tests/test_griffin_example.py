@@ -290,8 +290,9 @@ def _run(args: list[str], tmp_path: Path, pythonpath: str | None = None):
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -387,8 +388,9 @@ def test_the_package_declares_its_entry_point():
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_griffin_example_{name}",
-                                                  SOURCE_DIR / f"{name}.py")  # fmt: skip
+    spec = importlib.util.spec_from_file_location(
+        f"_griffin_example_{name}", SOURCE_DIR / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -483,12 +485,19 @@ def test_input_norm_probe_with_few_real_tokens(probes):
     assert rows.numel() == cols.numel() == 0
 
 
-@pytest.mark.parametrize(("options", "name"), [
-    ({"ratio_seq": 0}, "ratio_seq"), ({"ratio_seq": 1.5}, "ratio_seq"),
-    ({"ratio_seq": "0.5"}, "ratio_seq"), ({"ratio_batch": -0.1}, "ratio_batch"),
-    ({"ratio_batch": True}, "ratio_batch"), ({"min_tokens": 0}, "min_tokens"),
-    ({"min_tokens": 2.5}, "min_tokens"), ({"min_tokens": True}, "min_tokens"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"ratio_seq": 0}, "ratio_seq"),
+        ({"ratio_seq": 1.5}, "ratio_seq"),
+        ({"ratio_seq": "0.5"}, "ratio_seq"),
+        ({"ratio_batch": -0.1}, "ratio_batch"),
+        ({"ratio_batch": True}, "ratio_batch"),
+        ({"min_tokens": 0}, "min_tokens"),
+        ({"min_tokens": 2.5}, "min_tokens"),
+        ({"min_tokens": True}, "min_tokens"),
+    ],
+)
 def test_input_norm_probe_rejects_bad_options(probes, options, name):
     with pytest.raises(ValueError, match=f"^{name} must be"):
         probes.InputNormProbe(**options)

@@ -91,8 +91,15 @@ def test_unit_slices_are_the_coupled_groups():
     mha = LlamaAdapter(tiny_llama(heads=4, kv_heads=4)).layers()[0]
     gqa = LlamaAdapter(tiny_llama(heads=6, kv_heads=2)).layers()[0]
     roles = lambda la, g: [(s.role, s.dim, s.width) for s in la.unit_slices(g)]  # noqa: E731
-    assert roles(mha, ATTN) == [("q_proj.weight", 0, 16), ("o_proj.weight", 1, 16),
-                                ("k_proj.weight", 0, 16), ("v_proj.weight", 0, 16)]  # fmt: skip
+    assert roles(mha, ATTN) == [
+        ("q_proj.weight", 0, 16),
+        ("o_proj.weight", 1, 16),
+        ("k_proj.weight", 0, 16),
+        ("v_proj.weight", 0, 16),
+    ]
     assert roles(gqa, ATTN) == [("q_proj.weight", 0, 16), ("o_proj.weight", 1, 16)]
-    assert roles(gqa, MLP) == [("gate_proj.weight", 0, 1), ("up_proj.weight", 0, 1),
-                               ("down_proj.weight", 1, 1)]  # fmt: skip
+    assert roles(gqa, MLP) == [
+        ("gate_proj.weight", 0, 1),
+        ("up_proj.weight", 0, 1),
+        ("down_proj.weight", 1, 1),
+    ]

@@ -92,8 +92,9 @@ def test_loglikelihood_equals_unpadded_forward(tokenizer):
     got = PrunekitLM(model, tokenizer, batch_size=3).loglikelihood(requests(*pairs))
     assert len(got) == len(pairs)
     for (context, continuation), (logprob, greedy) in zip(pairs, got, strict=True):
-        expected, expected_greedy = direct_score(model, [BOS, *word_ids(context)],
-                                                 word_ids(continuation))  # fmt: skip
+        expected, expected_greedy = direct_score(
+            model, [BOS, *word_ids(context)], word_ids(continuation)
+        )
         assert logprob == pytest.approx(expected, abs=1e-4), (context, continuation)
         assert greedy == expected_greedy
     assert got[-1][1] is True
@@ -103,7 +104,8 @@ def test_loglikelihood_keeps_continuation_when_truncating(tokenizer):
     model = tiny_llama()
     context, continuation = words(*range(3, 23)), " " + words(30, 31)
     ((logprob, _),) = PrunekitLM(model, tokenizer, max_length=6).loglikelihood(
-        requests((context, continuation)))  # fmt: skip
+        requests((context, continuation))
+    )
     # max_length 6: the input is the last 6 of the 7 tokens preceding the end
     expected, _ = direct_score(model, word_ids(context)[-5:], [30, 31])
     assert logprob == pytest.approx(expected, abs=1e-4)
@@ -113,15 +115,19 @@ def test_loglikelihood_rolling_sums_disjoint_windows(tokenizer):
     model = tiny_llama()
     long_doc, short_doc = words(*range(3, 23)), words(50, 51, 52)
     lm = PrunekitLM(model, tokenizer, batch_size=2, max_length=8)
-    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), idx=0)
-                                    for t in (long_doc, short_doc, "")])  # fmt: skip
+    got = lm.loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (t,), idx=0) for t in (long_doc, short_doc, "")]
+    )
     # the short document fits one window: its tokens given BOS
     assert got[1] == pytest.approx(direct_score(model, [BOS], [50, 51, 52])[0], abs=1e-4)
     # the long one in lm-eval's disjoint windows of 8: [BOS] -> t0..t7; t7 -> t8..t15 (each
     # token with up to 8 of context); t11..t15 -> t16..t19 (the last window keeps 8 inputs)
     t = word_ids(long_doc)
-    expected = (direct_score(model, [BOS], t[:8])[0] + direct_score(model, t[7:8], t[8:16])[0]
-                + direct_score(model, t[11:16], t[16:20])[0])  # fmt: skip
+    expected = (
+        direct_score(model, [BOS], t[:8])[0]
+        + direct_score(model, t[7:8], t[8:16])[0]
+        + direct_score(model, t[11:16], t[16:20])[0]
+    )
     assert got[0] == pytest.approx(expected, abs=1e-4)
     assert got[2] == 0.0
 
@@ -131,16 +137,19 @@ def test_scores_do_not_depend_on_padding(tokenizer, kind):
     model = tiny_llama(seed=1)
     if kind == "static":
         calibration = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-        outcome = prunekit.prune(model, None, method="wanda-sp", ratio=0.4,
-                                 calibration=calibration, skip_layers=[])  # fmt: skip
+        outcome = prunekit.prune(
+            model, None, method="wanda-sp", ratio=0.4, calibration=calibration, skip_layers=[]
+        )
         assert not outcome.dynamic and outcome.params_kept < sum(
-            p.numel() for p in tiny_llama(seed=1).parameters())  # fmt: skip
+            p.numel() for p in tiny_llama(seed=1).parameters()
+        )
         model = outcome.model
     short = (words(3, 4), " " + words(5))
     longer = [(words(*range(10, 40)), " " + words(41, 42)), (words(*range(50, 70)), " w71")]
     alone = PrunekitLM(model, tokenizer, batch_size=1).loglikelihood(requests(short))
     batched = PrunekitLM(model, tokenizer, batch_size=3).loglikelihood(
-        requests(*longer[:1], short, *longer[1:]))  # fmt: skip
+        requests(*longer[:1], short, *longer[1:])
+    )
     assert batched[1][0] == pytest.approx(alone[0][0], abs=1e-5)
     assert batched[1][1] == alone[0][1]
 
@@ -153,8 +162,14 @@ def test_scores_do_not_depend_on_padding(tokenizer, kind):
 @pytest.fixture
 def pp_model(tokenizer):
     calibration = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    outcome = prunekit.prune(tiny_llama(seed=2), tokenizer, method="pp", ratio=0.4,
-                             calibration=calibration, skip_layers=[])  # fmt: skip
+    outcome = prunekit.prune(
+        tiny_llama(seed=2),
+        tokenizer,
+        method="pp",
+        ratio=0.4,
+        calibration=calibration,
+        skip_layers=[],
+    )
     assert outcome.dynamic
     return outcome.model
 
@@ -170,8 +185,7 @@ def test_dynamic_model_through_the_bridge(tokenizer, pp_model):
     own = score_requests(pp_model, pairs, batch_size=3, pad_id=tokenizer.pad_token_id)
     assert [(s.logprob, s.greedy) for s in own] == first
     # the pruning is really applied: the dense model (same weights) scores differently
-    dense = PrunekitLM(tiny_llama(seed=2), tokenizer, batch_size=3).loglikelihood(
-        requests(*PAIRS))  # fmt: skip
+    dense = PrunekitLM(tiny_llama(seed=2), tokenizer, batch_size=3).loglikelihood(requests(*PAIRS))
     assert max(abs(a[0] - b[0]) for a, b in zip(first, dense, strict=True)) > 1e-3
 
 
@@ -248,8 +262,10 @@ def test_bad_arguments_are_explained(tokenizer):
 
 
 def test_prunekit_does_not_import_lm_eval():
-    code = ("import sys, prunekit, prunekit.runner, prunekit.cli, prunekit.evaluation.zeroshot; "
-            "sys.exit('lm_eval' in sys.modules)")  # fmt: skip
+    code = (
+        "import sys, prunekit, prunekit.runner, prunekit.cli, prunekit.evaluation.zeroshot; "
+        "sys.exit('lm_eval' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
@@ -279,9 +295,12 @@ def test_simple_evaluate_matches_prunekit_evaluation(smollm2, shared_data, tmp_p
     limit = 3  # 18 requests: one batch
     result = lm_eval.simple_evaluate(
         model=PrunekitLM(smollm2.model, smollm2.tokenizer, batch_size=20),
-        tasks=[f"pk_{t}" for t in tasks], limit=limit, log_samples=True, bootstrap_iters=0,
+        tasks=[f"pk_{t}" for t in tasks],
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=0,
         task_manager=TaskManager(include_path=str(include), include_defaults=False),
-    )  # fmt: skip
+    )
     for task in tasks:
         questions = load_questions(locate_task(task, shared_data), limit)
         own = evaluate_questions(smollm2.model, smollm2.tokenizer, questions, batch_size=20)
@@ -289,7 +308,8 @@ def test_simple_evaluate_matches_prunekit_evaluation(smollm2, shared_data, tmp_p
         assert len(samples) == limit
         for q, record, sample in zip(questions, own["records"], samples, strict=True):
             assert [tuple(a[:2]) for a in sample["arguments"]] == list(
-                zip(q.contexts, q.continuations, strict=True))  # fmt: skip
+                zip(q.contexts, q.continuations, strict=True)
+            )
             lls = [r[0] for r in sample["filtered_resps"]]
             assert lls == pytest.approx([-x for x in record["nll"]], abs=1e-4)
             assert max(range(len(lls)), key=lls.__getitem__) == record["pred"]
@@ -304,9 +324,15 @@ def test_model_args_recipe_builds_the_pruned_model(tokenizer, tmp_path):
     tiny_llama(seed=4).save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"model": {"id": str(tmp_path / "tiny")},
-                                      "method": {"name": "dense", "ratio": 0.0},
-                                      "evaluation": {"perplexity": []}}))  # fmt: skip
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"id": str(tmp_path / "tiny")},
+                "method": {"name": "dense", "ratio": 0.0},
+                "evaluation": {"perplexity": []},
+            }
+        )
+    )
     lm = lm_eval.api.registry.get_model("prunekit").create_from_arg_string(
         f"recipe={recipe},set=method.name=pp-fullbatch;method.ratio=0.4;method.skip_layers=[],"
         "batch_size=4,max_length=256",
@@ -318,7 +344,6 @@ def test_model_args_recipe_builds_the_pruned_model(tokenizer, tmp_path):
     assert lm.outcome.dynamic and lm.model is lm.outcome.model
     assert [row["heads"] for row in lm.outcome.structure] == [3, 3, 3, 3]
     got = lm.loglikelihood(requests(*PAIRS))
-    dense = PrunekitLM(tiny_llama(seed=4), tokenizer, batch_size=4).loglikelihood(
-        requests(*PAIRS))  # fmt: skip
+    dense = PrunekitLM(tiny_llama(seed=4), tokenizer, batch_size=4).loglikelihood(requests(*PAIRS))
     assert all(math.isfinite(logprob) for logprob, _ in got)
     assert max(abs(a[0] - b[0]) for a, b in zip(got, dense, strict=True)) > 1e-3

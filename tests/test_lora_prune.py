@@ -35,13 +35,29 @@ def workdir(tmp_path_factory) -> Path:
 def _recipe(root: Path, **method) -> dict:
     return {
         "model": {"id": str(root / "tiny"), "dtype": "float32"},
-        "method": {"name": "loraprune", "ratio": 0.5, "skip_layers": [0], "round_to": 1,
-                   "prune_every": 4, "start": 0.1, "end": 0.2,
-                   "finetune": {"steps": 20, "batch_size": 2, "lr": 5e-3, "dropout": 0.0,
-                                "checkpoint_every": 0}, **method},  # fmt: skip
+        "method": {
+            "name": "loraprune",
+            "ratio": 0.5,
+            "skip_layers": [0],
+            "round_to": 1,
+            "prune_every": 4,
+            "start": 0.1,
+            "end": 0.2,
+            "finetune": {
+                "steps": 20,
+                "batch_size": 2,
+                "lr": 5e-3,
+                "dropout": 0.0,
+                "checkpoint_every": 0,
+            },
+            **method,
+        },
         "calibration": {"path": str(root / "text.txt"), "samples": 16, "seq_len": 16},
-        "evaluation": {"perplexity": [{"path": str(root / "eval.txt"), "seq_len": 16,
-                                        "windows": 4, "batch_size": 2}]},  # fmt: skip
+        "evaluation": {
+            "perplexity": [
+                {"path": str(root / "eval.txt"), "seq_len": 16, "windows": 4, "batch_size": 2}
+            ]
+        },
         "runtime": {"batches": 0},
     }
 
@@ -50,8 +66,22 @@ def test_importance_matches_hand_computed_values():
     from peft import LoraConfig, get_peft_model
 
     model = tiny_llama(layers=1, heads=2, intermediate=6, vocab=32, seed=1)
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))  # fmt: skip
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        ),
+    )
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
@@ -60,8 +90,11 @@ def test_importance_matches_hand_computed_values():
     ids = torch.randint(0, 32, (2, 7), generator=g)
     peft_model(input_ids=ids, labels=ids).loss.backward()
     layer = resolve_adapter(model).layers()[0]
-    lora_of = {id(m.get_base_layer().weight): m for m in peft_model.modules()
-               if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")}  # fmt: skip
+    lora_of = {
+        id(m.get_base_layer().weight): m
+        for m in peft_model.modules()
+        if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")
+    }
 
     def by_hand(module, rows: bool, width: int) -> list[float]:
         """Σ over a unit's rows (or columns) of |Ĝ_ij (W_ij + s (BA)_ij)|, element by element,
@@ -74,8 +107,10 @@ def test_importance_matches_hand_computed_values():
         per_unit = [0.0] * units
         for i in range(out_f):
             for j in range(in_f):
-                G = sum(float(gB[i, k] * A[k, j] + B[i, k] * gA[k, j] - gB[i, k] * gA[k, j])
-                        for k in range(A.shape[0]))  # fmt: skip
+                G = sum(
+                    float(gB[i, k] * A[k, j] + B[i, k] * gA[k, j] - gB[i, k] * gA[k, j])
+                    for k in range(A.shape[0])
+                )
                 ba = sum(float(B[i, k] * A[k, j]) for k in range(A.shape[0]))
                 per_unit[(i if rows else j) // width] += abs(G * (float(W[i, j]) + s * ba))
         norm = sum(v * v for v in per_unit) ** 0.5
@@ -83,10 +118,26 @@ def test_importance_matches_hand_computed_values():
 
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     hd = layer.head_dim
-    want_attn = [sum(v) for v in zip(*(by_hand(m, m is not attn.o_proj, hd) for m in (
-        attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)), strict=True)]  # MHA: k, v too
-    want_mlp = [sum(v) for v in zip(*(by_hand(m, m is not mlp.down_proj, 1) for m in (
-        mlp.gate_proj, mlp.up_proj, mlp.down_proj)), strict=True)]  # fmt: skip
+    want_attn = [
+        sum(v)
+        for v in zip(
+            *(
+                by_hand(m, m is not attn.o_proj, hd)
+                for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+            ),
+            strict=True,
+        )
+    ]  # MHA: k, v too
+    want_mlp = [
+        sum(v)
+        for v in zip(
+            *(
+                by_hand(m, m is not mlp.down_proj, 1)
+                for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            ),
+            strict=True,
+        )
+    ]
     got_attn = lp.unit_importance(layer, ATTN, lora_of)
     got_mlp = lp.unit_importance(layer, MLP, lora_of)
     assert torch.allclose(got_attn, torch.tensor(want_attn), rtol=1e-4, atol=1e-6)
@@ -117,7 +168,8 @@ def test_pruned_model_has_the_scheduled_counts_per_layer(workdir, tmp_path):
         assert e["kept"] == {f"{i}.{g}": n for (i, g), n in counts.items() if i != 0}
     final = uniform.counts(adapter, MethodSettings("loraprune", 0.5, [0], 1))
     assert result["structure"] == [
-        {"layer": i, "heads": final[(i, ATTN)], "channels": final[(i, MLP)]} for i in range(3)]
+        {"layer": i, "heads": final[(i, ATTN)], "channels": final[(i, MLP)]} for i in range(3)
+    ]
     assert result["structure"][1]["heads"] < 4  # really pruned
     assert result["model"]["params_kept"] < result["model"]["params"]  # physically smaller
     assert info["finetune"]["steps"] == 20 and len(info["finetune"]["loss"]) == 20
@@ -133,25 +185,32 @@ def test_without_lora_keeps_the_original_weights_and_with_lora_merges(workdir):
     # w/o LoRA: the kept rows of the dense weights, untouched
     kept_q = without.model.layers[1].self_attn.q_proj.weight
     dense_q = dense.model.layers[1].self_attn.q_proj.weight
-    rows = [r for r in range(dense_q.shape[0])
-            if any(torch.equal(dense_q[r], k) for k in kept_q)]  # fmt: skip
+    rows = [r for r in range(dense_q.shape[0]) if any(torch.equal(dense_q[r], k) for k in kept_q)]
     assert len(rows) == kept_q.shape[0]
     # with LoRA: the same structure, other weights
     assert with_lora.model.layers[1].self_attn.q_proj.weight.shape == kept_q.shape
     assert not torch.equal(with_lora.model.layers[1].self_attn.q_proj.weight, kept_q)
-    assert torch.equal(without.model.layers[0].self_attn.q_proj.weight,
-                       dense.model.layers[0].self_attn.q_proj.weight)  # skipped layer
+    assert torch.equal(
+        without.model.layers[0].self_attn.q_proj.weight,
+        dense.model.layers[0].self_attn.q_proj.weight,
+    )  # skipped layer
 
 
 def test_bad_loraprune_options_fail_at_validate(workdir):
-    cases = [({"finetune": {"steps": 0}}, "method.finetune"),
-             ({"finetune": {"stepz": 3}}, "method.finetune"),
-             ({"prune_every": 0}, "prune_every"),
-             ({"start": 0.6, "end": 0.5},
-              r"method\.end: method\.start \+ method\.end \(0\.6 \+ 0\.5\) must be below 1"),
-             ({"seq_len": 99}, "seq_len"),
-             ({"finetune": {"target_modules": ["q_proj", "x_proj"]}},
-              r"method\.finetune\.target_modules: target_modules \['x_proj'\]")]  # fmt: skip
+    cases = [
+        ({"finetune": {"steps": 0}}, "method.finetune"),
+        ({"finetune": {"stepz": 3}}, "method.finetune"),
+        ({"prune_every": 0}, "prune_every"),
+        (
+            {"start": 0.6, "end": 0.5},
+            r"method\.end: method\.start \+ method\.end \(0\.6 \+ 0\.5\) must be below 1",
+        ),
+        ({"seq_len": 99}, "seq_len"),
+        (
+            {"finetune": {"target_modules": ["q_proj", "x_proj"]}},
+            r"method\.finetune\.target_modules: target_modules \['x_proj'\]",
+        ),
+    ]
     for method, match in cases:
         with pytest.raises(RecipeError, match=match):
             validate(_recipe(workdir, **method), check_output=False)
@@ -175,8 +234,12 @@ def test_with_lora_never_trains_on_an_evaluated_text(workdir, tmp_path):
     recipe = _recipe(workdir)  # w/o LoRA: nothing trained survives, every window is used
     recipe["calibration"]["path"] = str(mixed)
     info = apply(recipe, output=tmp_path / "without")["loraprune"]
-    assert info["carve_out"] == {"windows_dropped": 0, "overlap_tokens": 32, "checked": False,
-                                 "excluded": []}
+    assert info["carve_out"] == {
+        "windows_dropped": 0,
+        "overlap_tokens": 32,
+        "checked": False,
+        "excluded": [],
+    }
     recipe = _recipe(workdir, keep_lora=True)
     recipe["calibration"]["path"] = str(workdir / "eval.txt")
     recipe["calibration"]["samples"] = 4
@@ -186,8 +249,14 @@ def test_with_lora_never_trains_on_an_evaluated_text(workdir, tmp_path):
 
 def test_loraprune_then_recovery_saves_and_reloads(workdir, tmp_path):
     recipe = _recipe(workdir)
-    recipe["recovery"] = {"path": str(workdir / "text.txt"), "samples": 8, "seq_len": 16,
-                          "steps": 3, "batch_size": 2, "checkpoint_every": 0}  # fmt: skip
+    recipe["recovery"] = {
+        "path": str(workdir / "text.txt"),
+        "samples": 8,
+        "seq_len": 16,
+        "steps": 3,
+        "batch_size": 2,
+        "checkpoint_every": 0,
+    }
     recipe["output"] = {"save_model": True}
     result = apply(recipe, output=tmp_path / "out")
     assert result["recovery"]["steps"] == 3
@@ -197,17 +266,21 @@ def test_loraprune_then_recovery_saves_and_reloads(workdir, tmp_path):
 
     model = load_pruned(tmp_path / "out" / "model")
     assert model.model.layers[1].self_attn.q_proj.weight.shape[0] == (
-        result["structure"][1]["heads"] * 16)  # fmt: skip
+        result["structure"][1]["heads"] * 16
+    )
 
 
-def test_an_interrupted_loraprune_resumes_to_the_same_pruned_model(workdir, tmp_path,
-                                                                  interrupted_apply):
+def test_an_interrupted_loraprune_resumes_to_the_same_pruned_model(
+    workdir, tmp_path, interrupted_apply
+):
     """The masks and scores are saved with each checkpoint: a resumed run prunes the same
     units and ends with the same weights as an uninterrupted one."""
     from safetensors.torch import load_file
 
-    recipe = _recipe(workdir, finetune={"steps": 12, "batch_size": 2, "lr": 5e-3,
-                                        "dropout": 0.1, "checkpoint_every": 3})  # fmt: skip
+    recipe = _recipe(
+        workdir,
+        finetune={"steps": 12, "batch_size": 2, "lr": 5e-3, "dropout": 0.1, "checkpoint_every": 3},
+    )
     recipe["output"] = {"save_model": True}
     whole = apply(recipe, output=tmp_path / "whole")
     # interrupted during step 8: after the checkpoint of step 6 and a mask decision at step 4

@@ -23,54 +23,81 @@ import prunekit
 import prunekit.plugin
 
 REPO = Path(prunekit.__file__).parent.parent
-PLUGIN_FILES = sorted([
-    *(REPO / "plugins").rglob("*.py"),
-    *(REPO / "examples" / "prunekit-griffin" / "prunekit_griffin").rglob("*.py"),
-    *(REPO / "tests" / "plugin_pkgs").rglob("prunekit_*/*.py"),
-])  # fmt: skip
+PLUGIN_FILES = sorted(
+    [
+        *(REPO / "plugins").rglob("*.py"),
+        *(REPO / "examples" / "prunekit-griffin" / "prunekit_griffin").rglob("*.py"),
+        *(REPO / "tests" / "plugin_pkgs").rglob("prunekit_*/*.py"),
+    ]
+)
 #: the entry points of the engine's own components: each kind's default, shipped with the
 #: engine (calibration statistics, the uniform allocator, the no-op compensator, the local and
 #: submitit executors, the built-in corpora and tasks)
-ENGINE_DEFAULTS = {"calibration": "prunekit.calibration",
-                   "allocation": "prunekit.pruning.allocation",
-                   "static": "prunekit.pruning.static",
-                   "executors": "prunekit.sweep.executors",
-                   "data": "prunekit.data.builtin"}  # fmt: skip
+ENGINE_DEFAULTS = {
+    "calibration": "prunekit.calibration",
+    "allocation": "prunekit.pruning.allocation",
+    "static": "prunekit.pruning.static",
+    "executors": "prunekit.sweep.executors",
+    "data": "prunekit.data.builtin",
+}
 
 
 def _prunekit_imports(tree: ast.AST) -> list[tuple[int, str]]:
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names
-                    if a.name == "prunekit" or a.name.startswith("prunekit.")]  # fmt: skip
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (
-                node.module == "prunekit" or node.module.startswith("prunekit.")):  # fmt: skip
+            out += [
+                (node.lineno, a.name)
+                for a in node.names
+                if a.name == "prunekit" or a.name.startswith("prunekit.")
+            ]
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and node.module
+            and (node.module == "prunekit" or node.module.startswith("prunekit."))
+        ):
             out.append((node.lineno, node.module))
     return out
 
 
 def test_there_are_plugin_files_to_check():
     names = {p.parent.name for p in PLUGIN_FILES}
-    assert {"pp", "flap", "llm_pruner", "lora_prune", "wanda_sp", "dense", "prunekit_griffin",
-            "prunekit_granite"} <= names  # fmt: skip
+    assert {
+        "pp",
+        "flap",
+        "llm_pruner",
+        "lora_prune",
+        "wanda_sp",
+        "dense",
+        "prunekit_griffin",
+        "prunekit_granite",
+    } <= names
 
 
 @pytest.mark.parametrize("path", PLUGIN_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_plugins_import_only_the_front(path):
     tree = ast.parse(path.read_text())
-    bad = [f"line {line}: {module}" for line, module in _prunekit_imports(tree)
-           if module != "prunekit.plugin"]  # fmt: skip
+    bad = [
+        f"line {line}: {module}"
+        for line, module in _prunekit_imports(tree)
+        if module != "prunekit.plugin"
+    ]
     assert not bad, f"{path.relative_to(REPO)} imports past prunekit.plugin: {bad}"
 
 
 @pytest.mark.parametrize("path", PLUGIN_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_plugins_do_not_read_the_recipe(path):
     tree = ast.parse(path.read_text())
-    bad = [f"line {n.lineno}: .{n.attr}" for n in ast.walk(tree)
-           if isinstance(n, ast.Attribute) and (
-               n.attr == "model_dump" or (n.attr == "recipe" and isinstance(n.value, ast.Name)
-                                          and n.value.id == "ctx"))]  # fmt: skip
+    bad = [
+        f"line {n.lineno}: .{n.attr}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and (
+            n.attr == "model_dump"
+            or (n.attr == "recipe" and isinstance(n.value, ast.Name) and n.value.id == "ctx")
+        )
+    ]
     assert not bad, f"{path.relative_to(REPO)} reads the recipe past the context: {bad}"
 
 
@@ -100,7 +127,9 @@ def test_entry_points_follow_the_documented_split():
         assert (REPO / "plugins" / name / "__init__.py").is_file(), name
     docs = (REPO / "docs" / "plugins-reference.md").read_text()
     for name, module in points.items():  # the docs list every entry point
-        assert f"`{module}`" in docs, f"docs/plugins-reference.md does not list the entry point {name} = {module}"
+        assert f"`{module}`" in docs, (
+            f"docs/plugins-reference.md does not list the entry point {name} = {module}"
+        )
 
 
 def test_moved_runner_names_warn_and_resolve():
@@ -109,9 +138,9 @@ def test_moved_runner_names_warn_and_resolve():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         from prunekit.runner import model_context, output_problem  # noqa: F401
-    assert {str(w.message).split(" moved")[0] for w in caught
-            if w.category is DeprecationWarning} >= {"prunekit.runner.model_context",
-                                                     "prunekit.runner.output_problem"}  # fmt: skip
+    assert {
+        str(w.message).split(" moved")[0] for w in caught if w.category is DeprecationWarning
+    } >= {"prunekit.runner.model_context", "prunekit.runner.output_problem"}
     from prunekit.plan import problem_error as new
 
     with pytest.warns(DeprecationWarning):

@@ -124,8 +124,11 @@ def test_padding_is_invisible(ratio, heads, kv):
     pad = torch.zeros(1, 5, dtype=ids.dtype)
     for side in ("left", "right"):
         padded = torch.cat([pad, ids], 1) if side == "left" else torch.cat([ids, pad], 1)
-        mask = torch.cat([torch.zeros_like(pad), ones], 1) if side == "left" else torch.cat(
-            [ones, torch.zeros_like(pad)], 1)  # fmt: skip
+        mask = (
+            torch.cat([torch.zeros_like(pad), ones], 1)
+            if side == "left"
+            else torch.cat([ones, torch.zeros_like(pad)], 1)
+        )
         outcome.model.reset_state()
         got = _token_losses(outcome.model, padded, mask)
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0, msg=f"{side} padding")
@@ -170,8 +173,9 @@ def test_norms_from_the_rmsnorm_give_the_same_decisions(mode, monkeypatch):
         torch.manual_seed(0)
         model = _prune(tiny_llama(heads=6, kv_heads=2, layers=4, intermediate=96), mode=mode).model
         if not reuse:  # the engine's default: no variance reported, the selector computes
-            monkeypatch.setattr(type(model.runtime.adapter.layers()[0]), "normalized",
-                                LayerAdapter.normalized)  # fmt: skip
+            monkeypatch.setattr(
+                type(model.runtime.adapter.layers()[0]), "normalized", LayerAdapter.normalized
+            )
         selector, given = model.controller.probe, []
 
         def spy(rank_source, token_mask, norms=None):
@@ -192,4 +196,6 @@ def test_norms_from_the_rmsnorm_give_the_same_decisions(mode, monkeypatch):
     reused, computed = run(True), run(False)
     for (la, da), (lb, db) in zip(reused, computed, strict=True):
         assert torch.equal(la, lb)
-        assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da if da[k] is not None)
+        assert da.keys() == db.keys() and all(
+            torch.equal(da[k], db[k]) for k in da if da[k] is not None
+        )

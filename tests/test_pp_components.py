@@ -20,10 +20,12 @@ def _residual_with_norms(norms):
 
 def test_residual_rank_positions_then_samples():
     # B=4, T=8; column L2 norms over rows decide positions, then rows on those positions
-    norms = [[1, 9, 1, 1, 1, 1, 8, 1],
-             [1, 9, 1, 1, 1, 1, 8, 1],
-             [1, 1, 1, 7, 1, 1, 1, 1],
-             [1, 1, 1, 7, 1, 1, 1, 9]]  # fmt: skip
+    norms = [
+        [1, 9, 1, 1, 1, 1, 8, 1],
+        [1, 9, 1, 1, 1, 1, 8, 1],
+        [1, 1, 1, 7, 1, 1, 1, 1],
+        [1, 1, 1, 7, 1, 1, 1, 9],
+    ]
     h = _residual_with_norms(norms)
     mask = torch.ones(4, 8, dtype=torch.bool)
     sel = ResidualRank(ratio_seq=0.5, ratio_batch=0.5, force_first_below=0)
@@ -132,12 +134,19 @@ def test_running_mean_and_frozen():
     H = torch.full((2, 1), 2.0)
     rm = RunningMean()
     state = rm.init_state(H, calibration_samples=3)
-    rm.update(H, state, None, torch.tensor([[[3.0], [1.0]]]), torch.ones(1, 2, dtype=torch.bool),
-              torch.tensor([[0, 1]]))  # fmt: skip
+    rm.update(
+        H,
+        state,
+        None,
+        torch.tensor([[[3.0], [1.0]]]),
+        torch.ones(1, 2, dtype=torch.bool),
+        torch.tensor([[0, 1]]),
+    )
     torch.testing.assert_close(H[:, 0], torch.tensor([(2 * 3 + 9) / 4, (2 * 3 + 1) / 4]))
     H2 = H.clone()
-    Frozen().update(H, {}, None, torch.ones(1, 2, 1), torch.ones(1, 2, dtype=torch.bool),
-                    torch.tensor([[0, 1]]))  # fmt: skip
+    Frozen().update(
+        H, {}, None, torch.ones(1, 2, 1), torch.ones(1, 2, dtype=torch.bool), torch.tensor([[0, 1]])
+    )
     assert torch.equal(H, H2)
 
 

@@ -19,8 +19,9 @@ def test_pp_at_ratio_zero_reproduces_dense_logits(smollm2):
     calib = torch.randint(3, 40000, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         dense = model(ids).logits
-        outcome = prunekit.prune(model, smollm2.tokenizer, method="pp", ratio=0.0,
-                                 calibration=calib)  # fmt: skip
+        outcome = prunekit.prune(
+            model, smollm2.tokenizer, method="pp", ratio=0.0, calibration=calib
+        )
         try:
             pruned = outcome.model(ids).logits
         finally:
@@ -30,14 +31,16 @@ def test_pp_at_ratio_zero_reproduces_dense_logits(smollm2):
 
 def test_pp_kept_counts_follow_the_spec(smollm2):
     calib = torch.randint(3, 40000, (2, 64), generator=torch.Generator().manual_seed(1))
-    outcome = prunekit.prune(smollm2.model, smollm2.tokenizer, method="pp", ratio=0.4,
-                             calibration=calib)  # fmt: skip
+    outcome = prunekit.prune(
+        smollm2.model, smollm2.tokenizer, method="pp", ratio=0.4, calibration=calib
+    )
     try:
         # L=30, skip 0-2: r' = round(30/27*0.4, 2) = 0.44; heads 9 - floor(3.96) = 6;
         # MLP 1536 - floor(675.84) = 861 -> rounded up to a multiple of 64 = 896
         assert outcome.structure[0] == {"layer": 0, "heads": 9, "channels": 1536}
-        assert all(r == {"layer": r["layer"], "heads": 6, "channels": 896}
-                   for r in outcome.structure[3:])  # fmt: skip
+        assert all(
+            r == {"layer": r["layer"], "heads": 6, "channels": 896} for r in outcome.structure[3:]
+        )
         with torch.no_grad():
             out = outcome.model(torch.randint(3, 40000, (2, 32))).logits
         assert torch.isfinite(out).all()
@@ -46,12 +49,29 @@ def test_pp_kept_counts_follow_the_spec(smollm2):
 
 
 def _apply(out, *sets):
-    args = ["apply", str(ROOT / "recipes/pp_smollm2.yaml"), "--output", str(out), "--quiet",
-            "--set", "calibration.samples=4", "--set", "calibration.seq_len=128",
-            "--set", "calibration.batch_size=4",
-            "--set", "evaluation.perplexity.0.windows=4", "--set", "evaluation.perplexity.0.seq_len=128",
-            "--set", "evaluation.perplexity.0.batch_size=2", "--set", "runtime.batches=1",
-            "--set", "runtime.repeats=5"]  # fmt: skip
+    args = [
+        "apply",
+        str(ROOT / "recipes/pp_smollm2.yaml"),
+        "--output",
+        str(out),
+        "--quiet",
+        "--set",
+        "calibration.samples=4",
+        "--set",
+        "calibration.seq_len=128",
+        "--set",
+        "calibration.batch_size=4",
+        "--set",
+        "evaluation.perplexity.0.windows=4",
+        "--set",
+        "evaluation.perplexity.0.seq_len=128",
+        "--set",
+        "evaluation.perplexity.0.batch_size=2",
+        "--set",
+        "runtime.batches=1",
+        "--set",
+        "runtime.repeats=5",
+    ]
     for s in sets:
         args += ["--set", s]
     return main(args)
@@ -85,9 +105,26 @@ def test_saved_state_reloads_and_reproduces_metrics(smollm2, tmp_path, capsys):
 def test_state_from_other_model_rejected(tmp_path, capsys):
     state = tmp_path / "state"
     state.mkdir()
-    (state / "state.json").write_text(json.dumps({
-        "format": "prunekit-dynamic-state", "version": 1, "prunekit": prunekit.__version__,
-        "model_id": "meta-llama/Llama-2-7b-hf", "statistic": "sq_mean"}))  # fmt: skip
-    assert main(["validate", str(ROOT / "recipes/pp_smollm2.yaml"),
-                 "--set", f"method.state.load={state}"]) == 2  # fmt: skip
+    (state / "state.json").write_text(
+        json.dumps(
+            {
+                "format": "prunekit-dynamic-state",
+                "version": 1,
+                "prunekit": prunekit.__version__,
+                "model_id": "meta-llama/Llama-2-7b-hf",
+                "statistic": "sq_mean",
+            }
+        )
+    )
+    assert (
+        main(
+            [
+                "validate",
+                str(ROOT / "recipes/pp_smollm2.yaml"),
+                "--set",
+                f"method.state.load={state}",
+            ]
+        )
+        == 2
+    )
     assert "computed for model 'meta-llama/Llama-2-7b-hf'" in capsys.readouterr().err

@@ -60,8 +60,15 @@ def test_ratio_outside_range_by_set():
 
 
 def test_set_coerces_types():
-    r = load_recipe(None, ["method.skip_layers=[0, 1]", "seed=7", "output.save_model=true",
-                           "evaluation.perplexity.windows=4"]).recipe  # fmt: skip
+    r = load_recipe(
+        None,
+        [
+            "method.skip_layers=[0, 1]",
+            "seed=7",
+            "output.save_model=true",
+            "evaluation.perplexity.windows=4",
+        ],
+    ).recipe
     assert r.method.skip_layers == [0, 1] and r.seed == 7 and r.output.save_model is True
     assert r.evaluation.perplexity[0].windows == 4
     assert parse_override("a.b=0.25") == (("a", "b"), 0.25)
@@ -128,15 +135,29 @@ def test_cli_validate_errors_exit_2_and_write_nothing(tmp_path, capsys, monkeypa
     assert "method.ratio" in err and "Traceback" not in err
     assert main(["apply", str(p)]) == 2
     assert not (tmp_path / "out").exists()
-    assert main(["apply", str(ROOT / "recipes/dense_smollm2.yaml"), "--set", "method.ratio=1.5",
-                 "--output", str(tmp_path / "o2")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "apply",
+                str(ROOT / "recipes/dense_smollm2.yaml"),
+                "--set",
+                "method.ratio=1.5",
+                "--output",
+                str(tmp_path / "o2"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "o2").exists()
 
 
 def test_set_error_below_a_slot_points_at_the_override():
     with pytest.raises(RecipeError, match=r"--set method.metric.power=2"):
-        validate(load_recipe(ROOT / "recipes/dense_smollm2.yaml", ["method.name=pp",
-                                                                  "method.metric.power=2"]))  # fmt: skip
+        validate(
+            load_recipe(
+                ROOT / "recipes/dense_smollm2.yaml", ["method.name=pp", "method.metric.power=2"]
+            )
+        )
 
 
 def test_duplicate_perplexity_labels_rejected():
@@ -151,8 +172,12 @@ def test_c4_calibration_defaults_to_the_train_carve_out():
 
 
 def _committed_sweeps():
-    return sorted([*(ROOT / "recipes" / "ablations").glob("*.yaml"),
-                   *(ROOT / "recipes" / "sweeps").glob("*.yaml")])  # fmt: skip
+    return sorted(
+        [
+            *(ROOT / "recipes" / "ablations").glob("*.yaml"),
+            *(ROOT / "recipes" / "sweeps").glob("*.yaml"),
+        ]
+    )
 
 
 @pytest.mark.parametrize("recipe", _committed_sweeps(), ids=lambda p: p.stem)
@@ -173,16 +198,25 @@ def test_every_row_of_the_paper_table_script_validates():
     import argparse
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("paper_table",
-                                                  ROOT / "benchmarks" / "paper_table.py")  # fmt: skip
+    spec = importlib.util.spec_from_file_location(
+        "paper_table", ROOT / "benchmarks" / "paper_table.py"
+    )
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     methods = [*table.METHODS, *table.ROWS]
     assert set(table.ROWS) <= set(table.TITLES)
     for quick in (True, False):
-        args = argparse.Namespace(quick=quick, dtype="bfloat16", methods=methods,
-                                  ratios=[0.2, 0.4], seeds=[0], windows=None, limit=None,
-                                  timing_dtype="float32", timing_ratios=None)  # fmt: skip
+        args = argparse.Namespace(
+            quick=quick,
+            dtype="bfloat16",
+            methods=methods,
+            ratios=[0.2, 0.4],
+            seeds=[0],
+            windows=None,
+            limit=None,
+            timing_dtype="float32",
+            timing_ratios=None,
+        )
         settings = table.settings_from(args)
         for method, ratio, seed, full in table.cells_of(settings):
             recipe = table.cell_recipe(settings, method, ratio, seed, full)

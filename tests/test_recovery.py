@@ -53,14 +53,29 @@ def _recipe(root: Path, **recovery) -> dict:
     return {
         "model": {"id": str(root / "tiny"), "dtype": "float32"},
         "method": {"name": "wanda-sp", "ratio": 0.5, "skip_layers": []},
-        "calibration": {"path": str(root / "train.txt"), "samples": 4, "seq_len": 16,
-                        "batch_size": 4},  # fmt: skip
-        "evaluation": {"perplexity": [{"path": str(root / "eval.txt"), "seq_len": 16,
-                                        "windows": 6, "batch_size": 3}]},  # fmt: skip
+        "calibration": {
+            "path": str(root / "train.txt"),
+            "samples": 4,
+            "seq_len": 16,
+            "batch_size": 4,
+        },
+        "evaluation": {
+            "perplexity": [
+                {"path": str(root / "eval.txt"), "seq_len": 16, "windows": 6, "batch_size": 3}
+            ]
+        },
         "runtime": {"batches": 0},
-        "recovery": {"path": str(root / "train.txt"), "samples": 24, "seq_len": 16, "steps": 6,
-                     "batch_size": 2, "lr": 5e-3, "dropout": 0.1, "checkpoint_every": 2,
-                     **recovery},  # fmt: skip
+        "recovery": {
+            "path": str(root / "train.txt"),
+            "samples": 24,
+            "seq_len": 16,
+            "steps": 6,
+            "batch_size": 2,
+            "lr": 5e-3,
+            "dropout": 0.1,
+            "checkpoint_every": 2,
+            **recovery,
+        },
     }
 
 
@@ -83,8 +98,8 @@ def test_carve_out_drops_exactly_the_windows_sharing_a_run_with_the_evaluated_te
     g = torch.Generator().manual_seed(0)
     evaluated = torch.randint(1000, 2000, (500,), generator=g)
     train = torch.randint(0, 1000, (6, 64), generator=g)
-    train[2, 10:10 + OVERLAP_TOKENS] = evaluated[100:100 + OVERLAP_TOKENS]  # a whole run
-    train[4, 0:OVERLAP_TOKENS - 1] = evaluated[0:OVERLAP_TOKENS - 1]  # one token short
+    train[2, 10 : 10 + OVERLAP_TOKENS] = evaluated[100 : 100 + OVERLAP_TOKENS]  # a whole run
+    train[4, 0 : OVERLAP_TOKENS - 1] = evaluated[0 : OVERLAP_TOKENS - 1]  # one token short
     kept, dropped = carve_out(train, {"eval": evaluated})
     assert dropped == [2]
     assert torch.equal(kept, train[[0, 1, 3, 4, 5]])
@@ -97,7 +112,8 @@ def test_lora_targets_are_the_linear_layers_but_the_head(workdir):
     names = lora_targets(model)
     assert "lm_head" not in names and len(names) == 2 * 7
     assert lora_targets(model, ["q_proj", "down_proj"]) == [
-        n for n in names if n.endswith(("q_proj", "down_proj"))]  # fmt: skip
+        n for n in names if n.endswith(("q_proj", "down_proj"))
+    ]
     with pytest.raises(RecipeError, match="x_proj"):
         lora_targets(model, ["x_proj"])
 
@@ -108,11 +124,13 @@ def test_merged_logits_equal_the_adapter_model(workdir):
     about 1e-5, so the tolerance would measure the CPU), and float64 to 1e-10, where rounding
     cannot hide a wrong merge."""
     windows = torch.randint(0, 60, (8, 16), generator=torch.Generator().manual_seed(1))
-    settings = RecoveryConfig(path="x", steps=5, batch_size=2, lr=1e-2, dropout=0.0,
-                              checkpoint_every=0)  # fmt: skip
+    settings = RecoveryConfig(
+        path="x", steps=5, batch_size=2, lr=1e-2, dropout=0.0, checkpoint_every=0
+    )
     ids = windows[:3]
-    trainer = LoraTrainer(tiny_llama(layers=2, seed=3, init_std=0.02).double(), settings,
-                          windows, seed=0)  # fmt: skip
+    trainer = LoraTrainer(
+        tiny_llama(layers=2, seed=3, init_std=0.02).double(), settings, windows, seed=0
+    )
     trainer.train()
     _, diff64 = trainer.merge(check=ids)
     assert diff64 is not None and diff64 < 1e-10
@@ -155,15 +173,18 @@ def test_windows_sharing_evaluation_text_are_left_out(workdir, tmp_path):
     no trained window shares a run of tokens with the evaluation text."""
     from prunekit.data import locate_corpus, token_stream
 
-    prepared = prepare(_recipe(workdir, path=str(workdir / "mixed.txt"), samples=60, steps=2,
-                               checkpoint_every=0))  # fmt: skip
+    prepared = prepare(
+        _recipe(workdir, path=str(workdir / "mixed.txt"), samples=60, steps=2, checkpoint_every=0)
+    )
     tok = prepared.tokenizer
     evaluated = token_stream(tok, locate_corpus(path=str(workdir / "eval.txt")))
     mixed = token_stream(tok, locate_corpus(path=str(workdir / "mixed.txt")))
     assert torch.isin(ngram_hashes(mixed), ngram_hashes(evaluated)).any()  # overlap exists
     del prepared
-    result = apply(_recipe(workdir, path=str(workdir / "mixed.txt"), samples=60, steps=2,
-                           checkpoint_every=0), output=tmp_path / "out")  # fmt: skip
+    result = apply(
+        _recipe(workdir, path=str(workdir / "mixed.txt"), samples=60, steps=2, checkpoint_every=0),
+        output=tmp_path / "out",
+    )
     carve = result["recovery"]["carve_out"]
     assert carve["windows_dropped"] > 0 and carve["excluded"] == ["eval"]
     assert result["recovery"]["windows"] == 60 - carve["windows_dropped"]
@@ -174,10 +195,15 @@ def test_a_recovery_text_made_only_of_evaluation_text_is_refused_at_run_time(wor
     text: every window is dropped and the run stops, naming the evaluated corpus."""
     copy = tmp_path / "copy.txt"
     copy.write_text((workdir / "eval.txt").read_text())
-    with pytest.raises(RecoveryError, match=r"every one of the 4 recovery windows .*\(eval\)"
-                                            r".*would train on the evaluation text"):
-        apply(_recipe(workdir, path=str(copy), samples=4, steps=2, checkpoint_every=0),
-              output=tmp_path / "out")
+    with pytest.raises(
+        RecoveryError,
+        match=r"every one of the 4 recovery windows .*\(eval\)"
+        r".*would train on the evaluation text",
+    ):
+        apply(
+            _recipe(workdir, path=str(copy), samples=4, steps=2, checkpoint_every=0),
+            output=tmp_path / "out",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -198,9 +224,11 @@ def test_saved_recovered_model_reloads_identically_in_a_fresh_process(workdir, t
     saved = tmp_path / "out" / "model"
     assert (saved / "model.safetensors").is_file()
     assert not [k for k in load_file(str(saved / "model.safetensors")) if "lora" in k]
-    script = ("import sys, torch\nfrom prunekit.pruning.static import load_pruned\n"
-              f"m = load_pruned({str(saved)!r})\nids = torch.tensor({ids.tolist()})\n"
-              f"torch.save(m(input_ids=ids).logits.detach(), {str(tmp_path / 'l.pt')!r})\n")  # fmt: skip
+    script = (
+        "import sys, torch\nfrom prunekit.pruning.static import load_pruned\n"
+        f"m = load_pruned({str(saved)!r})\nids = torch.tensor({ids.tolist()})\n"
+        f"torch.save(m(input_ids=ids).logits.detach(), {str(tmp_path / 'l.pt')!r})\n"
+    )
     subprocess.run([sys.executable, "-c", script], check=True)
     assert torch.equal(torch.load(tmp_path / "l.pt"), here)
     # and the recovery changed the pruned model (not the dense one only)
@@ -232,8 +260,9 @@ def test_a_checkpoint_from_another_run_is_not_resumed(workdir, tmp_path, monkeyp
     recipe = _recipe(workdir, steps=4, checkpoint_every=2, keep_checkpoints=True)
     first = apply(recipe, output=tmp_path / "a")
     assert (tmp_path / "a-recovery" / "step-000002").is_dir()  # kept as asked
-    other = _recipe(workdir, steps=4, checkpoint_every=2, lr=1e-3,
-                    checkpoint_dir=str(tmp_path / "a-recovery"))  # fmt: skip
+    other = _recipe(
+        workdir, steps=4, checkpoint_every=2, lr=1e-3, checkpoint_dir=str(tmp_path / "a-recovery")
+    )
     second = apply(other, output=tmp_path / "b")
     assert second["recovery"]["resumed_from_step"] is None
     assert second["recovery"]["loss"][0] == first["recovery"]["loss"][0]  # same start
@@ -244,8 +273,15 @@ def test_recovery_records_its_settings_in_results_and_recipe(workdir, tmp_path):
     result = apply(_recipe(workdir, steps=2, checkpoint_every=0), output=tmp_path / "o")
     rec = result["recovery"]
     assert rec["settings"]["steps"] == 2 and rec["settings"]["lr"] == 5e-3
-    assert rec["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
-                                     "up_proj", "v_proj"]  # fmt: skip
+    assert rec["target_modules"] == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     assert rec["trainable_params"] > 0 and rec["corpus"].startswith("file ")
     saved = yaml.safe_load((tmp_path / "o" / "recipe.yaml").read_text())
     assert saved["recovery"]["steps"] == 2
@@ -253,6 +289,8 @@ def test_recovery_records_its_settings_in_results_and_recipe(workdir, tmp_path):
 
 
 def test_target_modules_are_checked_at_validate_from_the_config(workdir):
-    with pytest.raises(RecipeError, match=r"recovery\.target_modules: target_modules .*x_proj.*q_proj"):
+    with pytest.raises(
+        RecipeError, match=r"recovery\.target_modules: target_modules .*x_proj.*q_proj"
+    ):
         validate(_recipe(workdir, target_modules=["q_proj", "x_proj"]), check_output=False)
     validate(_recipe(workdir, target_modules=["q_proj", "down_proj"]), check_output=False)

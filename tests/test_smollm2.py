@@ -70,10 +70,21 @@ def test_apply_dense_end_to_end(smollm2, tmp_path, capsys):
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "dense_smollm2.yaml"
     out = tmp_path / "run"
-    code = main(["apply", str(recipe), "--output", str(out), "--quiet",
-                 "--set", "evaluation.perplexity.0.windows=2",
-                 "--set", "evaluation.perplexity.0.seq_len=128",
-                 "--set", "output.save_model=true"])  # fmt: skip
+    code = main(
+        [
+            "apply",
+            str(recipe),
+            "--output",
+            str(out),
+            "--quiet",
+            "--set",
+            "evaluation.perplexity.0.windows=2",
+            "--set",
+            "evaluation.perplexity.0.seq_len=128",
+            "--set",
+            "output.save_model=true",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "wikitext2-test perplexity" in printed

@@ -29,14 +29,20 @@ def _zeroed_reference(model, allocation):
     return ref
 
 
-@pytest.mark.parametrize("heads,kv,kept", [(4, 4, [[0, 3], [1]]), (6, 2, [[0, 1, 2, 5], [4]]),
-                                           (6, 3, [[0, 2, 3], [0, 1, 2, 3, 4]])])  # fmt: skip
+@pytest.mark.parametrize(
+    "heads,kv,kept",
+    [(4, 4, [[0, 3], [1]]), (6, 2, [[0, 1, 2, 5], [4]]), (6, 3, [[0, 2, 3], [0, 1, 2, 3, 4]])],
+)
 def test_sliced_model_matches_zeroed_dense(heads, kv, kept):
     model = tiny_llama(heads=heads, kv_heads=kv, layers=3)
-    allocation = Allocation({
-        (1, ATTN): torch.tensor(kept[0]), (2, ATTN): torch.tensor(kept[1]),
-        (1, MLP): torch.tensor([0, 5, 7, 30]), (2, MLP): torch.arange(0, 96, 2),
-    })  # fmt: skip
+    allocation = Allocation(
+        {
+            (1, ATTN): torch.tensor(kept[0]),
+            (2, ATTN): torch.tensor(kept[1]),
+            (1, MLP): torch.tensor([0, 5, 7, 30]),
+            (2, MLP): torch.arange(0, 96, 2),
+        }
+    )
     ref = _zeroed_reference(model, allocation)
     ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(0))
     adapter = slice_model(LlamaAdapter(model), allocation)

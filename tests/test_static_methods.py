@@ -45,8 +45,15 @@ def test_ratio_zero_prunes_nothing(method):
 def test_static_prune_is_physical_with_spec_counts(method):
     model = tiny_llama(heads=6, kv_heads=2, layers=4, intermediate=96)
     params = sum(p.numel() for p in model.parameters())
-    outcome = prunekit.prune(model, None, method=method, ratio=0.4, calibration=_calibration(),
-                             skip_layers=[0], round_to=1)  # fmt: skip
+    outcome = prunekit.prune(
+        model,
+        None,
+        method=method,
+        ratio=0.4,
+        calibration=_calibration(),
+        skip_layers=[0],
+        round_to=1,
+    )
     layers = model.model.layers
     assert layers[0].mlp.down_proj.in_features == 96
     for i in (1, 2, 3):  # r' = 0.53: heads 6 -> 3, channels 96 -> 46
@@ -126,8 +133,15 @@ def _save_and_fresh_logits(tmp_path, model, trust):
 @pytest.mark.parametrize("method", STATIC)
 def test_per_layer_shapes_reload_in_a_fresh_process(tmp_path, method):
     model = tiny_llama(heads=6, kv_heads=3, layers=4, intermediate=96)
-    prunekit.prune(model, None, method=method, ratio=0.4, calibration=_calibration(),
-                   skip_layers=[0], round_to=1)  # fmt: skip
+    prunekit.prune(
+        model,
+        None,
+        method=method,
+        ratio=0.4,
+        calibration=_calibration(),
+        skip_layers=[0],
+        round_to=1,
+    )
     with torch.no_grad():
         expected = model(_ids()).logits
     path, fresh = _save_and_fresh_logits(tmp_path, model, trust=True)
@@ -168,7 +182,14 @@ def test_uniform_allocator_rejects_bad_options():
 
 def test_adapter_sees_pruned_shapes():
     model = tiny_llama(heads=6, kv_heads=2, layers=3)
-    prunekit.prune(model, None, method="wanda-sp", ratio=0.4, calibration=_calibration(),
-                   skip_layers=[0], round_to=1)  # fmt: skip
+    prunekit.prune(
+        model,
+        None,
+        method="wanda-sp",
+        ratio=0.4,
+        calibration=_calibration(),
+        skip_layers=[0],
+        round_to=1,
+    )
     layer = LlamaAdapter(model).layers()[1]
     assert layer.num_heads == 3 and layer.shares_kv

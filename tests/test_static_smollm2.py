@@ -12,9 +12,15 @@ from prunekit.cli import main
 
 pytestmark = pytest.mark.smollm2
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["calibration.samples=8", "calibration.seq_len=128", "calibration.batch_size=4",
-         "evaluation.perplexity.0.windows=2", "evaluation.perplexity.0.seq_len=128",
-         "evaluation.perplexity.0.batch_size=2", "runtime.batches=0"]  # fmt: skip
+SMALL = [
+    "calibration.samples=8",
+    "calibration.seq_len=128",
+    "calibration.batch_size=4",
+    "evaluation.perplexity.0.windows=2",
+    "evaluation.perplexity.0.seq_len=128",
+    "evaluation.perplexity.0.batch_size=2",
+    "runtime.batches=0",
+]
 
 
 def _apply(recipe, out, *sets):
@@ -30,9 +36,11 @@ def _fresh_logits(path, ids_path, out_path, how):
         "plain": f"AutoModelForCausalLM.from_pretrained({str(path)!r})",
         "prunekit": f"prunekit.load_pruned({str(path)!r})",
     }[how]
-    code = ("import torch, prunekit\nfrom transformers import AutoModelForCausalLM\n"
-            f"m = {load}\nids = torch.load({str(ids_path)!r})\n"
-            f"torch.save(m(ids).logits.detach(), {str(out_path)!r})\n")  # fmt: skip
+    code = (
+        "import torch, prunekit\nfrom transformers import AutoModelForCausalLM\n"
+        f"m = {load}\nids = torch.load({str(ids_path)!r})\n"
+        f"torch.save(m(ids).logits.detach(), {str(out_path)!r})\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     return torch.load(out_path)
 
@@ -44,8 +52,9 @@ def test_flap_per_layer_shapes_reload_everywhere(smollm2, tmp_path):
 
     fresh = load_model("smollm2-135m-instruct", cache_dir=Path(smollm2.info["path"]).parents[1])
     calib = torch.randint(3, 40000, (24, 128), generator=torch.Generator().manual_seed(1))
-    outcome = prunekit.prune(fresh.model, fresh.tokenizer, method="flap", ratio=0.4,
-                             calibration=calib)  # fmt: skip
+    outcome = prunekit.prune(
+        fresh.model, fresh.tokenizer, method="flap", ratio=0.4, calibration=calib
+    )
     counts = {(r["heads"], r["channels"]) for r in outcome.structure[3:]}
     assert len(counts) > 1  # FLAP's per-layer shapes differ
     ids = torch.randint(3, 40000, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -70,14 +79,19 @@ def test_apply_saves_a_static_model_that_reloads(smollm2, tmp_path):
     assert 0 < result["reduction"]["flops_removed_fraction"] < 1
     ids = torch.randint(3, 40000, (1, 24), generator=torch.Generator().manual_seed(0))
     torch.save(ids, tmp_path / "ids.pt")
-    got = _fresh_logits(tmp_path / "run" / "model", tmp_path / "ids.pt", tmp_path / "o.pt",
-                        "remote")  # fmt: skip
+    got = _fresh_logits(
+        tmp_path / "run" / "model", tmp_path / "ids.pt", tmp_path / "o.pt", "remote"
+    )
     assert torch.isfinite(got).all()
 
 
 def test_balanced_wanda_exports_a_plain_checkpoint(smollm2, tmp_path):
-    code = _apply("wanda_sp_smollm2.yaml", tmp_path / "run", "method.skip_layers=[]",
-                  "method.allocator.balanced_kv=true")  # fmt: skip
+    code = _apply(
+        "wanda_sp_smollm2.yaml",
+        tmp_path / "run",
+        "method.skip_layers=[]",
+        "method.allocator.balanced_kv=true",
+    )
     assert code == 0
     model_dir = tmp_path / "run" / "model"
     assert json.loads((model_dir / "prunekit.json").read_text())["layout"] == "plain"

@@ -46,8 +46,17 @@ def workdir(tmp_path_factory) -> Path:
         "model": {"id": str(root / "tiny"), "dtype": "float32"},
         "method": {"name": "wanda-sp", "ratio": 0.5, "skip_layers": []},
         "calibration": {"path": str(text), "samples": 4, "seq_len": 16, "batch_size": 4},
-        "evaluation": {"perplexity": [{"path": str(text), "seq_len": 16, "windows": 4,
-                                        "batch_size": 2, "sampling": "random"}]},  # fmt: skip
+        "evaluation": {
+            "perplexity": [
+                {
+                    "path": str(text),
+                    "seq_len": 16,
+                    "windows": 4,
+                    "batch_size": 2,
+                    "sampling": "random",
+                }
+            ]
+        },
         "runtime": {"batches": 0},
     }
     (root / "r.yaml").write_text(yaml.safe_dump(recipe))
@@ -65,9 +74,16 @@ def _models(root: Path) -> str:
 
 def test_grid_values_split_at_top_level_commas_and_parse_as_yaml():
     assert split_values("0.2, 0.4,[1, 2],{a: 1, b: 2},'x,y'") == [
-        "0.2", "0.4", "[1, 2]", "{a: 1, b: 2}", "'x,y'"]  # fmt: skip
+        "0.2",
+        "0.4",
+        "[1, 2]",
+        "{a: 1, b: 2}",
+        "'x,y'",
+    ]
     assert parse_grid(["method.ratio=0.2,0.4", "method.skip_layers=[],[0, 1]"]) == {
-        "method.ratio": [0.2, 0.4], "method.skip_layers": [[], [0, 1]]}  # fmt: skip
+        "method.ratio": [0.2, 0.4],
+        "method.skip_layers": [[], [0, 1]],
+    }
     for bad in ("method.ratio", "=0.2", "method.ratio=0.2,,0.4"):
         with pytest.raises(RecipeError, match="--grid"):
             parse_grid([bad])
@@ -76,8 +92,11 @@ def test_grid_values_split_at_top_level_commas_and_parse_as_yaml():
 def test_cells_are_the_product_of_variants_grid_and_seeds(workdir, tmp_path):
     recipe = yaml.safe_load((workdir / "r.yaml").read_text())
     recipe["seed"] = 5
-    recipe["sweep"] = {"grid": {"method.ratio": [0.25, 0.5]}, "seeds": 2,
-                       "variants": {"wanda": {}, "flap": {"method.name": "flap"}}}  # fmt: skip
+    recipe["sweep"] = {
+        "grid": {"method.ratio": [0.25, 0.5]},
+        "seeds": 2,
+        "variants": {"wanda": {}, "flap": {"method.name": "flap"}},
+    }
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     sweep = resolve_sweep(path, output=tmp_path / "out")
@@ -98,7 +117,10 @@ def test_cells_are_the_product_of_variants_grid_and_seeds(workdir, tmp_path):
 
 def test_bad_sweeps_fail_before_anything_runs(workdir, tmp_path):
     r = workdir / "r.yaml"
-    with pytest.raises(RecipeError, match=r"(?s)sweep cell \(runtime\.batchez=1.*sweep value runtime.batchez=1: .*unknown key"):
+    with pytest.raises(
+        RecipeError,
+        match=r"(?s)sweep cell \(runtime\.batchez=1.*sweep value runtime.batchez=1: .*unknown key",
+    ):
         resolve_sweep(r, grid=["runtime.batchez=1"])
     with pytest.raises(RecipeError, match="same recipe"):
         resolve_sweep(r, grid=["method.ratio=0.5,0.50"])
@@ -127,8 +149,21 @@ def test_bad_sweeps_fail_before_anything_runs(workdir, tmp_path):
 @pytest.fixture(scope="module")
 def local_sweep(workdir):
     out = workdir / "local"
-    code = main(["sweep", str(workdir / "r.yaml"), "--grid", _models(workdir), "--seeds", "2",
-                 "-j", "2", "-o", str(out), "-q"])  # fmt: skip
+    code = main(
+        [
+            "sweep",
+            str(workdir / "r.yaml"),
+            "--grid",
+            _models(workdir),
+            "--seeds",
+            "2",
+            "-j",
+            "2",
+            "-o",
+            str(out),
+            "-q",
+        ]
+    )
     return code, out
 
 
@@ -156,8 +191,19 @@ def test_rerun_skips_finished_cells(local_sweep, workdir):
     _, cells = load_sweep(out)
     done = [c for c in cells if c.status()["state"] == "done"]
     before = {c.key: (c.dir / "status.json").read_text() for c in done}
-    code = main(["sweep", str(workdir / "r.yaml"), "--grid", _models(workdir), "--seeds", "2",
-                 "-o", str(out), "-q"])  # fmt: skip
+    code = main(
+        [
+            "sweep",
+            str(workdir / "r.yaml"),
+            "--grid",
+            _models(workdir),
+            "--seeds",
+            "2",
+            "-o",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 1  # the broken cells ran (and failed) again
     assert {c.key: (c.dir / "status.json").read_text() for c in done} == before
     assert all(json.loads(t)["attempt"] == 1 for t in before.values())
@@ -177,8 +223,7 @@ def test_sweep_numbers_equal_apply_one_by_one(local_sweep, workdir, tmp_path):
         assert alone["structure"] == swept["structure"] and alone["seed"] == cell.seed
     # and `prunekit apply` of the cell's own recipe.yaml
     cell = next(c for c in cells if c.status()["state"] == "done")
-    assert main(["apply", str(cell.dir / "recipe.yaml"), "-o", str(tmp_path / "again"),
-                 "-q"]) == 0  # fmt: skip
+    assert main(["apply", str(cell.dir / "recipe.yaml"), "-o", str(tmp_path / "again"), "-q"]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["metrics"]["text"]["ppl"] == cell.result()["metrics"]["text"]["ppl"]
 
@@ -191,8 +236,10 @@ def test_a_metric_no_cell_has_is_named_with_what_exists(local_sweep, capsys):
     try:
         summary = collect(out)
         assert summary["unknown_metrics"] == ["wikitext2.ppl"]
-        assert "No finished cell has wikitext2.ppl; metrics they have include text.ppl" in (
-            out / "table.md").read_text()  # fmt: skip
+        assert (
+            "No finished cell has wikitext2.ppl; metrics they have include text.ppl"
+            in (out / "table.md").read_text()
+        )
     finally:
         manifest["sweep"]["metrics"] = []
         (out / "sweep.json").write_text(json.dumps(manifest))
@@ -217,8 +264,23 @@ def test_force_runs_finished_cells_again(workdir, tmp_path):
 def test_submitit_local_executor_records_the_failure_too(local_sweep, workdir, tmp_path):
     pytest.importorskip("submitit")
     out = tmp_path / "sub"
-    code = main(["sweep", str(workdir / "r.yaml"), "--grid", _models(workdir), "--executor",
-                 "submitit", "-x", "cluster=local", "--time-min", "5", "-o", str(out), "-q"])  # fmt: skip
+    code = main(
+        [
+            "sweep",
+            str(workdir / "r.yaml"),
+            "--grid",
+            _models(workdir),
+            "--executor",
+            "submitit",
+            "-x",
+            "cluster=local",
+            "--time-min",
+            "5",
+            "-o",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["states"]["done"] == 1 and summary["states"]["failed"] == 1
@@ -226,18 +288,35 @@ def test_submitit_local_executor_records_the_failure_too(local_sweep, workdir, t
     assert manifest["executor_info"]["cluster"] == "local"
     assert len(manifest["executor_info"]["job_ids"]) == 2
     # the same cell (seed 0) as the local executor's, the same number
-    local = {r["labels"]["model.id"]: r for r in json.loads(
-        (local_sweep[1] / "summary.json").read_text())["rows"]}  # fmt: skip
+    local = {
+        r["labels"]["model.id"]: r
+        for r in json.loads((local_sweep[1] / "summary.json").read_text())["rows"]
+    }
     row = summary["rows"][0]
-    assert row["metrics"]["text.ppl"]["values"] == local[row["labels"]["model.id"]]["metrics"][
-        "text.ppl"]["values"][:1]  # fmt: skip
+    assert (
+        row["metrics"]["text.ppl"]["values"]
+        == local[row["labels"]["model.id"]]["metrics"]["text.ppl"]["values"][:1]
+    )
 
 
 def test_detach_then_status_collects(workdir, tmp_path, capsys):
     pytest.importorskip("submitit")
     out = tmp_path / "det"
-    code = main(["sweep", str(workdir / "r.yaml"), "--grid", "method.ratio=0.25,0.5",
-                 "--executor", "submitit", "-x", "cluster=local", "--detach", "-o", str(out)])  # fmt: skip
+    code = main(
+        [
+            "sweep",
+            str(workdir / "r.yaml"),
+            "--grid",
+            "method.ratio=0.25,0.5",
+            "--executor",
+            "submitit",
+            "-x",
+            "cluster=local",
+            "--detach",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0 and "prunekit sweep --status" in capsys.readouterr().out
     _, cells = load_sweep(out)
     deadline = time.time() + 240
@@ -274,15 +353,41 @@ def test_cluster_flags_reach_the_executor(workdir, tmp_path, monkeypatch):
         raise RecipeError("stop here")
 
     monkeypatch.setattr(sweep_module, "run_sweep", fake_run)
-    code = main(["sweep", str(workdir / "r.yaml"), "--executor", "submitit", "--partition",
-                 "gpu", "--gpus-per-cell", "1", "--cpus-per-cell", "8", "--mem-gb", "32",
-                 "--time-min", "90", "--sbatch", "account=me", "--sbatch", "qos=high",
-                 "--detach", "-o", str(tmp_path / "x")])  # fmt: skip
+    code = main(
+        [
+            "sweep",
+            str(workdir / "r.yaml"),
+            "--executor",
+            "submitit",
+            "--partition",
+            "gpu",
+            "--gpus-per-cell",
+            "1",
+            "--cpus-per-cell",
+            "8",
+            "--mem-gb",
+            "32",
+            "--time-min",
+            "90",
+            "--sbatch",
+            "account=me",
+            "--sbatch",
+            "qos=high",
+            "--detach",
+            "-o",
+            str(tmp_path / "x"),
+        ]
+    )
     assert code == 2 and seen["wait"] is False
     ex = seen["executor"]
     assert ex.name == "submitit" and ex.options == {
-        "partition": "gpu", "gpus_per_cell": 1, "cpus_per_cell": 8, "mem_gb": 32.0,
-        "time_min": 90, "sbatch": {"account": "me", "qos": "high"}}  # fmt: skip
+        "partition": "gpu",
+        "gpus_per_cell": 1,
+        "cpus_per_cell": 8,
+        "mem_gb": 32.0,
+        "time_min": 90,
+        "sbatch": {"account": "me", "qos": "high"},
+    }
 
 
 def test_requeue_resubmits_the_same_cell():
@@ -300,8 +405,10 @@ def test_requeue_resubmits_the_same_cell():
 
 def test_two_sweeps_on_one_directory_run_each_cell_once(workdir, tmp_path):
     out = tmp_path / "shared"
-    sweeps = [resolve_sweep(workdir / "r.yaml", grid=["method.ratio=0.25,0.5"], output=out)
-              for _ in range(2)]  # fmt: skip
+    sweeps = [
+        resolve_sweep(workdir / "r.yaml", grid=["method.ratio=0.25,0.5"], output=out)
+        for _ in range(2)
+    ]
     results, errors = [], []
 
     def go(sweep):
@@ -348,8 +455,13 @@ def test_a_plugin_executor_runs_a_sweep(workdir, tmp_path, prunekit_pm):
     registry = get_registry(prunekit_pm)
     assert registry.get("executor", "inline").plugin == "inline-plugin"
     out = tmp_path / "inline"
-    sweep = resolve_sweep(workdir / "r.yaml", grid=["method.ratio=0.25,0.5"], output=out,
-                          executor="inline", executor_options={"tag": "mine"})  # fmt: skip
+    sweep = resolve_sweep(
+        workdir / "r.yaml",
+        grid=["method.ratio=0.25,0.5"],
+        output=out,
+        executor="inline",
+        executor_options={"tag": "mine"},
+    )
     summary = run_sweep(sweep, registry=registry)
     assert summary["states"]["done"] == 2
     info = json.loads((out / "sweep.json").read_text())["executor_info"]
@@ -365,8 +477,12 @@ def test_sweeps_sharing_a_cells_directory_run_common_cells_once(workdir, tmp_pat
 
     def sweep(name, ratios):  # the recipe's own sweep section, with sweep.cells shared
         recipe = yaml.safe_load((workdir / "r.yaml").read_text())
-        recipe["sweep"] = {"cells": str(shared), "dir": str(tmp_path / name),
-                           "grid": {"method.ratio": ratios}, "executor": {"name": "inline"}}
+        recipe["sweep"] = {
+            "cells": str(shared),
+            "dir": str(tmp_path / name),
+            "grid": {"method.ratio": ratios},
+            "executor": {"name": "inline"},
+        }
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe))
         return resolve_sweep(path)

@@ -27,18 +27,30 @@ def _stats(values):
 
 
 def _row(labels, ppl, macs):
-    return {"labels": labels, "seeds": list(range(len(ppl))), "failed": [], "unfinished": 0,
-            "metrics": {"wikitext2-test.ppl": _stats(ppl),
-                        "reduction.flops_kept_fraction": _stats(macs)}}  # fmt: skip
+    return {
+        "labels": labels,
+        "seeds": list(range(len(ppl))),
+        "failed": [],
+        "unfinished": 0,
+        "metrics": {
+            "wikitext2-test.ppl": _stats(ppl),
+            "reduction.flops_kept_fraction": _stats(macs),
+        },
+    }
 
 
 def test_ablation_verdicts_read_the_numbers():
     ab = _script("ablations")
+
     def seeded(values):
         return {**_stats(values), "seeds": [0, 1]}
 
-    rows = {"default": seeded([20.0, 30.0]), "random": seeded([23.0, 31.0]),
-            "mixed": seeded([19.0, 32.0]), "better": seeded([19.0, 29.5])}  # fmt: skip
+    rows = {
+        "default": seeded([20.0, 30.0]),
+        "random": seeded([23.0, 31.0]),
+        "mixed": seeded([19.0, 32.0]),
+        "better": seeded([19.0, 29.5]),
+    }
     # paired by seed: seed 1's windows are harder for every variant
     assert ab.verdict(rows, "default", "random").startswith("holds: ")
     assert "lower in 2 of 2" in ab.verdict(rows, "default", "random")
@@ -51,19 +63,32 @@ def test_a_claim_of_no_effect_holds_within_its_tolerance_on_every_seed():
     ab = _script("ablations")
 
     def seeded(values):
-        return {"n": len(values), "mean": sum(values) / len(values), "values": values,
-                "seeds": list(range(len(values)))}  # fmt: skip
+        return {
+            "n": len(values),
+            "mean": sum(values) / len(values),
+            "values": values,
+            "seeds": list(range(len(values))),
+        }
 
-    rows = {"default": seeded([100.0, 120.0]), "near": seeded([104.0, 115.0]),
-            "far": seeded([110.0, 140.0]), "half": seeded([104.0, 140.0])}  # fmt: skip
+    rows = {
+        "default": seeded([100.0, 120.0]),
+        "near": seeded([104.0, 115.0]),
+        "far": seeded([110.0, 140.0]),
+        "half": seeded([104.0, 140.0]),
+    }
     assert ab.close(rows, "near", "default", 5).startswith("holds: ")
     assert "+4.0%, -4.2% over the same seeds, within 5% in 2 of 2" in ab.close(
-        rows, "near", "default", 5)  # fmt: skip
+        rows, "near", "default", 5
+    )
     assert ab.close(rows, "far", "default", 5).startswith("**does not hold**")
     assert ab.close(rows, "half", "default", 5).startswith("mixed: ")
     assert ab.close(rows, "missing", "default", 5) is None
-    summary = {"rows": [_row({"variant": "default"}, [100.0, 120.0], [0.7, 0.7]),
-                        _row({"variant": "calib-512"}, [104.0, 115.0], [0.7, 0.7])]}  # fmt: skip
+    summary = {
+        "rows": [
+            _row({"variant": "default"}, [100.0, 120.0], [0.7, 0.7]),
+            _row({"variant": "calib-512"}, [104.0, 115.0], [0.7, 0.7]),
+        ]
+    }
     text = "\n".join(ab.render_one("calibration_size", summary))
     assert "- calib-512 within 5% of default: holds: " in text
     assert "- calib-2000 within 5% of default: not measured yet" in text
@@ -71,10 +96,12 @@ def test_a_claim_of_no_effect_holds_within_its_tolerance_on_every_seed():
 
 def test_ablation_section_shows_the_summary_values():
     ab = _script("ablations")
-    summary = {"rows": [
-        _row({"variant": "default"}, [20.0, 22.0], [0.7, 0.7]),
-        _row({"variant": "random"}, [25.0, 27.0], [0.7, 0.7]),
-    ]}  # fmt: skip
+    summary = {
+        "rows": [
+            _row({"variant": "default"}, [20.0, 22.0], [0.7, 0.7]),
+            _row({"variant": "random"}, [25.0, 27.0], [0.7, 0.7]),
+        ]
+    }
     text = "\n".join(ab.render_one("probe_ranking", summary))
     assert "| default | 2 | 21.00 ± 1.41 | 20.00, 22.00 |" in text
     want = (100 * (25 / 20 - 1) + 100 * (27 / 22 - 1)) / 2  # seed by seed
@@ -94,12 +121,14 @@ def test_equal_compute_interpolates_log_linearly_and_never_extrapolates():
 
 def test_equal_compute_table_compares_at_the_uniform_methods_macs(tmp_path):
     ec = _script("equal_compute")
-    summary = {"rows": [
-        _row({"variant": "pp", "method.ratio": "0.2"}, [20.0], [0.8]),
-        _row({"variant": "pp", "method.ratio": "0.4"}, [30.0], [0.6]),
-        _row({"variant": "flap", "method.ratio": "0.2"}, [24.0], [0.75]),
-        _row({"variant": "flap", "method.ratio": "0.4"}, [40.0], [0.55]),
-    ]}  # fmt: skip
+    summary = {
+        "rows": [
+            _row({"variant": "pp", "method.ratio": "0.2"}, [20.0], [0.8]),
+            _row({"variant": "pp", "method.ratio": "0.4"}, [30.0], [0.6]),
+            _row({"variant": "flap", "method.ratio": "0.2"}, [24.0], [0.75]),
+            _row({"variant": "flap", "method.ratio": "0.4"}, [40.0], [0.55]),
+        ]
+    }
     text = ec.markdown(summary, None)
     want = math.exp(0.75 * math.log(40.0) + 0.25 * math.log(24.0))  # flap at 0.6
     assert f"| 0.4 | 60.0% | 30.00 | {want:.2f} |" in text
@@ -114,29 +143,58 @@ def test_equal_compute_table_compares_at_the_uniform_methods_macs(tmp_path):
 
 def test_equal_compute_time_table_and_figure_come_from_the_timing_stage(tmp_path):
     ec = _script("equal_compute")
-    summary = {"rows": [
-        _row({"variant": "pp", "method.ratio": "0.2"}, [20.0], [0.8]),
-        _row({"variant": "pp", "method.ratio": "0.4"}, [30.0], [0.6]),
-        _row({"variant": "flap", "method.ratio": "0.4"}, [40.0], [0.55]),
-    ]}  # fmt: skip
+    summary = {
+        "rows": [
+            _row({"variant": "pp", "method.ratio": "0.2"}, [20.0], [0.8]),
+            _row({"variant": "pp", "method.ratio": "0.4"}, [30.0], [0.6]),
+            _row({"variant": "flap", "method.ratio": "0.4"}, [40.0], [0.55]),
+        ]
+    }
     untimed = ec.markdown(summary, None)
     assert "run the timing stage" in untimed
-    times = {"command": "python benchmarks/equal_compute.py --time", "rounds": 3,
-             "batches": [[20, 512]], "machine": "x86_64, 2 torch threads", "dtype": "float32",
-             "device": "cpu", "dense": {"s_all": [2.0, 2.0, 2.0], "s_median": 2.0},
-             "rows": [
-                 {"labels": {"variant": "pp", "method.ratio": "0.4"}, "seed": 0,
-                  "dynamic": True, "flops_kept_fraction": 0.6,
-                  "time_vs_dense": 0.75, "time_vs_dense_spread": [0.7, 0.8]},
-                 {"labels": {"variant": "pp", "method.ratio": "0.4"}, "seed": 1,
-                  "dynamic": True, "flops_kept_fraction": 0.6,
-                  "time_vs_dense": 0.5, "time_vs_dense_spread": [0.5, 0.5]},
-                 {"labels": {"variant": "flap", "method.ratio": "0.4"}, "seed": 0,
-                  "dynamic": False, "flops_kept_fraction": 0.55,
-                  "time_vs_dense": 0.6123, "time_vs_dense_spread": [0.6, 0.65]},
-                 {"labels": {"variant": "wanda-sp", "method.ratio": "0.4"}, "seed": 0,
-                  "dynamic": False, "flops_kept_fraction": 0.6,
-                  "time_vs_dense": 0.6, "time_vs_dense_spread": [0.6, 0.6]}]}  # fmt: skip
+    times = {
+        "command": "python benchmarks/equal_compute.py --time",
+        "rounds": 3,
+        "batches": [[20, 512]],
+        "machine": "x86_64, 2 torch threads",
+        "dtype": "float32",
+        "device": "cpu",
+        "dense": {"s_all": [2.0, 2.0, 2.0], "s_median": 2.0},
+        "rows": [
+            {
+                "labels": {"variant": "pp", "method.ratio": "0.4"},
+                "seed": 0,
+                "dynamic": True,
+                "flops_kept_fraction": 0.6,
+                "time_vs_dense": 0.75,
+                "time_vs_dense_spread": [0.7, 0.8],
+            },
+            {
+                "labels": {"variant": "pp", "method.ratio": "0.4"},
+                "seed": 1,
+                "dynamic": True,
+                "flops_kept_fraction": 0.6,
+                "time_vs_dense": 0.5,
+                "time_vs_dense_spread": [0.5, 0.5],
+            },
+            {
+                "labels": {"variant": "flap", "method.ratio": "0.4"},
+                "seed": 0,
+                "dynamic": False,
+                "flops_kept_fraction": 0.55,
+                "time_vs_dense": 0.6123,
+                "time_vs_dense_spread": [0.6, 0.65],
+            },
+            {
+                "labels": {"variant": "wanda-sp", "method.ratio": "0.4"},
+                "seed": 0,
+                "dynamic": False,
+                "flops_kept_fraction": 0.6,
+                "time_vs_dense": 0.6,
+                "time_vs_dense_spread": [0.6, 0.6],
+            },
+        ],
+    }
     text = ec.markdown(summary, "img.png", times)
     assert "| 0.4 | 0.750 [0.700-0.800] | 0.612 [0.600-0.650] |" in text  # seed 0's
     assert "| 0.2 | - | - |" in text and "2.00 s per batch" in text
@@ -159,9 +217,13 @@ def test_recovery_table_reads_the_sweep_and_pairs_rows(tmp_path):
             r["metrics"][f"{prefix}.loss_last"] = _stats([loss[1]])
         return r
 
-    summary = {"rows": [row("llm-pruner", "0.4", 200.0),
-                        row("llm-pruner+lora", "0.4", 100.0, (4.0, 3.5)),
-                        row("loraprune", "0.4", 150.0, (3.9, 3.6), key="loraprune")]}  # fmt: skip
+    summary = {
+        "rows": [
+            row("llm-pruner", "0.4", 200.0),
+            row("llm-pruner+lora", "0.4", 100.0, (4.0, 3.5)),
+            row("loraprune", "0.4", 150.0, (3.9, 3.6), key="loraprune"),
+        ]
+    }
     text = rec.markdown(summary)
     assert "| 0.4 | llm-pruner+lora | 67.0% | 100.00 | 4.000 -> 3.500 |" in text
     assert "| 0.4 | loraprune | 67.0% | 150.00 | 3.900 -> 3.600 |" in text
@@ -202,7 +264,10 @@ def test_a_report_reads_the_committed_copy_of_a_summary_when_runs_is_gone(tmp_pa
     live.write_text(json.dumps(summary))
     snaps.sweep_summary(live, "demo")
     live.unlink()
-    assert snaps.sweep_summary(live, "demo")["rows"][0]["metrics"]["wikitext2-test.ppl"]["mean"] == 21.0
+    assert (
+        snaps.sweep_summary(live, "demo")["rows"][0]["metrics"]["wikitext2-test.ppl"]["mean"]
+        == 21.0
+    )
 
 
 def test_render_keeps_a_section_whose_summary_is_not_here(tmp_path, monkeypatch):
@@ -211,12 +276,16 @@ def test_render_keeps_a_section_whose_summary_is_not_here(tmp_path, monkeypatch)
     rendered from it; a sweep the report never showed is listed as not run."""
     ab = _script("ablations")
     lost, fresh, never = list(ab.ABLATIONS)[:3]
-    lost_section = (f"## {ab.ABLATIONS[lost][0]}\n\n| variant | seeds |\n|---|---|\n"
-                    "| default | 2 | 111.29 |\n\n**Here**: holds\n")  # fmt: skip
+    lost_section = (
+        f"## {ab.ABLATIONS[lost][0]}\n\n| variant | seeds |\n|---|---|\n"
+        "| default | 2 | 111.29 |\n\n**Here**: holds\n"
+    )
     flap_section = f"## {ab.FLAP_TITLE}\n\n| running mean |\n| flap | 0.2 | 60.94 |\n"
     report = tmp_path / "ablations.md"
-    report.write_text(f"# Ablations\n\nintro\n\n{lost_section}\n"
-                      f"## {ab.ABLATIONS[fresh][0]}\n\nold numbers 1.00\n\n{flap_section}")
+    report.write_text(
+        f"# Ablations\n\nintro\n\n{lost_section}\n"
+        f"## {ab.ABLATIONS[fresh][0]}\n\nold numbers 1.00\n\n{flap_section}"
+    )
     summary = {"rows": [_row({"variant": "default"}, [20.0, 22.0], [0.7, 0.7])]}
     monkeypatch.setattr(ab, "load", lambda n: summary if n == fresh else None)
     assert ab.main(["--render-only", "--out", str(report)]) == 0
@@ -264,12 +333,26 @@ def test_calibration_coverage_finds_each_window_and_counts_distinct_text():
 
 def test_calibration_size_section_shows_the_measured_coverage():
     ab = _script("ablations")
-    row = {"labels": {"variant": "calib-2000"}, "seed": 0, "corpus": "c4/train (c4.jsonl)",
-           "seq_len": 512, "windows": 2000, "tokens_drawn": 1024000, "distinct_documents": 277,
-           "distinct_tokens": 252928, "distinct_share": 0.247, "pool_documents": 277,
-           "pool_tokens": 314893, "pool_share_covered": 0.803}  # fmt: skip
-    text = "\n".join(ab.render_coverage({"command": "python benchmarks/calibration_coverage.py",
-                                         "rows": [row]}))  # fmt: skip
-    assert "corpus, c4/train (c4.jsonl), has 277 documents longer than 512 tokens (314,893 tokens)" in text
+    row = {
+        "labels": {"variant": "calib-2000"},
+        "seed": 0,
+        "corpus": "c4/train (c4.jsonl)",
+        "seq_len": 512,
+        "windows": 2000,
+        "tokens_drawn": 1024000,
+        "distinct_documents": 277,
+        "distinct_tokens": 252928,
+        "distinct_share": 0.247,
+        "pool_documents": 277,
+        "pool_tokens": 314893,
+        "pool_share_covered": 0.803,
+    }
+    text = "\n".join(
+        ab.render_coverage({"command": "python benchmarks/calibration_coverage.py", "rows": [row]})
+    )
+    assert (
+        "corpus, c4/train (c4.jsonl), has 277 documents longer than 512 tokens (314,893 tokens)"
+        in text
+    )
     assert "| calib-2000 | 0 | 2000 | 1,024,000 | 277 of 277 | 252,928 | 24.7% | 80.3% |" in text
     assert ab.render_coverage(None) == []

@@ -120,8 +120,14 @@ def _run(script: str, tmp_path: Path, pythonpath: str | None = None):
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ def test_interleaved_rounds_pair_every_call_on_the_same_batch():
     calls = log[3:]
     assert len(calls) == 3 * 2 * 3 and all(len(timed[n]["s_all"]) == 6 for n in "abc")
     # each batch runs on every model back to back; the order rotates from round to round
-    groups = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    groups = [calls[i : i + 3] for i in range(0, len(calls), 3)]
     assert [{b for _, b in g} for g in groups] == [{0}, {1}, {0}, {1}, {0}, {1}]
     firsts = [g[0][0] for g in groups]
     assert firsts == ["a", "a", "b", "b", "c", "c"]
@@ -51,13 +51,16 @@ def test_dynamic_model_keeps_its_state_and_times_its_phases():
     torch.manual_seed(0)
     model = tiny_llama(heads=4, kv_heads=4, layers=3, intermediate=48)
     cal = torch.randint(3, 100, (8, 16), generator=torch.Generator().manual_seed(1))
-    pp = prunekit.prune(model, None, method="pp", ratio=0.4, calibration=cal,
-                        skip_layers=[0], round_to=1).model  # fmt: skip
+    pp = prunekit.prune(
+        model, None, method="pp", ratio=0.4, calibration=cal, skip_layers=[0], round_to=1
+    ).model
     before = {k: v.clone() for k, v in pp.controller.history.items()}
-    batches = [torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(s))
-               for s in range(2)]  # fmt: skip
-    timed = time_interleaved([Contender("dense", pp, dense=True), Contender("pp", pp)], batches,
-                             rounds=3, warmup=1)  # fmt: skip
+    batches = [
+        torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)
+    ]
+    timed = time_interleaved(
+        [Contender("dense", pp, dense=True), Contender("pp", pp)], batches, rounds=3, warmup=1
+    )
     for k, v in pp.controller.history.items():  # timing left no trace in the EMA history
         assert torch.equal(v, before[k])
     phases = timed["pp"]["phases_s_all"]

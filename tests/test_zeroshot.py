@@ -77,9 +77,15 @@ def test_known_nlls_give_known_predictions_for_both_metrics():
     q1 = Question.shared_context("c", ["a", "b"], gold=1)
     q2 = Question.shared_context("c", ["a", "b", "c"], gold=2)
     q3 = Question.shared_context("c", ["a", "b"], gold=0)
-    scores = [ChoiceScore(-3.0, 1, False), ChoiceScore(-4.0, 4, False),  # 3.0/tok vs 1.0/tok
-              ChoiceScore(-5.0, 1, False), ChoiceScore(-6.0, 2, False), ChoiceScore(-1.0, 1, True),
-              ChoiceScore(-2.0, 2, False), ChoiceScore(-2.0, 2, False)]  # fmt: skip
+    scores = [
+        ChoiceScore(-3.0, 1, False),
+        ChoiceScore(-4.0, 4, False),  # 3.0/tok vs 1.0/tok
+        ChoiceScore(-5.0, 1, False),
+        ChoiceScore(-6.0, 2, False),
+        ChoiceScore(-1.0, 1, True),
+        ChoiceScore(-2.0, 2, False),
+        ChoiceScore(-2.0, 2, False),
+    ]
     result = accuracy([q1, q2, q3], scores)
     preds = [(r["pred"], r["pred_norm"]) for r in result["records"]]
     assert preds == [(0, 1), (2, 2), (0, 0)]
@@ -98,7 +104,11 @@ def test_accuracy_rejects_a_score_count_mismatch():
 
 def test_scores_are_the_summed_continuation_logprobs(bigram):
     tok = CharTokenizer()
-    pairs = [encode_pair(tok, "ab", "cd"), encode_pair(tok, "abcdef", "g"), encode_pair(tok, "x", "yz")]
+    pairs = [
+        encode_pair(tok, "ab", "cd"),
+        encode_pair(tok, "abcdef", "g"),
+        encode_pair(tok, "x", "yz"),
+    ]
     scores = score_requests(bigram, pairs, batch_size=2)
     expected = [
         bigram.logprob(ord("b"), ord("c")) + bigram.logprob(ord("c"), ord("d")),
@@ -150,8 +160,10 @@ def test_evaluate_questions_predicts_the_likeliest_choice(bigram):
     # make "z" after "q" very likely, so the choice "z" wins both metrics
     bigram.table.data[ord("q")] = -10.0
     bigram.table.data[ord("q"), ord("z")] = 10.0
-    questions = [Question.shared_context("q", ["a", "z", "b"], gold=1),
-                 Question.shared_context("q", ["z", "a"], gold=1)]  # fmt: skip
+    questions = [
+        Question.shared_context("q", ["a", "z", "b"], gold=1),
+        Question.shared_context("q", ["z", "a"], gold=1),
+    ]
     result = evaluate_questions(bigram, tok, questions, batch_size=4)
     assert [r["pred"] for r in result["records"]] == [1, 0]
     assert result["acc"] == 0.5 and result["acc_norm"] == 0.5
@@ -175,8 +187,15 @@ def _first(name, data_dir, n=None):
 
 
 def test_every_record_is_read_and_one_hot(shared_data):
-    expected = {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267,
-                "arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500}  # fmt: skip
+    expected = {
+        "boolq": 3270,
+        "piqa": 1838,
+        "hellaswag": 10042,
+        "winogrande": 1267,
+        "arc_easy": 2376,
+        "arc_challenge": 1172,
+        "openbookqa": 500,
+    }
     for name, count in expected.items():
         questions = _first(name, shared_data)
         assert len(questions) == count, name  # no question dropped
@@ -205,8 +224,10 @@ def test_reference_formatting(shared_data):
     (q,) = _first("winogrande", shared_data, 1)
     row = json.loads((shared_data / "winogrande" / "dev.jsonl").read_text().splitlines()[0])
     cut = row["sentence"].index("_")
-    assert q.contexts == (row["sentence"][:cut] + row["option1"],
-                          row["sentence"][:cut] + row["option2"])  # fmt: skip
+    assert q.contexts == (
+        row["sentence"][:cut] + row["option1"],
+        row["sentence"][:cut] + row["option2"],
+    )
     assert q.continuations[0] == q.continuations[1] == " " + row["sentence"][cut + 1 :].strip()
     assert q.gold == int(row["answer"]) - 1
 
@@ -223,7 +244,9 @@ def test_hub_layout_of_arc_and_openbookqa(shared_data):
     """The hub's choices{text,label} + answerKey layout gives the same questions."""
     from prunekit.data.tasks import TASKS
 
-    row = json.loads((shared_data / "arc" / "ARC-Easy-validation.jsonl").read_text().splitlines()[0])
+    row = json.loads(
+        (shared_data / "arc" / "ARC-Easy-validation.jsonl").read_text().splitlines()[0]
+    )
     q = TASKS["arc_easy"].build(row)
     assert q.continuations == tuple(" " + t for t in row["choices"]["text"])
     assert q.gold == row["choices"]["label"].index(row["answerKey"])
@@ -263,26 +286,32 @@ def _write_jsonl(path, rows):
 
 
 def test_jsonl_task_gold_as_index_text_or_letter(tmp_path):
-    path = _write_jsonl(tmp_path / "t.jsonl", [
-        {"q": "2+2", "opts": ["3", "4"], "answer": 1},
-        {"q": "sky", "opts": ["blue", "green"], "answer": "blue"},
-        {"q": "x", "opts": ["a1", "b1", "c1"], "answer": "C"},
-        {"q": "y", "opts": ["a1", "b1"], "answer": "1"},
-    ])  # fmt: skip
+    path = _write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"q": "2+2", "opts": ["3", "4"], "answer": 1},
+            {"q": "sky", "opts": ["blue", "green"], "answer": "blue"},
+            {"q": "x", "opts": ["a1", "b1", "c1"], "answer": "C"},
+            {"q": "y", "opts": ["a1", "b1"], "answer": "1"},
+        ],
+    )
     task = JsonlTask("mine", str(path), context="Q: {q}\nA:", choices="opts", gold="answer")
     questions = task.load()
     assert [q.gold for q in questions] == [1, 0, 2, 1]
     assert questions[0].contexts[0] == "Q: 2+2\nA:" and questions[0].continuations == (" 3", " 4")
     one_based = JsonlTask("mine", str(path), "{q}", "opts", "answer", gold_base=1).load(1)
     assert one_based[0].gold == 0
-    fixed = JsonlTask("yn", str(path), "{q}?", ("yes", "no"), "answer",
-                      continuation=" -> {choice}").load(1)  # fmt: skip
+    fixed = JsonlTask(
+        "yn", str(path), "{q}?", ("yes", "no"), "answer", continuation=" -> {choice}"
+    ).load(1)
     assert fixed[0].continuations == (" -> yes", " -> no") and fixed[0].gold == 1
 
 
 def test_jsonl_task_errors_name_file_line_and_fields(tmp_path):
-    path = _write_jsonl(tmp_path / "t.jsonl", [{"q": "a", "opts": ["x", "y"], "answer": 0},
-                                               {"qq": "b", "opts": ["x", "y"], "answer": 0}])  # fmt: skip
+    path = _write_jsonl(
+        tmp_path / "t.jsonl",
+        [{"q": "a", "opts": ["x", "y"], "answer": 0}, {"qq": "b", "opts": ["x", "y"], "answer": 0}],
+    )
     with pytest.raises(DataError, match=r"t.jsonl:2: .*no field 'q'.*fields present"):
         JsonlTask("mine", str(path), "{q}", "opts", "answer").load()
     with pytest.raises(DataError, match=r"t.jsonl:1: .*out of range"):
@@ -306,9 +335,18 @@ def _validate(tasks, **extra):
 
 def test_recipe_tasks_accept_names_groups_and_files(shared_data, tmp_path):
     path = _write_jsonl(tmp_path / "mine.jsonl", [{"q": "a", "opts": ["x", "y"], "answer": 0}])
-    plan = _validate([{"name": "commonsense", "limit": 5},
-                      {"name": "mine", "path": str(path), "context": "{q}", "choices": "opts",
-                       "gold": "answer"}])  # fmt: skip
+    plan = _validate(
+        [
+            {"name": "commonsense", "limit": 5},
+            {
+                "name": "mine",
+                "path": str(path),
+                "context": "{q}",
+                "choices": "opts",
+                "gold": "answer",
+            },
+        ]
+    )
     labels = [label for label, _, _ in plan.tasks]
     assert labels[:7] == list(expand_task_names("commonsense")) and labels[7] == "mine"
     assert all(cfg.limit == 5 for _, cfg, _ in plan.tasks[:7])
@@ -324,15 +362,25 @@ def test_recipe_task_errors_point_at_the_entry(tmp_path):
     with pytest.raises(RecipeError, match="only apply to a task read from a file"):
         _validate([{"name": "boolq", "context": "{q}"}])
     with pytest.raises(RecipeError, match="does not exist"):
-        _validate([{"name": "mine", "path": str(tmp_path / "no.jsonl"), "context": "{q}",
-                    "choices": "c", "gold": "g"}])  # fmt: skip
+        _validate(
+            [
+                {
+                    "name": "mine",
+                    "path": str(tmp_path / "no.jsonl"),
+                    "context": "{q}",
+                    "choices": "c",
+                    "gold": "g",
+                }
+            ]
+        )
 
 
 def test_set_applies_a_limit_to_every_task():
     from prunekit.recipe import load_recipe
 
-    loaded = load_recipe({"evaluation": {"tasks": ["boolq", {"name": "piqa"}]}},
-                         ["evaluation.tasks.limit=7"])  # fmt: skip
+    loaded = load_recipe(
+        {"evaluation": {"tasks": ["boolq", {"name": "piqa"}]}}, ["evaluation.tasks.limit=7"]
+    )
     assert [t.limit for t in loaded.recipe.evaluation.tasks] == [7, 7]
 
 
@@ -348,11 +396,17 @@ def test_dynamic_scores_do_not_depend_on_pad_tokens(kv_heads):
 
     model = tiny_llama(kv_heads=kv_heads, layers=4, vocab=128)
     calib = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    outcome = prunekit.prune(model, None, method="pp", ratio=0.4, calibration=calib,
-                             skip_layers=[0])  # fmt: skip
+    outcome = prunekit.prune(
+        model, None, method="pp", ratio=0.4, calibration=calib, skip_layers=[0]
+    )
     gen = torch.Generator().manual_seed(1)
-    pairs = [(torch.randint(3, 128, (n,), generator=gen).tolist(),
-              torch.randint(3, 128, (3,), generator=gen).tolist()) for n in (4, 11, 7, 2)]  # fmt: skip
+    pairs = [
+        (
+            torch.randint(3, 128, (n,), generator=gen).tolist(),
+            torch.randint(3, 128, (3,), generator=gen).tolist(),
+        )
+        for n in (4, 11, 7, 2)
+    ]
     a = score_requests(outcome.model, pairs, batch_size=4, pad_id=0)
     b = score_requests(outcome.model, pairs, batch_size=4, pad_id=99)
     assert all(math.isfinite(s.logprob) for s in a)
@@ -363,10 +417,13 @@ def test_dynamic_scores_do_not_depend_on_pad_tokens(kv_heads):
 def test_apply_reports_tasks_and_their_average(smollm2, shared_data, tmp_path):
     from prunekit.cli import main
 
-    path = _write_jsonl(tmp_path / "mine.jsonl", [
-        {"q": "The capital of France is", "opts": ["Paris", "banana"], "answer": 0},
-        {"q": "Two plus two is", "opts": ["four", "purple"], "answer": "four"},
-    ])  # fmt: skip
+    path = _write_jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            {"q": "The capital of France is", "opts": ["Paris", "banana"], "answer": 0},
+            {"q": "Two plus two is", "opts": ["four", "purple"], "answer": "four"},
+        ],
+    )
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "method: {name: wanda-sp, ratio: 0.2}\n"

@@ -63,8 +63,11 @@ def _boolq(doc: dict) -> dict:
     answer = doc["answer"]
     if isinstance(answer, str):
         answer = answer.strip().lower() in ("true", "yes", "1")
-    return _doc(f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", ["yes", "no"],
-                0 if answer else 1)  # fmt: skip
+    return _doc(
+        f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:",
+        ["yes", "no"],
+        0 if answer else 1,
+    )
 
 
 def _piqa(doc: dict) -> dict:
@@ -79,8 +82,11 @@ def _hellaswag_clean(text: str) -> str:
 
 def _hellaswag(doc: dict) -> dict:
     ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-    return _doc(_hellaswag_clean(doc["activity_label"] + ": " + ctx),
-                [_hellaswag_clean(e) for e in doc["endings"]], int(doc["label"]))  # fmt: skip
+    return _doc(
+        _hellaswag_clean(doc["activity_label"] + ": " + ctx),
+        [_hellaswag_clean(e) for e in doc["endings"]],
+        int(doc["label"]),
+    )
 
 
 def _winogrande(doc: dict) -> dict:
@@ -152,16 +158,19 @@ def merge_piqa_labels(questions: Path, labels: Path, out: Path) -> Path:
     records = _read_lines(questions)
     golds = [line.strip() for line in _read_lines(labels)]
     if len(records) != len(golds):
-        raise ValueError(f"{labels} has {len(golds)} labels for {len(records)} questions in "
-                         f"{questions}; the two files must be line-aligned")  # fmt: skip
+        raise ValueError(
+            f"{labels} has {len(golds)} labels for {len(records)} questions in "
+            f"{questions}; the two files must be line-aligned"
+        )
     with open(out, "w", encoding="utf-8") as fh:
         for line, gold in zip(records, golds, strict=True):
             fh.write(json.dumps({**json.loads(line), "label": int(gold)}) + "\n")
     return out
 
 
-def render(out_dir: str | Path, data_dir: str | Path | None = None,
-           tasks: tuple[str, ...] = TASKS) -> Path:  # fmt: skip
+def render(
+    out_dir: str | Path, data_dir: str | Path | None = None, tasks: tuple[str, ...] = TASKS
+) -> Path:
     """Write the ``pk_<task>.yaml`` configs of ``tasks`` into ``out_dir`` with their data
     files located (``data_dir``, else ``$PRUNEKIT_DATA_DIR``), plus this module (the configs
     call its functions). Returns ``out_dir``, for lm-eval's ``include_path``."""
@@ -196,10 +205,12 @@ def render(out_dir: str | Path, data_dir: str | Path | None = None,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="directory to write the rendered task configs into")
-    parser.add_argument("--data-dir", default=None,
-                        help="local data directory (default: $PRUNEKIT_DATA_DIR)")  # fmt: skip
-    parser.add_argument("--tasks", default=",".join(TASKS),
-                        help="comma-separated subset of: " + ", ".join(TASKS))  # fmt: skip
+    parser.add_argument(
+        "--data-dir", default=None, help="local data directory (default: $PRUNEKIT_DATA_DIR)"
+    )
+    parser.add_argument(
+        "--tasks", default=",".join(TASKS), help="comma-separated subset of: " + ", ".join(TASKS)
+    )
     args = parser.parse_args(argv)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     try:

@@ -39,7 +39,8 @@ ROOT = HERE.parent.parent
 
 def _pk_tasks():
     spec = importlib.util.spec_from_file_location(
-        "pk_tasks", ROOT / "benchmarks" / "lm_eval_tasks" / "pk_tasks.py")
+        "pk_tasks", ROOT / "benchmarks" / "lm_eval_tasks" / "pk_tasks.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -64,11 +65,22 @@ def prepare(work: Path) -> dict:
                 texts, gold = rec["choices"], int(rec["gold"])
             if len(texts) != 4:
                 continue
-            f_out.write(json.dumps({"question": rec["question"],
-                                    **{f"answer{'ABCD'[i]}": t for i, t in enumerate(texts)},
-                                    "label": str(gold + 1)}) + "\n")  # fmt: skip
-            l_out.write(json.dumps({"question": rec["question"], "choices": texts,
-                                    "answerKey": "ABCD"[gold]}) + "\n")  # fmt: skip
+            f_out.write(
+                json.dumps(
+                    {
+                        "question": rec["question"],
+                        **{f"answer{'ABCD'[i]}": t for i, t in enumerate(texts)},
+                        "label": str(gold + 1),
+                    }
+                )
+                + "\n"
+            )
+            l_out.write(
+                json.dumps(
+                    {"question": rec["question"], "choices": texts, "answerKey": "ABCD"[gold]}
+                )
+                + "\n"
+            )
             n += 1
     return {"include": include, "piqa": piqa, "fields": fields, "listed": listed, "arc_4": n}
 
@@ -92,33 +104,59 @@ def main() -> int:
             "perplexity": [],
             "tasks": [
                 {"name": "piqa", "limit": limit},
-                {"name": "piqa_fields", "path": str(files["piqa"]), "context": "{goal}",
-                 "choice_fields": ["sol1", "sol2"], "gold": "label", "limit": limit},
-                {"name": "arc4_fields", "path": str(files["fields"]), "context": arc_context,
-                 "choice_fields": ["answerA", "answerB", "answerC", "answerD"],
-                 "gold": "label", "gold_base": 1, "limit": limit},
-                {"name": "arc4_list", "path": str(files["listed"]), "context": arc_context,
-                 "choices": "choices", "gold": "answerKey", "limit": limit},
+                {
+                    "name": "piqa_fields",
+                    "path": str(files["piqa"]),
+                    "context": "{goal}",
+                    "choice_fields": ["sol1", "sol2"],
+                    "gold": "label",
+                    "limit": limit,
+                },
+                {
+                    "name": "arc4_fields",
+                    "path": str(files["fields"]),
+                    "context": arc_context,
+                    "choice_fields": ["answerA", "answerB", "answerC", "answerD"],
+                    "gold": "label",
+                    "gold_base": 1,
+                    "limit": limit,
+                },
+                {
+                    "name": "arc4_list",
+                    "path": str(files["listed"]),
+                    "context": arc_context,
+                    "choices": "choices",
+                    "gold": "answerKey",
+                    "limit": limit,
+                },
             ],
-            "lm_eval": {"tasks": ["pk_piqa"], "include_path": str(files["include"]),
-                        "include_defaults": False, "limit": limit},
+            "lm_eval": {
+                "tasks": ["pk_piqa"],
+                "include_path": str(files["include"]),
+                "include_defaults": False,
+                "limit": limit,
+            },
         },
         "output": {"dir": str(work / "run")},
-    }  # fmt: skip
+    }
     start = time.perf_counter()
     result = prunekit.apply(recipe)
     seconds = time.perf_counter() - start
     m = result["metrics"]
     checks = {
         "piqa_fields acc == piqa acc": m["piqa_fields"]["acc"] == m["piqa"]["acc"],
-        "piqa_fields acc_norm == piqa acc_norm": m["piqa_fields"]["acc_norm"] == m["piqa"]["acc_norm"],
+        "piqa_fields acc_norm == piqa acc_norm": m["piqa_fields"]["acc_norm"]
+        == m["piqa"]["acc_norm"],
         "arc4_fields acc == arc4_list acc": m["arc4_fields"]["acc"] == m["arc4_list"]["acc"],
         "lm_eval:pk_piqa acc == piqa acc": m["lm_eval:pk_piqa"]["acc"] == m["piqa"]["acc"],
-    }  # fmt: skip
-    rows = [("piqa", "built-in task"), ("piqa_fields", "local file, choice_fields [sol1, sol2]"),
-            ("arc4_fields", "local file, SocialIQA layout (answerA..D, label 1-4)"),
-            ("arc4_list", "local file, ARC layout (choices list, answerKey)"),
-            ("lm_eval:pk_piqa", "lm-eval task by name (include_path), through the bridge")]  # fmt: skip
+    }
+    rows = [
+        ("piqa", "built-in task"),
+        ("piqa_fields", "local file, choice_fields [sol1, sol2]"),
+        ("arc4_fields", "local file, SocialIQA layout (answerA..D, label 1-4)"),
+        ("arc4_list", "local file, ARC layout (choices list, answerKey)"),
+        ("lm_eval:pk_piqa", "lm-eval task by name (include_path), through the bridge"),
+    ]
     lines = [
         "# Multiple-choice data from a recipe: built-in, local files by field, lm-eval by name",
         "",
@@ -133,20 +171,39 @@ def main() -> int:
         "",
         "| task | how it is read | questions | acc | acc_norm |",
         "|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for key, how in rows:
         r = m[key]
         n = r.get("questions", r.get("samples"))
-        lines.append(f"| {key} | {how} | {n} | {r['acc']:.4f} | {r.get('acc_norm', float('nan')):.4f} |")
-    lines += ["", "lm-eval's acc_norm divides by each choice's length in characters, prunekit's by "
-              "its tokens, so only acc is compared across the two.", "", "Checks:", ""]  # fmt: skip
+        lines.append(
+            f"| {key} | {how} | {n} | {r['acc']:.4f} | {r.get('acc_norm', float('nan')):.4f} |"
+        )
+    lines += [
+        "",
+        "lm-eval's acc_norm divides by each choice's length in characters, prunekit's by "
+        "its tokens, so only acc is compared across the two.",
+        "",
+        "Checks:",
+        "",
+    ]
     lines += [f"- {name}: {'PASS' if ok else 'FAIL'}" for name, ok in checks.items()]
     text = "\n".join(lines) + "\n"
     suffix = "" if limit == 300 and args.method == "dense" else "_quick"
     (HERE / f"results{suffix}.md").write_text(text)
-    (HERE / f"results{suffix}.json").write_text(json.dumps(
-        {"metrics": {k: m[k] for k, _ in rows}, "checks": checks, "seconds": seconds,
-         "limit": limit, "method": args.method, "ratio": args.ratio}, indent=2) + "\n")  # fmt: skip
+    (HERE / f"results{suffix}.json").write_text(
+        json.dumps(
+            {
+                "metrics": {k: m[k] for k, _ in rows},
+                "checks": checks,
+                "seconds": seconds,
+                "limit": limit,
+                "method": args.method,
+                "ratio": args.ratio,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(text)
     return 0 if all(checks.values()) else 1
 

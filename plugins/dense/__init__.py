@@ -25,8 +25,14 @@ class Dense(Method):
         extra = (
             {"note": "dense prunes nothing; method.ratio is ignored"} if ctx.settings.ratio else {}
         )
-        return PruneOutcome(model=model, dynamic=False, structure=ctx.dense_structure(),
-                            params_kept=params, save=save, extra=extra)  # fmt: skip
+        return PruneOutcome(
+            model=model,
+            dynamic=False,
+            structure=ctx.dense_structure(),
+            params_kept=params,
+            save=save,
+            extra=extra,
+        )
 
 
 @hookimpl

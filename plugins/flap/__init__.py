@@ -53,9 +53,11 @@ class Fluctuation:
 
     def __init__(self, running_mean: str = "flap") -> None:
         if running_mean not in self.RUNNING_MEANS:
-            raise ValueError(f"running_mean must be one of {', '.join(self.RUNNING_MEANS)} "
-                             f"(FLAP's own formula, or the PP reference code's), got "
-                             f"{running_mean!r}")  # fmt: skip
+            raise ValueError(
+                f"running_mean must be one of {', '.join(self.RUNNING_MEANS)} "
+                f"(FLAP's own formula, or the PP reference code's), got "
+                f"{running_mean!r}"
+            )
         self.running_mean = running_mean
 
     def options(self) -> dict[str, Any]:
@@ -172,8 +174,9 @@ class FlapGlobal:
         if self.inflate:
             r = per_layer_ratio(r, adapter.num_layers, settings.skip_layers)
         target = r * float(cumulative[-1])
-        idx = int(torch.searchsorted(cumulative, torch.tensor(target, dtype=torch.float64),
-                                     right=True))  # fmt: skip
+        idx = int(
+            torch.searchsorted(cumulative, torch.tensor(target, dtype=torch.float64), right=True)
+        )
         if r <= 0:
             return dict.fromkeys(scores, 0.0)
         threshold = score[order[min(idx, len(order) - 1)]]
@@ -211,8 +214,9 @@ class BiasMean:
     def __call__(self, layer, group, kept, stats):
         mean = stats.get("mean")
         if mean is None:
-            raise ValueError("bias_mean needs a statistic that records the channel mean "
-                             "(e.g. 'fluctuation')")  # fmt: skip
+            raise ValueError(
+                "bias_mean needs a statistic that records the channel mean (e.g. 'fluctuation')"
+            )
         weight = layer.output_projection(group).weight.detach().float()
         channels = layer.unit_channels(group, kept.to(weight.device))
         removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
@@ -224,16 +228,22 @@ class Flap(StaticMethod):
     """FLAP: fluctuation metric, global FLOPs-weighted allocation, bias compensation."""
 
     name = "flap"
-    slots = {"statistic": "fluctuation", "metric": "flap", "allocator": "flap_global",
-             "compensator": "bias_mean"}  # fmt: skip
+    slots = {
+        "statistic": "fluctuation",
+        "metric": "flap",
+        "allocator": "flap_global",
+        "compensator": "bias_mean",
+    }
 
     @classmethod
     def check_recipe(cls, recipe, num_layers):
         c = recipe.calibration
         if recipe.method.ratio > 0 and c.samples <= c.batch_size:
-            return [f"calibration.samples: FLAP's fluctuation needs at least 2 calibration "
-                    f"batches (the first only feeds the running mean): samples ({c.samples}) "
-                    f"must exceed batch_size ({c.batch_size})"]  # fmt: skip
+            return [
+                f"calibration.samples: FLAP's fluctuation needs at least 2 calibration "
+                f"batches (the first only feeds the running mean): samples ({c.samples}) "
+                f"must exceed batch_size ({c.batch_size})"
+            ]
         return []
 
 

@@ -45,8 +45,10 @@ def unit_taylor(layer, group: str) -> torch.Tensor:
     for piece in layer.unit_slices(group):
         tensor = piece.tensor
         if tensor.grad is None:
-            raise RuntimeError(f"layer {layer.index} {group}: no gradient on {piece.role}; run "
-                               "the loss backward first")  # fmt: skip
+            raise RuntimeError(
+                f"layer {layer.index} {group}: no gradient on {piece.role}; run "
+                "the loss backward first"
+            )
         taylor = (tensor.detach().float() * tensor.grad.detach().float()).abs()
         per_row = taylor.sum(1 - piece.dim) if taylor.dim() == 2 else taylor  # [units * width]
         per_unit = per_row.view(-1, piece.width).sum(1)
@@ -89,8 +91,10 @@ class LlmPruner(StaticMethod):
         if rng is not None:
             ok = isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) for v in rng)
             if not ok or not 0 <= rng[0] < rng[1] or (num_layers and rng[1] > num_layers):
-                problems.append(f"method.block_range: give [start, end) layer indices within "
-                                f"the model's {num_layers or '?'} layers (got {rng!r})")  # fmt: skip
+                problems.append(
+                    f"method.block_range: give [start, end) layer indices within "
+                    f"the model's {num_layers or '?'} layers (got {rng!r})"
+                )
         return problems
 
     @classmethod
@@ -105,15 +109,18 @@ class LlmPruner(StaticMethod):
         if rng is not None:
             allocator = components["allocator"]
             if not hasattr(allocator, "inflate"):
-                raise RecipeError("method.block_range needs an allocator with an 'inflate' "
-                                  "option (e.g. 'uniform')")  # fmt: skip
+                raise RecipeError(
+                    "method.block_range needs an allocator with an 'inflate' "
+                    "option (e.g. 'uniform')"
+                )
             allocator.inflate = False  # the reference applies the nominal ratio in the range
 
     def prune(self, ctx):
         rng = self.settings.options.get("block_range")
         if rng is not None:
-            self.settings.skip_layers = [i for i in range(ctx.adapter.num_layers)
-                                         if not rng[0] <= i < rng[1]]  # fmt: skip
+            self.settings.skip_layers = [
+                i for i in range(ctx.adapter.num_layers) if not rng[0] <= i < rng[1]
+            ]
         try:
             outcome = super().prune(ctx)
             outcome.extra["skipped_layers"] = list(self.settings.skip_layers)

@@ -102,8 +102,15 @@ class LoraPrune(StaticMethod):
 
     name = "loraprune"
     slots = {"allocator": "uniform"}
-    option_defaults = {"finetune": {}, "seq_len": None, "prune_every": 10, "start": 0.1,
-                       "end": 0.2, "ema": EMA, "keep_lora": False}  # fmt: skip
+    option_defaults = {
+        "finetune": {},
+        "seq_len": None,
+        "prune_every": 10,
+        "start": 0.1,
+        "end": 0.2,
+        "ema": EMA,
+        "keep_lora": False,
+    }
 
     @classmethod
     def check_recipe(cls, recipe, num_layers):
@@ -112,34 +119,47 @@ class LoraPrune(StaticMethod):
         try:
             finetune = FineTuneConfig(**(o["finetune"] or {}))
         except (ValidationError, TypeError) as exc:
-            detail = "; ".join(e["msg"] + f" ({'.'.join(map(str, e['loc']))})"
-                               for e in exc.errors()) if isinstance(exc, ValidationError) else exc  # fmt: skip
+            detail = (
+                "; ".join(e["msg"] + f" ({'.'.join(map(str, e['loc']))})" for e in exc.errors())
+                if isinstance(exc, ValidationError)
+                else exc
+            )
             problems.append(f"method.finetune: {detail}")
         else:
             problem = check_target_modules(recipe.model.id, finetune.target_modules)
             if problem:
                 problems.append(f"method.finetune.target_modules: {problem}")
         if not isinstance(o["prune_every"], int) or o["prune_every"] < 1:
-            problems.append(f"method.prune_every: a positive number of steps (got {o['prune_every']!r})")
+            problems.append(
+                f"method.prune_every: a positive number of steps (got {o['prune_every']!r})"
+            )
         for key in ("start", "end"):
             if not isinstance(o[key], (int, float)) or not 0 <= o[key] < 1:
                 problems.append(f"method.{key}: a fraction of the steps in [0, 1) (got {o[key]!r})")
         if not problems and o["start"] + o["end"] >= 1:
-            problems.append(f"method.end: method.start + method.end ({o['start']} + {o['end']}) "
-                            "must be below 1 to leave steps to prune in; lower one of them")
+            problems.append(
+                f"method.end: method.start + method.end ({o['start']} + {o['end']}) "
+                "must be below 1 to leave steps to prune in; lower one of them"
+            )
         if not isinstance(o["ema"], (int, float)) or not 0 <= o["ema"] < 1:
             problems.append(f"method.ema: in [0, 1) (got {o['ema']!r})")
         seq = o["seq_len"]
-        if seq is not None and (not isinstance(seq, int) or not 2 <= seq <= recipe.calibration.seq_len):
-            problems.append(f"method.seq_len: at least 2 and at most calibration.seq_len "
-                            f"({recipe.calibration.seq_len}) (got {seq!r})")  # fmt: skip
+        if seq is not None and (
+            not isinstance(seq, int) or not 2 <= seq <= recipe.calibration.seq_len
+        ):
+            problems.append(
+                f"method.seq_len: at least 2 and at most calibration.seq_len "
+                f"({recipe.calibration.seq_len}) (got {seq!r})"
+            )
         if not isinstance(o["keep_lora"], bool):
             problems.append(f"method.keep_lora: true or false (got {o['keep_lora']!r})")
         from importlib.util import find_spec
 
         if find_spec("peft") is None:
-            problems.append("method.name: loraprune needs peft, which is not installed: "
-                            "pip install 'prunekit[recovery]'")  # fmt: skip
+            problems.append(
+                "method.name: loraprune needs peft, which is not installed: "
+                "pip install 'prunekit[recovery]'"
+            )
         return problems
 
     def statistics(self):
@@ -163,20 +183,34 @@ class LoraPrune(StaticMethod):
             # evaluated text. Without them (w/o LoRA) the windows only steer which units are
             # kept, as every method's calibration text does, and all of them are used.
             windows, dropped, excluded = ctx.keep_out_evaluated(
-                windows, what="loraprune (keep_lora: true)")  # fmt: skip
+                windows, what="loraprune (keep_lora: true)"
+            )
         ckpt = None
         if finetune.checkpoint_every:
             ckpt = ctx.checkpoint_dir("loraprune", finetune.checkpoint_dir)
-        trainer = LoraTrainer(ctx.model, finetune, windows, seed=ctx.seed, checkpoint_dir=ckpt,
-                              identity=ctx.identity(), description="loraprune")  # fmt: skip
+        trainer = LoraTrainer(
+            ctx.model,
+            finetune,
+            windows,
+            seed=ctx.seed,
+            checkpoint_dir=ckpt,
+            identity=ctx.identity(),
+            description="loraprune",
+        )
         adapter = type(ctx.adapter)(ctx.model)  # sees the LoRA layers in place
-        lora_of = {id(m.get_base_layer().weight): m for m in trainer.peft_model.modules()
-                   if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")}  # fmt: skip
+        lora_of = {
+            id(m.get_base_layer().weight): m
+            for m in trainer.peft_model.modules()
+            if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")
+        }
         skip = set(settings.skip_layers)
         layers = [layer for layer in adapter.layers() if layer.index not in skip]
         keys = [(layer.index, group) for layer in layers for group in layer.groups]
-        masks = {(layer.index, g): torch.ones(layer.units(g), dtype=torch.bool)
-                 for layer in layers for g in layer.groups}  # fmt: skip
+        masks = {
+            (layer.index, g): torch.ones(layer.units(g), dtype=torch.bool)
+            for layer in layers
+            for g in layer.groups
+        }
         scores = {k: torch.zeros(m.numel()) for k, m in masks.items()}
         events: list[dict] = []
         allocator = self.components["allocator"]
@@ -195,8 +229,11 @@ class LoraPrune(StaticMethod):
 
             return hook
 
-        handles = [layer.output_projection(g).register_forward_pre_hook(hook_for(layer, g))
-                   for layer in layers for g in layer.groups]  # fmt: skip
+        handles = [
+            layer.output_projection(g).register_forward_pre_hook(hook_for(layer, g))
+            for layer in layers
+            for g in layer.groups
+        ]
 
         def mask_to(ratio: float, step: int) -> None:
             ranked = {k: torch.where(masks[k], scores[k], torch.tensor(-math.inf)) for k in keys}
@@ -206,8 +243,13 @@ class LoraPrune(StaticMethod):
                 new = torch.zeros_like(masks[k])
                 new[kept[k] if k in kept else torch.arange(new.numel())] = True
                 masks[k] = new & masks[k]
-            events.append({"step": step, "ratio": ratio,
-                           "kept": {f"{i}.{g}": int(masks[(i, g)].sum()) for i, g in keys}})
+            events.append(
+                {
+                    "step": step,
+                    "ratio": ratio,
+                    "kept": {f"{i}.{g}": int(masks[(i, g)].sum()) for i, g in keys},
+                }
+            )
 
         def on_gradients(step: int) -> None:
             for layer in layers:
@@ -222,8 +264,11 @@ class LoraPrune(StaticMethod):
                 mask_to(ratio, step)
 
         def get_state() -> dict:
-            return {"masks": {f"{i}.{g}": masks[(i, g)] for i, g in keys},
-                    "scores": {f"{i}.{g}": scores[(i, g)] for i, g in keys}, "events": events}
+            return {
+                "masks": {f"{i}.{g}": masks[(i, g)] for i, g in keys},
+                "scores": {f"{i}.{g}": scores[(i, g)] for i, g in keys},
+                "events": events,
+            }
 
         def set_state(state: dict) -> None:
             for i, g in keys:
@@ -245,17 +290,23 @@ class LoraPrune(StaticMethod):
         if not finetune.keep_checkpoints:
             trainer.remove_checkpoints()
         ctx.adapter = type(ctx.adapter)(ctx.model)
-        allocation = Allocation({k: m.nonzero().flatten() for k, m in masks.items()
-                                 if not bool(m.all())})  # fmt: skip
+        allocation = Allocation(
+            {k: m.nonzero().flatten() for k, m in masks.items() if not bool(m.all())}
+        )
         ctx.timings["finetune_s"] = time.perf_counter() - t0
         outcome = self.sliced_outcome(ctx, allocation)
         outcome.extra["loraprune"] = {
-            "keep_lora": bool(o["keep_lora"]), "schedule": events,
-            "carve_out": {"checked": checked, "excluded": excluded,
-                          "overlap_tokens": OVERLAP_TOKENS, "windows_dropped": len(dropped)},
+            "keep_lora": bool(o["keep_lora"]),
+            "schedule": events,
+            "carve_out": {
+                "checked": checked,
+                "excluded": excluded,
+                "overlap_tokens": OVERLAP_TOKENS,
+                "windows_dropped": len(dropped),
+            },
             "finetune": {k: v for k, v in record.items() if k != "settings"},
             "finetune_settings": record["settings"],
-        }  # fmt: skip
+        }
         return outcome
 
 

@@ -22,12 +22,24 @@ from .protocols import FusionPolicy, HistoryPolicy, ProbeSelector
 
 @hookimpl
 def prunekit_register_kinds(register):
-    register("probe", ProbeSelector, "probe selectors: which rows and positions of a batch "
-             "form the probe (dynamic methods)", default="residual_rank")  # fmt: skip
-    register("fusion", FusionPolicy, "fusion policies: how probe statistics combine with the "
-             "history", default="importance_scaled")  # fmt: skip
-    register("history", HistoryPolicy, "history policies: how the history evolves after each "
-             "batch", default="ema")  # fmt: skip
+    register(
+        "probe",
+        ProbeSelector,
+        "probe selectors: which rows and positions of a batch form the probe (dynamic methods)",
+        default="residual_rank",
+    )
+    register(
+        "fusion",
+        FusionPolicy,
+        "fusion policies: how probe statistics combine with the history",
+        default="importance_scaled",
+    )
+    register(
+        "history",
+        HistoryPolicy,
+        "history policies: how the history evolves after each batch",
+        default="ema",
+    )
 
 
 @hookimpl

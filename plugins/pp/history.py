@@ -127,8 +127,9 @@ class Ema:
 
     def update(self, history, state, kept, x, token_mask, position_ids) -> None:
         if kept is not None and kept.dim() == 2:  # per-sequence kept channels
-            rows, means, counts = row_channel_means(x, kept, token_mask, position_ids,
-                                                    *history.shape)  # fmt: skip
+            rows, means, counts = row_channel_means(
+                x, kept, token_mask, position_ids, *history.shape
+            )
             block = history.index_select(0, rows)
             new = block * self.momentum + means * (1 - self.momentum)
             history[rows] = torch.where(counts > 0, new, block)
@@ -154,13 +155,20 @@ class RunningMean:
     """
 
     def init_state(self, history: torch.Tensor, calibration_samples: int) -> dict:
-        return {"count": torch.full(history.shape, float(calibration_samples),
-                                    dtype=torch.float32, device=history.device)}  # fmt: skip
+        return {
+            "count": torch.full(
+                history.shape,
+                float(calibration_samples),
+                dtype=torch.float32,
+                device=history.device,
+            )
+        }
 
     def update(self, history, state, kept, x, token_mask, position_ids) -> None:
         if kept is not None and kept.dim() == 2:  # per-sequence kept channels
-            rows, means, counts = row_channel_means(x, kept, token_mask, position_ids,
-                                                    *history.shape)  # fmt: skip
+            rows, means, counts = row_channel_means(
+                x, kept, token_mask, position_ids, *history.shape
+            )
             n = state["count"].index_select(0, rows)
             block = history.index_select(0, rows)
             history[rows] = (block * n + means * counts) / (n + counts).clamp(min=1e-12)

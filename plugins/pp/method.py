@@ -54,9 +54,15 @@ STATE_VERSION = 1
 class PPController:
     """The per-batch decision logic shared by every PP variant."""
 
-    def __init__(self, adapter, settings, components: dict[str, Any],
-                 history: dict[tuple[int, str], torch.Tensor] | None, mode: str = "sync",
-                 calibration_samples: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        adapter,
+        settings,
+        components: dict[str, Any],
+        history: dict[tuple[int, str], torch.Tensor] | None,
+        mode: str = "sync",
+        calibration_samples: int = 0,
+    ) -> None:
         self.adapter = adapter
         self.settings = settings
         self.mode = mode
@@ -77,8 +83,10 @@ class PPController:
         self.history = history
         self.history_state = {}
         if history is not None and self.history_policy is not None:
-            self.history_state = {key: self.history_policy.init_state(h, calibration_samples)
-                                  for key, h in history.items()}  # fmt: skip
+            self.history_state = {
+                key: self.history_policy.init_state(h, calibration_samples)
+                for key, h in history.items()
+            }
         self.update_history = True
         #: probe tokens of each block on the last batch (an int, or a 0-d tensor read only
         #: when reported, so that deciding never waits for the device)
@@ -156,7 +164,9 @@ class PPController:
         xp = xs.index_select(0, rows).index_select(1, cols)
         pos = batch.position_ids.index_select(0, rows).index_select(1, cols)
         # an unpadded batch builds and applies no masks (the same numbers as an all-true mask)
-        mask = None if batch.unpadded else batch.token_mask.index_select(0, rows).index_select(1, cols)
+        mask = (
+            None if batch.unpadded else batch.token_mask.index_select(0, rows).index_select(1, cols)
+        )
         sq = layer.probe(group, xp, pos, mask).float().square()
         if mask is None:  # one probe row (the default 5% of 20): its own squares, no mean
             P = sq[0] if sq.shape[0] == 1 else sq.sum(0) / sq.shape[0]  # [t', D]
@@ -180,9 +190,14 @@ class PPController:
         key = (layer.index, group)
         channels = None if kept is None else layer.unit_channels(group, kept)
         with torch.no_grad(), self.timers("history", activations.device):
-            self.history_policy.update(self.history[key], self.history_state.get(key, {}),
-                                       channels, activations, batch.token_mask,
-                                       batch.position_ids)  # fmt: skip
+            self.history_policy.update(
+                self.history[key],
+                self.history_state.get(key, {}),
+                channels,
+                activations,
+                batch.token_mask,
+                batch.position_ids,
+            )
 
     # -- reporting ---------------------------------------------------------------------------
     def figures(self, batch_size: int, seq_len: int) -> dict[str, float]:
@@ -199,10 +214,13 @@ class PPController:
         probe = dense = 0.0
         tokens = batch_size * seq_len
         for layer in self.adapter.layers():
-            dense += tokens * layer.macs_per_token(layer.num_heads, layer.intermediate_size,
-                                                   seq_len)  # fmt: skip
+            dense += tokens * layer.macs_per_token(
+                layer.num_heads, layer.intermediate_size, seq_len
+            )
             for group in (ATTN, MLP):
-                probe += int(self.probe_tokens.get((layer.index, group), 0)) * layer.input_macs(group)
+                probe += int(self.probe_tokens.get((layer.index, group), 0)) * layer.input_macs(
+                    group
+                )
         return probe / dense if dense else 0.0
 
 
@@ -236,15 +254,15 @@ class SequenceController(PPController):
         picks = []
         for b in range(bsz):  # the selector sees one row at a time
             if bool(token_mask[b].any()):
-                picks.append(self.probe(rank[b:b + 1], token_mask[b:b + 1])[1])
+                picks.append(self.probe(rank[b : b + 1], token_mask[b : b + 1])[1])
             else:  # an all-pad row: nothing to probe
                 picks.append(torch.zeros(0, dtype=torch.long, device=device))
         width = max(1, max(p.numel() for p in picks))
         cols = torch.zeros(bsz, width, dtype=torch.long, device=device)
         valid = torch.zeros(bsz, width, dtype=torch.bool, device=device)
         for b, p in enumerate(picks):
-            cols[b, :p.numel()] = p
-            valid[b, :p.numel()] = True
+            cols[b, : p.numel()] = p
+            valid[b, : p.numel()] = True
         xp = xs.gather(1, cols[..., None].expand(-1, -1, xs.shape[-1]))
         pos = batch.position_ids.gather(1, cols)
         mask = token_mask.gather(1, cols) & valid
@@ -254,8 +272,9 @@ class SequenceController(PPController):
             h = self.history[key]
             G = h[pos.clamp(max=h.shape[0] - 1)]
         self.probe_tokens[key] = mask.sum()
-        return [self.fusion(zz[b][mask[b]], None if G is None else G[b][mask[b]])
-                for b in range(bsz)]  # fmt: skip
+        return [
+            self.fusion(zz[b][mask[b]], None if G is None else G[b][mask[b]]) for b in range(bsz)
+        ]
 
 
 def kept_parameters(adapter, counts: dict[tuple[int, str], int], model) -> int:
@@ -289,8 +308,9 @@ class ProbePruning(Method):
     needs = ("sq_mean",)
     #: the reference's protocol: each evaluation from the post-calibration history, after one
     #: unscored warm-up batch; the EMA history carries over from batch to batch
-    protocol = DynamicProtocol(decides="batch", observes=("activations",), reset=True,
-                               warmup_batches=1, stateful=True)  # fmt: skip
+    protocol = DynamicProtocol(
+        decides="batch", observes=("activations",), reset=True, warmup_batches=1, stateful=True
+    )
     controller_class: type[PPController] = PPController
 
     @property
@@ -304,10 +324,15 @@ class ProbePruning(Method):
         if mode not in MODES:
             problems.append(f"method.mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         pool = recipe.method.options.get("pool")
-        if "pool" in cls.option_defaults and pool is not None and (
-                isinstance(pool, bool) or not isinstance(pool, int | float) or not 0 < pool <= 1):
-            problems.append(f"method.pool: {pool!r} is not a fraction of a block's units in "
-                            "(0, 1]; give e.g. 0.6, or null for no pool")  # fmt: skip
+        if (
+            "pool" in cls.option_defaults
+            and pool is not None
+            and (isinstance(pool, bool) or not isinstance(pool, int | float) or not 0 < pool <= 1)
+        ):
+            problems.append(
+                f"method.pool: {pool!r} is not a fraction of a block's units in "
+                "(0, 1]; give e.g. 0.6, or null for no pool"
+            )
         if "history" in cls.slots:
             cal = recipe.calibration.seq_len
             for i, p in enumerate(recipe.evaluation.perplexity):
@@ -346,8 +371,10 @@ class ProbePruning(Method):
             history = load_state(load, ctx, self)
             missing = sorted(set(active_keys) - set(history))
             if missing:
-                raise StateError(f"{load}: the saved state has no history for blocks {missing}; "
-                                 "remove method.state.load to recalibrate")  # fmt: skip
+                raise StateError(
+                    f"{load}: the saved state has no history for blocks {missing}; "
+                    "remove method.state.load to recalibrate"
+                )
             return history
         stat = self.components["statistic"]
         stats = ctx.statistics([stat])[stat.name]
@@ -374,19 +401,35 @@ class ProbePruning(Method):
         counts = allocator.counts(adapter, settings)
         active = [k for k, keep in counts.items() if keep < adapter.layers()[k[0]].units(k[1])]
         history = self._history(ctx, active) if self.uses_history else None
-        controller = self.controller_class(adapter, settings, self.components, history,
-                                  mode=settings.options.get("mode", "sync"),
-                                  calibration_samples=ctx.run.calibration.samples)  # fmt: skip
+        controller = self.controller_class(
+            adapter,
+            settings,
+            self.components,
+            history,
+            mode=settings.options.get("mode", "sync"),
+            calibration_samples=ctx.run.calibration.samples,
+        )
         model = DynamicModel(ctx.model, adapter, controller, protocol=self.protocol)
-        structure = [{"layer": la.index, "heads": counts[(la.index, ATTN)],
-                      "channels": counts[(la.index, MLP)]} for la in adapter.layers()]  # fmt: skip
+        structure = [
+            {
+                "layer": la.index,
+                "heads": counts[(la.index, ATTN)],
+                "channels": counts[(la.index, MLP)],
+            }
+            for la in adapter.layers()
+        ]
 
         def save(path: str) -> None:
             save_state(path, controller, ctx, self)
 
-        return PruneOutcome(model=model, dynamic=True, structure=structure,
-                            params_kept=kept_parameters(adapter, counts, ctx.model),
-                            save=save, figures=controller.figures)  # fmt: skip
+        return PruneOutcome(
+            model=model,
+            dynamic=True,
+            structure=structure,
+            params_kept=kept_parameters(adapter, counts, ctx.model),
+            save=save,
+            figures=controller.figures,
+        )
 
 
 class SequenceProbePruning(ProbePruning):
@@ -404,8 +447,9 @@ class SequenceProbePruning(ProbePruning):
     #: ``pool``: each row keeps its units inside the batch's best ``pool`` fraction of each
     #: block's units (None: anywhere), so that the union a batch decodes on stays small
     option_defaults = {"mode": "sync", "pool": None}
-    protocol = DynamicProtocol(decides="sequence", observes=("activations",), reset=True,
-                               warmup_batches=1, stateful=True)  # fmt: skip
+    protocol = DynamicProtocol(
+        decides="sequence", observes=("activations",), reset=True, warmup_batches=1, stateful=True
+    )
     controller_class = SequenceController
 
 
@@ -416,8 +460,12 @@ class FullBatchProbing(ProbePruning):
     accelerator."""
 
     name = "pp-fullbatch"
-    slots = {"probe": "full_batch", "fusion": "probe_only", "metric": "pp_score",
-             "allocator": "uniform"}  # fmt: skip
+    slots = {
+        "probe": "full_batch",
+        "fusion": "probe_only",
+        "metric": "pp_score",
+        "allocator": "uniform",
+    }
     uses_calibration = False
     provides = ("S",)
     needs = ()
@@ -429,8 +477,7 @@ class HistoryOnly(ProbePruning):
     after earlier batches (the paper's history-only ablation)."""
 
     name = "pp-history"
-    slots = {"statistic": "sq_mean", "history": "ema", "metric": "pp_score",
-             "allocator": "uniform"}  # fmt: skip
+    slots = {"statistic": "sq_mean", "history": "ema", "metric": "pp_score", "allocator": "uniform"}
     option_defaults = {}
     provides = ("S",)
 
@@ -440,8 +487,12 @@ class CalibrationOnly(StaticMethod):
     pruned physically like the other static methods (the calibration-only ablation)."""
 
     name = "pp-calib"
-    slots = {"statistic": "sq_mean", "metric": "pp_score", "allocator": "uniform",
-             "compensator": "none"}  # fmt: skip
+    slots = {
+        "statistic": "sq_mean",
+        "metric": "pp_score",
+        "allocator": "uniform",
+        "compensator": "none",
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -469,8 +520,10 @@ def save_state(path: str, controller: PPController, ctx, method: Method) -> None
 
     os.makedirs(path, exist_ok=True)
     history, _ = controller._initial
-    tensors = {f"{layer}.{group}": t.detach().cpu().contiguous()
-               for (layer, group), t in (history or {}).items()}  # fmt: skip
+    tensors = {
+        f"{layer}.{group}": t.detach().cpu().contiguous()
+        for (layer, group), t in (history or {}).items()
+    }
     save_file(tensors, os.path.join(path, "state.safetensors"))
     meta = _state_meta(ctx, method)
     # checked by load_state: a truncated or altered state is refused, never used
@@ -481,17 +534,22 @@ def save_state(path: str, controller: PPController, ctx, method: Method) -> None
 def read_state_meta(path: str) -> dict:
     meta_path = Path(path) / "state.json"
     if not meta_path.is_file():
-        raise StateError(f"{path}: no state.json; give a directory written by a dynamic method "
-                         "with output.save_model: true (its 'model' subdirectory)")  # fmt: skip
+        raise StateError(
+            f"{path}: no state.json; give a directory written by a dynamic method "
+            "with output.save_model: true (its 'model' subdirectory)"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
-        raise StateError(f"{meta_path}: unreadable ({exc}); the state is damaged: save it again "
-                         "or remove method.state.load to recalibrate") from None  # fmt: skip
+        raise StateError(
+            f"{meta_path}: unreadable ({exc}); the state is damaged: save it again "
+            "or remove method.state.load to recalibrate"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
         meta = meta if isinstance(meta, dict) else {}
-        raise StateError(f"{path}: not a prunekit dynamic-method state (format "
-                         f"{meta.get('format')!r})")  # fmt: skip
+        raise StateError(
+            f"{path}: not a prunekit dynamic-method state (format {meta.get('format')!r})"
+        )
     return meta
 
 
@@ -499,13 +557,17 @@ def check_state_file(path: str, meta: dict) -> Path:
     """``state.safetensors``, checked against the sha256 that state.json recorded."""
     tensors_path = Path(path) / "state.safetensors"
     if not tensors_path.is_file():
-        raise StateError(f"{path}: state.safetensors is missing; save the state again or remove "
-                         "method.state.load to recalibrate")  # fmt: skip
+        raise StateError(
+            f"{path}: state.safetensors is missing; save the state again or remove "
+            "method.state.load to recalibrate"
+        )
     recorded = meta.get("state_sha256")
     if recorded is not None and sha256_file(tensors_path) != recorded:
-        raise StateError(f"{tensors_path}: its sha256 differs from the one recorded in state.json "
-                         "when it was saved (truncated or altered); save the state again or "
-                         "remove method.state.load to recalibrate")  # fmt: skip
+        raise StateError(
+            f"{tensors_path}: its sha256 differs from the one recorded in state.json "
+            "when it was saved (truncated or altered); save the state again or "
+            "remove method.state.load to recalibrate"
+        )
     return tensors_path
 
 
@@ -517,8 +579,10 @@ def check_state_meta(meta: dict, path: str, model_id: str | None, method: str | 
             "Recalibrate: remove method.state.load."
         )
     if model_id is not None and meta.get("model_id") != model_id:
-        raise StateError(f"{path}: state was computed for model {meta.get('model_id')!r}, "
-                         f"not {model_id!r}; remove method.state.load to recalibrate")  # fmt: skip
+        raise StateError(
+            f"{path}: state was computed for model {meta.get('model_id')!r}, "
+            f"not {model_id!r}; remove method.state.load to recalibrate"
+        )
 
 
 def load_state(path: str, ctx, method: Method) -> dict[tuple[int, str], torch.Tensor]:
@@ -533,21 +597,27 @@ def load_state(path: str, ctx, method: Method) -> dict[tuple[int, str], torch.Te
             f"this model {fingerprint}); remove method.state.load to recalibrate"
         )
     if meta.get("statistic") != getattr(method.components.get("statistic"), "name", None):
-        raise StateError(f"{path}: state holds statistic {meta.get('statistic')!r}, "
-                         f"the recipe asks for another; remove method.state.load")  # fmt: skip
+        raise StateError(
+            f"{path}: state holds statistic {meta.get('statistic')!r}, "
+            f"the recipe asks for another; remove method.state.load"
+        )
     out = {}
     layers = ctx.adapter.layers()
     tensors_path = check_state_file(path, meta)
     try:
         tensors = load_file(str(tensors_path))
     except Exception as exc:
-        raise StateError(f"{tensors_path}: unreadable ({type(exc).__name__}); save the state "
-                         "again or remove method.state.load to recalibrate") from None  # fmt: skip
+        raise StateError(
+            f"{tensors_path}: unreadable ({type(exc).__name__}); save the state "
+            "again or remove method.state.load to recalibrate"
+        ) from None
     for flat, tensor in tensors.items():
         layer, group = flat.split(".")
         if int(layer) >= len(layers):
-            raise StateError(f"{path}: state holds layer {layer}, the model has {len(layers)} "
-                             "layers; remove method.state.load to recalibrate")  # fmt: skip
+            raise StateError(
+                f"{path}: state holds layer {layer}, the model has {len(layers)} "
+                "layers; remove method.state.load to recalibrate"
+            )
         device = execution_device(layers[int(layer)].module)
         out[(int(layer), group)] = tensor.to(device=device, dtype=torch.float32)
     return out

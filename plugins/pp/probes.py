@@ -37,9 +37,15 @@ class ResidualRank:
         ``"normalized"`` (the block's normalised input).
     """
 
-    def __init__(self, ratio_seq: float = 0.5, ratio_batch: float = 0.05,
-                 order: str = "seq_first", rank_on: str = "residual", min_tokens: int = 2,
-                 force_first_below: int = 10) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ratio_seq: float = 0.5,
+        ratio_batch: float = 0.05,
+        order: str = "seq_first",
+        rank_on: str = "residual",
+        min_tokens: int = 2,
+        force_first_below: int = 10,
+    ) -> None:
         self.ratio_seq = _check_ratio("ratio_seq", ratio_seq)
         self.ratio_batch = _check_ratio("ratio_batch", ratio_batch)
         if order not in ORDERS:
@@ -72,8 +78,9 @@ class ResidualRank:
     #: the caller may pass the per-token norms it already has (``norms=``, see ``__call__``)
     takes_norms = True
 
-    def __call__(self, rank_source: torch.Tensor, token_mask: torch.Tensor,
-                 norms: torch.Tensor | None = None):  # fmt: skip
+    def __call__(
+        self, rank_source: torch.Tensor, token_mask: torch.Tensor, norms: torch.Tensor | None = None
+    ):
         """``(rows, cols)`` of the probe. ``norms`` (``[B, T]`` fp32): the L2 norm of each
         token of ``rank_source`` when the caller has it (PP passes the one its layer's RMSNorm
         computed); otherwise it is computed here."""
@@ -99,8 +106,9 @@ class RandomProbe:
     batch and block gets its own draw while the run stays reproducible.
     """
 
-    def __init__(self, ratio_seq: float = 0.5, ratio_batch: float = 0.05, seed: int = 0,
-                 min_tokens: int = 2) -> None:  # fmt: skip
+    def __init__(
+        self, ratio_seq: float = 0.5, ratio_batch: float = 0.05, seed: int = 0, min_tokens: int = 2
+    ) -> None:
         self.ratio_seq = _check_ratio("ratio_seq", ratio_seq)
         self.ratio_batch = _check_ratio("ratio_batch", ratio_batch)
         self.seed, self.min_tokens = int(seed), int(min_tokens)

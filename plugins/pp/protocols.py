@@ -48,7 +48,13 @@ class HistoryPolicy(Protocol):
     def init_state(self, history: torch.Tensor, calibration_samples: int) -> dict:
         """Extra state kept beside ``history`` (e.g. counts)."""
 
-    def update(self, history: torch.Tensor, state: dict, kept: torch.Tensor | None,
-               x: torch.Tensor, token_mask: torch.Tensor,
-               position_ids: torch.Tensor) -> None:  # fmt: skip
+    def update(
+        self,
+        history: torch.Tensor,
+        state: dict,
+        kept: torch.Tensor | None,
+        x: torch.Tensor,
+        token_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+    ) -> None:
         """Fold the batch's kept-channel activations ``x`` ([B, T, K]) into ``history``."""

@@ -35,8 +35,12 @@ class WandaSp(StaticMethod):
     """Wanda-sp: |W| · ‖X‖ on the output projections' input channels, uniform per layer."""
 
     name = "wanda-sp"
-    slots = {"statistic": "sq_mean", "metric": "wanda_sp", "allocator": "uniform",
-             "compensator": "none"}  # fmt: skip
+    slots = {
+        "statistic": "sq_mean",
+        "metric": "wanda_sp",
+        "allocator": "uniform",
+        "compensator": "none",
+    }
 
 
 @hookimpl

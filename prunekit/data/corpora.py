@@ -257,7 +257,6 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-
 def registered_corpora() -> dict[str, DatasetInfo]:
     """Every corpus a recipe can name, by id: the registered ones (kind ``corpus``: the
     built-ins of :data:`DATASETS` and those plugins register with
@@ -908,7 +907,11 @@ def _uses_documents(source: CorpusSource) -> bool:
 
 
 def calibration_windows(
-    tokenizer: Any, source: CorpusSource, samples: int, seq_len: int, seed: int = 0,
+    tokenizer: Any,
+    source: CorpusSource,
+    samples: int,
+    seq_len: int,
+    seed: int = 0,
     bos_id: int | None = None,
 ) -> torch.LongTensor:
     """Random calibration windows, shape ``[samples, seq_len]``, int64.
@@ -1002,8 +1005,9 @@ def distinct_share(places: list[tuple[int, int]], seq_len: int) -> float:
     return distinct_tokens(places, seq_len) / (len(places) * seq_len) if places else 1.0
 
 
-def _warn_repeated_text(places: list[tuple[int, int]], seq_len: int, source: CorpusSource,
-                        n_tokens: int | None = None) -> None:  # fmt: skip
+def _warn_repeated_text(
+    places: list[tuple[int, int]], seq_len: int, source: CorpusSource, n_tokens: int | None = None
+) -> None:
     """Warn when the calibration windows mostly repeat each other's text, so that asking for
     more windows no longer gives more calibration data (the numbers are not changed)."""
     share = distinct_share(places, seq_len)
@@ -1064,7 +1068,8 @@ def sequence_bos(setting, adapter, tokenizer) -> int | None:
     wanted = bool(getattr(adapter, "needs_bos", False)) if setting == "auto" else bool(setting)
     bos = getattr(tokenizer, "bos_token_id", None) if wanted else None
     if wanted and bos is None and setting is True:
-        raise DataError("bos: true, but the tokenizer has no BOS token to start windows with; "
-                        "set bos: false (or auto)")  # fmt: skip
+        raise DataError(
+            "bos: true, but the tokenizer has no BOS token to start windows with; "
+            "set bos: false (or auto)"
+        )
     return None if bos is None else int(bos)
-

@@ -76,16 +76,18 @@ class Question:
         if len(self.continuations) < 2:
             raise ValueError("a multiple-choice question needs at least two choices")
         if not 0 <= self.gold < len(self.continuations):
-            raise ValueError(f"gold index {self.gold} out of range for "
-                             f"{len(self.continuations)} choices")  # fmt: skip
+            raise ValueError(
+                f"gold index {self.gold} out of range for {len(self.continuations)} choices"
+            )
 
     @property
     def num_choices(self) -> int:
         return len(self.continuations)
 
     @classmethod
-    def shared_context(cls, context: str, continuations: Sequence[str], gold: int,
-                       id: str | int | None = None) -> Question:  # fmt: skip
+    def shared_context(
+        cls, context: str, continuations: Sequence[str], gold: int, id: str | int | None = None
+    ) -> Question:
         return cls((context,) * len(continuations), tuple(continuations), gold, id)
 
 
@@ -113,8 +115,9 @@ def _boolq(doc: dict) -> Question:
 
 
 def _piqa(doc: dict) -> Question:
-    return Question.shared_context(doc["goal"], (" " + doc["sol1"], " " + doc["sol2"]),
-                                   int(doc["label"]), doc.get("id"))  # fmt: skip
+    return Question.shared_context(
+        doc["goal"], (" " + doc["sol1"], " " + doc["sol2"]), int(doc["label"]), doc.get("id")
+    )
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -146,8 +149,9 @@ def _arc(doc: dict) -> Question:
 
 def _openbookqa(doc: dict) -> Question:
     choices, gold = _hub_choices(doc)
-    return Question.shared_context(doc["question_stem"], [" " + c for c in choices], gold,
-                                   doc.get("id"))  # fmt: skip
+    return Question.shared_context(
+        doc["question_stem"], [" " + c for c in choices], gold, doc.get("id")
+    )
 
 
 @dataclass(frozen=True)
@@ -225,15 +229,22 @@ TASKS: dict[str, TaskSpec] = {
             ("allenai/openbookqa", "main", "test"),
             _openbookqa,
         ),
-    )  # fmt: skip
+    )
 }
 
 #: Names that stand for several tasks in ``evaluation.tasks``.
 GROUPS: dict[str, tuple[str, ...]] = {"commonsense": tuple(TASKS)}
 
-_ALIASES = {"arc-e": "arc_easy", "arc_e": "arc_easy", "arc-easy": "arc_easy",
-            "arc-c": "arc_challenge", "arc_c": "arc_challenge", "arc-challenge": "arc_challenge",
-            "obqa": "openbookqa", "csr": "commonsense"}  # fmt: skip
+_ALIASES = {
+    "arc-e": "arc_easy",
+    "arc_e": "arc_easy",
+    "arc-easy": "arc_easy",
+    "arc-c": "arc_challenge",
+    "arc_c": "arc_challenge",
+    "arc-challenge": "arc_challenge",
+    "obqa": "openbookqa",
+    "csr": "commonsense",
+}
 
 
 def canonical_name(name: str) -> str:
@@ -251,8 +262,9 @@ def _spec(name: str) -> TaskSpec:
     known = registered_tasks()
     key = name if name in known else canonical_name(name)
     if key not in known:
-        raise DataError(f"task {name!r} is not registered (is the plugin that registers it "
-                        "installed?)")  # fmt: skip
+        raise DataError(
+            f"task {name!r} is not registered (is the plugin that registers it installed?)"
+        )
     return known[key]
 
 
@@ -344,8 +356,10 @@ def load_questions(source: TaskSource, limit: int | None = None) -> list[Questio
             with _open_text(Path(source.labels)) as fh:
                 labels = [line.strip() for line in fh if line.strip()]
             if len(labels) != len(records):
-                raise DataError(f"{source.labels} has {len(labels)} labels for {len(records)} "
-                                f"questions in {where}; the two files must be line-aligned")  # fmt: skip
+                raise DataError(
+                    f"{source.labels} has {len(labels)} labels for {len(records)} "
+                    f"questions in {where}; the two files must be line-aligned"
+                )
             records = [
                 (n, {**r, "label": lab}) for (n, r), lab in zip(records, labels, strict=True)
             ]
@@ -356,9 +370,11 @@ def load_questions(source: TaskSource, limit: int | None = None) -> list[Questio
         try:
             out.append(spec.build(record))
         except (KeyError, ValueError, TypeError, IndexError) as exc:
-            raise DataError(f"{where}:{lineno}: cannot read this {spec.title} record "
-                            f"({type(exc).__name__}: {exc}); fields present: "
-                            f"{', '.join(map(repr, record))}") from None  # fmt: skip
+            raise DataError(
+                f"{where}:{lineno}: cannot read this {spec.title} record "
+                f"({type(exc).__name__}: {exc}); fields present: "
+                f"{', '.join(map(repr, record))}"
+            ) from None
     return out
 
 
@@ -372,15 +388,18 @@ def _template_fields(template: str) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise DataError(f"bad template {template!r}: {exc}; use {{field}} to insert a field "
-                        "and {{{{ / }}}} for literal braces") from None  # fmt: skip
+        raise DataError(
+            f"bad template {template!r}: {exc}; use {{field}} to insert a field "
+            "and {{{{ / }}}} for literal braces"
+        ) from None
     names = []
     for _, field_name, _, _ in parsed:
         if field_name is None:
             continue
         if field_name == "" or field_name.isdigit():
-            raise DataError(f"bad template {template!r}: every {{}} needs a field name, "
-                            "e.g. {question}")  # fmt: skip
+            raise DataError(
+                f"bad template {template!r}: every {{}} needs a field name, e.g. {{question}}"
+            )
         names.append(re.split(r"[.\[]", field_name, maxsplit=1)[0])
     return names
 
@@ -430,11 +449,15 @@ class JsonlTask:
             elif re.fullmatch(r"[A-Za-z]", text):
                 index = ord(text.upper()) - ord("A")
             else:
-                raise ValueError(f"gold value {value!r} is neither an index, a choice text nor "
-                                 f"a letter; choices: {choices}")  # fmt: skip
+                raise ValueError(
+                    f"gold value {value!r} is neither an index, a choice text nor "
+                    f"a letter; choices: {choices}"
+                )
         if not 0 <= index < len(choices):
-            raise ValueError(f"gold value {value!r} gives index {index}, out of range for "
-                             f"{len(choices)} choices (gold_base {self.gold_base})")  # fmt: skip
+            raise ValueError(
+                f"gold value {value!r} gives index {index}, out of range for "
+                f"{len(choices)} choices (gold_base {self.gold_base})"
+            )
         return index
 
     def build(self, record: dict) -> Question:
@@ -444,8 +467,10 @@ class JsonlTask:
                 if name not in record:
                     raise KeyError(name)
                 if not isinstance(record[name], str):
-                    raise ValueError(f"field {name!r} must hold a choice text (a string), not "
-                                     f"{type(record[name]).__name__} {record[name]!r}")  # fmt: skip
+                    raise ValueError(
+                        f"field {name!r} must hold a choice text (a string), not "
+                        f"{type(record[name]).__name__} {record[name]!r}"
+                    )
                 choices.append(record[name])
         elif isinstance(self.choices, str):
             if self.choices not in record:
@@ -477,8 +502,10 @@ class JsonlTask:
     def _questions(self, limit: int | None) -> Iterator[Question]:
         path = Path(self.path).expanduser()
         if not path.is_file():
-            raise DataError(f"task {self.name}: file {str(path)!r} does not exist; check the "
-                            f"`path:` setting (relative paths are taken from {os.getcwd()!r})")  # fmt: skip
+            raise DataError(
+                f"task {self.name}: file {str(path)!r} does not exist; check the "
+                f"`path:` setting (relative paths are taken from {os.getcwd()!r})"
+            )
         count = 0
         for lineno, record in json_records(path):
             if limit is not None and count >= limit:
@@ -487,9 +514,11 @@ class JsonlTask:
                 question = self.build(record)
             except KeyError as exc:
                 missing = exc.args[0]
-                raise DataError(f"{path}:{lineno}: task {self.name}: the record has no field "
-                                f"{missing!r}{did_you_mean(str(missing), record)}; fields "
-                                f"present: {', '.join(map(repr, record))}") from None  # fmt: skip
+                raise DataError(
+                    f"{path}:{lineno}: task {self.name}: the record has no field "
+                    f"{missing!r}{did_you_mean(str(missing), record)}; fields "
+                    f"present: {', '.join(map(repr, record))}"
+                ) from None
             except (ValueError, IndexError, AttributeError) as exc:
                 raise DataError(f"{path}:{lineno}: task {self.name}: {exc}") from None
             count += 1

@@ -23,8 +23,9 @@ from prunekit.evaluation.zeroshot import _pad_id
 from prunekit.pruning.dynamic import true_positions
 
 
-def left_padded(tokenizer, prompts: Sequence[str], bos_id: int | None = None,
-                max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def left_padded(
+    tokenizer, prompts: Sequence[str], bos_id: int | None = None, max_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` of ``prompts``, left-padded to the longest.
 
     :param bos_id: prepended to each prompt when given (and not already its first token).
@@ -44,8 +45,8 @@ def left_padded(tokenizer, prompts: Sequence[str], bos_id: int | None = None,
     input_ids = torch.full((len(rows), width), _pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     for i, ids in enumerate(rows):
-        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        mask[i, width - len(ids):] = 1
+        input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[i, width - len(ids) :] = 1
     return input_ids, mask
 
 
@@ -55,8 +56,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-           max_new_tokens: int) -> tuple[torch.Tensor, float, float]:  # fmt: skip
+def greedy(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
+) -> tuple[torch.Tensor, float, float]:
     """Greedy decoding of ``max_new_tokens`` tokens per row (no early stop, so every row and
     every run does the same work).
 
@@ -69,8 +71,12 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     mask = attention_mask
     _sync(device)
     start = time.perf_counter()
-    out = model(input_ids=input_ids, attention_mask=mask, use_cache=True,
-                position_ids=true_positions(mask, input_ids.shape[1]))  # fmt: skip
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        use_cache=True,
+        position_ids=true_positions(mask, input_ids.shape[1]),
+    )
     token = out.logits[:, -1].argmax(-1)
     _sync(device)
     prefill = time.perf_counter() - start
@@ -78,8 +84,13 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     start = time.perf_counter()
     for _ in range(max_new_tokens - 1):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        out = model(input_ids=token[:, None], attention_mask=mask, use_cache=True,
-                    position_ids=true_positions(mask, 1), **{keyword: output_cache(out)})  # fmt: skip
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            use_cache=True,
+            position_ids=true_positions(mask, 1),
+            **{keyword: output_cache(out)},
+        )
         token = out.logits[:, -1].argmax(-1)
         tokens.append(token)
     _sync(device)
@@ -107,8 +118,13 @@ def weight_bytes(model) -> int:
 
 
 @torch.no_grad()
-def decode_bytes(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int, dense: bool = False) -> dict:  # fmt: skip
+def decode_bytes(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    dense: bool = False,
+) -> dict:
     """What a greedy generation of ``max_new_tokens`` tokens reads per decoding step, measured
     on a prefill and one step: ``weight_bytes`` (the weights a step's matmuls read: a dynamic
     model's gathered ones), ``kv_bytes`` (the K/V cache attention reads, averaged over the
@@ -123,15 +139,24 @@ def decode_bytes(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     keyword = cache_keyword(model)
     keep = getattr(model, "preserved_state", None)
     dense_ctx = model.dense() if dense else contextlib.nullcontext()
-    with dense_ctx, (keep() if keep else contextlib.nullcontext()):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                    position_ids=true_positions(attention_mask, input_ids.shape[1]))  # fmt: skip
+    with dense_ctx, keep() if keep else contextlib.nullcontext():
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            position_ids=true_positions(attention_mask, input_ids.shape[1]),
+        )
         cache = output_cache(out)
         before = _cache_bytes(cache)
         mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
         token = out.logits[:, -1:].argmax(-1)
-        model(input_ids=token, attention_mask=mask, use_cache=True,
-              position_ids=true_positions(mask, 1), **{keyword: cache})  # fmt: skip
+        model(
+            input_ids=token,
+            attention_mask=mask,
+            use_cache=True,
+            position_ids=true_positions(mask, 1),
+            **{keyword: cache},
+        )
         after = _cache_bytes(cache)
         if hasattr(model, "step_weight_bytes") and not dense:
             weights, held = model.step_weight_bytes(cache), model.held_weight_bytes()
@@ -141,13 +166,21 @@ def decode_bytes(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     per_token = after - before
     # steps 1..n-1 read the cache at prompt + 1 .. prompt + n - 1 tokens
     kv = before + per_token * max_new_tokens / 2
-    return {"weight_bytes": int(weights), "kv_bytes": int(kv), "held_weight_bytes": int(held),
-            "total_bytes": int(weights + kv)}  # fmt: skip
+    return {
+        "weight_bytes": int(weights),
+        "kv_bytes": int(kv),
+        "held_weight_bytes": int(held),
+        "total_bytes": int(weights + kv),
+    }
 
 
-def time_generation(runs: dict[str, Callable[[], tuple[torch.Tensor, float, float]]],
-                    prompt_tokens: int, new_tokens: int, rounds: int = 3,
-                    warmup: int = 1) -> dict:  # fmt: skip
+def time_generation(
+    runs: dict[str, Callable[[], tuple[torch.Tensor, float, float]]],
+    prompt_tokens: int,
+    new_tokens: int,
+    rounds: int = 3,
+    warmup: int = 1,
+) -> dict:
     """Time several ways of generating (e.g. ``{"dense": ..., "pruned": ...}``) in interleaved
     rounds on the same prompts; each callable returns what :func:`greedy` does.
 
@@ -169,9 +202,11 @@ def time_generation(runs: dict[str, Callable[[], tuple[torch.Tensor, float, floa
     for name, t in times.items():
         p, d = statistics.median(t["prefill"]), statistics.median(t["decode"])
         out[name] = {
-            "prefill_s": p, "prefill_s_all": t["prefill"],
-            "decode_s": d, "decode_s_all": t["decode"],
+            "prefill_s": p,
+            "prefill_s_all": t["prefill"],
+            "decode_s": d,
+            "decode_s_all": t["decode"],
             "prefill_tokens_per_s": prompt_tokens / p if p else None,
             "decode_tokens_per_s": new_tokens / d if d else None,
-        }  # fmt: skip
+        }
     return out

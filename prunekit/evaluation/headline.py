@@ -15,8 +15,9 @@ from __future__ import annotations
 __all__ = ["degradation_per_runtime_reduction", "relative_to"]
 
 
-def degradation_per_runtime_reduction(ppl_pruned: float, ppl_dense: float, t_pruned: float,
-                                      t_dense: float) -> float | None:  # fmt: skip
+def degradation_per_runtime_reduction(
+    ppl_pruned: float, ppl_dense: float, t_pruned: float, t_dense: float
+) -> float | None:
     """``(ppl_pruned - ppl_dense) / (1 - t_pruned / t_dense)``, or None when not faster."""
     if t_dense <= 0 or t_pruned <= 0:
         raise ValueError("times per batch must be positive")
@@ -30,5 +31,7 @@ def relative_to(values: dict[str, float | None], reference: str) -> dict[str, fl
     """Each value divided by ``values[reference]`` (None where either is missing or the
     reference is not positive)."""
     ref = values.get(reference)
-    return {k: (v / ref if v is not None and ref is not None and ref > 0 else None)
-            for k, v in values.items()}  # fmt: skip
+    return {
+        k: (v / ref if v is not None and ref is not None and ref > 0 else None)
+        for k, v in values.items()
+    }

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 #: lm-eval's default number of generated tokens when a task gives none.
 DEFAULT_MAX_GEN_TOKS = 256
 
+
 def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
     """``value`` (an int, or a string of digits as lm-eval's CLI passes it) checked >= minimum."""
     message = f"{name} must be an integer >= {minimum}, got {value!r}"
@@ -104,7 +105,9 @@ class BridgeLM(LM):
         if tokenizer is None:
             raise ValueError(f"{type(self).__name__} needs the model's tokenizer")
         if not callable(model):
-            raise TypeError(f"{type(self).__name__} needs a causal LM module, got {type(model).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} needs a causal LM module, got {type(model).__name__}"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = _positive_int(batch_size, "batch_size")
@@ -121,9 +124,15 @@ class BridgeLM(LM):
         return input_device(self.model)
 
     def _score(self, pairs: list[tuple[list[int], list[int]]], description: str):
-        return score_requests(self.model, pairs, batch_size=self.batch_size,
-                              max_length=self.max_length, pad_id=_pad_id(self.tokenizer),
-                              description=description, prepare=True)  # fmt: skip
+        return score_requests(
+            self.model,
+            pairs,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            pad_id=_pad_id(self.tokenizer),
+            description=description,
+            prepare=True,
+        )
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """``(log P(continuation | context), continuation is the greedy output)`` per request,
@@ -133,8 +142,10 @@ class BridgeLM(LM):
             context, continuation = req.args[0], req.args[1]
             ctx, cont = encode_pair(self.tokenizer, context, continuation)
             if not cont:
-                raise ValueError(f"empty continuation for context {context[-60:]!r}: every "
-                                 "loglikelihood request needs at least one token to score")  # fmt: skip
+                raise ValueError(
+                    f"empty continuation for context {context[-60:]!r}: every "
+                    "loglikelihood request needs at least one token to score"
+                )
             pairs.append((ctx, cont))
         scores = self._score(pairs, "lm-eval loglikelihood")
         out = [(s.logprob, s.greedy) for s in scores]
@@ -154,9 +165,15 @@ class BridgeLM(LM):
         windows, owners = [], []
         for i, req in enumerate(requests):
             tokens = list(self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"])
-            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=tokens, prefix_token=prefix, max_seq_len=self.max_length,
-                    context_len=1)):  # fmt: skip
+            for ctx, cont in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=tokens,
+                    prefix_token=prefix,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((ctx, cont))
                 owners.append(i)
         totals = [0.0] * len(requests)
@@ -188,8 +205,10 @@ class BridgeLM(LM):
         do_sample = kwargs.pop("do_sample", None)
         temperature = kwargs.pop("temperature", 0.0)
         if do_sample or (temperature is not None and float(temperature) > 0):
-            raise ValueError("PrunekitLM generates greedily only; the task asks for sampling "
-                             f"(do_sample={do_sample!r}, temperature={temperature!r})")  # fmt: skip
+            raise ValueError(
+                "PrunekitLM generates greedily only; the task asks for sampling "
+                f"(do_sample={do_sample!r}, temperature={temperature!r})"
+            )
         if kwargs:
             logger.warning("PrunekitLM ignores these generation settings: %s", sorted(kwargs))
         return stops, max_gen
@@ -204,8 +223,10 @@ class BridgeLM(LM):
         """
         generate = getattr(self.model, "generate", None)
         if generate is None:
-            raise TypeError(f"{type(self.model).__name__} has no generate(); generate_until "
-                            "needs a Hugging Face causal LM (or a prunekit model wrapping one)")  # fmt: skip
+            raise TypeError(
+                f"{type(self.model).__name__} has no generate(); generate_until "
+                "needs a Hugging Face causal LM (or a prunekit model wrapping one)"
+            )
         prepare_model(self.model, None)  # a dynamic model starts from its post-calibration state
         hold = getattr(self.model, "hold", None)
         pad = _pad_id(self.tokenizer)
@@ -215,10 +236,15 @@ class BridgeLM(LM):
             stops, max_gen = self._generation_settings(gen_kwargs)
             room = self.max_length - max_gen
             if room < 1:
-                raise ValueError(f"max_gen_toks {max_gen} leaves no room for the prompt within "
-                                 f"max_length {self.max_length}; raise max_length")  # fmt: skip
-            ids = (list(self.tokenizer(context, add_special_tokens=True)["input_ids"])
-                   if context else [_prefix_token(self.tokenizer)])  # fmt: skip
+                raise ValueError(
+                    f"max_gen_toks {max_gen} leaves no room for the prompt within "
+                    f"max_length {self.max_length}; raise max_length"
+                )
+            ids = (
+                list(self.tokenizer(context, add_special_tokens=True)["input_ids"])
+                if context
+                else [_prefix_token(self.tokenizer)]
+            )
             ids = ids[-room:]
             input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
             criteria = StoppingCriteriaList(
@@ -227,10 +253,15 @@ class BridgeLM(LM):
             # a dynamic model decides on the prompt and keeps that decision while decoding
             # (its KV cache holds only the kept heads' keys/values)
             with hold() if hold is not None else contextlib.nullcontext():
-                sequence = generate(input_ids=input_ids,
-                                    attention_mask=torch.ones_like(input_ids),
-                                    max_new_tokens=max_gen, do_sample=False, num_beams=1,
-                                    stopping_criteria=criteria, pad_token_id=pad)  # fmt: skip
+                sequence = generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=max_gen,
+                    do_sample=False,
+                    num_beams=1,
+                    stopping_criteria=criteria,
+                    pad_token_id=pad,
+                )
             text = self.tokenizer.decode(sequence[0, len(ids) :], skip_special_tokens=True)
             text = _cut_at_stops(text, stops)
             self.cache_hook.add_partial("generate_until", req.args, text)
@@ -243,8 +274,10 @@ def task_manager(include_path: str | os.PathLike | None = None, include_defaults
     ``include_path``. Indexing lm-eval's own tasks reads thousands of YAML files (seconds)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=None if include_path is None else str(include_path),
-                       include_defaults=include_defaults)  # fmt: skip
+    return TaskManager(
+        include_path=None if include_path is None else str(include_path),
+        include_defaults=include_defaults,
+    )
 
 
 def _metric_name(key: str) -> str:
@@ -254,10 +287,20 @@ def _metric_name(key: str) -> str:
     return metric if flt in ("", "none") else f"{metric}_{flt}"
 
 
-def evaluate_by_name(model, tokenizer, tasks: Sequence[str], *, manager=None,
-                     include_path: str | os.PathLike | None = None, include_defaults: bool = True,
-                     limit: int | None = None, num_fewshot: int | None = None,
-                     batch_size: int = 20, max_length: int = 512, seed: int = 0) -> dict[str, dict]:  # fmt: skip
+def evaluate_by_name(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    manager=None,
+    include_path: str | os.PathLike | None = None,
+    include_defaults: bool = True,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 20,
+    max_length: int = 512,
+    seed: int = 0,
+) -> dict[str, dict]:
     """Run lm-eval tasks by name on ``model`` through :class:`BridgeLM` (what a recipe's
     ``evaluation.lm_eval`` asks for): ``{"lm_eval:<task>": {metric: value, ...}}`` for every
     task and group lm-eval reports, with the numbers of questions scored (``samples``) and
@@ -266,17 +309,26 @@ def evaluate_by_name(model, tokenizer, tasks: Sequence[str], *, manager=None,
 
     manager = manager or task_manager(include_path, include_defaults)
     lm = BridgeLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
-    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                          task_manager=manager, log_samples=False, random_seed=seed,
-                          numpy_random_seed=seed, torch_random_seed=seed,
-                          fewshot_random_seed=seed)  # fmt: skip
+    out = simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     metrics: dict[str, dict] = {}
     samples = out.get("n-samples", {})
     for name, values in out["results"].items():
         entry: dict[str, Any] = {
-            _metric_name(k): v for k, v in values.items()
+            _metric_name(k): v
+            for k, v in values.items()
             if k != "alias" and isinstance(v, int | float) and not isinstance(v, bool)
-        }  # fmt: skip
+        }
         if name in samples:
             entry["samples"] = samples[name].get("effective")
         entry["version"] = out.get("versions", {}).get(name)

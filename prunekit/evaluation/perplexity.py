@@ -39,8 +39,13 @@ def output_cache(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def continuation_logits(model, input_ids: torch.Tensor, prompt_tokens: int,
-                        attention_mask: torch.Tensor | None = None, last: int = 1):  # fmt: skip
+def continuation_logits(
+    model,
+    input_ids: torch.Tensor,
+    prompt_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    last: int = 1,
+):
     """``(prompt's last logits [B, last, V], continuation logits)``: the prompt
     ``input_ids[:, :prompt_tokens]`` runs with a KV cache and the continuation
     ``input_ids[:, prompt_tokens:]`` through that cache (a dynamic method decides on the prompt
@@ -55,8 +60,10 @@ def continuation_logits(model, input_ids: torch.Tensor, prompt_tokens: int,
     cache, last = output_cache(out), out.logits[:, -last:].clone()
     del out  # the prompt's full logits are not kept through the continuation
     if cache is None:
-        raise RuntimeError(f"{type(model).__name__} returned no KV cache; prompt_tokens needs a "
-                           "model that caches keys and values")  # fmt: skip
+        raise RuntimeError(
+            f"{type(model).__name__} returned no KV cache; prompt_tokens needs a "
+            "model that caches keys and values"
+        )
     if attention_mask is not None:
         kwargs = {"attention_mask": attention_mask}
     rest = input_ids[:, prompt_tokens:]
@@ -65,8 +72,12 @@ def continuation_logits(model, input_ids: torch.Tensor, prompt_tokens: int,
 
 
 @torch.no_grad()
-def batch_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              prompt_tokens: int | None = None):  # fmt: skip
+def batch_nll(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    prompt_tokens: int | None = None,
+):
     """(summed NLL, number of target tokens) of one batch; pad positions are ignored.
 
     With ``prompt_tokens``, only the continuation's own predictions are scored (the tokens
@@ -84,13 +95,16 @@ def batch_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
         logits = model(input_ids=input_ids, **kwargs).logits
         first = 0
-    targets = input_ids[:, first + 1:]
+    targets = input_ids[:, first + 1 :]
     if attention_mask is not None:
-        targets = targets.masked_fill(attention_mask[:, first + 1:] == 0, -100)
+        targets = targets.masked_fill(attention_mask[:, first + 1 :] == 0, -100)
     nll = 0.0
     for row in range(logits.shape[0]):
-        nll += float(F.cross_entropy(logits[row, :-1].float(), targets[row], ignore_index=-100,
-                                     reduction="sum"))  # fmt: skip
+        nll += float(
+            F.cross_entropy(
+                logits[row, :-1].float(), targets[row], ignore_index=-100, reduction="sum"
+            )
+        )
     return nll, int((targets != -100).sum())
 
 

@@ -56,8 +56,9 @@ def memory_info(model, device: torch.device | None = None) -> dict:
 
 
 @torch.no_grad()
-def time_batches(model, batches: Sequence[torch.Tensor], warmup: int = 1,
-                 repeats: int = 1) -> list[float]:  # fmt: skip
+def time_batches(
+    model, batches: Sequence[torch.Tensor], warmup: int = 1, repeats: int = 1
+) -> list[float]:
     """Seconds per call for ``batches`` (each timed ``repeats`` times, in order) after
     ``warmup`` untimed calls on the first batch."""
     device = input_device(model)
@@ -103,8 +104,13 @@ def _phase_timers(c: Contender):
 
 
 @torch.no_grad()
-def time_interleaved(contenders: Sequence[Contender], batches: Sequence[torch.Tensor],
-                     rounds: int = 3, warmup: int = 1, progress=None) -> dict[str, dict]:  # fmt: skip
+def time_interleaved(
+    contenders: Sequence[Contender],
+    batches: Sequence[torch.Tensor],
+    rounds: int = 3,
+    warmup: int = 1,
+    progress=None,
+) -> dict[str, dict]:
     """Seconds per call of every contender on the same batches, in interleaved rounds.
 
     Every contender first runs ``warmup`` untimed calls on the first batch. Then each of
@@ -122,8 +128,10 @@ def time_interleaved(contenders: Sequence[Contender], batches: Sequence[torch.Te
     names = [c.name for c in contenders]
     if len(set(names)) != len(names):
         raise ValueError(f"contender names must be unique, got {names}")
-    out = {c.name: {"s_all": [], "phases_s_all": defaultdict(list), "peak_allocated_bytes": None}
-           for c in contenders}  # fmt: skip
+    out = {
+        c.name: {"s_all": [], "phases_s_all": defaultdict(list), "peak_allocated_bytes": None}
+        for c in contenders
+    }
     with contextlib.ExitStack() as stack:
         seen: set[int] = set()
         for c in contenders:  # one snapshot per distinct dynamic model
@@ -190,15 +198,22 @@ def flop_limit(kept_fraction: float | None) -> float | None:
 def paired_speedups(dense: Sequence[float], pruned: Sequence[float]) -> list[float]:
     """Per-call ratios dense / pruned of interleaved timings (call ``i`` on the same batch)."""
     if len(dense) != len(pruned):
-        raise ValueError(f"paired timings need as many dense calls as pruned ({len(dense)} vs "
-                         f"{len(pruned)})")  # fmt: skip
+        raise ValueError(
+            f"paired timings need as many dense calls as pruned ({len(dense)} vs {len(pruned)})"
+        )
     return [d / p for d, p in zip(dense, pruned, strict=True) if p > 0]
 
 
-def summarize(dense: list[float], pruned: list[float], batch_shape: tuple[int, int],
-              overhead: dict[str, float] | None = None, repeats: int = 1, *,
-              flops_kept_fraction: float | None = None,
-              interleaved: bool = True) -> dict:  # fmt: skip
+def summarize(
+    dense: list[float],
+    pruned: list[float],
+    batch_shape: tuple[int, int],
+    overhead: dict[str, float] | None = None,
+    repeats: int = 1,
+    *,
+    flops_kept_fraction: float | None = None,
+    interleaved: bool = True,
+) -> dict:
     """The ``runtime`` section of results.json.
 
     ``speedup`` is the ratio of the medians; ``speedup_spread`` the min-max of the per-call
@@ -256,6 +271,8 @@ def describe_speedup(runtime: dict) -> str:
         text += f" (spread {spread[0]:.2f}-{spread[1]:.2f} over {runtime.get('timed_calls')} calls"
         text += ", interleaved)" if runtime.get("interleaved") else ", not interleaved)"
     if runtime.get("beyond_flop_limit"):
-        text += (f" -- beyond the {runtime['flop_limit']:.2f}x that the kept FLOPs allow: timing "
-                 "noise, not a result; time again on a quiet machine with more batches")  # fmt: skip
+        text += (
+            f" -- beyond the {runtime['flop_limit']:.2f}x that the kept FLOPs allow: timing "
+            "noise, not a result; time again on a quiet machine with more batches"
+        )
     return text

@@ -47,8 +47,9 @@ def _prefix_token(tokenizer) -> int:
         value = getattr(tokenizer, attr, None)
         if value is not None:
             return int(value)
-    raise ValueError("the tokenizer has neither a BOS nor an EOS token to stand for an empty "
-                     "context")  # fmt: skip
+    raise ValueError(
+        "the tokenizer has neither a BOS nor an EOS token to stand for an empty context"
+    )
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -118,8 +119,9 @@ def _make_batch(pairs, max_length: int, pad_id: int):
     return ids, mask, spans
 
 
-def _prompt_then_continuation(model, pairs, max_length: int, pad_id: int, device,
-                              split: str = "context"):  # fmt: skip
+def _prompt_then_continuation(
+    model, pairs, max_length: int, pad_id: int, device, split: str = "context"
+):
     """For a method that decides on the prompt: each context runs as a (left-padded) prompt,
     then its continuation (right-padded) through the prompt's KV cache, as in generation.
 
@@ -136,31 +138,32 @@ def _prompt_then_continuation(model, pairs, max_length: int, pad_id: int, device
 
     contexts, continuations, targets = [], [], []
     for ctx, cont in pairs:
-        full = (list(ctx) + list(cont))[-(max_length + 1):]
+        full = (list(ctx) + list(cont))[-(max_length + 1) :]
         n = min(len(cont), len(full) - 1)
-        targets.append(full[len(full) - n:])
+        targets.append(full[len(full) - n :])
         if split == "last_token":
             if len(full) < 3:
-                raise ValueError("the last_token protocol needs at least 3 tokens of context "
-                                 "and continuation, so that the prompt has one")  # fmt: skip
+                raise ValueError(
+                    "the last_token protocol needs at least 3 tokens of context "
+                    "and continuation, so that the prompt has one"
+                )
             contexts.append(full[:-2])
             continuations.append(full[-2:-1])  # the last input token: runs pruned
         else:
-            contexts.append(full[:len(full) - n])
-            continuations.append(full[len(full) - n:])
+            contexts.append(full[: len(full) - n])
+            continuations.append(full[len(full) - n :])
     bsz = len(pairs)
     p_width, c_width = max(map(len, contexts)), max(map(len, continuations))
     ids = torch.full((bsz, p_width + c_width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, (ctx, cont) in enumerate(zip(contexts, continuations, strict=True)):
-        ids[i, p_width - len(ctx):p_width] = torch.tensor(ctx, dtype=torch.long)
-        ids[i, p_width:p_width + len(cont)] = torch.tensor(cont, dtype=torch.long)
-        mask[i, p_width - len(ctx):p_width + len(cont)] = 1
+        ids[i, p_width - len(ctx) : p_width] = torch.tensor(ctx, dtype=torch.long)
+        ids[i, p_width : p_width + len(cont)] = torch.tensor(cont, dtype=torch.long)
+        mask[i, p_width - len(ctx) : p_width + len(cont)] = 1
     if split == "last_token":  # the prompt predicts every target but the last
         k = max(len(t) for t in targets) - 1
-        last, rest = continuation_logits(model, ids.to(device), p_width, mask.to(device),
-                                         max(k, 1))  # fmt: skip
-        logits = torch.cat([last[:, last.shape[1] - k:], rest[:, :1]], 1)
+        last, rest = continuation_logits(model, ids.to(device), p_width, mask.to(device), max(k, 1))
+        logits = torch.cat([last[:, last.shape[1] - k :], rest[:, :1]], 1)
         return logits, [(k - len(t) + 1, t) for t in targets]
     last, rest = continuation_logits(model, ids.to(device), p_width, mask.to(device))
     logits = torch.cat([last, rest], 1)
@@ -179,9 +182,16 @@ def prepare_model(model, first_batch: tuple[torch.Tensor, torch.Tensor] | None) 
 
 
 @torch.no_grad()
-def score_requests(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
-                   batch_size: int = 20, max_length: int = 512, pad_id: int = 0,
-                   description: str = "scoring", prepare: bool = True) -> list[ChoiceScore]:  # fmt: skip
+def score_requests(
+    model,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 20,
+    max_length: int = 512,
+    pad_id: int = 0,
+    description: str = "scoring",
+    prepare: bool = True,
+) -> list[ChoiceScore]:
     """Score ``(context ids, continuation ids)`` pairs in order, ``batch_size`` at a time.
 
     :param prepare: reset a dynamic model's state and run its warm-up batch first.
@@ -199,8 +209,9 @@ def score_requests(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], 
     on_prompt = getattr(getattr(model, "protocol", None), "decides", None) == "prompt"
     for group in track(groups, description, total=len(groups)):
         if on_prompt:
-            logits, spans = _prompt_then_continuation(model, group, max_length, pad_id, device,
-                                                      model.protocol.prompt_split)  # fmt: skip
+            logits, spans = _prompt_then_continuation(
+                model, group, max_length, pad_id, device, model.protocol.prompt_split
+            )
         else:
             ids, mask, spans = _make_batch(group, max_length, pad_id)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
@@ -235,34 +246,64 @@ def accuracy(questions: Sequence[Question], scores: Sequence[ChoiceScore]) -> di
         pred_norm = min(range(len(per_token)), key=per_token.__getitem__)
         correct += pred == q.gold
         correct_norm += pred_norm == q.gold
-        records.append({"id": q.id, "gold": q.gold, "pred": pred, "pred_norm": pred_norm,
-                        "nll": nll, "tokens": [c.tokens for c in s]})  # fmt: skip
+        records.append(
+            {
+                "id": q.id,
+                "gold": q.gold,
+                "pred": pred,
+                "pred_norm": pred_norm,
+                "nll": nll,
+                "tokens": [c.tokens for c in s],
+            }
+        )
     n = len(questions)
     acc = correct / n if n else float("nan")
     acc_norm = correct_norm / n if n else float("nan")
-    return {"acc": acc, "acc_norm": acc_norm, "acc_stderr": _stderr(acc, n),
-            "acc_norm_stderr": _stderr(acc_norm, n), "questions": n, "choices": needed,
-            "records": records}  # fmt: skip
+    return {
+        "acc": acc,
+        "acc_norm": acc_norm,
+        "acc_stderr": _stderr(acc, n),
+        "acc_norm_stderr": _stderr(acc_norm, n),
+        "questions": n,
+        "choices": needed,
+        "records": records,
+    }
 
 
-def evaluate_questions(model, tokenizer, questions: Sequence[Question], *, batch_size: int = 20,
-                       max_length: int = 512, description: str = "accuracy") -> dict:  # fmt: skip
+def evaluate_questions(
+    model,
+    tokenizer,
+    questions: Sequence[Question],
+    *,
+    batch_size: int = 20,
+    max_length: int = 512,
+    description: str = "accuracy",
+) -> dict:
     """Accuracy of ``model`` on ``questions`` (see :func:`accuracy` for the result)."""
     if not questions:
         raise ValueError("no questions to evaluate")
-    pairs = [encode_pair(tokenizer, ctx, cont)
-             for q in questions for ctx, cont in zip(q.contexts, q.continuations, strict=True)]  # fmt: skip
-    scores = score_requests(model, pairs, batch_size=batch_size, max_length=max_length,
-                            pad_id=_pad_id(tokenizer), description=description)  # fmt: skip
+    pairs = [
+        encode_pair(tokenizer, ctx, cont)
+        for q in questions
+        for ctx, cont in zip(q.contexts, q.continuations, strict=True)
+    ]
+    scores = score_requests(
+        model,
+        pairs,
+        batch_size=batch_size,
+        max_length=max_length,
+        pad_id=_pad_id(tokenizer),
+        description=description,
+    )
     result = accuracy(questions, scores)
-    result.update(batch_size=batch_size, max_length=max_length,
-                  tokens_scored=sum(c.tokens for c in scores))  # fmt: skip
+    result.update(
+        batch_size=batch_size, max_length=max_length, tokens_scored=sum(c.tokens for c in scores)
+    )
     return result
 
 
 #: ``metrics`` key of the average over the evaluated tasks (reserved: no task may use it).
 AVERAGE_KEY = "tasks_average"
-
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[tuple], output_dir: Path | None = None) -> dict:
@@ -275,8 +316,14 @@ def evaluate_tasks(model, tokenizer, tasks: list[tuple], output_dir: Path | None
         else:
             questions = source.load(cfg.limit)
             origin = {"source": "file", "location": str(Path(source.path).resolve())}
-        result = evaluate_questions(model, tokenizer, questions, batch_size=cfg.batch_size,
-                                    max_length=cfg.max_length, description=f"accuracy {label}")  # fmt: skip
+        result = evaluate_questions(
+            model,
+            tokenizer,
+            questions,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            description=f"accuracy {label}",
+        )
         records = result.pop("records")
         if output_dir is not None:
             (output_dir / "predictions").mkdir(exist_ok=True)
@@ -284,8 +331,10 @@ def evaluate_tasks(model, tokenizer, tasks: list[tuple], output_dir: Path | None
                 for rec in records:
                     fh.write(json.dumps(rec) + "\n")
         metrics[label] = {**result, "limit": cfg.limit, **origin}
-        info(f"{label}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} over "
-             f"{result['questions']} questions")  # fmt: skip
+        info(
+            f"{label}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} over "
+            f"{result['questions']} questions"
+        )
     if len(metrics) > 1:
         metrics[AVERAGE_KEY] = {
             "acc_norm": sum(m["acc_norm"] for m in metrics.values()) / len(metrics),
@@ -293,4 +342,3 @@ def evaluate_tasks(model, tokenizer, tasks: list[tuple], output_dir: Path | None
             "tasks": list(metrics),
         }
     return metrics
-

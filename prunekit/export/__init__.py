@@ -37,8 +37,10 @@ def resolve_source(source: str | Path) -> tuple[Path, dict, dict]:
     weight loads."""
     path = Path(source)
     if not path.exists():
-        raise ExportError(f"{path}: no such directory; give a run directory written with "
-                          "output.save_model: true, or its 'model' subdirectory")  # fmt: skip
+        raise ExportError(
+            f"{path}: no such directory; give a run directory written with "
+            "output.save_model: true, or its 'model' subdirectory"
+        )
     results = path / "results.json"
     run_dir = None
     if results.is_file():  # a run directory
@@ -53,13 +55,17 @@ def resolve_source(source: str | Path) -> tuple[Path, dict, dict]:
             )
         model_dir = path / "model"
         if not (model_dir / "config.json").is_file():
-            raise ExportError(f"{path}: the run saved no model; rerun it with "
-                              "output.save_model: true (or --set output.save_model=true)")  # fmt: skip
+            raise ExportError(
+                f"{path}: the run saved no model; rerun it with "
+                "output.save_model: true (or --set output.save_model=true)"
+            )
     else:
         model_dir = path
         if not (model_dir / "config.json").is_file():
-            raise ExportError(f"{path}: no config.json; give a run directory written with "
-                              "output.save_model: true, or its 'model' subdirectory")  # fmt: skip
+            raise ExportError(
+                f"{path}: no config.json; give a run directory written with "
+                "output.save_model: true, or its 'model' subdirectory"
+            )
         if (model_dir.parent / "results.json").is_file():
             run_dir = model_dir.parent
     meta_path = model_dir / "prunekit.json"
@@ -98,11 +104,20 @@ def _default_output(model_dir: Path, type_name: str) -> Path:
     return model_dir.parent / f"{model_dir.name}.{type_name}.gguf"
 
 
-def export(source: str | Path, to: str = "gguf", type: str = "f16",
-           output: str | Path | None = None, *, force: bool = False,
-           tokenizer_from: str | Path | None = None, vocab: str = "auto",
-           check: bool = False, check_windows: int = 4, check_tokens: int = 128,
-           threads: int | None = None) -> dict[str, Any]:  # fmt: skip
+def export(
+    source: str | Path,
+    to: str = "gguf",
+    type: str = "f16",
+    output: str | Path | None = None,
+    *,
+    force: bool = False,
+    tokenizer_from: str | Path | None = None,
+    vocab: str = "auto",
+    check: bool = False,
+    check_windows: int = 4,
+    check_tokens: int = 128,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Export a saved model (``source``: a run directory or its ``model`` subdirectory) to
     ``to`` (``"gguf"``) with tensor type ``type`` (``f32``, ``f16``, ``bf16``, ``q8_0``,
     ``q5_1``, ``q5_0``, ``q4_1``, ``q4_0``).
@@ -177,31 +192,58 @@ def export(source: str | Path, to: str = "gguf", type: str = "f16",
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         except (OSError, ValueError) as exc:
-            raise ExportError(f"{model_dir}: no tokenizer to export ({exc}); pass "
-                              "--tokenizer-from a GGUF file of the dense model, or --vocab "
-                              "none") from None  # fmt: skip
+            raise ExportError(
+                f"{model_dir}: no tokenizer to export ({exc}); pass "
+                "--tokenizer-from a GGUF file of the dense model, or --vocab "
+                "none"
+            ) from None
         tokenizer_fields = tokenizer_fields_from_hf(tokenizer, spec.vocab_size)
-    source_name = ((meta.get("source_model") or {}).get("name")
-                   or (provenance.get("model") or {}).get("name") or model_dir.name)  # fmt: skip
+    source_name = (
+        (meta.get("source_model") or {}).get("name")
+        or (provenance.get("model") or {}).get("name")
+        or model_dir.name
+    )
     method, ratio = meta.get("method"), meta.get("ratio")
     name = source_name if not method else f"{source_name}, {method} at ratio {ratio}"
     from prunekit import __version__
 
-    written = write_gguf(spec, out, type, name, tokenizer_fields,
-                         metadata={"prunekit.version": __version__,
-                                   "prunekit.method": str(method or "none"),
-                                   "prunekit.ratio": str(ratio if ratio is not None else 0)})  # fmt: skip
+    written = write_gguf(
+        spec,
+        out,
+        type,
+        name,
+        tokenizer_fields,
+        metadata={
+            "prunekit.version": __version__,
+            "prunekit.method": str(method or "none"),
+            "prunekit.ratio": str(ratio if ratio is not None else 0),
+        },
+    )
     report: dict[str, Any] = {
-        "path": str(out), "format": to, "type": type, "arch": spec.arch, "name": name,
-        "adapter": adapter.name, "source": str(model_dir),
-        "tokenizer": ("none" if vocab == "none" else str(gguf_source) if gguf_source is not None
-                      else "hf"),
-        "legalization": spec.legalization, **written,
-    }  # fmt: skip
+        "path": str(out),
+        "format": to,
+        "type": type,
+        "arch": spec.arch,
+        "name": name,
+        "adapter": adapter.name,
+        "source": str(model_dir),
+        "tokenizer": (
+            "none" if vocab == "none" else str(gguf_source) if gguf_source is not None else "hf"
+        ),
+        "legalization": spec.legalization,
+        **written,
+    }
     if check:
         from prunekit.export.check import check_gguf
 
-        report["check"] = check_gguf(out, model, adapter, windows=check_windows,
-                                     tokens=check_tokens, threads=threads,
-                                     text=vocab != "none", model_dir=model_dir)  # fmt: skip
+        report["check"] = check_gguf(
+            out,
+            model,
+            adapter,
+            windows=check_windows,
+            tokens=check_tokens,
+            threads=threads,
+            text=vocab != "none",
+            model_dir=model_dir,
+        )
     return report

@@ -35,17 +35,24 @@ def require_llama_cpp():
 class LlamaCppRunner:
     """One GGUF file loaded in llama.cpp for scoring: every position's logits, f32 KV cache."""
 
-    def __init__(self, path: str | Path, n_ctx: int, threads: int | None = None,
-                 kv_f32: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, path: str | Path, n_ctx: int, threads: int | None = None, kv_f32: bool = True
+    ) -> None:
         llama_cpp = require_llama_cpp()
         kw = {}
         if kv_f32:
             kw = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx,
-                                   n_ubatch=n_ctx, logits_all=True, verbose=False,
-                                   n_threads=threads or torch.get_num_threads(),
-                                   n_threads_batch=threads or torch.get_num_threads(),
-                                   **kw)  # fmt: skip
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            logits_all=True,
+            verbose=False,
+            n_threads=threads or torch.get_num_threads(),
+            n_threads_batch=threads or torch.get_num_threads(),
+            **kw,
+        )
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """``[len(tokens), vocab]`` fp32 logits of one sequence from an empty cache."""
@@ -77,8 +84,15 @@ def _nll(logits: np.ndarray, tokens: list[int]) -> tuple[float, int]:
     return float(-logp[np.arange(len(target)), target].sum()), len(target)
 
 
-def check_windows(model_dir: Path | None, vocab: int, windows: int, tokens: int,
-                  text: bool, seed: int = 0, adapter=None) -> tuple[torch.Tensor, str]:  # fmt: skip
+def check_windows(
+    model_dir: Path | None,
+    vocab: int,
+    windows: int,
+    tokens: int,
+    text: bool,
+    seed: int = 0,
+    adapter=None,
+) -> tuple[torch.Tensor, str]:
     """The windows to compare on: random WikiText-2 test windows (starting with BOS where the
     adapter needs it) when the model directory has its tokenizer, else random token ids."""
     tokenizer = None
@@ -93,8 +107,16 @@ def check_windows(model_dir: Path | None, vocab: int, windows: int, tokens: int,
         from prunekit.data import eval_windows, locate_corpus, sequence_bos
 
         bos = sequence_bos("auto", adapter, tokenizer) if adapter is not None else None
-        ids = eval_windows(tokenizer, locate_corpus("wikitext2", "test"), tokens, windows,
-                           "random", seed=seed, batch_size=windows, bos_id=bos)  # fmt: skip
+        ids = eval_windows(
+            tokenizer,
+            locate_corpus("wikitext2", "test"),
+            tokens,
+            windows,
+            "random",
+            seed=seed,
+            batch_size=windows,
+            bos_id=bos,
+        )
         return ids, f"{windows} random WikiText-2 test windows of {tokens} tokens (seed {seed})"
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (windows, tokens), generator=g)
@@ -102,9 +124,19 @@ def check_windows(model_dir: Path | None, vocab: int, windows: int, tokens: int,
 
 
 @torch.no_grad()
-def check_gguf(path: str | Path, model, adapter=None, *, windows: int = 4, tokens: int = 128,
-               threads: int | None = None, text: bool = False, model_dir: Path | None = None,
-               new_tokens: int = 16, ids: torch.Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+def check_gguf(
+    path: str | Path,
+    model,
+    adapter=None,
+    *,
+    windows: int = 4,
+    tokens: int = 128,
+    threads: int | None = None,
+    text: bool = False,
+    model_dir: Path | None = None,
+    new_tokens: int = 16,
+    ids: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """Run the GGUF at ``path`` in llama.cpp and ``model`` (fp32, prunekit) on the same
     windows: the largest absolute logit difference, both perplexities, and whether a greedy
     continuation of the first window's first half gives the same tokens."""
@@ -139,14 +171,17 @@ def check_gguf(path: str | Path, model, adapter=None, *, windows: int = 4, token
         "windows": described,
         "max_abs_logit_diff": max(diffs),
         "max_abs_logit_diff_per_window": diffs,
-        "ppl_prunekit": ppl_ours, "ppl_llamacpp": ppl_theirs,
+        "ppl_prunekit": ppl_ours,
+        "ppl_llamacpp": ppl_theirs,
         "ppl_rel_diff": ppl_theirs / ppl_ours - 1,
         "greedy_tokens": new_tokens,
         "greedy_same": ours_tokens == theirs_tokens,
-        "greedy_prunekit": ours_tokens, "greedy_llamacpp": theirs_tokens,
-        "kv_cache": "f32", "threads": threads or torch.get_num_threads(),
+        "greedy_prunekit": ours_tokens,
+        "greedy_llamacpp": theirs_tokens,
+        "kv_cache": "f32",
+        "threads": threads or torch.get_num_threads(),
         "llama_cpp_python": _version(),
-    }  # fmt: skip
+    }
 
 
 def _version() -> str | None:

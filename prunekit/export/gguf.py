@@ -95,23 +95,29 @@ def tokenizer_fields_from_hf(tokenizer, vocab_size: int) -> list[tuple[str, Any,
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ExportError("the tokenizer is not a fast Hugging Face tokenizer; pass "
-                          "--tokenizer-from a GGUF file of the dense model")  # fmt: skip
+        raise ExportError(
+            "the tokenizer is not a fast Hugging Face tokenizer; pass "
+            "--tokenizer-from a GGUF file of the dense model"
+        )
     spec = json.loads(backend.to_str())
     model = spec.get("model", {})
     pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     if not any(p.get("type") == "ByteLevel" for p in parts) or model.get("byte_fallback"):
-        raise ExportError("the tokenizer is not a byte-level BPE (GPT-2 style: it splits on "
-                          "spaces or falls back to bytes, as SentencePiece-style ones do), which "
-                          "llama.cpp reads as another tokenizer kind; pass --tokenizer-from a "
-                          "GGUF file of the dense model (llama.cpp's convert_hf_to_gguf.py "
-                          "writes one), or --vocab none")  # fmt: skip
+        raise ExportError(
+            "the tokenizer is not a byte-level BPE (GPT-2 style: it splits on "
+            "spaces or falls back to bytes, as SentencePiece-style ones do), which "
+            "llama.cpp reads as another tokenizer kind; pass --tokenizer-from a "
+            "GGUF file of the dense model (llama.cpp's convert_hf_to_gguf.py "
+            "writes one), or --vocab none"
+        )
     if model.get("type") != "BPE" or not isinstance(model.get("merges"), list):
-        raise ExportError(f"the {model.get('type')} tokenizer has no llama.cpp equivalent "
-                          "prunekit can write; pass --tokenizer-from a GGUF file of the dense "
-                          "model (llama.cpp's convert_hf_to_gguf.py writes one), or --vocab "
-                          "none for a file read by token ids")  # fmt: skip
+        raise ExportError(
+            f"the {model.get('type')} tokenizer has no llama.cpp equivalent "
+            "prunekit can write; pass --tokenizer-from a GGUF file of the dense "
+            "model (llama.cpp's convert_hf_to_gguf.py writes one), or --vocab "
+            "none for a file read by token ids"
+        )
     vocab = tokenizer.get_vocab()
     added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     tokens, types = [], []
@@ -130,15 +136,20 @@ def tokenizer_fields_from_hf(tokenizer, vocab_size: int) -> list[tuple[str, Any,
         # GPT-2 rule, which llama.cpp warns may differ from the model's own
         ("tokenizer.ggml.pre", "default", GGUFValueType.STRING, None),
         ("tokenizer.ggml.tokens", tokens, GGUFValueType.ARRAY, GGUFValueType.STRING),
-        ("tokenizer.ggml.token_type", [int(t) for t in types], GGUFValueType.ARRAY,
-         GGUFValueType.INT32),
+        (
+            "tokenizer.ggml.token_type",
+            [int(t) for t in types],
+            GGUFValueType.ARRAY,
+            GGUFValueType.INT32,
+        ),
         ("tokenizer.ggml.merges", merges, GGUFValueType.ARRAY, GGUFValueType.STRING),
-    ]  # fmt: skip
+    ]
     for name in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{name}_token_id", None)
         if token_id is not None:
-            out.append((f"tokenizer.ggml.{name}_token_id", int(token_id), GGUFValueType.UINT32,
-                        None))  # fmt: skip
+            out.append(
+                (f"tokenizer.ggml.{name}_token_id", int(token_id), GGUFValueType.UINT32, None)
+            )
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str):
         out.append(("tokenizer.chat_template", template, GGUFValueType.STRING, None))
@@ -169,9 +180,14 @@ def _as_type(tensor: GgufTensor, qtype_name: str) -> tuple[np.ndarray, Any, str]
         return data.astype(np.float16), None, "F16"
 
 
-def write_gguf(model: GgufModel, path: Path, type_name: str, name: str,
-               tokenizer_fields: list[tuple[str, Any, Any, Any]],
-               metadata: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def write_gguf(
+    model: GgufModel,
+    path: Path,
+    type_name: str,
+    name: str,
+    tokenizer_fields: list[tuple[str, Any, Any, Any]],
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Write ``model`` to ``path`` (through a temporary file in the same directory, renamed
     when complete, so a failed export leaves nothing). Returns what was written: the tensor
     types counted, the bytes, and the tensors that fell back to F16."""

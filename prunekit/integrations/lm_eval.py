@@ -89,8 +89,14 @@ class PrunekitLM(BridgeLM):
     """
 
     @classmethod
-    def from_recipe(cls, recipe: str | os.PathLike | dict, overrides: Sequence[str] = (), *,
-                    batch_size: int = 20, max_length: int = 512) -> PrunekitLM:  # fmt: skip
+    def from_recipe(
+        cls,
+        recipe: str | os.PathLike | dict,
+        overrides: Sequence[str] = (),
+        *,
+        batch_size: int = 20,
+        max_length: int = 512,
+    ) -> PrunekitLM:
         """Load the recipe's model and prune it with the recipe's method (no evaluation).
 
         The recipe is validated like ``prunekit validate`` does (so the data files it names
@@ -100,8 +106,9 @@ class PrunekitLM(BridgeLM):
         The :class:`~prunekit.components.PruneOutcome` is kept as :attr:`outcome`.
         """
         prepared = prunekit.prepare(recipe, list(overrides))  # the public API
-        bridge = cls(prepared.model, prepared.tokenizer, batch_size=batch_size,
-                     max_length=max_length)  # fmt: skip
+        bridge = cls(
+            prepared.model, prepared.tokenizer, batch_size=batch_size, max_length=max_length
+        )
         bridge.outcome, bridge.recipe = prepared.outcome, prepared.plan.recipe
         return bridge
 
@@ -110,8 +117,10 @@ class PrunekitLM(BridgeLM):
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         unknown = sorted(set(args) - set(_MODEL_ARGS))
         if unknown:
-            raise ValueError(f"unknown model_args {unknown} for --model prunekit; allowed: "
-                             f"{', '.join(_MODEL_ARGS)}")  # fmt: skip
+            raise ValueError(
+                f"unknown model_args {unknown} for --model prunekit; allowed: "
+                f"{', '.join(_MODEL_ARGS)}"
+            )
         recipe = args.get("recipe")
         if not recipe:
             raise ValueError(
@@ -128,12 +137,14 @@ class PrunekitLM(BridgeLM):
             overrides.append(f"model.dtype={args['dtype']}")
         # model_args win over lm-eval's --batch_size (whose command-line default is 1)
         batch_size = args.get("batch_size", extra.get("batch_size", 20))
-        return cls.from_recipe(recipe, overrides, batch_size=batch_size,
-                               max_length=args.get("max_length", 512))  # fmt: skip
+        return cls.from_recipe(
+            recipe, overrides, batch_size=batch_size, max_length=args.get("max_length", 512)
+        )
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str,
-                               additional_config: dict | None = None) -> PrunekitLM:  # fmt: skip
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict | None = None
+    ) -> PrunekitLM:
         """``--model_args recipe=PATH[,set=KEY=VALUE;KEY=VALUE][,batch_size=N][,max_length=N]
         [,device=cuda][,dtype=bfloat16]``: load and prune a recipe (see :meth:`from_recipe`).
 
@@ -146,8 +157,9 @@ class PrunekitLM(BridgeLM):
         return cls._from_args(simple_parse_args_string(arg_string), additional_config)
 
     @classmethod
-    def create_from_arg_obj(cls, arg_dict: dict,
-                            additional_config: dict | None = None) -> PrunekitLM:  # fmt: skip
+    def create_from_arg_obj(
+        cls, arg_dict: dict, additional_config: dict | None = None
+    ) -> PrunekitLM:
         """Like :meth:`create_from_arg_string`, from a dict (``model_args`` given as a dict)."""
         return cls._from_args(dict(arg_dict), additional_config)
 

@@ -49,14 +49,18 @@ class Gemma3LayerAdapter(LlamaLayerAdapter):
         return norm(residual)
 
     def add_output(self, group: str, residual: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        norm = (self.layer.post_attention_layernorm if group == ATTN
-                else self.layer.post_feedforward_layernorm)  # fmt: skip
+        norm = (
+            self.layer.post_attention_layernorm
+            if group == ATTN
+            else self.layer.post_feedforward_layernorm
+        )
         return residual + norm(y)
 
     def attention_weights(self, kept_heads):
         q, k, v, o, qb, kb, vb, ob, kv_index = self._attention_parts(kept_heads)
-        return Gemma3AttentionWeights(q, k, v, o, qb, kb, vb, ob, self.attn.q_norm,
-                                      self.attn.k_norm, kv_index, self.head_dim)  # fmt: skip
+        return Gemma3AttentionWeights(
+            q, k, v, o, qb, kb, vb, ob, self.attn.q_norm, self.attn.k_norm, kv_index, self.head_dim
+        )
 
     @property
     def attention_scale(self) -> float:
@@ -67,8 +71,18 @@ class Gemma3LayerAdapter(LlamaLayerAdapter):
 
     def _pruned_attention(self, q_proj, k_proj, v_proj, o_proj, kv_index) -> nn.Module:
         a = self.attn
-        return PrunedGemma3Attention(self.config, self.kernel.layer_idx, self.head_dim, q_proj,
-                                     k_proj, v_proj, o_proj, a.q_norm, a.k_norm, kv_index)  # fmt: skip
+        return PrunedGemma3Attention(
+            self.config,
+            self.kernel.layer_idx,
+            self.head_dim,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            a.q_norm,
+            a.k_norm,
+            kv_index,
+        )
 
 
 class Gemma3Adapter(LlamaAdapter):
@@ -99,5 +113,8 @@ class Gemma3Adapter(LlamaAdapter):
 
 @hookimpl
 def prunekit_register_adapters(register):
-    register("gemma3", Gemma3Adapter,
-             description="Gemma-3 text (q/k norms, sliding + full layers, GQA, GELU-tanh MLP)")  # fmt: skip
+    register(
+        "gemma3",
+        Gemma3Adapter,
+        description="Gemma-3 text (q/k norms, sliding + full layers, GQA, GELU-tanh MLP)",
+    )

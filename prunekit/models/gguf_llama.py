@@ -40,8 +40,11 @@ def permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
     pairwise one, head by head (llama.cpp's ``LlamaModel.permute``)."""
     if n_head == 0:
         return weights
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))  # fmt: skip
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def _rows(t: torch.Tensor | None, heads: list[int | None], width: int, dim: int = 0):
@@ -102,8 +105,10 @@ def _rope_fields(config) -> tuple[dict, list[GgufTensor]]:
                 factors.append(1 / ((1 - smooth) / factor + smooth))
         tensors.append(GgufTensor("rope_freqs.weight", torch.tensor(factors), quantize=False))
         return fields, tensors
-    raise ExportError(f"RoPE scaling {kind!r} has no llama.cpp export in prunekit yet (default, "
-                      "linear and llama3 do)")  # fmt: skip
+    raise ExportError(
+        f"RoPE scaling {kind!r} has no llama.cpp export in prunekit yet (default, "
+        "linear and llama3 do)"
+    )
 
 
 @dataclass
@@ -125,8 +130,10 @@ class LegalLayer:
 def _head_dim(layers) -> int:
     head_dims = {la.head_dim for la in layers}
     if len(head_dims) != 1:
-        raise ExportError(f"layers have different head sizes {sorted(head_dims)}; llama.cpp "
-                          "holds one head size per model")  # fmt: skip
+        raise ExportError(
+            f"layers have different head sizes {sorted(head_dims)}; llama.cpp "
+            "holds one head size per model"
+        )
     return head_dims.pop()
 
 
@@ -158,7 +165,7 @@ def legal_layer(la, hd: int, d: int) -> LegalLayer:
         ("attn_v.bias", _rows(a.v_proj.bias, used, hd), False),
         ("attn_output.weight", _rows(a.o_proj.weight, order, hd, dim=1), True),
         ("attn_output.bias", a.o_proj.bias, False),
-    ]  # fmt: skip
+    ]
     gate, up, down = m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
     gb, ub = m.gate_proj.bias, m.up_proj.bias
     if m.down_proj.in_features == 0:  # one zero channel: its output is the down bias, if any
@@ -166,11 +173,17 @@ def legal_layer(la, hd: int, d: int) -> LegalLayer:
         gb = gb.new_zeros(1) if gb is not None else None
         ub = ub.new_zeros(1) if ub is not None else None
         extra += 3 * d
-    mlp = [("ffn_gate.weight", gate, True), ("ffn_gate.bias", gb, False),
-           ("ffn_up.weight", up, True), ("ffn_up.bias", ub, False),
-           ("ffn_down.weight", down, True), ("ffn_down.bias", m.down_proj.bias, False)]  # fmt: skip
-    return LegalLayer(len(order), len(used), int(gate.shape[0]), attention, mlp, pad, dropped,
-                      extra)  # fmt: skip
+    mlp = [
+        ("ffn_gate.weight", gate, True),
+        ("ffn_gate.bias", gb, False),
+        ("ffn_up.weight", up, True),
+        ("ffn_up.bias", ub, False),
+        ("ffn_down.weight", down, True),
+        ("ffn_down.bias", m.down_proj.bias, False),
+    ]
+    return LegalLayer(
+        len(order), len(used), int(gate.shape[0]), attention, mlp, pad, dropped, extra
+    )
 
 
 def legalization_report(legal: list[LegalLayer]) -> dict:
@@ -183,8 +196,9 @@ def legalization_report(legal: list[LegalLayer]) -> dict:
     return {"padded_query_heads": padded, "dropped_kv_heads": dropped, "extra_parameters": extra}
 
 
-def llama_gguf_model(adapter, own_arch: str = "llama", own_arch_pruned: bool = True,
-                     rotate_half: bool = False) -> GgufModel:  # fmt: skip
+def llama_gguf_model(
+    adapter, own_arch: str = "llama", own_arch_pruned: bool = True, rotate_half: bool = False
+) -> GgufModel:
     """A LLaMA-family model (any per-layer shapes) as llama.cpp reads it.
 
     :param own_arch: the family's llama.cpp architecture, used when every layer has one shape.
@@ -197,8 +211,11 @@ def llama_gguf_model(adapter, own_arch: str = "llama", own_arch_pruned: bool = T
     config = model.config
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or []
-    if window is not None and (not layer_types or "sliding_attention" in layer_types) and (
-            window < getattr(config, "max_position_embeddings", window)):  # fmt: skip
+    if (
+        window is not None
+        and (not layer_types or "sliding_attention" in layer_types)
+        and (window < getattr(config, "max_position_embeddings", window))
+    ):
         raise ExportError(
             f"the model attends within a sliding window of {window} tokens, which llama.cpp's "
             "llama and deci architectures do not apply (they would attend to every earlier "
@@ -211,13 +228,22 @@ def llama_gguf_model(adapter, own_arch: str = "llama", own_arch_pruned: bool = T
     heads = [lg.n_head for lg in legal]
     kv_heads = [lg.n_kv for lg in legal]
     ffn = [lg.n_ff for lg in legal]
-    layer_tensors = [[
-        ("attn_norm.weight", la.input_norm("attn").weight, False), *lg.attention,
-        ("ffn_norm.weight", la.input_norm("mlp").weight, False), *lg.mlp,
-    ] for la, lg in zip(layers, legal, strict=True)]  # fmt: skip
+    layer_tensors = [
+        [
+            ("attn_norm.weight", la.input_norm("attn").weight, False),
+            *lg.attention,
+            ("ffn_norm.weight", la.input_norm("mlp").weight, False),
+            *lg.mlp,
+        ]
+        for la, lg in zip(layers, legal, strict=True)
+    ]
     uniform = len(set(zip(heads, kv_heads, ffn, strict=True))) == 1
-    has_out_bias = any(t is not None for ts in layer_tensors for n, t, _ in ts
-                       if n in ("attn_output.bias", "ffn_down.bias"))  # fmt: skip
+    has_out_bias = any(
+        t is not None
+        for ts in layer_tensors
+        for n, t, _ in ts
+        if n in ("attn_output.bias", "ffn_down.bias")
+    )
     dense_shape = heads[0] * hd == d
     use_own = uniform and (own_arch_pruned or (dense_shape and not has_out_bias))
     arch = own_arch if use_own else "deci"
@@ -238,7 +264,10 @@ def llama_gguf_model(adapter, own_arch: str = "llama", own_arch_pruned: bool = T
             tensors.append(GgufTensor(f"blk.{i}.{name}", t, quantize))
     tensors.append(GgufTensor("output_norm.weight", model.model.norm.weight, quantize=False))
     head = model.get_output_embeddings()
-    if head is not None and head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+    if (
+        head is not None
+        and head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    ):
         tensors.append(GgufTensor("output.weight", head.weight))
     vocab = model.get_input_embeddings().weight.shape[0]
     fields = {
@@ -254,7 +283,7 @@ def llama_gguf_model(adapter, own_arch: str = "llama", own_arch_pruned: bool = T
         "layer_norm_rms_eps": float(config.rms_norm_eps),
         **rope_fields,
         "vocab_size": vocab,
-    }  # fmt: skip
+    }
     return GgufModel(arch, fields, tensors, legalization_report(legal), vocab)
 
 
@@ -297,34 +326,43 @@ def gemma3_gguf_model(adapter) -> GgufModel:
 
     for i, (la, lg) in enumerate(zip(layers, legal, strict=True)):
         layer, attn = la.layer, la.attn
-        named = [("attn_norm.weight", norm(layer.input_layernorm.weight), False),
-                 *lg.attention,
-                 ("attn_q_norm.weight", norm(attn.q_norm.weight), False),
-                 ("attn_k_norm.weight", norm(attn.k_norm.weight), False),
-                 ("post_attention_norm.weight", norm(layer.post_attention_layernorm.weight), False),
-                 ("ffn_norm.weight", norm(layer.pre_feedforward_layernorm.weight), False),
-                 *lg.mlp,
-                 ("post_ffw_norm.weight", norm(layer.post_feedforward_layernorm.weight), False)]  # fmt: skip
+        named = [
+            ("attn_norm.weight", norm(layer.input_layernorm.weight), False),
+            *lg.attention,
+            ("attn_q_norm.weight", norm(attn.q_norm.weight), False),
+            ("attn_k_norm.weight", norm(attn.k_norm.weight), False),
+            ("post_attention_norm.weight", norm(layer.post_attention_layernorm.weight), False),
+            ("ffn_norm.weight", norm(layer.pre_feedforward_layernorm.weight), False),
+            *lg.mlp,
+            ("post_ffw_norm.weight", norm(layer.post_feedforward_layernorm.weight), False),
+        ]
         for name, t, quantize in named:
             if t is None:
                 continue
             if name.endswith(".bias") and not bool(t.abs().any()):
                 continue  # llama.cpp's gemma3 reads no biases: only zero ones may be dropped
             if name.endswith(".bias"):
-                raise ExportError(f"layer {i}: {name} is not zero (a compensation bias), and "
-                                  "llama.cpp's gemma3 architecture reads no biases")  # fmt: skip
+                raise ExportError(
+                    f"layer {i}: {name} is not zero (a compensation bias), and "
+                    "llama.cpp's gemma3 architecture reads no biases"
+                )
             tensors.append(GgufTensor(f"blk.{i}.{name}", t, quantize))
     tensors.append(GgufTensor("output_norm.weight", norm(model.model.norm.weight), False))
     head = model.get_output_embeddings()
-    if head is not None and head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+    if (
+        head is not None
+        and head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    ):
         tensors.append(GgufTensor("output.weight", head.weight))
     rope = dict(getattr(config, "rope_parameters", None) or {})
     full = rope.get("full_attention", rope)
     local = rope.get("sliding_attention", full)
     for kind, params in (("full", full), ("sliding", local)):
         if (params.get("rope_type") or "default") != "default":
-            raise ExportError(f"Gemma-3's {kind} layers use RoPE scaling "
-                              f"{params.get('rope_type')!r}, which prunekit does not export yet")  # fmt: skip
+            raise ExportError(
+                f"Gemma-3's {kind} layers use RoPE scaling "
+                f"{params.get('rope_type')!r}, which prunekit does not export yet"
+            )
     types = getattr(config, "layer_types", None) or ["full_attention"] * len(layers)
     vocab = model.get_input_embeddings().weight.shape[0]
     fields = {
@@ -340,7 +378,7 @@ def gemma3_gguf_model(adapter) -> GgufModel:
         "rope_freq_base": float(full.get("rope_theta", 1_000_000.0)),
         "rope_freq_base_swa": float(local.get("rope_theta", 10_000.0)),
         "vocab_size": vocab,
-    }  # fmt: skip
+    }
     if "sliding_attention" in types:
         fields["sliding_window"] = int(config.sliding_window)
         fields["sliding_window_pattern"] = [t == "sliding_attention" for t in types]

@@ -37,8 +37,9 @@ def unit_columns(weight: torch.Tensor, units: torch.Tensor, width: int) -> torch
     return weight.view(out, -1, width).index_select(1, units).reshape(out, -1)
 
 
-def sub_linear(linear: nn.Linear, rows: torch.Tensor | None = None,
-               cols: torch.Tensor | None = None) -> nn.Linear:  # fmt: skip
+def sub_linear(
+    linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+) -> nn.Linear:
     """A new, smaller ``nn.Linear`` holding ``linear``'s weight at ``rows`` (output features,
     with their bias) and ``cols`` (input features; the bias is kept whole)."""
     w = linear.weight.detach()
@@ -67,10 +68,17 @@ def linear_slices(projections: list[tuple[str, nn.Linear, int]], width: int) -> 
     return out
 
 
-def probe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    position_ids: torch.Tensor, token_mask: torch.Tensor | None, *, scale: float,
-                    kv_index: torch.Tensor | None = None, sliding_window: int | None = None,
-                    ) -> torch.Tensor:  # fmt: skip
+def probe_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    position_ids: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    *,
+    scale: float,
+    kv_index: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
     """Attention among a probe's tokens only, at their true positions.
 
     :param q: ``[b', H, t', d_h]`` queries (positional encoding already applied);
@@ -98,8 +106,10 @@ def probe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def uniform_shapes(shapes: dict[str, list]) -> tuple[int, int, int] | None:
     """``(heads, kv_heads, intermediate)`` if every layer has the same shapes and its kept query
     heads are balanced over the KV heads in order (what a standard config can describe)."""
-    if any(len(set(map(str, shapes[k]))) != 1
-           for k in ("num_heads", "num_kv_heads", "intermediate_size")):  # fmt: skip
+    if any(
+        len(set(map(str, shapes[k]))) != 1
+        for k in ("num_heads", "num_kv_heads", "intermediate_size")
+    ):
         return None
     nh, nkv = shapes["num_heads"][0], shapes["num_kv_heads"][0]
     if nh % nkv:
@@ -142,8 +152,11 @@ def plain_model_from(model: nn.Module, config) -> nn.Module:
     from prunekit.devices import stored_tensor
 
     # offloaded weights (accelerate) are meta tensors in state_dict(): read them from their store
-    state = {k: (stored_tensor(model, k) if v.is_meta else v)
-             for k, v in model.state_dict().items() if not k.endswith(".kv_index")}  # fmt: skip
+    state = {
+        k: (stored_tensor(model, k) if v.is_meta else v)
+        for k, v in model.state_dict().items()
+        if not k.endswith(".kv_index")
+    }
     dtype = next(model.parameters()).dtype
     for name, param in plain.named_parameters():
         if name not in state and name.endswith(".bias"):
@@ -153,7 +166,9 @@ def plain_model_from(model: nn.Module, config) -> nn.Module:
     missing = [k for k in result.missing_keys if k not in state]
     tied = {k for k in missing if k.endswith("lm_head.weight")}  # tie_weights fills it
     if unexpected or set(missing) - tied:
-        raise ValueError(f"the standard {type(plain).__name__} does not take these weights: "
-                         f"unexpected {unexpected[:5]}, missing {sorted(set(missing) - tied)[:5]}")  # fmt: skip
+        raise ValueError(
+            f"the standard {type(plain).__name__} does not take these weights: "
+            f"unexpected {unexpected[:5]}, missing {sorted(set(missing) - tied)[:5]}"
+        )
     plain.tie_weights()
     return plain.eval()

@@ -44,8 +44,14 @@ from prunekit.models.pruned_llama import (
     regular_kv_repeat,
 )
 
-__all__ = ["AttentionWeights", "LlamaAdapter", "LlamaLayerAdapter", "MlpWeights",
-           "attention_forward", "mlp_forward"]  # fmt: skip
+__all__ = [
+    "AttentionWeights",
+    "LlamaAdapter",
+    "LlamaLayerAdapter",
+    "MlpWeights",
+    "attention_forward",
+    "mlp_forward",
+]
 
 
 class LlamaLayerAdapter(LayerAdapter):
@@ -138,7 +144,11 @@ class LlamaLayerAdapter(LayerAdapter):
             return kit.linear_slices(projections, hd)
         m = self.mlp
         return kit.linear_slices(
-            [("gate_proj", m.gate_proj, 0), ("up_proj", m.up_proj, 0), ("down_proj", m.down_proj, 1)],
+            [
+                ("gate_proj", m.gate_proj, 0),
+                ("up_proj", m.up_proj, 0),
+                ("down_proj", m.down_proj, 1),
+            ],
             1,
         )
 
@@ -157,8 +167,17 @@ class LlamaLayerAdapter(LayerAdapter):
                 kv_index = self.kv_heads_of(
                     torch.arange(self.num_heads, device=a.q_proj.weight.device)
                 )
-            return (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
-                    a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias, kv_index)  # fmt: skip
+            return (
+                a.q_proj.weight,
+                a.k_proj.weight,
+                a.v_proj.weight,
+                a.o_proj.weight,
+                a.q_proj.bias,
+                a.k_proj.bias,
+                a.v_proj.bias,
+                a.o_proj.bias,
+                kv_index,
+            )
         kept_heads = kept_heads.to(a.q_proj.weight.device)
         rows = self.unit_channels(ATTN, kept_heads)
         q, qb = kit.rows(a.q_proj, rows)
@@ -197,15 +216,36 @@ class LlamaLayerAdapter(LayerAdapter):
     #: the gathered forwards take ``unit_mask`` (per-sequence kept sets, :mod:`prunekit.rows`)
     row_masks = True
 
-    def run(self, group, x, weights, *, observe=False, position_embeddings=None,
-            attention_mask=None, cache=None, unit_mask=None, **kwargs):  # fmt: skip
+    def run(
+        self,
+        group,
+        x,
+        weights,
+        *,
+        observe=False,
+        position_embeddings=None,
+        attention_mask=None,
+        cache=None,
+        unit_mask=None,
+        **kwargs,
+    ):
         if group == MLP:
-            return mlp_forward(x, weights, self.mlp.act_fn, return_down_input=observe,
-                               unit_mask=unit_mask)  # fmt: skip
+            return mlp_forward(
+                x, weights, self.mlp.act_fn, return_down_input=observe, unit_mask=unit_mask
+            )
         if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
-        return self.attention_fn(x, weights, position_embeddings, attention_mask, self.kernel,
-                                 cache, return_o_input=observe, unit_mask=unit_mask, **kwargs)  # fmt: skip
+        return self.attention_fn(
+            x,
+            weights,
+            position_embeddings,
+            attention_mask,
+            self.kernel,
+            cache,
+            return_o_input=observe,
+            unit_mask=unit_mask,
+            **kwargs,
+        )
 
     @property
     def cache_layer(self) -> int:
@@ -219,10 +259,21 @@ class LlamaLayerAdapter(LayerAdapter):
                 x, m.up_proj.weight, m.up_proj.bias
             )
         q, k, v = self._probe_qkv(x, position_ids)
-        kv_index = (self.kv_heads_of(torch.arange(self.num_heads, device=x.device))
-                    if self.shares_kv else None)  # fmt: skip
-        return kit.probe_attention(q, k, v, position_ids, token_mask, scale=self.attention_scale,
-                                   kv_index=kv_index, sliding_window=self.kernel.sliding_window)  # fmt: skip
+        kv_index = (
+            self.kv_heads_of(torch.arange(self.num_heads, device=x.device))
+            if self.shares_kv
+            else None
+        )
+        return kit.probe_attention(
+            q,
+            k,
+            v,
+            position_ids,
+            token_mask,
+            scale=self.attention_scale,
+            kv_index=kv_index,
+            sliding_window=self.kernel.sliding_window,
+        )
 
     @property
     def attention_scale(self) -> float:
@@ -246,18 +297,27 @@ class LlamaLayerAdapter(LayerAdapter):
             if self.shares_kv:
                 k_proj, v_proj, kv_index = attn.k_proj, attn.v_proj, self.kv_heads_of(kept_heads)
             else:
-                k_proj, v_proj = kit.sub_linear(attn.k_proj, rows), kit.sub_linear(attn.v_proj, rows)
+                k_proj, v_proj = (
+                    kit.sub_linear(attn.k_proj, rows),
+                    kit.sub_linear(attn.v_proj, rows),
+                )
                 kv_index = torch.arange(kept_heads.numel())
             self.layer.self_attn = self._pruned_attention(
-                kit.sub_linear(attn.q_proj, rows), k_proj, v_proj,
-                kit.sub_linear(attn.o_proj, cols=rows), kv_index,
-            )  # fmt: skip
+                kit.sub_linear(attn.q_proj, rows),
+                k_proj,
+                v_proj,
+                kit.sub_linear(attn.o_proj, cols=rows),
+                kv_index,
+            )
         elif not isinstance(attn, self.pruned_attention_class):
             # every layer of a pruned checkpoint has the same module layout and its kv_index
             self.layer.self_attn = self._pruned_attention(
-                attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                attn.q_proj,
+                attn.k_proj,
+                attn.v_proj,
+                attn.o_proj,
                 self.kv_heads_of(torch.arange(self.num_heads)),
-            )  # fmt: skip
+            )
         if kept_channels is not None:
             mlp = self.mlp
             mlp.gate_proj = kit.sub_linear(mlp.gate_proj, kept_channels)
@@ -266,14 +326,25 @@ class LlamaLayerAdapter(LayerAdapter):
 
     def _pruned_attention(self, q_proj, k_proj, v_proj, o_proj, kv_index) -> nn.Module:
         """The attention module of a sliced layer (``pruned_attention_class``)."""
-        return PrunedLlamaAttention(self.config, self.kernel.layer_idx, self.head_dim, q_proj,
-                                    k_proj, v_proj, o_proj, kv_index, self.kernel.scaling)  # fmt: skip
+        return PrunedLlamaAttention(
+            self.config,
+            self.kernel.layer_idx,
+            self.head_dim,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            kv_index,
+            self.kernel.scaling,
+        )
 
     # -- cost model --------------------------------------------------------------------------
     def macs_per_token(self, heads: int, channels: int, seq_len: int) -> float:
         d, hd = self.hidden_size, self.head_dim
         kv = self.num_kv_heads if self.shares_kv else heads  # MHA: k/v rows go with the head
-        return d * hd * (heads + 2 * kv) + heads * hd * d + 3 * d * channels + 2 * seq_len * heads * hd
+        return (
+            d * hd * (heads + 2 * kv) + heads * hd * d + 3 * d * channels + 2 * seq_len * heads * hd
+        )
 
     def input_macs(self, group: str) -> float:
         d = self.hidden_size
@@ -323,8 +394,17 @@ class LlamaAdapter(ModelAdapter):
 
     # -- saving --------------------------------------------------------------------------------
     def layer_shapes(self) -> dict[str, list]:
-        spec = {k: [] for k in ("num_heads", "num_kv_heads", "kv_index", "intermediate_size",
-                                "o_bias", "down_bias")}  # fmt: skip
+        spec = {
+            k: []
+            for k in (
+                "num_heads",
+                "num_kv_heads",
+                "kv_index",
+                "intermediate_size",
+                "o_bias",
+                "down_bias",
+            )
+        }
         for la in self._layers:
             spec["num_heads"].append(la.num_heads)
             spec["num_kv_heads"].append(la.num_kv_heads)
@@ -345,9 +425,15 @@ class LlamaAdapter(ModelAdapter):
         bias_keys = self.plain_bias_keys(config, any(shapes["o_bias"]), any(shapes["down_bias"]))
         if bias_keys is None:
             return None
-        plain = kit.plain_config(config, (PRUNED_LAYERS_KEY,), num_attention_heads=nh,
-                                 num_key_value_heads=nkv, head_dim=self._layers[0].head_dim,
-                                 intermediate_size=inter, **bias_keys)  # fmt: skip
+        plain = kit.plain_config(
+            config,
+            (PRUNED_LAYERS_KEY,),
+            num_attention_heads=nh,
+            num_key_value_heads=nkv,
+            head_dim=self._layers[0].head_dim,
+            intermediate_size=inter,
+            **bias_keys,
+        )
         return kit.plain_model_from(self.model, plain) if plain is not None else None
 
     def gguf_model(self):
@@ -361,13 +447,16 @@ class LlamaAdapter(ModelAdapter):
         """Config keys that give o_proj / down_proj (compensation) biases in a standard
         checkpoint, or None when the family's config cannot express them. LLaMA:
         ``attention_bias`` (q/k/v/o; the q/k/v biases are then zeros) and ``mlp_bias``."""
-        return {"attention_bias": bool(getattr(config, "attention_bias", False)) or o_bias,
-                "mlp_bias": bool(getattr(config, "mlp_bias", False)) or down_bias}  # fmt: skip
+        return {
+            "attention_bias": bool(getattr(config, "attention_bias", False)) or o_bias,
+            "mlp_bias": bool(getattr(config, "mlp_bias", False)) or down_bias,
+        }
 
 
 @hookimpl
 def prunekit_register_adapters(register):
     register(
-        "llama", LlamaAdapter,
+        "llama",
+        LlamaAdapter,
         description="LLaMA-1/2/3, Vicuna, SmolLM2 (MHA and GQA): heads and MLP channels",
-    )  # fmt: skip
+    )

@@ -6,6 +6,10 @@ import warnings
 
 import prunekit.loading as _loading
 
-warnings.warn("prunekit.models.loading moved to prunekit.loading; import it from there (the old "
-              "path goes in the next release)", DeprecationWarning, stacklevel=2)  # fmt: skip
+warnings.warn(
+    "prunekit.models.loading moved to prunekit.loading; import it from there (the old "
+    "path goes in the next release)",
+    DeprecationWarning,
+    stacklevel=2,
+)
 sys.modules[__name__] = _loading

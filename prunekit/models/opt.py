@@ -71,9 +71,15 @@ class OptLayerAdapter(LayerAdapter):
     def unit_slices(self, group: str) -> list[UnitSlice]:
         if group == ATTN:
             a = self.attn
-            return kit.linear_slices([("q_proj", a.q_proj, 0), ("k_proj", a.k_proj, 0),
-                                      ("v_proj", a.v_proj, 0), ("out_proj", a.out_proj, 1)],
-                                     self.head_dim)  # fmt: skip
+            return kit.linear_slices(
+                [
+                    ("q_proj", a.q_proj, 0),
+                    ("k_proj", a.k_proj, 0),
+                    ("v_proj", a.v_proj, 0),
+                    ("out_proj", a.out_proj, 1),
+                ],
+                self.head_dim,
+            )
         return kit.linear_slices([("fc1", self.layer.fc1, 0), ("fc2", self.layer.fc2, 1)], 1)
 
     def watch(self, group, fn):
@@ -90,8 +96,10 @@ class OptLayerAdapter(LayerAdapter):
             x = args[0]
             fn(x.view(*shape["bt"], x.shape[-1]) if x.dim() == 2 else x)
 
-        return _Handles(self.layer.register_forward_pre_hook(remember, with_kwargs=True),
-                        self.layer.fc2.register_forward_pre_hook(hook))  # fmt: skip
+        return _Handles(
+            self.layer.register_forward_pre_hook(remember, with_kwargs=True),
+            self.layer.fc2.register_forward_pre_hook(hook),
+        )
 
     # -- running -----------------------------------------------------------------------------
     def group_input(self, group: str, residual: torch.Tensor) -> torch.Tensor:
@@ -110,9 +118,17 @@ class OptLayerAdapter(LayerAdapter):
             return OptMlpWeights(w1, fc2.weight.index_select(1, kept), b1, fc2.bias)
         a = self.attn
         if kept is None:
-            return OptAttentionWeights(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                                       a.out_proj.weight, a.q_proj.bias, a.k_proj.bias,
-                                       a.v_proj.bias, a.out_proj.bias, self.head_dim)  # fmt: skip
+            return OptAttentionWeights(
+                a.q_proj.weight,
+                a.k_proj.weight,
+                a.v_proj.weight,
+                a.out_proj.weight,
+                a.q_proj.bias,
+                a.k_proj.bias,
+                a.v_proj.bias,
+                a.out_proj.bias,
+                self.head_dim,
+            )
         rows = self.unit_channels(ATTN, kept.to(a.q_proj.weight.device))
         (q, qb), (k, kb), (v, vb) = (kit.rows(p, rows) for p in (a.q_proj, a.k_proj, a.v_proj))
         o = kit.unit_columns(a.out_proj.weight, kept, self.head_dim)
@@ -121,14 +137,32 @@ class OptLayerAdapter(LayerAdapter):
     #: the gathered forwards take ``unit_mask`` (per-sequence kept sets, :mod:`prunekit.rows`)
     row_masks = True
 
-    def run(self, group, x, weights, *, observe=False, attention_mask=None, cache=None,
-            unit_mask=None, **kwargs):  # fmt: skip
+    def run(
+        self,
+        group,
+        x,
+        weights,
+        *,
+        observe=False,
+        attention_mask=None,
+        cache=None,
+        unit_mask=None,
+        **kwargs,
+    ):
         if group == MLP:
             return opt_mlp_forward(x, weights, self.layer.activation_fn, observe, unit_mask)
         if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
-        return opt_attention_forward(x, weights, attention_mask, self.kernel, cache,
-                                     return_out_input=observe, unit_mask=unit_mask, **kwargs)  # fmt: skip
+        return opt_attention_forward(
+            x,
+            weights,
+            attention_mask,
+            self.kernel,
+            cache,
+            return_out_input=observe,
+            unit_mask=unit_mask,
+            **kwargs,
+        )
 
     @property
     def cache_layer(self) -> int:
@@ -148,14 +182,24 @@ class OptLayerAdapter(LayerAdapter):
         if kept_heads is not None:
             rows = self.unit_channels(ATTN, kept_heads.to(a.q_proj.weight.device))
             layer.self_attn = PrunedOPTAttention(
-                self.config, self.kernel.layer_idx, self.head_dim,
-                kit.sub_linear(a.q_proj, rows), kit.sub_linear(a.k_proj, rows),
-                kit.sub_linear(a.v_proj, rows), kit.sub_linear(a.out_proj, cols=rows),
-            )  # fmt: skip
+                self.config,
+                self.kernel.layer_idx,
+                self.head_dim,
+                kit.sub_linear(a.q_proj, rows),
+                kit.sub_linear(a.k_proj, rows),
+                kit.sub_linear(a.v_proj, rows),
+                kit.sub_linear(a.out_proj, cols=rows),
+            )
         elif not isinstance(a, PrunedOPTAttention):  # one module layout in every layer
-            layer.self_attn = PrunedOPTAttention(self.config, self.kernel.layer_idx,
-                                                 self.head_dim, a.q_proj, a.k_proj, a.v_proj,
-                                                 a.out_proj)  # fmt: skip
+            layer.self_attn = PrunedOPTAttention(
+                self.config,
+                self.kernel.layer_idx,
+                self.head_dim,
+                a.q_proj,
+                a.k_proj,
+                a.v_proj,
+                a.out_proj,
+            )
         if kept_channels is not None:
             layer.fc1 = kit.sub_linear(layer.fc1, kept_channels)
             layer.fc2 = kit.sub_linear(layer.fc2, cols=kept_channels)
@@ -167,7 +211,9 @@ class OptLayerAdapter(LayerAdapter):
 
     def input_macs(self, group: str) -> float:
         d = self.hidden_size
-        return 3 * d * self.num_heads * self.head_dim if group == ATTN else d * self.intermediate_size
+        return (
+            3 * d * self.num_heads * self.head_dim if group == ATTN else d * self.intermediate_size
+        )
 
 
 class OptAdapter(ModelAdapter):
@@ -179,15 +225,18 @@ class OptAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self._layers = [OptLayerAdapter(layer, i, model.config)
-                        for i, layer in enumerate(self.decoder_layers)]  # fmt: skip
+        self._layers = [
+            OptLayerAdapter(layer, i, model.config) for i, layer in enumerate(self.decoder_layers)
+        ]
 
     def gguf_model(self):
         from prunekit.errors import ExportError
 
-        raise ExportError("OPT does not export to GGUF: llama.cpp has no OPT architecture "
-                          "(learned positions, LayerNorm and ReLU MLPs match none of its "
-                          "architectures), whatever the shapes")  # fmt: skip
+        raise ExportError(
+            "OPT does not export to GGUF: llama.cpp has no OPT architecture "
+            "(learned positions, LayerNorm and ReLU MLPs match none of its "
+            "architectures), whatever the shapes"
+        )
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -219,5 +268,8 @@ class OptAdapter(ModelAdapter):
 
 @hookimpl
 def prunekit_register_adapters(register):
-    register("opt", OptAdapter,
-             description="OPT (pre- and post-LN, biases, ReLU fc1/fc2, learned positions)")  # fmt: skip
+    register(
+        "opt",
+        OptAdapter,
+        description="OPT (pre- and post-LN, biases, ReLU fc1/fc2, learned positions)",
+    )

@@ -84,9 +84,17 @@ def project_qkv(x: torch.Tensor, w: Gemma3AttentionWeights, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def gemma3_attention_forward(x, w: Gemma3AttentionWeights, position_embeddings, attention_mask,
-                             kernel: Gemma3Kernel, cache=None, return_o_input: bool = False,
-                             unit_mask: torch.Tensor | None = None, **kwargs):  # fmt: skip
+def gemma3_attention_forward(
+    x,
+    w: Gemma3AttentionWeights,
+    position_embeddings,
+    attention_mask,
+    kernel: Gemma3Kernel,
+    cache=None,
+    return_o_input: bool = False,
+    unit_mask: torch.Tensor | None = None,
+    **kwargs,
+):
     """Gemma-3 attention of ``x`` [B, T, d] with the weights ``w``; with ``return_o_input``
     also the input of o_proj; ``unit_mask`` ([B, heads]) removes heads per row."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -104,10 +112,22 @@ def gemma3_attention_forward(x, w: Gemma3AttentionWeights, position_embeddings, 
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(
             kernel.config._attn_implementation, eager_attention_forward
         )
-        kw = {k_: v_ for k_, v_ in kwargs.items()
-              if k_ not in ("position_ids", "use_cache", "sliding_window")}  # fmt: skip
-        out, _ = fn(kernel, q, k, v, attention_mask, dropout=0.0, scaling=kernel.scaling,
-                    sliding_window=kernel.sliding_window, **kw)  # fmt: skip
+        kw = {
+            k_: v_
+            for k_, v_ in kwargs.items()
+            if k_ not in ("position_ids", "use_cache", "sliding_window")
+        }
+        out, _ = fn(
+            kernel,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=0.0,
+            scaling=kernel.scaling,
+            sliding_window=kernel.sliding_window,
+            **kw,
+        )
         out = out.reshape(bsz, seq, -1).contiguous()
         if unit_mask is not None:  # this file imports no prunekit module (see the docstring)
             m = unit_mask.to(out.dtype)[:, None, :, None]
@@ -125,17 +145,28 @@ class PrunedGemma3Attention(nn.Module):
 
     ``kv_index[i]`` is the KV head used by kept query head ``i`` (groups may be unequal)."""
 
-    def __init__(self, config, layer_idx: int, head_dim: int, q_proj: nn.Linear,
-                 k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear, q_norm: nn.Module,
-                 k_norm: nn.Module, kv_index: torch.Tensor) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config,
+        layer_idx: int,
+        head_dim: int,
+        q_proj: nn.Linear,
+        k_proj: nn.Linear,
+        v_proj: nn.Linear,
+        o_proj: nn.Linear,
+        q_norm: nn.Module,
+        k_norm: nn.Module,
+        kv_index: torch.Tensor,
+    ) -> None:
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = head_dim
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.q_norm, self.k_norm = q_norm, k_norm
-        self.register_buffer("kv_index", kv_index.long().clone().to(q_proj.weight.device),
-                             persistent=True)  # fmt: skip
+        self.register_buffer(
+            "kv_index", kv_index.long().clone().to(q_proj.weight.device), persistent=True
+        )
         self._identity: bool | None = None  # see _kv_identity
         self._kernel = Gemma3Kernel(config, layer_idx)
         self.is_sliding = self._kernel.is_sliding
@@ -143,19 +174,31 @@ class PrunedGemma3Attention(nn.Module):
         self.is_causal = self._kernel.is_causal
 
     @classmethod
-    def empty(cls, config, layer_idx: int, num_heads: int, num_kv_heads: int,
-              kv_index: list[int], o_bias: bool) -> PrunedGemma3Attention:  # fmt: skip
+    def empty(
+        cls,
+        config,
+        layer_idx: int,
+        num_heads: int,
+        num_kv_heads: int,
+        kv_index: list[int],
+        o_bias: bool,
+    ) -> PrunedGemma3Attention:
         from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
         hd, d = config.head_dim, config.hidden_size
         bias = bool(config.attention_bias)
         return cls(
-            config, layer_idx, hd, _linear(d, num_heads * hd, bias),
-            _linear(d, num_kv_heads * hd, bias), _linear(d, num_kv_heads * hd, bias),
+            config,
+            layer_idx,
+            hd,
+            _linear(d, num_heads * hd, bias),
+            _linear(d, num_kv_heads * hd, bias),
+            _linear(d, num_kv_heads * hd, bias),
             _linear(num_heads * hd, d, bias or o_bias),
-            Gemma3RMSNorm(hd, eps=config.rms_norm_eps), Gemma3RMSNorm(hd, eps=config.rms_norm_eps),
+            Gemma3RMSNorm(hd, eps=config.rms_norm_eps),
+            Gemma3RMSNorm(hd, eps=config.rms_norm_eps),
             torch.tensor(kv_index, dtype=torch.long),
-        )  # fmt: skip
+        )
 
     @property
     def num_heads(self) -> int:
@@ -178,17 +221,34 @@ class PrunedGemma3Attention(nn.Module):
     def weights(self) -> Gemma3AttentionWeights:
         identity = self._kv_identity()
         return Gemma3AttentionWeights(
-            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
-            self.q_proj.bias, self.k_proj.bias, self.v_proj.bias, self.o_proj.bias,
-            self.q_norm, self.k_norm, None if identity else self.kv_index, self.head_dim,
-        )  # fmt: skip
+            self.q_proj.weight,
+            self.k_proj.weight,
+            self.v_proj.weight,
+            self.o_proj.weight,
+            self.q_proj.bias,
+            self.k_proj.bias,
+            self.v_proj.bias,
+            self.o_proj.bias,
+            self.q_norm,
+            self.k_norm,
+            None if identity else self.kv_index,
+            self.head_dim,
+        )
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
-                **kwargs):  # fmt: skip
+    def forward(
+        self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs
+    ):
         if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
-        out = gemma3_attention_forward(hidden_states, self.weights(), position_embeddings,
-                                       attention_mask, self._kernel, cache, **kwargs)  # fmt: skip
+        out = gemma3_attention_forward(
+            hidden_states,
+            self.weights(),
+            position_embeddings,
+            attention_mask,
+            self._kernel,
+            cache,
+            **kwargs,
+        )
         return out, None
 
 
@@ -198,9 +258,13 @@ def apply_layer_shapes(model: nn.Module, spec: dict) -> None:
     d = config.hidden_size
     for i, layer in enumerate(model.model.layers):
         layer.self_attn = PrunedGemma3Attention.empty(
-            config, i, spec["num_heads"][i], spec["num_kv_heads"][i], spec["kv_index"][i],
+            config,
+            i,
+            spec["num_heads"][i],
+            spec["num_kv_heads"][i],
+            spec["kv_index"][i],
             bool(spec["o_bias"][i]),
-        )  # fmt: skip
+        )
         inter = spec["intermediate_size"][i]
         mlp = layer.mlp
         mlp.gate_proj = _linear(d, inter, False)

@@ -116,8 +116,13 @@ def mask_units(h: torch.Tensor, unit_mask: torch.Tensor | None, width: int = 1) 
     return (h.view(bsz, seq, -1, width) * m[:, None, :, None]).view(bsz, seq, -1)
 
 
-def mlp_forward(x: torch.Tensor, w: MlpWeights, act, return_down_input: bool = False,
-                unit_mask: torch.Tensor | None = None):  # fmt: skip
+def mlp_forward(
+    x: torch.Tensor,
+    w: MlpWeights,
+    act,
+    return_down_input: bool = False,
+    unit_mask: torch.Tensor | None = None,
+):
     """``down(act(gate(x)) * up(x))`` with the weights ``w``; with ``return_down_input`` also
     the input of down_proj; ``unit_mask`` ([B, channels]) removes channels per row."""
     h = act(F.linear(x, w.gate, w.gate_bias)) * F.linear(x, w.up, w.up_bias)
@@ -129,8 +134,13 @@ def mlp_forward(x: torch.Tensor, w: MlpWeights, act, return_down_input: bool = F
 class KernelModule:
     """What Hugging Face's attention functions read from ``module``: K/V come pre-expanded."""
 
-    def __init__(self, config, layer_idx: int, sliding_window: int | None = None,
-                 scaling: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config,
+        layer_idx: int,
+        sliding_window: int | None = None,
+        scaling: float | None = None,
+    ) -> None:
         self.config = config
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
@@ -161,9 +171,17 @@ def project_qkv(x: torch.Tensor, w: AttentionWeights, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def attention_forward(x, w: AttentionWeights, position_embeddings, attention_mask,
-                      kernel: KernelModule, cache=None, return_o_input: bool = False,
-                      unit_mask: torch.Tensor | None = None, **kwargs):  # fmt: skip
+def attention_forward(
+    x,
+    w: AttentionWeights,
+    position_embeddings,
+    attention_mask,
+    kernel: KernelModule,
+    cache=None,
+    return_o_input: bool = False,
+    unit_mask: torch.Tensor | None = None,
+    **kwargs,
+):
     """Attention of normalised input ``x`` [B, T, d] with the weights ``w``.
 
     Runs real matmuls of the given (possibly gathered) shapes; the attention kernel is Hugging
@@ -196,8 +214,11 @@ def attention_forward(x, w: AttentionWeights, position_embeddings, attention_mas
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(
             kernel.config._attn_implementation, eager_attention_forward
         )
-        kw = {k_: v_ for k_, v_ in kwargs.items()
-              if k_ not in ("position_ids", "use_cache", "sliding_window")}  # fmt: skip
+        kw = {
+            k_: v_
+            for k_, v_ in kwargs.items()
+            if k_ not in ("position_ids", "use_cache", "sliding_window")
+        }
         if kernel.sliding_window is not None:
             kw["sliding_window"] = kernel.sliding_window
         # the kernel repeats K/V itself (sdpa's enable_gqa without a mask, no copy)
@@ -224,9 +245,18 @@ class PrunedLlamaAttention(nn.Module):
     k/v rows are pruned with their query head); groups may be unequal.
     """
 
-    def __init__(self, config, layer_idx: int, head_dim: int, q_proj: nn.Linear,
-                 k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear,
-                 kv_index: torch.Tensor, scaling: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config,
+        layer_idx: int,
+        head_dim: int,
+        q_proj: nn.Linear,
+        k_proj: nn.Linear,
+        v_proj: nn.Linear,
+        o_proj: nn.Linear,
+        kv_index: torch.Tensor,
+        scaling: float | None = None,
+    ) -> None:
         super().__init__()
         self.sliding_window = layer_sliding_window(config, layer_idx)
         self.config = config
@@ -240,17 +270,29 @@ class PrunedLlamaAttention(nn.Module):
         self._kernel = KernelModule(config, layer_idx, self.sliding_window, scaling)
 
     @classmethod
-    def empty(cls, config, layer_idx: int, num_heads: int, num_kv_heads: int,
-              kv_index: list[int], o_bias: bool, qkv_bias: bool) -> PrunedLlamaAttention:  # fmt: skip
+    def empty(
+        cls,
+        config,
+        layer_idx: int,
+        num_heads: int,
+        num_kv_heads: int,
+        kv_index: list[int],
+        o_bias: bool,
+        qkv_bias: bool,
+    ) -> PrunedLlamaAttention:
         """Modules of the right shapes (weights are loaded afterwards)."""
         hd = head_dim_of(config)
         d = config.hidden_size
         return cls(
-            config, layer_idx, hd,
-            _linear(d, num_heads * hd, qkv_bias), _linear(d, num_kv_heads * hd, qkv_bias),
-            _linear(d, num_kv_heads * hd, qkv_bias), _linear(num_heads * hd, d, o_bias),
+            config,
+            layer_idx,
+            hd,
+            _linear(d, num_heads * hd, qkv_bias),
+            _linear(d, num_kv_heads * hd, qkv_bias),
+            _linear(d, num_kv_heads * hd, qkv_bias),
+            _linear(num_heads * hd, d, o_bias),
             torch.tensor(kv_index, dtype=torch.long),
-        )  # fmt: skip
+        )
 
     @property
     def num_heads(self) -> int:
@@ -272,17 +314,32 @@ class PrunedLlamaAttention(nn.Module):
 
     def weights(self) -> AttentionWeights:
         return AttentionWeights(
-            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
-            self.q_proj.bias, self.k_proj.bias, self.v_proj.bias, self.o_proj.bias,
-            None if self._kv_identity() else self.kv_index, self.head_dim,
-        )  # fmt: skip
+            self.q_proj.weight,
+            self.k_proj.weight,
+            self.v_proj.weight,
+            self.o_proj.weight,
+            self.q_proj.bias,
+            self.k_proj.bias,
+            self.v_proj.bias,
+            self.o_proj.bias,
+            None if self._kv_identity() else self.kv_index,
+            self.head_dim,
+        )
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
-                **kwargs):  # fmt: skip
+    def forward(
+        self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs
+    ):
         if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
-        out = attention_forward(hidden_states, self.weights(), position_embeddings,
-                                attention_mask, self._kernel, cache, **kwargs)  # fmt: skip
+        out = attention_forward(
+            hidden_states,
+            self.weights(),
+            position_embeddings,
+            attention_mask,
+            self._kernel,
+            cache,
+            **kwargs,
+        )
         return out, None
 
 
@@ -301,9 +358,14 @@ def apply_layer_shapes(model: nn.Module, spec: dict, qkv_bias: bool, o_bias: boo
     mlp_bias = bool(getattr(config, "mlp_bias", False))
     for i, layer in enumerate(model.model.layers):
         layer.self_attn = PrunedLlamaAttention.empty(
-            config, i, spec["num_heads"][i], spec["num_kv_heads"][i], spec["kv_index"][i],
-            bool(spec["o_bias"][i]) or o_bias, qkv_bias,
-        )  # fmt: skip
+            config,
+            i,
+            spec["num_heads"][i],
+            spec["num_kv_heads"][i],
+            spec["kv_index"][i],
+            bool(spec["o_bias"][i]) or o_bias,
+            qkv_bias,
+        )
         inter = spec["intermediate_size"][i]
         mlp = layer.mlp
         mlp.gate_proj = _linear(d, inter, mlp_bias)

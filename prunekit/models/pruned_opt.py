@@ -71,9 +71,16 @@ def opt_project_qkv(x: torch.Tensor, w: OptAttentionWeights):
     return q, k, v
 
 
-def opt_attention_forward(x, w: OptAttentionWeights, attention_mask, kernel: OptKernel,
-                          cache=None, return_out_input: bool = False,
-                          unit_mask: torch.Tensor | None = None, **kwargs):  # fmt: skip
+def opt_attention_forward(
+    x,
+    w: OptAttentionWeights,
+    attention_mask,
+    kernel: OptKernel,
+    cache=None,
+    return_out_input: bool = False,
+    unit_mask: torch.Tensor | None = None,
+    **kwargs,
+):
     """OPT attention of ``x`` [B, T, d] with weights ``w``; with ``return_out_input`` also the
     input of out_proj. The query is scaled after its projection, as OPT does. ``unit_mask``
     ([B, heads]) removes heads per row (their output is zeroed before out_proj)."""
@@ -110,8 +117,9 @@ def _mask_units(h: torch.Tensor, unit_mask: torch.Tensor | None, width: int = 1)
     return (h.view(bsz, seq, -1, width) * m[:, None, :, None]).view(bsz, seq, -1)
 
 
-def opt_mlp_forward(x, w: OptMlpWeights, act, return_fc2_input: bool = False,
-                    unit_mask: torch.Tensor | None = None):  # fmt: skip
+def opt_mlp_forward(
+    x, w: OptMlpWeights, act, return_fc2_input: bool = False, unit_mask: torch.Tensor | None = None
+):
     """``fc2(act(fc1(x)))``; with ``return_fc2_input`` also the input of fc2; ``unit_mask``
     ([B, channels]) removes channels per row."""
     h = _mask_units(act(F.linear(x, w.fc1, w.fc1_bias)), unit_mask)
@@ -127,8 +135,16 @@ class PrunedOPTAttention(nn.Module):
     """OPT attention with a subset of heads (``head_dim`` kept, head count from ``q_proj``);
     drop-in for ``OPTAttention``."""
 
-    def __init__(self, config, layer_idx: int, head_dim: int, q_proj: nn.Linear,
-                 k_proj: nn.Linear, v_proj: nn.Linear, out_proj: nn.Linear) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config,
+        layer_idx: int,
+        head_dim: int,
+        q_proj: nn.Linear,
+        k_proj: nn.Linear,
+        v_proj: nn.Linear,
+        out_proj: nn.Linear,
+    ) -> None:
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -143,8 +159,15 @@ class PrunedOPTAttention(nn.Module):
         hd = d // config.num_attention_heads
         bias = bool(config.enable_bias)
         inner = num_heads * hd
-        return cls(config, layer_idx, hd, _linear(d, inner, bias), _linear(d, inner, bias),
-                   _linear(d, inner, bias), _linear(inner, d, out_bias))  # fmt: skip
+        return cls(
+            config,
+            layer_idx,
+            hd,
+            _linear(d, inner, bias),
+            _linear(d, inner, bias),
+            _linear(d, inner, bias),
+            _linear(inner, d, out_bias),
+        )
 
     @property
     def num_heads(self) -> int:
@@ -152,17 +175,25 @@ class PrunedOPTAttention(nn.Module):
 
     def weights(self) -> OptAttentionWeights:
         return OptAttentionWeights(
-            self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.out_proj.weight,
-            self.q_proj.bias, self.k_proj.bias, self.v_proj.bias, self.out_proj.bias,
+            self.q_proj.weight,
+            self.k_proj.weight,
+            self.v_proj.weight,
+            self.out_proj.weight,
+            self.q_proj.bias,
+            self.k_proj.bias,
+            self.v_proj.bias,
+            self.out_proj.bias,
             self.head_dim,
-        )  # fmt: skip
+        )
 
-    def forward(self, hidden_states, cache=None, attention_mask=None, output_attentions=False,
-                **kwargs):  # fmt: skip
+    def forward(
+        self, hidden_states, cache=None, attention_mask=None, output_attentions=False, **kwargs
+    ):
         if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
-        out = opt_attention_forward(hidden_states, self.weights(), attention_mask, self._kernel,
-                                    cache, **kwargs)  # fmt: skip
+        out = opt_attention_forward(
+            hidden_states, self.weights(), attention_mask, self._kernel, cache, **kwargs
+        )
         return out, None
 
 
@@ -172,8 +203,9 @@ def apply_layer_shapes(model: nn.Module, spec: dict) -> None:
     d = config.hidden_size
     bias = bool(config.enable_bias)
     for i, layer in enumerate(model.model.decoder.layers):
-        layer.self_attn = PrunedOPTAttention.empty(config, i, spec["num_heads"][i],
-                                                   bias or bool(spec["out_bias"][i]))  # fmt: skip
+        layer.self_attn = PrunedOPTAttention.empty(
+            config, i, spec["num_heads"][i], bias or bool(spec["out_bias"][i])
+        )
         ffn = spec["ffn_dim"][i]
         layer.fc1 = _linear(d, ffn, bias)
         layer.fc2 = _linear(ffn, d, bias or bool(spec["fc2_bias"][i]))

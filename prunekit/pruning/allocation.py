@@ -22,8 +22,15 @@ from prunekit.components import ATTN, MLP, Allocation, MethodSettings, ModelAdap
 from prunekit.hookspecs import hookimpl
 from prunekit.ratios import kept_channels, kept_heads, per_layer_ratio
 
-__all__ = ["Uniform", "as_unit_scores", "balanced_heads", "kept_channels", "kept_heads",
-           "per_layer_ratio", "top_units"]  # fmt: skip
+__all__ = [
+    "Uniform",
+    "as_unit_scores",
+    "balanced_heads",
+    "kept_channels",
+    "kept_heads",
+    "per_layer_ratio",
+    "top_units",
+]
 
 
 def top_units(scores: torch.Tensor, keep: int) -> torch.Tensor:

@@ -72,8 +72,11 @@ class Decisions:
         """These decisions for the batch rows ``rows`` (beam search's reordering)."""
         out = Decisions()
         for key, kept in self.kept.items():
-            out.kept[key] = (kept.index_select(0, rows.to(kept.device))
-                             if kept is not None and kept.dim() == 2 else kept)  # fmt: skip
+            out.kept[key] = (
+                kept.index_select(0, rows.to(kept.device))
+                if kept is not None and kept.dim() == 2
+                else kept
+            )
         for key, plan in self.plans.items():
             out.plans[key] = plan.select(rows) if plan.union is not None else plan
         return out
@@ -146,8 +149,14 @@ class BatchState:
 class Controller(Protocol):
     """The decision logic of a dynamic method (one object per run)."""
 
-    def decide(self, layer: LayerAdapter, group: str, x: torch.Tensor, residual: torch.Tensor,
-               batch: BatchState) -> torch.Tensor | None:  # fmt: skip
+    def decide(
+        self,
+        layer: LayerAdapter,
+        group: str,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        batch: BatchState,
+    ) -> torch.Tensor | None:
         """Kept units of ``group``: a sorted 1-D LongTensor for the whole batch (the method's
         protocol ``decides="batch"``), a ``[B, k]`` LongTensor with one row per sequence
         (``"sequence"`` and ``"prompt"``), or None for all units.
@@ -161,8 +170,14 @@ class Controller(Protocol):
         """Whether :meth:`observe` needs the output projection's input for this block (asked
         only when the method's protocol ``observes`` ``"activations"``)."""
 
-    def observe(self, layer: LayerAdapter, group: str, kept: torch.Tensor | None,
-                activations: torch.Tensor, batch: BatchState) -> None:  # fmt: skip
+    def observe(
+        self,
+        layer: LayerAdapter,
+        group: str,
+        kept: torch.Tensor | None,
+        activations: torch.Tensor,
+        batch: BatchState,
+    ) -> None:
         """See the full batch's (post-pruning) input of the output projection, [B, T, C]: the
         kept units' channels, in the order of ``kept`` (per row with a ``[B, k]`` decision)."""
 
@@ -199,8 +214,9 @@ class Timers:
 class Runtime:
     """Shared state of the wrapped layers: the controller, the current batch, the switches."""
 
-    def __init__(self, controller: Controller, adapter: ModelAdapter,
-                 protocol: DynamicProtocol) -> None:  # fmt: skip
+    def __init__(
+        self, controller: Controller, adapter: ModelAdapter, protocol: DynamicProtocol
+    ) -> None:
         self.controller = controller
         self.adapter = adapter
         self.protocol = protocol
@@ -276,8 +292,9 @@ class DynamicDecoderLayer(nn.Module):
             return found
         return cached[1]
 
-    def _plan(self, la: LayerAdapter, group: str, kept: torch.Tensor | None,
-              device: torch.device) -> Plan:  # fmt: skip
+    def _plan(
+        self, la: LayerAdapter, group: str, kept: torch.Tensor | None, device: torch.device
+    ) -> Plan:
         """Gathered weights for ``kept``: None or 1-D (or rows that all agree) as one kept set,
         rows that differ as their union with per-row masks (:mod:`prunekit.rows`). A kept set
         that covers every unit uses the layer's own weights (no copy)."""
@@ -300,8 +317,9 @@ class DynamicDecoderLayer(nn.Module):
                 kept = None  # every unit, in order: the layer's own weights
             return Plan(kept, la.gather(group, kept), union)
 
-    def _execute(self, la: LayerAdapter, group: str, plan: Plan, run, observe: bool,
-                 dtype: torch.dtype):  # fmt: skip
+    def _execute(
+        self, la: LayerAdapter, group: str, plan: Plan, run, observe: bool, dtype: torch.dtype
+    ):
         """The block's output (and, with ``observe``, its activations: per row the channels of
         that row's kept units, in their order) on ``plan``."""
         if plan.union is None:
@@ -335,8 +353,11 @@ class DynamicDecoderLayer(nn.Module):
                 "this forward runs every head; continue a cache with the model that filled it, "
                 "pruned as it was"
             )
-        held_all = (held.to(heads.device) if held is not None
-                    else torch.arange(la.num_heads, device=heads.device))  # fmt: skip
+        held_all = (
+            held.to(heads.device)
+            if held is not None
+            else torch.arange(la.num_heads, device=heads.device)
+        )
         pos = torch.searchsorted(held_all, heads).clamp(max=held_all.numel() - 1)
         if not torch.equal(held_all[pos], heads):
             raise RuntimeError(
@@ -389,8 +410,11 @@ class DynamicDecoderLayer(nn.Module):
         on_prompt = rt.protocol.decides == "prompt"
         # inside hold() the method's state is left alone, but a method that decides on the
         # prompt still sees the prompt it decides on
-        observe = (rt.observes_activations and (on_prompt or not rt.holding)
-                   and rt.controller.wants_activations(la, group))  # fmt: skip
+        observe = (
+            rt.observes_activations
+            and (on_prompt or not rt.holding)
+            and rt.controller.wants_activations(la, group)
+        )
         if on_prompt:
             # the prompt runs dense and is observed; the decision is for what continues it
             plan = self._plan(la, group, None, x.device)
@@ -424,12 +448,17 @@ class DynamicDecoderLayer(nn.Module):
             # called on its own (not through the model): every token is real
             bsz, seq = hidden_states.shape[:2]
             position_ids = kwargs.get("position_ids")
-            pos = position_ids if position_ids is not None else torch.arange(
-                seq, device=hidden_states.device)[None]  # fmt: skip
-            rt.start(BatchState(
-                torch.ones(bsz, seq, dtype=torch.bool, device=hidden_states.device),
-                pos.expand(bsz, seq),
-            ))  # fmt: skip
+            pos = (
+                position_ids
+                if position_ids is not None
+                else torch.arange(seq, device=hidden_states.device)[None]
+            )
+            rt.start(
+                BatchState(
+                    torch.ones(bsz, seq, dtype=torch.bool, device=hidden_states.device),
+                    pos.expand(bsz, seq),
+                )
+            )
             try:
                 return self.forward(hidden_states, **kwargs)
             finally:
@@ -442,8 +471,14 @@ class DynamicDecoderLayer(nn.Module):
                 if not batch.continuing:
                     rt.bind(batch)
         if self._dispatched():  # accelerate's
-            out = _run_dispatched(self.layer, batch, la.index, hidden_states, kwargs,
-                                  lambda h, kw: la.run_block(h, driver=self._drive, **kw))  # fmt: skip
+            out = _run_dispatched(
+                self.layer,
+                batch,
+                la.index,
+                hidden_states,
+                kwargs,
+                lambda h, kw: la.run_block(h, driver=self._drive, **kw),
+            )
         else:
             out = la.run_block(hidden_states, driver=self._drive, **kwargs)
         # keep only what async probing may read (the previous layer's residuals)
@@ -453,8 +488,9 @@ class DynamicDecoderLayer(nn.Module):
         return out
 
 
-def _run_dispatched(layer: nn.Module, batch: BatchState, index: int, hidden_states,
-                    kwargs: dict, run):  # fmt: skip
+def _run_dispatched(
+    layer: nn.Module, batch: BatchState, index: int, hidden_states, kwargs: dict, run
+):
     """``run(hidden_states, kwargs)`` for a layer dispatched by accelerate, which calling
     ``run_block`` instead of the layer's ``forward`` would bypass: the layer's own hook moves
     the inputs to its execution device (and post-processes the output), its offloaded weights
@@ -468,8 +504,10 @@ def _run_dispatched(layer: nn.Module, batch: BatchState, index: int, hidden_stat
         from accelerate.utils import send_to_device
 
         hidden_states = hidden_states.to(device)
-        kwargs = {k: v if k in ("cache", "past_key_values") else send_to_device(v, device)
-                  for k, v in kwargs.items()}  # fmt: skip
+        kwargs = {
+            k: v if k in ("cache", "past_key_values") else send_to_device(v, device)
+            for k, v in kwargs.items()
+        }
     if batch.token_mask.device != device:
         batch.token_mask = batch.token_mask.to(device)
         batch.position_ids = batch.position_ids.to(device)
@@ -557,8 +595,10 @@ def _as_keywords(forward, hidden_states, args, kwargs) -> tuple[Any, dict]:
     sig = inspect.signature(forward)
     first = next(iter(sig.parameters.values()), None)
     if first is None or first.kind is inspect.Parameter.VAR_POSITIONAL:
-        raise TypeError(f"{forward.__qualname__} takes no named hidden_states argument, so its "
-                        "positional arguments cannot be passed on by name")  # fmt: skip
+        raise TypeError(
+            f"{forward.__qualname__} takes no named hidden_states argument, so its "
+            "positional arguments cannot be passed on by name"
+        )
     bound = sig.bind(hidden_states, *args, **kwargs)
     named: dict[str, Any] = {}
     for name, value in bound.arguments.items():
@@ -581,8 +621,13 @@ class DynamicModel(nn.Module):
     the wrapped model.
     """
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, controller: Controller,
-                 protocol: DynamicProtocol | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        controller: Controller,
+        protocol: DynamicProtocol | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         protocol = protocol or DynamicProtocol()
@@ -646,8 +691,9 @@ class DynamicModel(nn.Module):
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # true positions of left-padded rows (the mask spans the cached tokens too)
             position_ids = true_positions(attention_mask, seq)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, **kwargs)  # fmt: skip
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
 
     def _argument(self, name: str, args: tuple, kwargs: dict):
         """The wrapped model's forward argument ``name``, given by keyword or position."""
@@ -667,11 +713,15 @@ class DynamicModel(nn.Module):
         input_ids = self._argument("input_ids", args, kwargs)
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         bsz, seq = ref.shape[:2]
-        cache = next((c for c in (self._argument(k, args, kwargs) for k in CACHE_KEYWORDS)
-                      if c is not None), None)  # fmt: skip
+        cache = next(
+            (c for c in (self._argument(k, args, kwargs) for k in CACHE_KEYWORDS) if c is not None),
+            None,
+        )
         if cache is not None and not callable(getattr(cache, "get_seq_length", None)):
-            raise TypeError(f"{type(cache).__name__} is not a transformers Cache; pass a "
-                            "DynamicCache, StaticCache or another Cache object")  # fmt: skip
+            raise TypeError(
+                f"{type(cache).__name__} is not a transformers Cache; pass a "
+                "DynamicCache, StaticCache or another Cache object"
+            )
         past = int(cache.get_seq_length()) if cache is not None else 0
         mask = self._argument("attention_mask", args, kwargs)
         position_ids = self._argument("position_ids", args, kwargs)
@@ -689,8 +739,9 @@ class DynamicModel(nn.Module):
                 token_mask = _token_mask_of(mask, bsz, seq, past, ref.device)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=ref.device)
-        self.runtime.start(BatchState(token_mask, position_ids.expand(bsz, seq),
-                                      continuing=past > 0, cache=cache))  # fmt: skip
+        self.runtime.start(
+            BatchState(token_mask, position_ids.expand(bsz, seq), continuing=past > 0, cache=cache)
+        )
 
     def _end_forward(self, module, args, kwargs, output) -> None:
         self.runtime.batch = None

@@ -43,8 +43,11 @@ def same_shape(model, structure: list[dict]):
     return model
 
 
-def slice_model(adapter: ModelAdapter, allocation: Allocation,
-                biases: dict[tuple[int, str], torch.Tensor] | None = None) -> ModelAdapter:  # fmt: skip
+def slice_model(
+    adapter: ModelAdapter,
+    allocation: Allocation,
+    biases: dict[tuple[int, str], torch.Tensor] | None = None,
+) -> ModelAdapter:
     """Apply ``allocation`` physically; returns a fresh adapter of the pruned model.
 
     When anything is pruned, every layer is sliced (unpruned groups with ``None``), so that
@@ -59,8 +62,9 @@ def slice_model(adapter: ModelAdapter, allocation: Allocation,
         return adapter
     for layer in adapter.layers():
         with restored(layer.module):
-            layer.slice(allocation.kept.get((layer.index, ATTN)),
-                        allocation.kept.get((layer.index, MLP)))  # fmt: skip
+            layer.slice(
+                allocation.kept.get((layer.index, ATTN)), allocation.kept.get((layer.index, MLP))
+            )
     pruned = type(adapter)(adapter.model)
     for (index, group), bias in (biases or {}).items():
         layer = pruned.layers()[index]
@@ -126,8 +130,9 @@ class StaticMethod(Method):
                     biases[(index, group)] = bias
         return self.sliced_outcome(ctx, allocation, biases)
 
-    def sliced_outcome(self, ctx, allocation: Allocation,
-                       biases: dict[tuple[int, str], torch.Tensor] | None = None) -> PruneOutcome:  # fmt: skip
+    def sliced_outcome(
+        self, ctx, allocation: Allocation, biases: dict[tuple[int, str], torch.Tensor] | None = None
+    ) -> PruneOutcome:
         """Slice ``ctx.model`` physically to ``allocation`` (adding a compensator's
         ``biases``) and return the outcome: structure, parameters kept, and a ``save`` that
         writes a checkpoint :func:`load_pruned` reloads. For methods that decide their kept
@@ -141,21 +146,26 @@ class StaticMethod(Method):
         params = sum(p.numel() for p in model.parameters())
         provenance = {"method": self.name, "ratio": self.settings.ratio, "structure": structure}
         # the dense model it came from: `prunekit export` takes a GGUF's tokenizer from there
-        source = {k: v for k, v in (getattr(ctx, "model_info", None) or {}).items()
-                  if k in ("id", "name", "source", "gguf_file", "gguf_path", "gguf_sha256")}  # fmt: skip
+        source = {
+            k: v
+            for k, v in (getattr(ctx, "model_info", None) or {}).items()
+            if k in ("id", "name", "source", "gguf_file", "gguf_path", "gguf_sha256")
+        }
         if source:
             provenance["source_model"] = source
 
         def save(path: str) -> None:
             save_pruned(type(pruned)(model), ctx.tokenizer, path, provenance)
 
-        return PruneOutcome(model=model, dynamic=False, structure=structure, params_kept=params,
-                            save=save)  # fmt: skip
+        return PruneOutcome(
+            model=model, dynamic=False, structure=structure, params_kept=params, save=save
+        )
 
 
 # ------------------------------------------------------------------------------------------
 # Saving and reloading
 # ------------------------------------------------------------------------------------------
+
 
 def _resolve(model_or_adapter) -> ModelAdapter:
     if isinstance(model_or_adapter, ModelAdapter):
@@ -211,8 +221,10 @@ def save_pruned(model, tokenizer, path: str, provenance: dict) -> None:
         config = model.config
         setattr(config, PRUNED_LAYERS_KEY, shapes)
         previous = getattr(config, "auto_map", None)
-        config.auto_map = {**(previous or {}),
-                           "AutoModelForCausalLM": f"{file_name[:-3]}.{cls.__name__}"}  # fmt: skip
+        config.auto_map = {
+            **(previous or {}),
+            "AutoModelForCausalLM": f"{file_name[:-3]}.{cls.__name__}",
+        }
         try:
             model.save_pretrained(out, safe_serialization=True)
         finally:
@@ -239,12 +251,15 @@ def _check_remote_code(path: Path, module) -> None:
     ours = Path(module.__file__).read_bytes()
     for candidate in sorted(path.glob("modeling_prunekit_*.py")):
         if hashlib.sha256(candidate.read_bytes()).digest() != hashlib.sha256(ours).digest():
-            warnings.warn(f"{candidate} differs from the installed prunekit's "
-                          f"{Path(module.__file__).name}; load_pruned uses the installed copy and "
-                          "never runs the checkpoint's, but from_pretrained(..., "
-                          "trust_remote_code=True) would run the checkpoint's file: re-save the "
-                          "model with this prunekit, or inspect the file", UserWarning,
-                          stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"{candidate} differs from the installed prunekit's "
+                f"{Path(module.__file__).name}; load_pruned uses the installed copy and "
+                "never runs the checkpoint's, but from_pretrained(..., "
+                "trust_remote_code=True) would run the checkpoint's file: re-save the "
+                "model with this prunekit, or inspect the file",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def load_pruned(path, dtype=None, device: str | None = None):
@@ -260,8 +275,10 @@ def load_pruned(path, dtype=None, device: str | None = None):
 
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
-        raise ModelError(f"{path}: no config.json; give a directory written with "
-                         "output.save_model: true (its 'model' subdirectory)")  # fmt: skip
+        raise ModelError(
+            f"{path}: no config.json; give a directory written with "
+            "output.save_model: true (its 'model' subdirectory)"
+        )
     kwargs = {} if dtype is None else {"dtype": dtype}
     if PRUNED_LAYERS_KEY in json.loads(config_path.read_text()):
         meta_path = Path(path) / "prunekit.json"
@@ -273,9 +290,14 @@ def load_pruned(path, dtype=None, device: str | None = None):
             adapter_cls = registry.get("adapter", saved_by).factory
         else:  # the first adapter serving the config that can rebuild per-layer shapes
             config = AutoConfig.from_pretrained(path)
-            adapter_cls = next((e.factory for e in adapter_order(registry)
-                                if e.factory.modeling and e.factory.supports(config)),
-                               None) or adapter_class_for(config, registry)  # fmt: skip
+            adapter_cls = next(
+                (
+                    e.factory
+                    for e in adapter_order(registry)
+                    if e.factory.modeling and e.factory.supports(config)
+                ),
+                None,
+            ) or adapter_class_for(config, registry)
         module, cls = _modeling_class(adapter_cls)
         _check_remote_code(Path(path), module)
         model = cls.from_pretrained(path, **kwargs)

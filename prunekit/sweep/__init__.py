@@ -134,8 +134,9 @@ def parse_grid(exprs: Sequence[str]) -> dict[str, list[Any]]:
         key, eq, text = expr.partition("=")
         key = key.strip()
         if not eq or not key or not text.strip():
-            raise RecipeError(f"--grid {expr}: expected KEY=V1,V2,..., e.g. --grid "
-                              "method.ratio=0.2,0.4")  # fmt: skip
+            raise RecipeError(
+                f"--grid {expr}: expected KEY=V1,V2,..., e.g. --grid method.ratio=0.2,0.4"
+            )
         values = []
         for part in split_values(text):
             if not part:
@@ -225,11 +226,16 @@ class Sweep:
         return (["variant"] if self.config.variants else []) + list(self.config.grid)
 
 
-def resolve_sweep(recipe: str | os.PathLike, overrides: Sequence[str] = (),
-                  grid: Sequence[str] = (), seeds: int | None = None,
-                  metrics: Sequence[str] = (), output: str | os.PathLike | None = None,
-                  executor: str | None = None,
-                  executor_options: dict[str, Any] | None = None) -> Sweep:  # fmt: skip
+def resolve_sweep(
+    recipe: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    grid: Sequence[str] = (),
+    seeds: int | None = None,
+    metrics: Sequence[str] = (),
+    output: str | os.PathLike | None = None,
+    executor: str | None = None,
+    executor_options: dict[str, Any] | None = None,
+) -> Sweep:
     """The cells of a sweep: the recipe's ``sweep`` section, updated by the command line
     (``--grid`` adds or replaces grid keys, the others replace their setting), each cell's
     recipe loaded and checked like ``prunekit validate`` checks one."""
@@ -247,19 +253,22 @@ def resolve_sweep(recipe: str | os.PathLike, overrides: Sequence[str] = (),
     try:
         config = SweepConfig.model_validate(data)
     except ValidationError as exc:  # a --grid key such as `seed`, --seeds 0
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: "
-                             f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
         raise RecipeError(f"{recipe}: sweep: {problems}") from None
     if output is not None:
         config.dir = str(output)
     sweep_dir = Path(config.dir or Path("runs") / f"sweep-{Path(recipe).stem}")
     if sweep_dir.exists() and not sweep_dir.is_dir():
-        raise RecipeError(f"sweep directory {str(sweep_dir)!r} is an existing file; give a "
-                          "directory with --output or sweep.dir")  # fmt: skip
+        raise RecipeError(
+            f"sweep directory {str(sweep_dir)!r} is an existing file; give a "
+            "directory with --output or sweep.dir"
+        )
     cells_root = (Path(config.cells) if config.cells else sweep_dir / "cells").absolute()
     if cells_root.exists() and not cells_root.is_dir():
-        raise RecipeError(f"sweep.cells {str(cells_root)!r} is an existing file; give a "
-                          "directory")  # fmt: skip
+        raise RecipeError(f"sweep.cells {str(cells_root)!r} is an existing file; give a directory")
     variants = config.variants or {"": {}}
     cells: list[Cell] = []
     seen: dict[str, Cell] = {}
@@ -283,10 +292,12 @@ def resolve_sweep(recipe: str | os.PathLike, overrides: Sequence[str] = (),
                 raise RecipeError(f"sweep cell ({where}, seed {seed}): {message}") from None
             key = cell_key(loaded.recipe)
             if key in seen:
-                raise RecipeError(f"sweep cells ({where}, seed {seed}) and "
-                                  f"({', '.join(f'{k}={v}' for k, v in seen[key].labels.items())}"
-                                  f", seed {seen[key].seed}) resolve to the same recipe; "
-                                  "remove the duplicate grid value or variant")  # fmt: skip
+                raise RecipeError(
+                    f"sweep cells ({where}, seed {seed}) and "
+                    f"({', '.join(f'{k}={v}' for k, v in seen[key].labels.items())}"
+                    f", seed {seen[key].seed}) resolve to the same recipe; "
+                    "remove the duplicate grid value or variant"
+                )
             cell_dir = cells_root / key
             loaded.recipe.output.dir = str((cell_dir / RUN_DIR).absolute())
             cell = Cell(key, labels, seed, cell_sets, loaded, cell_dir)
@@ -310,8 +321,10 @@ def validate_cells(sweep: Sweep, registry=None) -> dict[str, str]:
     if errors and len(errors) == len(sweep.cells):
         first = sweep.cells[0]
         labels = ", ".join(f"{k}={v}" for k, v in first.labels.items()) or "the recipe"
-        raise RecipeError(f"every cell of the sweep is invalid; the first ({labels}, seed "
-                          f"{first.seed}): {errors[first.key]}")  # fmt: skip
+        raise RecipeError(
+            f"every cell of the sweep is invalid; the first ({labels}, seed "
+            f"{first.seed}): {errors[first.key]}"
+        )
     return errors
 
 
@@ -324,24 +337,43 @@ def prepare_cells(sweep: Sweep, force: bool = False) -> list[Cell]:
             if not free:  # running in another sweep: its lock makes run_cell wait for it
                 todo.append(cell)
                 continue
-            write_json(cell.dir / CELL_FILE, {
-                "key": cell.key, "labels": cell.labels, "seed": cell.seed,
-                "recipe_file": str(sweep.base.path) if sweep.base.path else None,
-                "overrides": [*sweep.base_overrides, *cell.overrides],
-                "cwd": os.getcwd(),
-            })  # fmt: skip
+            write_json(
+                cell.dir / CELL_FILE,
+                {
+                    "key": cell.key,
+                    "labels": cell.labels,
+                    "seed": cell.seed,
+                    "recipe_file": str(sweep.base.path) if sweep.base.path else None,
+                    "overrides": [*sweep.base_overrides, *cell.overrides],
+                    "cwd": os.getcwd(),
+                },
+            )
             write_atomic(cell.dir / "recipe.yaml", dump_recipe(cell.recipe))
             if force and cell.status()["state"] != "pending":
-                write_json(cell.dir / STATUS_FILE, {"state": "pending", "note": "--force",
-                                                    "attempt": cell.status().get("attempt")})  # fmt: skip
+                write_json(
+                    cell.dir / STATUS_FILE,
+                    {
+                        "state": "pending",
+                        "note": "--force",
+                        "attempt": cell.status().get("attempt"),
+                    },
+                )
             if cell.status()["state"] != "done":
                 todo.append(cell)
     return todo
 
 
 def record_invalid(cell: Cell, message: str) -> None:
-    write_json(cell.dir / STATUS_FILE, {"state": "failed", "stage": "validate", "exit_code": 2,
-                                        "error": message, "finished": _now()})  # fmt: skip
+    write_json(
+        cell.dir / STATUS_FILE,
+        {
+            "state": "failed",
+            "stage": "validate",
+            "exit_code": 2,
+            "error": message,
+            "finished": _now(),
+        },
+    )
 
 
 def _now() -> str:
@@ -369,8 +401,13 @@ def run_cell(cell_dir: str | os.PathLike) -> dict:
         if status.get("state") == "done" and (cell_dir / RUN_DIR / "results.json").is_file():
             return status
         started = time.time()
-        running = {"state": "running", "host": socket.gethostname(), "pid": os.getpid(),
-                   "started": _now(), "attempt": int(status.get("attempt") or 0) + 1}  # fmt: skip
+        running = {
+            "state": "running",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": _now(),
+            "attempt": int(status.get("attempt") or 0) + 1,
+        }
         write_json(cell_dir / STATUS_FILE, running)
         try:
             if meta.get("cwd"):  # relative data paths are relative to where the sweep started
@@ -382,16 +419,26 @@ def run_cell(cell_dir: str | os.PathLike) -> dict:
         except PrunekitError as exc:
             status = {"state": "failed", "error": str(exc), "exit_code": exc.exit_code}
         except (KeyboardInterrupt, SystemExit, Terminated) as exc:
-            write_json(cell_dir / STATUS_FILE, {**running, "state": "interrupted",
-                                                "error": type(exc).__name__})  # fmt: skip
+            write_json(
+                cell_dir / STATUS_FILE,
+                {**running, "state": "interrupted", "error": type(exc).__name__},
+            )
             raise
         except Exception as exc:  # a bug or a plugin fault: recorded, the sweep goes on
             traceback.print_exc()
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            status = {"state": "failed", "error": f"{detail} (traceback in the cell's log)",
-                      "exit_code": 1}  # fmt: skip
-        status.update(host=running["host"], started=running["started"], finished=_now(),
-                      seconds=round(time.time() - started, 3), attempt=running["attempt"])  # fmt: skip
+            status = {
+                "state": "failed",
+                "error": f"{detail} (traceback in the cell's log)",
+                "exit_code": 1,
+            }
+        status.update(
+            host=running["host"],
+            started=running["started"],
+            finished=_now(),
+            seconds=round(time.time() - started, 3),
+            attempt=running["attempt"],
+        )
         write_json(cell_dir / STATUS_FILE, status)
         return status
 
@@ -437,20 +484,22 @@ def _manifest(sweep: Sweep, executor_info: dict | None) -> dict:
     }
 
 
-def run_sweep(sweep: Sweep, force: bool = False, wait: bool = True, registry=None,
-              report=None) -> dict:  # fmt: skip
+def run_sweep(
+    sweep: Sweep, force: bool = False, wait: bool = True, registry=None, report=None
+) -> dict:
     """Validate, prepare and run the cells of ``sweep`` with its executor, then write the
     table. Returns :func:`collect`'s summary. ``report(message)`` receives progress lines."""
     from prunekit.registry import get_registry
 
     registry = registry or get_registry()
     ex_cfg = sweep.config.executor
-    executor = registry.create("executor", ex_cfg.name, ex_cfg.options,
-                               where="sweep.executor")  # fmt: skip
+    executor = registry.create("executor", ex_cfg.name, ex_cfg.options, where="sweep.executor")
     if not wait and not getattr(executor, "detaches", False):
-        raise RecipeError(f"executor {ex_cfg.name!r} cannot detach: it runs the cells in this "
-                          "process's children; drop --detach or use an executor that submits "
-                          "to a scheduler (submitit)")  # fmt: skip
+        raise RecipeError(
+            f"executor {ex_cfg.name!r} cannot detach: it runs the cells in this "
+            "process's children; drop --detach or use an executor that submits "
+            "to a scheduler (submitit)"
+        )
     invalid = validate_cells(sweep, registry)
     sweep.dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep.dir / SWEEP_FILE, _manifest(sweep, None))
@@ -461,8 +510,10 @@ def run_sweep(sweep: Sweep, force: bool = False, wait: bool = True, registry=Non
     runnable = [c for c in todo if c.key not in invalid]
     say = report or (lambda message: None)
     finished = len(sweep.cells) - len(todo)
-    say(f"sweep {sweep.dir}: {len(sweep.cells)} cells, {finished} already finished, "
-        f"{len(invalid)} invalid, {len(runnable)} to run on executor {ex_cfg.name!r}")
+    say(
+        f"sweep {sweep.dir}: {len(sweep.cells)} cells, {finished} already finished, "
+        f"{len(invalid)} invalid, {len(runnable)} to run on executor {ex_cfg.name!r}"
+    )
     info = None
     if runnable:
         stop = threading.Event()
@@ -488,8 +539,11 @@ def _watch(cells: list[Cell], stop: threading.Event, say) -> None:
                 ended += 1
                 del pending[key]
                 what = ", ".join(f"{k}={v}" for k, v in cell.labels.items()) or "the recipe"
-                tail = (f"done in {status.get('seconds', 0):.0f} s" if status["state"] == "done"
-                        else f"FAILED: {str(status.get('error')).splitlines()[0]}")  # fmt: skip
+                tail = (
+                    f"done in {status.get('seconds', 0):.0f} s"
+                    if status["state"] == "done"
+                    else f"FAILED: {str(status.get('error')).splitlines()[0]}"
+                )
                 say(f"  [{ended}/{total}] {what}, seed {cell.seed}: {tail}")
 
 
@@ -499,11 +553,14 @@ def load_sweep(sweep_dir: str | os.PathLike) -> tuple[dict, list[Cell]]:
     manifest = read_json(sweep_dir / SWEEP_FILE)
     if manifest is None:
         what = "does not exist" if not sweep_dir.exists() else f"has no readable {SWEEP_FILE}"
-        raise RecipeError(f"{sweep_dir}: not a sweep directory ({what}); give the directory "
-                          "that prunekit sweep wrote (--output or sweep.dir)")  # fmt: skip
+        raise RecipeError(
+            f"{sweep_dir}: not a sweep directory ({what}); give the directory "
+            "that prunekit sweep wrote (--output or sweep.dir)"
+        )
     root = Path(manifest.get("cells_dir") or sweep_dir / "cells")
-    cells = [Cell(c["key"], c["labels"], c["seed"], [], None, root / c["key"])
-             for c in manifest["cells"]]  # fmt: skip
+    cells = [
+        Cell(c["key"], c["labels"], c["seed"], [], None, root / c["key"]) for c in manifest["cells"]
+    ]
     return manifest, cells
 
 
@@ -568,8 +625,13 @@ def summarize(values: list[float]) -> dict:
     if not values:
         return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"n": len(values), "mean": statistics.fmean(values), "std": std,
-            "min": min(values), "max": max(values)}  # fmt: skip
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "std": std,
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def collect(sweep_dir: str | os.PathLike) -> dict:
@@ -598,22 +660,38 @@ def collect(sweep_dir: str | os.PathLike) -> dict:
         elif state == "failed":
             error = str(cell.status().get("error", "?"))
             row.failed.append((cell.seed, error.splitlines()[0] if error else "?"))
-            failures.append({"key": cell.key, "labels": cell.labels, "seed": cell.seed,
-                             "error": error})  # fmt: skip
+            failures.append(
+                {"key": cell.key, "labels": cell.labels, "seed": cell.seed, "error": error}
+            )
         else:
             row.unfinished += 1
     counts = {s: sum(1 for v in states.values() if v == s) for s in STATES}
     # a metric no finished cell has is a typo, not a missing value: say what exists
     unknown = [m for m in metrics if finished and not any(r.values.get(m) for r in rows.values())]
-    table = [{"labels": r.labels, "seeds": r.seeds,
-              "metrics": {m: {**summarize(r.values.get(m, [])), "values": r.values.get(m, [])}
-                          for m in metrics},
-              "failed": _failures(r.failed), "unfinished": r.unfinished}
-             for r in rows.values()]  # fmt: skip
-    summary = {"dir": str(sweep_dir), "cells": len(cells), "states": counts, "metrics": metrics,
-               "label_keys": label_keys, "rows": table, "failures": failures,
-               "unknown_metrics": unknown,
-               "available_metrics": default_metrics(finished) if unknown else []}  # fmt: skip
+    table = [
+        {
+            "labels": r.labels,
+            "seeds": r.seeds,
+            "metrics": {
+                m: {**summarize(r.values.get(m, [])), "values": r.values.get(m, [])}
+                for m in metrics
+            },
+            "failed": _failures(r.failed),
+            "unfinished": r.unfinished,
+        }
+        for r in rows.values()
+    ]
+    summary = {
+        "dir": str(sweep_dir),
+        "cells": len(cells),
+        "states": counts,
+        "metrics": metrics,
+        "label_keys": label_keys,
+        "rows": table,
+        "failures": failures,
+        "unknown_metrics": unknown,
+        "available_metrics": default_metrics(finished) if unknown else [],
+    }
     write_atomic(sweep_dir / "table.md", markdown_table(summary))
     write_atomic(sweep_dir / "table.csv", csv_table(summary))
     write_json(sweep_dir / "summary.json", summary)
@@ -626,8 +704,10 @@ def _failures(failed: list[tuple[int, str]]) -> list[str]:
     by_error: dict[str, list[int]] = {}
     for seed, error in failed:
         by_error.setdefault(error, []).append(seed)
-    return [f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}: {error}"
-            for error, seeds in by_error.items()]  # fmt: skip
+    return [
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}: {error}"
+        for error, seeds in by_error.items()
+    ]
 
 
 def _fmt(value: float | None) -> str:
@@ -648,8 +728,10 @@ def markdown_table(summary: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary["rows"]:
         cells = [row["labels"].get(k, "") for k in keys] or ["recipe"]
-        cells.append(str(len(row["seeds"])) + (f" (+{row['unfinished']} unfinished)"
-                                                if row["unfinished"] else ""))  # fmt: skip
+        cells.append(
+            str(len(row["seeds"]))
+            + (f" (+{row['unfinished']} unfinished)" if row["unfinished"] else "")
+        )
         for m in metrics:
             s = row["metrics"][m]
             if s["n"] == 0:
@@ -657,17 +739,24 @@ def markdown_table(summary: dict) -> str:
             elif s["n"] == 1:
                 cells.append(_fmt(s["mean"]))
             else:
-                cells.append(f"{_fmt(s['mean'])} ± {_fmt(s['std'])} "
-                             f"({_fmt(s['min'])}-{_fmt(s['max'])})")  # fmt: skip
+                cells.append(
+                    f"{_fmt(s['mean'])} ± {_fmt(s['std'])} ({_fmt(s['min'])}-{_fmt(s['max'])})"
+                )
         cells.append("; ".join(row["failed"]).replace("|", "/") or "")
         lines.append("| " + " | ".join(cells) + " |")
     states = ", ".join(f"{n} {s}" for s, n in summary["states"].items() if n)
-    lines += ["", f"{summary['cells']} cells: {states}. Values: mean ± standard deviation over "
-              "seeds (min-max); one seed: its value."]  # fmt: skip
+    lines += [
+        "",
+        f"{summary['cells']} cells: {states}. Values: mean ± standard deviation over "
+        "seeds (min-max); one seed: its value.",
+    ]
     if summary.get("unknown_metrics"):
-        lines += ["", f"No finished cell has {', '.join(summary['unknown_metrics'])}; metrics "
-                  f"they have include {', '.join(summary['available_metrics'])} (or any dotted "
-                  "path into results.json)."]  # fmt: skip
+        lines += [
+            "",
+            f"No finished cell has {', '.join(summary['unknown_metrics'])}; metrics "
+            f"they have include {', '.join(summary['available_metrics'])} (or any dotted "
+            "path into results.json).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -675,9 +764,15 @@ def csv_table(summary: dict) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     keys, metrics = summary["label_keys"], summary["metrics"]
-    writer.writerow([*keys, "seeds", *(f"{m}_{s}" for m in metrics
-                                       for s in ("mean", "std", "min", "max", "n")),
-                     "failed", "unfinished"])  # fmt: skip
+    writer.writerow(
+        [
+            *keys,
+            "seeds",
+            *(f"{m}_{s}" for m in metrics for s in ("mean", "std", "min", "max", "n")),
+            "failed",
+            "unfinished",
+        ]
+    )
     for row in summary["rows"]:
         line: list[Any] = [row["labels"].get(k, "") for k in keys]
         line.append(" ".join(map(str, row["seeds"])))
@@ -713,8 +808,9 @@ def plot(summary: dict, path: Path) -> str | None:
     if not rows:
         return None
     metric = metrics[0]
-    x_key = next((k for k in keys
-                  if all(_number(r["labels"].get(k)) is not None for r in rows)), None)  # fmt: skip
+    x_key = next(
+        (k for k in keys if all(_number(r["labels"].get(k)) is not None for r in rows)), None
+    )
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if x_key is not None:
         lines: dict[tuple, list] = {}
@@ -726,8 +822,10 @@ def plot(summary: dict, path: Path) -> str | None:
             xs = [_number(r["labels"][x_key]) for r in members]
             s = [r["metrics"][metric] for r in members]
             ys = [v["mean"] for v in s]
-            err = [[y - v["min"] for y, v in zip(ys, s, strict=True)],
-                   [v["max"] - y for y, v in zip(ys, s, strict=True)]]  # fmt: skip
+            err = [
+                [y - v["min"] for y, v in zip(ys, s, strict=True)],
+                [v["max"] - y for y, v in zip(ys, s, strict=True)],
+            ]
             name = ", ".join(f"{k}={v}" for k, v in other) or metric
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
         ax.set_xlabel(x_key)
@@ -737,8 +835,10 @@ def plot(summary: dict, path: Path) -> str | None:
         names = [", ".join(r["labels"].values()) or "recipe" for r in rows]
         s = [r["metrics"][metric] for r in rows]
         ys = [v["mean"] for v in s]
-        err = [[y - v["min"] for y, v in zip(ys, s, strict=True)],
-               [v["max"] - y for y, v in zip(ys, s, strict=True)]]  # fmt: skip
+        err = [
+            [y - v["min"] for y, v in zip(ys, s, strict=True)],
+            [v["max"] - y for y, v in zip(ys, s, strict=True)],
+        ]
         ax.bar(range(len(rows)), ys, yerr=err, capsize=3)
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize="small")
     ax.set_ylabel(metric)
@@ -752,5 +852,16 @@ def plot(summary: dict, path: Path) -> str | None:
     return str(path)
 
 
-__all__ = ["Cell", "Sweep", "SweepFailed", "cell_key", "collect", "load_sweep", "parse_grid",
-           "resolve_sweep", "run_cell", "run_sweep", "validate_cells"]  # fmt: skip
+__all__ = [
+    "Cell",
+    "Sweep",
+    "SweepFailed",
+    "cell_key",
+    "collect",
+    "load_sweep",
+    "parse_grid",
+    "resolve_sweep",
+    "run_cell",
+    "run_sweep",
+    "validate_cells",
+]

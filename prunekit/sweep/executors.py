@@ -62,9 +62,13 @@ class LocalExecutor:
             if self._stopping:
                 return 130
             with open(cell / LOG_FILE, "ab") as log:
-                proc = subprocess.Popen([self.python, "-m", "prunekit.sweep", str(cell)],
-                                        stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        stdin=subprocess.DEVNULL)  # fmt: skip
+                proc = subprocess.Popen(
+                    [self.python, "-m", "prunekit.sweep", str(cell)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                )
             self._procs.add(proc)
         try:
             return proc.wait()
@@ -122,11 +126,19 @@ class SubmititExecutor:
 
     detaches = True
 
-    def __init__(self, cluster: str | None = None, partition: str | None = None,
-                 gpus_per_cell: int = 0, cpus_per_cell: int | None = None,
-                 mem_gb: float | None = None, time_min: int = 60,
-                 sbatch: dict[str, Any] | None = None, array_parallelism: int | None = None,
-                 max_requeues: int = 3, name: str = "prunekit-sweep"):  # fmt: skip
+    def __init__(
+        self,
+        cluster: str | None = None,
+        partition: str | None = None,
+        gpus_per_cell: int = 0,
+        cpus_per_cell: int | None = None,
+        mem_gb: float | None = None,
+        time_min: int = 60,
+        sbatch: dict[str, Any] | None = None,
+        array_parallelism: int | None = None,
+        max_requeues: int = 3,
+        name: str = "prunekit-sweep",
+    ):
         """:param cluster: ``slurm``, ``local`` or ``debug`` (default: Slurm when ``sbatch``
             exists here, else local).
         :param partition: Slurm partition.
@@ -137,34 +149,55 @@ class SubmititExecutor:
         :param sbatch: extra ``#SBATCH`` options, e.g. ``{account: myacct, qos: high}``.
         :param array_parallelism: cells of the array running at once (Slurm ``%N``).
         :param max_requeues: requeues after a timeout before a cell counts as failed."""
-        for key, value in (("gpus_per_cell", gpus_per_cell), ("time_min", time_min),
-                           ("max_requeues", max_requeues)):  # fmt: skip
+        for key, value in (
+            ("gpus_per_cell", gpus_per_cell),
+            ("time_min", time_min),
+            ("max_requeues", max_requeues),
+        ):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{key} must be a whole number >= 0, got {value!r}")
         if sbatch is not None and not isinstance(sbatch, dict):
             raise ValueError(f"sbatch must be a mapping of #SBATCH option to value, got {sbatch!r}")
         if cluster not in (None, "slurm", "local", "debug"):
             raise ValueError(f"cluster must be slurm, local or debug, got {cluster!r}")
-        self.options = {"cluster": cluster, "partition": partition, "gpus_per_cell": gpus_per_cell,
-                        "cpus_per_cell": cpus_per_cell, "mem_gb": mem_gb, "time_min": time_min,
-                        "sbatch": dict(sbatch or {}), "array_parallelism": array_parallelism,
-                        "max_requeues": max_requeues, "name": name}  # fmt: skip
+        self.options = {
+            "cluster": cluster,
+            "partition": partition,
+            "gpus_per_cell": gpus_per_cell,
+            "cpus_per_cell": cpus_per_cell,
+            "mem_gb": mem_gb,
+            "time_min": time_min,
+            "sbatch": dict(sbatch or {}),
+            "array_parallelism": array_parallelism,
+            "max_requeues": max_requeues,
+            "name": name,
+        }
 
     def executor(self, folder: Path):
         try:
             import submitit
         except ImportError:
-            raise RecipeError("sweep.executor submitit needs the submitit package: pip install "
-                              "submitit (or pip install 'prunekit[cluster]')") from None
+            raise RecipeError(
+                "sweep.executor submitit needs the submitit package: pip install "
+                "submitit (or pip install 'prunekit[cluster]')"
+            ) from None
         o = self.options
         try:
-            ex = submitit.AutoExecutor(folder=str(folder / "submitit"), cluster=o["cluster"],
-                                       slurm_max_num_timeout=o["max_requeues"])  # fmt: skip
+            ex = submitit.AutoExecutor(
+                folder=str(folder / "submitit"),
+                cluster=o["cluster"],
+                slurm_max_num_timeout=o["max_requeues"],
+            )
         except RuntimeError as exc:
-            raise RecipeError(f"submitit found no cluster here ({exc}); set "
-                              "sweep.executor.cluster: local to run without Slurm") from None
-        params: dict[str, Any] = {"timeout_min": o["time_min"], "name": o["name"],
-                                  "gpus_per_node": o["gpus_per_cell"]}  # fmt: skip
+            raise RecipeError(
+                f"submitit found no cluster here ({exc}); set "
+                "sweep.executor.cluster: local to run without Slurm"
+            ) from None
+        params: dict[str, Any] = {
+            "timeout_min": o["time_min"],
+            "name": o["name"],
+            "gpus_per_node": o["gpus_per_cell"],
+        }
         if o["cpus_per_cell"] is not None:
             params["cpus_per_task"] = o["cpus_per_cell"]
         if o["mem_gb"] is not None:
@@ -192,11 +225,16 @@ class SubmititExecutor:
                 except Exception as exc:  # the job died (killed, out of memory, requeues spent)
                     status = read_json(Path(cell) / STATUS_FILE) or {}
                     if status.get("state") != "done":
-                        write_json(Path(cell) / STATUS_FILE, {
-                            "state": "failed", "exit_code": 1, "job_id": job.job_id,
-                            "error": f"submitit job {job.job_id} failed: "
-                                     f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}",
-                        })  # fmt: skip
+                        write_json(
+                            Path(cell) / STATUS_FILE,
+                            {
+                                "state": "failed",
+                                "exit_code": 1,
+                                "job_id": job.job_id,
+                                "error": f"submitit job {job.job_id} failed: "
+                                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}",
+                            },
+                        )
         except BaseException:
             for job in jobs:
                 job.cancel(check=False)
@@ -207,5 +245,8 @@ class SubmititExecutor:
 @hookimpl
 def prunekit_register_executors(register) -> None:
     register("local", LocalExecutor, "this machine: a pool of `jobs` processes, one per cell")
-    register("submitit", SubmititExecutor,
-             "a Slurm job array through submitit (or submitit's local executor)")  # fmt: skip
+    register(
+        "submitit",
+        SubmititExecutor,
+        "a Slurm job array through submitit (or submitit's local executor)",
+    )

@@ -70,8 +70,9 @@ def griffin_scores(activations: torch.Tensor, token_mask: torch.Tensor) -> torch
     return torch.linalg.vector_norm(z_bar, dim=1)
 
 
-def griffin_keep(activations: torch.Tensor, token_mask: torch.Tensor, k: int,
-                 pool: int | None = None) -> torch.Tensor:  # fmt: skip
+def griffin_keep(
+    activations: torch.Tensor, token_mask: torch.Tensor, k: int, pool: int | None = None
+) -> torch.Tensor:
     """The ``k`` top channels of every sequence by :func:`griffin_scores`: ``[B, k]``, each row
     sorted ascending (the runtime's per-sequence kept-set format); with ``pool``, inside the
     batch's ``pool`` best channels (:func:`prunekit.rows.pooled_topk`)."""
@@ -116,8 +117,9 @@ class GriffinController:
             # from the block's input with the full weights
             activations = layer.probe(MLP, x, batch.position_ids, batch.token_mask)
         with self.timers("griffin_select", x.device):
-            return griffin_keep(activations, batch.token_mask, self.keep[layer.index],
-                                self.pool.get(layer.index))  # fmt: skip
+            return griffin_keep(
+                activations, batch.token_mask, self.keep[layer.index], self.pool.get(layer.index)
+            )
 
 
 def kept_parameters(adapter, keep: dict[int, int], model) -> int:
@@ -156,13 +158,18 @@ class Griffin(Method):
     def check_recipe(cls, recipe, num_layers):
         options, problems = recipe.method.options, []
         if options.get("mode", "generation") not in MODES:
-            problems.append(f"method.mode: {options['mode']!r} is not a GRIFFIN mode; choose "
-                            f"one of {', '.join(MODES)}")  # fmt: skip
+            problems.append(
+                f"method.mode: {options['mode']!r} is not a GRIFFIN mode; choose "
+                f"one of {', '.join(MODES)}"
+            )
         pool = options.get("pool")
-        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int | float)
-                                 or not 0 < pool <= 1):  # fmt: skip
-            problems.append(f"method.pool: {pool!r} is not a fraction of a layer's MLP "
-                            "channels in (0, 1]; give e.g. 0.6, or null for no pool")  # fmt: skip
+        if pool is not None and (
+            isinstance(pool, bool) or not isinstance(pool, int | float) or not 0 < pool <= 1
+        ):
+            problems.append(
+                f"method.pool: {pool!r} is not a fraction of a layer's MLP "
+                "channels in (0, 1]; give e.g. 0.6, or null for no pool"
+            )
         return problems
 
     @classmethod
@@ -185,8 +192,7 @@ class Griffin(Method):
         params_kept = kept_parameters(adapter, keep, ctx.model)
         options = self.settings.options
         fraction = options.get("pool")
-        pool = ({i: math.ceil(fraction * width[i]) for i in keep} if fraction is not None
-                else None)  # fmt: skip
+        pool = {i: math.ceil(fraction * width[i]) for i in keep} if fraction is not None else None
         controller = GriffinController(keep, pool)
         protocol = dataclasses.replace(
             self.protocol, prompt_split=MODES[options.get("mode", "generation")]

@@ -43,6 +43,7 @@ class GraniteLayerAdapter(LlamaLayerAdapter):
         # GraniteDecoderLayer: hidden = residual + block_output * residual_multiplier
         return residual + y * self.config.residual_multiplier
 
+
 class GraniteAdapter(LlamaAdapter):
     """IBM Granite causal LMs (``GraniteForCausalLM``, ``model_type: granite``): heads and MLP
     channels, as for LLaMA."""
