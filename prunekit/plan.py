@@ -20,7 +20,7 @@ import torch
 
 from prunekit.components import Method, MethodSettings, ModelAdapter
 from prunekit.data import eval_windows, locate_calibration_corpus, locate_corpus, sequence_bos
-from prunekit.data.corpora import check_head, max_tokens
+from prunekit.data.reading import check_head, max_tokens
 from prunekit.data.tasks import JsonlTask, expand_task_names, locate_task
 from prunekit.errors import DataError, ModelError, StateError, did_you_mean
 from prunekit.evaluation.zeroshot import AVERAGE_KEY

