@@ -299,12 +299,12 @@ def test_wikitext_join_rule(shared_env, smollm2, monkeypatch):
     assert 250_000 < n_tokens < 400_000  # ~305k tokens for SmolLM2's 49k BPE vocabulary
     assert w.shape == (n_tokens // 2048, 2048) and w.dtype == torch.int64
     # memoized: the second call does not tokenize again
-    from prunekit.data import corpora
+    from prunekit.data import windows
 
     def tokenize_again(*args, **kwargs):
         raise AssertionError("the WikiText-2 stream was tokenized a second time")
 
-    monkeypatch.setattr(corpora, "_encode", tokenize_again)
+    monkeypatch.setattr(windows, "_encode", tokenize_again)
     assert torch.equal(eval_windows(smollm2, src, 2048), w)
 
 

@@ -22,7 +22,7 @@ import tomllib
 import prunekit
 import prunekit.plugin
 
-REPO = Path(prunekit.__file__).parent.parent
+REPO = Path(__file__).resolve().parent.parent  # the checkout (prunekit may be installed)
 PLUGIN_FILES = sorted(
     [
         *(REPO / "plugins").rglob("*.py"),
