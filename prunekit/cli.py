@@ -23,6 +23,7 @@ from prunekit.errors import (
     storage_error,
     storage_failure,
 )
+from prunekit.recipe import check_user_overrides
 
 app = typer.Typer(
     name="prunekit",
@@ -90,6 +91,7 @@ def apply(
     from prunekit.runner import apply as run_apply
 
     _quiet(quiet)
+    check_user_overrides(set_ or ())
     result = run_apply(recipe, set_ or (), output=output)
     _print_summary(result, output)
 
@@ -187,6 +189,7 @@ def bench(
     from prunekit.runner import validate as run_validate
 
     _quiet(quiet)
+    check_user_overrides(set_ or ())
     loaded = load_recipe(recipe, set_ or ())
     rt = loaded.recipe.runtime
     explicit = {o.split("=", 1)[0].strip() for o in (set_ or ())}
@@ -302,6 +305,7 @@ def generate_cmd(
     _quiet(quiet)
     if not prompt:
         raise RecipeError("generate needs at least one --prompt TEXT")
+    check_user_overrides(set_ or ())
     prepared = prepare(recipe, set_ or ())
     tokenizer, model = prepared.tokenizer, prepared.model
     if tokenizer is None:
@@ -409,6 +413,14 @@ def sweep(
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Run finished cells again.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the cells and the executor's job settings (array size, resources, "
+            "sbatch parameters) and write nothing.",
+        ),
+    ] = False,
     detach: Annotated[
         bool,
         typer.Option("--detach", help="Submit and return (submitit); collect later with --status."),
@@ -430,6 +442,7 @@ def sweep(
     from prunekit.errors import RecipeError
     from prunekit.recipe import parse_override
     from prunekit.sweep import SweepFailed, collect, resolve_sweep, run_sweep
+    from prunekit.sweep import dry_run as dry_run_sweep
 
     _quiet(quiet)
     if status is not None:
@@ -459,9 +472,13 @@ def sweep(
         if not eq or not key.strip():
             raise RecipeError(f"--sbatch {expr}: expected OPTION=VALUE, e.g. --sbatch qos=high")
         options.setdefault("sbatch", {})[key.strip()] = value.strip()
+    check_user_overrides(set_ or ())
     resolved = resolve_sweep(
         recipe, set_ or (), grid or (), seeds, metric or (), output, executor, options
     )
+    if dry_run:
+        _print_dry_run(dry_run_sweep(resolved))
+        return
     report = None if quiet else typer.echo
     summary = run_sweep(resolved, force=force, wait=not detach, report=report)
     if detach:
@@ -474,6 +491,20 @@ def sweep(
             f"{failed} of {summary['cells']} cells failed (the others finished); "
             f"their errors are in {Path(summary['dir']) / 'table.md'}"
         )
+
+
+def _print_dry_run(plan: dict) -> None:
+    """``prunekit sweep --dry-run``: the cells and the submission, as JSON-like lines."""
+    typer.echo(f"sweep {plan['dir']} (dry run: nothing written, nothing submitted)")
+    for cell in plan["cells"]:
+        labels = ", ".join(f"{k}={v}" for k, v in cell["labels"].items()) or "the recipe"
+        state = (
+            f"invalid: {cell['invalid']}"
+            if "invalid" in cell
+            else ("finished" if cell["finished"] else "to run")
+        )
+        typer.echo(f"  cell {cell['key']} ({labels}, seed {cell['seed']}): {state}")
+    typer.echo(f"{plan['to_run']} cell(s) to run; executor: " + json.dumps(plan["executor"]))
 
 
 def _print_sweep(summary: dict) -> None:
@@ -591,7 +622,10 @@ def validate(
     from prunekit.runner import validate as run_validate
 
     _quiet(quiet)
-    plan = run_validate(recipe, set_ or ())
+    check_user_overrides(set_ or ())
+    # validate checks what holds anywhere; the host's devices and disk are checked where the
+    # recipe runs (a recipe is often written on a laptop for a GPU node)
+    plan = run_validate(recipe, set_ or (), here=False)
     r = plan.recipe
     parts = [f"{recipe}: valid", f"method {r.method.name} (ratio {r.method.ratio:g})"]
     from prunekit.loading import locate_model, peek_config
@@ -616,6 +650,8 @@ def validate(
         where = plan.recovery_source.describe() if plan.recovery_source else rec.path or rec.dataset
         parts.append(f"recovery: {rec.steps} steps of LoRA rank {rec.rank} on {where}, merged")
     typer.echo("; ".join(parts))
+    for note in plan.elsewhere:
+        typer.echo(f"not checked on this machine: {note}")
 
 
 @app.command()

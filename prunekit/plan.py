@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -55,6 +56,8 @@ class Plan:
     run: RunView | None = None
     #: lm-eval's task index for ``evaluation.lm_eval`` (built at validate, reused to evaluate)
     lm_eval_manager: Any = None
+    #: the host-dependent checks not made because the run happens elsewhere (``here=False``)
+    elsewhere: list[str] = field(default_factory=list)
 
     @property
     def recipe(self) -> Recipe:
@@ -227,6 +230,7 @@ def validate(
     check_files: bool = True,
     model=None,
     check_output: bool = True,
+    here: bool = True,
 ) -> Plan:
     """Check a recipe against the registry, the method, the model, the data files and the
     output location.
@@ -235,6 +239,10 @@ def validate(
         ``model.id`` is not looked up.
     :param check_output: check that ``output.dir`` can be written (off for ``prunekit.prune``,
         which writes nothing).
+    :param here: the run happens on this machine (``apply``, ``bench``, ``generate``, a sweep
+        cell): what depends on the host (the device, the output location) is checked too.
+        False (``prunekit validate``, a sweep submitted to other machines): those checks are
+        not made, and :attr:`Plan.elsewhere` says which, to be made where the run happens.
     """
     if not isinstance(loaded, LoadedRecipe):
         loaded = load_recipe(loaded, overrides)
@@ -253,11 +261,18 @@ def validate(
 
     # the device (one this machine has), the model (its adapter, from its config), and what
     # depends on its depth
+    elsewhere: list[str] = []
     if model is None:
         try:
             resolve_device(recipe.model.device)
         except ModelError as exc:
-            raise loaded.error(("model", "device"), str(exc)) from None
+            if here:
+                raise loaded.error(("model", "device"), str(exc)) from None
+            elsewhere.append(
+                f"model.device {recipe.model.device!r}: not on this machine ({exc}); it is "
+                "checked where the recipe runs (apply, bench, generate and every sweep cell "
+                "check it first, before any weight loads)"
+            )
     adapter_cls, num_layers, config = _model_adapter(loaded, registry, model)
     context = model_context(config)
     _check_context(loaded, method_cls, context)
@@ -268,6 +283,7 @@ def validate(
     ]:
         raise problem_error(loaded, problem)
 
+    _check_timing(loaded)
     if recipe.data_dir and not Path(recipe.data_dir).is_dir():
         raise loaded.error(("data_dir",), f"directory {recipe.data_dir!r} does not exist")
     plan = Plan(
@@ -280,6 +296,7 @@ def validate(
         adapter_cls,
         context=context,
         run=run,
+        elsewhere=elsewhere,
     )
     if check_files:
         _locate_data(loaded, plan)
@@ -287,8 +304,12 @@ def validate(
         _check_recovery(loaded, plan, check_files)
     if check_output:
         problem = output_problem(recipe.output_dir())
-        if problem:
+        if problem and here:
             raise loaded.error(("output", "dir"), problem)
+        if problem:
+            plan.elsewhere.append(
+                f"output.dir: {problem} here; it is checked where the recipe runs"
+            )
     return plan
 
 
@@ -416,6 +437,8 @@ def _locate_data(loaded: LoadedRecipe, plan: Plan) -> None:
         except DataError as exc:
             raise loaded.error(key, str(exc)) from None
         _check_text_amount(loaded, plan.calibration_source, c.seq_len, None, key)
+        _check_repetition(loaded, plan.calibration_source, c.samples, c.seq_len,
+                          ("calibration", "samples"))  # fmt: skip
     labels: dict[str, int] = {}
     for i, p in enumerate(recipe.evaluation.perplexity):
         if p.label in labels:
@@ -557,6 +580,50 @@ def _check_recovery(loaded: LoadedRecipe, plan: Plan, check_files: bool) -> None
                 "train on another file",
             )
     _check_text_amount(loaded, source, r.seq_len, None, key)
+    _check_repetition(loaded, source, r.samples, r.seq_len, ("recovery", "samples"))
+
+
+#: validate refuses windows drawn with replacement whose text could be at most this share
+#: distinct, even counted with the most generous tokenizer (one token per byte, twice over):
+#: the real share is then some 10 times lower, and more windows only repeat the same text
+MIN_DISTINCT_BOUND = 0.5
+
+
+def _check_repetition(loaded: LoadedRecipe, source, samples: int, seq_len: int,
+                      key: tuple) -> None:  # fmt: skip
+    """Refuse ``samples`` windows drawn with replacement (calibration, recovery) that ask for
+    vastly more text than the corpus holds, from file sizes alone; the run warns for the
+    milder cases once it has counted the tokens."""
+    bound = max_tokens(source)
+    if bound is None or samples * seq_len * MIN_DISTINCT_BOUND <= bound:
+        return
+    most = max(1, int(bound / (seq_len * MIN_DISTINCT_BOUND)))
+    raise loaded.error(
+        key,
+        f"{samples} windows of {seq_len} tokens ask for {samples * seq_len:,} tokens, but "
+        f"{source.describe()} holds at most {bound:,} with any tokenizer (about a tenth of that "
+        f"with a real one): the windows, drawn with replacement, would repeat the same text "
+        f"over and over; ask for at most {most} samples, or use a larger corpus",
+    )
+
+
+def _check_timing(loaded: LoadedRecipe) -> None:
+    """``runtime.batches`` no more than the first perplexity entry has (they are its first
+    batches): more would time fewer batches than asked, without a word."""
+    r = loaded.recipe
+    if not (r.runtime.batches and r.evaluation.perplexity):
+        return
+    p = r.evaluation.perplexity[0]
+    if p.windows == "all":
+        return  # counted once the text is tokenized
+    available = -(-p.windows // p.batch_size)
+    if r.runtime.batches > available:
+        raise loaded.error(
+            ("runtime", "batches"),
+            f"{r.runtime.batches} timed batches, but evaluation.perplexity[0] has only "
+            f"{available} ({p.windows} windows in batches of {p.batch_size}); time at most "
+            f"{available}, or evaluate more windows",
+        )
 
 
 def _check_text_amount(
@@ -600,8 +667,10 @@ def output_problem(out: Path) -> str | None:
             f"{str(out)!r} is an existing file, not a directory; give a directory "
             "(created if missing; a finished run's outputs in it are replaced)"
         )
-    parent = out
-    while not parent.exists():  # the nearest existing ancestor is where mkdir starts
+    # the run stages its outputs beside out (in out's parent) and renames them into place:
+    # the nearest existing ancestor of that parent is where anything is first created
+    parent = out.parent
+    while not parent.exists():
         if parent.parent == parent:
             break
         parent = parent.parent
@@ -609,8 +678,16 @@ def output_problem(out: Path) -> str | None:
         return (
             f"{str(out)!r} cannot be created: {str(parent)!r} is a file; choose another directory"
         )
-    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        return f"{str(out)!r} cannot be written: {str(parent)!r} is not writable"
+    # permission bits do not tell (read-only mounts, ACLs, root squash, full disks): create
+    # and remove a probe entry where the run would create its first one
+    try:
+        probe = tempfile.mkdtemp(prefix=".prunekit-probe-", dir=parent)
+    except OSError as exc:
+        return (
+            f"{str(out)!r} cannot be written: {str(parent)!r} is not writable "
+            f"({exc.strerror or exc}); choose another directory"
+        )
+    os.rmdir(probe)
     return None
 
 

@@ -615,6 +615,34 @@ def _check_expansion(node, path: Path) -> None:
             stack.extend(n.value)
 
 
+def _check_duplicate_keys(node, path: Path) -> None:
+    """Refuse a mapping that names a key twice: YAML keeps the last value, so the first one
+    would be lost without a word. Both lines are named."""
+    stack = [node] if node is not None else []
+    seen_nodes: set[int] = set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen_nodes:  # an alias shares its node: check it once
+            continue
+        seen_nodes.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            first: dict = {}
+            for key_node, value_node in n.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key is not None and key != "<<":  # "<<" merges a mapping in, by design
+                    line = key_node.start_mark.line + 1
+                    if key in first:
+                        raise RecipeError(
+                            f"{path}:{line}: key {key!r} appears twice in this mapping (first "
+                            f"at line {first[key]}); YAML would keep only this one and drop the "
+                            "first without a word: remove one of them"
+                        )
+                    first[key] = line
+                stack += (key_node, value_node)
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+
+
 def _line_map(node, prefix: tuple = ()) -> dict[tuple, int]:
     lines: dict[tuple, int] = {}
     if isinstance(node, yaml.MappingNode):
@@ -628,6 +656,21 @@ def _line_map(node, prefix: tuple = ()) -> dict[tuple, int]:
             lines[path] = item.start_mark.line + 1
             lines.update(_line_map(item, path))
     return lines
+
+
+def check_user_overrides(exprs) -> None:
+    """The ``--set`` values a user gave name each key once: a key given twice would keep only
+    the last value without a word. (Composed overrides, such as a sweep cell's on top of the
+    user's, may repeat a key on purpose: the later wins.)"""
+    first: dict[tuple, str] = {}
+    for expr in exprs:
+        key_path, _ = parse_override(expr)
+        if key_path in first:
+            raise RecipeError(
+                f"--set {expr}: {'.'.join(map(str, key_path))} is already set by --set "
+                f"{first[key_path]}; give each key once"
+            )
+        first[key_path] = expr
 
 
 def parse_override(expr: str) -> tuple[tuple, Any]:
@@ -750,6 +793,7 @@ def load_recipe(
         try:
             node = yaml.compose(text)
             _check_expansion(node, path)
+            _check_duplicate_keys(node, path)
             data = yaml.safe_load(text)
             lines = _line_map(node) if node is not None else {}
         except yaml.YAMLError as exc:

@@ -98,9 +98,12 @@ def test_an_output_dir_that_cannot_be_written_fails_at_validate(tmp_path, capsys
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:7"])
-def test_a_device_this_machine_does_not_have_fails_at_validate(
+def test_a_device_this_machine_does_not_have_is_checked_where_the_run_happens(
     tmp_path, capsys, monkeypatch, device
 ):
+    """``prunekit validate`` checks what holds anywhere (a recipe is often written on a laptop
+    for a GPU node) and says that the device is checked where the recipe runs; ``apply`` on
+    this machine fails at once, before any weight loads, with the device message."""
     import torch
 
     if device == "cuda":
@@ -112,9 +115,17 @@ def test_a_device_this_machine_does_not_have_fails_at_validate(
     recipe.write_text(
         f"model: {{device: '{device}'}}\nmethod: {{name: dense}}\nevaluation: {{perplexity: []}}\n"
     )
-    code, err = _validate(capsys, recipe)
-    assert code == 2 and f"{recipe}:1: model.device" in err
+    code = main(["validate", str(recipe)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"not checked on this machine: model.device '{device}': not on this machine" in out
+    assert "checked where the recipe runs" in out
+    start = time.perf_counter()
+    code = main(["apply", str(recipe), "-o", str(tmp_path / "run"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{recipe}:1: model.device" in err and "Traceback" not in err
     assert ("not available" in err) if device == "cuda" else ("cuda:0 to cuda:0" in err)
+    assert time.perf_counter() - start < 30 and not (tmp_path / "run").exists()
 
 
 def _text_recipe(tmp_path, text: str, **evaluation) -> str:
@@ -375,3 +386,111 @@ def test_an_incomplete_local_checkpoint_fails_at_validate(
     _incomplete(model_dir, what)
     code, err = _validate(capsys, path)
     assert code == 2 and f"{path}:1: model.id: " in err and needle in err
+
+
+# --------------------------------------------------------------------------------------------
+# The classes of wrong input that used to pass validate (issue 31, section 2)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, line, first",
+    [
+        ("method: {name: dense}\nseed: 1\nseed: 2\n", 3, 2),  # top level
+        ("method:\n  name: dense\n  ratio: 0.2\n  ratio: 0.4\n", 4, 3),  # nested
+        # inside a list entry (evaluation.perplexity)
+        (
+            "evaluation:\n  perplexity:\n    - dataset: ptb\n      seq_len: 64\n      seq_len: 128\n",
+            5,
+            4,
+        ),
+    ],
+)
+def test_a_key_given_twice_in_a_recipe_fails_with_both_lines(tmp_path, capsys, text, line, first):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    code, err = _validate(capsys, path)
+    assert code == 2
+    assert (
+        f"{path}:{line}: key " in err
+        and f"appears twice in this mapping (first at line {first})" in err
+    )
+
+
+def test_a_yaml_merge_key_is_not_a_duplicate(tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "x-ppl: &p {dataset: wikitext2, seq_len: 64, windows: 2, batch_size: 2}\n"
+        "evaluation:\n  perplexity:\n    - <<: *p\n      seq_len: 32\n"
+    )
+    code, err = _validate(capsys, path)
+    # the merge is fine; the unknown top-level key x-ppl is what is reported
+    assert code == 2 and "appears twice" not in err and "x-ppl" in err
+
+
+def test_a_key_set_twice_on_the_command_line(tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("method: {name: dense}\nevaluation: {perplexity: []}\n")
+    code, err = _validate(capsys, path, "--set", "seed=1", "--set", "seed=2")
+    assert code == 2
+    assert "--set seed=2: seed is already set by --set seed=1; give each key once" in err
+
+
+def test_a_key_twice_in_a_task_record_fails_at_validate(tmp_path, capsys):
+    rows = tmp_path / "t.jsonl"
+    rows.write_text(
+        '{"q": "a", "opts": ["x", "y"], "label": 0}\n'
+        '{"q": "a", "opts": ["x", "y"], "label": 0, "label": 1}\n'
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "method: {name: dense}\nevaluation:\n  perplexity: []\n  tasks:\n"
+        f"    - {{name: mine, path: '{rows}', context: '{{q}}', choices: opts, gold: label}}\n"
+    )
+    code, err = _validate(capsys, path)
+    assert code == 2 and f"{rows}:2: key 'label' appears twice in this record" in err
+
+
+def test_an_output_location_the_system_refuses_fails_at_validate(tmp_path, monkeypatch):
+    """Permission bits can say yes where creating fails (a read-only mount, ACLs, root on a
+    squashed share): validate creates and removes a probe entry instead of asking os.access."""
+    import errno
+    import tempfile
+
+    from prunekit.plan import output_problem
+
+    out = tmp_path / "runs" / "x"
+    assert output_problem(out) is None
+    assert list(tmp_path.iterdir()) == []  # the probe left nothing behind
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    problem = output_problem(out)
+    assert problem is not None
+    assert f"{str(tmp_path)!r} is not writable (Read-only file system)" in problem
+
+
+def test_calibration_that_would_only_repeat_the_text_fails_at_validate(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("word " * 400)  # 2,000 bytes: at most 4,001 tokens
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"calibration: {{path: {tmp_path / 't.txt'}, samples: 1000, seq_len: 128}}\n"
+        "method: {name: wanda-sp, ratio: 0.2, skip_layers: []}\nevaluation: {perplexity: []}\n"
+    )
+    code, err = _validate(capsys, path)
+    assert code == 2 and "calibration.samples" in err
+    assert "1000 windows of 128 tokens ask for 128,000 tokens" in err
+    assert "holds at most 4,001 with any tokenizer" in err and "at most 62 samples" in err
+
+
+def test_more_timed_batches_than_evaluated_fails_at_validate(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "method: {name: dense}\nruntime: {batches: 3}\nevaluation:\n  perplexity:\n"
+        "    - {dataset: wikitext2, seq_len: 64, windows: 4, batch_size: 2}\n"
+    )
+    code, err = _validate(capsys, path)
+    assert code == 2 and "runtime.batches" in err
+    assert "3 timed batches, but evaluation.perplexity[0] has only 2" in err

@@ -550,3 +550,81 @@ def test_an_absent_optional_section_changes_no_cell_key(workdir):
     assert cell_key(recipe) == before  # the key the section-less prunekit computed
     with_recovery = load_recipe(workdir / "r.yaml", ["recovery.path=x.txt"]).recipe
     assert cell_key(with_recovery) != before
+
+
+def test_a_gpu_sweep_submits_from_a_machine_without_a_gpu(workdir, tmp_path, monkeypatch):
+    """A cuda recipe is submitted when GPUs are requested for each cell (the login node has
+    none); each cell checks its device first on its own node and fails fast there (here, on
+    this CPU machine, through submitit's local executor). Without GPUs requested it is an
+    error at submission."""
+    pytest.importorskip("submitit")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = [
+        "sweep",
+        str(workdir / "r.yaml"),
+        "--set",
+        "model.device=cuda",
+        "--grid",
+        "method.ratio=0.25,0.5",
+        "--executor",
+        "submitit",
+        "-x",
+        "cluster=local",
+        "--time-min",
+        "5",
+        "-q",
+    ]
+    code = main([*base, "-o", str(tmp_path / "none")])
+    assert code == 2 and not (tmp_path / "none").exists()
+    out = tmp_path / "gpus"
+    code = main([*base, "--gpus-per-cell", "1", "-o", str(out)])
+    assert code == 1  # submitted; every cell failed on its node
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["states"]["failed"] == 2
+    for status in out.glob("cells/*/status.json"):
+        record = json.loads(status.read_text())
+        assert record["state"] == "failed" and "model.device" in record["error"]
+        assert "not available" in record["error"]
+
+
+def test_a_dry_run_shows_the_submission_and_writes_nothing(workdir, tmp_path, capsys):
+    pytest.importorskip("submitit")
+    out = tmp_path / "dry"
+    code = main(
+        [
+            "sweep",
+            str(workdir / "r.yaml"),
+            "--grid",
+            "method.ratio=0.25,0.5",
+            "--executor",
+            "submitit",
+            "-x",
+            "cluster=slurm",
+            "--partition",
+            "gpu",
+            "--gpus-per-cell",
+            "2",
+            "--sbatch",
+            "qos=high",
+            "--time-min",
+            "30",
+            "-o",
+            str(out),
+            "--dry-run",
+        ]
+    )
+    text = capsys.readouterr().out
+    assert code == 0 and not out.exists()
+    assert "dry run: nothing written, nothing submitted" in text
+    assert text.count(": to run") == 2 and "method.ratio=0.25" in text
+    executor = json.loads(text.strip().splitlines()[-1].split("executor: ", 1)[1])
+    assert executor["cluster"] == "slurm" and executor["array_size"] == 2
+    assert executor["parameters"] == {
+        "timeout_min": 30,
+        "name": "prunekit-sweep",
+        "gpus_per_node": 2,
+        "slurm_partition": "gpu",
+        "slurm_additional_parameters": {"qos": "high"},
+    }

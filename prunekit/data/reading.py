@@ -108,6 +108,19 @@ def _open_text(path: Path) -> Iterator[Any]:
         fh.close()
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object names a key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def json_records(path: Path, expected: str = "a JSON object") -> Iterator[tuple[int, dict]]:
     """(line number, object) of every non-empty line of a JSON-lines file (optionally .gz);
     a line that is not a JSON object is a DataError naming the file and line."""
@@ -116,7 +129,12 @@ def json_records(path: Path, expected: str = "a JSON object") -> Iterator[tuple[
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_unique_keys)
+            except _DuplicateKey as exc:
+                raise DataError(
+                    f"{path}:{lineno}: key {exc.args[0]!r} appears twice in this record; JSON "
+                    "would keep only the last value: remove one of them"
+                ) from None
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"{path}:{lineno}: not valid JSON ({exc.msg}); a JSON-lines file needs one "

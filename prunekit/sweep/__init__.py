@@ -306,18 +306,61 @@ def resolve_sweep(
     return Sweep(sweep_dir, config, cells, base, list(overrides))
 
 
-def validate_cells(sweep: Sweep, registry=None) -> dict[str, str]:
+def dry_run(sweep: Sweep, registry=None) -> dict:
+    """What ``prunekit sweep`` would do, without doing it or writing anything: the cells
+    (labels, seed, the overrides each adds, already finished or not, invalid with the error)
+    and the executor's submission (its ``describe(cells)`` when it has one)."""
+    from prunekit.registry import get_registry
+
+    registry = registry or get_registry()
+    ex_cfg = sweep.config.executor
+    executor = registry.create("executor", ex_cfg.name, ex_cfg.options, where="sweep.executor")
+    invalid = validate_cells(sweep, registry, executor)
+    cells = [
+        {
+            "key": c.key,
+            "labels": c.labels,
+            "seed": c.seed,
+            "overrides": c.overrides,
+            "finished": c.status()["state"] == "done",  # read only: no lock taken
+            **({"invalid": invalid[c.key]} if c.key in invalid else {}),
+        }
+        for c in sweep.cells
+    ]
+    runnable = sum(1 for c in cells if not c["finished"] and "invalid" not in c)
+    describe = getattr(executor, "describe", None)
+    return {
+        "dir": str(sweep.dir),
+        "cells": cells,
+        "to_run": runnable,
+        "executor": describe(runnable) if describe else {"executor": ex_cfg.name},
+    }
+
+
+def validate_cells(sweep: Sweep, registry=None, executor=None) -> dict[str, str]:
     """Check every cell as ``prunekit validate`` checks a recipe (no weights load): the
     errors by cell key. When every cell fails, the sweep is wrong, not a cell: raise the
-    first error."""
+    first error.
+
+    An executor whose cells run on other machines (``runs_elsewhere``, a scheduler) leaves
+    the host-dependent checks (device, output location) to each cell, which makes them
+    first on its own node; instead its ``device_problem(device)``, when it has one, says
+    whether what it requests for a cell provides the recipe's device (a cuda recipe with no
+    GPU requested is an error here, at submission)."""
     from prunekit.runner import validate
 
+    here = not getattr(executor, "runs_elsewhere", False)
+    device_problem = getattr(executor, "device_problem", None)
     errors: dict[str, str] = {}
     for cell in sweep.cells:
         try:
-            validate(cell.loaded, registry=registry)
+            validate(cell.loaded, registry=registry, here=here)
         except PrunekitError as exc:
             errors[cell.key] = str(exc)
+            continue
+        problem = device_problem(cell.loaded.recipe.model.device) if device_problem else None
+        if problem:
+            errors[cell.key] = f"{cell.loaded.where(('model', 'device'))}: {problem}"
     if errors and len(errors) == len(sweep.cells):
         first = sweep.cells[0]
         labels = ", ".join(f"{k}={v}" for k, v in first.labels.items()) or "the recipe"
@@ -500,7 +543,7 @@ def run_sweep(
             "process's children; drop --detach or use an executor that submits "
             "to a scheduler (submitit)"
         )
-    invalid = validate_cells(sweep, registry)
+    invalid = validate_cells(sweep, registry, executor)
     sweep.dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep.dir / SWEEP_FILE, _manifest(sweep, None))
     todo = prepare_cells(sweep, force=force)
@@ -863,5 +906,6 @@ __all__ = [
     "resolve_sweep",
     "run_cell",
     "run_sweep",
+    "dry_run",
     "validate_cells",
 ]

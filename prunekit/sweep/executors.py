@@ -13,6 +13,7 @@ Both only start cells: :func:`prunekit.sweep.run_cell` records each outcome in t
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,11 @@ class LocalExecutor:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
         self.jobs, self.threads, self.python = jobs, threads, python or sys.executable
+
+    def describe(self, cells: int) -> dict:
+        """What would run (``prunekit sweep --dry-run``): ``cells`` processes on this machine,
+        ``jobs`` at a time."""
+        return {"executor": "local", "cells": cells, "jobs": self.jobs, "threads": self.threads}
         self._procs: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
         self._stopping = False
@@ -125,6 +131,9 @@ class SubmititExecutor:
     """Submits the cells as one job array through submitit: Slurm, or ``cluster: local``."""
 
     detaches = True
+    #: the cells run on the nodes the scheduler picks: each checks its own device and disk
+    #: first, and submission checks only that what is requested can provide the device
+    runs_elsewhere = True
 
     def __init__(
         self,
@@ -173,6 +182,25 @@ class SubmititExecutor:
             "name": name,
         }
 
+    def device_problem(self, device: str) -> str | None:
+        """Why the requested resources cannot provide ``device`` (None when they can): a
+        cuda device needs GPUs per cell."""
+        wanted = str(device).strip().lower()
+        if wanted.startswith("cuda") and not self.options["gpus_per_cell"]:
+            return (
+                f"device {device!r} needs a GPU, but the executor requests none for a cell: "
+                "give --gpus-per-cell N (sweep.executor.gpus_per_cell), or model.device: cpu"
+            )
+        if wanted.startswith("cuda:") and wanted[5:].isdigit():
+            index = int(wanted[5:])
+            if index >= self.options["gpus_per_cell"]:
+                return (
+                    f"device {device!r} is GPU {index} of the node, but a cell gets "
+                    f"{self.options['gpus_per_cell']} (--gpus-per-cell): use cuda, or request "
+                    f"{index + 1} GPUs"
+                )
+        return None
+
     def executor(self, folder: Path):
         try:
             import submitit
@@ -193,6 +221,14 @@ class SubmititExecutor:
                 f"submitit found no cluster here ({exc}); set "
                 "sweep.executor.cluster: local to run without Slurm"
             ) from None
+        ex.update_parameters(**self.parameters(ex.cluster))
+        return ex
+
+    def parameters(self, cluster: str) -> dict[str, Any]:
+        """What submitit's ``update_parameters`` receives on ``cluster`` (``slurm``, ``local``,
+        ``debug``): the job's time limit, name and resources, and on Slurm the partition, the
+        extra ``#SBATCH`` options and the array's parallelism."""
+        o = self.options
         params: dict[str, Any] = {
             "timeout_min": o["time_min"],
             "name": o["name"],
@@ -202,15 +238,26 @@ class SubmititExecutor:
             params["cpus_per_task"] = o["cpus_per_cell"]
         if o["mem_gb"] is not None:
             params["mem_gb"] = o["mem_gb"]
-        if ex.cluster == "slurm":
+        if cluster == "slurm":
             if o["partition"]:
                 params["slurm_partition"] = o["partition"]
             if o["sbatch"]:
                 params["slurm_additional_parameters"] = o["sbatch"]
             if o["array_parallelism"]:
                 params["slurm_array_parallelism"] = o["array_parallelism"]
-        ex.update_parameters(**params)
-        return ex
+        return params
+
+    def describe(self, cells: int) -> dict[str, Any]:
+        """The submission without submitting (``prunekit sweep --dry-run``): one job array of
+        ``cells`` tasks and the parameters submitit would use."""
+        cluster = self.options["cluster"] or ("slurm" if shutil.which("sbatch") else "local")
+        return {
+            "executor": "submitit",
+            "cluster": cluster,
+            "array_size": cells,
+            "requeues_after_timeout": self.options["max_requeues"],
+            "parameters": self.parameters(cluster),
+        }
 
     def run(self, cells: list[Path], folder: Path, wait: bool = True) -> dict:
         ex = self.executor(Path(folder))
