@@ -240,9 +240,9 @@ def validate(
     :param check_output: check that ``output.dir`` can be written (off for ``prunekit.prune``,
         which writes nothing).
     :param here: the run happens on this machine (``apply``, ``bench``, ``generate``, a sweep
-        cell): what depends on the host (the device, the output location) is checked too.
-        False (``prunekit validate``, a sweep submitted to other machines): those checks are
-        not made, and :attr:`Plan.elsewhere` says which, to be made where the run happens.
+        cell): what depends on the host (its devices) is checked too. False (``prunekit
+        validate``, a sweep submitted to other machines): those checks are not made, and
+        :attr:`Plan.elsewhere` says which, to be made first where the run happens.
     """
     if not isinstance(loaded, LoadedRecipe):
         loaded = load_recipe(loaded, overrides)
@@ -302,14 +302,10 @@ def validate(
         _locate_data(loaded, plan)
     if recipe.recovery is not None:
         _check_recovery(loaded, plan, check_files)
-    if check_output:
+    if check_output:  # the output location is checked from here too (a login node shares it)
         problem = output_problem(recipe.output_dir())
-        if problem and here:
-            raise loaded.error(("output", "dir"), problem)
         if problem:
-            plan.elsewhere.append(
-                f"output.dir: {problem} here; it is checked where the recipe runs"
-            )
+            raise loaded.error(("output", "dir"), problem)
     return plan
 
 
@@ -608,9 +604,12 @@ def _check_repetition(loaded: LoadedRecipe, source, samples: int, seq_len: int,
 
 
 def _check_timing(loaded: LoadedRecipe) -> None:
-    """``runtime.batches`` no more than the first perplexity entry has (they are its first
-    batches): more would time fewer batches than asked, without a word."""
+    """``runtime.batches``, when the recipe sets it, no more than the first perplexity entry
+    has (they are its first batches): more would time fewer batches than asked, without a
+    word."""
     r = loaded.recipe
+    if "batches" not in r.runtime.model_fields_set:  # the default times what there is
+        return
     if not (r.runtime.batches and r.evaluation.perplexity):
         return
     p = r.evaluation.perplexity[0]

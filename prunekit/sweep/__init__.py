@@ -343,7 +343,7 @@ def validate_cells(sweep: Sweep, registry=None, executor=None) -> dict[str, str]
     first error.
 
     An executor whose cells run on other machines (``runs_elsewhere``, a scheduler) leaves
-    the host-dependent checks (device, output location) to each cell, which makes them
+    the host-dependent checks (the device) to each cell, which makes them
     first on its own node; instead its ``device_problem(device)``, when it has one, says
     whether what it requests for a cell provides the recipe's device (a cuda recipe with no
     GPU requested is an error here, at submission)."""

@@ -45,14 +45,14 @@ class LocalExecutor:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
         self.jobs, self.threads, self.python = jobs, threads, python or sys.executable
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
 
     def describe(self, cells: int) -> dict:
         """What would run (``prunekit sweep --dry-run``): ``cells`` processes on this machine,
         ``jobs`` at a time."""
         return {"executor": "local", "cells": cells, "jobs": self.jobs, "threads": self.threads}
-        self._procs: set[subprocess.Popen] = set()
-        self._lock = threading.Lock()
-        self._stopping = False
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
