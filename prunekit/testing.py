@@ -8,10 +8,13 @@
 * :func:`isolated_plugin_manager` is a context manager giving a fresh plugin manager with the
   built-in plugins (and optionally extra ones) registered, restored afterwards; the pytest
   fixture ``prunekit_pm`` (enabled by ``pytest_plugins = ["prunekit.testing"]``) wraps it.
+* :func:`prunekit_imports` lists what a plugin's source imports of prunekit, so that its tests
+  can check it uses only the plugin front (``prunekit.plugin``).
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import json
@@ -274,6 +277,30 @@ def tiny_tokenizer(*, add_bos: bool = False):
         eos_token="</s>",
         pad_token="<unk>",
     )
+
+
+def prunekit_imports(source: str | ast.AST) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import of prunekit in ``source`` (Python text or a parsed
+    tree), at the top level and inside functions: ``import prunekit.x`` gives ``prunekit.x``,
+    ``from prunekit.x import y`` gives ``prunekit.x``. A plugin that imports only the front
+    has nothing here but ``prunekit.plugin`` (and ``prunekit.testing`` in its tests)."""
+    tree = ast.parse(source) if isinstance(source, str) else source
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [
+                (node.lineno, a.name)
+                for a in node.names
+                if a.name == "prunekit" or a.name.startswith("prunekit.")
+            ]
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and node.module
+            and (node.module == "prunekit" or node.module.startswith("prunekit."))
+        ):
+            out.append((node.lineno, node.module))
+    return out
 
 
 @contextlib.contextmanager

@@ -50,7 +50,7 @@ from pathlib import Path
 import pytest
 
 import prunekit
-from prunekit.testing import isolated_plugin_manager
+from prunekit.testing import isolated_plugin_manager, prunekit_imports
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -232,25 +232,6 @@ def test_the_pages_have_blocks_and_few_are_not_run():
             assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", b.arg), f"{b.where}: name {b.arg!r}"
 
 
-def _prunekit_imports(tree: ast.AST) -> list[tuple[int, str]]:
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out += [
-                (node.lineno, a.name)
-                for a in node.names
-                if a.name == "prunekit" or a.name.startswith("prunekit.")
-            ]
-        elif (
-            isinstance(node, ast.ImportFrom)
-            and node.level == 0
-            and node.module
-            and (node.module == "prunekit" or node.module.startswith("prunekit."))
-        ):
-            out.append((node.lineno, node.module))
-    return out
-
-
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.where.removeprefix("docs/") for b in RUNNABLE])
 def test_block_imports_only_the_front(block):
     """A runnable block imports prunekit, prunekit.plugin or prunekit.testing, and reads of
@@ -258,7 +239,7 @@ def test_block_imports_only_the_front(block):
     tree = ast.parse(block.code)
     bad = [
         f"line {block.line + n - 1}: {m}"
-        for n, m in _prunekit_imports(tree)
+        for n, m in prunekit_imports(tree)
         if m not in ALLOWED_MODULES
     ]
     public = {*prunekit.__all__, "plugin", "testing"}

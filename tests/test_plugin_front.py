@@ -21,6 +21,7 @@ import tomllib
 
 import prunekit
 import prunekit.plugin
+from prunekit.testing import prunekit_imports
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout (prunekit may be installed)
 PLUGIN_FILES = sorted(
@@ -42,25 +43,6 @@ ENGINE_DEFAULTS = {
 }
 
 
-def _prunekit_imports(tree: ast.AST) -> list[tuple[int, str]]:
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out += [
-                (node.lineno, a.name)
-                for a in node.names
-                if a.name == "prunekit" or a.name.startswith("prunekit.")
-            ]
-        elif (
-            isinstance(node, ast.ImportFrom)
-            and node.level == 0
-            and node.module
-            and (node.module == "prunekit" or node.module.startswith("prunekit."))
-        ):
-            out.append((node.lineno, node.module))
-    return out
-
-
 def test_there_are_plugin_files_to_check():
     names = {p.parent.name for p in PLUGIN_FILES}
     assert {
@@ -80,7 +62,7 @@ def test_plugins_import_only_the_front(path):
     tree = ast.parse(path.read_text())
     bad = [
         f"line {line}: {module}"
-        for line, module in _prunekit_imports(tree)
+        for line, module in prunekit_imports(tree)
         if module != "prunekit.plugin"
     ]
     assert not bad, f"{path.relative_to(REPO)} imports past prunekit.plugin: {bad}"
@@ -108,7 +90,7 @@ def test_every_front_name_resolves():
 
 def test_the_front_imports_no_architecture():
     tree = ast.parse(Path(prunekit.plugin.__file__).read_text())
-    modules = [m for _, m in _prunekit_imports(tree)]
+    modules = [m for _, m in prunekit_imports(tree)]
     assert not [m for m in modules if m.startswith("prunekit.models")], modules
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -23,8 +22,6 @@ from prunekit.data.sources import (
     registered_corpora,
 )
 from prunekit.errors import DataError, did_you_mean
-
-logger = logging.getLogger("prunekit.data.corpora")
 
 
 class _LRU:

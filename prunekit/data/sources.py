@@ -4,7 +4,6 @@ and :func:`locate_corpus` (see :mod:`prunekit.data.corpora` for the resolution o
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,8 +11,6 @@ from pathlib import Path
 
 from prunekit.errors import DataError, did_you_mean
 from prunekit.registry import get_registry
-
-logger = logging.getLogger("prunekit.data.corpora")
 
 #: Environment variable naming a local data directory (layout of the shared data directory).
 DATA_DIR_ENV = "PRUNEKIT_DATA_DIR"

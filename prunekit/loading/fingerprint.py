@@ -6,11 +6,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -18,11 +17,6 @@ from prunekit._files import sha256_file
 from prunekit.devices import stored_tensor
 from prunekit.loading.aliases import _WEIGHT_PATTERNS
 from prunekit.loading.resolve import _dtype_name
-
-if TYPE_CHECKING:
-    pass
-
-logger = logging.getLogger("prunekit.loading")
 
 
 def _weights_sha256(directory: Path) -> str | None:

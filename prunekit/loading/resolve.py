@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from prunekit._files import cache_root
 from prunekit.errors import ModelError, did_you_mean
 from prunekit.loading.aliases import ALIASES, _find_gguf, _is_complete, _package_version
-
-if TYPE_CHECKING:
-    pass
-
-logger = logging.getLogger("prunekit.loading")
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
