@@ -499,10 +499,9 @@ def _check_lm_eval(loaded: LoadedRecipe, taken: set[str]):
     known = set(manager.all_tasks)
     for i, name in enumerate(cfg.tasks):
         if name not in known:
-            where_found = (
-                f"lm-eval's tasks{' and ' if include else ''}" if cfg.include_defaults else ""
-            )
-            where_found += f"the configs under {str(include)!r}" if include else ""
+            looked = ["lm-eval's tasks"] if cfg.include_defaults else []
+            looked += [f"the configs under {str(include)!r}"] if include else []
+            where_found = " and ".join(looked)
             raise loaded.error(
                 (*where, "tasks", i),
                 f"lm-eval knows no task {name!r}{did_you_mean(name, known)} "
