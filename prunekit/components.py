@@ -414,8 +414,23 @@ class ModelAdapter(ABC):
     @classmethod
     def supports(cls, config: Any) -> bool:
         """Whether this adapter handles a model with this Hugging Face ``config`` (decided from
-        the config alone, so that ``validate`` can tell before any weight loads)."""
-        return getattr(config, "model_type", None) in cls.model_types
+        the config alone, so that ``validate`` can tell before any weight loads): by default,
+        one of :attr:`model_types` that :meth:`unsupported` finds nothing wrong with."""
+        return getattr(config, "model_type", None) in cls.model_types and (
+            cls.unsupported(config) is None
+        )
+
+    @classmethod
+    def unsupported(cls, config: Any) -> str | None:
+        """Why this adapter cannot run this ``config`` of one of its :attr:`model_types`, or
+        None when it can: the config field, its value, and what the adapter's forward lacks
+        for it (``"attn_logit_softcapping=50.0: ..."``).
+
+        Check every config field that changes the forward and that the adapter's own code
+        (gathered forwards, probes, sliced modules) does not replicate, so that a close
+        variant of a supported architecture is refused at ``validate`` with this reason
+        instead of being pruned with a wrong forward."""
+        return None
 
     @abstractmethod
     def layers(self) -> list[LayerAdapter]:

@@ -457,7 +457,12 @@ def adapter_class_for(config: Any, registry: Registry | None = None, name: str |
                 f"unknown adapter {name!r}{did_you_mean(name, available)}; "
                 f"registered adapters: {', '.join(available) or '(none)'}"
             )
-        return registry.get("adapter", name).factory
+        factory = registry.get("adapter", name).factory
+        reason = _unsupported(factory, config)
+        if reason:
+            raise ModelError(f"adapter {name!r} cannot run this model: {reason}")
+        return factory
+    near = []  # adapters that serve the model type but not this config: (name, reason)
     for entry in adapter_order(registry):
         try:
             supported = entry.factory.supports(config)
@@ -469,12 +474,30 @@ def adapter_class_for(config: Any, registry: Registry | None = None, name: str |
             ) from exc
         if supported:
             return entry.factory
+        reason = _unsupported(entry.factory, config)
+        if reason and getattr(config, "model_type", None) in getattr(
+            entry.factory, "model_types", ()
+        ):
+            near.append((entry.name, reason))
     model_type = getattr(config, "model_type", None) or type(config).__name__
+    if near:
+        raise ModelError(
+            f"model type {model_type!r} is served by "
+            + "; ".join(f"adapter {n!r}, but not this model: {r}" for n, r in near)
+            + ". Install a plugin whose adapter runs it, or see docs/plugins-tutorial.md."
+        )
     raise ModelError(
         f"no model adapter supports model type {model_type!r}; supported: "
         f"{supported_architectures(registry)}. Install a plugin that registers one "
         f"(prunekit_register_adapters), or see docs/plugins-tutorial.md to write it."
     )
+
+
+def _unsupported(factory, config: Any) -> str | None:
+    """``factory.unsupported(config)`` where the adapter defines it (a third-party adapter
+    that is not a :class:`~prunekit.components.ModelAdapter` may not)."""
+    check = getattr(factory, "unsupported", None)
+    return check(config) if check is not None else None
 
 
 def resolve_adapter(model, registry: Registry | None = None, name: str | None = None):

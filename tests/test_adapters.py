@@ -150,6 +150,27 @@ def test_unsupported_architecture_fails_at_validate_with_the_supported_list(tmp_
         assert name in message
 
 
+def test_a_close_variant_is_refused_at_validate_with_the_field_that_differs(tmp_path):
+    # Gemma-2-style attention soft-capping changes the forward; the Gemma-3 adapter does not
+    # replicate it, so it must not claim such a config silently, nor when named explicitly
+    config = tiny_gemma3().config
+    config.attn_logit_softcapping = 50.0
+    config.save_pretrained(tmp_path / "capped")
+    recipe = {
+        "model": {"id": str(tmp_path / "capped")},
+        "method": {"name": "dense"},
+        "evaluation": {"perplexity": []},
+    }
+    with pytest.raises(
+        prunekit.PrunekitError, match=r"model\.id.*'gemma3'.*attn_logit_softcapping=50"
+    ):
+        prunekit.validate(recipe)
+    with pytest.raises(prunekit.PrunekitError, match=r"adapter 'gemma3' cannot run.*softcapping"):
+        prunekit.validate({**recipe, "model": {**recipe["model"], "adapter": "gemma3"}})
+    config.attn_logit_softcapping = None
+    assert adapter_class_for(config) is Gemma3Adapter
+
+
 def test_recipe_can_name_the_adapter_and_a_wrong_name_is_an_error():
     recipe = {
         "model": {"id": "smollm2-135m-instruct", "adapter": "lama"},

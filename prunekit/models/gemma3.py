@@ -97,6 +97,18 @@ class Gemma3Adapter(LlamaAdapter):
     # Gemma-3-270M a perplexity of ~220 instead of ~36
     needs_bos = True
 
+    @classmethod
+    def unsupported(cls, config) -> str | None:
+        softcap = getattr(config, "attn_logit_softcapping", None)
+        if softcap is not None:
+            # Gemma-2-style score soft-capping: the gathered and sliced attention forwards and
+            # the probe do not apply it
+            return (
+                f"attn_logit_softcapping={softcap}: prunekit's Gemma-3 attention has no score "
+                "soft-capping (Gemma-3 checkpoints set it to null)"
+            )
+        return None
+
     def gguf_model(self):
         """llama.cpp's ``gemma3`` architecture, for one shape in every layer
         (:func:`prunekit.models.gguf_llama.gemma3_gguf_model`)."""
