@@ -15,6 +15,12 @@ are timed with their state preserved, so timing never changes what the metrics s
     python benchmarks/methods.py --model gemma3-270m --timing-batch-size 5 --rounds 3
                                       # the committed table (~1 h on 2 cores)
     python benchmarks/methods.py --model gemma3-270m --quick               # smoke test
+    python benchmarks/methods.py --model gemma3-270m --seeds 0 1 --datasets wikitext2 ptb:validation \
+        --rounds 0                 # quality only: two seeds, WikiText-2 and PTB (~1.5 h)
+
+With several ``--seeds`` each seed draws its own calibration windows and evaluation windows
+(the paper's protocol varies both); only the first seed's models are timed. ``--rounds 0``
+skips timing (for a run that shares the machine: never time beside another job).
 
 The defaults fit a 2-core AVX2 CPU: float32 (bfloat16 matmuls are far slower there), windows
 of 256 tokens, one batch of 20 for the perplexity and the timing. On Gemma-3-270M a batch of
@@ -68,8 +74,68 @@ def interleaved_times(models: dict, batches, rounds: int) -> dict[str, list[floa
     return {name: rec["s_all"] for name, rec in timed.items()}
 
 
+def quality_markdown(report: dict) -> str:
+    """The table of a run over several seeds or corpora: perplexity per corpus, mean over
+    seeds with each seed's value (no timing columns unless the run timed)."""
+    s = report["settings"]
+    datasets, seeds = s["datasets"], s["seeds"]
+    names = {"wikitext2": "WikiText-2", "ptb:validation": "PTB (validation)"}
+    timed = s["rounds"] > 0
+    lines = [
+        f"# All methods on {report['model']} (CPU, {s['dtype']}): {len(seeds)} seeds",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}; torch {report['torch']}; prunekit {report['prunekit']}.  ",
+        f"Protocol: for each seed ({', '.join(map(str, seeds))}), {s['windows']} random test "
+        f"windows of {s['seq_len']} tokens of each corpus (the test split unless named), batch {s['batch_size']} (the paper's "
+        "protocol"
+        + ("; every window starts with BOS, as the adapter asks" if s["bos_per_window"] else "")
+        + f"), calibration {s['calibration']['samples']} C4 windows of "
+        f"{s['calibration']['seq_len']} drawn with the same seed; skipped layers 0-2. A dynamic "
+        "method decides on each evaluation batch of each corpus; its history starts from the "
+        "calibration data, never from the evaluation corpus. Each cell: the mean over seeds, "
+        "then each seed's value.",
+        "",
+        "Dense: "
+        + "; ".join(
+            f"{names.get(ds, ds)} {_mean(report['dense']['ppl_by_dataset'][ds]):.3f} "
+            f"({', '.join(f'{v:.3f}' for v in report['dense']['ppl_by_dataset'][ds])})"
+            for ds in datasets
+        )
+        + ".",
+        "",
+        "| method | ratio | "
+        + " | ".join(f"{names.get(ds, ds)} PPL" for ds in datasets)
+        + " | decoder MACs kept |"
+        + (" time / dense (spread) |" if timed else ""),
+        "|---|---|" + "---|" * len(datasets) + "---|" + ("---|" if timed else ""),
+    ]
+    for r in report["rows"]:
+        cells = [
+            f"{_mean(r['ppl_by_dataset'][ds]):.2f} "
+            f"({', '.join(f'{v:.2f}' for v in r['ppl_by_dataset'][ds])})"
+            for ds in datasets
+        ]
+        line = (
+            f"| {r['method']} | {r['ratio']} | " + " | ".join(cells) + " | "
+            f"{r['decoder_macs_kept_fraction']:.3f} |"
+        )
+        if timed:
+            lo, hi = r["time_vs_dense_spread"]
+            line += f" {r['time_vs_dense']:.3f} ({lo:.3f}-{hi:.3f}) |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
+    several = len(s.get("seeds", [s["seed"]])) > 1 or s.get("datasets") != ["wikitext2"]
+    if several or not s["rounds"]:
+        return quality_markdown(report)
     d = report["dense"]
     lines = [
         f"# All methods on {report['model']} (CPU, {s['dtype']})",
@@ -129,11 +195,25 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--calibration-samples", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the seed of a one-seed run")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=None, help="several seeds (default: --seed)"
+    )
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["wikitext2"],
+        help="evaluation corpora as name or name:split (default split test; offline, PTB has "
+        "only ptb:validation): the first is the one the time columns go with",
+    )
+    parser.add_argument(
+        "--suffix", default="", help="appended to the report's file names (methods_<name><suffix>)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test, not a result")
     args = parser.parse_args()
     if args.quick:
-        args.windows, args.timing_batches, args.rounds, args.ratios = 4, 1, 1, [0.4]
+        args.windows, args.timing_batches, args.ratios = 4, 1, [0.4]
+        args.rounds = min(args.rounds, 1)
         args.batch_size, args.calibration_samples = 2, 32
     name = args.name or args.model.split("/")[-1].split("-")[0]
     calibration = {
@@ -143,72 +223,96 @@ def main() -> None:
         "batch_size": 16,
     }
 
+    seeds = args.seeds or [args.seed]
     loaded = load_model(args.model, dtype=args.dtype)
     dense_model, tokenizer = loaded.model, loaded.tokenizer
     adapter = resolve_adapter(dense_model)
     bos_id = sequence_bos("auto", adapter, tokenizer)  # as a recipe's default: the adapter says
-    windows = eval_windows(
-        tokenizer,
-        locate_corpus("wikitext2", "test"),
-        args.seq_len,
-        args.windows,
-        "random",
-        seed=args.seed,
-        batch_size=args.batch_size,
-        bos_id=bos_id,
-    )
+    test_sets = {  # (seed, corpus) -> windows
+        (seed, ds): eval_windows(
+            tokenizer,
+            locate_corpus(*(ds.split(":", 1) if ":" in ds else (ds, "test"))),
+            args.seq_len,
+            args.windows,
+            "random",
+            seed=seed,
+            batch_size=args.batch_size,
+            bos_id=bos_id,
+        )
+        for seed in seeds
+        for ds in args.datasets
+    }
+    windows = test_sets[(seeds[0], args.datasets[0])]
     timing_size = args.timing_batch_size or args.batch_size
     timing = list(torch.split(windows, timing_size))[: args.timing_batches]
-    dense = perplexity(dense_model, windows, args.batch_size, description="dense")
+    dense_ppl = {
+        ds: [
+            perplexity(dense_model, test_sets[(seed, ds)], args.batch_size, description="dense")[
+                "ppl"
+            ]
+            for seed in seeds
+        ]
+        for ds in args.datasets
+    }
     dense_macs = structure_reduction(adapter, None, args.seq_len)["decoder_macs_per_token"]
     params = sum(p.numel() for p in dense_model.parameters())
     head = dense_model.get_output_embeddings().weight
-    log(f"dense: ppl {dense['ppl']:.3f}")
+    log(f"dense: ppl {dense_ppl}")
 
     rows, models = [], {"dense": dense_model}
     for ratio in args.ratios:
         for method in args.methods:
-            model = load_model(args.model, dtype=args.dtype).model
-            torch.manual_seed(args.seed)
-            start = time.perf_counter()
-            outcome = prunekit.prune(
-                model,
-                tokenizer,
-                method=method,
-                ratio=ratio,
-                calibration=calibration,
-                seed=args.seed,
-            )
-            prune_s = time.perf_counter() - start
-            ppl = perplexity(outcome.model, windows, args.batch_size, description=method)["ppl"]
-            reduction = structure_reduction(adapter, outcome.structure, args.seq_len)
-            rows.append(
-                {
-                    "method": method,
-                    "ratio": ratio,
-                    "dynamic": outcome.dynamic,
-                    "ppl": ppl,
-                    "prune_s": prune_s,
-                    "params_kept_fraction": (outcome.params_kept or params) / params,
-                    "decoder_macs_kept_fraction": reduction["flops_kept_fraction"],
-                    "structure": outcome.structure,
-                }
-            )
-            models[f"{method}@{ratio}"] = outcome.model
+            row = {"method": method, "ratio": ratio, "ppl_by_dataset": {}, "prune_s_all": []}
+            for seed in seeds:
+                model = load_model(args.model, dtype=args.dtype).model
+                torch.manual_seed(seed)
+                start = time.perf_counter()
+                outcome = prunekit.prune(
+                    model,
+                    tokenizer,
+                    method=method,
+                    ratio=ratio,
+                    calibration=calibration,
+                    seed=seed,
+                )
+                row["prune_s_all"].append(time.perf_counter() - start)
+                # a dynamic method starts each evaluation from its post-calibration state
+                for ds in args.datasets:
+                    ppl = perplexity(
+                        outcome.model, test_sets[(seed, ds)], args.batch_size, description=method
+                    )["ppl"]
+                    row["ppl_by_dataset"].setdefault(ds, []).append(ppl)
+                if seed == seeds[0]:
+                    reduction = structure_reduction(adapter, outcome.structure, args.seq_len)
+                    row.update(
+                        dynamic=outcome.dynamic,
+                        params_kept_fraction=(outcome.params_kept or params) / params,
+                        decoder_macs_kept_fraction=reduction["flops_kept_fraction"],
+                        structure=outcome.structure,
+                    )
+                    if args.rounds > 0:
+                        models[f"{method}@{ratio}"] = outcome.model
+                del outcome, model
+                gc.collect()
+            row["ppl"] = _mean(row["ppl_by_dataset"][args.datasets[0]])
+            row["prune_s"] = statistics.median(row["prune_s_all"])
+            rows.append(row)
             log(
-                f"{method} r={ratio}: ppl {ppl:.3f}, MACs kept "
-                f"{reduction['flops_kept_fraction']:.3f}, prune {prune_s:.1f} s"
+                f"{method} r={ratio}: ppl {row['ppl_by_dataset']}, MACs kept "
+                f"{row['decoder_macs_kept_fraction']:.3f}"
             )
-            gc.collect()
 
-    times = interleaved_times(models, timing, args.rounds)
-    dense_median = statistics.median(times["dense"])
-    for row in rows:
-        ratios = [t / dense_median for t in times[f"{row['method']}@{row['ratio']}"]]
-        row["s_per_batch"] = statistics.median(times[f"{row['method']}@{row['ratio']}"])
-        row["time_vs_dense"] = row["s_per_batch"] / dense_median
-        row["time_vs_dense_spread"] = [min(ratios), max(ratios)]
-        row["s_all"] = times[f"{row['method']}@{row['ratio']}"]
+    dense_median = None
+    if args.rounds > 0:
+        times = interleaved_times(models, timing, args.rounds)
+        dense_median = statistics.median(times["dense"])
+        for row in rows:
+            key = f"{row['method']}@{row['ratio']}"
+            ratios = [t / dense_median for t in times[key]]
+            row["s_per_batch"] = statistics.median(times[key])
+            row["time_vs_dense"] = row["s_per_batch"] / dense_median
+            row["time_vs_dense_spread"] = [min(ratios), max(ratios)]
+            row["s_all"] = times[key]
     report = {
         "command": "python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
@@ -221,7 +325,9 @@ def main() -> None:
             "windows": int(windows.shape[0]),
             "seq_len": args.seq_len,
             "batch_size": args.batch_size,
-            "seed": args.seed,
+            "seed": seeds[0],
+            "seeds": seeds,
+            "datasets": args.datasets,
             "timing_batches": len(timing),
             "timing_batch_size": timing_size,
             "rounds": args.rounds,
@@ -231,20 +337,21 @@ def main() -> None:
         },
         "lm_head_macs_per_token": head.shape[0] * head.shape[1],
         "dense": {
-            "ppl": dense["ppl"],
+            "ppl": _mean(dense_ppl[args.datasets[0]]),
+            "ppl_by_dataset": dense_ppl,
             "s_per_batch": dense_median,
-            "s_spread": [min(times["dense"]), max(times["dense"])],
-            "s_all": times["dense"],
+            "s_spread": [min(times["dense"]), max(times["dense"])] if dense_median else None,
+            "s_all": times["dense"] if dense_median else None,
             "decoder_macs_per_token": dense_macs,
         },
         "rows": rows,
     }
-    suffix = "_quick" if args.quick else ""
+    suffix = args.suffix + ("_quick" if args.quick else "")
     out = HERE / "results" / f"methods_{name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     if not args.quick:
-        (HERE / f"methods_{name}.md").write_text(markdown(report))
+        (HERE / f"methods_{name}{suffix}.md").write_text(markdown(report))
     print(markdown(report))
 
 
