@@ -1,6 +1,6 @@
 """Helpers for tests of prunekit and of third-party plugins (our ``pytester``).
 
-* ``tiny_llama``, ``tiny_mistral``, ``tiny_qwen2``, ``tiny_opt``, ``tiny_gemma3`` build small
+* ``tiny_llama``, ``tiny_mistral``, ``tiny_qwen2``, ``tiny_opt``, ``tiny_gemma3``, ``tiny_phi3`` build small
   random models of each built-in architecture in a second, offline; ``tiny_tokenizer`` is a
   word-level tokenizer for their vocabulary.
 * :func:`check_adapter` is the conformance kit an adapter author runs on a tiny random model of
@@ -247,6 +247,63 @@ def tiny_gemma3(
         query_pre_attn_scalar=head_dim * 3 // 4,
         max_position_embeddings=512,
         pad_token_id=0,
+    )
+
+
+def tiny_phi3(
+    *,
+    heads: int = 4,
+    kv_heads: int = 2,
+    layers: int = 3,
+    head_dim: int = 16,
+    intermediate: int = 64,
+    partial_rotary_factor: float = 1.0,
+    longrope: int | None = None,
+    sliding_window: int | None = None,
+    tie_word_embeddings: bool = False,
+    vocab: int = 128,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """A small random ``Phi3ForCausalLM``: fused ``qkv_proj`` and ``gate_up_proj``, GQA when
+    ``kv_heads < heads``, RoPE on the first ``partial_rotary_factor * head_dim`` dims of each
+    head. ``longrope``: long-rope scaling with ``original_max_position_embeddings=longrope``
+    (shorter than test inputs to use the long factors) and distinct short and long factor
+    lists; ``sliding_window``: every layer attends within it."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    rope: dict = {"rope_type": "default", "rope_theta": 10000.0}
+    if longrope is not None:
+        n = int(head_dim * partial_rotary_factor) // 2
+        rope = {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.1 * i for i in range(n)],
+            "long_factor": [1.5 + 0.75 * i for i in range(n)],
+            "original_max_position_embeddings": longrope,
+        }
+    rope["partial_rotary_factor"] = partial_rotary_factor
+    return _tiny(
+        Phi3Config,
+        Phi3ForCausalLM,
+        attn_implementation,
+        seed,
+        dtype,
+        vocab_size=vocab,
+        hidden_size=heads * head_dim,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        rope_parameters=rope,
+        original_max_position_embeddings=longrope or 512,
+        sliding_window=sliding_window,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
 
 

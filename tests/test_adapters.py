@@ -16,6 +16,7 @@ from prunekit.testing import (
     tiny_llama,
     tiny_mistral,
     tiny_opt,
+    tiny_phi3,
     tiny_qwen2,
 )
 
@@ -86,6 +87,7 @@ TINY = {
     "qwen2": lambda: tiny_qwen2(),
     "opt": lambda: tiny_opt(),
     "gemma3": lambda: tiny_gemma3(),
+    "phi3": lambda: tiny_phi3(),
 }
 METHODS = ["pp", "pp-fullbatch", "pp-history", "pp-calib", "wanda-sp", "flap", "llm-pruner"]
 

@@ -19,7 +19,7 @@ from prunekit.components import ATTN, MLP, DynamicProtocol
 from prunekit.pruning.dynamic import DynamicModel
 from prunekit.registry import resolve_adapter
 from prunekit.rows import RowUnion, row_union
-from prunekit.testing import tiny_gemma3, tiny_llama, tiny_mistral, tiny_opt
+from prunekit.testing import tiny_gemma3, tiny_llama, tiny_mistral, tiny_opt, tiny_phi3
 
 ATOL = 1e-5
 
@@ -45,6 +45,7 @@ MODELS = {
     "mistral-sliding": lambda: tiny_mistral(sliding_window=5),
     "opt": lambda: tiny_opt(),
     "gemma3": lambda: tiny_gemma3(),
+    "phi3-mha-longrope": lambda: tiny_phi3(kv_heads=4, longrope=4, partial_rotary_factor=0.5),
 }
 
 
