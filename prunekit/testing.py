@@ -1,8 +1,8 @@
 """Helpers for tests of prunekit and of third-party plugins (our ``pytester``).
 
-* ``tiny_llama``, ``tiny_mistral``, ``tiny_qwen2``, ``tiny_opt``, ``tiny_gemma3``, ``tiny_phi3`` build small
-  random models of each built-in architecture in a second, offline; ``tiny_tokenizer`` is a
-  word-level tokenizer for their vocabulary.
+* ``tiny_llama``, ``tiny_mistral``, ``tiny_qwen2``, ``tiny_opt``, ``tiny_gemma3``, ``tiny_phi3``,
+  ``tiny_qwen3`` build small random models of each built-in architecture in a second, offline;
+  ``tiny_tokenizer`` is a word-level tokenizer for their vocabulary.
 * :func:`check_adapter` is the conformance kit an adapter author runs on a tiny random model of
   their architecture; :class:`AdapterConformance` runs the same checks as pytest tests.
 * :func:`isolated_plugin_manager` is a context manager giving a fresh plugin manager with the
@@ -304,6 +304,52 @@ def tiny_phi3(
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+    )
+
+
+def tiny_qwen3(
+    *,
+    heads: int = 4,
+    kv_heads: int = 2,
+    layers: int = 3,
+    head_dim: int = 24,
+    hidden: int = 64,
+    intermediate: int = 64,
+    sliding_window: int | None = None,
+    max_window_layers: int = 1,
+    attention_bias: bool = False,
+    tie_word_embeddings: bool = False,
+    vocab: int = 128,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """A small random ``Qwen3ForCausalLM``: q/k RMSNorms over ``head_dim`` (random weights, so
+    they matter), ``head_dim`` independent of ``hidden / heads``, GQA when ``kv_heads < heads``.
+    With ``sliding_window`` the layers from ``max_window_layers`` on attend within it (shorter
+    than test inputs), the first ones fully; ``attention_bias`` gives q/k/v/o biases."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return _tiny(
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        attn_implementation,
+        seed,
+        dtype,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        attention_bias=attention_bias,
+        use_sliding_window=sliding_window is not None,
+        sliding_window=sliding_window,
+        max_window_layers=max_window_layers,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=0,
     )
 
 

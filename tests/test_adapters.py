@@ -18,6 +18,7 @@ from prunekit.testing import (
     tiny_opt,
     tiny_phi3,
     tiny_qwen2,
+    tiny_qwen3,
 )
 
 
@@ -88,6 +89,8 @@ TINY = {
     "opt": lambda: tiny_opt(),
     "gemma3": lambda: tiny_gemma3(),
     "phi3": lambda: tiny_phi3(),
+    "qwen3": lambda: tiny_qwen3(sliding_window=5),
+    "qwen3-mha": lambda: tiny_qwen3(kv_heads=4, attention_bias=True, tie_word_embeddings=True),
 }
 METHODS = ["pp", "pp-fullbatch", "pp-history", "pp-calib", "wanda-sp", "flap", "llm-pruner"]
 
@@ -95,7 +98,7 @@ METHODS = ["pp", "pp-fullbatch", "pp-history", "pp-calib", "wanda-sp", "flap", "
 @pytest.mark.parametrize("arch", TINY)
 def test_resolution_picks_the_architecture_adapter(arch):
     model = TINY[arch]()
-    expected = {"llama-mha": "llama", "llama-gqa": "llama"}.get(arch, arch)
+    expected = {"llama-mha": "llama", "llama-gqa": "llama", "qwen3-mha": "qwen3"}.get(arch, arch)
     assert adapter_class_for(model.config).name == expected
 
 
@@ -148,7 +151,7 @@ def test_unsupported_architecture_fails_at_validate_with_the_supported_list(tmp_
         prunekit.validate(recipe)
     message = str(err.value)
     assert "model.id" in message and "'gpt2'" in message
-    for name in ("llama", "mistral", "qwen2", "opt", "gemma3"):
+    for name in ("llama", "mistral", "qwen2", "opt", "gemma3", "qwen3"):
         assert name in message
 
 
@@ -242,7 +245,7 @@ def test_dynamic_methods_prune_every_architecture(arch, method):
     assert outcome.model.runtime.timers is not None
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "gemma3", "llama-mha"])
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma3", "llama-mha", "qwen3"])
 def test_slicing_an_already_sliced_model_composes_the_kv_mapping(arch):
     import copy
 

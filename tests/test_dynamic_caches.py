@@ -20,7 +20,15 @@ from prunekit.evaluation.perplexity import cache_keyword, output_cache
 from prunekit.pruning.dynamic import DynamicModel
 from prunekit.registry import resolve_adapter
 from prunekit.rows import row_union, select_cache_heads
-from prunekit.testing import tiny_gemma3, tiny_llama, tiny_mistral, tiny_opt, tiny_phi3, tiny_qwen2
+from prunekit.testing import (
+    tiny_gemma3,
+    tiny_llama,
+    tiny_mistral,
+    tiny_opt,
+    tiny_phi3,
+    tiny_qwen2,
+    tiny_qwen3,
+)
 
 ATOL = 1e-9
 #: the cache keyword of this transformers version (``cache`` from 5.24, ``past_key_values`` before)
@@ -36,8 +44,10 @@ MODELS = {
     "gemma3-mha": lambda: tiny_gemma3(kv_heads=4, dtype=torch.float64),
     "phi3-longrope": lambda: tiny_phi3(longrope=4, partial_rotary_factor=0.5, dtype=torch.float64),
     "phi3-mha-sliding": lambda: tiny_phi3(kv_heads=4, sliding_window=5, dtype=torch.float64),
+    "qwen3-sliding": lambda: tiny_qwen3(sliding_window=5, dtype=torch.float64),
+    "qwen3-mha": lambda: tiny_qwen3(kv_heads=4, attention_bias=True, dtype=torch.float64),
 }
-MHA = ["llama-mha", "opt", "gemma3-mha", "phi3-mha-sliding"]
+MHA = ["llama-mha", "opt", "gemma3-mha", "qwen3-mha", "phi3-mha-sliding"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

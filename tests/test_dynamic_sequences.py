@@ -1,7 +1,7 @@
 """Per-sequence kept sets, decisions on the prompt, and generation with dynamic pruning.
 
 A toy controller that decides from each row alone checks the runtime on every tiny
-architecture (MHA, GQA, sliding windows, OPT, Gemma-3); ``pp-seq`` checks the same on PP;
+architecture (MHA, GQA, sliding windows, OPT, Gemma-3, Qwen3); ``pp-seq`` checks the same on PP;
 generation checks that decoding steps reuse the prompt's kept sets and that the KV cache is
 consistent with them.
 """
@@ -19,7 +19,7 @@ from prunekit.components import ATTN, MLP, DynamicProtocol
 from prunekit.pruning.dynamic import DynamicModel
 from prunekit.registry import resolve_adapter
 from prunekit.rows import RowUnion, row_union
-from prunekit.testing import tiny_gemma3, tiny_llama, tiny_mistral, tiny_opt, tiny_phi3
+from prunekit.testing import tiny_gemma3, tiny_llama, tiny_mistral, tiny_opt, tiny_phi3, tiny_qwen3
 
 ATOL = 1e-5
 
@@ -46,6 +46,7 @@ MODELS = {
     "opt": lambda: tiny_opt(),
     "gemma3": lambda: tiny_gemma3(),
     "phi3-mha-longrope": lambda: tiny_phi3(kv_heads=4, longrope=4, partial_rotary_factor=0.5),
+    "qwen3-sliding": lambda: tiny_qwen3(sliding_window=5),
 }
 
 

@@ -21,7 +21,14 @@ import prunekit
 from prunekit.cli import main
 from prunekit.errors import ExportError
 from prunekit.export import export
-from prunekit.testing import tiny_gemma3, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2
+from prunekit.testing import (
+    tiny_gemma3,
+    tiny_llama,
+    tiny_mistral,
+    tiny_opt,
+    tiny_qwen2,
+    tiny_qwen3,
+)
 
 if os.environ.get("PRUNEKIT_REQUIRE_LLAMA_CPP") == "1":
     import llama_cpp  # noqa: F401  (CI: a missing binding is a failure, not a skip)
@@ -161,6 +168,7 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys):
         (lambda: tiny_opt(), "llama.cpp has no OPT architecture"),
         (lambda: tiny_gemma3(), "query_pre_attn_scalar is 24, not the head size 32"),
         (lambda: tiny_mistral(sliding_window=5), "sliding window of 5 tokens"),
+        (lambda: tiny_qwen3(sliding_window=5), "layers \\[1, 2\\] .*sliding window of 5"),
     ],
 )
 def test_architectures_llama_cpp_cannot_hold_are_refused_before_writing(tmp_path, factory, words):

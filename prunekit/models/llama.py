@@ -361,8 +361,11 @@ def _plain_rms_forwards() -> frozenset:
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
         from transformers.models.mistral.modeling_mistral import MistralRMSNorm
         from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-        _RMS_FORWARDS = frozenset(c.forward for c in (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm))
+        _RMS_FORWARDS = frozenset(
+            c.forward for c in (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm)
+        )
     return _RMS_FORWARDS
 
 

@@ -1,5 +1,5 @@
-"""Pruned LLaMA-family modelling (LLaMA, Mistral, Qwen2), self-contained (imports only torch
-and transformers).
+"""Pruned LLaMA-family modelling (LLaMA, Mistral, Qwen2, Qwen3), self-contained (imports only
+torch and transformers).
 
 This file is part of prunekit **and** is copied verbatim into every saved checkpoint of these
 families whose layers have per-layer shapes, as ``modeling_prunekit_<adapter>.py``: the
@@ -11,6 +11,10 @@ checkpoint's). Keep it free of prunekit imports.
 The forward functions here (:func:`attention_forward`, :func:`mlp_forward`) are also what the
 prunekit adapters run on gathered weights, so a physically pruned layer and the dynamic
 runtime compute the same thing.
+
+Qwen3's attention is LLaMA's with an RMSNorm over ``head_dim`` on each query and key head before
+RoPE (``q_norm``/``k_norm``, shared by every head, never sliced): :class:`AttentionWeights` and
+:class:`PrunedLlamaAttention` carry them when the family has them.
 
 Per-layer shapes live in ``config.prunekit_layers`` (lists indexed by layer):
 ``num_heads`` (kept query heads), ``num_kv_heads`` (k/v heads stored), ``kv_index`` (the KV
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 PRUNED_LAYERS_KEY = "prunekit_layers"
 
@@ -67,6 +71,10 @@ class AttentionWeights:
     #: kernel on zero-padded queries against the cached K/V as they are, instead of copying
     #: the cache per query head
     kv_slots: torch.Tensor | None = None
+    #: RMSNorms over ``head_dim`` applied to every query / key head before RoPE (Qwen3; the
+    #: layer's own modules), None where the family has none
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
 
 
 def kv_slots(kv_index: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, int]:
@@ -162,12 +170,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def project_qkv(x: torch.Tensor, w: AttentionWeights, cos, sin):
-    """Queries, keys, values of ``x`` [B, T, d] ([B, H, T, d_h]), RoPE applied at cos/sin."""
+    """Queries, keys, values of ``x`` [B, T, d] ([B, H, T, d_h]): projected, q/k-normed when
+    ``w`` has the norms, RoPE applied at cos/sin."""
     bsz, seq = x.shape[:2]
     hd = w.head_dim
     q = F.linear(x, w.q, w.q_bias).view(bsz, seq, -1, hd).transpose(1, 2)
     k = F.linear(x, w.k, w.k_bias).view(bsz, seq, -1, hd).transpose(1, 2)
     v = F.linear(x, w.v, w.v_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    if w.q_norm is not None:
+        q, k = w.q_norm(q), w.k_norm(k)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -242,7 +253,8 @@ class PrunedLlamaAttention(nn.Module):
     """LLaMA attention with a subset of query heads; drop-in for ``LlamaAttention``.
 
     ``kv_index[i]`` is the KV head used by kept query head ``i`` (``arange`` with MHA, where
-    k/v rows are pruned with their query head); groups may be unequal.
+    k/v rows are pruned with their query head); groups may be unequal. ``q_norm``/``k_norm``:
+    Qwen3's per-head RMSNorms (the original attention's modules), else None.
     """
 
     def __init__(
@@ -256,6 +268,8 @@ class PrunedLlamaAttention(nn.Module):
         o_proj: nn.Linear,
         kv_index: torch.Tensor,
         scaling: float | None = None,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.sliding_window = layer_sliding_window(config, layer_idx)
@@ -263,6 +277,7 @@ class PrunedLlamaAttention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = head_dim
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.q_norm, self.k_norm = q_norm, k_norm
         kv_index = kv_index.long().clone().to(q_proj.weight.device)
         self.register_buffer("kv_index", kv_index, persistent=True)
         self._identity: bool | None = None  # see _kv_identity
@@ -279,8 +294,11 @@ class PrunedLlamaAttention(nn.Module):
         kv_index: list[int],
         o_bias: bool,
         qkv_bias: bool,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
     ) -> PrunedLlamaAttention:
-        """Modules of the right shapes (weights are loaded afterwards)."""
+        """Modules of the right shapes (weights are loaded afterwards); the q/k norms, which
+        pruning never changes, are given as they are."""
         hd = head_dim_of(config)
         d = config.hidden_size
         return cls(
@@ -292,6 +310,8 @@ class PrunedLlamaAttention(nn.Module):
             _linear(d, num_kv_heads * hd, qkv_bias),
             _linear(num_heads * hd, d, o_bias),
             torch.tensor(kv_index, dtype=torch.long),
+            q_norm=q_norm,
+            k_norm=k_norm,
         )
 
     @property
@@ -324,6 +344,8 @@ class PrunedLlamaAttention(nn.Module):
             self.o_proj.bias,
             None if self._kv_identity() else self.kv_index,
             self.head_dim,
+            q_norm=self.q_norm,
+            k_norm=self.k_norm,
         )
 
     def forward(
@@ -357,6 +379,7 @@ def apply_layer_shapes(model: nn.Module, spec: dict, qkv_bias: bool, o_bias: boo
     d = config.hidden_size
     mlp_bias = bool(getattr(config, "mlp_bias", False))
     for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn  # its q/k norms (Qwen3), if any, are kept
         layer.self_attn = PrunedLlamaAttention.empty(
             config,
             i,
@@ -365,6 +388,8 @@ def apply_layer_shapes(model: nn.Module, spec: dict, qkv_bias: bool, o_bias: boo
             spec["kv_index"][i],
             bool(spec["o_bias"][i]) or o_bias,
             qkv_bias,
+            getattr(attn, "q_norm", None),
+            getattr(attn, "k_norm", None),
         )
         inter = spec["intermediate_size"][i]
         mlp = layer.mlp
@@ -374,8 +399,8 @@ def apply_layer_shapes(model: nn.Module, spec: dict, qkv_bias: bool, o_bias: boo
 
 
 def _attention_biases(config, family: str) -> tuple[bool, bool]:
-    """(q/k/v bias, o bias) of a family: Qwen2 always biases q/k/v and never o; LLaMA and
-    Mistral follow ``config.attention_bias`` for all four."""
+    """(q/k/v bias, o bias) of a family: Qwen2 always biases q/k/v and never o; LLaMA,
+    Mistral and Qwen3 follow ``config.attention_bias`` for all four."""
     if family == "qwen2":
         return True, False
     bias = bool(getattr(config, "attention_bias", False))
@@ -410,3 +435,11 @@ class PrunekitQwen2ForCausalLM(Qwen2ForCausalLM):
     def __init__(self, config) -> None:
         super().__init__(config)
         _reshape(self, "qwen2")
+
+
+class PrunekitQwen3ForCausalLM(Qwen3ForCausalLM):
+    """A Qwen3 causal LM with the per-layer shapes of ``config.prunekit_layers``."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        _reshape(self, "qwen3")
