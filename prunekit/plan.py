@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -25,6 +26,7 @@ from prunekit.data.reading import check_head, max_tokens
 from prunekit.data.tasks import JsonlTask, expand_task_names, locate_task
 from prunekit.errors import DataError, ModelError, StateError, did_you_mean
 from prunekit.evaluation.zeroshot import AVERAGE_KEY
+from prunekit.host import check_host
 from prunekit.loading import local_checkpoint_problem, peek_config, resolve_device
 from prunekit.recipe import LoadedRecipe, Recipe, load_recipe
 from prunekit.recovery import check_target_modules
@@ -262,9 +264,10 @@ def validate(
     # the device (one this machine has), the model (its adapter, from its config), and what
     # depends on its depth
     elsewhere: list[str] = []
+    device = None
     if model is None:
         try:
-            resolve_device(recipe.model.device)
+            device = resolve_device(recipe.model.device)
         except ModelError as exc:
             if here:
                 raise loaded.error(("model", "device"), str(exc)) from None
@@ -274,6 +277,17 @@ def validate(
                 "check it first, before any weight loads)"
             )
     adapter_cls, num_layers, config = _model_adapter(loaded, registry, model)
+    if model is None and here and device is not None:
+        problems, notes = check_host(recipe, config, device)
+        if problems:
+            raise loaded.error(*problems[0])
+        for note in notes:
+            warnings.warn(f"model.id: {note}", stacklevel=2)
+    elif model is None and not here:
+        elsewhere.append(
+            "memory for the weights and free disk for output.save_model: checked where the "
+            "recipe runs, before any weight loads"
+        )
     context = model_context(config)
     _check_context(loaded, method_cls, context)
     _check_depth(loaded, method_cls, num_layers, run)

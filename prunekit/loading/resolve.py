@@ -235,6 +235,16 @@ def local_checkpoint_problem(model_id: str) -> str | None:
     return None
 
 
+def converted_alias(model_id: str, cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The cached Hugging Face checkpoint an alias was converted to, if complete (else None)."""
+    spec = ALIASES[model_id]
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    for converted in sorted((root / "models").glob(f"{spec.slug}-*")):
+        if _is_complete(converted):
+            return converted
+    return None
+
+
 def peek_config(model_id: str, cache_dir: str | os.PathLike[str] | None = None) -> Any | None:
     """The model's Hugging Face config, read without loading any weight, or None if unknown.
 
@@ -251,10 +261,9 @@ def peek_config(model_id: str, cache_dir: str | os.PathLike[str] | None = None) 
     source = location["source"]
     if source == "alias":
         spec = ALIASES[model_id]
-        root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-        for converted in sorted((root / "models").glob(f"{spec.slug}-*")):
-            if _is_complete(converted):
-                return _auto_config(str(converted))
+        converted = converted_alias(model_id, cache_dir)
+        if converted is not None:
+            return _auto_config(str(converted))
         from types import SimpleNamespace
 
         meta = _gguf_metadata(Path(location["path"])) if location.get("path") else {}
