@@ -176,6 +176,26 @@ def test_a_close_variant_is_refused_at_validate_with_the_field_that_differs(tmp_
     assert adapter_class_for(config) is Gemma3Adapter
 
 
+@pytest.mark.parametrize(
+    "arch", ["llama-gqa", "mistral", "qwen2", "opt", "gemma3", "phi3", "qwen3"]
+)
+def test_bidirectional_attention_is_refused_by_every_builtin_adapter(arch):
+    # transformers builds bidirectional masks from is_causal=False for any decoder; every
+    # built-in adapter's probe and per-row runtime attend causally
+    from prunekit.errors import ModelError
+
+    config = TINY[arch]().config
+    assert adapter_class_for(config)  # served as it is
+    config.is_causal = False
+    with pytest.raises(ModelError, match="is_causal=False"):
+        adapter_class_for(config)
+    if arch == "gemma3":  # EmbeddingGemma's switch
+        config.is_causal = True
+        config.use_bidirectional_attention = True
+        with pytest.raises(ModelError, match="use_bidirectional_attention=True"):
+            adapter_class_for(config)
+
+
 def test_recipe_can_name_the_adapter_and_a_wrong_name_is_an_error():
     recipe = {
         "model": {"id": "smollm2-135m-instruct", "adapter": "lama"},

@@ -99,6 +99,9 @@ class Gemma3Adapter(LlamaAdapter):
 
     @classmethod
     def unsupported(cls, config) -> str | None:
+        causal = super().unsupported(config)
+        if causal:
+            return causal
         softcap = getattr(config, "attn_logit_softcapping", None)
         if softcap is not None:
             # Gemma-2-style score soft-capping: the gathered and sliced attention forwards and

@@ -68,6 +68,24 @@ def linear_slices(projections: list[tuple[str, nn.Linear, int]], width: int) -> 
     return out
 
 
+def causal_problem(config) -> str | None:
+    """Why a config's attention is not the causal attention every built-in adapter's probe,
+    per-row runtime and KV-cache handling assume (None when it is): ``is_causal: false``
+    (transformers' mask functions read it for any decoder) or Gemma's
+    ``use_bidirectional_attention`` (EmbeddingGemma)."""
+    if getattr(config, "is_causal", True) is False:
+        return (
+            "is_causal=False: transformers builds bidirectional attention masks for this "
+            "config, and prunekit's probes attend causally"
+        )
+    if getattr(config, "use_bidirectional_attention", False):
+        return (
+            "use_bidirectional_attention=True: the model attends bidirectionally, and "
+            "prunekit's probes attend causally"
+        )
+    return None
+
+
 def probe_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -381,6 +381,10 @@ class LlamaAdapter(ModelAdapter):
     modeling = "prunekit.models.pruned_llama:PrunekitLlamaForCausalLM"
     layer_class = LlamaLayerAdapter
 
+    @classmethod
+    def unsupported(cls, config) -> str | None:
+        return kit.causal_problem(config)
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self._layers = [

@@ -223,6 +223,10 @@ class OptAdapter(ModelAdapter):
     model_types = ("opt",)
     modeling = "prunekit.models.pruned_opt:PrunekitOPTForCausalLM"
 
+    @classmethod
+    def unsupported(cls, config) -> str | None:
+        return kit.causal_problem(config)
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self._layers = [

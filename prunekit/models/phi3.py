@@ -424,15 +424,7 @@ class Phi3Adapter(ModelAdapter):
 
     @classmethod
     def unsupported(cls, config) -> str | None:
-        if getattr(config, "is_causal", True) is False:
-            # transformers' masks turn bidirectional for such a config; the probe's attention
-            # among its tokens (and the per-row runtime's reasoning) is causal
-            return (
-                "is_causal=False: the config asks transformers for bidirectional attention "
-                "masks, and prunekit's Phi-3 adapter attends causally (its probes, per-row "
-                "decisions and KV caches assume it)"
-            )
-        return None
+        return kit.causal_problem(config)
 
     @property
     def decoder_layers(self) -> nn.ModuleList:

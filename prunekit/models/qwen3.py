@@ -54,17 +54,6 @@ class Qwen3Adapter(LlamaAdapter):
     modeling = "prunekit.models.pruned_llama:PrunekitQwen3ForCausalLM"
     layer_class = Qwen3LayerAdapter
 
-    @classmethod
-    def unsupported(cls, config) -> str | None:
-        if not getattr(config, "is_causal", True):
-            # Transformers' mask functions read this field for any decoder (bidirectional
-            # Qwen3 conversions set it); the probe's attention among its tokens is causal
-            return (
-                "is_causal=False: the model attends bidirectionally (Transformers builds its "
-                "masks from this field), and prunekit's probe attends causally"
-            )
-        return None
-
     #: Gemma-3's rule: ``attention_bias`` gives an o_proj bias (q/k/v biases, zero where the
     #: checkpoint had none, come with it); Qwen3's MLP has no bias switch, so a down_proj bias
     #: needs the per-layer layout
