@@ -471,8 +471,8 @@ class ModelAdapter(ABC):
         from prunekit.errors import ExportError
 
         raise ExportError(
-            f"adapter {self.name!r} has no GGUF export: llama.cpp reads the "
-            "LLaMA family (llama, mistral, qwen2 adapters) from prunekit"
+            f"adapter {self.name!r} has no GGUF export (it does not implement gguf_model; "
+            "docs/export.md lists the architectures that export and how an adapter adds one)"
         )
 
 
