@@ -67,6 +67,8 @@ class LlamaLayerAdapter(LayerAdapter):
     #: the gathered attention forward (also the sliced module's) and its q/k/v projection
     attention_fn = staticmethod(attention_forward)
     project_qkv = staticmethod(project_qkv)
+    #: the gathered MLP forward (also the sliced module's computation)
+    mlp_fn = staticmethod(mlp_forward)
     pruned_attention_class: type[nn.Module] = PrunedLlamaAttention
 
     def __init__(self, layer: nn.Module, index: int, config, rotary=None) -> None:
@@ -92,6 +94,11 @@ class LlamaLayerAdapter(LayerAdapter):
     @property
     def mlp(self) -> nn.Module:
         return self.layer.mlp
+
+    @property
+    def activation(self):
+        """The MLP's activation function (the module's own)."""
+        return self.mlp.act_fn
 
     def output_projection(self, group: str) -> nn.Linear:
         return self.attn.o_proj if group == ATTN else self.mlp.down_proj
@@ -120,7 +127,7 @@ class LlamaLayerAdapter(LayerAdapter):
     def _kv_shared_now(self) -> bool:
         kv_index = getattr(self.attn, "kv_index", None)
         if kv_index is not None:  # a physically pruned layer
-            return self.attn.k_proj.out_features // self.head_dim != kv_index.numel() or bool(
+            return self.num_kv_heads != kv_index.numel() or bool(
                 (kv_index != torch.arange(kv_index.numel(), device=kv_index.device)).any()
             )
         return self.num_kv_heads != self.num_heads
@@ -230,8 +237,8 @@ class LlamaLayerAdapter(LayerAdapter):
         **kwargs,
     ):
         if group == MLP:
-            return mlp_forward(
-                x, weights, self.mlp.act_fn, return_down_input=observe, unit_mask=unit_mask
+            return self.mlp_fn(
+                x, weights, self.activation, return_down_input=observe, unit_mask=unit_mask
             )
         if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
@@ -255,7 +262,7 @@ class LlamaLayerAdapter(LayerAdapter):
     def probe(self, group, x, position_ids, token_mask=None):
         if group == MLP:
             m = self.mlp
-            return m.act_fn(F.linear(x, m.gate_proj.weight, m.gate_proj.bias)) * F.linear(
+            return self.activation(F.linear(x, m.gate_proj.weight, m.gate_proj.bias)) * F.linear(
                 x, m.up_proj.weight, m.up_proj.bias
             )
         q, k, v = self._probe_qkv(x, position_ids)
@@ -360,11 +367,13 @@ def _plain_rms_forwards() -> frozenset:
     if _RMS_FORWARDS is None:
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
         from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+        from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
         from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
         from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
         _RMS_FORWARDS = frozenset(
-            c.forward for c in (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm)
+            c.forward
+            for c in (LlamaRMSNorm, MistralRMSNorm, Phi3RMSNorm, Qwen2RMSNorm, Qwen3RMSNorm)
         )
     return _RMS_FORWARDS
 

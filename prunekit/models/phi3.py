@@ -32,9 +32,10 @@ import inspect
 import torch
 from torch import nn
 
-from prunekit.components import ATTN, MLP, LayerAdapter, ModelAdapter, UnitSlice
+from prunekit.components import ATTN, MLP, UnitSlice
 from prunekit.hookspecs import hookimpl
 from prunekit.models import kit
+from prunekit.models.llama import LlamaAdapter, LlamaLayerAdapter
 from prunekit.models.pruned_phi3 import (
     PRUNED_LAYERS_KEY,
     Phi3AttentionWeights,
@@ -110,12 +111,18 @@ class FusedRows:
         return f"FusedRows(rows {self.start}..{self.start + self.length - 1} of {self.param.shape})"
 
 
-class Phi3LayerAdapter(LayerAdapter):
+class Phi3LayerAdapter(LlamaLayerAdapter):
     """One ``Phi3DecoderLayer`` (or a sliced one: ``PrunedPhi3Attention`` and smaller MLP
-    projections)."""
+    projections): the LLaMA layer adapter's roles, norms, K/V mapping and cost model, with
+    Phi-3's fused projections gathered, sliced and probed (its own ``__init__``: the head
+    counts come from the fused ``qkv_proj``)."""
 
-    #: the gathered forwards take ``unit_mask`` (per-sequence kept sets, :mod:`prunekit.rows`)
-    row_masks = True
+    attention_fn = staticmethod(phi3_attention_forward)
+    mlp_fn = staticmethod(phi3_mlp_forward)
+
+    @property
+    def activation(self):
+        return self.mlp.activation_fn
 
     def __init__(self, layer: nn.Module, index: int, config, rotary) -> None:
         self.module = self.layer = layer
@@ -131,57 +138,6 @@ class Phi3LayerAdapter(LayerAdapter):
         self.intermediate_size = mlp.down_proj.in_features
         self.kernel = Phi3Kernel(config, getattr(attn, "layer_idx", index))
         self._shares_kv = self._kv_shared_now()
-
-    # -- roles -----------------------------------------------------------------------------
-    @property
-    def attn(self) -> nn.Module:
-        return self.layer.self_attn
-
-    @property
-    def mlp(self) -> nn.Module:
-        return self.layer.mlp
-
-    def output_projection(self, group: str) -> nn.Linear:
-        return self.attn.o_proj if group == ATTN else self.mlp.down_proj
-
-    def input_norm(self, group: str) -> nn.Module:
-        return self.layer.input_layernorm if group == ATTN else self.layer.post_attention_layernorm
-
-    def group_input(self, group: str, residual: torch.Tensor) -> torch.Tensor:
-        return self.input_norm(group)(residual)
-
-    def normalized(self, group: str, residual: torch.Tensor):
-        """The group's input and, when its norm is ``Phi3RMSNorm`` as transformers defines it,
-        the variance that norm computes (the residual's mean of squares, ``[B, T, 1]`` fp32),
-        computed with the norm's own operations in its order (bit-identical output)."""
-        from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
-
-        norm = self.input_norm(group)
-        plain = type(self).group_input is Phi3LayerAdapter.group_input
-        if not plain or type(norm).forward is not Phi3RMSNorm.forward:
-            return self.group_input(group, residual), None
-        hidden = residual.to(torch.float32)
-        variance = hidden.pow(2).mean(-1, keepdim=True)
-        hidden = hidden * torch.rsqrt(variance + norm.variance_epsilon)
-        return norm.weight * hidden.to(residual.dtype), variance
-
-    def _kv_shared_now(self) -> bool:
-        kv_index = getattr(self.attn, "kv_index", None)
-        if kv_index is not None:  # a physically pruned layer
-            return self.num_kv_heads != kv_index.numel() or bool(
-                (kv_index != torch.arange(kv_index.numel(), device=kv_index.device)).any()
-            )
-        return self.num_kv_heads != self.num_heads
-
-    @property
-    def shares_kv(self) -> bool:
-        return self._shares_kv
-
-    def kv_heads_of(self, heads: torch.Tensor) -> torch.Tensor:
-        kv_index = getattr(self.attn, "kv_index", None)
-        if kv_index is not None:
-            return kv_index.index_select(0, heads.to(kv_index.device))
-        return heads // (self.num_heads // self.num_kv_heads)
 
     def unit_slices(self, group: str) -> list[UnitSlice]:
         """A head's q rows of ``qkv_proj`` (and its k and v rows with MHA) and its ``o_proj``
@@ -238,9 +194,6 @@ class Phi3LayerAdapter(LayerAdapter):
         return torch.cat([kept, self.intermediate_size + kept])
 
     # -- gathering -------------------------------------------------------------------------
-    def gather(self, group: str, kept: torch.Tensor | None):
-        return self.attention_weights(kept) if group == ATTN else self.mlp_weights(kept)
-
     def attention_weights(self, kept_heads: torch.Tensor | None) -> Phi3AttentionWeights:
         """The kept heads' rows of ``qkv_proj`` as one smaller fused matrix and their columns
         of ``o_proj``; with GQA, ``kv_index`` (or ``kv_repeat`` for whole groups) maps each kept
@@ -290,47 +243,11 @@ class Phi3LayerAdapter(LayerAdapter):
             down.bias,
         )
 
-    # -- running ---------------------------------------------------------------------------
-    def run(
-        self,
-        group,
-        x,
-        weights,
-        *,
-        observe=False,
-        position_embeddings=None,
-        attention_mask=None,
-        cache=None,
-        unit_mask=None,
-        **kwargs,
-    ):
-        if group == MLP:
-            return phi3_mlp_forward(
-                x, weights, self.mlp.activation_fn, return_down_input=observe, unit_mask=unit_mask
-            )
-        if cache is None and "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
-        return phi3_attention_forward(
-            x,
-            weights,
-            position_embeddings,
-            attention_mask,
-            self.kernel,
-            cache,
-            return_o_input=observe,
-            unit_mask=unit_mask,
-            **kwargs,
-        )
-
-    @property
-    def cache_layer(self) -> int:
-        return self.kernel.layer_idx
-
     # -- probing (dynamic methods) ------------------------------------------------------------
     def probe(self, group, x, position_ids, token_mask=None):
         if group == MLP:
             gate, up = torch.nn.functional.linear(x, self.mlp.gate_up_proj.weight).chunk(2, -1)
-            return up * self.mlp.activation_fn(gate)
+            return up * self.activation(gate)
         w = self.attention_weights(None)
         q, k, v = project_qkv(x, w, *self.rotary(x, position_ids))
         kv_index = (
@@ -392,21 +309,9 @@ class Phi3LayerAdapter(LayerAdapter):
         )
 
     # -- cost model --------------------------------------------------------------------------
-    def macs_per_token(self, heads: int, channels: int, seq_len: int) -> float:
-        d, hd = self.hidden_size, self.head_dim
-        kv = self.num_kv_heads if self.shares_kv else heads  # MHA: k/v rows go with the head
-        return (
-            d * hd * (heads + 2 * kv) + heads * hd * d + 3 * d * channels + 2 * seq_len * heads * hd
-        )
-
-    def input_macs(self, group: str) -> float:
-        d = self.hidden_size
-        if group == ATTN:
-            return d * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        return 2 * d * self.intermediate_size
 
 
-class Phi3Adapter(ModelAdapter):
+class Phi3Adapter(LlamaAdapter):
     """Phi-3 causal LMs: ``model.model.layers[i].{self_attn,mlp}`` with fused ``qkv_proj`` and
     ``gate_up_proj``, RMSNorm before each block, partial RoPE with default or long-rope
     scaling, an optional sliding window (MHA and GQA)."""
@@ -414,46 +319,7 @@ class Phi3Adapter(ModelAdapter):
     name = "phi3"
     model_types = ("phi3",)
     modeling = "prunekit.models.pruned_phi3:PrunekitPhi3ForCausalLM"
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self._layers = [
-            Phi3LayerAdapter(layer, i, model.config, model.model.rotary_emb)
-            for i, layer in enumerate(self.decoder_layers)
-        ]
-
-    @classmethod
-    def unsupported(cls, config) -> str | None:
-        return kit.causal_problem(config)
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    def layers(self) -> list[Phi3LayerAdapter]:
-        return self._layers
-
-    # -- saving --------------------------------------------------------------------------------
-    def layer_shapes(self) -> dict[str, list]:
-        spec = {
-            k: []
-            for k in (
-                "num_heads",
-                "num_kv_heads",
-                "kv_index",
-                "intermediate_size",
-                "o_bias",
-                "down_bias",
-            )
-        }
-        for la in self._layers:
-            spec["num_heads"].append(la.num_heads)
-            spec["num_kv_heads"].append(la.num_kv_heads)
-            spec["kv_index"].append(la.kv_heads_of(torch.arange(la.num_heads)).tolist())
-            spec["intermediate_size"].append(la.intermediate_size)
-            spec["o_bias"].append(la.attn.o_proj.bias is not None)
-            spec["down_bias"].append(la.mlp.down_proj.bias is not None)
-        return spec
+    layer_class = Phi3LayerAdapter
 
     def plain_model(self, shapes: dict[str, list]) -> nn.Module | None:
         """A standard ``Phi3ForCausalLM`` when every layer has one shape, balanced K/V groups
