@@ -7,6 +7,7 @@ A sweep directory holds::
         cell.json         its labels (grid values, variant), seed, and the overrides it adds
         recipe.yaml       its resolved recipe (``prunekit apply`` it to get the same numbers)
         status.json       pending / running / done / failed (with the error) / interrupted
+        job.json          the scheduler's job that runs it (an executor that submits jobs)
         run/              the run's outputs (results.json, provenance.json, ...)
         log.txt           the cell process's output
     table.md, table.csv   the chosen metrics, mean and spread over seeds, failures included
@@ -61,6 +62,10 @@ CELL_FILE = "cell.json"
 STATUS_FILE = "status.json"
 RUN_DIR = "run"
 LOG_FILE = "log.txt"
+#: written by an executor that submits each cell as a scheduler job: ``{"executor": name,
+#: "job_id": ..., ...}``; its class's ``lost_jobs(records)`` says which of them left the
+#: scheduler without their cell recording an outcome (see :func:`reconcile`)
+JOB_FILE = "job.json"
 #: the states of a cell (``status.json``); ``pending`` when it has none yet
 STATES = ("pending", "running", "done", "failed", "interrupted")
 
@@ -402,6 +407,9 @@ def prepare_cells(sweep: Sweep, force: bool = False) -> list[Cell]:
                     },
                 )
             if cell.status()["state"] != "done":
+                # the job of an earlier submission no longer runs it (the executor records
+                # its new one): its end must not fail the cell
+                (cell.dir / JOB_FILE).unlink(missing_ok=True)
                 todo.append(cell)
     return todo
 
@@ -417,6 +425,72 @@ def record_invalid(cell: Cell, message: str) -> None:
             "finished": _now(),
         },
     )
+
+
+def record_lost(cell_dir: Path, job_id: str, message: str) -> bool:
+    """Record the cell as failed because its scheduler job ``job_id`` ended without the cell
+    recording an outcome (``message``: what the scheduler said, and where its log is).
+    Nothing is written when the cell finished after all, runs in a process of this machine
+    (its lock is held), or was submitted again under another job; True when written."""
+    with cell_lock(cell_dir, wait=False) as free:
+        if not free:
+            return False
+        status = read_json(cell_dir / STATUS_FILE) or {}
+        if status.get("state") in ("done", "failed"):
+            return False
+        record = read_json(cell_dir / JOB_FILE) or {}
+        if str(record.get("job_id")) != str(job_id):
+            return False
+        kept = {k: status[k] for k in ("host", "started", "attempt") if k in status}
+        write_json(
+            cell_dir / STATUS_FILE,
+            {
+                "state": "failed",
+                "stage": "scheduler",
+                "exit_code": 1,
+                "job_id": job_id,
+                "error": message,
+                **kept,
+                "finished": _now(),
+            },
+        )
+        return True
+
+
+def reconcile(cells: Sequence[Cell], registry=None) -> int:
+    """Fail the cells whose scheduler job is gone while they are still pending, running or
+    interrupted: a job cancelled or killed before the cell could record an outcome (with
+    Slurm, submitit never hears of it where the cluster keeps no accounting). Each such
+    cell's ``job.json`` names its executor, whose class's ``lost_jobs(records)`` returns
+    the errors of the jobs that left the scheduler, by job id (an executor without it
+    reports none). Returns how many cells were failed."""
+    waiting: dict[str, list[tuple[Cell, dict]]] = {}
+    for cell in cells:
+        if cell.status()["state"] in ("done", "failed"):
+            continue
+        record = read_json(cell.dir / JOB_FILE)
+        if record and record.get("job_id") is not None and record.get("executor"):
+            waiting.setdefault(str(record["executor"]), []).append((cell, record))
+    if not waiting:
+        return 0
+    from prunekit.registry import get_registry
+
+    registry = registry or get_registry()
+    failed = 0
+    for name, items in waiting.items():
+        try:
+            factory = registry.get("executor", name).factory
+        except PrunekitError:  # its plugin is gone: nothing to ask
+            continue
+        lost_jobs = getattr(factory, "lost_jobs", None)
+        if lost_jobs is None:
+            continue
+        lost = lost_jobs([record for _, record in items])
+        for cell, record in items:
+            message = lost.get(str(record["job_id"]))
+            if message and record_lost(cell.dir, str(record["job_id"]), message):
+                failed += 1
+    return failed
 
 
 def _now() -> str:
@@ -679,9 +753,12 @@ def summarize(values: list[float]) -> dict:
 
 def collect(sweep_dir: str | os.PathLike) -> dict:
     """Read every cell of the sweep in ``sweep_dir``, write ``table.md``, ``table.csv`` and
-    ``plot.png`` (atomically), and return the summary (rows, counts by state, failures)."""
+    ``plot.png`` (atomically), and return the summary (rows, counts by state, failures).
+    A cell whose scheduler job is gone without its recording an outcome is failed first
+    (:func:`reconcile`)."""
     sweep_dir = Path(sweep_dir)
     manifest, cells = load_sweep(sweep_dir)
+    reconcile(cells)
     config = manifest["sweep"]
     label_keys = manifest["label_keys"]
     results = {c.key: c.result() for c in cells}
@@ -903,6 +980,8 @@ __all__ = [
     "collect",
     "load_sweep",
     "parse_grid",
+    "reconcile",
+    "record_lost",
     "resolve_sweep",
     "run_cell",
     "run_sweep",
