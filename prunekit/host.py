@@ -53,19 +53,25 @@ def _safetensors_elements(directory: Path) -> int | None:
     return total
 
 
-def _meta_elements(config: Any) -> int | None:
-    """Parameters of the model built from ``config`` on the meta device (no memory used).
-    Never for a config that names remote code (``auto_map``): that code is not run here."""
+def meta_model(config: Any) -> torch.nn.Module | None:
+    """The model of ``config`` built on the meta device: its shapes, no memory, no weights.
+    None for a config that names remote code (``auto_map``: that code is not run here) or
+    that transformers cannot build."""
     from transformers import AutoModelForCausalLM, PretrainedConfig
 
     if not isinstance(config, PretrainedConfig) or getattr(config, "auto_map", None):
         return None
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except Exception:  # an architecture transformers cannot build here: not checked
         return None
-    return sum(p.numel() for p in model.parameters())
+
+
+def _meta_elements(config: Any) -> int | None:
+    """Parameters of the model of ``config``, counted on the meta device."""
+    model = meta_model(config)
+    return None if model is None else sum(p.numel() for p in model.parameters())
 
 
 def parameter_count(model_id: str, config: Any) -> int | None:

@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
+from prunekit.budgets import BudgetError, cost_model, fmt, macs_seq_len, solve_counts
 from prunekit.components import Method, MethodSettings, ModelAdapter
 from prunekit.data import eval_windows, locate_calibration_corpus, locate_corpus, sequence_bos
 from prunekit.data.reading import check_head, max_tokens
 from prunekit.data.tasks import JsonlTask, expand_task_names, locate_task
 from prunekit.errors import DataError, ModelError, StateError, did_you_mean
 from prunekit.evaluation.zeroshot import AVERAGE_KEY
-from prunekit.host import check_host
+from prunekit.host import check_host, meta_model
 from prunekit.loading import local_checkpoint_problem, peek_config, resolve_device
 from prunekit.recipe import LoadedRecipe, Recipe, load_recipe
 from prunekit.recovery import check_target_modules
@@ -297,6 +298,7 @@ def validate(
     ]:
         raise problem_error(loaded, problem)
 
+    _check_target(loaded, entry, components, settings, adapter_cls, config, model)
     _check_timing(loaded)
     if recipe.data_dir and not Path(recipe.data_dir).is_dir():
         raise loaded.error(("data_dir",), f"directory {recipe.data_dir!r} does not exist")
@@ -430,6 +432,46 @@ def _check_depth(
             f"(L/(L-skipped)·r with L={num_layers}); lower the ratio or "
             f"skip fewer layers",
         )
+
+
+def _check_target(
+    loaded: LoadedRecipe, entry, components, settings, adapter_cls, config, model=None
+) -> None:
+    """``method.target`` needs an allocator to turn it into kept units, and must be reachable:
+    below the dense cost, and no lower than the most the method can prune with these skipped
+    layers. Checked on the model built on the meta device from its config (no weights); a
+    model whose config is not at hand here is checked when the run starts."""
+    recipe = loaded.recipe
+    target = recipe.method.target
+    if target is None:
+        return
+    where = ("method", "target")
+    allocator = components.get("allocator")
+    if allocator is None:
+        raise loaded.error(
+            where,
+            f"method {recipe.method.name!r} (plugin {entry.plugin!r}) has no allocator slot, "
+            "so nothing turns a target into kept units; use method.ratio, or a method that "
+            "prunes heads and channels (prunekit components method)",
+        )
+    if model is None and adapter_cls is not None and config is not None:
+        model = meta_model(config)
+    if model is None or adapter_cls is None:
+        return
+    costs = cost_model(adapter_cls(model), model, macs_seq_len(recipe), recipe.model.dtype)
+    ((kind, value),) = target.items()
+    dense = costs.costs()[kind]
+    if value > dense:
+        raise loaded.error(
+            where,
+            f"{kind} {fmt(kind, value)} is above the dense model's {fmt(kind, dense)}: a "
+            "target asks for less than the dense model; remove it to keep the model whole",
+        )
+    if hasattr(allocator, "counts"):
+        try:
+            solve_counts(allocator, costs, settings, kind, value)
+        except BudgetError as exc:
+            raise loaded.error(where, str(exc)) from None
 
 
 def _locate_data(loaded: LoadedRecipe, plan: Plan) -> None:

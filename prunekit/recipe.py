@@ -10,6 +10,7 @@ are relative to the current working directory, like paths on the command line.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -148,6 +150,10 @@ class MethodConfig(BaseModel):
     ratio: float = Field(0.0, ge=0.0, lt=1.0)
     skip_layers: list[int] = Field(default_factory=lambda: [0, 1, 2])
     round_to: int = Field(64, ge=1)
+    #: a budget instead of a ratio: ``{macs: 0.6}`` (fraction of the dense decoder MACs),
+    #: ``{params: 90e6}`` (parameters kept) or ``{kv_bytes_per_token: N}``; the engine finds
+    #: the ratio that meets it (:mod:`prunekit.budgets`)
+    target: dict[str, float] | None = None
     state: StateConfig = Field(default_factory=StateConfig)
     # the engine's slot kinds; slots of kinds that plugins declare (PP's probe, fusion,
     # history...) are extra keys, read with slot()
@@ -162,6 +168,35 @@ class MethodConfig(BaseModel):
         if any(i < 0 for i in v):
             raise ValueError("layer indices must be >= 0")
         return sorted(set(v))
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return None
+        from prunekit.budgets import TARGET_KINDS
+
+        if len(v) != 1 or next(iter(v)) not in TARGET_KINDS:
+            raise ValueError(
+                f"name exactly one of {', '.join(TARGET_KINDS)} with its value, e.g. "
+                f"{{macs: 0.6}}; got {v!r}"
+            )
+        ((kind, value),) = v.items()
+        if kind == "macs" and not 0 < value <= 1:
+            raise ValueError(
+                f"macs is the fraction of the dense decoder MACs to keep, in (0, 1]; got {value}"
+            )
+        if value <= 0:
+            raise ValueError(f"{kind} must be > 0, got {value}")
+        return {kind: float(value)}
+
+    @model_validator(mode="after")
+    def _target_or_ratio(self):
+        if self.target is not None and "ratio" in self.model_fields_set and self.ratio > 0:
+            raise ValueError(
+                "set method.ratio or method.target, not both: the target decides the ratio"
+            )
+        return self
 
     @field_validator("statistic", "metric", "allocator", "compensator", mode="before")
     @classmethod
@@ -424,10 +459,52 @@ class FineTuneConfig(_Strict):
         return self
 
 
+class KDConfig(_Strict):
+    """``recovery.kd``: distillation from the dense parent (``recovery.loss: kd`` or
+    ``ce+kd``; the definition is in docs/recovery.md and :func:`prunekit.recovery.kd_loss`)."""
+
+    #: both distributions are softmax(logits / temperature); the KL is multiplied by
+    #: temperature**2 (Hinton et al.), so the gradients keep their scale across temperatures
+    temperature: float = 1.0
+    #: the teacher's k most likely tokens per position, both distributions renormalised over
+    #: them (null: the whole vocabulary); required with ``cache: true``
+    top_k: int | None = Field(None, ge=1)
+    #: ``loss: ce+kd`` is ``ce + weight * kd`` (with ``loss: kd`` the loss is the kd term alone)
+    weight: float = 1.0
+    #: run the teacher once over the recovery windows before pruning and keep only its top-k
+    #: per position, so the fine-tune holds one model (default: the teacher runs beside it)
+    cache: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive_temperature(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(
+                "the temperature divides the logits: a finite number above 0 (1.0: the "
+                "plain distributions)"
+            )
+        return v
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(
+                "the weight of the kd term in ce + weight * kd: a finite number >= 0"
+            )
+        return v
+
+
 class RecoveryConfig(FineTuneConfig):
     """``recovery:``: LoRA fine-tuning of the pruned model, merged back into its weights (see
     docs/recovery.md). The text comes from the same sources as calibration (without a split,
     the dataset's calibration split), never from an evaluated text."""
+
+    #: ``ce``: next-token loss; ``kd``: KL to the dense parent's distribution; ``ce+kd``:
+    #: ``ce + kd.weight * kd``
+    loss: Literal["ce", "kd", "ce+kd"] = "ce"
+    #: the distillation settings (defaults with ``loss: kd`` or ``ce+kd`` and no ``kd``)
+    kd: KDConfig | None = None
 
     dataset: str | None = "c4"
     split: str | None = None
@@ -443,6 +520,26 @@ class RecoveryConfig(FineTuneConfig):
         if self.dataset is None and self.path is None:
             raise ValueError("recovery needs a text: give recovery.dataset or recovery.path")
         return self
+
+    @property
+    def distillation(self) -> KDConfig | None:
+        """The kd settings in force: None with ``loss: ce``, ``kd`` or its defaults else."""
+        if self.loss == "ce":
+            return None
+        return self.kd if self.kd is not None else KDConfig()
+
+    @model_serializer(mode="wrap")
+    def _omit_plain_loss(self, handler):
+        # ``loss: ce`` without ``kd`` (every recovery before distillation existed) is dumped
+        # without the two keys, so a resolved recipe, a sweep cell's key and a checkpoint's
+        # key stay what they were before the keys were added
+        data = handler(self)
+        if isinstance(data, dict):
+            if self.loss == "ce":
+                data.pop("loss", None)
+            if self.kd is None:
+                data.pop("kd", None)
+        return data
 
 
 class OutputConfig(_Strict):

@@ -12,6 +12,7 @@ Everything the CLI does is a thin layer over :func:`apply`, :func:`validate` and
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata as md
 import json
@@ -29,6 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from prunekit.budgets import (
+    BudgetAllocator,
+    BudgetError,
+    cost_model,
+    fmt,
+    highest_ratio,
+    macs_seq_len,
+    solve_counts,
+)
 from prunekit.components import PruneOutcome
 from prunekit.context import PruneContext
 from prunekit.data import calibration_windows, sequence_bos, source_sha256
@@ -146,14 +156,56 @@ def load(plan: Plan) -> Loaded:
     )
 
 
+def _budgeted(plan: Plan, adapter, model):
+    """``(settings, components, finish)`` for the plan's ``method.target`` (none: the plan's
+    own, and ``finish`` does nothing): the ratio that meets the target, solved before the
+    method runs from a score-free allocator's counts, or by the allocator itself on the scores
+    (:class:`prunekit.budgets.BudgetAllocator`). ``finish(outcome)`` records the ratio and the
+    target beside what was achieved in ``outcome.extra`` (results.json)."""
+    target = plan.recipe.method.target
+    if not target:
+        return plan.settings, plan.components, lambda outcome: None
+    ((kind, value),) = target.items()
+    costs = cost_model(adapter, model, macs_seq_len(plan.recipe), plan.recipe.model.dtype)
+    allocator = plan.components["allocator"]
+    wrapper = None
+    try:
+        if hasattr(allocator, "counts"):
+            ratio, _ = solve_counts(allocator, costs, plan.settings, kind, value)
+            components = plan.components
+        else:  # the allocator needs the scores: it solves on them
+            wrapper = BudgetAllocator(allocator, costs, kind, value)
+            ratio = highest_ratio(allocator, adapter, plan.settings)
+            components = {**plan.components, "allocator": wrapper}
+    except BudgetError as exc:
+        raise plan.loaded.error(("method", "target"), str(exc)) from None
+    settings = dataclasses.replace(plan.settings, ratio=ratio)
+
+    def finish(outcome: PruneOutcome) -> None:
+        achieved = costs.costs(outcome.structure) if outcome.structure else costs.costs()
+        if outcome.params_kept is not None:  # compensation biases count too
+            achieved["params"] = outcome.params_kept
+        outcome.extra["ratio"] = wrapper.ratio if wrapper is not None else ratio
+        outcome.extra["target"] = {
+            "kind": kind,
+            "value": value,
+            "achieved": achieved[kind],
+            "costs": achieved,
+            "macs_seq_len": costs.seq_len,
+        }
+
+    return settings, components, finish
+
+
 def prune_loaded(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome]:
     """Calibrate and prune with the plan's method (``loaded.model`` may be changed in place)."""
     timings = loaded.timings
+    settings, components, finish = _budgeted(plan, loaded.adapter, loaded.model)
     ctx = PruneContext(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
         adapter=loaded.adapter,
-        settings=plan.settings,
+        settings=settings,
         run_recipe=plan.recipe,
         run=plan.run,
         model_info=loaded.info,
@@ -161,10 +213,18 @@ def prune_loaded(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome
         perplexity_sources=plan.perplexity_sources,
         timings=timings,
     )
-    method = plan.method_cls(plan.settings, plan.components)
+    method = plan.method_cls(settings, components)
     t1 = time.perf_counter()
-    info(f"pruning with {plan.settings.name} at ratio {plan.settings.ratio:g}")
+    if plan.recipe.method.target:
+        ((kind, value),) = plan.recipe.method.target.items()
+        how = f"to {kind} {fmt(kind, value)}" + (
+            f" (ratio {settings.ratio:.4f})" if components is plan.components else ""
+        )
+    else:
+        how = f"at ratio {settings.ratio:g}"
+    info(f"pruning with {settings.name} {how}")
     outcome: PruneOutcome = method.prune(ctx)
+    finish(outcome)
     timings["pruning_s"] = time.perf_counter() - t1 - timings.get("calibration_s", 0.0)
     timings.setdefault("calibration_s", 0.0)
     return ctx, outcome
@@ -553,11 +613,13 @@ def prune(
 
     # the fingerprint keys the calibration cache, so notebooks share statistics across calls
     info = {"fingerprint": model_fingerprint(model)} if plan.method_cls.uses_calibration else {}
+    adapter = plan.adapter_cls(model) if plan.adapter_cls else resolve_adapter(model)
+    settings, components, finish = _budgeted(plan, adapter, model)
     ctx = PruneContext(
         model=model,
         tokenizer=tokenizer,
-        adapter=plan.adapter_cls(model) if plan.adapter_cls else resolve_adapter(model),
-        settings=plan.settings,
+        adapter=adapter,
+        settings=settings,
         run_recipe=loaded.recipe,
         run=plan.run,
         model_info=info,
@@ -567,7 +629,9 @@ def prune(
     if tokenizer is None and method_needs_tokenizer(plan, calibration):
         raise RecipeError("prune(): give a tokenizer, or calibration windows as a tensor")
     with plugin_faults(stage="pruning"):
-        return plan.method_cls(plan.settings, plan.components).prune(ctx)
+        outcome = plan.method_cls(settings, components).prune(ctx)
+    finish(outcome)
+    return outcome
 
 
 def method_needs_tokenizer(plan: Plan, calibration) -> bool:
