@@ -174,3 +174,19 @@ def test_pp_score_by_hand():
     h0 = math.sqrt(1 * 2 + 4 * 16)
     h1 = math.sqrt(9 * 2 * 0.5**4 + 0.25 * 17)
     torch.testing.assert_close(heads, torch.tensor([h0, h1]))
+
+
+def test_pp_score_heads_summed_by_hand():
+    # the ablation: a head's score is the sum of its channels' S_j c_j (the reference: L2)
+    W = torch.tensor([[1.0, 2.0, 0.5, 1.0], [1.0, 0.0, 0.5, 2.0]])
+    S = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    c = [math.sqrt(2), 4.0, math.sqrt(2 * 0.5**4), math.sqrt(17)]
+    heads = PPScore(heads="sum").prepare(_Layer(W, 2), ATTN)({"S": S})
+    torch.testing.assert_close(heads, torch.tensor([1 * c[0] + 2 * c[1], 3 * c[2] + 0.5 * c[3]]))
+    # channels are scored alike either way
+    torch.testing.assert_close(
+        PPScore(heads="sum").prepare(_Layer(W, 1), MLP)({"S": S}),
+        PPScore().prepare(_Layer(W, 1), MLP)({"S": S}),
+    )
+    with pytest.raises(ValueError, match="heads must be one of l2, sum"):
+        PPScore(heads="max")
