@@ -349,3 +349,73 @@ def test_gemma3_with_per_layer_shapes_is_refused_with_what_would_export(tmp_path
     with pytest.raises(ExportError, match="per-layer shapes .*skip_layers: \\[\\]"):
         export(tmp_path / "model", vocab="none", output=tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def _byte_level_bpe(pre_tokenizer, byte_regex: bool):
+    """A small byte-level BPE trained here, with this split before its ByteLevel step."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=byte_regex)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizer, byte_level]) if pre_tokenizer else byte_level
+    )
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["f(hello) $world 12345 don't\n\n  x = 3.14159;", "The year 2024 had 366 days."] * 50
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_a_split_pattern_llama_cpp_knows_tokenizes_as_hugging_face_does(tmp_path, family):
+    """Qwen2/2.5/3 (digits one by one) and LLaMA-3 (up to three digits) split text with their
+    own pattern before BPE; written as llama.cpp's ``default`` they would give other tokens
+    without an error (``12345`` as one piece), so the export names llama.cpp's pre-tokenizer
+    for the pattern. The reference: the Hugging Face tokenizer on the same text."""
+    import llama_cpp
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from prunekit.export.gguf import _PRE_BY_PATTERN
+
+    name = {"qwen2": "qwen2", "llama3": "llama-bpe"}[family]
+    pattern = next(p for p, n in _PRE_BY_PATTERN.items() if n == name)
+    split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
+    path = tmp_path / "m"
+    # transformers rebuilds a qwen2 model's tokenizer as Qwen2Tokenizer (its own pattern); a
+    # llama model's loads as saved
+    model = (
+        tiny_qwen2(layers=2, vocab=320, sliding_window=None)
+        if family == "qwen2"
+        else tiny_llama(layers=2, vocab=320)
+    )
+    model.save_pretrained(path)
+    _byte_level_bpe(split, byte_regex=False).save_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)  # what the export reads, the reference
+    assert pattern in tokenizer.backend_tokenizer.to_str().replace("\\\\", "\\")
+    report = export(path, type="f32")
+    llm = llama_cpp.Llama(model_path=report["path"], vocab_only=True, verbose=False)
+    for text in ["f(hello) $world 12345 don't\n\n  x = 3.14159;", "In 2024, 366 days."]:
+        want = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == want, text
+    llm.close()
+
+
+def test_a_split_pattern_llama_cpp_has_no_name_for_is_refused(tmp_path):
+    from tokenizers import pre_tokenizers
+
+    # digits split one by one before GPT-2's regex (a SmolLM2-style tokenizer): no llama.cpp
+    # pre-tokenizer is named for it here
+    tokenizer = _byte_level_bpe(pre_tokenizers.Digits(individual_digits=True), byte_regex=True)
+    path = tmp_path / "m"
+    tiny_llama(layers=2, vocab=320).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with pytest.raises(ExportError, match="pre-tokenizer prunekit cannot name for llama.cpp"):
+        export(path, type="f32")
+    assert not list(tmp_path.glob("*.gguf"))

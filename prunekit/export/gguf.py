@@ -84,6 +84,40 @@ def tokenizer_fields_from_gguf(path: str | os.PathLike) -> list[tuple[str, Any, 
     return out
 
 
+#: Hugging Face ``Split`` pre-tokenizer patterns (before a ``ByteLevel`` without its own regex)
+#: and the llama.cpp pre-tokenizer that splits text the same way. llama.cpp's
+#: convert_hf_to_gguf.py recognises tokenizers by hashing a tokenization; these are the
+#: patterns of the families it names so (Qwen2/2.5/3: digits one by one; LLaMA-3: up to three)
+_PRE_BY_PATTERN = {
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "qwen2",
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "llama-bpe",
+}
+
+
+def _llama_cpp_pre(parts: list[dict]) -> str:
+    """llama.cpp's pre-tokenizer for a byte-level BPE's pre-tokenizer ``parts``: ``default``
+    (GPT-2's rule) for a plain ``ByteLevel`` with its regex, a named one for a known ``Split``
+    pattern. Anything else is refused: llama.cpp would split the text another way and give
+    other tokens, with no error."""
+    byte_level = next(p for p in parts if p.get("type") == "ByteLevel")
+    others = [p for p in parts if p is not byte_level]
+    if not others and byte_level.get("use_regex", True):
+        return "default"
+    if len(others) == 1 and others[0].get("type") == "Split" and not byte_level.get("use_regex"):
+        pattern = (others[0].get("pattern") or {}).get("Regex")
+        if pattern in _PRE_BY_PATTERN:
+            return _PRE_BY_PATTERN[pattern]
+    described = ", ".join(
+        p.get("type", "?") + (f" {p['pattern']}" if "pattern" in p else "") for p in parts
+    )
+    raise ExportError(
+        f"the tokenizer splits text before BPE with a pre-tokenizer prunekit cannot name for "
+        f"llama.cpp ({described}): llama.cpp would split it another way and give other tokens "
+        "without an error; pass --tokenizer-from a GGUF file of the dense model (llama.cpp's "
+        "convert_hf_to_gguf.py writes one), or --vocab none"
+    )
+
+
 def tokenizer_fields_from_hf(tokenizer, vocab_size: int) -> list[tuple[str, Any, Any, Any]]:
     """A Hugging Face byte-level BPE tokenizer (GPT-2, LLaMA-3, Qwen2, SmolLM...) as
     llama.cpp's ``gpt2`` tokenizer: the tokens padded to ``vocab_size``, their types, the
@@ -118,6 +152,7 @@ def tokenizer_fields_from_hf(tokenizer, vocab_size: int) -> list[tuple[str, Any,
             "model (llama.cpp's convert_hf_to_gguf.py writes one), or --vocab "
             "none for a file read by token ids"
         )
+    pre_name = _llama_cpp_pre(parts)
     vocab = tokenizer.get_vocab()
     added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     tokens, types = [], []
@@ -132,9 +167,8 @@ def tokenizer_fields_from_hf(tokenizer, vocab_size: int) -> list[tuple[str, Any,
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     out = [
         ("tokenizer.ggml.model", "gpt2", GGUFValueType.STRING, None),
-        # llama.cpp splits text before BPE by a named pre-tokenizer; "default" is its
-        # GPT-2 rule, which llama.cpp warns may differ from the model's own
-        ("tokenizer.ggml.pre", "default", GGUFValueType.STRING, None),
+        # llama.cpp splits text before BPE by a named pre-tokenizer (_llama_cpp_pre)
+        ("tokenizer.ggml.pre", pre_name, GGUFValueType.STRING, None),
         ("tokenizer.ggml.tokens", tokens, GGUFValueType.ARRAY, GGUFValueType.STRING),
         (
             "tokenizer.ggml.token_type",
