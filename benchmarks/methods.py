@@ -297,6 +297,10 @@ def main() -> None:
             row["ppl"] = _mean(row["ppl_by_dataset"][args.datasets[0]])
             row["prune_s"] = statistics.median(row["prune_s_all"])
             rows.append(row)
+            # what is done so far survives an interrupted run (a long one shares the machine)
+            partial = HERE / "results" / f"methods_{name}{args.suffix}.partial.json"
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"dense_ppl": dense_ppl, "rows": rows}, indent=2))
             log(
                 f"{method} r={ratio}: ppl {row['ppl_by_dataset']}, MACs kept "
                 f"{row['decoder_macs_kept_fraction']:.3f}"
