@@ -627,7 +627,12 @@ def validate(
     # recipe runs (a recipe is often written on a laptop for a GPU node)
     plan = run_validate(recipe, set_ or (), here=False)
     r = plan.recipe
-    parts = [f"{recipe}: valid", f"method {r.method.name} (ratio {r.method.ratio:g})"]
+    budget = (
+        ", ".join(f"target {k} {v:g}" for k, v in r.method.target.items())
+        if r.method.target
+        else f"ratio {r.method.ratio:g}"
+    )
+    parts = [f"{recipe}: valid", f"method {r.method.name} ({budget})"]
     from prunekit.loading import locate_model, peek_config
 
     if locate_model(r.model.id)["source"] == "hub":

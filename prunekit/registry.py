@@ -37,7 +37,14 @@ HOOKS: dict[str, str] = {
 assert set(HOOKS) == set(KINDS)
 #: fixed keys of a recipe's ``method`` section (in the order messages list them), which no
 #: declared kind may take
-RESERVED_METHOD_KEYS: tuple[str, ...] = ("name", "ratio", "skip_layers", "round_to", "state")
+RESERVED_METHOD_KEYS: tuple[str, ...] = (
+    "name",
+    "ratio",
+    "target",
+    "skip_layers",
+    "round_to",
+    "state",
+)
 
 
 @dataclass(frozen=True)
