@@ -98,7 +98,12 @@ def apply(
 
 def _print_summary(result: dict, output: Path | None) -> None:
     out_dir = output or result.get("output_dir")
-    lines = [f"{result['method']} (ratio {result['ratio']:g}) on {result['model']['name']}"]
+    lines = [f"{result['method']} (ratio {result['ratio']:.4g}) on {result['model']['name']}"]
+    target = result.get("target")
+    if target:
+        lines.append(
+            f"  target {target['kind']} {target['value']:g}: achieved {target['achieved']:.6g}"
+        )
     for label, metric in result["metrics"].items():
         if "ppl" in metric:
             lines.append(f"  {label} perplexity: {metric['ppl']:.4f} ({metric['tokens']} tokens)")
