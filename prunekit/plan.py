@@ -317,7 +317,7 @@ def validate(
     if check_files:
         _locate_data(loaded, plan)
     if recipe.recovery is not None:
-        _check_recovery(loaded, plan, check_files)
+        _check_recovery(loaded, plan, check_files, device if here and model is None else None)
     if check_output:  # the output location is checked from here too (a login node shares it)
         problem = output_problem(recipe.output_dir())
         if problem:
@@ -570,9 +570,12 @@ def _check_lm_eval(loaded: LoadedRecipe, taken: set[str]):
     return manager
 
 
-def _check_recovery(loaded: LoadedRecipe, plan: Plan, check_files: bool) -> None:
+def _check_recovery(
+    loaded: LoadedRecipe, plan: Plan, check_files: bool, device: torch.device | None = None
+) -> None:
     """``recovery:``: a static method, peft installed, a corpus that is no evaluated text and
-    holds one window, a checkpoint directory that can be one."""
+    holds one window, a checkpoint directory that can be one, distillation settings that can
+    run (``device``: the run's, when it runs on this machine: the teacher's memory)."""
     recipe, r = loaded.recipe, loaded.recipe.recovery
     if plan.method_cls.dynamic:
         raise loaded.error(
@@ -593,6 +596,11 @@ def _check_recovery(loaded: LoadedRecipe, plan: Plan, check_files: bool) -> None
     problem = check_target_modules(recipe.model.id, r.target_modules)
     if problem:
         raise loaded.error(("recovery", "target_modules"), problem)
+    from prunekit.recovery import check_distillation
+
+    problem = check_distillation(recipe, device)  # loss, kd: vocabulary, the teacher's memory
+    if problem:
+        raise loaded.error(*problem)
     if not check_files:
         return
     key = ("recovery", "path" if r.path else "dataset")

@@ -489,9 +489,7 @@ class KDConfig(_Strict):
     @classmethod
     def _weight(cls, v: float) -> float:
         if not math.isfinite(v) or v < 0:
-            raise ValueError(
-                "the weight of the kd term in ce + weight * kd: a finite number >= 0"
-            )
+            raise ValueError("the weight of the kd term in ce + weight * kd: a finite number >= 0")
         return v
 
 
@@ -532,13 +530,16 @@ class RecoveryConfig(FineTuneConfig):
     def _omit_plain_loss(self, handler):
         # ``loss: ce`` without ``kd`` (every recovery before distillation existed) is dumped
         # without the two keys, so a resolved recipe, a sweep cell's key and a checkpoint's
-        # key stay what they were before the keys were added
+        # key stay what they were before the keys were added; a kd loss spells out its
+        # settings (defaults included)
         data = handler(self)
         if isinstance(data, dict):
             if self.loss == "ce":
                 data.pop("loss", None)
-            if self.kd is None:
+            if self.kd is None and self.loss == "ce":
                 data.pop("kd", None)
+            elif self.kd is None:
+                data["kd"] = KDConfig().model_dump()
         return data
 
 

@@ -56,6 +56,8 @@ from prunekit.recipe import LoadedRecipe, Recipe, dump_recipe, load_recipe
 from prunekit.recovery import (
     OVERLAP_TOKENS,
     LoraTrainer,
+    OnlineTeacher,
+    TeacherCache,
     default_checkpoint_dir,
     keep_out_evaluated,
 )
@@ -251,8 +253,9 @@ def prepare(
     seed_everything(plan.recipe.seed)
     with plugin_faults(stage="loading and pruning"):
         loaded = load(plan)
+        early = recovery_teacher_cache(plan, loaded)
         ctx, outcome = prune_loaded(plan, loaded)
-        recover(plan, loaded, outcome, None)
+        recover(plan, loaded, outcome, None, early=early)
     return Prepared(plan, loaded, ctx, outcome)
 
 
@@ -378,17 +381,10 @@ def _provenance(plan: Plan, loaded: Loaded, ctx: PruneContext, data_hashes: dict
     }
 
 
-def recover(
-    plan: Plan, loaded: Loaded, outcome: PruneOutcome, output_dir: Path | None
-) -> tuple[dict | None, Any]:
-    """The ``recovery:`` step on a pruned model: LoRA fine-tuning on the recovery corpus minus
-    anything an evaluation reads, merged into ``outcome.model``'s weights. Returns the
-    ``recovery`` section of results.json and the trainer (whose checkpoints the caller removes
-    once the results are safe), or ``(None, None)`` without a recovery section."""
+def recovery_windows(plan: Plan, loaded: Loaded) -> tuple[torch.Tensor, list[int], list[str]]:
+    """The recovery windows minus every one sharing a run of tokens with an evaluated text:
+    ``(kept, dropped row indices, evaluated labels)``."""
     recipe, r = plan.recipe, plan.recipe.recovery
-    if r is None:
-        return None, None
-    t0 = time.perf_counter()
     tokenizer = loaded.tokenizer
     bos_id = sequence_bos(r.bos, loaded.adapter, tokenizer)
     windows = calibration_windows(
@@ -402,6 +398,70 @@ def recover(
             f"recovery: {len(dropped)} of {r.samples} windows share {OVERLAP_TOKENS} tokens "
             "with an evaluated text and are left out"
         )
+    return kept, dropped, excluded
+
+
+def recovery_teacher_cache(plan: Plan, loaded: Loaded):
+    """``recovery.kd.cache: true``: the dense model's top-k targets on the recovery windows,
+    computed now, before pruning changes ``loaded.model`` (so no second copy is ever held);
+    ``(windows, cache)`` for :func:`recover`, or None without a cached teacher."""
+    r = plan.recipe.recovery
+    kd = r.distillation if r is not None else None
+    if kd is None or not kd.cache:
+        return None
+    t0 = time.perf_counter()
+    text = recovery_windows(plan, loaded)
+    info(f"recovery: the dense teacher's top-{kd.top_k} on the recovery windows (kd.cache)")
+    cache = TeacherCache.build(
+        loaded.model, text[0], r, seed=plan.recipe.seed, source="the dense model, before pruning"
+    )
+    loaded.timings["recovery_teacher_s"] = time.perf_counter() - t0
+    return text, cache
+
+
+def _online_teacher(plan: Plan, dense) -> OnlineTeacher:
+    """The dense parent beside the student: the dense copy kept for interleaved timing when
+    there is one (no extra memory), else the recipe's model loaded again."""
+    m, kd = plan.recipe.model, plan.recipe.recovery.distillation
+    if dense is not None:
+        return OnlineTeacher(dense, kd.top_k, "the dense copy kept for timing")
+    info(f"recovery: loading the dense teacher {m.id} again (recovery.kd.cache: true avoids it)")
+    lm = load_model(
+        m.id,
+        dtype=m.dtype,
+        device=m.device,
+        attn_implementation=m.attn_implementation,
+        max_memory=m.max_memory,
+    )
+    return OnlineTeacher(lm.model, kd.top_k, f"{m.id} loaded again")
+
+
+def recover(
+    plan: Plan,
+    loaded: Loaded,
+    outcome: PruneOutcome,
+    output_dir: Path | None,
+    dense=None,
+    early=None,
+) -> tuple[dict | None, Any]:
+    """The ``recovery:`` step on a pruned model: LoRA fine-tuning on the recovery corpus minus
+    anything an evaluation reads, merged into ``outcome.model``'s weights. Returns the
+    ``recovery`` section of results.json and the trainer (whose checkpoints the caller removes
+    once the results are safe), or ``(None, None)`` without a recovery section.
+
+    :param dense: the dense copy the run already holds (interleaved timing), the online
+        teacher of ``recovery.loss: kd`` or ``ce+kd`` if given; otherwise it is loaded again
+        for the fine-tune and freed after it.
+    :param early: what :func:`recovery_teacher_cache` returned before pruning."""
+    recipe, r = plan.recipe, plan.recipe.recovery
+    if r is None:
+        return None, None
+    t0 = time.perf_counter()
+    if early is not None:
+        (kept, dropped, excluded), teacher = early
+    else:
+        kept, dropped, excluded = recovery_windows(plan, loaded)
+        teacher = _online_teacher(plan, dense) if r.distillation is not None else None
     if r.checkpoint_every == 0:
         ckpt = None
     elif r.checkpoint_dir:
@@ -413,11 +473,24 @@ def recover(
         "method": recipe.method.model_dump(mode="json"),
     }
     trainer = LoraTrainer(
-        outcome.model, r, kept, seed=recipe.seed, checkpoint_dir=ckpt, identity=identity
+        outcome.model,
+        r,
+        kept,
+        seed=recipe.seed,
+        checkpoint_dir=ckpt,
+        identity=identity,
+        teacher=teacher,
     )
-    record = trainer.train()
+    teacher = early = None  # the trainer holds it, and drops it after training
+    try:
+        record = trainer.train()
+    finally:
+        trainer.release_teacher()
     outcome.model, diff = trainer.merge(check=kept[:1].to(input_device(outcome.model)))
-    loaded.timings["recovery_s"] = time.perf_counter() - t0
+    # with kd.cache, the teacher's pass over the windows (before pruning) is part of the step
+    loaded.timings["recovery_s"] = (
+        time.perf_counter() - t0 + loaded.timings.get("recovery_teacher_s", 0.0)
+    )
     record.update(
         {
             "corpus": plan.recovery_source.describe(),
@@ -475,10 +548,13 @@ def run_plan(
             if generation is not None:
                 gen_inputs = generation_inputs(plan, loaded, generation)
                 gen_dense = dense_generation(generation, loaded, gen_inputs, dense_ref)
+        with plugin_faults(pm, "recovery"):
+            early = recovery_teacher_cache(plan, loaded)  # the dense model, before pruning
         with plugin_faults(pm, "calibration and pruning"):
             ctx, outcome = prune_loaded(plan, loaded)
         with plugin_faults(pm, "recovery"):
-            recovery, trainer = recover(plan, loaded, outcome, output_dir)
+            recovery, trainer = recover(plan, loaded, outcome, output_dir, dense_ref.model, early)
+            early = None
         t2 = time.perf_counter()
         with plugin_faults(pm, "evaluation"):
             metrics, data_hashes = (

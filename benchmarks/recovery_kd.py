@@ -1,0 +1,224 @@
+"""Recovery by distillation from the dense parent against plain next-token recovery, at the
+same budget: Wanda-sp and LLM-Pruner at 0.2 and 0.4 on SmolLM2, recovered with ``ce``,
+``kd`` and ``ce+kd``; WikiText-2 perplexity, wall time and peak memory per cell.
+
+The protocol is the recovery table's (``recipes/sweeps/recovery_smollm2.yaml``, read here so
+the two cannot drift apart): SmolLM2-135M-Instruct in fp32 on the CPU, seed 0, 40 random
+WikiText-2 test windows of 512 tokens; every recovery 200 steps of 4 C4 training windows of
+128 tokens, LoRA rank 8 on every linear layer, lr 2e-4. KD: temperature 1, the whole
+vocabulary, weight 1 (``ce+kd`` = ce + kd), the teacher online (the dense model loaded again
+beside the student). At 0.4 one more row per method runs ``ce+kd`` with the cached teacher
+(``kd.cache: true``, top-64): the memory trade-off. Rows without recovery give the starting
+point.
+
+    python benchmarks/recovery_kd.py            # the results (each recovered cell: 40 min to
+                                                # over an hour on 2 CPU cores; about 14 h)
+    python benchmarks/recovery_kd.py --quick    # smoke test, not a result: a few steps
+
+Each cell is one ``prunekit apply`` in its own process (its peak RSS is its own), under
+``runs/recovery_kd/<cell>``; a cell with results is not run again, and an interrupted one
+resumes from its recovery checkpoint. Writes benchmarks/results/recovery_kd.json,
+benchmarks/recovery_kd.md and the ``recovery-kd`` section of docs/benchmarks.md. ``--quick``
+writes only under runs/recovery_kd_quick/ and benchmarks/results/recovery_kd_quick.json
+(both ignored by git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _sections import splice  # noqa: E402  (a sibling module of this script)
+
+SWEEP = ROOT / "recipes" / "sweeps" / "recovery_smollm2.yaml"
+PPL = "wikitext2-test"
+METHODS = ("wanda-sp", "llm-pruner")
+RATIOS = (0.2, 0.4)
+#: label -> (recovery keys over the sweep's, or None: no recovery; the ratios it runs at)
+VARIANTS: dict[str, tuple[dict | None, tuple[float, ...]]] = {
+    "none": (None, RATIOS),
+    "ce": ({}, RATIOS),
+    "kd": ({"loss": "kd"}, RATIOS),
+    "ce+kd": ({"loss": "ce+kd"}, RATIOS),
+    "ce+kd, cached top-64": ({"loss": "ce+kd", "kd": {"top_k": 64, "cache": True}}, (0.4,)),
+}
+START, END = "<!-- recovery-kd:start -->", "<!-- recovery-kd:end -->"
+
+
+def base_recipe() -> tuple[dict, dict]:
+    """The sweep's recipe without its sweep section, and its recovery settings."""
+    data = yaml.safe_load(SWEEP.read_text())
+    recovery = data["sweep"]["variants"]["wanda-sp+lora"]["recovery"]
+    data.pop("sweep")
+    return data, recovery
+
+
+def cells(quick: bool) -> list[dict]:
+    base, recovery = base_recipe()
+    out = []
+    methods, ratios = (("wanda-sp",), (0.4,)) if quick else (METHODS, RATIOS)
+    for ratio in ratios:
+        for method in methods:
+            for label, (keys, at) in VARIANTS.items():
+                if ratio not in at and not quick:
+                    continue
+                recipe = copy.deepcopy(base)
+                recipe["method"].update(name=method, ratio=ratio)
+                if keys is not None:
+                    recipe["recovery"] = {**recovery, **copy.deepcopy(keys)}
+                    recipe["recovery"]["checkpoint_every"] = 50
+                if quick:
+                    recipe["calibration"].update(samples=8, batch_size=8)
+                    recipe["evaluation"]["perplexity"][0].update(windows=4, batch_size=4)
+                    if keys is not None:
+                        recipe["recovery"].update(samples=16, steps=3, checkpoint_every=2)
+                name = f"{method}-r{ratio:g}-{label.replace(', ', '-').replace(' ', '')}"
+                out.append({"name": name, "method": method, "ratio": ratio, "recovery": label,
+                            "recipe": recipe})  # fmt: skip
+    return out
+
+
+def run_cell(cell: dict, root: Path) -> dict:
+    """Run (or read back) one cell; its row for the table."""
+    where = root / cell["name"]
+    where.mkdir(parents=True, exist_ok=True)
+    recipe = dict(cell["recipe"])
+    recipe["output"] = {"dir": str(where / "out")}
+    if "recovery" in recipe:
+        recipe["recovery"] = {**recipe["recovery"], "checkpoint_dir": str(where / "ckpt")}
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    path, results = where / "recipe.yaml", where / "out" / "results.json"
+    if results.is_file() and path.is_file() and path.read_text() != text:
+        raise SystemExit(
+            f"{where}: its results are for another recipe than this script's; move the "
+            "directory away to run the cell again"
+        )
+    path.write_text(text)
+    wall = None
+    if not results.is_file():
+        print(f"== {cell['name']}", flush=True)
+        t0 = time.perf_counter()
+        run = subprocess.run([sys.executable, "-m", "prunekit.cli", "apply", str(path)])
+        wall = time.perf_counter() - t0
+        if run.returncode != 0:
+            return {**_keys(cell), "failed": f"prunekit apply exited {run.returncode}"}
+    return row(cell, json.loads(results.read_text()), wall)
+
+
+def _keys(cell: dict) -> dict:
+    return {k: cell[k] for k in ("name", "method", "ratio", "recovery")}
+
+
+def row(cell: dict, result: dict, wall: float | None) -> dict:
+    rec = result.get("recovery") or {}
+    kd = rec.get("kd") or {}
+    memory = rec.get("memory") or {}
+    teacher = kd.get("teacher") or {}
+    return {
+        **_keys(cell),
+        "ppl": result["metrics"][PPL]["ppl"],
+        "params_kept_fraction": result["reduction"]["params_kept_fraction"],
+        "recovery_s": result["timings"].get("recovery_s"),
+        "total_s": result["timings"].get("total_s"),
+        "process_s": wall,
+        "loss_first": rec.get("loss_first"),
+        "loss_last": rec.get("loss_last"),
+        "ce_last": (kd.get("loss_ce") or [None])[-1],
+        "kd_last": (kd.get("loss_kd") or [None])[-1],
+        "teacher": {k: v for k, v in teacher.items() if k != "memory"} or None,
+        "peak_rss_bytes": memory.get("process_peak_rss_bytes"),
+        "cuda_peak_allocated_bytes": memory.get("cuda_peak_allocated_bytes"),
+        "failed": None,
+    }
+
+
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _minutes(s) -> str:
+    return "-" if s is None else f"{s / 60:.1f} min"
+
+
+def markdown(report: dict) -> str:
+    out = [
+        START,
+        "",
+        "## Recovery by distillation from the dense parent",
+        "",
+        "The recovery table's protocol (SmolLM2-135M-Instruct, fp32, CPU, seed 0; WikiText-2 "
+        "perplexity on 40 random test windows of 512 tokens; every recovery 200 steps of 4 C4 "
+        "windows of 128 tokens, LoRA rank 8 on every linear layer, lr 2e-4), with "
+        "`recovery.loss` `ce` (next-token loss), `kd` (KL from the dense model's "
+        "distribution, temperature 1, whole vocabulary) and `ce+kd` (their sum); "
+        "`cached top-64` runs the teacher once before pruning and keeps its 64 most likely "
+        "tokens per position (`kd.cache: true`, `top_k: 64`). Wall time: `timings.recovery_s` "
+        "(with the teacher's load or pass). Peak RSS: the process's high-water mark at the "
+        f"end of the fine-tune. Generated by `{report['command']}`.",
+        "",
+        "| ratio | method | recovery | WikiText-2 PPL | recovery wall time | peak RSS | "
+        "loss (first -> last step) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        if r.get("failed"):
+            out.append(f"| {r['ratio']:g} | {r['method']} | {r['recovery']} | failed | | | |")
+            continue
+        loss = "-" if r["loss_first"] is None else f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}"
+        out.append(
+            f"| {r['ratio']:g} | {r['method']} | {r['recovery']} | {r['ppl']:.2f} | "
+            f"{_minutes(r['recovery_s'])} | {_gib(r['peak_rss_bytes'])} | {loss} |"
+        )
+    out += ["", END]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps: not a result")
+    args = parser.parse_args(argv)
+    import torch
+
+    import prunekit
+
+    root = ROOT / "runs" / ("recovery_kd_quick" if args.quick else "recovery_kd")
+    report = {
+        "command": "python benchmarks/recovery_kd.py" + (" --quick" if args.quick else ""),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+        "prunekit": prunekit.__version__,
+        "protocol": str(SWEEP.relative_to(ROOT)),
+        "rows": [],
+    }
+    for cell in cells(args.quick):
+        report["rows"].append(run_cell(cell, root))
+    section = markdown(report)
+    if args.quick:
+        out = HERE / "results" / "recovery_kd_quick.json"
+        (root / "recovery_kd.md").write_text("# Recovery KD (quick: not a result)\n\n" + section)
+    else:
+        out = HERE / "results" / "recovery_kd.json"
+        (HERE / "recovery_kd.md").write_text("# Recovery by distillation (SmolLM2)\n\n" + section)
+        splice(ROOT / "docs" / "benchmarks.md", section)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(section)
+    failed = [r["name"] for r in report["rows"] if r.get("failed")]
+    if failed:
+        print(f"failed cells: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
