@@ -190,6 +190,15 @@ class MethodConfig(BaseModel):
             raise ValueError(f"{kind} must be > 0, got {value}")
         return {kind: float(value)}
 
+    @model_serializer(mode="wrap")
+    def _omit_no_target(self, handler):
+        # no target (every recipe before budgets existed) is dumped without the key, so a
+        # resolved recipe, a sweep cell's key and a checkpoint's key stay what they were
+        data = handler(self)
+        if isinstance(data, dict) and self.target is None:
+            data.pop("target", None)
+        return data
+
     @model_validator(mode="after")
     def _target_or_ratio(self):
         if self.target is not None and "ratio" in self.model_fields_set and self.ratio > 0:

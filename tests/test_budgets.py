@@ -148,3 +148,15 @@ def test_cost_model_is_read_before_pruning():
     for la in adapter.layers():
         la.slice(torch.arange(2), torch.arange(48))
     assert costs.costs([{"heads": 2, "channels": 48}] * 6) == before
+
+
+def test_a_recipe_without_a_target_dumps_as_before():
+    # sweep cell keys and checkpoint keys hash the resolved recipe: no target, no key
+    from prunekit.recipe import load_recipe
+    from prunekit.sweep import cell_key
+
+    recipe = load_recipe({"method": {"name": "pp", "ratio": 0.4}}).recipe
+    assert "target" not in recipe.model_dump(mode="json")["method"]
+    budget = load_recipe({"method": {"name": "pp", "target": {"macs": 0.6}}}).recipe
+    assert budget.model_dump(mode="json")["method"]["target"] == {"macs": 0.6}
+    assert cell_key(recipe) != cell_key(budget)
