@@ -448,6 +448,86 @@ class ModelAdapter(ABC):
     def __iter__(self) -> Iterator[LayerAdapter]:
         return iter(self.layers())
 
+    # -- removing whole decoder layers (depth pruning) ---------------------------------------
+    #: whether :meth:`remove_layers` can drop whole decoder layers of this architecture (the
+    #: model's forward runs whatever its decoder list holds, and the config can say the new
+    #: count); an adapter that cannot leaves it False and is refused with a reason
+    removes_layers: ClassVar[bool] = False
+    #: config attributes holding one entry per decoder layer, cut with the layers (e.g.
+    #: ``layer_types``: sliding or full attention); ``num_hidden_layers`` is always updated
+    per_layer_config_keys: ClassVar[tuple[str, ...]] = ("layer_types",)
+
+    def remove_layers(self, indices) -> ModelAdapter:
+        """Physically remove the decoder layers ``indices`` (indices of the model as it is now)
+        and return a fresh adapter of the shallower model; this adapter is left describing
+        the model it was built on (its dims, so its cost model stays the dense one).
+
+        The remaining layers are renumbered in order (:meth:`renumber_layer`: their KV-cache
+        indices), ``config.num_hidden_layers`` and the :attr:`per_layer_config_keys` lists
+        are cut to them, and so are the per-layer shapes of a pruned checkpoint's config
+        (``prunekit_layers``), so that the model saves as a checkpoint with fewer layers.
+
+        :raises prunekit.errors.ModelError: the adapter does not declare
+            :attr:`removes_layers`, or ``indices`` name a layer that does not exist, twice, or
+            every layer.
+        """
+        from prunekit.errors import ModelError
+
+        if not self.removes_layers:
+            raise ModelError(
+                f"adapter {self.name!r} cannot remove whole decoder layers (it does not declare "
+                "ModelAdapter.removes_layers); use a width method (heads and channels) with this "
+                "architecture, or implement layer removal in its adapter"
+            )
+        n = self.num_layers
+        drop = [int(i) for i in indices]
+        bad = sorted({i for i in drop if not 0 <= i < n})
+        if bad:
+            raise ModelError(
+                f"remove_layers: layers {bad} do not exist: the model has {n} layers (0..{n - 1})"
+            )
+        if len(set(drop)) != len(drop):
+            raise ModelError(f"remove_layers: a layer is named twice in {drop}")
+        if len(drop) >= n:
+            raise ModelError(f"remove_layers: removing all {n} layers leaves no model")
+        if not drop:
+            return type(self)(self.model)
+        keep = [i for i in range(n) if i not in set(drop)]
+        layers = self.decoder_layers
+        for i in sorted(drop, reverse=True):
+            del layers[i]  # the ModuleList renames its entries 0..k-1 (the state dict's keys)
+        for new, module in enumerate(layers):
+            self.renumber_layer(module, new)
+        config = self.model.config
+        config.num_hidden_layers = len(keep)
+        for key in self.per_layer_config_keys:
+            values = getattr(config, key, None)
+            if isinstance(values, (list, tuple)) and len(values) == n:
+                setattr(config, key, [values[i] for i in keep])
+        from prunekit.pruning.static import PRUNED_LAYERS_KEY
+
+        shapes = getattr(config, PRUNED_LAYERS_KEY, None)
+        if isinstance(shapes, dict):
+            setattr(
+                config,
+                PRUNED_LAYERS_KEY,
+                {k: [v[i] for i in keep] if len(v) == n else v for k, v in shapes.items()},
+            )
+        return type(self)(self.model)
+
+    def renumber_layer(self, module: nn.Module, index: int) -> None:
+        """Give the decoder layer ``module`` the position ``index`` after layers were removed.
+
+        Default: every submodule's integer ``layer_idx`` (Hugging Face's attention, which
+        indexes the KV cache with it) and that of any object a submodule holds (a sliced
+        attention's kernel) is set to ``index``."""
+        for sub in module.modules():
+            for value in (sub, *vars(sub).values()):
+                if isinstance(getattr(value, "layer_idx", None), int) and not isinstance(
+                    value, type
+                ):
+                    value.layer_idx = index
+
     # -- saving a physically pruned model ----------------------------------------------------
     @abstractmethod
     def layer_shapes(self) -> dict[str, list]:

@@ -23,8 +23,8 @@ def structure_reduction(
     dense = sum(la.macs_per_token(la.num_heads, la.intermediate_size, seq_len) for la in layers)
     if not structure:
         structure = [{"heads": la.num_heads, "channels": la.intermediate_size} for la in layers]
-    kept = sum(
-        la.macs_per_token(row["heads"], row["channels"], seq_len)
+    kept = sum(  # a removed block (depth pruning, ``"removed": true``) costs nothing
+        0.0 if row.get("removed") else la.macs_per_token(row["heads"], row["channels"], seq_len)
         for la, row in zip(layers, structure, strict=True)
     )
     out = {

@@ -389,6 +389,9 @@ class LlamaAdapter(ModelAdapter):
     model_types = ("llama",)
     modeling = "prunekit.models.pruned_llama:PrunekitLlamaForCausalLM"
     layer_class = LlamaLayerAdapter
+    #: whole decoder layers can be removed (:meth:`ModelAdapter.remove_layers`): the model
+    #: runs ``model.layers`` in order, and ``num_hidden_layers`` and ``layer_types`` say the rest
+    removes_layers = True
 
     @classmethod
     def unsupported(cls, config) -> str | None:

@@ -222,6 +222,8 @@ class OptAdapter(ModelAdapter):
     name = "opt"
     model_types = ("opt",)
     modeling = "prunekit.models.pruned_opt:PrunekitOPTForCausalLM"
+    #: whole decoder layers can be removed (:meth:`ModelAdapter.remove_layers`)
+    removes_layers = True
 
     @classmethod
     def unsupported(cls, config) -> str | None:
