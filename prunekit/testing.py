@@ -454,6 +454,7 @@ CHECKS = (
     "slicing",
     "cost_model",
     "reload",
+    "remove_layers",
 )
 
 
@@ -557,6 +558,12 @@ def _check_reload(
         want = model(input_ids=ids).logits
     path = tmp / "saved"
     save_pruned(adapter, None, str(path), {"method": "check_adapter"})
+    _reload_and_compare("reload", path, ids, want, atol, rtol)
+
+
+def _reload_and_compare(check: str, path: Path, ids, want, atol: float, rtol: float) -> None:
+    """Reload the checkpoint ``path`` in a fresh process every way its layout allows and
+    compare its logits on ``ids`` with ``want``."""
     layout = json.loads((path / "prunekit.json").read_text())["layout"]
     torch.save(ids, path / "ids.pt")
     script = _reload_script(str(path), layout == "remote_code", layout == "plain")
@@ -571,12 +578,76 @@ def _check_reload(
         text=True,
     )
     if proc.returncode != 0:
-        _fail("reload", None, f"reloading in a fresh process failed:\n{proc.stderr[-2000:]}")
+        _fail(check, None, f"reloading in a fresh process failed:\n{proc.stderr[-2000:]}")
     for how, logits in torch.load(path / "reloaded.pt").items():
         try:
-            _close("reload", None, logits, want, atol, rtol)
+            _close(check, None, logits, want, atol, rtol)
         except AssertionError as exc:
             raise AssertionError(f"{exc} (reloaded with {how}, {layout} layout)") from None
+
+
+def _check_removal(
+    model_factory, adapter_cls, kept, atol: float, ids, tmp: Path, rtol: float = 0.0
+) -> None:
+    """Removing decoder layer 1 equals the dense model with that layer passing its input
+    through, a KV cache included; a sliced model with a layer removed saves and reloads
+    identically in a fresh process. An adapter that does not declare ``removes_layers`` must
+    refuse with :class:`prunekit.errors.ModelError`."""
+    from prunekit.components import Allocation
+    from prunekit.errors import ModelError
+    from prunekit.pruning.static import save_pruned, slice_model
+
+    model = model_factory()
+    adapter = adapter_cls(model)
+    n = adapter.num_layers
+    if not adapter_cls.removes_layers:
+        try:
+            adapter.remove_layers([0])
+        except ModelError:
+            return
+        _fail("remove_layers", None, "removes_layers is False, yet remove_layers did not refuse")
+    if n < 2:
+        _fail("remove_layers", None, f"the model needs 2 layers or more to remove one (has {n})")
+    ref = model_factory()
+
+    def identity(module, args, kwargs, output):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    adapter_cls(ref).decoder_layers[1].register_forward_hook(identity, with_kwargs=True)
+    shallow = adapter.remove_layers([1])
+    if shallow.num_layers != n - 1 or model.config.num_hidden_layers != n - 1:
+        _fail(
+            "remove_layers",
+            None,
+            f"{n - 1} layers expected after removing one, the adapter has "
+            f"{shallow.num_layers} and config.num_hidden_layers is "
+            f"{model.config.num_hidden_layers}",
+        )
+    caches = [la.cache_layer for la in shallow.layers()]
+    if caches != list(range(n - 1)):
+        _fail("remove_layers", None, f"KV-cache indices {caches} after removing layer 1")
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        _close("remove_layers", None, model(input_ids=ids).logits, want, atol, rtol)
+        # decoding with a KV cache, against the reference decoding the same way (the same
+        # matmul shapes: decoding steps differ from one full forward by float rounding)
+        split = ids.shape[1] // 2
+        out = model(input_ids=ids[:, :split], use_cache=True)
+        ref_out = ref(input_ids=ids[:, :split], use_cache=True)
+        for t in range(split, ids.shape[1]):
+            step = ids[:, t : t + 1]
+            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+            ref_out = ref(input_ids=step, past_key_values=ref_out.past_key_values, use_cache=True)
+            _close("remove_layers", None, out.logits[:, -1], ref_out.logits[:, -1], atol, rtol)
+    sliced = model_factory()
+    slice_model(adapter_cls(sliced), Allocation(dict(kept)))
+    shallow = adapter_cls(sliced).remove_layers([1])
+    with torch.no_grad():
+        want = sliced(input_ids=ids).logits
+    path = tmp / "shallow"
+    save_pruned(shallow, None, str(path), {"method": "check_adapter"})
+    _reload_and_compare("remove_layers", path, ids, want, atol, rtol)
 
 
 def check_adapter(
@@ -616,6 +687,11 @@ def check_adapter(
       :func:`prunekit.pruning.static.save_pruned` reloads in a fresh Python process with the
       same logits, through ``prunekit.load_pruned`` and through ``trust_remote_code`` (or plain
       ``from_pretrained`` when saved as a plain checkpoint).
+    * ``remove_layers``: with :attr:`ModelAdapter.removes_layers`, removing layer 1 equals the
+      dense model with that layer passing its input through (a KV cache continued token by
+      token included), the remaining layers' cache indices are renumbered, and a sliced model
+      with a layer removed reloads in a fresh process with the same logits; without it,
+      ``remove_layers`` raises :class:`prunekit.errors.ModelError`.
     """
     from prunekit.components import Allocation
     from prunekit.pruning.static import slice_model
@@ -694,6 +770,9 @@ def check_adapter(
     if "reload" in checks:
         with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
             _check_reload(model_factory, adapter_cls, kept, atol, ids, Path(tmp), rtol)
+    if "remove_layers" in checks:
+        with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
+            _check_removal(model_factory, adapter_cls, kept, atol, ids, Path(tmp), rtol)
 
 
 def _check_probe(la, h, kw, atol: float, rtol: float) -> None:
@@ -801,3 +880,6 @@ class AdapterConformance:
 
     def test_saved_model_reloads_in_a_fresh_process(self, tmp_path):
         self._check("reload", tmp_path=tmp_path)
+
+    def test_layer_removal(self, tmp_path):
+        self._check("remove_layers", tmp_path=tmp_path)
