@@ -386,6 +386,11 @@ def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
     raise ValueError(f"{type(old).__name__} is not a submodule of {type(root).__name__}")
 
 
+#: the config key under which a saved pruned checkpoint keeps its per-layer shapes (the
+#: self-contained modelling files spell it out themselves)
+PRUNED_LAYERS_KEY = "prunekit_layers"
+
+
 class ModelAdapter(ABC):
     """Maps a loaded causal LM to its decoder layers, and owns its saved pruned form.
 
@@ -504,8 +509,6 @@ class ModelAdapter(ABC):
             values = getattr(config, key, None)
             if isinstance(values, (list, tuple)) and len(values) == n:
                 setattr(config, key, [values[i] for i in keep])
-        from prunekit.pruning.static import PRUNED_LAYERS_KEY
-
         shapes = getattr(config, PRUNED_LAYERS_KEY, None)
         if isinstance(shapes, dict):
             setattr(

@@ -79,9 +79,10 @@ def test_set_coerces_types():
 def test_unknown_method_suggests_and_lists():
     with pytest.raises(RecipeError) as err:
         validate(load_recipe(None, ["method.name=dens"]))
-    assert "did you mean 'dense'" in str(err.value) and "registered methods: dense" in str(
-        err.value
-    )
+    message = str(err.value)
+    assert "did you mean 'dense'" in message and "registered methods: " in message
+    listed = message.split("registered methods: ")[1].split(", ")
+    assert "dense" in listed and listed == sorted(listed)
 
 
 def test_slot_not_offered_by_method():

@@ -16,13 +16,18 @@ from pathlib import Path
 
 import torch
 
-from prunekit.components import ATTN, MLP, Allocation, Method, ModelAdapter, PruneOutcome
+from prunekit.components import (  # noqa: F401 (PRUNED_LAYERS_KEY: still importable here)
+    ATTN,
+    MLP,
+    PRUNED_LAYERS_KEY,
+    Allocation,
+    Method,
+    ModelAdapter,
+    PruneOutcome,
+)
 from prunekit.devices import onloaded, restored
 from prunekit.errors import ModelError
 from prunekit.hookspecs import hookimpl
-
-#: the config key holding the per-layer shapes of a pruned checkpoint
-PRUNED_LAYERS_KEY = "prunekit_layers"
 
 
 def same_shape(model, structure: list[dict]):
