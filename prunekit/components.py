@@ -760,6 +760,9 @@ class Method(ABC):
     option_defaults: ClassVar[dict[str, Any]] = {}
     #: whether the method reads calibration data (the runner then checks the data exists)
     uses_calibration: ClassVar[bool] = True
+    #: whether the method removes whole decoder layers (:meth:`ModelAdapter.remove_layers`):
+    #: ``validate`` then refuses an adapter that does not declare ``removes_layers``
+    removes_layers: ClassVar[bool] = False
     #: what the method itself gives its components, and what it reads from its statistic
     #: (see *needs and provides* above); checked at ``validate``
     provides: ClassVar[tuple[str, ...]] = ()

@@ -298,6 +298,13 @@ def validate(
     ]:
         raise problem_error(loaded, problem)
 
+    if method_cls.removes_layers and adapter_cls is not None and not adapter_cls.removes_layers:
+        raise loaded.error(
+            ("method", "name"),
+            f"method {recipe.method.name!r} removes whole decoder layers, and adapter "
+            f"{adapter_cls.name!r} cannot (it does not declare ModelAdapter.removes_layers); "
+            "use a width method (heads and channels) with this architecture",
+        )
     _check_target(loaded, entry, components, settings, adapter_cls, config, model)
     _check_timing(loaded)
     if recipe.data_dir and not Path(recipe.data_dir).is_dir():

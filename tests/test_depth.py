@@ -419,3 +419,15 @@ def test_bad_depth_recipes_fail_at_validate(tiny_dir, capsys, method, keys, need
     assert main(["validate", _recipe(tiny_dir, method, **keys)]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_an_adapter_that_cannot_remove_layers_is_refused_at_validate(monkeypatch):
+    from prunekit.models.llama import LlamaAdapter
+
+    monkeypatch.setattr(LlamaAdapter, "removes_layers", False)
+    recipe = {
+        "method": {"name": "block-influence", "ratio": 0.25},
+        "evaluation": {"perplexity": []},
+    }
+    with pytest.raises(prunekit.PrunekitError, match=r"method\.name.*adapter 'llama' cannot"):
+        prunekit.validate(recipe)

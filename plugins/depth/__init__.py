@@ -80,6 +80,7 @@ class DepthMethod(StaticMethod):
     per-block scores that :meth:`accumulate` sums over calibration tokens."""
 
     slots: dict[str, str] = {}
+    removes_layers = True
     #: the name of the scores in ``results.json``'s ``extra``
     score_name = ""
 
