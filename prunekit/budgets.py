@@ -110,16 +110,11 @@ def highest_ratio(allocator, adapter: ModelAdapter, settings: MethodSettings) ->
         # an allocator that does not say: the reference's L / (L - skipped) inflation
         return per_layer_ratio(r, adapter.num_layers, settings.skip_layers) < 1
 
-    low, high = 0.0, 1 - _STEP
+    high = 1 - _STEP
     if ok(high):
         return high
-    while high - low > _STEP:
-        mid = (low + high) / 2
-        if ok(mid):
-            low = mid
-        else:
-            high = mid
-    return low
+    # the first ratio that is not accepted, less one step (accepted: the ratio is monotone)
+    return max(0.0, _bisect(lambda r: not ok(r), high) - _STEP)
 
 
 class BudgetError(ValueError):

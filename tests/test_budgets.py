@@ -160,3 +160,14 @@ def test_a_recipe_without_a_target_dumps_as_before():
     budget = load_recipe({"method": {"name": "pp", "target": {"macs": 0.6}}}).recipe
     assert budget.model_dump(mode="json")["method"]["target"] == {"macs": 0.6}
     assert cell_key(recipe) != cell_key(budget)
+
+
+def test_the_highest_ratio_keeps_the_per_layer_ratio_below_one():
+    from prunekit.budgets import highest_ratio
+    from prunekit.components import MethodSettings
+    from prunekit.pruning.allocation import Uniform
+
+    model = _model()  # 6 layers, layer 0 skipped: round(6/5 r, 2) < 1 up to r = 0.8291...
+    settings = MethodSettings(name="wanda-sp", skip_layers=[0])
+    r = highest_ratio(Uniform(), resolve_adapter(model), settings)
+    assert round(1.2 * r, 2) < 1 <= round(1.2 * (r + 2e-4), 2)
