@@ -15,7 +15,6 @@ import torch
 
 from prunekit.plugin import ATTN
 
-
 #: how a head's channel scores ``S_j c_j`` make its score: ``l2`` (the reference) or ``sum``
 HEAD_REDUCTIONS = ("l2", "sum")
 
