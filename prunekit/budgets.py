@@ -177,6 +177,8 @@ class BudgetAllocator:
         self.achieved: dict[str, float] | None = None
 
     def __getattr__(self, name: str) -> Any:  # the inner allocator's own attributes
+        if name == "inner":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def __call__(self, scores, adapter: ModelAdapter, settings: MethodSettings) -> Allocation:

@@ -171,3 +171,17 @@ def test_the_highest_ratio_keeps_the_per_layer_ratio_below_one():
     settings = MethodSettings(name="wanda-sp", skip_layers=[0])
     r = highest_ratio(Uniform(), resolve_adapter(model), settings)
     assert round(1.2 * r, 2) < 1 <= round(1.2 * (r + 2e-4), 2)
+
+
+def test_a_budget_allocator_copies_and_reads_through_to_its_allocator():
+    import copy
+
+    from prunekit.budgets import BudgetAllocator
+    from prunekit.pruning.allocation import Uniform
+
+    model = _model()
+    costs = cost_model(resolve_adapter(model), model, 512, "float32")
+    wrapper = BudgetAllocator(Uniform(balanced_kv=True), costs, "macs", 0.7)
+    assert wrapper.balanced_kv is True and callable(wrapper.counts)
+    clone = copy.deepcopy(wrapper)
+    assert clone.value == 0.7 and clone.balanced_kv is True
