@@ -24,12 +24,12 @@ from collections.abc import Callable
 from typing import Any
 
 from prunekit.components import ATTN, MLP, Allocation, MethodSettings, ModelAdapter
+from prunekit.loading.resolve import resolve_dtype
 from prunekit.ratios import per_layer_ratio
 
 #: the costs a target can name
 TARGET_KINDS = ("macs", "params", "kv_bytes_per_token")
 _STEP = 1e-4
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class CostModel:
@@ -76,7 +76,7 @@ class CostModel:
 
 def cost_model(adapter: ModelAdapter, model, seq_len: int, dtype: str) -> CostModel:
     total = sum(p.numel() for p in model.parameters())
-    return CostModel(adapter, seq_len, total, _BYTES.get(dtype, 4))
+    return CostModel(adapter, seq_len, total, resolve_dtype(dtype).itemsize)
 
 
 def macs_seq_len(recipe) -> int:

@@ -21,9 +21,6 @@ import torch
 
 from prunekit.loading.resolve import converted_alias, locate_model, resolve_dtype
 
-#: bytes per element of the recipe's ``model.dtype`` values
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
 
 def _checkpoint_dir(model_id: str) -> Path | None:
     """The directory holding the weights the run will load, when it is on this machine."""
@@ -146,7 +143,7 @@ def check_host(
     n = parameter_count(m.id, config)
     if not n:
         return [], []
-    need = n * _BYTES.get(m.dtype, resolve_dtype(m.dtype).itemsize)
+    need = n * resolve_dtype(m.dtype).itemsize
     problems, warnings = [], []
     memory = memory_available(device)
     if memory is not None and need > memory[1]:
