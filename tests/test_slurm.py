@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import sys
 import threading
 import time
@@ -27,12 +26,10 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-import torch
-import yaml
+from sweep_setup import sweep_workdir
 
 from prunekit.cli import main
 from prunekit.sweep import load_sweep
-from prunekit.testing import tiny_llama, tiny_tokenizer
 
 REQUIRED = os.environ.get("PRUNEKIT_REQUIRE_SLURM", "").strip() == "1"
 
@@ -61,29 +58,8 @@ def slurm() -> Iterator[slurm_cluster.Cluster]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """The tiny LLaMA of tests/test_sweep.py, a copy with a corrupt weights file, a text file,
-    a recipe, and the ``hold`` plugin."""
-    root = tmp_path_factory.mktemp("slurm")
-    tiny_llama(layers=2, seed=3).save_pretrained(root / "tiny")
-    tiny_tokenizer().save_pretrained(root / "tiny")
-    shutil.copytree(root / "tiny", root / "broken")
-    (root / "broken" / "model.safetensors").write_bytes(b"\0" * 64)
-    g = torch.Generator().manual_seed(7)
-    rows = torch.randint(0, 60, (40, 50), generator=g).tolist()
-    text = root / "text.txt"
-    text.write_text("\n".join(" ".join(f"w{i}" for i in r) for r in rows))
-    recipe = {
-        "model": {"id": str(root / "tiny"), "dtype": "float32"},
-        "method": {"name": "wanda-sp", "ratio": 0.5, "skip_layers": []},
-        "calibration": {"path": str(text), "samples": 4, "seq_len": 16, "batch_size": 4},
-        "evaluation": {
-            "perplexity": [
-                {"path": str(text), "seq_len": 16, "windows": 4, "batch_size": 2},
-            ]
-        },
-        "runtime": {"batches": 0},
-    }
-    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
+    """The sweep tests' directory (tests/sweep_setup.py), and the ``hold`` plugin."""
+    root = sweep_workdir(tmp_path_factory.mktemp("slurm"))
     plugin = root / "hold-plugin"
     dist = plugin / "prunekit_test_hold-0.1.dist-info"
     dist.mkdir(parents=True)

@@ -4,7 +4,6 @@ re-runs, concurrent sweeps, the table; on a tiny model (each cell is a process o
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from sweep_setup import sweep_workdir
 
 from prunekit import hookimpl
 from prunekit.cli import main
@@ -26,41 +26,13 @@ from prunekit.sweep import (
     run_sweep,
     split_values,
 )
-from prunekit.testing import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A tiny LLaMA, a copy whose weights file is corrupt (its config validates; loading it
     fails, as a truncated download would), a text file, and a recipe."""
-    root = tmp_path_factory.mktemp("sweep")
-    tiny_llama(layers=2, seed=3).save_pretrained(root / "tiny")
-    tiny_tokenizer().save_pretrained(root / "tiny")
-    shutil.copytree(root / "tiny", root / "broken")
-    (root / "broken" / "model.safetensors").write_bytes(b"\0" * 64)
-    g = torch.Generator().manual_seed(7)
-    rows = torch.randint(0, 60, (40, 50), generator=g).tolist()
-    text = root / "text.txt"
-    text.write_text("\n".join(" ".join(f"w{i}" for i in r) for r in rows))
-    recipe = {
-        "model": {"id": str(root / "tiny"), "dtype": "float32"},
-        "method": {"name": "wanda-sp", "ratio": 0.5, "skip_layers": []},
-        "calibration": {"path": str(text), "samples": 4, "seq_len": 16, "batch_size": 4},
-        "evaluation": {
-            "perplexity": [
-                {
-                    "path": str(text),
-                    "seq_len": 16,
-                    "windows": 4,
-                    "batch_size": 2,
-                    "sampling": "random",
-                }
-            ]
-        },
-        "runtime": {"batches": 0},
-    }
-    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
-    return root
+    return sweep_workdir(tmp_path_factory.mktemp("sweep"), sampling="random")
 
 
 def _models(root: Path) -> str:
@@ -558,7 +530,6 @@ def test_a_gpu_sweep_submits_from_a_machine_without_a_gpu(workdir, tmp_path, mon
     this CPU machine, through submitit's local executor). Without GPUs requested it is an
     error at submission."""
     pytest.importorskip("submitit")
-    import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     base = [
