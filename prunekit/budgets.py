@@ -40,11 +40,15 @@ class CostModel:
     def __init__(self, adapter: ModelAdapter, seq_len: int, total_params: int, dtype_bytes: int):
         self.adapter, self.seq_len = adapter, seq_len
         self.total_params, self.dtype_bytes = total_params, dtype_bytes
-        self._params = {}  # layer -> (params dense, per head, per channel)
+        # layer -> (params dense, per head, per channel, more params gone with the last head:
+        # shared K/V projections where the adapter drops them with the attention sublayer)
+        self._params = {}
         for la in adapter.layers():
             h, c = la.num_heads, la.intermediate_size
             full = la.params(h, c)
-            self._params[la.index] = (full, full - la.params(h - 1, c), full - la.params(h, c - 1))
+            per_head, per_channel = full - la.params(h - 1, c), full - la.params(h, c - 1)
+            last = full - la.params(0, c) - h * per_head
+            self._params[la.index] = (full, per_head, per_channel, last)
 
     def structure(self, counts: dict[tuple[int, str], int]) -> list[dict[str, int]]:
         return [
@@ -66,11 +70,15 @@ class CostModel:
         for la, row in zip(layers, structure, strict=True):
             h, c = row["heads"], row["channels"]
             dense_macs += la.macs_per_token(la.num_heads, la.intermediate_size, self.seq_len)
-            kept_macs += la.macs_per_token(h, c, self.seq_len)
-            _, per_head, per_channel = self._params[la.index]
+            if not row.get("removed"):
+                kept_macs += la.macs_per_token(h, c, self.seq_len)
+            full, per_head, per_channel, last = self._params[la.index]
+            if row.get("removed"):  # the whole block is gone (depth pruning)
+                params -= full
+                continue
             params -= (la.num_heads - h) * per_head + (la.intermediate_size - c) * per_channel
-            kv_heads = la.num_kv_heads if la.shares_kv else h
-            kv += 2 * kv_heads * la.unit_width(ATTN) * self.dtype_bytes
+            params -= last if h == 0 else 0
+            kv += 2 * la.kv_heads_kept(h) * la.unit_width(ATTN) * self.dtype_bytes
         return {"macs": kept_macs / dense_macs, "params": params, "kv_bytes_per_token": kv}
 
 
@@ -165,6 +173,31 @@ def fmt(kind: str, v: float) -> str:
     if kind == "params":
         return f"{v / 1e6:.2f} M parameters"
     return f"{int(v)} bytes per token"
+
+
+@dataclasses.dataclass
+class Budget:
+    """``method.target`` handed to a method that meets it itself (``Method.solves_target``,
+    as ``ctx.budget``): the method removes units in its own order until :meth:`met`."""
+
+    kind: str
+    value: float
+    costs: CostModel
+
+    def achieved(self, structure: list[dict]) -> float:
+        return self.costs.costs(structure)[self.kind]
+
+    def met(self, structure: list[dict]) -> bool:
+        """Whether ``structure`` (rows with ``heads``, ``channels``, ``removed``) meets it."""
+        return self.achieved(structure) <= self.value
+
+    def unreachable(self, what: str, lowest: float) -> BudgetError:
+        dense = self.costs.costs()[self.kind]
+        return BudgetError(
+            f"{self.kind} {fmt(self.kind, self.value)} cannot be met: {what} leaves "
+            f"{fmt(self.kind, lowest)} (dense: {fmt(self.kind, dense)}); ask for more, or "
+            "skip fewer layers"
+        )
 
 
 class BudgetAllocator:

@@ -180,6 +180,13 @@ class LayerAdapter(ABC):
         pruned, and only the query heads' rows and output columns are."""
         return self.num_kv_heads != self.num_heads
 
+    def kv_heads_kept(self, heads: int) -> int:
+        """K/V heads the layer still computes with ``heads`` query heads kept (the cost
+        model's and the KV cache's): ``heads`` with MHA, every K/V head with GQA. An adapter
+        whose slice removes the shared K/V heads with the last query head (the attention
+        sublayer dropped, :attr:`ModelAdapter.sublayers`) returns 0 for 0 heads."""
+        return self.num_kv_heads if self.shares_kv else heads
+
     def kv_heads_of(self, heads: torch.Tensor) -> torch.Tensor:
         """The K/V head each of the query ``heads`` attends with (default: consecutive groups)."""
         return heads // (self.num_heads // self.num_kv_heads)
@@ -452,6 +459,13 @@ class ModelAdapter(ABC):
 
     def __iter__(self) -> Iterator[LayerAdapter]:
         return iter(self.layers())
+
+    # -- dropping whole sublayers -------------------------------------------------------------
+    #: the groups (``ATTN``, ``MLP``) whose whole sublayer a slice to zero units removes: no
+    #: per-token computation left, the shared K/V projections and KV-cache entries included
+    #: (a constant output bias, where the architecture has one, stays). Methods that drop
+    #: sublayers (``attn-drop``) are refused on an adapter that does not declare the group.
+    sublayers: ClassVar[tuple[str, ...]] = ()
 
     # -- removing whole decoder layers (depth pruning) ---------------------------------------
     #: whether :meth:`remove_layers` can drop whole decoder layers of this architecture (the
@@ -763,6 +777,13 @@ class Method(ABC):
     #: whether the method removes whole decoder layers (:meth:`ModelAdapter.remove_layers`):
     #: ``validate`` then refuses an adapter that does not declare ``removes_layers``
     removes_layers: ClassVar[bool] = False
+    #: the groups whose whole sublayers the method drops (slices to zero units): ``validate``
+    #: refuses an adapter whose :attr:`ModelAdapter.sublayers` lacks one
+    drops_sublayers: ClassVar[tuple[str, ...]] = ()
+    #: whether the method meets ``method.target`` itself (it chooses how many units to remove
+    #: from its own scores, reading ``ctx.budget``: a :class:`prunekit.budgets.Budget`), for a
+    #: method without an allocator slot (depth methods)
+    solves_target: ClassVar[bool] = False
     #: what the method itself gives its components, and what it reads from its statistic
     #: (see *needs and provides* above); checked at ``validate``
     provides: ClassVar[tuple[str, ...]] = ()
@@ -809,6 +830,15 @@ class Method(ABC):
         if slot is not None and slot.options.get("inflate") is False:
             return m.ratio
         return per_layer_ratio(m.ratio, num_layers, m.skip_layers)
+
+    @classmethod
+    def check_target(
+        cls, costs: Any, settings: MethodSettings, kind: str, value: float
+    ) -> str | None:
+        """For a method that :attr:`solves_target`: why ``kind <= value`` cannot be met on this
+        model (``costs``: its :class:`prunekit.budgets.CostModel`, built on the meta device at
+        ``validate``), or None. Default: None (checked when the method runs)."""
+        return None
 
     @classmethod
     def check_state(cls, path: str, recipe: RunView) -> None:

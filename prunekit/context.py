@@ -52,6 +52,9 @@ class PruneContext:
     run: RunView | None = None
     #: the located perplexity corpora (the plan's), for the carve-out
     perplexity_sources: list | None = None
+    #: ``method.target`` for a method that meets it itself (``Method.solves_target``): a
+    #: :class:`prunekit.budgets.Budget`; None otherwise
+    budget: Any = None
     _windows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:

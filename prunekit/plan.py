@@ -305,7 +305,21 @@ def validate(
             f"{adapter_cls.name!r} cannot (it does not declare ModelAdapter.removes_layers); "
             "use a width method (heads and channels) with this architecture",
         )
-    _check_target(loaded, entry, components, settings, adapter_cls, config, model)
+    missing = (
+        [g for g in method_cls.drops_sublayers if g not in adapter_cls.sublayers]
+        if (adapter_cls is not None)
+        else []
+    )
+    if missing:
+        raise loaded.error(
+            ("method", "name"),
+            f"method {recipe.method.name!r} drops whole "
+            f"{'/'.join({'attn': 'attention', 'mlp': 'MLP'}.get(g, g) for g in missing)} "
+            "sublayers, and "
+            f"adapter {adapter_cls.name!r} cannot (its ModelAdapter.sublayers is "
+            f"{list(adapter_cls.sublayers)}); use a width or depth method with this architecture",
+        )
+    _check_target(loaded, entry, method_cls, components, settings, adapter_cls, config, model)
     _check_timing(loaded)
     if recipe.data_dir and not Path(recipe.data_dir).is_dir():
         raise loaded.error(("data_dir",), f"directory {recipe.data_dir!r} does not exist")
@@ -442,7 +456,7 @@ def _check_depth(
 
 
 def _check_target(
-    loaded: LoadedRecipe, entry, components, settings, adapter_cls, config, model=None
+    loaded: LoadedRecipe, entry, method_cls, components, settings, adapter_cls, config, model=None
 ) -> None:
     """``method.target`` needs an allocator to turn it into kept units, and must be reachable:
     below the dense cost, and no lower than the most the method can prune with these skipped
@@ -454,7 +468,7 @@ def _check_target(
         return
     where = ("method", "target")
     allocator = components.get("allocator")
-    if allocator is None:
+    if allocator is None and not method_cls.solves_target:
         raise loaded.error(
             where,
             f"method {recipe.method.name!r} (plugin {entry.plugin!r}) has no allocator slot, "
@@ -474,7 +488,11 @@ def _check_target(
             f"{kind} {fmt(kind, value)} is above the dense model's {fmt(kind, dense)}: a "
             "target asks for less than the dense model; remove it to keep the model whole",
         )
-    if hasattr(allocator, "counts"):
+    if method_cls.solves_target:
+        problem = method_cls.check_target(costs, settings, kind, value)
+        if problem:
+            raise loaded.error(where, problem)
+    elif hasattr(allocator, "counts"):
         try:
             solve_counts(allocator, costs, settings, kind, value)
         except BudgetError as exc:

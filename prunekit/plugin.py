@@ -35,6 +35,8 @@ What it holds:
   :func:`is_offloaded` (models dispatched across devices or offloaded by accelerate);
 * **fine-tuning** (a method that trains, like LoRAPrune): :class:`FineTuneConfig`,
   :class:`LoraTrainer`, :func:`check_target_modules`, :data:`OVERLAP_TOKENS`;
+* **budgets**: :class:`Budget` (``ctx.budget`` for a method that meets ``method.target``
+  itself) and :class:`BudgetError`.
 * **errors** to raise: :class:`RecipeError`, :class:`StateError`, :class:`ModelError`,
   :class:`DataError`, :class:`PluginError`, :class:`ExportError`;
 * **utilities**: :func:`info` and :func:`track` (progress), :func:`sha256_file`,
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 from prunekit import __version__
 from prunekit._files import sha256_file
+from prunekit.budgets import Budget, BudgetError
 from prunekit.components import (
     ATTN,
     MLP,
@@ -98,6 +101,8 @@ __all__ = [
     "OVERLAP_TOKENS",
     "Allocation",
     "Allocator",
+    "Budget",
+    "BudgetError",
     "CalibrationStatistic",
     "CalibrationView",
     "Compensator",

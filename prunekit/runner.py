@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from prunekit.budgets import (
+    Budget,
     BudgetAllocator,
     BudgetError,
     cost_model,
@@ -166,13 +167,16 @@ def _budgeted(plan: Plan, adapter, model):
     target beside what was achieved in ``outcome.extra`` (results.json)."""
     target = plan.recipe.method.target
     if not target:
-        return plan.settings, plan.components, lambda outcome: None
+        return plan.settings, plan.components, lambda outcome: None, None
     ((kind, value),) = target.items()
     costs = cost_model(adapter, model, macs_seq_len(plan.recipe), plan.recipe.model.dtype)
-    allocator = plan.components["allocator"]
-    wrapper = None
+    allocator = plan.components.get("allocator")
+    wrapper = budget = None
     try:
-        if hasattr(allocator, "counts"):
+        if plan.method_cls.solves_target:  # the method removes units until the target is met
+            budget = Budget(kind, value, costs)
+            ratio, components = plan.settings.ratio, plan.components
+        elif hasattr(allocator, "counts"):
             ratio, _ = solve_counts(allocator, costs, plan.settings, kind, value)
             components = plan.components
         else:  # the allocator needs the scores: it solves on them
@@ -187,7 +191,8 @@ def _budgeted(plan: Plan, adapter, model):
         achieved = costs.costs(outcome.structure) if outcome.structure else costs.costs()
         if outcome.params_kept is not None:  # compensation biases count too
             achieved["params"] = outcome.params_kept
-        outcome.extra["ratio"] = wrapper.ratio if wrapper is not None else ratio
+        if budget is None or "ratio" not in outcome.extra:
+            outcome.extra["ratio"] = wrapper.ratio if wrapper is not None else ratio
         outcome.extra["target"] = {
             "kind": kind,
             "value": value,
@@ -196,13 +201,13 @@ def _budgeted(plan: Plan, adapter, model):
             "macs_seq_len": costs.seq_len,
         }
 
-    return settings, components, finish
+    return settings, components, finish, budget
 
 
 def prune_loaded(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome]:
     """Calibrate and prune with the plan's method (``loaded.model`` may be changed in place)."""
     timings = loaded.timings
-    settings, components, finish = _budgeted(plan, loaded.adapter, loaded.model)
+    settings, components, finish, budget = _budgeted(plan, loaded.adapter, loaded.model)
     ctx = PruneContext(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
@@ -214,6 +219,7 @@ def prune_loaded(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome
         calibration_source=plan.calibration_source,
         perplexity_sources=plan.perplexity_sources,
         timings=timings,
+        budget=budget,
     )
     method = plan.method_cls(settings, components)
     t1 = time.perf_counter()
@@ -225,7 +231,10 @@ def prune_loaded(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome
     else:
         how = f"at ratio {settings.ratio:g}"
     info(f"pruning with {settings.name} {how}")
-    outcome: PruneOutcome = method.prune(ctx)
+    try:
+        outcome: PruneOutcome = method.prune(ctx)
+    except BudgetError as exc:  # a method that meets the target itself could not
+        raise plan.loaded.error(("method", "target"), str(exc)) from None
     finish(outcome)
     timings["pruning_s"] = time.perf_counter() - t1 - timings.get("calibration_s", 0.0)
     timings.setdefault("calibration_s", 0.0)
@@ -690,7 +699,7 @@ def prune(
     # the fingerprint keys the calibration cache, so notebooks share statistics across calls
     info = {"fingerprint": model_fingerprint(model)} if plan.method_cls.uses_calibration else {}
     adapter = plan.adapter_cls(model) if plan.adapter_cls else resolve_adapter(model)
-    settings, components, finish = _budgeted(plan, adapter, model)
+    settings, components, finish, budget = _budgeted(plan, adapter, model)
     ctx = PruneContext(
         model=model,
         tokenizer=tokenizer,
@@ -701,11 +710,15 @@ def prune(
         model_info=info,
         calibration_source=plan.calibration_source,
         calibration_windows_override=calibration if isinstance(calibration, torch.Tensor) else None,
+        budget=budget,
     )
     if tokenizer is None and method_needs_tokenizer(plan, calibration):
         raise RecipeError("prune(): give a tokenizer, or calibration windows as a tensor")
     with plugin_faults(stage="pruning"):
-        outcome = plan.method_cls(settings, components).prune(ctx)
+        try:
+            outcome = plan.method_cls(settings, components).prune(ctx)
+        except BudgetError as exc:
+            raise RecipeError(f"method.target: {exc}") from None
     finish(outcome)
     return outcome
 

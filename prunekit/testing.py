@@ -455,6 +455,7 @@ CHECKS = (
     "cost_model",
     "reload",
     "remove_layers",
+    "sublayers",
 )
 
 
@@ -650,6 +651,55 @@ def _check_removal(
     _reload_and_compare("remove_layers", path, ids, want, atol, rtol)
 
 
+def _check_sublayers(model_factory, adapter_cls, atol: float, ids, tmp: Path, rtol: float) -> None:
+    """Every group in :attr:`ModelAdapter.sublayers` sliced to zero units (the first declared
+    group in layer 0, whose cache entries the model reads its sequence length from, the next
+    in layer 1): equals the dense model with that sublayer's output projection zeroed, a KV
+    cache continued token by token included; the sliced layers' parameters equal ``params``
+    (K/V projections gone), their MACs ``macs_per_token``; and the model saves and reloads in
+    a fresh process with the same logits."""
+    from prunekit.components import Allocation
+    from prunekit.pruning.static import save_pruned, slice_model
+
+    groups = adapter_cls.sublayers
+    if not groups:
+        return
+    model = model_factory()
+    dense = adapter_cls(model_factory())  # its params() read the live (dense) modules
+    kept = {
+        (la.index, g): torch.arange(la.units(g))
+        if la.index >= len(groups) or g != groups[la.index]
+        else torch.zeros(0, dtype=torch.long)
+        for la in dense.layers()
+        for g in la.groups
+    }
+    ref = _zeroed_copy(model, adapter_cls, kept)
+    sliced = slice_model(adapter_cls(model), Allocation(dict(kept)))
+    with torch.no_grad():
+        _close(
+            "sublayers", None, model(input_ids=ids).logits, ref(input_ids=ids).logits, atol, rtol
+        )
+        split = ids.shape[1] // 2
+        out = model(input_ids=ids[:, :split], use_cache=True)
+        ref_out = ref(input_ids=ids[:, :split], use_cache=True)
+        for t in range(split, ids.shape[1]):
+            step = ids[:, t : t + 1]
+            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+            ref_out = ref(input_ids=step, past_key_values=ref_out.past_key_values, use_cache=True)
+            _close("sublayers", None, out.logits[:, -1], ref_out.logits[:, -1], atol, rtol)
+    for la in dense.layers():
+        n = sum(p.numel() for p in sliced.decoder_layers[la.index].parameters())
+        want = la.params(len(kept[(la.index, ATTN)]), len(kept[(la.index, MLP)]))
+        if n != want:
+            _fail("sublayers", la.index, f"params() says {want}, the sliced layer has {n}")
+    _check_cost(model, sliced, dense, kept, ids)
+    path = tmp / "sublayers"
+    save_pruned(sliced, None, str(path), {"method": "check_adapter"})
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    _reload_and_compare("sublayers", path, ids, want, atol, rtol)
+
+
 def check_adapter(
     model_factory: Callable[[], torch.nn.Module],
     adapter_cls: type[ModelAdapter] | None = None,
@@ -692,6 +742,10 @@ def check_adapter(
       token included), the remaining layers' cache indices are renumbered, and a sliced model
       with a layer removed reloads in a fresh process with the same logits; without it,
       ``remove_layers`` raises :class:`prunekit.errors.ModelError`.
+    * ``sublayers``: each group of :attr:`ModelAdapter.sublayers` sliced to zero units equals
+      the dense model with that sublayer's output projection zeroed (decoding with a KV cache
+      included), with the parameters and MACs the cost model says, and reloads in a fresh
+      process.
     """
     from prunekit.components import Allocation
     from prunekit.pruning.static import slice_model
@@ -773,6 +827,9 @@ def check_adapter(
     if "remove_layers" in checks:
         with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
             _check_removal(model_factory, adapter_cls, kept, atol, ids, Path(tmp), rtol)
+    if "sublayers" in checks:
+        with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
+            _check_sublayers(model_factory, adapter_cls, atol, ids, Path(tmp), rtol)
 
 
 def _check_probe(la, h, kw, atol: float, rtol: float) -> None:
@@ -883,3 +940,6 @@ class AdapterConformance:
 
     def test_layer_removal(self, tmp_path):
         self._check("remove_layers", tmp_path=tmp_path)
+
+    def test_sublayer_removal(self, tmp_path):
+        self._check("sublayers", tmp_path=tmp_path)

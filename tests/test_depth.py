@@ -412,7 +412,7 @@ def test_apply_reports_the_removed_blocks_and_their_macs(tiny_dir):
             {"ratio": 0.75, "skip_layers": "[0, 3]"},
             "the longest run of blocks outside skip_layers [0, 3] is 2",
         ),
-        ("block-influence", {"target": "{macs: 0.6}"}, "has no allocator slot"),
+        ("block-influence", {"target": "{macs: 0.3}"}, "cannot be met: removing 3 blocks"),
     ],
 )
 def test_bad_depth_recipes_fail_at_validate(tiny_dir, capsys, method, keys, needle):

@@ -301,9 +301,9 @@ class LlamaLayerAdapter(LayerAdapter):
         attn = self.attn
         if kept_heads is not None:
             rows = self.unit_channels(ATTN, kept_heads.to(attn.q_proj.weight.device))
-            if self.shares_kv:
+            if self.shares_kv and kept_heads.numel():
                 k_proj, v_proj, kv_index = attn.k_proj, attn.v_proj, self.kv_heads_of(kept_heads)
-            else:
+            else:  # MHA, or no head left: the K/V heads go too (a dropped attention sublayer)
                 k_proj, v_proj = (
                     kit.sub_linear(attn.k_proj, rows),
                     kit.sub_linear(attn.v_proj, rows),
@@ -348,10 +348,25 @@ class LlamaLayerAdapter(LayerAdapter):
     # -- cost model --------------------------------------------------------------------------
     def macs_per_token(self, heads: int, channels: int, seq_len: int) -> float:
         d, hd = self.hidden_size, self.head_dim
-        kv = self.num_kv_heads if self.shares_kv else heads  # MHA: k/v rows go with the head
+        kv = self.kv_heads_kept(heads)
         return (
             d * hd * (heads + 2 * kv) + heads * hd * d + 3 * d * channels + 2 * seq_len * heads * hd
         )
+
+    def kv_heads_kept(self, heads: int) -> int:
+        """K/V heads a slice keeping ``heads`` query heads computes: with MHA the k/v rows go
+        with their head; with GQA every K/V head stays while one query head does, and none
+        when no head is left (the attention sublayer is gone)."""
+        if not heads:
+            return 0
+        return self.num_kv_heads if self.shares_kv else heads
+
+    def params(self, heads: int, channels: int) -> int:
+        total = super().params(heads, channels)
+        if not heads and self.shares_kv:  # the shared K/V projections go with the last head
+            a = self.attn
+            total -= sum(p.numel() for m in (a.k_proj, a.v_proj) for p in m.parameters())
+        return total
 
     def input_macs(self, group: str) -> float:
         d = self.hidden_size
@@ -392,6 +407,8 @@ class LlamaAdapter(ModelAdapter):
     #: whole decoder layers can be removed (:meth:`ModelAdapter.remove_layers`): the model
     #: runs ``model.layers`` in order, and ``num_hidden_layers`` and ``layer_types`` say the rest
     removes_layers = True
+    #: a layer sliced to no head drops its K/V projections too; to no channel, its whole MLP
+    sublayers = (ATTN, MLP)
 
     @classmethod
     def unsupported(cls, config) -> str | None:

@@ -224,6 +224,8 @@ class OptAdapter(ModelAdapter):
     modeling = "prunekit.models.pruned_opt:PrunekitOPTForCausalLM"
     #: whole decoder layers can be removed (:meth:`ModelAdapter.remove_layers`)
     removes_layers = True
+    #: MHA: a layer sliced to no head keeps no K/V either; to no channel, no MLP (fc1/fc2)
+    sublayers = (ATTN, MLP)
 
     @classmethod
     def unsupported(cls, config) -> str | None:

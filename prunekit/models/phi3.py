@@ -32,7 +32,7 @@ import inspect
 import torch
 from torch import nn
 
-from prunekit.components import ATTN, MLP, UnitSlice
+from prunekit.components import ATTN, MLP, LayerAdapter, UnitSlice
 from prunekit.hookspecs import hookimpl
 from prunekit.models import kit
 from prunekit.models.llama import LlamaAdapter, LlamaLayerAdapter
@@ -138,6 +138,11 @@ class Phi3LayerAdapter(LlamaLayerAdapter):
         self.intermediate_size = mlp.down_proj.in_features
         self.kernel = Phi3Kernel(config, getattr(attn, "layer_idx", index))
         self._shares_kv = self._kv_shared_now()
+
+    # the fused qkv_proj keeps its shared K/V rows when no query head is left: Phi-3 declares
+    # no attention sublayer unit, and its cost model says so
+    kv_heads_kept = LayerAdapter.kv_heads_kept
+    params = LayerAdapter.params
 
     def unit_slices(self, group: str) -> list[UnitSlice]:
         """A head's q rows of ``qkv_proj`` (and its k and v rows with MHA) and its ``o_proj``
@@ -315,6 +320,9 @@ class Phi3Adapter(LlamaAdapter):
     """Phi-3 causal LMs: ``model.model.layers[i].{self_attn,mlp}`` with fused ``qkv_proj`` and
     ``gate_up_proj``, RMSNorm before each block, partial RoPE with default or long-rope
     scaling, an optional sliding window (MHA and GQA)."""
+
+    #: the fused qkv_proj keeps its shared K/V rows with no query head left: only the MLP
+    sublayers = (MLP,)
 
     name = "phi3"
     model_types = ("phi3",)

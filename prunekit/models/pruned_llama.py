@@ -208,7 +208,7 @@ def attention_forward(
     hd = w.head_dim
     q, k, v = project_qkv(x, w, *position_embeddings)
     if cache is not None:
-        k, v = cache.update(k, v, kernel.layer_idx, kwargs=kwargs)
+        k, v = update_cache(cache, k, v, kernel.layer_idx, kwargs)
     repeat, slots = w.kv_repeat, None
     if w.kv_index is not None and w.kv_slots is not None and seq == 1 and q.shape[1]:
         # a decoding step: the cache is far larger than the query, so pad the queries into
@@ -443,3 +443,19 @@ class PrunekitQwen3ForCausalLM(Qwen3ForCausalLM):
     def __init__(self, config) -> None:
         super().__init__(config)
         _reshape(self, "qwen3")
+
+
+def update_cache(cache, k: torch.Tensor, v: torch.Tensor, layer_idx: int, kwargs: dict):
+    """``cache.update(k, v, layer_idx)``, also for a layer left without a K/V head (every head
+    pruned, the attention sublayer dropped). Hugging Face's cache layers count their tokens
+    from the stored keys and an empty tensor counts as none (``DynamicLayer`` returns 0 for
+    ``numel() == 0``), so the model would read a sequence length of 0 from such a layer (the
+    first layer's; the first full-attention layer's for the masks) and decode at wrong
+    positions without an error. Such a layer stores one placeholder K/V head of width 1
+    (zeros, two numbers per token), which every cache class counts. Returns the K/V to attend
+    to (the empty ones as given: no head reads them)."""
+    if k.shape[1]:
+        return cache.update(k, v, layer_idx, kwargs=kwargs)
+    b, _, t, _ = k.shape
+    cache.update(k.new_zeros(b, 1, t, 1), v.new_zeros(b, 1, t, 1), layer_idx, kwargs=kwargs)
+    return k, v

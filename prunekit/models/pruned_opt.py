@@ -90,7 +90,7 @@ def opt_attention_forward(
     bsz, seq = x.shape[:2]
     q, k, v = opt_project_qkv(x, w)
     if cache is not None:
-        k, v = cache.update(k, v, kernel.layer_idx, kwargs=kwargs)
+        k, v = update_cache(cache, k, v, kernel.layer_idx, kwargs)
     if q.shape[1] == 0:  # every head pruned: the block contributes only its bias
         out = torch.zeros(bsz, seq, 0, dtype=x.dtype, device=x.device)
     else:
@@ -219,3 +219,14 @@ class PrunekitOPTForCausalLM(OPTForCausalLM):
         spec = getattr(config, PRUNED_LAYERS_KEY, None)
         if spec:
             apply_layer_shapes(self, spec)
+
+
+def update_cache(cache, k: torch.Tensor, v: torch.Tensor, layer_idx: int, kwargs: dict):
+    """``cache.update``, with a placeholder K/V head of width 1 for a layer without K/V heads
+    (see ``update_cache`` in ``pruned_llama.py``; this file is saved beside checkpoints as
+    remote code and imports nothing of prunekit, hence its own copy)."""
+    if k.shape[1]:
+        return cache.update(k, v, layer_idx, kwargs=kwargs)
+    b, _, t, _ = k.shape
+    cache.update(k.new_zeros(b, 1, t, 1), v.new_zeros(b, 1, t, 1), layer_idx, kwargs=kwargs)
+    return k, v

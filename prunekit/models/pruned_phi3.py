@@ -194,7 +194,7 @@ def phi3_attention_forward(
     hd = w.head_dim
     q, k, v = project_qkv(x, w, *position_embeddings)
     if cache is not None:
-        k, v = cache.update(k, v, kernel.layer_idx, kwargs=kwargs)
+        k, v = update_cache(cache, k, v, kernel.layer_idx, kwargs)
     repeat, slots = w.kv_repeat, None
     if w.kv_index is not None and w.kv_slots is not None and seq == 1 and q.shape[1]:
         # a decoding step: pad the queries into equal groups (zero queries, dropped after) and
@@ -357,3 +357,14 @@ class PrunekitPhi3ForCausalLM(Phi3ForCausalLM):
         spec = getattr(config, PRUNED_LAYERS_KEY, None)
         if spec:
             apply_layer_shapes(self, spec)
+
+
+def update_cache(cache, k: torch.Tensor, v: torch.Tensor, layer_idx: int, kwargs: dict):
+    """``cache.update``, with a placeholder K/V head of width 1 for a layer without K/V heads
+    (see ``update_cache`` in ``pruned_llama.py``; this file is saved beside checkpoints as
+    remote code and imports nothing of prunekit, hence its own copy)."""
+    if k.shape[1]:
+        return cache.update(k, v, layer_idx, kwargs=kwargs)
+    b, _, t, _ = k.shape
+    cache.update(k.new_zeros(b, 1, t, 1), v.new_zeros(b, 1, t, 1), layer_idx, kwargs=kwargs)
+    return k, v
