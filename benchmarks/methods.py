@@ -59,6 +59,19 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def parse_target(text: str) -> dict[str, float]:
+    """``macs:0.85`` -> ``{"macs": 0.85}`` (a recipe's ``method.target``)."""
+    kind, _, value = text.partition(":")
+    if not value:
+        raise SystemExit(f"--targets {text!r}: give KIND:VALUE, e.g. macs:0.67")
+    return {kind: float(value)}
+
+
+def target_label(target: dict[str, float]) -> str:
+    ((kind, value),) = target.items()
+    return f"{kind} {value:g}"
+
+
 def interleaved_times(models: dict, batches, rounds: int) -> dict[str, list[float]]:
     """Seconds per call of every model on every batch, in interleaved rounds (the library's
     :func:`~prunekit.evaluation.runtime.time_interleaved`: one warm-up call each, then each
@@ -131,8 +144,73 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def budget_markdown(report: dict) -> str:
+    """The table of a run to budgets (``--targets``): per target, every method with the ratio
+    the engine solved for, what it achieved, perplexity and (when timed) time per batch."""
+    s, d = report["settings"], report["dense"]
+    timed = s["rounds"] > 0
+    datasets = s["datasets"]
+    names = {"wikitext2": "WikiText-2", "ptb:validation": "PTB (validation)"}
+    lines = [
+        f"# Methods at equal budgets on {report['model']} (CPU, {s['dtype']})",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}; torch {report['torch']}; prunekit {report['prunekit']}.  ",
+        f"Protocol: seed {s['seed']}, {s['windows']} random test windows of {s['seq_len']} tokens "
+        f"of each corpus, batch {s['batch_size']} (the paper's protocol"
+        + ("; every window starts with BOS, as the adapter asks" if s["bos_per_window"] else "")
+        + f"); calibration {s['calibration']['samples']} C4 windows of "
+        f"{s['calibration']['seq_len']}; skipped layers 0-2 for every method. Each method is "
+        "run to each `method.target` (the engine finds the smallest ratio, threshold or number "
+        "of removed units meeting it, with the decoder MACs counted at "
+        f"{report['rows'][0]['target']['macs_seq_len'] if report['rows'] else '?'} tokens); "
+        f"`MACs kept` is counted again at the windows' {s['seq_len']} tokens. "
+        + (
+            f"Time: every model warmed up once, then {s['rounds']} interleaved rounds over "
+            f"{s['timing_batches']} batch(es) of {s['timing_batch_size']} windows; one dense "
+            "time (median of its calls), each cell the median ratio to it, spread = min-max."
+            if timed
+            else "Quality only: no timing in this run."
+        ),
+        "",
+        "Dense: "
+        + "; ".join(f"{names.get(ds, ds)} PPL {d['ppl_by_dataset'][ds][0]:.3f}" for ds in datasets)
+        + (
+            f"; {d['s_per_batch']:.3f} s per batch (spread {d['s_spread'][0]:.3f}-"
+            f"{d['s_spread'][1]:.3f})"
+            if timed
+            else ""
+        )
+        + ".",
+        "",
+        "| target | method | ratio found | "
+        + " | ".join(f"{names.get(ds, ds)} PPL" for ds in datasets)
+        + " | MACs kept (target's) | MACs kept | params kept | removed |"
+        + (" time / dense (spread) |" if timed else ""),
+        "|---|---|---|" + "---|" * len(datasets) + "---|---|---|---|" + ("---|" if timed else ""),
+    ]
+    for r in report["rows"]:
+        removed = r.get("removed_layers") or r.get("dropped_attention") or r.get("dropped_mlp")
+        what = (
+            "blocks " if "removed_layers" in r else "attention " if "dropped_attention" in r else ""
+        )
+        line = (
+            f"| {r['ratio']} | {r['method']} | {r['solved_ratio']:.4f} | "
+            + " | ".join(f"{r['ppl_by_dataset'][ds][0]:.2f}" for ds in datasets)
+            + f" | {r['target']['achieved']:.3f} | {r['decoder_macs_kept_fraction']:.3f} | "
+            f"{r['params_kept_fraction']:.3f} | " + (f"{what}{removed}" if removed else "") + " |"
+        )
+        if timed:
+            lo, hi = r["time_vs_dense_spread"]
+            line += f" {r['time_vs_dense']:.3f} ({lo:.3f}-{hi:.3f}) |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
+    if s.get("targets"):
+        return budget_markdown(report)
     several = len(s.get("seeds", [s["seed"]])) > 1 or s.get("datasets") != ["wikitext2"]
     if several or not s["rounds"]:
         return quality_markdown(report)
@@ -181,6 +259,15 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="report name (default: from the model)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=None,
+        metavar="KIND:VALUE",
+        help="budgets instead of ratios (method.target): e.g. macs:0.85 macs:0.67 "
+        "params:90e6; each method is run to each target and the row reports the ratio the "
+        "engine found and what was achieved",
+    )
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -260,20 +347,22 @@ def main() -> None:
     log(f"dense: ppl {dense_ppl}")
 
     rows, models = [], {"dense": dense_model}
-    for ratio in args.ratios:
+    budgets: list[tuple[float, dict | None]] = (
+        [(0.0, parse_target(t)) for t in args.targets]
+        if args.targets
+        else [(r, None) for r in args.ratios]
+    )
+    for ratio, target in budgets:
         for method in args.methods:
-            row = {"method": method, "ratio": ratio, "ppl_by_dataset": {}, "prune_s_all": []}
+            label = target_label(target) if target else ratio
+            row = {"method": method, "ratio": label, "ppl_by_dataset": {}, "prune_s_all": []}
+            budget = {"target": target} if target else {"ratio": ratio}
             for seed in seeds:
                 model = load_model(args.model, dtype=args.dtype).model
                 torch.manual_seed(seed)
                 start = time.perf_counter()
                 outcome = prunekit.prune(
-                    model,
-                    tokenizer,
-                    method=method,
-                    ratio=ratio,
-                    calibration=calibration,
-                    seed=seed,
+                    model, tokenizer, method=method, calibration=calibration, seed=seed, **budget
                 )
                 row["prune_s_all"].append(time.perf_counter() - start)
                 # a dynamic method starts each evaluation from its post-calibration state
@@ -290,8 +379,14 @@ def main() -> None:
                         decoder_macs_kept_fraction=reduction["flops_kept_fraction"],
                         structure=outcome.structure,
                     )
+                    if target:  # the ratio the engine solved for, and what it achieved
+                        row["target"] = outcome.extra["target"]
+                        row["solved_ratio"] = outcome.extra["ratio"]
+                    for key in ("removed_layers", "dropped_attention", "dropped_mlp"):
+                        if key in outcome.extra:
+                            row[key] = outcome.extra[key]
                     if args.rounds > 0:
-                        models[f"{method}@{ratio}"] = outcome.model
+                        models[f"{method}@{label}"] = outcome.model
                 del outcome, model
                 gc.collect()
             row["ppl"] = _mean(row["ppl_by_dataset"][args.datasets[0]])
@@ -302,7 +397,7 @@ def main() -> None:
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps({"dense_ppl": dense_ppl, "rows": rows}, indent=2))
             log(
-                f"{method} r={ratio}: ppl {row['ppl_by_dataset']}, MACs kept "
+                f"{method} at {label}: ppl {row['ppl_by_dataset']}, MACs kept "
                 f"{row['decoder_macs_kept_fraction']:.3f}"
             )
 
@@ -332,6 +427,7 @@ def main() -> None:
             "seed": seeds[0],
             "seeds": seeds,
             "datasets": args.datasets,
+            "targets": args.targets,
             "timing_batches": len(timing),
             "timing_batch_size": timing_size,
             "rounds": args.rounds,
