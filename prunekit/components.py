@@ -363,6 +363,8 @@ class LayerAdapter(ABC):
         """
         total = sum(p.numel() for p in self.module.parameters())
         for group, kept in ((ATTN, heads), (MLP, channels)):
+            if not self.units(group):  # a group already sliced to nothing has no unit to remove
+                continue
             per_unit = sum(s.tensor.numel() // self.units(group) for s in self.unit_slices(group))
             total -= (self.units(group) - kept) * per_unit
         return total

@@ -61,6 +61,8 @@ class Plan:
     lm_eval_manager: Any = None
     #: the host-dependent checks not made because the run happens elsewhere (``here=False``)
     elsewhere: list[str] = field(default_factory=list)
+    #: the plan of ``method.then``: the method applied to this one's result
+    then: Plan | None = None
 
     @property
     def recipe(self) -> Recipe:
@@ -343,7 +345,56 @@ def validate(
         problem = output_problem(recipe.output_dir())
         if problem:
             raise loaded.error(("output", "dir"), problem)
+    if recipe.method.then is not None:
+        plan.then = _then_plan(loaded, method_cls, registry, check_files, model, here)
     return plan
+
+
+@dataclass
+class StageRecipe(LoadedRecipe):
+    """The recipe of a ``method.then`` stage: the run's recipe with ``method`` replaced by the
+    stage's; messages about its ``method.*`` keys point at ``method.then.*``."""
+
+    prefix: tuple = ("method", "then")
+
+    def where(self, key_path: tuple | str) -> str:
+        if isinstance(key_path, str):
+            key_path = tuple(int(p) if p.isdigit() else p for p in key_path.split("."))
+        if key_path and key_path[0] == "method":
+            key_path = (*self.prefix, *key_path[1:])
+        return super().where(key_path)
+
+
+def _then_plan(loaded: LoadedRecipe, method_cls, registry, check_files, model, here) -> Plan:
+    """Validate ``method.then`` as a recipe of its own: the run's data, model and evaluation
+    windows (its ``target`` counts MACs at the same length), no recovery, no tasks."""
+    recipe = loaded.recipe
+    where = ("method", "then")
+    if method_cls.dynamic:
+        raise loaded.error(
+            where,
+            f"method {recipe.method.name!r} is dynamic: it decides per batch and leaves no "
+            "smaller model for another method to prune; put the dynamic method in "
+            "method.then, after a static one",
+        )
+    sub = recipe.model_copy(deep=True)
+    sub.method = recipe.method.then.model_copy(deep=True)
+    sub.recovery = None
+    sub.evaluation.tasks = []
+    sub.evaluation.lm_eval = None
+    prefix = (*loaded.prefix, "then") if isinstance(loaded, StageRecipe) else where
+    stage = StageRecipe(
+        recipe=sub,
+        path=loaded.path,
+        lines=loaded.lines,
+        overrides=loaded.overrides,
+        raw=loaded.raw,
+        prefix=prefix,
+    )
+    return validate(
+        stage, registry=registry, check_files=check_files, model=model, check_output=False,
+        here=here,
+    )  # fmt: skip
 
 
 def _method_settings(loaded: LoadedRecipe, registry, method_cls: type[Method]) -> MethodSettings:
@@ -488,6 +539,10 @@ def _check_target(
             f"{kind} {fmt(kind, value)} is above the dense model's {fmt(kind, dense)}: a "
             "target asks for less than the dense model; remove it to keep the model whole",
         )
+    if isinstance(loaded, StageRecipe):
+        # a method.then stage prunes what the stages before it left, unknown before they run:
+        # whether its target can be met is told when it runs
+        return
     if method_cls.solves_target:
         problem = method_cls.check_target(costs, settings, kind, value)
         if problem:

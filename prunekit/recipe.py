@@ -155,6 +155,10 @@ class MethodConfig(BaseModel):
     #: the ratio that meets it (:mod:`prunekit.budgets`)
     target: dict[str, float] | None = None
     state: StateConfig = Field(default_factory=StateConfig)
+    #: a second method applied to this one's result (a static, physically pruned model):
+    #: e.g. drop attention sublayers, then width-prune what is left. Its ``target`` counts
+    #: against the dense model like this one's
+    then: MethodConfig | None = None
     # the engine's slot kinds; slots of kinds that plugins declare (PP's probe, fusion,
     # history...) are extra keys, read with slot()
     statistic: SlotConfig | None = None
@@ -195,8 +199,10 @@ class MethodConfig(BaseModel):
         # no target (every recipe before budgets existed) is dumped without the key, so a
         # resolved recipe, a sweep cell's key and a checkpoint's key stay what they were
         data = handler(self)
-        if isinstance(data, dict) and self.target is None:
-            data.pop("target", None)
+        if isinstance(data, dict):
+            for key in ("target", "then"):  # keys newer than most recipes: omitted when unset
+                if getattr(self, key) is None:
+                    data.pop(key, None)
         return data
 
     @model_validator(mode="after")

@@ -44,6 +44,7 @@ RESERVED_METHOD_KEYS: tuple[str, ...] = (
     "skip_layers",
     "round_to",
     "state",
+    "then",
 )
 
 

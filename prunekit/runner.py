@@ -40,6 +40,7 @@ from prunekit.budgets import (
     macs_seq_len,
     solve_counts,
 )
+from prunekit.chain import run_then
 from prunekit.components import PruneOutcome
 from prunekit.context import PruneContext
 from prunekit.data import calibration_windows, sequence_bos, source_sha256
@@ -207,6 +208,12 @@ def _budgeted(plan: Plan, adapter, model):
 def prune_loaded(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome]:
     """Calibrate and prune with the plan's method (``loaded.model`` may be changed in place)."""
     timings = loaded.timings
+    seq_len = macs_seq_len(plan.recipe)
+    dense_costs = (  # a chained method's target is checked against the dense model
+        cost_model(loaded.adapter, loaded.model, seq_len, plan.recipe.model.dtype)
+        if plan.then is not None
+        else None
+    )
     settings, components, finish, budget = _budgeted(plan, loaded.adapter, loaded.model)
     ctx = PruneContext(
         model=loaded.model,
@@ -238,6 +245,18 @@ def prune_loaded(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome
     finish(outcome)
     timings["pruning_s"] = time.perf_counter() - t1 - timings.get("calibration_s", 0.0)
     timings.setdefault("calibration_s", 0.0)
+    if plan.then is not None:
+
+        def stage(stage_plan: Plan, model, adapter) -> PruneOutcome:
+            # the stage's statistics are its model's: never the dense model's cached ones
+            info_ = {k: v for k, v in loaded.info.items() if k != "fingerprint"}
+            sub = dataclasses.replace(loaded, model=model, adapter=adapter, info=info_, timings={})
+            _, out = prune_loaded(stage_plan, sub)
+            for key in ("calibration_s", "pruning_s"):
+                timings[key] += sub.timings.get(key, 0.0)
+            return out
+
+        outcome = run_then(plan, outcome, loaded.adapter, dense_costs, seq_len, stage)
     return ctx, outcome
 
 
@@ -714,12 +733,33 @@ def prune(
     )
     if tokenizer is None and method_needs_tokenizer(plan, calibration):
         raise RecipeError("prune(): give a tokenizer, or calibration windows as a tensor")
+    seq_len = macs_seq_len(plan.recipe)
+    dense_costs = (
+        cost_model(adapter, model, seq_len, plan.recipe.model.dtype) if plan.then else None
+    )
     with plugin_faults(stage="pruning"):
         try:
             outcome = plan.method_cls(settings, components).prune(ctx)
         except BudgetError as exc:
             raise RecipeError(f"method.target: {exc}") from None
     finish(outcome)
+    if plan.then is not None:
+
+        def stage(stage_plan: Plan, stage_model, stage_adapter) -> PruneOutcome:
+            s2, c2, finish2, budget2 = _budgeted(stage_plan, stage_adapter, stage_model)
+            sub = dataclasses.replace(
+                ctx, model=stage_model, adapter=stage_adapter, settings=s2, budget=budget2,
+                run_recipe=stage_plan.recipe, run=stage_plan.run, model_info={},
+            )  # fmt: skip
+            with plugin_faults(stage="pruning"):
+                try:
+                    out = stage_plan.method_cls(s2, c2).prune(sub)
+                except BudgetError as exc:
+                    raise RecipeError(f"method.then.target: {exc}") from None
+            finish2(out)
+            return out
+
+        outcome = run_then(plan, outcome, adapter, dense_costs, seq_len, stage)
     return outcome
 
 

@@ -45,6 +45,9 @@ class Gemma3AttentionWeights:
     #: KV head used by each kept query head (None: one KV head per query head, in order)
     kv_index: torch.Tensor | None
     head_dim: int
+    #: the sliced module's projections when these are its whole weights (``weights()``), called
+    #: instead of ``F.linear`` on the tensors (see :func:`_linear_of`); None for gathered weights
+    modules: tuple | None = None
 
 
 class Gemma3Kernel:
@@ -77,9 +80,9 @@ def project_qkv(x: torch.Tensor, w: Gemma3AttentionWeights, cos, sin):
     """Queries, keys, values of ``x`` [B, T, d]: projected, q/k-normed, RoPE applied."""
     bsz, seq = x.shape[:2]
     hd = w.head_dim
-    q = F.linear(x, w.q, w.q_bias).view(bsz, seq, -1, hd).transpose(1, 2)
-    k = F.linear(x, w.k, w.k_bias).view(bsz, seq, -1, hd).transpose(1, 2)
-    v = F.linear(x, w.v, w.v_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    q = _linear_of(x, w.q, w.q_bias, w.modules, 0).view(bsz, seq, -1, hd).transpose(1, 2)
+    k = _linear_of(x, w.k, w.k_bias, w.modules, 1).view(bsz, seq, -1, hd).transpose(1, 2)
+    v = _linear_of(x, w.v, w.v_bias, w.modules, 2).view(bsz, seq, -1, hd).transpose(1, 2)
     q, k = w.q_norm(q), w.k_norm(k)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -132,7 +135,7 @@ def gemma3_attention_forward(
         if unit_mask is not None:  # this file imports no prunekit module (see the docstring)
             m = unit_mask.to(out.dtype)[:, None, :, None]
             out = (out.view(bsz, seq, -1, w.head_dim) * m).view(bsz, seq, -1)
-    y = F.linear(out, w.o, w.o_bias)
+    y = _linear_of(out, w.o, w.o_bias, w.modules, 3)
     return (y, out) if return_o_input else y
 
 
@@ -233,6 +236,7 @@ class PrunedGemma3Attention(nn.Module):
             self.k_norm,
             None if identity else self.kv_index,
             self.head_dim,
+            modules=(self.q_proj, self.k_proj, self.v_proj, self.o_proj),
         )
 
     def forward(
@@ -292,3 +296,10 @@ def update_cache(cache, k: torch.Tensor, v: torch.Tensor, layer_idx: int, kwargs
     b, _, t, _ = k.shape
     cache.update(k.new_zeros(b, 1, t, 1), v.new_zeros(b, 1, t, 1), layer_idx, kwargs=kwargs)
     return k, v
+
+
+def _linear_of(x: torch.Tensor, weight, bias, modules, i: int) -> torch.Tensor:
+    """``x`` through projection ``i``: the sliced module itself when the weights come whole from
+    one (``modules``: peft's LoRA adapters and forward hooks then apply), else ``F.linear``
+    (see ``pruned_llama.py``; this file imports nothing of prunekit, hence its own copy)."""
+    return modules[i](x) if modules is not None else F.linear(x, weight, bias)

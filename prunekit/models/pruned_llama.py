@@ -75,6 +75,9 @@ class AttentionWeights:
     #: layer's own modules), None where the family has none
     q_norm: nn.Module | None = None
     k_norm: nn.Module | None = None
+    #: the sliced module's projections when these are its whole weights (``weights()``), called
+    #: instead of ``F.linear`` on the tensors (see :func:`_linear_of`); None for gathered weights
+    modules: tuple | None = None
 
 
 def kv_slots(kv_index: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, int]:
@@ -174,9 +177,9 @@ def project_qkv(x: torch.Tensor, w: AttentionWeights, cos, sin):
     ``w`` has the norms, RoPE applied at cos/sin."""
     bsz, seq = x.shape[:2]
     hd = w.head_dim
-    q = F.linear(x, w.q, w.q_bias).view(bsz, seq, -1, hd).transpose(1, 2)
-    k = F.linear(x, w.k, w.k_bias).view(bsz, seq, -1, hd).transpose(1, 2)
-    v = F.linear(x, w.v, w.v_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    q = _linear_of(x, w.q, w.q_bias, w.modules, 0).view(bsz, seq, -1, hd).transpose(1, 2)
+    k = _linear_of(x, w.k, w.k_bias, w.modules, 1).view(bsz, seq, -1, hd).transpose(1, 2)
+    v = _linear_of(x, w.v, w.v_bias, w.modules, 2).view(bsz, seq, -1, hd).transpose(1, 2)
     if w.q_norm is not None:
         q, k = w.q_norm(q), w.k_norm(k)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -239,7 +242,7 @@ def attention_forward(
         if slots is not None:  # [B, T, slots, d]: the kept heads' own outputs
             out = out.index_select(2, slots)
         out = mask_units(out.reshape(bsz, seq, -1).contiguous(), unit_mask, hd)
-    y = F.linear(out, w.o, w.o_bias)
+    y = _linear_of(out, w.o, w.o_bias, w.modules, 3)
     return (y, out) if return_o_input else y
 
 
@@ -346,6 +349,7 @@ class PrunedLlamaAttention(nn.Module):
             self.head_dim,
             q_norm=self.q_norm,
             k_norm=self.k_norm,
+            modules=(self.q_proj, self.k_proj, self.v_proj, self.o_proj),
         )
 
     def forward(
@@ -459,3 +463,11 @@ def update_cache(cache, k: torch.Tensor, v: torch.Tensor, layer_idx: int, kwargs
     b, _, t, _ = k.shape
     cache.update(k.new_zeros(b, 1, t, 1), v.new_zeros(b, 1, t, 1), layer_idx, kwargs=kwargs)
     return k, v
+
+
+def _linear_of(x: torch.Tensor, weight, bias, modules, i: int) -> torch.Tensor:
+    """``x`` through projection ``i``: the sliced module itself when the weights come whole from
+    one (``modules``), so that what wraps it is applied (peft's LoRA adapters in recovery, the
+    forward hooks calibration statistics are read with); else ``F.linear`` on the (gathered)
+    weights. ``nn.Linear`` computes the same ``F.linear``: the results are identical."""
+    return modules[i](x) if modules is not None else F.linear(x, weight, bias)

@@ -40,6 +40,9 @@ class OptAttentionWeights:
     v_bias: torch.Tensor | None
     out_bias: torch.Tensor | None
     head_dim: int
+    #: the sliced module's projections when these are its whole weights (``weights()``), called
+    #: instead of ``F.linear`` on the tensors (see :func:`_linear_of`); None for gathered weights
+    modules: tuple | None = None
 
 
 @dataclass
@@ -65,9 +68,10 @@ def opt_project_qkv(x: torch.Tensor, w: OptAttentionWeights):
     values of ``x`` [B, T, d], as [B, H, T, d_h]."""
     bsz, seq = x.shape[:2]
     hd = w.head_dim
-    q = (F.linear(x, w.q, w.q_bias) * hd**-0.5).view(bsz, seq, -1, hd).transpose(1, 2)
-    k = F.linear(x, w.k, w.k_bias).view(bsz, seq, -1, hd).transpose(1, 2)
-    v = F.linear(x, w.v, w.v_bias).view(bsz, seq, -1, hd).transpose(1, 2)
+    q = _linear_of(x, w.q, w.q_bias, w.modules, 0) * hd**-0.5
+    q = q.view(bsz, seq, -1, hd).transpose(1, 2)
+    k = _linear_of(x, w.k, w.k_bias, w.modules, 1).view(bsz, seq, -1, hd).transpose(1, 2)
+    v = _linear_of(x, w.v, w.v_bias, w.modules, 2).view(bsz, seq, -1, hd).transpose(1, 2)
     return q, k, v
 
 
@@ -100,7 +104,7 @@ def opt_attention_forward(
         kw = {k_: v_ for k_, v_ in kwargs.items() if k_ not in ("position_ids", "use_cache")}
         out, _ = fn(kernel, q, k, v, attention_mask, dropout=0.0, scaling=1.0, **kw)
         out = _mask_units(out.reshape(bsz, seq, -1).contiguous(), unit_mask, w.head_dim)
-    y = F.linear(out, w.out, w.out_bias)
+    y = _linear_of(out, w.out, w.out_bias, w.modules, 3)
     return (y, out) if return_out_input else y
 
 
@@ -184,6 +188,7 @@ class PrunedOPTAttention(nn.Module):
             self.v_proj.bias,
             self.out_proj.bias,
             self.head_dim,
+            modules=(self.q_proj, self.k_proj, self.v_proj, self.out_proj),
         )
 
     def forward(
@@ -230,3 +235,10 @@ def update_cache(cache, k: torch.Tensor, v: torch.Tensor, layer_idx: int, kwargs
     b, _, t, _ = k.shape
     cache.update(k.new_zeros(b, 1, t, 1), v.new_zeros(b, 1, t, 1), layer_idx, kwargs=kwargs)
     return k, v
+
+
+def _linear_of(x: torch.Tensor, weight, bias, modules, i: int) -> torch.Tensor:
+    """``x`` through projection ``i``: the sliced module itself when the weights come whole from
+    one (``modules``: peft's LoRA adapters and forward hooks then apply), else ``F.linear``
+    (see ``pruned_llama.py``; this file imports nothing of prunekit, hence its own copy)."""
+    return modules[i](x) if modules is not None else F.linear(x, weight, bias)

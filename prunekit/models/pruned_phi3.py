@@ -59,6 +59,9 @@ class Phi3AttentionWeights:
     #: K/V head (:func:`kv_slots`), so that a decoding step runs the kernel on zero-padded
     #: queries against the cached K/V as they are
     kv_slots: torch.Tensor | None = None
+    #: the sliced module's projections when these are its whole weights (``weights()``), called
+    #: instead of ``F.linear`` on the tensors (see :func:`_linear_of`); None for gathered weights
+    modules: tuple | None = None
 
 
 @dataclass
@@ -153,7 +156,7 @@ def split_qkv(x: torch.Tensor, w: Phi3AttentionWeights):
     """Queries, keys, values of ``x`` [B, T, d] ([B, H, T, d_h]) from one fused matmul."""
     bsz, seq = x.shape[:2]
     hd = w.head_dim
-    qkv = F.linear(x, w.qkv)
+    qkv = _linear_of(x, w.qkv, None, w.modules, 0)
     q, k, v = qkv.split([w.num_heads * hd, w.num_kv_heads * hd, w.num_kv_heads * hd], dim=-1)
     q = q.reshape(bsz, seq, -1, hd).transpose(1, 2)
     k = k.reshape(bsz, seq, -1, hd).transpose(1, 2)
@@ -223,7 +226,7 @@ def phi3_attention_forward(
         if slots is not None:  # [B, T, slots, d]: the kept heads' own outputs
             out = out.index_select(2, slots)
         out = mask_units(out.reshape(bsz, seq, -1).contiguous(), unit_mask, hd)
-    y = F.linear(out, w.o, w.o_bias)
+    y = _linear_of(out, w.o, w.o_bias, w.modules, 1)
     return (y, out) if return_o_input else y
 
 
@@ -310,6 +313,7 @@ class PrunedPhi3Attention(nn.Module):
             self.num_kv_heads,
             self.head_dim,
             None if self._kv_identity() else self.kv_index,
+            modules=(self.qkv_proj, self.o_proj),
         )
 
     def forward(
@@ -368,3 +372,10 @@ def update_cache(cache, k: torch.Tensor, v: torch.Tensor, layer_idx: int, kwargs
     b, _, t, _ = k.shape
     cache.update(k.new_zeros(b, 1, t, 1), v.new_zeros(b, 1, t, 1), layer_idx, kwargs=kwargs)
     return k, v
+
+
+def _linear_of(x: torch.Tensor, weight, bias, modules, i: int) -> torch.Tensor:
+    """``x`` through projection ``i``: the sliced module itself when the weights come whole from
+    one (``modules``: peft's LoRA adapters and forward hooks then apply), else ``F.linear``
+    (see ``pruned_llama.py``; this file imports nothing of prunekit, hence its own copy)."""
+    return modules[i](x) if modules is not None else F.linear(x, weight, bias)

@@ -120,6 +120,8 @@ class StaticMethod(Method):
                     continue
                 with onloaded(layer.module):  # the metric reads the layer's weights
                     for group in layer.groups:
+                        if not layer.units(group):  # a sublayer dropped before: nothing to score
+                            continue
                         scores[(layer.index, group)] = metric.prepare(layer, group)(
                             stats.get((layer.index, group), {})
                         )

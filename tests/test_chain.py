@@ -1,0 +1,191 @@
+"""``method.then``: a second method applied to a static method's result, written as a recipe.
+
+References: the same two methods run one after the other by hand (``prunekit.prune`` twice on
+the same calibration windows), the dense model's costs counted by hand, and a fresh process
+reloading the saved model. Also: LoRA adapters on a sliced model's attention projections act
+(recovery trains them), checked against peft's own merge.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.cli import main
+from prunekit.evaluation.costs import structure_reduction
+from prunekit.registry import resolve_adapter
+from prunekit.testing import tiny_gemma3, tiny_llama, tiny_opt, tiny_phi3, tiny_tokenizer
+
+CALIB = torch.randint(3, 100, (6, 16), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ({"method": "attn-drop", "ratio": 0.3}, {"name": "wanda-sp", "ratio": 0.25}),
+        ({"method": "block-influence", "ratio": 0.3}, {"name": "llm-pruner", "ratio": 0.25}),
+        ({"method": "wanda-sp", "ratio": 0.2}, {"name": "mlp-drop", "ratio": 0.3}),
+    ],
+)
+def test_then_equals_the_two_methods_run_by_hand(first, second):
+    model = tiny_llama(heads=4, kv_heads=2, layers=8)
+    by_hand = copy.deepcopy(model)
+    keys = {"skip_layers": [0]}
+    out = prunekit.prune(model, None, calibration=CALIB, **first, **keys, then={**second, **keys})
+    one = prunekit.prune(by_hand, None, calibration=CALIB, **first, **keys)
+    two = prunekit.prune(
+        one.model,
+        None,
+        method=second["name"],
+        ratio=second["ratio"],
+        calibration=CALIB,
+        **keys,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            out.model(input_ids=IDS).logits, two.model(input_ids=IDS).logits, atol=0, rtol=0
+        )
+    assert [s["method"] for s in out.extra["stages"]] == [first["method"], second["name"]]
+    # the structure is over the dense model's 8 layers: removed blocks keep their rows
+    assert [r["layer"] for r in out.structure] == list(range(8))
+    removed = {r["layer"] for r in out.structure if r.get("removed")}
+    assert removed == set(one.extra.get("removed_layers", []))
+    later = iter(two.structure)
+    for row in out.structure:
+        if not row.get("removed"):
+            assert {k: v for k, v in next(later).items() if k != "layer"} == {
+                k: v for k, v in row.items() if k != "layer"
+            }
+
+
+def test_a_then_target_counts_against_the_dense_model():
+    model = tiny_llama(heads=4, kv_heads=2, layers=8)
+    dense = resolve_adapter(copy.deepcopy(model))
+    out = prunekit.prune(
+        model,
+        None,
+        method="attn-drop",
+        calibration=CALIB,
+        target={"macs": 0.9},
+        skip_layers=[0],
+        then={"name": "wanda-sp", "target": {"macs": 0.7}, "skip_layers": [0]},
+    )
+    first, second = out.extra["stages"]
+    achieved = structure_reduction(dense, out.structure, 512)["flops_kept_fraction"]
+    assert out.extra["target"]["value"] == 0.7
+    assert out.extra["target"]["achieved"] == pytest.approx(achieved) and achieved <= 0.7
+    assert first["target"]["achieved"] <= 0.9 < 0.9 + 1e-9
+    # the second stage was asked for 0.7 / (what the first kept) of the model it received
+    assert second["target"]["value"] == pytest.approx(0.7 / first["target"]["achieved"])
+
+
+@pytest.mark.parametrize(
+    "factory", [tiny_llama, tiny_gemma3, tiny_opt, tiny_phi3], ids=lambda f: f.__name__
+)
+def test_lora_on_a_sliced_attention_acts(factory):
+    """peft wraps the sliced attention's projections: their adapters change the output, and the
+    merged model equals the adapted one (before, the sliced attention read the base weights
+    and its adapters trained nothing)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = factory(layers=4, dtype=torch.float64)  # the merge's rounding stays below 1e-9
+    out = prunekit.prune(
+        model, None, method="wanda-sp", ratio=0.3, calibration=CALIB, skip_layers=[0]
+    )
+    pruned = out.model
+    with torch.no_grad():
+        base = pruned(input_ids=IDS).logits
+    names = sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in pruned.named_modules()
+            if n.endswith(("q_proj", "qkv_proj", "o_proj", "out_proj"))
+        }
+    )
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        pruned, LoraConfig(r=2, target_modules=names, init_lora_weights=False)
+    )
+    with torch.no_grad():
+        adapted = peft_model(input_ids=IDS).logits
+        assert (adapted - base).abs().max() > 1e-3
+        merged = peft_model.merge_and_unload()(input_ids=IDS).logits
+    torch.testing.assert_close(merged, adapted, atol=1e-9, rtol=0)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    tiny_llama(heads=4, kv_heads=2, layers=6, hidden=32, intermediate=96).save_pretrained(
+        tmp_path / "m"
+    )
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    (tmp_path / "text.txt").write_text(" ".join(f"w{i % 120 + 3}" for i in range(6000)))
+    return tmp_path
+
+
+def _recipe(tmp, method: str, save: bool = False) -> str:
+    path = tmp / "r.yaml"
+    path.write_text(
+        f"model: {{id: '{tmp / 'm'}'}}\n"
+        f"method:\n{method}"
+        f"calibration: {{path: '{tmp / 'text.txt'}', samples: 8, seq_len: 32}}\n"
+        f"evaluation: {{perplexity: [{{path: '{tmp / 'text.txt'}', seq_len: 32, windows: 2}}]}}\n"
+        f"output: {{dir: '{tmp / 'run'}', save_model: {str(save).lower()}}}\n"
+    )
+    return str(path)
+
+
+_RELOAD = """
+import sys, torch, prunekit
+ids = torch.load(sys.argv[1] + "/ids.pt")
+with torch.no_grad():
+    got = prunekit.load_pruned(sys.argv[1] + "/model")(input_ids=ids).logits
+torch.save(got, sys.argv[1] + "/got.pt")
+"""
+
+
+def test_apply_with_then_saves_a_model_that_reloads(tiny_dir):
+    method = (
+        "  name: block-influence\n  ratio: 0.4\n"
+        "  then: {name: wanda-sp, target: {macs: 0.7}, skip_layers: [0]}\n"
+    )
+    recipe = _recipe(tiny_dir, method, save=True)
+    assert main(["apply", recipe, "-q"]) == 0
+    run = tiny_dir / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert [s["method"] for s in results["stages"]] == ["block-influence", "wanda-sp"]
+    assert results["target"]["achieved"] <= 0.7
+    assert results["reduction"]["flops_kept_fraction"] == pytest.approx(
+        results["target"]["achieved"], rel=1e-6
+    )
+    prepared = prunekit.prepare(recipe)
+    with torch.no_grad():
+        want = prepared.outcome.model(input_ids=IDS).logits
+    torch.save(IDS, run / "ids.pt")
+    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(run)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(torch.load(run / "got.pt"), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "method, needle",
+    [
+        ("  name: pp\n  ratio: 0.2\n  then: {name: wanda-sp, ratio: 0.2}\n", "is dynamic"),
+        ("  name: attn-drop\n  ratio: 0.2\n  then: {name: nope}\n", "method.then.name"),
+        (
+            "  name: attn-drop\n  ratio: 0.2\n  then: {name: wanda-sp, ratio: 0.2, target: {macs: 0.5}}\n",
+            "method.then",
+        ),
+    ],
+)
+def test_bad_then_fails_at_validate(tiny_dir, capsys, method, needle):
+    assert main(["validate", _recipe(tiny_dir, method)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
