@@ -268,7 +268,13 @@ def main() -> None:
         "params:90e6; each method is run to each target and the row reports the ratio the "
         "engine found and what was achieved",
     )
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=METHODS,
+        help="method names; FIRST@MACS+SECOND is a combination (method.then): FIRST to that "
+        "share of the dense MACs, then SECOND to the cell's target or ratio",
+    )
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=20)
@@ -357,12 +363,23 @@ def main() -> None:
             label = target_label(target) if target else ratio
             row = {"method": method, "ratio": label, "ppl_by_dataset": {}, "prune_s_all": []}
             budget = {"target": target} if target else {"ratio": ratio}
+            method_name = method
+            if "+" in method:  # a combination: FIRST@MACS+SECOND, the second to the cell's budget
+                first, second = method.split("+", 1)
+                method_name, _, share = first.partition("@")
+                then = {"name": second, **budget}
+                budget = {"target": {"macs": float(share)}, "then": then}
             for seed in seeds:
                 model = load_model(args.model, dtype=args.dtype).model
                 torch.manual_seed(seed)
                 start = time.perf_counter()
                 outcome = prunekit.prune(
-                    model, tokenizer, method=method, calibration=calibration, seed=seed, **budget
+                    model,
+                    tokenizer,
+                    method=method_name,
+                    calibration=calibration,
+                    seed=seed,
+                    **budget,
                 )
                 row["prune_s_all"].append(time.perf_counter() - start)
                 # a dynamic method starts each evaluation from its post-calibration state

@@ -187,6 +187,13 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps: not a result")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="CELL",
+        help="run only these cells (e.g. wanda-sp-r0.4-kd); the report then holds them alone "
+        "and goes to results/recovery_kd_partial.json and recovery_kd_partial.md (docs untouched)",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -201,10 +208,23 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": str(SWEEP.relative_to(ROOT)),
         "rows": [],
     }
-    for cell in cells(args.quick):
+    todo = cells(args.quick)
+    if args.only:
+        unknown = sorted(set(args.only) - {c["name"] for c in todo})
+        if unknown:
+            names = ", ".join(c["name"] for c in todo)
+            raise SystemExit(f"--only: no cell {unknown}; the cells are {names}")
+        todo = [c for c in todo if c["name"] in args.only]
+        report["command"] += " --only " + " ".join(args.only)
+    for cell in todo:
         report["rows"].append(run_cell(cell, root))
     section = markdown(report)
-    if args.quick:
+    if args.only and not args.quick:
+        out = HERE / "results" / "recovery_kd_partial.json"
+        (HERE / "recovery_kd_partial.md").write_text(
+            "# Recovery by distillation (SmolLM2): the cells run so far\n\n" + section
+        )
+    elif args.quick:
         out = HERE / "results" / "recovery_kd_quick.json"
         (root / "recovery_kd.md").write_text("# Recovery KD (quick: not a result)\n\n" + section)
     else:

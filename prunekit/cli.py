@@ -632,12 +632,17 @@ def validate(
     # recipe runs (a recipe is often written on a laptop for a GPU node)
     plan = run_validate(recipe, set_ or (), here=False)
     r = plan.recipe
-    budget = (
-        ", ".join(f"target {k} {v:g}" for k, v in r.method.target.items())
-        if r.method.target
-        else f"ratio {r.method.ratio:g}"
-    )
-    parts = [f"{recipe}: valid", f"method {r.method.name} ({budget})"]
+
+    def budget(m) -> str:
+        if m.target:
+            return ", ".join(f"target {k} {v:g}" for k, v in m.target.items())
+        return f"ratio {m.ratio:g}"
+
+    methods, m = [], r.method
+    while m is not None:  # method.then stages: "attn-drop (target macs 0.9), then wanda-sp (...)"
+        methods.append(f"{m.name} ({budget(m)})")
+        m = m.then
+    parts = [f"{recipe}: valid", "method " + ", then ".join(methods)]
     from prunekit.loading import locate_model, peek_config
 
     if locate_model(r.model.id)["source"] == "hub":
