@@ -587,6 +587,22 @@ def _reload_and_compare(check: str, path: Path, ids, want, atol: float, rtol: fl
             raise AssertionError(f"{exc} (reloaded with {how}, {layout} layout)") from None
 
 
+def _same_decoding(check: str, model, ref, ids, atol: float, rtol: float) -> None:
+    """``model`` equals ``ref`` on ``ids`` in one forward, and decoding the second half token
+    by token with a KV cache, against the reference decoding the same way (the same matmul
+    shapes: decoding steps differ from one full forward by float rounding)."""
+    with torch.no_grad():
+        _close(check, None, model(input_ids=ids).logits, ref(input_ids=ids).logits, atol, rtol)
+        split = ids.shape[1] // 2
+        out = model(input_ids=ids[:, :split], use_cache=True)
+        ref_out = ref(input_ids=ids[:, :split], use_cache=True)
+        for t in range(split, ids.shape[1]):
+            step = ids[:, t : t + 1]
+            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+            ref_out = ref(input_ids=step, past_key_values=ref_out.past_key_values, use_cache=True)
+            _close(check, None, out.logits[:, -1], ref_out.logits[:, -1], atol, rtol)
+
+
 def _check_removal(
     model_factory, adapter_cls, kept, atol: float, ids, tmp: Path, rtol: float = 0.0
 ) -> None:
@@ -628,19 +644,7 @@ def _check_removal(
     caches = [la.cache_layer for la in shallow.layers()]
     if caches != list(range(n - 1)):
         _fail("remove_layers", None, f"KV-cache indices {caches} after removing layer 1")
-    with torch.no_grad():
-        want = ref(input_ids=ids).logits
-        _close("remove_layers", None, model(input_ids=ids).logits, want, atol, rtol)
-        # decoding with a KV cache, against the reference decoding the same way (the same
-        # matmul shapes: decoding steps differ from one full forward by float rounding)
-        split = ids.shape[1] // 2
-        out = model(input_ids=ids[:, :split], use_cache=True)
-        ref_out = ref(input_ids=ids[:, :split], use_cache=True)
-        for t in range(split, ids.shape[1]):
-            step = ids[:, t : t + 1]
-            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
-            ref_out = ref(input_ids=step, past_key_values=ref_out.past_key_values, use_cache=True)
-            _close("remove_layers", None, out.logits[:, -1], ref_out.logits[:, -1], atol, rtol)
+    _same_decoding("remove_layers", model, ref, ids, atol, rtol)
     sliced = model_factory()
     slice_model(adapter_cls(sliced), Allocation(dict(kept)))
     shallow = adapter_cls(sliced).remove_layers([1])
@@ -675,18 +679,7 @@ def _check_sublayers(model_factory, adapter_cls, atol: float, ids, tmp: Path, rt
     }
     ref = _zeroed_copy(model, adapter_cls, kept)
     sliced = slice_model(adapter_cls(model), Allocation(dict(kept)))
-    with torch.no_grad():
-        _close(
-            "sublayers", None, model(input_ids=ids).logits, ref(input_ids=ids).logits, atol, rtol
-        )
-        split = ids.shape[1] // 2
-        out = model(input_ids=ids[:, :split], use_cache=True)
-        ref_out = ref(input_ids=ids[:, :split], use_cache=True)
-        for t in range(split, ids.shape[1]):
-            step = ids[:, t : t + 1]
-            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
-            ref_out = ref(input_ids=step, past_key_values=ref_out.past_key_values, use_cache=True)
-            _close("sublayers", None, out.logits[:, -1], ref_out.logits[:, -1], atol, rtol)
+    _same_decoding("sublayers", model, ref, ids, atol, rtol)
     for la in dense.layers():
         n = sum(p.numel() for p in sliced.decoder_layers[la.index].parameters())
         want = la.params(len(kept[(la.index, ATTN)]), len(kept[(la.index, MLP)]))

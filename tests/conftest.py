@@ -128,3 +128,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A saved tiny model, its tokenizer and a text (:mod:`tiny_run`), for whole recipes."""
+    from tiny_run import make_tiny_dir
+
+    return make_tiny_dir(tmp_path)

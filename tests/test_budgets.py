@@ -8,12 +8,13 @@ import json
 
 import pytest
 import torch
+from tiny_run import flow, write_recipe
 
 import prunekit
 from prunekit.budgets import CostModel, cost_model
 from prunekit.cli import main
 from prunekit.registry import resolve_adapter
-from prunekit.testing import tiny_llama, tiny_tokenizer
+from prunekit.testing import tiny_llama
 
 CALIB = torch.randint(3, 128, (40, 32), generator=torch.Generator().manual_seed(0))
 
@@ -82,27 +83,10 @@ def test_a_target_of_the_dense_cost_reproduces_dense_logits():
         torch.testing.assert_close(out.model(input_ids=ids).logits, dense(input_ids=ids).logits)
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    tiny_llama(heads=4, kv_heads=2, layers=6, hidden=32, intermediate=96).save_pretrained(
-        tmp_path / "m"
-    )
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
-    (tmp_path / "text.txt").write_text(" ".join(f"w{i % 120 + 3}" for i in range(6000)))
-    return tmp_path
-
-
 def _recipe(tmp, method="wanda-sp", **keys):
-    path = tmp / "r.yaml"
-    extra = "".join(f", {k}: {v}" for k, v in keys.items())
-    path.write_text(
-        f"model: {{id: '{tmp / 'm'}'}}\n"
-        f"method: {{name: {method}, skip_layers: [0], round_to: 1{extra}}}\n"
-        f"calibration: {{path: '{tmp / 'text.txt'}', samples: 40, seq_len: 32}}\n"
-        f"evaluation: {{perplexity: [{{path: '{tmp / 'text.txt'}', seq_len: 32, windows: 4}}]}}\n"
-        f"output: {{dir: '{tmp / 'run'}'}}\n"
+    return write_recipe(
+        tmp, flow(method, skip_layers="[0]", round_to=1, **keys), samples=40, windows=4
     )
-    return str(path)
 
 
 def test_results_report_the_target_beside_what_was_achieved(tiny_dir, capsys):

@@ -15,12 +15,13 @@ import sys
 
 import pytest
 import torch
+from tiny_run import write_recipe
 
 import prunekit
 from prunekit.cli import main
 from prunekit.evaluation.costs import structure_reduction
 from prunekit.registry import resolve_adapter
-from prunekit.testing import tiny_gemma3, tiny_llama, tiny_opt, tiny_phi3, tiny_tokenizer
+from prunekit.testing import tiny_gemma3, tiny_llama, tiny_opt, tiny_phi3
 
 CALIB = torch.randint(3, 100, (6, 16), generator=torch.Generator().manual_seed(1))
 IDS = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(2))
@@ -120,26 +121,8 @@ def test_lora_on_a_sliced_attention_acts(factory):
     torch.testing.assert_close(merged, adapted, atol=1e-9, rtol=0)
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    tiny_llama(heads=4, kv_heads=2, layers=6, hidden=32, intermediate=96).save_pretrained(
-        tmp_path / "m"
-    )
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
-    (tmp_path / "text.txt").write_text(" ".join(f"w{i % 120 + 3}" for i in range(6000)))
-    return tmp_path
-
-
 def _recipe(tmp, method: str, save: bool = False) -> str:
-    path = tmp / "r.yaml"
-    path.write_text(
-        f"model: {{id: '{tmp / 'm'}'}}\n"
-        f"method:\n{method}"
-        f"calibration: {{path: '{tmp / 'text.txt'}', samples: 8, seq_len: 32}}\n"
-        f"evaluation: {{perplexity: [{{path: '{tmp / 'text.txt'}', seq_len: 32, windows: 2}}]}}\n"
-        f"output: {{dir: '{tmp / 'run'}', save_model: {str(save).lower()}}}\n"
-    )
-    return str(path)
+    return write_recipe(tmp, "\n" + method, save=save)
 
 
 _RELOAD = """

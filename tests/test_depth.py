@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from prunekit_plugins.depth import blocks_to_remove
+from tiny_run import flow, write_recipe
 
 import prunekit
 from prunekit.cli import main
@@ -26,7 +27,6 @@ from prunekit.testing import (
     tiny_llama,
     tiny_opt,
     tiny_qwen2,
-    tiny_tokenizer,
 )
 
 CALIB = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_seed(1))
@@ -372,27 +372,8 @@ def test_shallow_models_reload_with_identical_logits_in_a_fresh_process(tmp_path
             torch.testing.assert_close(got[how], want, atol=1e-5, rtol=0, msg=f"{path} {how}")
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    tiny_llama(heads=4, kv_heads=2, layers=6, hidden=32, intermediate=96).save_pretrained(
-        tmp_path / "m"
-    )
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
-    (tmp_path / "text.txt").write_text(" ".join(f"w{i % 120 + 3}" for i in range(6000)))
-    return tmp_path
-
-
 def _recipe(tmp, method, **keys):
-    path = tmp / "r.yaml"
-    extra = "".join(f", {k}: {v}" for k, v in keys.items())
-    path.write_text(
-        f"model: {{id: '{tmp / 'm'}'}}\n"
-        f"method: {{name: {method}{extra}}}\n"
-        f"calibration: {{path: '{tmp / 'text.txt'}', samples: 8, seq_len: 32}}\n"
-        f"evaluation: {{perplexity: [{{path: '{tmp / 'text.txt'}', seq_len: 32, windows: 2}}]}}\n"
-        f"output: {{dir: '{tmp / 'run'}'}}\n"
-    )
-    return str(path)
+    return write_recipe(tmp, flow(method, **keys))
 
 
 def test_apply_reports_the_removed_blocks_and_their_macs(tiny_dir):

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from tiny_run import flow, write_recipe
 
 import prunekit
 from prunekit.cli import main
@@ -184,27 +185,8 @@ def test_an_unreachable_target_fails_when_pruning():
         )
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    tiny_llama(heads=4, kv_heads=2, layers=6, hidden=32, intermediate=96).save_pretrained(
-        tmp_path / "m"
-    )
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
-    (tmp_path / "text.txt").write_text(" ".join(f"w{i % 120 + 3}" for i in range(6000)))
-    return tmp_path
-
-
 def _recipe(tmp, method, save=False, **keys):
-    path = tmp / "r.yaml"
-    extra = "".join(f", {k}: {v}" for k, v in keys.items())
-    path.write_text(
-        f"model: {{id: '{tmp / 'm'}'}}\n"
-        f"method: {{name: {method}{extra}}}\n"
-        f"calibration: {{path: '{tmp / 'text.txt'}', samples: 8, seq_len: 32}}\n"
-        f"evaluation: {{perplexity: [{{path: '{tmp / 'text.txt'}', seq_len: 32, windows: 2}}]}}\n"
-        f"output: {{dir: '{tmp / 'run'}', save_model: {str(save).lower()}}}\n"
-    )
-    return str(path)
+    return write_recipe(tmp, flow(method, **keys), save=save)
 
 
 _RELOAD = """
