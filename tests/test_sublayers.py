@@ -259,3 +259,29 @@ def test_kv_cache_target_counts_dropped_attention():
     assert len(out.extra["dropped_attention"]) == 1
     assert out.extra["target"]["achieved"] == 5 * per_layer
     assert sum(1 for r in out.structure if r["heads"] == 0) == 1
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma3", "qwen2-sliding", "opt"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generation_without_attention_sublayers_equals_the_zeroed_dense_model(arch, cache):
+    """Greedy generation, each cache class: the first layer's attention dropped too (the layer
+    the model reads its sequence length from), against the dense model with those output
+    projections zeroed."""
+    from prunekit.components import Allocation
+    from prunekit.pruning.static import slice_model
+
+    model = ARCHS[arch]()
+    adapter = resolve_adapter(model)
+    none = torch.zeros(0, dtype=torch.long)
+    kept = {(0, "attn"): none, (2, "attn"): none}
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for i in (0, 2):
+            adapter.layers()[i].output_projection("attn").weight.zero_()
+            resolve_adapter(ref).layers()[i].output_projection("attn").weight.zero_()
+    slice_model(adapter, Allocation(kept))
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    if cache != "dynamic":
+        kw["cache_implementation"] = cache
+    prompt = IDS[:, :6]
+    assert torch.equal(model.generate(prompt, **kw), ref.generate(prompt, **kw))
