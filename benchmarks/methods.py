@@ -163,7 +163,8 @@ def budget_markdown(report: dict) -> str:
         f"{s['calibration']['seq_len']}; skipped layers 0-2 for every method. Each method is "
         "run to each `method.target` (the engine finds the smallest ratio, threshold or number "
         "of removed units meeting it, with the decoder MACs counted at "
-        f"{report['rows'][0]['target']['macs_seq_len'] if report['rows'] else '?'} tokens); "
+        f"{next((r['target']['macs_seq_len'] for r in report['rows'] if 'target' in r), '?')} "
+        "tokens); "
         f"`MACs kept` is counted again at the windows' {s['seq_len']} tokens. "
         + (
             f"Time: every model warmed up once, then {s['rounds']} interleaved rounds over "
@@ -190,6 +191,10 @@ def budget_markdown(report: dict) -> str:
         "|---|---|---|" + "---|" * len(datasets) + "---|---|---|---|" + ("---|" if timed else ""),
     ]
     for r in report["rows"]:
+        if "unreachable" in r:
+            why = r["unreachable"].split("cannot be met: ", 1)[-1].split(" (dense")[0]
+            lines.append(f"| {r['ratio']} | {r['method']} | cannot be met: {why} |")
+            continue
         removed = r.get("removed_layers") or r.get("dropped_attention") or r.get("dropped_mlp")
         what = (
             "blocks " if "removed_layers" in r else "attention " if "dropped_attention" in r else ""
@@ -373,14 +378,20 @@ def main() -> None:
                 model = load_model(args.model, dtype=args.dtype).model
                 torch.manual_seed(seed)
                 start = time.perf_counter()
-                outcome = prunekit.prune(
-                    model,
-                    tokenizer,
-                    method=method_name,
-                    calibration=calibration,
-                    seed=seed,
-                    **budget,
-                )
+                try:
+                    outcome = prunekit.prune(
+                        model,
+                        tokenizer,
+                        method=method_name,
+                        calibration=calibration,
+                        seed=seed,
+                        **budget,
+                    )
+                except prunekit.PrunekitError as exc:
+                    if not target:
+                        raise
+                    row["unreachable"] = str(exc)  # e.g. attn-drop cannot reach a low target
+                    break
                 row["prune_s_all"].append(time.perf_counter() - start)
                 # a dynamic method starts each evaluation from its post-calibration state
                 for ds in args.datasets:
@@ -407,6 +418,10 @@ def main() -> None:
                 del outcome, model
                 gc.collect()
             row["ppl"] = _mean(row["ppl_by_dataset"][args.datasets[0]])
+            if "unreachable" in row:
+                rows.append(row)
+                log(f"{method} at {label}: {row['unreachable']}")
+                continue
             row["prune_s"] = statistics.median(row["prune_s_all"])
             rows.append(row)
             # what is done so far survives an interrupted run (a long one shares the machine)
@@ -424,6 +439,8 @@ def main() -> None:
         dense_median = statistics.median(times["dense"])
         for row in rows:
             key = f"{row['method']}@{row['ratio']}"
+            if key not in times:  # a target the method cannot reach: nothing was timed
+                continue
             ratios = [t / dense_median for t in times[key]]
             row["s_per_batch"] = statistics.median(times[key])
             row["time_vs_dense"] = row["s_per_batch"] / dense_median
