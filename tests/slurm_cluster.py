@@ -32,6 +32,8 @@ PROGRAMS = (
     "scancel",
 )
 PARTITION = "debug"
+#: the PATH when the tests started (see :meth:`Cluster.run`)
+_IMPORT_PATH = os.environ.get("PATH", "")
 
 
 def missing() -> str | None:
@@ -63,9 +65,12 @@ class Cluster:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> str:
-        """A Slurm command against this cluster; its stdout."""
+        """A Slurm command against this cluster; its stdout. The program is looked up on the
+        PATH this module was imported with: a test that puts a fake ``squeue`` first on PATH
+        while a fixture's thread still polls the cluster must not receive its calls."""
+        exe = shutil.which(cmd[0], path=_IMPORT_PATH) or cmd[0]
         proc = subprocess.run(
-            list(cmd), capture_output=True, text=True, env=self.env(), timeout=timeout
+            [exe, *cmd[1:]], capture_output=True, text=True, env=self.env(), timeout=timeout
         )
         if check and proc.returncode != 0:
             raise ClusterError(
