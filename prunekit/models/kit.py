@@ -8,6 +8,8 @@ adapter (see docs/plugins-reference.md, "The toolkit").
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,7 +51,11 @@ def sub_linear(
         b = b.index_select(0, rows.to(w.device)) if b is not None else None
     if cols is not None:
         w = w.index_select(1, cols.to(w.device))
-    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    # a dropped sublayer's projection has a zero dimension: torch warns that initialising it
+    # is a no-op, which is what is meant
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+        new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         new.weight.copy_(w)
         if b is not None:

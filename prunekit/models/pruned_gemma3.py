@@ -18,6 +18,7 @@ Per-layer shapes live in ``config.prunekit_layers``: ``num_heads``, ``num_kv_hea
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -140,7 +141,11 @@ def gemma3_attention_forward(
 
 
 def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
-    return nn.Linear(n_in, n_out, bias=bias)
+    # a dropped sublayer's projection has a zero dimension: torch warns that initialising it
+    # is a no-op, which is what is meant
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+        return nn.Linear(n_in, n_out, bias=bias)
 
 
 class PrunedGemma3Attention(nn.Module):

@@ -24,6 +24,7 @@ o_proj / down_proj carry a compensation bias).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -249,7 +250,11 @@ def attention_forward(
 def _linear(n_in: int, n_out: int, bias: bool, like: nn.Linear | None = None) -> nn.Linear:
     ref = like.weight if like is not None else None
     kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-    return nn.Linear(n_in, n_out, bias=bias, **kw)
+    # a dropped sublayer's projection has a zero dimension: torch warns that initialising it
+    # is a no-op, which is what is meant
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+        return nn.Linear(n_in, n_out, bias=bias, **kw)
 
 
 class PrunedLlamaAttention(nn.Module):

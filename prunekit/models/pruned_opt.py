@@ -17,6 +17,7 @@ and ``fc2_bias`` (whether out_proj / fc2 carry a bias), lists indexed by layer.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +133,11 @@ def opt_mlp_forward(
 
 
 def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
-    return nn.Linear(n_in, n_out, bias=bias)
+    # a dropped sublayer's projection has a zero dimension: torch warns that initialising it
+    # is a no-op, which is what is meant
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+        return nn.Linear(n_in, n_out, bias=bias)
 
 
 class PrunedOPTAttention(nn.Module):
