@@ -307,6 +307,19 @@ def main() -> None:
     parser.add_argument(
         "--suffix", default="", help="appended to the report's file names (methods_<name><suffix>)"
     )
+    parser.add_argument(
+        "--time-only",
+        action="store_true",
+        help="no perplexity: prune every cell and time the models (the quality of the same "
+        "cells comes from a run with --rounds 0; the seed gives the same models)",
+    )
+    parser.add_argument(
+        "--skip-done",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="a report or partial file of an earlier run: its cells are not run again",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test, not a result")
     args = parser.parse_args()
     if args.quick:
@@ -350,7 +363,7 @@ def main() -> None:
             ]
             for seed in seeds
         ]
-        for ds in args.datasets
+        for ds in ([] if args.time_only else args.datasets)
     }
     dense_macs = structure_reduction(adapter, None, args.seq_len)["decoder_macs_per_token"]
     params = sum(p.numel() for p in dense_model.parameters())
@@ -363,9 +376,14 @@ def main() -> None:
         if args.targets
         else [(r, None) for r in args.ratios]
     )
+    done = set()
+    if args.skip_done:  # cells of an earlier run (its partial file) are not run again
+        done = {(r["method"], r["ratio"]) for r in json.loads(args.skip_done.read_text())["rows"]}
     for ratio, target in budgets:
         for method in args.methods:
             label = target_label(target) if target else ratio
+            if (method, label) in done:
+                continue
             row = {"method": method, "ratio": label, "ppl_by_dataset": {}, "prune_s_all": []}
             budget = {"target": target} if target else {"ratio": ratio}
             method_name = method
@@ -394,7 +412,7 @@ def main() -> None:
                     break
                 row["prune_s_all"].append(time.perf_counter() - start)
                 # a dynamic method starts each evaluation from its post-calibration state
-                for ds in args.datasets:
+                for ds in [] if args.time_only else args.datasets:
                     ppl = perplexity(
                         outcome.model, test_sets[(seed, ds)], args.batch_size, description=method
                     )["ppl"]
@@ -417,11 +435,12 @@ def main() -> None:
                         models[f"{method}@{label}"] = outcome.model
                 del outcome, model
                 gc.collect()
-            row["ppl"] = _mean(row["ppl_by_dataset"][args.datasets[0]])
             if "unreachable" in row:
                 rows.append(row)
                 log(f"{method} at {label}: {row['unreachable']}")
                 continue
+            if not args.time_only:
+                row["ppl"] = _mean(row["ppl_by_dataset"][args.datasets[0]])
             row["prune_s"] = statistics.median(row["prune_s_all"])
             rows.append(row)
             # what is done so far survives an interrupted run (a long one shares the machine)
@@ -471,7 +490,7 @@ def main() -> None:
         },
         "lm_head_macs_per_token": head.shape[0] * head.shape[1],
         "dense": {
-            "ppl": _mean(dense_ppl[args.datasets[0]]),
+            "ppl": None if args.time_only else _mean(dense_ppl[args.datasets[0]]),
             "ppl_by_dataset": dense_ppl,
             "s_per_batch": dense_median,
             "s_spread": [min(times["dense"]), max(times["dense"])] if dense_median else None,
@@ -484,6 +503,8 @@ def main() -> None:
     out = HERE / "results" / f"methods_{name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.time_only:  # no table of its own: its times go beside a quality run's rows
+        return
     if not args.quick:
         (HERE / f"methods_{name}{suffix}.md").write_text(markdown(report))
     print(markdown(report))
