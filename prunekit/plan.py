@@ -391,10 +391,20 @@ def _then_plan(loaded: LoadedRecipe, method_cls, registry, check_files, model, h
         raw=loaded.raw,
         prefix=prefix,
     )
-    return validate(
+    then = validate(
         stage, registry=registry, check_files=check_files, model=model, check_output=False,
         here=here,
     )  # fmt: skip
+    if then.method_cls.dynamic and recipe.output.save_model:
+        # a dynamic method saves its state for the dense model it wraps, not the smaller
+        # model the stages before it made: what was saved would not reload as this run
+        raise stage.error(
+            ("method", "name"),
+            f"method {then.recipe.method.name!r} is dynamic and follows a static method: its "
+            "saved state would not describe the smaller model it runs on; set "
+            "output.save_model: false (evaluation and timing still run)",
+        )
+    return then
 
 
 def _method_settings(loaded: LoadedRecipe, registry, method_cls: type[Method]) -> MethodSettings:

@@ -163,12 +163,16 @@ def test_apply_with_then_saves_a_model_that_reloads(tiny_dir):
         ("  name: pp\n  ratio: 0.2\n  then: {name: wanda-sp, ratio: 0.2}\n", "is dynamic"),
         ("  name: attn-drop\n  ratio: 0.2\n  then: {name: nope}\n", "method.then.name"),
         (
+            "  name: attn-drop\n  ratio: 0.2\n  then: {name: pp, ratio: 0.2}\n",
+            "follows a static method",
+        ),
+        (
             "  name: attn-drop\n  ratio: 0.2\n  then: {name: wanda-sp, ratio: 0.2, target: {macs: 0.5}}\n",
             "method.then",
         ),
     ],
 )
 def test_bad_then_fails_at_validate(tiny_dir, capsys, method, needle):
-    assert main(["validate", _recipe(tiny_dir, method)]) == 2
+    assert main(["validate", _recipe(tiny_dir, method, save=True)]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
