@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from prunekit.budgets import CostModel
+from prunekit.budgets import CostModel, cost_model, macs_seq_len
 from prunekit.components import Allocation, ModelAdapter, PruneOutcome
 from prunekit.evaluation.costs import structure_reduction
 
@@ -50,22 +50,31 @@ def merged_structure(first: list[dict], later: list[dict]) -> list[dict]:
     return out
 
 
+def dense_costs(plan, adapter: ModelAdapter, model) -> CostModel | None:
+    """The dense model's cost model when ``plan`` has a ``then`` (its targets are reported
+    against the dense model), else None. Taken before the first stage prunes: a cost model
+    reads each layer's parameters when it is built."""
+    if plan.then is None:
+        return None
+    return cost_model(adapter, model, macs_seq_len(plan.recipe), plan.recipe.model.dtype)
+
+
 def run_then(
     plan,
     outcome: PruneOutcome,
     dense: ModelAdapter,
-    dense_costs: CostModel | None,
-    seq_len: int,
+    costs: CostModel | None,
     prune_stage: Callable[[Any, Any, ModelAdapter], PruneOutcome],
 ) -> PruneOutcome:
-    """Apply ``plan.then`` (and its own ``then``) to ``outcome``'s model.
+    """Apply ``plan.then`` (and its own ``then``) to ``outcome``'s model, each stage once.
 
     :param dense: the adapter taken before any pruning (its dims are the dense model's).
-    :param dense_costs: the dense model's cost model (for the target achieved against it),
-        or None when no stage names a target.
-    :param prune_stage: ``(stage plan, model, adapter) -> outcome``: runs one stage the way
-        the caller runs a method (the runner, or :func:`prunekit.prune`).
+    :param costs: :func:`dense_costs` of the plan, taken before the first stage pruned.
+    :param prune_stage: ``(stage plan, model, adapter) -> outcome``: runs one stage's method
+        (not its ``then``: this loop runs those) the way the caller runs a method (the
+        runner, or :func:`prunekit.prune`).
     """
+    seq_len = macs_seq_len(plan.recipe)
     stages = [{"method": plan.settings.name, **outcome.extra}]
     while plan.then is not None:
         first = outcome.structure or Allocation().structure(dense)
@@ -78,16 +87,16 @@ def run_then(
         outcome = dataclasses.replace(later, structure=structure)
         plan = plan.then
         target = plan.recipe.method.target
-        if target and dense_costs is not None:  # what the user asked, against the dense model
+        if target and costs is not None:  # what the user asked, against the dense model
             ((kind, value),) = target.items()
-            costs = dense_costs.costs(structure)
+            achieved = costs.costs(structure)
             if outcome.params_kept is not None:
-                costs["params"] = outcome.params_kept
+                achieved["params"] = outcome.params_kept
             outcome.extra["target"] = {
                 **outcome.extra.get("target", {}),
                 "value": value,
-                "achieved": costs[kind],
-                "costs": costs,
+                "achieved": achieved[kind],
+                "costs": achieved,
             }
     extra = {k: v for stage in stages for k, v in stage.items() if k != "method"}
     outcome.extra = {**extra, **outcome.extra, "stages": stages}

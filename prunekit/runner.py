@@ -40,7 +40,7 @@ from prunekit.budgets import (
     macs_seq_len,
     solve_counts,
 )
-from prunekit.chain import run_then
+from prunekit.chain import dense_costs, run_then
 from prunekit.components import PruneOutcome
 from prunekit.context import PruneContext
 from prunekit.data import calibration_windows, sequence_bos, source_sha256
@@ -206,14 +206,28 @@ def _budgeted(plan: Plan, adapter, model):
 
 
 def prune_loaded(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome]:
-    """Calibrate and prune with the plan's method (``loaded.model`` may be changed in place)."""
+    """Calibrate and prune with the plan's method, then its ``method.then`` stages
+    (``loaded.model`` may be changed in place); the context is the first method's."""
+    costs = dense_costs(plan, loaded.adapter, loaded.model)
+    ctx, outcome = _prune_stage(plan, loaded)
+    if plan.then is None:
+        return ctx, outcome
+
+    def stage(stage_plan: Plan, model, adapter) -> PruneOutcome:
+        # the stage's statistics are its model's: never the dense model's cached ones
+        info_ = {k: v for k, v in loaded.info.items() if k != "fingerprint"}
+        sub = dataclasses.replace(loaded, model=model, adapter=adapter, info=info_, timings={})
+        _, out = _prune_stage(stage_plan, sub)
+        for key in ("calibration_s", "pruning_s"):
+            loaded.timings[key] += sub.timings.get(key, 0.0)
+        return out
+
+    return ctx, run_then(plan, outcome, loaded.adapter, costs, stage)
+
+
+def _prune_stage(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome]:
+    """Calibrate and prune with the plan's own method (not its ``then``)."""
     timings = loaded.timings
-    seq_len = macs_seq_len(plan.recipe)
-    dense_costs = (  # a chained method's target is checked against the dense model
-        cost_model(loaded.adapter, loaded.model, seq_len, plan.recipe.model.dtype)
-        if plan.then is not None
-        else None
-    )
     settings, components, finish, budget = _budgeted(plan, loaded.adapter, loaded.model)
     ctx = PruneContext(
         model=loaded.model,
@@ -245,18 +259,6 @@ def prune_loaded(plan: Plan, loaded: Loaded) -> tuple[PruneContext, PruneOutcome
     finish(outcome)
     timings["pruning_s"] = time.perf_counter() - t1 - timings.get("calibration_s", 0.0)
     timings.setdefault("calibration_s", 0.0)
-    if plan.then is not None:
-
-        def stage(stage_plan: Plan, model, adapter) -> PruneOutcome:
-            # the stage's statistics are its model's: never the dense model's cached ones
-            info_ = {k: v for k, v in loaded.info.items() if k != "fingerprint"}
-            sub = dataclasses.replace(loaded, model=model, adapter=adapter, info=info_, timings={})
-            _, out = prune_loaded(stage_plan, sub)
-            for key in ("calibration_s", "pruning_s"):
-                timings[key] += sub.timings.get(key, 0.0)
-            return out
-
-        outcome = run_then(plan, outcome, loaded.adapter, dense_costs, seq_len, stage)
     return ctx, outcome
 
 
@@ -718,48 +720,37 @@ def prune(
     # the fingerprint keys the calibration cache, so notebooks share statistics across calls
     info = {"fingerprint": model_fingerprint(model)} if plan.method_cls.uses_calibration else {}
     adapter = plan.adapter_cls(model) if plan.adapter_cls else resolve_adapter(model)
-    settings, components, finish, budget = _budgeted(plan, adapter, model)
-    ctx = PruneContext(
-        model=model,
-        tokenizer=tokenizer,
-        adapter=adapter,
-        settings=settings,
-        run_recipe=loaded.recipe,
-        run=plan.run,
-        model_info=info,
-        calibration_source=plan.calibration_source,
-        calibration_windows_override=calibration if isinstance(calibration, torch.Tensor) else None,
-        budget=budget,
-    )
-    if tokenizer is None and method_needs_tokenizer(plan, calibration):
-        raise RecipeError("prune(): give a tokenizer, or calibration windows as a tensor")
-    seq_len = macs_seq_len(plan.recipe)
-    dense_costs = (
-        cost_model(adapter, model, seq_len, plan.recipe.model.dtype) if plan.then else None
-    )
-    with plugin_faults(stage="pruning"):
-        try:
-            outcome = plan.method_cls(settings, components).prune(ctx)
-        except BudgetError as exc:
-            raise RecipeError(f"method.target: {exc}") from None
-    finish(outcome)
-    if plan.then is not None:
+    override = calibration if isinstance(calibration, torch.Tensor) else None
 
-        def stage(stage_plan: Plan, stage_model, stage_adapter) -> PruneOutcome:
-            s2, c2, finish2, budget2 = _budgeted(stage_plan, stage_adapter, stage_model)
-            sub = dataclasses.replace(
-                ctx, model=stage_model, adapter=stage_adapter, settings=s2, budget=budget2,
-                run_recipe=stage_plan.recipe, run=stage_plan.run, model_info={},
-            )  # fmt: skip
-            with plugin_faults(stage="pruning"):
-                try:
-                    out = stage_plan.method_cls(s2, c2).prune(sub)
-                except BudgetError as exc:
-                    raise RecipeError(f"method.then.target: {exc}") from None
-            finish2(out)
-            return out
+    def run(stage_plan: Plan, stage_model, stage_adapter, model_info: dict) -> PruneOutcome:
+        """One stage's method (the plan's own, or a ``method.then`` stage's)."""
+        settings, components, finish, budget = _budgeted(stage_plan, stage_adapter, stage_model)
+        ctx = PruneContext(
+            model=stage_model,
+            tokenizer=tokenizer,
+            adapter=stage_adapter,
+            settings=settings,
+            run_recipe=stage_plan.recipe,
+            run=stage_plan.run,
+            model_info=model_info,
+            calibration_source=plan.calibration_source,
+            calibration_windows_override=override,
+            budget=budget,
+        )
+        if tokenizer is None and method_needs_tokenizer(stage_plan, calibration):
+            raise RecipeError("prune(): give a tokenizer, or calibration windows as a tensor")
+        with plugin_faults(stage="pruning"):
+            try:
+                out = stage_plan.method_cls(settings, components).prune(ctx)
+            except BudgetError as exc:  # a method that meets the target itself could not
+                raise stage_plan.loaded.error(("method", "target"), str(exc)) from None
+        finish(out)
+        return out
 
-        outcome = run_then(plan, outcome, adapter, dense_costs, seq_len, stage)
+    costs = dense_costs(plan, adapter, model)
+    outcome = run(plan, model, adapter, info)
+    if plan.then is not None:  # later stages: their own statistics, never cached ones
+        outcome = run_then(plan, outcome, adapter, costs, lambda p, m, a: run(p, m, a, {}))
     return outcome
 
 

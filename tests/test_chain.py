@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from tiny_run import write_recipe
+from tiny_run import assert_reloads, write_recipe
+from transformers import AutoModelForCausalLM
 
 import prunekit
 from prunekit.cli import main
@@ -125,15 +124,6 @@ def _recipe(tmp, method: str, save: bool = False) -> str:
     return write_recipe(tmp, "\n" + method, save=save)
 
 
-_RELOAD = """
-import sys, torch, prunekit
-ids = torch.load(sys.argv[1] + "/ids.pt")
-with torch.no_grad():
-    got = prunekit.load_pruned(sys.argv[1] + "/model")(input_ids=ids).logits
-torch.save(got, sys.argv[1] + "/got.pt")
-"""
-
-
 def test_apply_with_then_saves_a_model_that_reloads(tiny_dir):
     method = (
         "  name: block-influence\n  ratio: 0.4\n"
@@ -148,13 +138,7 @@ def test_apply_with_then_saves_a_model_that_reloads(tiny_dir):
     assert results["reduction"]["flops_kept_fraction"] == pytest.approx(
         results["target"]["achieved"], rel=1e-6
     )
-    prepared = prunekit.prepare(recipe)
-    with torch.no_grad():
-        want = prepared.outcome.model(input_ids=IDS).logits
-    torch.save(IDS, run / "ids.pt")
-    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(run)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    torch.testing.assert_close(torch.load(run / "got.pt"), want, atol=1e-5, rtol=0)
+    assert_reloads(recipe, run, IDS)
 
 
 @pytest.mark.parametrize(
@@ -176,3 +160,23 @@ def test_bad_then_fails_at_validate(tiny_dir, capsys, method, needle):
     assert main(["validate", _recipe(tiny_dir, method, save=True)]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_three_stages_run_each_stage_once(tiny_dir):
+    """attn-drop, then mlp-drop, then wanda-sp through the runner (``prepare``): each stage
+    runs once, and the model equals the three methods run by hand on the same windows."""
+    method = (
+        "  name: attn-drop\n  ratio: 0.34\n"
+        "  then: {name: mlp-drop, ratio: 0.34, then: {name: wanda-sp, ratio: 0.2}}\n"
+    )
+    prepared = prunekit.prepare(_recipe(tiny_dir, method))
+    out = prepared.outcome
+    assert [s["method"] for s in out.extra["stages"]] == ["attn-drop", "mlp-drop", "wanda-sp"]
+    windows = prepared.context.calibration_windows()
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "m")
+    for name, ratio in (("attn-drop", 0.34), ("mlp-drop", 0.34), ("wanda-sp", 0.2)):
+        model = prunekit.prune(model, None, method=name, ratio=ratio, calibration=windows).model
+    with torch.no_grad():
+        torch.testing.assert_close(
+            out.model(input_ids=IDS).logits, model(input_ids=IDS).logits, atol=1e-6, rtol=0
+        )

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from tiny_run import flow, write_recipe
+from tiny_run import assert_reloads, flow, write_recipe
 
 import prunekit
 from prunekit.cli import main
@@ -189,14 +187,6 @@ def _recipe(tmp, method, save=False, **keys):
     return write_recipe(tmp, flow(method, **keys), save=save)
 
 
-_RELOAD = """
-import sys, torch, prunekit
-ids = torch.load(sys.argv[1] + "/ids.pt")
-with torch.no_grad():
-    torch.save(prunekit.load_pruned(sys.argv[1] + "/model")(input_ids=ids).logits, sys.argv[1] + "/got.pt")
-"""
-
-
 def test_apply_saves_a_model_without_attention_sublayers_that_reloads(tiny_dir):
     recipe = _recipe(tiny_dir, "attn-drop", save=True, target="{macs: 0.85}")
     assert main(["apply", recipe, "-q"]) == 0
@@ -207,13 +197,7 @@ def test_apply_saves_a_model_without_attention_sublayers_that_reloads(tiny_dir):
         r["heads"] == 0 for r in results["structure"] if r["layer"] in results["dropped_attention"]
     )
     # the pruned model in this process, against the reload in a fresh one
-    prepared = prunekit.prepare(recipe)
-    with torch.no_grad():
-        want = prepared.outcome.model(input_ids=IDS).logits
-    torch.save(IDS, run / "ids.pt")
-    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(run)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    torch.testing.assert_close(torch.load(run / "got.pt"), want, atol=1e-5, rtol=0)
+    assert_reloads(recipe, run, IDS)
 
 
 @pytest.mark.parametrize(

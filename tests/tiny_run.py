@@ -5,8 +5,13 @@ the directory."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import torch
+
+import prunekit
 from prunekit.testing import tiny_llama, tiny_tokenizer
 
 
@@ -38,3 +43,24 @@ def write_recipe(
         f"output: {{dir: '{tmp / 'run'}', save_model: {str(save).lower()}}}\n"
     )
     return str(path)
+
+
+_RELOAD = """
+import sys, torch, prunekit
+ids = torch.load(sys.argv[1] + "/ids.pt")
+with torch.no_grad():
+    got = prunekit.load_pruned(sys.argv[1] + "/model")(input_ids=ids).logits
+torch.save(got, sys.argv[1] + "/got.pt")
+"""
+
+
+def assert_reloads(recipe: str, run: Path, ids: torch.Tensor) -> None:
+    """The model ``recipe`` saved under ``run/model`` (``apply`` ran) reloads in a fresh
+    process (``load_pruned``) with the logits of the model ``prepare`` prunes here."""
+    prepared = prunekit.prepare(recipe)
+    with torch.no_grad():
+        want = prepared.outcome.model(input_ids=ids).logits
+    torch.save(ids, run / "ids.pt")
+    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(run)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(torch.load(run / "got.pt"), want, atol=1e-5, rtol=0)
