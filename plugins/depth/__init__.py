@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import closing
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -58,6 +59,32 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-12)
 
 
+def _record_input(module, index: int, seen: dict[int, torch.Tensor]):
+    """A forward pre-hook on decoder layer ``module`` recording its input as ``seen[index]``."""
+
+    def pre(module, args, kwargs):
+        seen[index] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def _passes(model, windows: torch.Tensor, batch_size: int, device, handles, seen: list[dict]):
+    """Run the calibration windows through ``model`` batch by batch, without gradients, with
+    the hooks ``handles`` recording into the dicts ``seen`` (emptied before each batch);
+    yields after each batch's forward. The hooks are removed at the end, or when the caller
+    stops early."""
+    try:
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], batch_size):
+                for d in seen:
+                    d.clear()
+                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def block_hidden_states(model, adapter, windows: torch.Tensor, batch_size: int, device):
     """Yield, per calibration batch, ``(inputs, outputs)``: each block's input and output
     hidden states ``[B, T, d]``, read by forward hooks on ``adapter.decoder_layers``."""
@@ -67,25 +94,15 @@ def block_hidden_states(model, adapter, windows: torch.Tensor, batch_size: int, 
     handles = []
     for i, layer in enumerate(layers):
 
-        def pre(module, args, kwargs, _i=i):
-            seen_in[_i] = (args[0] if args else kwargs["hidden_states"]).detach()
-
         def post(module, args, kwargs, output, _i=i):
             seen_out[_i] = (output[0] if isinstance(output, tuple) else output).detach()
 
-        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(_record_input(layer, i, seen_in))
         handles.append(layer.register_forward_hook(post, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for start in range(0, windows.shape[0], batch_size):
-                seen_in.clear()
-                seen_out.clear()
-                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-                n = len(layers)
-                yield [seen_in[i] for i in range(n)], [seen_out[i] for i in range(n)]
-    finally:
-        for h in handles:
-            h.remove()
+    n = len(layers)
+    with closing(_passes(model, windows, batch_size, device, handles, [seen_in, seen_out])) as ps:
+        for _ in ps:
+            yield [seen_in[i] for i in range(n)], [seen_out[i] for i in range(n)]
 
 
 def sublayer_residuals(model, adapter, windows: torch.Tensor, batch_size: int, device, group):
@@ -99,38 +116,25 @@ def sublayer_residuals(model, adapter, windows: torch.Tensor, batch_size: int, d
     seen_out: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
     for la in layers:
-
-        def pre(module, args, kwargs, _i=la.index):
-            seen_in[_i] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-        handles.append(
-            adapter.decoder_layers[la.index].register_forward_pre_hook(pre, with_kwargs=True)
-        )
+        handles.append(_record_input(adapter.decoder_layers[la.index], la.index, seen_in))
         for g in la.groups:
 
             def post(module, args, output, _key=(la.index, g)):
                 seen_out[_key] = output.detach()
 
             handles.append(la.output_projection(g).register_forward_hook(post))
-    try:
-        with torch.no_grad():
-            for start in range(0, windows.shape[0], batch_size):
-                seen_in.clear()
-                seen_out.clear()
-                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-                before, after = [], []
-                for la in layers:
-                    r = seen_in[la.index]
-                    for g in la.groups:
-                        nxt = la.add_output(g, r, seen_out[(la.index, g)])
-                        if g == group:
-                            before.append(r)
-                            after.append(nxt)
-                        r = nxt
-                yield before, after
-    finally:
-        for h in handles:
-            h.remove()
+    with closing(_passes(model, windows, batch_size, device, handles, [seen_in, seen_out])) as ps:
+        for _ in ps:
+            before, after = [], []
+            for la in layers:
+                r = seen_in[la.index]
+                for g in la.groups:
+                    nxt = la.add_output(g, r, seen_out[(la.index, g)])
+                    if g == group:
+                        before.append(r)
+                        after.append(nxt)
+                    r = nxt
+            yield before, after
 
 
 class DepthMethod(StaticMethod):
