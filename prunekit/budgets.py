@@ -161,6 +161,12 @@ def unreachable(kind, value, lowest, high, settings, costs: CostModel) -> str:
         else f"the most this method can prune (ratio {high:.4f} with skip_layers "
         f"{settings.skip_layers}) leaves {fmt(kind, lowest)}"
     )
+    return cannot_meet(kind, value, why, dense)
+
+
+def cannot_meet(kind: str, value: float, why: str, dense: float) -> str:
+    """The message of a target that cannot be met, ``why`` saying what the most pruning
+    leaves."""
     return (
         f"{kind} {fmt(kind, value)} cannot be met: {why} (dense: {fmt(kind, dense)}); "
         "ask for more, or skip fewer layers"
@@ -192,12 +198,8 @@ class Budget:
         return self.achieved(structure) <= self.value
 
     def unreachable(self, what: str, lowest: float) -> BudgetError:
-        dense = self.costs.costs()[self.kind]
-        return BudgetError(
-            f"{self.kind} {fmt(self.kind, self.value)} cannot be met: {what} leaves "
-            f"{fmt(self.kind, lowest)} (dense: {fmt(self.kind, dense)}); ask for more, or "
-            "skip fewer layers"
-        )
+        why = f"{what} leaves {fmt(self.kind, lowest)}"
+        return BudgetError(cannot_meet(self.kind, self.value, why, self.costs.costs()[self.kind]))
 
 
 class BudgetAllocator:
