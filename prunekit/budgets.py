@@ -35,11 +35,23 @@ _STEP = 1e-4
 class CostModel:
     """The costs of a structure (kept heads and channels per layer) of one model, from the
     adapter's cost model. Taken before pruning: each layer's parameters per unit are read
-    then (a sliced layer's modules no longer show the dense ones)."""
+    then (a sliced layer's modules no longer show the dense ones).
 
-    def __init__(self, adapter: ModelAdapter, seq_len: int, total_params: int, dtype_bytes: int):
+    ``macs_scale`` is the fraction of a reference model's MACs this model keeps (a
+    ``method.then`` stage: what the stages before it left of the dense model): ``macs``
+    fractions are then of the reference, as the user wrote the target."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        seq_len: int,
+        total_params: int,
+        dtype_bytes: int,
+        macs_scale: float = 1.0,
+    ):
         self.adapter, self.seq_len = adapter, seq_len
         self.total_params, self.dtype_bytes = total_params, dtype_bytes
+        self.macs_scale = macs_scale
         # layer -> (params dense, per head, per channel, more params gone with the last head:
         # shared K/V projections where the adapter drops them with the attention sublayer)
         self._params = {}
@@ -79,12 +91,20 @@ class CostModel:
             params -= (la.num_heads - h) * per_head + (la.intermediate_size - c) * per_channel
             params -= last if h == 0 else 0
             kv += 2 * la.kv_heads_kept(h) * la.unit_width(ATTN) * self.dtype_bytes
-        return {"macs": kept_macs / dense_macs, "params": params, "kv_bytes_per_token": kv}
+        macs = kept_macs / dense_macs * self.macs_scale
+        return {"macs": macs, "params": params, "kv_bytes_per_token": kv}
+
+    def start(self, kind: str) -> str:
+        """What the model it describes costs, unpruned, for messages."""
+        what = "dense" if self.macs_scale == 1.0 else "the model this stage receives"
+        return f"{what}: {fmt(kind, self.costs()[kind])}"
 
 
-def cost_model(adapter: ModelAdapter, model, seq_len: int, dtype: str) -> CostModel:
+def cost_model(
+    adapter: ModelAdapter, model, seq_len: int, dtype: str, macs_scale: float = 1.0
+) -> CostModel:
     total = sum(p.numel() for p in model.parameters())
-    return CostModel(adapter, seq_len, total, resolve_dtype(dtype).itemsize)
+    return CostModel(adapter, seq_len, total, resolve_dtype(dtype).itemsize, macs_scale)
 
 
 def macs_seq_len(recipe) -> int:
@@ -152,7 +172,6 @@ def solve_counts(
 
 
 def unreachable(kind, value, lowest, high, settings, costs: CostModel) -> str:
-    dense = costs.costs()[kind]
     gqa = kind == "kv_bytes_per_token" and all(la.shares_kv for la in costs.adapter.layers())
     why = (
         "every layer shares its K/V heads (GQA), which pruning never removes, so the KV cache "
@@ -161,14 +180,14 @@ def unreachable(kind, value, lowest, high, settings, costs: CostModel) -> str:
         else f"the most this method can prune (ratio {high:.4f} with skip_layers "
         f"{settings.skip_layers}) leaves {fmt(kind, lowest)}"
     )
-    return cannot_meet(kind, value, why, dense)
+    return cannot_meet(kind, value, why, costs)
 
 
-def cannot_meet(kind: str, value: float, why: str, dense: float) -> str:
+def cannot_meet(kind: str, value: float, why: str, costs: CostModel) -> str:
     """The message of a target that cannot be met, ``why`` saying what the most pruning
     leaves."""
     return (
-        f"{kind} {fmt(kind, value)} cannot be met: {why} (dense: {fmt(kind, dense)}); "
+        f"{kind} {fmt(kind, value)} cannot be met: {why} ({costs.start(kind)}); "
         "ask for more, or skip fewer layers"
     )
 
@@ -199,7 +218,7 @@ class Budget:
 
     def unreachable(self, what: str, lowest: float) -> BudgetError:
         why = f"{what} leaves {fmt(self.kind, lowest)}"
-        return BudgetError(cannot_meet(self.kind, self.value, why, self.costs.costs()[self.kind]))
+        return BudgetError(cannot_meet(self.kind, self.value, why, self.costs))
 
 
 class BudgetAllocator:

@@ -6,9 +6,10 @@ sublayers, then width-prune what is left, or remove blocks, then prune heads and
 ``then`` may have its own ``then``.
 
 What the user writes counts against the dense model: a stage's ``target: {macs: v}`` is the
-fraction of the *dense* decoder MACs, turned into the fraction of the model the stage receives
-(``v / kept so far``; a stage whose target is already met prunes nothing). ``params`` and
-``kv_bytes_per_token`` targets are absolute and pass as they are. ``skip_layers`` and layer
+fraction of the *dense* decoder MACs (the stage's cost model scales its own fractions by what
+the stages before it kept, so what it reports and refuses is in the user's terms; a stage
+whose target is already met prunes nothing). ``params`` and ``kv_bytes_per_token`` targets
+are absolute. ``skip_layers`` and layer
 indices of a later stage number the layers of the model it receives (after blocks were
 removed, fewer).
 
@@ -28,16 +29,11 @@ from prunekit.evaluation.costs import structure_reduction
 
 
 def stage_plan(stage, dense: ModelAdapter, structure: list[dict], seq_len: int):
-    """``stage`` (a :class:`~prunekit.plan.Plan`) with a ``macs`` target turned into the
-    fraction of the model it receives, whose structure so far over the dense model is
-    ``structure``."""
-    target = stage.recipe.method.target
-    if not target or "macs" not in target:
-        return stage
+    """``stage`` (a :class:`~prunekit.plan.Plan`) for the model whose structure so far over the
+    dense model is ``structure``: its ``macs`` fractions (target, achieved, messages) are of the
+    dense model's MACs."""
     done = structure_reduction(dense, structure, seq_len)["flops_kept_fraction"]
-    recipe = stage.recipe.model_copy(deep=True)
-    recipe.method.target = {"macs": min(1.0, target["macs"] / done)}
-    return dataclasses.replace(stage, loaded=dataclasses.replace(stage.loaded, recipe=recipe))
+    return dataclasses.replace(stage, macs_scale=done)
 
 
 def merged_structure(first: list[dict], later: list[dict]) -> list[dict]:

@@ -63,6 +63,10 @@ class Plan:
     elsewhere: list[str] = field(default_factory=list)
     #: the plan of ``method.then``: the method applied to this one's result
     then: Plan | None = None
+    #: the fraction of the dense decoder MACs the model this plan prunes keeps (below 1 for a
+    #: ``method.then`` stage, set when it runs): its ``macs`` target counts against the dense
+    #: model (:class:`~prunekit.budgets.CostModel`'s ``macs_scale``)
+    macs_scale: float = 1.0
 
     @property
     def recipe(self) -> Recipe:

@@ -194,6 +194,19 @@ class MethodConfig(BaseModel):
             raise ValueError(f"{kind} must be > 0, got {value}")
         return {kind: float(value)}
 
+    @field_validator("then")
+    @classmethod
+    def _then_named(cls, v: MethodConfig | None) -> MethodConfig | None:
+        # a stage without a name would be the default method, dense: a stage that does
+        # nothing, silently (e.g. a sweep grid over method.then.ratio reaching a variant
+        # that has no then)
+        if v is not None and "name" not in v.model_fields_set:
+            raise ValueError(
+                "a method.then stage names its method, e.g. {name: wanda-sp, ratio: 0.2}; "
+                f"got {v.model_dump(mode='json', exclude_unset=True)!r}"
+            )
+        return v
+
     @model_serializer(mode="wrap")
     def _omit_no_target(self, handler):
         # no target (every recipe before budgets existed) is dumped without the key, so a

@@ -170,7 +170,8 @@ def _budgeted(plan: Plan, adapter, model):
     if not target:
         return plan.settings, plan.components, lambda outcome: None, None
     ((kind, value),) = target.items()
-    costs = cost_model(adapter, model, macs_seq_len(plan.recipe), plan.recipe.model.dtype)
+    recipe = plan.recipe
+    costs = cost_model(adapter, model, macs_seq_len(recipe), recipe.model.dtype, plan.macs_scale)
     allocator = plan.components.get("allocator")
     wrapper = budget = None
     try:

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import prunekit
 from prunekit.cli import main
+from prunekit.errors import RecipeError
 from prunekit.evaluation.costs import structure_reduction
 from prunekit.registry import resolve_adapter
 from prunekit.testing import tiny_gemma3, tiny_llama, tiny_opt, tiny_phi3
@@ -81,9 +82,33 @@ def test_a_then_target_counts_against_the_dense_model():
     achieved = structure_reduction(dense, out.structure, 512)["flops_kept_fraction"]
     assert out.extra["target"]["value"] == 0.7
     assert out.extra["target"]["achieved"] == pytest.approx(achieved) and achieved <= 0.7
-    assert first["target"]["achieved"] <= 0.9 < 0.9 + 1e-9
-    # the second stage was asked for 0.7 / (what the first kept) of the model it received
-    assert second["target"]["value"] == pytest.approx(0.7 / first["target"]["achieved"])
+    assert first["target"]["achieved"] <= 0.9
+    # the second stage reports in the user's terms: 0.7 asked, its achieved of the dense MACs
+    assert second["target"]["value"] == 0.7
+    assert second["target"]["achieved"] == pytest.approx(achieved, rel=1e-9)
+
+
+def test_an_unreachable_then_target_is_told_in_the_users_terms():
+    """The stage's cost model counts against the dense model: the message names 0.3 (what the
+    user wrote, not 0.3 over what the first stage kept), what the most pruning leaves of the
+    dense MACs, and what the model the stage received kept."""
+    model = tiny_llama(heads=4, kv_heads=2, layers=8)
+    dense = resolve_adapter(copy.deepcopy(model))
+    kw = dict(method="attn-drop", calibration=CALIB, ratio=0.25, skip_layers=[0])
+    first = prunekit.prune(copy.deepcopy(model), None, **kw)
+    kept = structure_reduction(dense, first.structure, 512)["flops_kept_fraction"]
+    with pytest.raises(RecipeError) as err:
+        prunekit.prune(
+            model,
+            None,
+            **kw,
+            then={"name": "wanda-sp", "target": {"macs": 0.3}, "skip_layers": [0]},
+        )
+    message = str(err.value)
+    assert message.startswith("method.then.target: macs 0.3000 of the dense MACs cannot be met")
+    assert f"the model this stage receives: {kept:.4f} of the dense MACs" in message
+    lowest = float(message.split("leaves ")[1].split(" of")[0])
+    assert 0.3 < lowest < kept
 
 
 @pytest.mark.parametrize(
@@ -146,6 +171,7 @@ def test_apply_with_then_saves_a_model_that_reloads(tiny_dir):
     [
         ("  name: pp\n  ratio: 0.2\n  then: {name: wanda-sp, ratio: 0.2}\n", "is dynamic"),
         ("  name: attn-drop\n  ratio: 0.2\n  then: {name: nope}\n", "method.then.name"),
+        ("  name: attn-drop\n  ratio: 0.2\n  then: {ratio: 0.2}\n", "names its method"),
         (
             "  name: attn-drop\n  ratio: 0.2\n  then: {name: pp, ratio: 0.2}\n",
             "follows a static method",

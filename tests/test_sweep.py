@@ -599,3 +599,42 @@ def test_a_dry_run_shows_the_submission_and_writes_nothing(workdir, tmp_path, ca
         "slurm_partition": "gpu",
         "slurm_additional_parameters": {"qos": "high"},
     }
+
+
+def test_a_method_then_variant_sweeps_like_any_method(workdir, tmp_path):
+    """``method.then`` in a variant, with a grid over the later stage's target: each cell is
+    the chain (its stages in results.json), keyed apart by the later target, and gives the
+    numbers of ``apply`` of the same recipe."""
+    recipe = yaml.safe_load((workdir / "r.yaml").read_text())
+    recipe["sweep"] = {
+        "variants": {
+            "width": {},
+            "attn+width": {
+                "method.name": "attn-drop",
+                "method.ratio": 0.5,
+                "method.then": {"name": "wanda-sp", "ratio": 0.25, "skip_layers": []},
+            },
+        },
+        "grid": {"method.then.ratio": [0.25, 0.5]},
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    # a grid over a key only a variant sets: the width variant has no ``then`` to set it in
+    with pytest.raises(RecipeError, match="method.then"):
+        resolve_sweep(path, output=tmp_path / "bad")
+    recipe["sweep"]["variants"].pop("width")
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    out = tmp_path / "out"
+    sweep = resolve_sweep(path, output=out)
+    assert len({c.key for c in sweep.cells}) == 2
+    summary = run_sweep(sweep)
+    assert summary["states"]["done"] == 2, summary
+    for cell in sweep.cells:
+        swept = cell.result()
+        stages = [s["method"] for s in swept["stages"]]
+        assert stages == ["attn-drop", "wanda-sp"], stages
+        alone = apply(cell.dir / "recipe.yaml", output=tmp_path / f"alone-{cell.key}")
+        assert alone["structure"] == swept["structure"]
+        assert alone["metrics"]["text"]["ppl"] == swept["metrics"]["text"]["ppl"]
+    a, b = (c.result() for c in sweep.cells)
+    assert a["structure"] != b["structure"]  # the later stage's ratio reached each cell
