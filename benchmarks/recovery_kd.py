@@ -29,6 +29,8 @@ import argparse
 import copy
 import json
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -54,6 +56,7 @@ VARIANTS: dict[str, tuple[dict | None, tuple[float, ...]]] = {
     "ce+kd, cached top-64": ({"loss": "ce+kd", "kd": {"top_k": 64, "cache": True}}, (0.4,)),
 }
 START, END = "<!-- recovery-kd:start -->", "<!-- recovery-kd:end -->"
+STEP_START, STEP_END = "<!-- recovery-kd-steps:start -->", "<!-- recovery-kd-steps:end -->"
 
 
 def base_recipe() -> tuple[dict, dict]:
@@ -92,8 +95,25 @@ def cells(quick: bool) -> list[dict]:
 def run_cell(cell: dict, root: Path) -> dict:
     """Run (or read back) one cell; its row for the table."""
     where = root / cell["name"]
+    wall = None
+    results = where / "out" / "results.json"
+    if not results.is_file():
+        print(f"== {cell['name']}", flush=True)
+        t0 = time.perf_counter()
+        code = apply_in_process(cell["recipe"], where)
+        wall = time.perf_counter() - t0
+        if code != 0:
+            return {**_keys(cell), "failed": f"prunekit apply exited {code}"}
+    else:
+        apply_in_process(cell["recipe"], where, check_only=True)
+    return row(cell, json.loads(results.read_text()), wall)
+
+
+def apply_in_process(recipe: dict, where: Path, check_only: bool = False) -> int:
+    """``prunekit apply`` of ``recipe`` in a process of its own (its peak RSS is its own),
+    writing under ``where``; results of another recipe there are refused."""
     where.mkdir(parents=True, exist_ok=True)
-    recipe = dict(cell["recipe"])
+    recipe = dict(recipe)
     recipe["output"] = {"dir": str(where / "out")}
     if "recovery" in recipe:
         recipe["recovery"] = {**recipe["recovery"], "checkpoint_dir": str(where / "ckpt")}
@@ -105,15 +125,94 @@ def run_cell(cell: dict, root: Path) -> dict:
             "directory away to run the cell again"
         )
     path.write_text(text)
-    wall = None
-    if not results.is_file():
-        print(f"== {cell['name']}", flush=True)
-        t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "prunekit.cli", "apply", str(path)])
-        wall = time.perf_counter() - t0
-        if run.returncode != 0:
-            return {**_keys(cell), "failed": f"prunekit apply exited {run.returncode}"}
-    return row(cell, json.loads(results.read_text()), wall)
+    if check_only:
+        return 0
+    return subprocess.run([sys.executable, "-m", "prunekit.cli", "apply", str(path)]).returncode
+
+
+#: the losses timed per step (Wanda-sp at 0.4), in the order each round runs them
+STEP_TIME = ("ce", "kd", "ce+kd", "ce+kd, cached top-64")
+
+
+def time_steps(steps: int, rounds: int, root: Path) -> dict:
+    """Seconds per recovery step of each loss, measured apart from the table's cells (whose
+    wall times depend on what else the machine ran): Wanda-sp at 0.4, each loss ``steps``
+    steps of the table's recovery (no perplexity), the losses interleaved, ``rounds`` rounds.
+    The cached teacher's pass covers exactly the windows those steps see, so its seconds per
+    step are what the 200-step run pays per step too."""
+    runs = [c for c in cells(False) if c["method"] == "wanda-sp" and c["ratio"] == 0.4]
+    runs = sorted((c for c in runs if c["recovery"] in STEP_TIME),
+                  key=lambda c: STEP_TIME.index(c["recovery"]))  # fmt: skip
+    times: dict[str, list[dict]] = {c["recovery"]: [] for c in runs}
+    for r in range(rounds):
+        for cell in runs:
+            recipe = copy.deepcopy(cell["recipe"])
+            recipe["recovery"].update(steps=steps, checkpoint_every=0)
+            recipe["evaluation"]["perplexity"] = []
+            where = root / f"{cell['name']}-{steps}steps-round{r}"
+            shutil.rmtree(where, ignore_errors=True)
+            print(f"== {cell['recovery']}, round {r + 1} of {rounds}", flush=True)
+            if apply_in_process(recipe, where) != 0:
+                raise SystemExit(f"{where}: prunekit apply failed")
+            rec = json.loads((where / "out" / "results.json").read_text())["recovery"]
+            teacher = (rec.get("kd") or {}).get("teacher") or {}
+            times[cell["recovery"]].append(
+                {
+                    "loop_s": rec["seconds"],
+                    "cache_s": teacher.get("seconds"),
+                    "cache_windows": teacher.get("windows"),
+                    "peak_rss_bytes": rec["memory"]["process_peak_rss_bytes"],
+                }
+            )
+    rows = []
+    for label, runs_ in times.items():
+        per_step = [(t["loop_s"] + (t["cache_s"] or 0.0)) / steps for t in runs_]
+        rows.append(
+            {
+                "recovery": label,
+                "s_per_step": statistics.median(per_step),
+                "s_per_step_all": per_step,
+                "cache_s_per_step": (
+                    statistics.median(t["cache_s"] / steps for t in runs_)
+                    if runs_[0]["cache_s"] is not None
+                    else None
+                ),
+                "runs": runs_,
+            }
+        )
+    base = rows[0]["s_per_step"]
+    for row_ in rows:
+        row_["vs_ce"] = row_["s_per_step"] / base
+    return {"steps": steps, "rounds": rounds, "rows": rows}
+
+
+def step_time_markdown(report: dict) -> str:
+    t = report["step_time"]
+    out = [
+        STEP_START,
+        "",
+        "### Seconds per recovery step, by loss",
+        "",
+        f"Measured apart from the table (whose wall times shared the machine with other work): "
+        f"Wanda-sp at 0.4, each loss {t['steps']} steps of the same recovery (4 windows of 128 "
+        f"tokens per step, no perplexity), the losses interleaved, {t['rounds']} rounds, the "
+        "machine otherwise idle. `cached` adds the teacher's pass over the windows those steps "
+        "see, per step (the 200-step run's pass covers its windows the same way). Median "
+        f"(min-max) over the rounds; 200 steps = 200 x the median. Generated by "
+        f"`{report['command']}` ({report['machine']}).",
+        "",
+        "| recovery | s / step | vs ce | of which the teacher's cache pass | 200 steps |",
+        "|---|---|---|---|---|",
+    ]
+    for r in t["rows"]:
+        low, high = min(r["s_per_step_all"]), max(r["s_per_step_all"])
+        cache = "-" if r["cache_s_per_step"] is None else f"{r['cache_s_per_step']:.2f} s"
+        out.append(
+            f"| {r['recovery']} | {r['s_per_step']:.2f} ({low:.2f}-{high:.2f}) | "
+            f"{r['vs_ce']:.2f} | {cache} | {_minutes(200 * r['s_per_step'])} |"
+        )
+    out += ["", STEP_END]
+    return "\n".join(out) + "\n"
 
 
 def _keys(cell: dict) -> dict:
@@ -194,6 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these cells (e.g. wanda-sp-r0.4-kd); the report then holds them alone "
         "and goes to results/recovery_kd_partial.json and recovery_kd_partial.md (docs untouched)",
     )
+    parser.add_argument(
+        "--step-time",
+        type=int,
+        metavar="STEPS",
+        help="instead of the table: seconds per step of each loss, each run for STEPS steps "
+        "(results/recovery_kd_step_time.json, recovery_kd_step_time.md, and the "
+        "recovery-kd-steps section of docs/benchmarks.md)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--step-time rounds (default 3)")
     args = parser.parse_args(argv)
     import torch
 
@@ -208,6 +316,22 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": str(SWEEP.relative_to(ROOT)),
         "rows": [],
     }
+    if args.step_time:
+        report["command"] += f" --step-time {args.step_time} --rounds {args.rounds}"
+        report["step_time"] = time_steps(args.step_time, args.rounds, root / "step_time")
+        section = step_time_markdown(report)
+        where = root if args.quick else HERE  # --quick: not a result, nothing committed
+        (where / "results").mkdir(exist_ok=True)
+        (where / "results" / "recovery_kd_step_time.json").write_text(
+            json.dumps(report, indent=2) + "\n"
+        )
+        (where / "recovery_kd_step_time.md").write_text(
+            "# Recovery by distillation (SmolLM2): seconds per step\n\n" + section
+        )
+        if not args.quick:
+            splice(ROOT / "docs" / "benchmarks.md", section)
+        print(section)
+        return 0
     todo = cells(args.quick)
     if args.only:
         unknown = sorted(set(args.only) - {c["name"] for c in todo})
