@@ -87,6 +87,66 @@ def interleaved_times(models: dict, batches, rounds: int) -> dict[str, list[floa
     return {name: rec["s_all"] for name, rec in timed.items()}
 
 
+def share_unpruned(model: torch.nn.Module, dense: torch.nn.Module) -> int:
+    """Point every parameter of ``model`` equal to one of ``dense``'s (shape, dtype and values:
+    the embedding, the LM head, the norms, the layers a method left whole) at the dense
+    model's tensor, so that the models kept for timing hold one copy of them; returns the
+    bytes freed. Matched by value, not by name (a dynamic method's wrapper renames its
+    modules). The values, and so the computation and its time, are unchanged. Without it 22
+    Gemma-3 models hold 22 copies of its 168M-parameter embedding and do not fit in 24 GiB."""
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
+    for d in dense.parameters():
+        by_shape.setdefault((tuple(d.shape), d.dtype), []).append(d)
+    freed, seen = 0, set()
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            for d in by_shape.get((tuple(p.shape), p.dtype), []):
+                if d is p:
+                    break
+                if torch.equal(d, p):
+                    setattr(module, name, d)
+                    freed += 0 if id(p) in seen else p.numel() * p.element_size()  # tied once
+                    seen.add(id(p))
+                    break
+    return freed
+
+
+def join_time(quality: dict, timed: dict) -> dict:
+    """``quality`` (a ``--rounds 0`` report) with the time columns of ``timed`` (a
+    ``--time-only`` run of the same cells, seed and settings): each timed model must have the
+    structure of its quality row, or the join is refused."""
+    for key in ("model", "settings"):
+        a, b = quality[key], timed[key]
+        if key == "settings":
+            keep = ("windows", "seq_len", "seed", "targets", "calibration", "dtype")
+            a, b = ({k: x.get(k) for k in keep} for x in (a, b))
+        if a != b:
+            raise SystemExit(f"--join-time: the two runs differ in {key}: {a} against {b}")
+    times = {(r["method"], r["ratio"]): r for r in timed["rows"]}
+    report = json.loads(json.dumps(quality))
+    for row in report["rows"]:
+        t = times.get((row["method"], row["ratio"]))
+        if t is None or "time_vs_dense" not in t:
+            continue
+        if t["structure"] != row["structure"]:
+            raise SystemExit(
+                f"--join-time: {row['method']} at {row['ratio']} was timed with another "
+                "structure than its quality row's: not the same model"
+            )
+        for k in ("s_per_batch", "time_vs_dense", "time_vs_dense_spread", "s_all"):
+            row[k] = t[k]
+    report["dense"] = {
+        **quality["dense"],
+        **{k: timed["dense"][k] for k in ("s_per_batch", "s_spread", "s_all")},
+    }
+    report["settings"] = {
+        **quality["settings"],
+        **{k: timed["settings"][k] for k in ("rounds", "timing_batches", "timing_batch_size")},
+    }
+    report["command"] = f"{quality['command']}`; time: `{timed['command']}"
+    return report
+
+
 def quality_markdown(report: dict) -> str:
     """The table of a run over several seeds or corpora: perplexity per corpus, mean over
     seeds with each seed's value (no timing columns unless the run timed)."""
@@ -320,8 +380,24 @@ def main() -> None:
         metavar="JSON",
         help="a report or partial file of an earlier run: its cells are not run again",
     )
+    parser.add_argument(
+        "--join-time",
+        nargs=2,
+        type=Path,
+        metavar=("QUALITY", "TIME"),
+        help="no run: write QUALITY's report (a --rounds 0 run) with the time columns of TIME "
+        "(a --time-only run of the same cells) into QUALITY and its table",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test, not a result")
     args = parser.parse_args()
+    if args.join_time:
+        quality_path, time_path = args.join_time
+        report = join_time(*(json.loads(p.read_text()) for p in args.join_time))
+        quality_path.write_text(json.dumps(report, indent=2) + "\n")
+        table = HERE / (quality_path.stem + ".md")
+        table.write_text(markdown(report) + (f"\n{report['note']}\n" if report.get("note") else ""))
+        log(f"wrote {quality_path} and {table}")
+        return
     if args.quick:
         args.windows, args.timing_batches, args.ratios = 4, 1, [0.4]
         args.rounds = min(args.rounds, 1)
@@ -432,6 +508,7 @@ def main() -> None:
                         if key in outcome.extra:
                             row[key] = outcome.extra[key]
                     if args.rounds > 0:
+                        share_unpruned(outcome.model, dense_model)
                         models[f"{method}@{label}"] = outcome.model
                 del outcome, model
                 gc.collect()
