@@ -45,9 +45,11 @@ import torch
 
 import prunekit
 from prunekit.data import eval_windows, locate_corpus, sequence_bos
+from prunekit.data.tasks import load_questions, locate_task
 from prunekit.evaluation.costs import structure_reduction
 from prunekit.evaluation.perplexity import perplexity
 from prunekit.evaluation.runtime import Contender, time_interleaved
+from prunekit.evaluation.zeroshot import evaluate_questions
 from prunekit.loading import load_model
 from prunekit.registry import resolve_adapter
 
@@ -147,6 +149,23 @@ def join_time(quality: dict, timed: dict) -> dict:
     return report
 
 
+def zero_shot(model, tokenizer, questions: dict, label: str) -> dict:
+    """``{task: {acc_norm, acc_norm_stderr, acc, questions}}`` and their ``average``
+    (acc_norm), prunekit's zero-shot scoring (reference formatting, batches of 20 choices)."""
+    if not questions:
+        return {}
+    out = {}
+    for task, qs in questions.items():
+        r = evaluate_questions(model, tokenizer, qs, description=f"{label} {task}")
+        out[task] = {k: r[k] for k in ("acc_norm", "acc_norm_stderr", "acc", "questions")}
+        log(f"{label} {task}: acc_norm {r['acc_norm']:.4f} over {r['questions']} questions")
+    norms = [v["acc_norm"] for v in out.values()]
+    # the average's standard error, the tasks' errors taken as independent
+    err = sum(v["acc_norm_stderr"] ** 2 for v in out.values()) ** 0.5 / len(out)
+    out["average"] = {"acc_norm": sum(norms) / len(norms), "acc_norm_stderr": err}
+    return out
+
+
 def quality_markdown(report: dict) -> str:
     """The table of a run over several seeds or corpora: perplexity per corpus, mean over
     seeds with each seed's value (no timing columns unless the run timed)."""
@@ -209,7 +228,7 @@ def budget_markdown(report: dict) -> str:
     the engine solved for, what it achieved, perplexity and (when timed) time per batch."""
     s, d = report["settings"], report["dense"]
     timed = s["rounds"] > 0
-    datasets = s["datasets"]
+    datasets, tasks = s["datasets"], s.get("tasks", [])
     names = {"wikitext2": "WikiText-2", "ptb:validation": "PTB (validation)"}
     lines = [
         f"# Methods at equal budgets on {report['model']} (CPU, {s['dtype']})",
@@ -237,6 +256,13 @@ def budget_markdown(report: dict) -> str:
         "Dense: "
         + "; ".join(f"{names.get(ds, ds)} PPL {d['ppl_by_dataset'][ds][0]:.3f}" for ds in datasets)
         + (
+            "; zero-shot acc_norm "
+            + ", ".join(f"{t} {100 * d['tasks'][t]['acc_norm']:.1f}" for t in tasks)
+            + f", average {_avg(d['tasks'])}"
+            if tasks
+            else ""
+        )
+        + (
             f"; {d['s_per_batch']:.3f} s per batch (spread {d['s_spread'][0]:.3f}-"
             f"{d['s_spread'][1]:.3f})"
             if timed
@@ -246,9 +272,14 @@ def budget_markdown(report: dict) -> str:
         "",
         "| target | method | ratio found | "
         + " | ".join(f"{names.get(ds, ds)} PPL" for ds in datasets)
+        + "".join(f" | {t}" for t in tasks)
+        + (" | zero-shot avg" if tasks else "")
         + " | MACs kept (target's) | MACs kept | params kept | removed |"
         + (" time / dense (spread) |" if timed else ""),
-        "|---|---|---|" + "---|" * len(datasets) + "---|---|---|---|" + ("---|" if timed else ""),
+        "|---|---|---|"
+        + "---|" * (len(datasets) + len(tasks) + bool(tasks))
+        + "---|---|---|---|"
+        + ("---|" if timed else ""),
     ]
     for r in report["rows"]:
         if "unreachable" in r:
@@ -262,6 +293,7 @@ def budget_markdown(report: dict) -> str:
         line = (
             f"| {r['ratio']} | {r['method']} | {r['solved_ratio']:.4f} | "
             + " | ".join(f"{r['ppl_by_dataset'][ds][0]:.2f}" for ds in datasets)
+            + _task_cells(r.get("tasks"), tasks)
             + f" | {r['target']['achieved']:.3f} | {r['decoder_macs_kept_fraction']:.3f} | "
             f"{r['params_kept_fraction']:.3f} | " + (f"{what}{removed}" if removed else "") + " |"
         )
@@ -269,7 +301,28 @@ def budget_markdown(report: dict) -> str:
             lo, hi = r["time_vs_dense_spread"]
             line += f" {r['time_vs_dense']:.3f} ({lo:.3f}-{hi:.3f}) |"
         lines.append(line)
+    if tasks:
+        lines += [
+            "",
+            f"Zero-shot: acc_norm in % on the first {s.get('task_limit') or 'all'} questions of "
+            f"each task (prunekit's scoring, reference formatting); the average's ± is its "
+            "standard error, the tasks' taken as independent.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _avg(tasks: dict) -> str:
+    a = tasks["average"]
+    return f"{100 * a['acc_norm']:.1f} ± {100 * a['acc_norm_stderr']:.1f}"
+
+
+def _task_cells(row_tasks: dict | None, tasks: list[str]) -> str:
+    if not tasks:
+        return ""
+    if not row_tasks:
+        return " |" * (len(tasks) + 1)
+    cells = "".join(f" | {100 * row_tasks[t]['acc_norm']:.1f}" for t in tasks)
+    return cells + f" | {_avg(row_tasks)}"
 
 
 def markdown(report: dict) -> str:
@@ -381,6 +434,17 @@ def main() -> None:
         help="a report or partial file of an earlier run: its cells are not run again",
     )
     parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=[],
+        metavar="TASK",
+        help="zero-shot tasks (prunekit's registered names: piqa, arc_easy, hellaswag, ...) "
+        "evaluated on every cell's first-seed model: acc_norm with its standard error",
+    )
+    parser.add_argument(
+        "--task-limit", type=int, default=None, help="the first N questions of each task"
+    )
+    parser.add_argument(
         "--join-time",
         nargs=2,
         type=Path,
@@ -441,6 +505,8 @@ def main() -> None:
         ]
         for ds in ([] if args.time_only else args.datasets)
     }
+    questions = {task: load_questions(locate_task(task), args.task_limit) for task in args.tasks}
+    dense_tasks = zero_shot(dense_model, tokenizer, questions, "dense")
     dense_macs = structure_reduction(adapter, None, args.seq_len)["decoder_macs_per_token"]
     params = sum(p.numel() for p in dense_model.parameters())
     head = dense_model.get_output_embeddings().weight
@@ -494,6 +560,8 @@ def main() -> None:
                     )["ppl"]
                     row["ppl_by_dataset"].setdefault(ds, []).append(ppl)
                 if seed == seeds[0]:
+                    if questions:
+                        row["tasks"] = zero_shot(outcome.model, tokenizer, questions, method)
                     reduction = structure_reduction(adapter, outcome.structure, args.seq_len)
                     row.update(
                         dynamic=outcome.dynamic,
@@ -564,6 +632,7 @@ def main() -> None:
             "calibration": calibration,
             "sampling": "random",
             "bos_per_window": bos_id is not None,
+            **({"tasks": args.tasks, "task_limit": args.task_limit} if args.tasks else {}),
         },
         "lm_head_macs_per_token": head.shape[0] * head.shape[1],
         "dense": {
@@ -573,6 +642,7 @@ def main() -> None:
             "s_spread": [min(times["dense"]), max(times["dense"])] if dense_median else None,
             "s_all": times["dense"] if dense_median else None,
             "decoder_macs_per_token": dense_macs,
+            **({"tasks": dense_tasks} if dense_tasks else {}),
         },
         "rows": rows,
     }
