@@ -206,3 +206,36 @@ def test_three_stages_run_each_stage_once(tiny_dir):
         torch.testing.assert_close(
             out.model(input_ids=IDS).logits, model(input_ids=IDS).logits, atol=1e-6, rtol=0
         )
+
+
+@pytest.mark.parametrize("kv", [4, 2], ids=["mha", "gqa"])
+def test_pp_seq_after_dropped_attention_rows_match_running_alone(kv):
+    """PP on a model whose attention sublayers a first stage dropped: at ratio 0 it is that
+    model; pruning, each row's logits are the row's alone (per-sequence decisions), and the
+    layers without attention stay without it."""
+    model = tiny_llama(heads=4, kv_heads=kv, intermediate=96, layers=6)
+    first = dict(method="attn-drop", ratio=0.4, skip_layers=[0], calibration=CALIB)
+    dropped_only = prunekit.prune(copy.deepcopy(model), None, **first)
+    dropped = dropped_only.extra["dropped_attention"]
+    assert len(dropped) == 2
+    ids = torch.randint(3, 100, (4, 12), generator=torch.Generator().manual_seed(5))
+    then = {"name": "pp-seq", "skip_layers": [0]}
+    with torch.no_grad():
+        same = prunekit.prune(copy.deepcopy(model), None, **first, then={**then, "ratio": 0.0})
+        torch.testing.assert_close(
+            same.model(input_ids=ids).logits,
+            dropped_only.model(input_ids=ids).logits,
+            atol=1e-5,
+            rtol=0,
+        )
+        dyn = prunekit.prune(model, None, **first, then={**then, "ratio": 0.5}).model
+        dyn.reset_state()
+        together = dyn(input_ids=ids).logits
+        for layer in dropped:  # nothing to decide in a layer without attention
+            assert dyn.controller.counts[(layer, "attn")] == 0
+            assert dyn.decisions[(layer, "attn")] is None
+        assert dyn.controller.counts[(1, "attn")] == 2 and dyn.decisions[(1, "attn")] is not None
+        for b in range(ids.shape[0]):
+            dyn.reset_state()
+            alone = dyn(input_ids=ids[b : b + 1]).logits
+            torch.testing.assert_close(together[b : b + 1], alone, atol=1e-5, rtol=0)
