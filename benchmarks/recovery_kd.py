@@ -191,9 +191,10 @@ def step_time_markdown(report: dict) -> str:
     out = [
         STEP_START,
         "",
-        "### Seconds per recovery step, by loss",
+        "## Recovery by distillation: seconds per step, by loss",
         "",
-        f"Measured apart from the table (whose wall times shared the machine with other work): "
+        "Measured apart from the distillation table's cells (their wall times shared the "
+        "machine with other work): "
         f"Wanda-sp at 0.4, each loss {t['steps']} steps of the same recovery (4 windows of 128 "
         f"tokens per step, no perplexity), the losses interleaved, {t['rounds']} rounds, the "
         "machine otherwise idle. `cached` adds the teacher's pass over the windows those steps "
