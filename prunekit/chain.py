@@ -9,9 +9,8 @@ What the user writes counts against the dense model: a stage's ``target: {macs: 
 fraction of the *dense* decoder MACs (the stage's cost model scales its own fractions by what
 the stages before it kept, so what it reports and refuses is in the user's terms; a stage
 whose target is already met prunes nothing). ``params`` and ``kv_bytes_per_token`` targets
-are absolute. ``skip_layers`` and layer
-indices of a later stage number the layers of the model it receives (after blocks were
-removed, fewer).
+are absolute. ``skip_layers`` and layer indices of a later stage number the layers of the
+model it receives (after blocks were removed, fewer).
 
 The outcome is the last stage's model, with the structure over the dense model's layers
 (removed blocks kept as ``removed`` rows), and each stage's own ``extra`` under ``stages``.
