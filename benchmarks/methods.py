@@ -456,7 +456,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.join_time:
         quality_path, time_path = args.join_time
-        report = join_time(*(json.loads(p.read_text()) for p in args.join_time))
+        report = join_time(json.loads(quality_path.read_text()), json.loads(time_path.read_text()))
         quality_path.write_text(json.dumps(report, indent=2) + "\n")
         table = HERE / (quality_path.stem + ".md")
         table.write_text(markdown(report) + (f"\n{report['note']}\n" if report.get("note") else ""))

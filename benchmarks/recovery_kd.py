@@ -95,23 +95,21 @@ def cells(quick: bool) -> list[dict]:
 def run_cell(cell: dict, root: Path) -> dict:
     """Run (or read back) one cell; its row for the table."""
     where = root / cell["name"]
-    wall = None
+    path, wall = write_recipe(cell["recipe"], where), None
     results = where / "out" / "results.json"
     if not results.is_file():
         print(f"== {cell['name']}", flush=True)
         t0 = time.perf_counter()
-        code = apply_in_process(cell["recipe"], where)
+        code = apply_in_process(path)
         wall = time.perf_counter() - t0
         if code != 0:
             return {**_keys(cell), "failed": f"prunekit apply exited {code}"}
-    else:
-        apply_in_process(cell["recipe"], where, check_only=True)
     return row(cell, json.loads(results.read_text()), wall)
 
 
-def apply_in_process(recipe: dict, where: Path, check_only: bool = False) -> int:
-    """``prunekit apply`` of ``recipe`` in a process of its own (its peak RSS is its own),
-    writing under ``where``; results of another recipe there are refused."""
+def write_recipe(recipe: dict, where: Path) -> Path:
+    """``recipe`` as ``where/recipe.yaml``, writing under ``where``; results of another recipe
+    there are refused."""
     where.mkdir(parents=True, exist_ok=True)
     recipe = dict(recipe)
     recipe["output"] = {"dir": str(where / "out")}
@@ -125,8 +123,12 @@ def apply_in_process(recipe: dict, where: Path, check_only: bool = False) -> int
             "directory away to run the cell again"
         )
     path.write_text(text)
-    if check_only:
-        return 0
+    return path
+
+
+def apply_in_process(path: Path) -> int:
+    """``prunekit apply`` of the recipe at ``path`` in a process of its own (its peak RSS is
+    its own)."""
     return subprocess.run([sys.executable, "-m", "prunekit.cli", "apply", str(path)]).returncode
 
 
@@ -152,7 +154,7 @@ def time_steps(steps: int, rounds: int, root: Path) -> dict:
             where = root / f"{cell['name']}-{steps}steps-round{r}"
             shutil.rmtree(where, ignore_errors=True)
             print(f"== {cell['recovery']}, round {r + 1} of {rounds}", flush=True)
-            if apply_in_process(recipe, where) != 0:
+            if apply_in_process(write_recipe(recipe, where)) != 0:
                 raise SystemExit(f"{where}: prunekit apply failed")
             rec = json.loads((where / "out" / "results.json").read_text())["recovery"]
             teacher = (rec.get("kd") or {}).get("teacher") or {}
