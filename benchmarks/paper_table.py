@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -79,8 +80,9 @@ ROWS = {
     "llm-pruner+lora": ("llm-pruner", {}, RECOVERY),
     "wanda-sp+lora": ("wanda-sp", {}, RECOVERY),
 }
-#: sections of docs/benchmarks.md that other scripts write (kept when the table is rewritten)
-KEPT_SECTIONS = ("equal-compute", "recovery", "deployment")
+#: sections of docs/benchmarks.md that other scripts write (kept when the table is rewritten):
+#: every ``<!-- name:start -->`` ... ``<!-- name:end -->`` pair the page holds
+SECTION = re.compile(r"<!-- ([\w-]+):start -->")
 TASK_TITLES = {
     "boolq": "BoolQ",
     "piqa": "PIQA",
@@ -736,6 +738,18 @@ def machine() -> dict:
     }
 
 
+def keep_sections(text: str, old: str) -> str:
+    """``text`` (this script's page) followed by every marked section of ``old`` (the page it
+    replaces), in their order: those belong to other scripts (equal_compute.py, recovery.py,
+    recovery_kd.py, llama_cpp_export.py, ...)."""
+    for name in SECTION.findall(old):
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        if end in old and start not in text:
+            section = old[old.index(start) : old.index(end) + len(end)]
+            text = text.rstrip("\n") + "\n\n" + section + "\n"
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test, not a result")
@@ -824,19 +838,8 @@ def main(argv=None) -> int:
     plot(report, png_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(report, image)
-    # the equal-compute, recovery and deployment sections belong to benchmarks/equal_compute.py,
-    # benchmarks/recovery.py and benchmarks/llama_cpp_export.py: keep them
     old = md_path.read_text() if md_path.is_file() else ""
-    for name in KEPT_SECTIONS:
-        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-        if start in old and end in old:
-            text = (
-                text.rstrip("\n")
-                + "\n\n"
-                + old[old.index(start) : old.index(end) + len(end)]
-                + "\n"
-            )
-    md_path.write_text(text)
+    md_path.write_text(keep_sections(text, old))
     print(f"wrote {json_path}, {md_path}, {png_path}", file=sys.stderr)
     if args.quick and not args.out:
         shutil.rmtree(cells_dir, ignore_errors=True)  # a smoke test keeps no cache
