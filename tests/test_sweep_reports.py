@@ -244,6 +244,109 @@ def test_recovery_table_reads_the_sweep_and_pairs_rows(tmp_path):
     assert doc.read_text().count(rec.START) == 1
 
 
+def _kd_row(method, ratio, recovery, ppl, loss=None, rss=None):
+    return {
+        "name": f"{method}-r{ratio:g}-{recovery}",
+        "method": method,
+        "ratio": ratio,
+        "recovery": recovery,
+        "ppl": ppl,
+        "loss_first": loss and loss[0],
+        "loss_last": loss and loss[1],
+        "recovery_s": None if loss is None else 600.0,
+        "peak_rss_bytes": rss,
+        "failed": None,
+    }
+
+
+def test_recovery_table_takes_the_lora_rows_from_the_distillation_cells_only_when_they_match():
+    """--lora-rows-from: the static methods' +lora rows become the recovery_kd ce cells, marked;
+    a different pruned model (its bare perplexity) or other windows (the first step's loss)
+    refuse the join with a line saying which."""
+    rec = _script("recovery")
+
+    def row(variant, ppl, loss=None):
+        r = _row({"variant": variant, "method.ratio": "0.4"}, [ppl], [0.67])
+        if loss:
+            r["metrics"]["recovery.loss_first"] = _stats([loss[0]])
+            r["metrics"]["recovery.loss_last"] = _stats([loss[1]])
+        return r
+
+    summary = {
+        "rows": [
+            row("wanda-sp", 144.0),
+            row("wanda-sp+lora", 91.0, (4.9, 4.5)),
+            row("loraprune+lora", 148.0, (3.7, 5.3)),
+            row("pp", 100.0),
+        ]
+    }
+    kd = {
+        "protocol": "recipes/sweeps/recovery_smollm2.yaml",
+        "rows": [
+            _kd_row("wanda-sp", 0.4, "none", 144.0),
+            _kd_row("wanda-sp", 0.4, "ce", 84.0, (4.9, 4.4)),
+            _kd_row("wanda-sp", 0.4, "kd", 80.0, (1.0, 0.5)),
+        ],
+    }
+    text = rec.markdown(summary, kd, "k.json")
+    assert "| 0.4 | wanda-sp+lora * | 67.0% | 84.00 | 4.900 -> 4.400 |" in text
+    assert "| 0.4 | loraprune+lora | 67.0% | 148.00 | 3.700 -> 5.300 |" in text  # not a static row
+    assert "`k.json` (`--lora-rows-from`): the rows marked * are the `ce` cells" in text
+    assert "- ratio 0.4, wanda-sp: 144.00 -> 84.00 (-41.7%)" in text
+    assert "- below wanda-sp+lora" not in text and "- above wanda-sp+lora (84.00" in text
+    assert " * |" not in rec.markdown(summary)  # without the flag: the sweep's own rows
+
+    other = {**kd, "rows": [_kd_row("wanda-sp", 0.4, "none", 150.0), *kd["rows"][1:]]}
+    with pytest.raises(SystemExit, match="144.0 in the sweep: not the same pruned model"):
+        rec.markdown(summary, other, "k.json")
+    other = {**kd, "rows": [kd["rows"][0], _kd_row("wanda-sp", 0.4, "ce", 84.0, (4.8, 4.4))]}
+    with pytest.raises(SystemExit, match="first fine-tune loss 4.800000 there, 4.900000"):
+        rec.markdown(summary, other, "k.json")
+    with pytest.raises(SystemExit, match="no finished wanda-sp ce and none cells at 0.4"):
+        rec.markdown(summary, {**kd, "rows": kd["rows"][:1]}, "k.json")
+    with pytest.raises(SystemExit, match="its protocol is 'elsewhere.yaml'"):
+        rec.markdown(summary, {**kd, "protocol": "elsewhere.yaml"}, "k.json")
+
+
+def test_the_paper_table_keeps_every_other_scripts_section_of_the_page():
+    """benchmarks/paper_table.py rewrites docs/benchmarks.md: the sections other scripts own
+    (whatever their names, recovery-kd's included) stay, in their order, once each."""
+    pt = _script("paper_table")
+    old = (
+        "# old table\n\nstale\n\n<!-- recovery:start -->\nR\n<!-- recovery:end -->\n\n"
+        "hand text\n\n<!-- recovery-kd-steps:start -->\nS\n<!-- recovery-kd-steps:end -->\n"
+    )
+    text = pt.keep_sections("# new table\n", old)
+    assert text == (
+        "# new table\n\n<!-- recovery:start -->\nR\n<!-- recovery:end -->\n\n"
+        "<!-- recovery-kd-steps:start -->\nS\n<!-- recovery-kd-steps:end -->\n"
+    )
+    assert pt.keep_sections(text, text) == text
+
+
+def test_distillation_findings_compare_every_loss_with_ce_by_hand():
+    kdb = _script("recovery_kd")
+    g = 2**30
+    rows = [
+        _kd_row("wanda-sp", 0.4, "none", 150.0),
+        _kd_row("wanda-sp", 0.4, "ce", 80.0, (5.0, 4.5), 3 * g),
+        _kd_row("wanda-sp", 0.4, "kd", 88.0, (1.0, 0.5), 4 * g),
+        _kd_row("wanda-sp", 0.4, "ce+kd", 76.0, (6.0, 5.0), 4.5 * g),
+        _kd_row("llm-pruner", 0.4, "none", 200.0),
+        {**_kd_row("llm-pruner", 0.4, "ce", None), "failed": "prunekit apply exited 1"},
+    ]
+    text = "\n".join(kdb.findings(rows))
+    assert "| method | none | ce | kd | ce+kd |" in text
+    assert "| wanda-sp | 150.00 | 80.00 | 88.00 | **76.00** |" in text
+    assert "| llm-pruner | 200.00 | - | - | - |" in text
+    assert (
+        "- 0.4, wanda-sp: against `ce` (80.00): `kd` 88.00 (+8.00, +10.0%), "
+        "`ce+kd` 76.00 (-4.00, -5.0%)" in text
+    )
+    assert "llm-pruner: against" not in text  # its ce cell failed: nothing to compare with
+    assert "- `ce`: 3.00 GiB - 3.00 GiB" in text and "- `kd`: 4.00 GiB - 4.00 GiB" in text
+
+
 def test_a_report_reads_the_committed_copy_of_a_summary_when_runs_is_gone(tmp_path, monkeypatch):
     """runs/ is not committed: a live summary refreshes its copy under benchmarks/results/
     sweeps, and without the live file the copy is read, the same numbers."""
