@@ -591,6 +591,11 @@ def _same_decoding(check: str, model, ref, ids, atol: float, rtol: float) -> Non
     """``model`` equals ``ref`` on ``ids`` in one forward, and decoding the second half token
     by token with a KV cache, against the reference decoding the same way (the same matmul
     shapes: decoding steps differ from one full forward by float rounding)."""
+    # the cache's keyword and output field are ``cache`` from transformers 5.24 and
+    # ``past_key_values`` before (the old name warns now and goes in 5.40)
+    from prunekit.evaluation.perplexity import cache_keyword, output_cache
+
+    key, ref_key = cache_keyword(model), cache_keyword(ref)
     with torch.no_grad():
         _close(check, None, model(input_ids=ids).logits, ref(input_ids=ids).logits, atol, rtol)
         split = ids.shape[1] // 2
@@ -598,8 +603,8 @@ def _same_decoding(check: str, model, ref, ids, atol: float, rtol: float) -> Non
         ref_out = ref(input_ids=ids[:, :split], use_cache=True)
         for t in range(split, ids.shape[1]):
             step = ids[:, t : t + 1]
-            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
-            ref_out = ref(input_ids=step, past_key_values=ref_out.past_key_values, use_cache=True)
+            out = model(input_ids=step, use_cache=True, **{key: output_cache(out)})
+            ref_out = ref(input_ids=step, use_cache=True, **{ref_key: output_cache(ref_out)})
             _close(check, None, out.logits[:, -1], ref_out.logits[:, -1], atol, rtol)
 
 
